@@ -1,0 +1,69 @@
+# facesvc: the two commands most people need are `make run` and `make test`.
+# Every target installs what it needs (virtual environment, dependencies,
+# generated gRPC stubs, model weights) and is a no-op when already done.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BUF_VERSION := 1.75.0
+BUF    := .tools/node_modules/.bin/buf
+PROTOS := $(wildcard protos/facesvc/v1/*.proto)
+ARGS   ?=
+
+.PHONY: help setup run test lint-proto gen models install-gpu bench eval clean
+
+help:
+	@echo "make run        set everything up and start the server on embedded defaults"
+	@echo "make test       set everything up and run buf lint + the whole test suite"
+	@echo "make setup      venv, dependencies, generated stubs, model weights"
+	@echo "make bench      scripts/bench_pipeline.py (per-stage and end-to-end latency)"
+	@echo "make eval       scripts/eval_verification.py (threshold calibration on labelled pairs)"
+	@echo "make install-gpu  swap CPU onnxruntime for onnxruntime-gpu in the venv"
+
+setup: $(VENV)/.stamp-install facesvc/.stamp-gen models
+
+# Dependencies. `compat` editable mode puts the repo root on sys.path, so the
+# generated `facesvc` package and later regenerations are importable as-is.
+$(VENV)/.stamp-install: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	touch $@
+
+# Generated protobuf + gRPC stubs (build outputs, git-ignored).
+gen: facesvc/.stamp-gen
+facesvc/.stamp-gen: $(PROTOS) $(VENV)/.stamp-install
+	rm -rf facesvc
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch facesvc/__init__.py facesvc/v1/__init__.py
+	touch $@
+
+# Model weights: copied from FACESVC_MODEL_MIRROR (default ../shared/models)
+# or downloaded, sha256-checked against models/manifest.json.
+models: $(VENV)/.stamp-install
+	$(PY) models/fetch.py
+
+run: setup
+	$(PY) -m server $(ARGS)
+
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+lint-proto: $(BUF)
+	cd protos && ../$(BUF) lint
+
+test: setup lint-proto
+	$(PY) -m pytest $(ARGS)
+
+bench: setup
+	$(PY) scripts/bench_pipeline.py $(ARGS)
+
+eval: setup
+	$(PY) scripts/eval_verification.py $(ARGS)
+
+install-gpu: setup
+	$(PY) -m pip uninstall --quiet -y onnxruntime
+	$(PY) -m pip install --quiet -e '.[gpu,dev]' --config-settings editable_mode=compat
+
+clean:
+	rm -rf $(VENV) .tools facesvc models/weights .pytest_cache

@@ -1,0 +1,127 @@
+"""Server settings: defaults < environment (FACESVC_*) < command-line flags.
+
+Every setting is declared once in `SETTINGS`; the flag parser, the env reader,
+the start-up printout and the README's configuration table all come from it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, fields
+
+from server.models.manifest import DEFAULT_MANIFEST, DEFAULT_MODEL_DIR
+
+
+def _bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {v!r}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    workers: int = 8
+    max_message_mb: int = 32
+    grace_seconds: float = 10.0
+    log_level: str = "INFO"
+    device: str = "auto"
+    ort_threads: int = 0
+    model_dir: str = str(DEFAULT_MODEL_DIR)
+    model_manifest: str = str(DEFAULT_MANIFEST)
+    detector: str = "scrfd_500m"
+    recognizer: str = "w600k_mbf"
+    recognizer_flip: bool = False
+    liveness: str = "minifasnet_pair"
+    age_model: str = "age_dlib"
+    gender_model: str = "gender_dlib"
+    match_threshold: float = 0.0
+    liveness_threshold: float = 0.5
+    detect_max_side: int = 640
+    min_face_size: int = 20
+    max_faces: int = 20
+    max_image_mb: float = 20.0
+    max_image_pixels: int = 40_000_000
+
+
+HELP = {
+    "host": "bind address",
+    "port": "gRPC port",
+    "workers": "gRPC worker threads (concurrent RPCs)",
+    "max_message_mb": "largest gRPC message accepted or sent, MiB",
+    "grace_seconds": "on SIGTERM/SIGINT, seconds in-flight calls get to finish",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "device": "auto (CUDA if onnxruntime-gpu sees a GPU, else CPU), cpu or cuda",
+    "ort_threads": "onnxruntime intra-op threads per model; 0 = one per core",
+    "model_dir": "directory holding the fetched ONNX files",
+    "model_manifest": "model manifest (names, files, sha256, params)",
+    "detector": "detector model name: scrfd_500m, scrfd_2.5g or yunet",
+    "recognizer": "recognizer model name: w600k_mbf, w600k_mbf_int8 or mobilefacenet_128",
+    "recognizer_flip": "average each face's embedding with its mirror image's (test-time augmentation)",
+    "liveness": "comma-separated liveness models, fused by mean: minifasnet_pair, minifasnet_se128",
+    "age_model": "age model name",
+    "gender_model": "gender model name",
+    "match_threshold": "cosine match threshold; 0 = the recognizer's calibrated value from the manifest",
+    "liveness_threshold": "P(live) threshold",
+    "detect_max_side": "detection runs on a copy downscaled to this long side, px",
+    "min_face_size": "default minimum face size, px (FaceOptions.min_face_size = 0)",
+    "max_faces": "default maximum faces per image (FaceOptions.max_faces = 0)",
+    "max_image_mb": "largest encoded image accepted, MiB",
+    "max_image_pixels": "largest decoded image accepted, pixels",
+}
+
+SECRET_WORDS = ("key", "password", "secret", "token")
+
+
+def env_name(field: str) -> str:
+    return "FACESVC_" + field.upper()
+
+
+def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    values = {}
+    for f in fields(Settings):
+        raw = environ.get(env_name(f.name))
+        if raw is not None and raw != "":
+            values[f.name] = _convert(f, raw)
+    parser = argparse.ArgumentParser(prog="python -m server", description="facesvc gRPC server")
+    for f in fields(Settings):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=_bool if f.type in (bool, "bool") else _pytype(f),
+            default=None,
+            help=f"{HELP[f.name]} (env {env_name(f.name)}, default {f.default})",
+        )
+    args = parser.parse_args(argv)
+    for f in fields(Settings):
+        v = getattr(args, f.name)
+        if v is not None:
+            values[f.name] = v
+    return Settings(**values)
+
+
+def _pytype(f):
+    t = f.type if not isinstance(f.type, str) else {"int": int, "float": float, "str": str, "bool": bool}[f.type]
+    return t
+
+
+def _convert(f, raw: str):
+    t = _pytype(f)
+    try:
+        return _bool(raw) if t is bool else t(raw)
+    except ValueError as exc:
+        raise SystemExit(f"invalid {env_name(f.name)}={raw!r}: {exc}") from None
+
+
+def describe(settings: Settings) -> str:
+    """One line per setting for the start-up log, secrets redacted."""
+    lines = []
+    for f in fields(Settings):
+        v = getattr(settings, f.name)
+        if any(w in f.name for w in SECRET_WORDS) and v:
+            v = "***"
+        lines.append(f"  {f.name:<20} = {v}")
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""One domain exception for the whole service, mapped to a gRPC status in one place.
+
+The core raises `FaceServiceError(code, reason, message, **metadata)`; the
+servicer's `rpc_errors` wrapper turns it into a status with a
+`google.rpc.ErrorInfo` detail (AIP-193) so clients can branch on `reason`.
+"""
+from __future__ import annotations
+
+import grpc
+
+DOMAIN = "facesvc"
+
+# Stable machine-readable reasons (documented in the .proto header).
+VALIDATION_FAILED = "VALIDATION_FAILED"
+INVALID_IMAGE = "INVALID_IMAGE"
+IMAGE_TOO_LARGE = "IMAGE_TOO_LARGE"
+NO_FACE_DETECTED = "NO_FACE_DETECTED"
+MULTIPLE_FACES = "MULTIPLE_FACES"
+SPOOF_DETECTED = "SPOOF_DETECTED"
+MODELS_LOADING = "MODELS_LOADING"
+INTERNAL = "INTERNAL"
+
+
+class FaceServiceError(Exception):
+    """A failure the caller should see, with its gRPC code and stable reason."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str, **metadata: object):
+        super().__init__(message)
+        self.code = code
+        self.reason = reason
+        self.message = message
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"FaceServiceError({self.code.name}, {self.reason}, {self.message!r}, {self.metadata})"
+
+
+def validation(field: str, message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, VALIDATION_FAILED, f"{field}: {message}", field=field, **metadata)
+
+
+def invalid_image(message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, INVALID_IMAGE, message, **metadata)
+
+
+def image_too_large(message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, IMAGE_TOO_LARGE, message, **metadata)
+
+
+def no_face(message: str = "no face detected in the image", **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, NO_FACE_DETECTED, message, **metadata)
+
+
+def multiple_faces(count: int, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(
+        grpc.StatusCode.INVALID_ARGUMENT, MULTIPLE_FACES, f"exactly one face required, found {count}", face_count=count, **metadata
+    )
+
+
+def spoof(score: float, threshold: float, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        SPOOF_DETECTED,
+        f"liveness check failed (score {score:.3f} < threshold {threshold:.3f})",
+        liveness_score=f"{score:.4f}",
+        threshold=f"{threshold:.4f}",
+        **metadata,
+    )

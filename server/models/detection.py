@@ -1,0 +1,42 @@
+"""What every face detector shares: letterboxing into the network input and NMS."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+
+def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Resize keeping aspect ratio and paste top-left into a zero size x size canvas."""
+    h, w = img.shape[:2]
+    scale = min(size / h, size / w)
+    nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
+    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    canvas[:nh, :nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nw, nh) != (w, h) else img
+    return canvas, scale
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression; returns kept indices, best score first."""
+    x1, y1, x2, y2 = boxes.T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = scores.argsort()[::-1]
+    keep = []
+    while order.size > 0:
+        i = order[0]
+        keep.append(i)
+        xx1 = np.maximum(x1[i], x1[order[1:]])
+        yy1 = np.maximum(y1[i], y1[order[1:]])
+        xx2 = np.minimum(x2[i], x2[order[1:]])
+        yy2 = np.minimum(y2[i], y2[order[1:]])
+        inter = np.maximum(0.0, xx2 - xx1 + 1) * np.maximum(0.0, yy2 - yy1 + 1)
+        iou = inter / (areas[i] + areas[order[1:]] - inter)
+        order = order[1:][iou <= iou_threshold]
+    return np.asarray(keep, dtype=np.int64)
+
+
+def finalize(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, nms_threshold: float, scale: float):
+    """NMS then map from network-input pixels back to the caller's image pixels."""
+    if scores.size == 0:
+        return np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32)
+    keep = nms(boxes, scores, nms_threshold)
+    return boxes[keep] / scale, kps[keep] / scale, scores[keep]

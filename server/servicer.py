@@ -1,0 +1,105 @@
+"""FaceService: turns requests into pipeline calls and results into responses. No model code here."""
+from __future__ import annotations
+
+import grpc
+
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from server import convert, errors
+from server.config import Settings
+from server.imaging import ImageLimits
+from server.pipeline import FacePipeline
+from server.rpc_errors import rpc
+
+
+class FaceServicer(pb_grpc.FaceServiceServicer):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.limits = ImageLimits(
+            max_bytes=int(settings.max_image_mb * 1024 * 1024), max_pixels=settings.max_image_pixels
+        )
+        self.pipeline: FacePipeline | None = None  # set once every model is loaded
+
+    # -- helpers -----------------------------------------------------------
+    def _ready(self) -> FacePipeline:
+        if self.pipeline is None:
+            raise errors.FaceServiceError(grpc.StatusCode.UNAVAILABLE, errors.MODELS_LOADING, "models are still loading; retry shortly")
+        return self.pipeline
+
+    def _image(self, msg: pb.Image, field: str):
+        return convert.image_from_proto(msg, field, self.limits)
+
+    def _options(self, msg: pb.FaceOptions):
+        return convert.detect_options(msg, self.settings.min_face_size, self.settings.max_faces)
+
+    def _match_threshold(self, requested: float) -> float:
+        t = convert.optional_threshold(requested, "threshold", -1.0, 1.0)
+        if t is not None:
+            return t
+        return self.settings.match_threshold or self._ready().recognizer.match_threshold
+
+    # -- RPCs --------------------------------------------------------------
+    @rpc
+    def Detect(self, request: pb.DetectRequest, context) -> pb.DetectResponse:
+        p = self._ready()
+        opts = self._options(request.face_options)
+        img = self._image(request.image, "image")
+        faces = p.detect(img, opts)
+        h, w = img.shape[:2]
+        return pb.DetectResponse(
+            faces=[convert.face_to_proto(f) for f in faces], image=pb.ImageInfo(width=w, height=h), detector=p.detector.name
+        )
+
+    @rpc
+    def CheckLiveness(self, request: pb.CheckLivenessRequest, context) -> pb.CheckLivenessResponse:
+        p = self._ready()
+        opts = self._options(request.face_options)
+        threshold = convert.optional_threshold(request.threshold, "threshold", 0.0, 1.0)
+        img = self._image(request.image, "image")
+        face = p.detect_one(img, opts)
+        result = p.check_liveness(img, face, threshold)
+        return pb.CheckLivenessResponse(face=convert.face_to_proto(face), liveness=convert.liveness_to_proto(result))
+
+    @rpc
+    def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
+        p = self._ready()
+        opts = self._options(request.face_options)
+        threshold = self._match_threshold(request.threshold)
+        faces, live = [], []
+        for field in ("source", "target"):
+            img = self._image(getattr(request, field), field)
+            face = p.detect_one(img, opts, image=field)
+            if request.require_liveness:
+                live.append(convert.liveness_to_proto(p.require_live(img, face, image=field)))
+            faces.append(face)
+        src_emb, tgt_emb = p.embed(faces)
+        similarity = p.similarity(src_emb, tgt_emb)
+        resp = pb.CompareResponse(
+            similarity=similarity, match=similarity >= threshold, threshold=threshold,
+            source_face=convert.face_to_proto(faces[0]), target_face=convert.face_to_proto(faces[1]),
+            model=p.recognizer.model_id,
+        )
+        if live:
+            resp.source_liveness.CopyFrom(live[0])
+            resp.target_liveness.CopyFrom(live[1])
+        return resp
+
+    @rpc
+    def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        p = self._ready()
+        opts = self._options(request.face_options)
+        img = self._image(request.image, "image")
+        faces = p.detect(img, opts)
+        embeddings = p.embed(faces)
+        return pb.EmbedResponse(
+            faces=[pb.FaceEmbedding(face=convert.face_to_proto(f), embedding=e.tolist()) for f, e in zip(faces, embeddings)],
+            model=p.recognizer.model_id, dimension=p.recognizer.embedding_dim,
+        )
+
+    @rpc
+    def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
+        p = self._ready()
+        opts = self._options(request.face_options)
+        img = self._image(request.image, "image")
+        faces = p.detect(img, opts)
+        return pb.AnalyzeResponse(faces=[convert.analysis_to_proto(f, a) for f, a in zip(faces, p.analyze(img, faces))])
