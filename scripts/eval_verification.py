@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Measure verification accuracy of the pipeline on labelled pairs and calibrate the match threshold.
+
+Runs detect -> align -> embed (the same code the server runs) over
+  - ../shared/faces/lfw: the 963 listed pairs, and every pair of its 480 photos
+    (same identity vs different identity: ~460 genuine, ~114 000 impostor), and
+  - ../shared/faces/dev/master.csv: 300 pairs of large portraits,
+for each configuration asked for (detector x flip TTA), and prints AUC,
+best accuracy, and TAR at FAR 1e-2 / 1e-3 with the thresholds that give them.
+
+The recommended threshold is the one at FAR 1e-3 on LFW's all-pairs set for
+the default configuration. `--write-manifest` stores it with the recognizer in
+models/manifest.json.
+
+    .venv/bin/python scripts/eval_verification.py
+    .venv/bin/python scripts/eval_verification.py --detectors scrfd_500m,yunet --flip both
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server import config  # noqa: E402
+from server.app import build_pipeline  # noqa: E402
+from server.pipeline import DetectOptions  # noqa: E402
+
+FACES = ROOT.parent / "shared" / "faces"
+
+
+def roc_metrics(genuine: np.ndarray, impostor: np.ndarray) -> dict:
+    scores = np.concatenate([genuine, impostor])
+    labels = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
+    order = scores.argsort(kind="mergesort")
+    ranks = np.empty(len(scores))
+    ranks[order] = np.arange(1, len(scores) + 1)
+    auc = (ranks[labels == 1].sum() - len(genuine) * (len(genuine) + 1) / 2) / (len(genuine) * len(impostor))
+    # best accuracy over all candidate thresholds (balanced classes would bias nothing here: report raw)
+    cand = np.unique(scores)
+    accs = [((genuine >= t).sum() + (impostor < t).sum()) / len(scores) for t in cand]
+    best = int(np.argmax(accs))
+    out = {"auc": float(auc), "accuracy": float(accs[best]), "best_threshold": float(cand[best]),
+           "genuine": int(len(genuine)), "impostor": int(len(impostor))}
+    imp_sorted = np.sort(impostor)[::-1]
+    for far in (1e-2, 1e-3):
+        k = int(np.floor(far * len(impostor)))
+        if len(impostor) < 1 / far:
+            out[f"tar@far{far:g}"] = None
+            out[f"thr@far{far:g}"] = None
+            continue
+        # smallest threshold with at most k impostors at or above it
+        thr = float(np.nextafter(imp_sorted[k], np.inf)) if k < len(imp_sorted) else float(imp_sorted[-1])
+        out[f"tar@far{far:g}"] = float((genuine >= thr).mean())
+        out[f"thr@far{far:g}"] = thr
+    return out
+
+
+def embed_all(pipeline, paths: list[Path]) -> dict[str, np.ndarray | None]:
+    opts = DetectOptions(min_face_size=10)
+    out = {}
+    for p in paths:
+        img = cv2.imread(str(p), cv2.IMREAD_COLOR)
+        faces = pipeline.detect(img, opts)
+        out[str(p)] = pipeline.embed(faces[:1])[0] if faces else None
+    return out
+
+
+def score(emb: dict, a: str, b: str) -> float:
+    ea, eb = emb.get(a), emb.get(b)
+    return -1.0 if ea is None or eb is None else float(np.dot(ea, eb))
+
+
+def evaluate(pipeline) -> dict:
+    lfw = FACES / "lfw"
+    lfw_paths = sorted(lfw.glob("*/*.jpg"))
+    dev = FACES / "dev"
+    dev_pairs = list(csv.DictReader(open(dev / "master.csv")))
+    dev_paths = sorted({dev / r[k] for r in dev_pairs for k in ("file_x", "file_y")})
+    t0 = time.perf_counter()
+    emb = embed_all(pipeline, lfw_paths + dev_paths)
+    elapsed = time.perf_counter() - t0
+    missing = [k for k, v in emb.items() if v is None]
+
+    listed = list(csv.DictReader(open(lfw / "pairs.csv")))
+    g = np.array([score(emb, str(lfw / r["file_a"]), str(lfw / r["file_b"])) for r in listed if r["same"] == "1"])
+    i = np.array([score(emb, str(lfw / r["file_a"]), str(lfw / r["file_b"])) for r in listed if r["same"] == "0"])
+    res = {"lfw_pairs": roc_metrics(g, i)}
+
+    keys = [str(p) for p in lfw_paths]
+    ids = np.array([p.parent.name for p in lfw_paths])
+    mat = np.stack([emb[k] if emb[k] is not None else np.zeros(pipeline.recognizer.embedding_dim, np.float32) for k in keys])
+    sims = mat @ mat.T
+    iu = np.triu_indices(len(keys), k=1)
+    same = ids[iu[0]] == ids[iu[1]]
+    res["lfw_all_pairs"] = roc_metrics(sims[iu][same], sims[iu][~same])
+
+    g = np.array([score(emb, str(dev / r["file_x"]), str(dev / r["file_y"])) for r in dev_pairs if r["Decision"] == "Yes"])
+    i = np.array([score(emb, str(dev / r["file_x"]), str(dev / r["file_y"])) for r in dev_pairs if r["Decision"] == "No"])
+    res["dev_master"] = roc_metrics(g, i)
+    res["photos"] = len(emb)
+    res["no_face"] = [str(Path(m).relative_to(FACES)) for m in missing]
+    res["ms_per_photo"] = 1000 * elapsed / len(emb)
+    return res
+
+
+def fmt(x, pct=False):
+    if x is None:
+        return "   n/a"
+    return f"{x:6.4f}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--detectors", default="scrfd_500m,yunet")
+    ap.add_argument("--recognizer", default=None, help="recognizer model name (default: the server default)")
+    ap.add_argument("--flip", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--json", type=Path, default=ROOT / ".bench" / "eval_verification.json")
+    ap.add_argument("--write-manifest", action="store_true", help="store the recommended threshold in models/manifest.json")
+    args = ap.parse_args()
+
+    base = config.load([], environ={})
+    if args.recognizer:
+        base = replace(base, recognizer=args.recognizer)
+    flips = {"off": [False], "on": [True], "both": [False, True]}[args.flip]
+    results = []
+    for det in args.detectors.split(","):
+        for flip in flips:
+            settings = replace(base, detector=det, recognizer_flip=flip)
+            pipeline = build_pipeline(settings)
+            r = evaluate(pipeline)
+            r.update(detector=det, recognizer=settings.recognizer, flip=flip)
+            results.append(r)
+            print(f"evaluated detector={det} flip={flip}: {r['photos']} photos, {r['ms_per_photo']:.1f} ms/photo, "
+                  f"no face in {len(r['no_face'])}", file=sys.stderr)
+
+    hdr = f"{'detector':<11} {'flip':<5} {'set':<14} {'AUC':>6} {'acc':>6} {'thr_acc':>7} {'TAR@1e-2':>8} {'TAR@1e-3':>8} {'thr@1e-3':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in results:
+        for s in ("lfw_pairs", "lfw_all_pairs", "dev_master"):
+            m = r[s]
+            print(f"{r['detector']:<11} {str(r['flip']):<5} {s:<14} {fmt(m['auc'])} {fmt(m['accuracy'])} {m['best_threshold']:7.4f} "
+                  f"{fmt(m['tar@far0.01']):>8} {fmt(m['tar@far0.001']):>8} {fmt(m['thr@far0.001']):>8}")
+    default = next(r for r in results if r["detector"] == base.detector and r["flip"] == base.recognizer_flip) if any(
+        r["detector"] == base.detector and r["flip"] == base.recognizer_flip for r in results) else results[0]
+    recommended = round(default["lfw_all_pairs"]["thr@far0.001"], 3)
+    print(f"\nrecommended match threshold for {default['recognizer']} (detector={default['detector']}, flip={default['flip']}): "
+          f"{recommended}  (FAR 1e-3 on LFW all-pairs)")
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"results": results, "recommended_threshold": recommended}, indent=2))
+    print(f"wrote {args.json}")
+    if args.write_manifest:
+        path = ROOT / "models" / "manifest.json"
+        manifest = json.loads(path.read_text())
+        params = manifest["models"][default["recognizer"]]["params"]
+        params["match_threshold"] = recommended
+        params["threshold_source"] = (f"scripts/eval_verification.py: FAR 1e-3 on LFW all-pairs "
+                                      f"(detector={default['detector']}, flip={default['flip']})")
+        path.write_text(json.dumps(manifest, indent=2) + "\n")
+        print(f"stored match_threshold={recommended} for {default['recognizer']} in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
