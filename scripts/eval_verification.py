@@ -162,9 +162,9 @@ def main() -> int:
     if args.write_manifest:
         path = ROOT / "models" / "manifest.json"
         manifest = json.loads(path.read_text())
-        params = manifest["models"][default["recognizer"]]["params"]
-        params["match_threshold"] = recommended
-        params["threshold_source"] = (f"scripts/eval_verification.py: FAR 1e-3 on LFW all-pairs "
+        entry = manifest["models"][default["recognizer"]]
+        entry["params"]["match_threshold"] = recommended
+        entry["threshold_source"] = (f"scripts/eval_verification.py: FAR 1e-3 on LFW all-pairs "
                                       f"(detector={default['detector']}, flip={default['flip']})")
         path.write_text(json.dumps(manifest, indent=2) + "\n")
         print(f"stored match_threshold={recommended} for {default['recognizer']} in {path}")

@@ -31,7 +31,8 @@ class AgeEstimator:
             cdf = np.cumsum(p)
             low = float(AGE_BINS[min(np.searchsorted(cdf, 0.1), len(AGE_BINS) - 1)])
             high = float(AGE_BINS[min(np.searchsorted(cdf, 0.9), len(AGE_BINS) - 1)])
-            out.append((float(p @ AGE_BINS), low, high))
+            age = float(p @ AGE_BINS)
+            out.append((age, min(low, age), max(high, age)))
         return out
 
 

@@ -1,0 +1,136 @@
+"""Shared fixtures: the real photos, an in-process pipeline, and a real server subprocess."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+FACES = Path(os.environ.get("FACESVC_FACES_DIR", ROOT.parent / "shared" / "faces"))
+PYTHON = sys.executable
+
+
+def face_path(rel: str) -> Path:
+    p = FACES / rel
+    if not p.is_file():
+        pytest.fail(f"test photo {p} is missing: the suite needs ../shared/faces (or FACESVC_FACES_DIR)")
+    return p
+
+
+def image(rel: str) -> pb.Image:
+    return pb.Image(encoded=face_path(rel).read_bytes())
+
+
+def error_info(err: grpc.RpcError) -> error_details_pb2.ErrorInfo:
+    """The ErrorInfo detail of a failed call (fails the test if there is none)."""
+    status = rpc_status.from_call(err)
+    assert status is not None, f"no rich status on {err.code()}: {err.details()}"
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    raise AssertionError(f"no ErrorInfo in {status}")
+
+
+def expect_error(call, request, code: grpc.StatusCode, reason: str, **kw) -> error_details_pb2.ErrorInfo:
+    with pytest.raises(grpc.RpcError) as exc:
+        call(request, timeout=60, **kw)
+    assert exc.value.code() == code, f"{exc.value.code()} {exc.value.details()}"
+    info = error_info(exc.value)
+    assert info.reason == reason, f"reason {info.reason}, expected {reason}: {exc.value.details()}"
+    assert info.domain == "facesvc"
+    return info
+
+
+class ServerProcess:
+    """`python -m server` on a free port, started the way a user starts it."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, log_path: Path):
+        self.log_path = log_path
+        self.log = open(log_path, "w+")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "server", "--host", "127.0.0.1", "--port", "0", *args],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+        )
+        self.port = self._wait_for_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.wait_serving()
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def _wait_for_port(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on [\d.]+:(\d+)", self.output())
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not open a port in {timeout}s:\n{self.output()}")
+
+    def health(self, service: str = "") -> int:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def wait_serving(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not SERVING after {timeout}s:\n{self.output()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    srv = ServerProcess(log_path=tmp_path_factory.mktemp("server") / "server.log")
+    yield srv
+    rc = srv.stop()
+    assert rc == 0, f"server exited with {rc} on SIGTERM:\n{srv.output()[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def stub(server) -> pb_grpc.FaceServiceStub:
+    return pb_grpc.FaceServiceStub(server.channel)
+
+
+@pytest.fixture(scope="session")
+def pipeline():
+    from server import config
+    from server.app import build_pipeline
+
+    return build_pipeline(config.load([], environ={}))

@@ -1,0 +1,138 @@
+"""The model pipeline in-process: every detector, the recognizer, liveness and age/gender on real photos."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+
+from server import config, errors
+from server.app import build_pipeline
+from server.pipeline import REQUIRE_SINGLE, DetectOptions
+from tests.conftest import FACES, face_path
+
+PORTRAITS = ["dev/img1.jpg", "dev/img5.jpg", "dev/img13.jpg", "dev/img22.jpg", "lfw/Anthony_Fauci/Anthony_Fauci_0002.jpg"]
+OPTS = DetectOptions()
+
+
+def read(rel: str) -> np.ndarray:
+    return cv2.imread(str(face_path(rel)), cv2.IMREAD_COLOR)
+
+
+@pytest.fixture(scope="module", params=["scrfd_500m", "scrfd_2.5g", "yunet"])
+def detector_pipeline(request):
+    return build_pipeline(replace(config.load([], environ={}), detector=request.param))
+
+
+@pytest.mark.parametrize("rel", PORTRAITS)
+def test_portrait_has_one_face_with_landmarks_inside_box(detector_pipeline, rel):
+    img = read(rel)
+    faces = detector_pipeline.detect(img, OPTS)
+    assert len(faces) == 1, [f.box for f in faces]
+    f = faces[0]
+    x1, y1, x2, y2 = f.box
+    assert 0 <= x1 < x2 <= img.shape[1] + 1 and 0 <= y1 < y2 <= img.shape[0] + 1
+    for x, y in f.landmarks:
+        assert x1 <= x <= x2 and y1 <= y <= y2, (f.box, f.landmarks)
+    le, re, nose, ml, mr = f.landmarks
+    assert le[0] < re[0] and ml[0] < mr[0], "left/right are as seen in the image"
+    assert max(le[1], re[1]) < nose[1] < min(ml[1], mr[1]), "eyes above nose above mouth on an upright portrait"
+    assert f.score > 0.5 and f.quality.score > 0.3
+
+
+def test_group_photo_has_six_faces(detector_pipeline):
+    faces = detector_pipeline.detect(read("dev/group_t1.jpg"), OPTS)
+    assert len(faces) == 6
+    areas = [f.width * f.height for f in faces]
+    assert areas == sorted(areas, reverse=True), "largest first by default"
+
+
+@pytest.mark.parametrize("rel", ["dev/noface_rocket.jpg", "dev/noface_coffee.jpg"])
+def test_no_face_photos_have_zero_faces(detector_pipeline, rel):
+    assert detector_pipeline.detect(read(rel), OPTS) == []
+
+
+def test_detection_maps_back_to_full_resolution(pipeline):
+    """A 5 MP portrait is detected on a 640 px copy; the box must land on the full-size face."""
+    img = read("dev/img4.jpg")  # 2500 x 1728
+    assert max(img.shape[:2]) > 2000
+    big = pipeline.detect(img, OPTS)[0]
+    small_img = cv2.resize(img, (img.shape[1] // 4, img.shape[0] // 4), interpolation=cv2.INTER_AREA)
+    small = pipeline.detect(small_img, OPTS)[0]
+    np.testing.assert_allclose(big.box / 4, small.box, atol=8)
+
+
+def test_require_single_and_max_faces(pipeline):
+    img = read("dev/group_t1.jpg")
+    with pytest.raises(errors.FaceServiceError) as exc:
+        pipeline.detect(img, DetectOptions(selection=REQUIRE_SINGLE))
+    assert exc.value.reason == errors.MULTIPLE_FACES
+    assert len(pipeline.detect(img, DetectOptions(max_faces=2))) == 2
+    assert pipeline.detect(img, DetectOptions(min_face_size=10_000)) == []
+
+
+def test_quality_drops_for_blurred_and_tiny_faces(pipeline):
+    img = read("dev/img5.jpg")
+    sharp = pipeline.detect(img, OPTS)[0].quality
+    blurred = pipeline.detect(cv2.GaussianBlur(img, (0, 0), 4), OPTS)[0].quality
+    assert blurred.sharpness < sharp.sharpness - 0.3
+    tiny_img = cv2.resize(img, (img.shape[1] // 6, img.shape[0] // 6), interpolation=cv2.INTER_AREA)
+    tiny = pipeline.detect(tiny_img, DetectOptions(min_face_size=5))[0].quality
+    assert tiny.face_size < 40 and tiny.score < sharp.score
+    assert abs(sharp.yaw) < 20 and abs(sharp.roll) < 15
+
+
+def test_profile_turn_shows_in_yaw(pipeline):
+    """Mirroring a portrait flips the sign of the estimated yaw and roll."""
+    img = read("dev/img11.jpg")
+    q = pipeline.detect(img, OPTS)[0].quality
+    qm = pipeline.detect(cv2.flip(img, 1), OPTS)[0].quality
+    assert np.sign(q.yaw) == -np.sign(qm.yaw) or abs(q.yaw) < 2
+    assert abs(q.yaw + qm.yaw) < 5
+
+
+def test_embeddings_are_unit_length_and_batch_independent(pipeline):
+    faces = [pipeline.detect(read(r), OPTS)[0] for r in PORTRAITS]
+    batched = pipeline.recognizer.embed([f.aligned for f in faces])
+    single = np.concatenate([pipeline.recognizer.embed([f.aligned]) for f in faces])
+    assert batched.shape == (len(PORTRAITS), 512)
+    np.testing.assert_allclose(np.linalg.norm(batched, axis=1), 1.0, atol=1e-4)
+    assert (np.sum(batched * single, axis=1) > 0.9999).all()
+
+
+def test_same_person_is_closer_than_different_people(pipeline):
+    a1, a2, b = (pipeline.embed(pipeline.detect(read(r), OPTS)[:1])[0] for r in ("dev/img1.jpg", "dev/img2.jpg", "dev/img3.jpg"))
+    thr = pipeline.recognizer.match_threshold
+    assert float(a1 @ a2) > thr > float(a1 @ b)
+
+
+@pytest.mark.parametrize("path", sorted((FACES / "liveness").glob("*.jpg")), ids=lambda p: p.stem)
+def test_liveness_samples(pipeline, path):
+    img = cv2.imread(str(path))
+    face = pipeline.detect_one(img, OPTS)
+    result = pipeline.check_liveness(img, face)
+    assert result.is_live == path.name.startswith("real_"), result
+
+
+def test_liveness_fusion_with_second_model_agrees():
+    fused = build_pipeline(replace(config.load([], environ={}), liveness="minifasnet_pair,minifasnet_se128"))
+    for path in sorted((FACES / "liveness").glob("*.jpg")):
+        img = cv2.imread(str(path))
+        r = fused.check_liveness(img, fused.detect_one(img, OPTS))
+        assert set(r.model_scores) == {"minifasnet_pair", "minifasnet_se128"}
+        assert r.is_live == path.name.startswith("real_"), (path.name, r)
+
+
+@pytest.mark.parametrize("rel,male", [
+    ("lfw/Anthony_Fauci/Anthony_Fauci_0002.jpg", True),
+    ("lfw/Antonio_Banderas/Antonio_Banderas_0001.jpg", True),
+    ("lfw/Ann_Godbehere/Ann_Godbehere_0001.jpg", False),
+    ("dev/img1.jpg", False),
+])
+def test_age_gender_plausible(pipeline, rel, male):
+    img = read(rel)
+    faces = pipeline.detect(img, OPTS)[:1]  # LFW crops can hold a second, partial face: use the main one
+    (a,) = pipeline.analyze(img, faces)
+    assert a.is_male == male and a.gender_confidence > 0.8
+    assert 20 <= a.age <= 75 and a.age_low <= a.age <= a.age_high

@@ -1,0 +1,155 @@
+"""Server lifecycle, configuration and the model fetch step."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from concurrent import futures
+from dataclasses import replace
+from pathlib import Path
+
+import grpc
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from server import config
+from server.app import FaceServer
+from server.models.runtime import choose_providers
+from tests.conftest import PYTHON, ROOT, ServerProcess, expect_error, image
+
+WEIGHTS = ROOT / "models" / "weights"
+
+
+def test_health_is_not_serving_until_models_load():
+    settings = replace(config.load([], environ={}), host="127.0.0.1", port=0)
+    srv = FaceServer(settings)
+    srv.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "facesvc.v1.FaceService"):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+                assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            stub = pb_grpc.FaceServiceStub(ch)
+            expect_error(stub.Detect, pb.DetectRequest(image=image("dev/img5.jpg")), grpc.StatusCode.UNAVAILABLE, "MODELS_LOADING")
+            srv.load_models()
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+            assert len(stub.Detect(pb.DetectRequest(image=image("dev/img5.jpg")), timeout=30).faces) == 1
+    finally:
+        srv.stop(0)
+
+
+def test_sigterm_finishes_in_flight_calls(tmp_path):
+    srv = ServerProcess("--workers", "4", log_path=tmp_path / "server.log")
+    try:
+        stub = pb_grpc.FaceServiceStub(srv.channel)
+        big = pb.CompareRequest(source=image("dev/img4.jpg"), target=image("dev/img1.jpg"))
+        with futures.ThreadPoolExecutor(8) as pool:
+            calls = [pool.submit(stub.Compare, big, timeout=60) for _ in range(8)]
+            time.sleep(0.3)  # the first calls are running, the rest are queued
+            srv.proc.terminate()
+            results = [c.result() for c in calls]
+        assert all(r.match for r in results), "every accepted call finished with a real answer"
+        assert srv.proc.wait(30) == 0
+        log = srv.output()
+        assert "received SIGTERM" in log and "stopped" in log
+    finally:
+        srv.stop()
+
+
+def test_tampered_weights_are_refused(tmp_path):
+    models = tmp_path / "weights"
+    models.mkdir()
+    for f in WEIGHTS.glob("*.onnx"):
+        os.symlink(f, models / f.name)
+    (models / "det_500m.onnx").unlink()
+    data = bytearray((WEIGHTS / "det_500m.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (models / "det_500m.onnx").write_bytes(data)
+    proc = subprocess.run([PYTHON, "-m", "server", "--port", "0", "--host", "127.0.0.1"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "FACESVC_MODEL_DIR": str(models)})
+    assert proc.returncode == 1
+    assert "does not match the manifest" in proc.stderr
+
+
+def test_unknown_model_name_is_a_clear_startup_error():
+    proc = subprocess.run([PYTHON, "-m", "server", "--port", "0", "--detector", "w600k_mbf"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "is a recognizer, not a detector" in proc.stderr
+
+
+def test_config_precedence_env_then_flags():
+    env = {"FACESVC_PORT": "6000", "FACESVC_DETECTOR": "yunet", "FACESVC_RECOGNIZER_FLIP": "true"}
+    s = config.load(["--port", "7000"], environ=env)
+    assert (s.port, s.detector, s.recognizer_flip) == (7000, "yunet", True)
+    assert config.load([], environ={}).port == 50051
+    with pytest.raises(SystemExit):
+        config.load([], environ={"FACESVC_PORT": "not-a-number"})
+    assert "0.0.0.0" in config.describe(s)
+
+
+def test_every_setting_is_documented():
+    from dataclasses import fields
+
+    assert {f.name for f in fields(config.Settings)} == set(config.HELP)
+    readme = (ROOT / "README.md").read_text()
+    for f in fields(config.Settings):
+        assert config.env_name(f.name) in readme, f"{config.env_name(f.name)} missing from the README's configuration table"
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
+def test_cuda_requested_without_gpu_build_fails_clearly():
+    assert choose_providers("auto") == ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+        choose_providers("cuda")
+
+
+# -- models/fetch.py -------------------------------------------------------
+def _fetch(tmp_path: Path, mirror: Path, *names: str, manifest: Path | None = None):
+    args = [PYTHON, str(ROOT / "models" / "fetch.py"), "--target", str(tmp_path / "out"), "--mirror", str(mirror), *names]
+    if manifest:
+        args += ["--manifest", str(manifest)]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+
+
+def test_fetch_copies_and_verifies(tmp_path):
+    r = _fetch(tmp_path, WEIGHTS, "yunet")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "out" / "face_detection_yunet_2023mar.onnx"
+    spec = json.loads((ROOT / "models" / "manifest.json").read_text())["models"]["yunet"]
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == spec["sha256"]
+    assert "present" in _fetch(tmp_path, WEIGHTS, "yunet").stdout
+
+
+def test_fetch_refuses_sha_mismatch_and_leaves_nothing(tmp_path):
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    data = bytearray((WEIGHTS / "face_detection_yunet_2023mar.onnx").read_bytes())
+    data[100] ^= 1
+    (mirror / "face_detection_yunet_2023mar.onnx").write_bytes(data)
+    r = _fetch(tmp_path, mirror, "yunet")
+    assert r.returncode == 1 and "sha256 mismatch" in r.stderr
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_fetch_without_mirror_or_url_explains(tmp_path):
+    manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
+    manifest["models"] = {"w600k_mbf": manifest["models"]["w600k_mbf"]}
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _fetch(tmp_path, empty, manifest=path)
+    assert r.returncode == 1 and "FACESVC_MODEL_MIRROR" in r.stderr
+
+
+def test_weights_are_not_tracked_by_git():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    assert not [t for t in tracked if t.endswith((".onnx", ".jpg", ".jpeg", ".png"))]
