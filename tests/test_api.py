@@ -253,3 +253,24 @@ def test_deadline_exceeded_is_reported(stub):
     with pytest.raises(grpc.RpcError) as exc:
         stub.Analyze(pb.AnalyzeRequest(image=image("dev/img4.jpg")), timeout=0.001)
     assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_exif_orientation_is_applied(stub):
+    """Phones store portraits sideways with an EXIF Orientation tag; the face must be found upright."""
+    import io
+
+    from PIL import Image as PILImage
+
+    src = PILImage.open(face_path("dev/img5.jpg"))  # 330 x 512 upright
+    sideways = src.transpose(PILImage.Transpose.ROTATE_90)  # stored 512 x 330, face lying on its side
+    exif = PILImage.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    sideways.save(buf, format="JPEG", quality=92, exif=exif)
+    resp = stub.Detect(pb.DetectRequest(image=pb.Image(encoded=buf.getvalue())), timeout=30)
+    assert (resp.image.width, resp.image.height) == (330, 512)
+    (face,) = resp.faces
+    lm = face.landmarks
+    assert lm.left_eye.y < lm.nose.y < lm.mouth_left.y, "upright after orientation"
+    upright = stub.Detect(pb.DetectRequest(image=image("dev/img5.jpg")), timeout=30).faces[0]
+    assert face.box.x == pytest.approx(upright.box.x, abs=6) and face.box.y == pytest.approx(upright.box.y, abs=6)
