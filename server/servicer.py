@@ -32,6 +32,13 @@ class FaceServicer(pb_grpc.FaceServiceServicer):
     def _options(self, msg: pb.FaceOptions):
         return convert.detect_options(msg, self.settings.min_face_size, self.settings.max_faces)
 
+    def _detect_all(self, request):
+        """Ready pipeline, decoded image and every face for RPCs that take `image` + `face_options`."""
+        p = self._ready()
+        opts = self._options(request.face_options)
+        img = self._image(request.image, "image")
+        return p, img, p.detect(img, opts)
+
     def _match_threshold(self, requested: float) -> float:
         t = convert.optional_threshold(requested, "threshold", -1.0, 1.0)
         if t is not None:
@@ -41,10 +48,7 @@ class FaceServicer(pb_grpc.FaceServiceServicer):
     # -- RPCs --------------------------------------------------------------
     @rpc
     def Detect(self, request: pb.DetectRequest, context) -> pb.DetectResponse:
-        p = self._ready()
-        opts = self._options(request.face_options)
-        img = self._image(request.image, "image")
-        faces = p.detect(img, opts)
+        p, img, faces = self._detect_all(request)
         h, w = img.shape[:2]
         return pb.DetectResponse(
             faces=[convert.face_to_proto(f) for f in faces], image=pb.ImageInfo(width=w, height=h), detector=p.detector.name
@@ -86,10 +90,7 @@ class FaceServicer(pb_grpc.FaceServiceServicer):
 
     @rpc
     def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
-        p = self._ready()
-        opts = self._options(request.face_options)
-        img = self._image(request.image, "image")
-        faces = p.detect(img, opts)
+        p, _, faces = self._detect_all(request)
         embeddings = p.embed(faces)
         return pb.EmbedResponse(
             faces=[pb.FaceEmbedding(face=convert.face_to_proto(f), embedding=e.tolist()) for f, e in zip(faces, embeddings)],
@@ -98,8 +99,5 @@ class FaceServicer(pb_grpc.FaceServiceServicer):
 
     @rpc
     def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
-        p = self._ready()
-        opts = self._options(request.face_options)
-        img = self._image(request.image, "image")
-        faces = p.detect(img, opts)
+        p, img, faces = self._detect_all(request)
         return pb.AnalyzeResponse(faces=[convert.analysis_to_proto(f, a) for f, a in zip(faces, p.analyze(img, faces))])

@@ -40,3 +40,45 @@ def finalize(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, nms_thresho
         return np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32)
     keep = nms(boxes, scores, nms_threshold)
     return boxes[keep] / scale, kps[keep] / scale, scores[keep]
+
+
+def cell_grid(size: int, stride: int) -> np.ndarray:
+    """(col, row) of every cell of a stride-`stride` feature map over a size x size input, row-major."""
+    n = size // stride
+    return np.stack(np.mgrid[:n, :n][::-1], axis=-1).reshape(-1, 2).astype(np.float32)
+
+
+class GridFaceDetector:
+    """Single-shot detectors with a 3-stride grid head (SCRFD, YuNet).
+
+    Subclasses implement `_run(canvas)` (preprocess + session.run) and
+    `_decode(outputs, stride, threshold)` returning that stride's
+    (boxes [K,4], landmarks [K,5,2], scores [K]) in network-input pixels.
+    """
+
+    strides = (8, 16, 32)
+
+    def __init__(self, session, name: str, input_size: int, score_threshold: float, nms_threshold: float):
+        self.session = session
+        self.name = name
+        self.input_size = input_size
+        self.score_threshold = score_threshold
+        self.nms_threshold = nms_threshold
+        self.input_name = session.get_inputs()[0].name
+
+    def detect(self, img_bgr: np.ndarray, score_threshold: float | None = None):
+        """Return (boxes [N,4] x1y1x2y2, landmarks [N,5,2], scores [N]) in `img_bgr` pixels."""
+        thr = self.score_threshold if score_threshold is None else score_threshold
+        canvas, scale = letterbox(img_bgr, self.input_size)
+        outputs = self._run(canvas)
+        parts = [p for p in (self._decode(outputs, s, thr) for s in self.strides) if p[2].size]
+        if not parts:
+            return finalize(np.zeros((0, 4)), np.zeros((0, 5, 2)), np.zeros((0,)), self.nms_threshold, scale)
+        boxes, kps, scores = (np.concatenate(x) for x in zip(*parts))
+        return finalize(boxes, kps, scores, self.nms_threshold, scale)
+
+    def _run(self, canvas: np.ndarray):
+        raise NotImplementedError
+
+    def _decode(self, outputs, stride: int, threshold: float):
+        raise NotImplementedError
