@@ -73,7 +73,7 @@ def decode_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
 def decode_raw(width: int, height: int, pixel_format: str, data: bytes, row_stride: int, limits: ImageLimits) -> np.ndarray:
     """Wrap a raw frame's bytes as a BGR array (copying only when needed)."""
     if pixel_format not in CHANNELS:
-        raise errors.validation("image.raw.format", "pixel format must be BGR, RGB or GRAY")
+        raise errors.validation("image.raw.format", f"pixel format must be BGR, RGB or GRAY, not {pixel_format}")
     if width == 0 or height == 0:
         raise errors.validation("image.raw", "width and height must be > 0", width=width, height=height)
     _check_dims(width, height, limits)

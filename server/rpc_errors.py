@@ -7,7 +7,7 @@ import uuid
 
 import grpc
 from google.protobuf import any_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server import errors
@@ -42,5 +42,3 @@ def rpc(method):
 
     return wrapper
 
-
-assert code_pb2.INVALID_ARGUMENT == grpc.StatusCode.INVALID_ARGUMENT.value[0]  # the two enums agree
