@@ -31,7 +31,7 @@ def image_from_proto(msg: pb.Image, field: str, limits: ImageLimits) -> np.ndarr
             raise errors.validation(f"{field}.encoded", "empty image")
         return decode_encoded(msg.encoded, limits)
     raw = msg.raw
-    return decode_raw(raw.width, raw.height, _PIXEL_FORMAT.get(raw.format, "UNSPECIFIED"), raw.data, raw.row_stride, limits)
+    return decode_raw(raw.width, raw.height, _PIXEL_FORMAT.get(raw.format, "UNSPECIFIED"), raw.data, raw.row_stride, limits, field)
 
 
 def _finite(value: float, field: str, low: float, high: float) -> float:

@@ -70,18 +70,19 @@ def decode_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
     return img
 
 
-def decode_raw(width: int, height: int, pixel_format: str, data: bytes, row_stride: int, limits: ImageLimits) -> np.ndarray:
+def decode_raw(width: int, height: int, pixel_format: str, data: bytes, row_stride: int, limits: ImageLimits,
+               field: str = "image") -> np.ndarray:
     """Wrap a raw frame's bytes as a BGR array (copying only when needed)."""
     if pixel_format not in CHANNELS:
-        raise errors.validation("image.raw.format", f"pixel format must be BGR, RGB or GRAY, not {pixel_format}")
+        raise errors.validation(f"{field}.raw.format", f"pixel format must be BGR, RGB or GRAY, not {pixel_format}")
     if width == 0 or height == 0:
-        raise errors.validation("image.raw", "width and height must be > 0", width=width, height=height)
+        raise errors.validation(f"{field}.raw", "width and height must be > 0", width=width, height=height)
     _check_dims(width, height, limits)
     channels = CHANNELS[pixel_format]
     packed = width * channels
     stride = row_stride or packed
     if stride < packed:
-        raise errors.validation("image.raw.row_stride", f"row_stride {stride} is less than width x channels = {packed}")
+        raise errors.validation(f"{field}.raw.row_stride", f"row_stride {stride} is less than width x channels = {packed}")
     expected = stride * height
     if len(data) != expected:
         raise errors.invalid_image(

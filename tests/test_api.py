@@ -226,6 +226,12 @@ def test_bad_raw_frames(stub, width, height, fmt, length, reason):
     expect_error(stub.Detect, pb.DetectRequest(image=pb.Image(raw=frame)), INVALID, reason)
 
 
+def test_raw_frame_errors_name_the_field(stub):
+    bad = pb.Image(raw=pb.RawFrame(width=10, height=10, data=bytes(300)))
+    info = expect_error(stub.Compare, pb.CompareRequest(source=image("dev/img5.jpg"), target=bad), INVALID, "VALIDATION_FAILED")
+    assert info.metadata["field"] == "target.raw.format"
+
+
 def test_oversized_encoded_image(stub):
     data = face_path("dev/img5.jpg").read_bytes() + bytes(21 * 1024 * 1024)
     info = expect_error(stub.Detect, pb.DetectRequest(image=pb.Image(encoded=data)), INVALID, "IMAGE_TOO_LARGE")
