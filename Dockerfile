@@ -19,12 +19,10 @@ COPY pyproject.toml README.md ./
 COPY protos ./protos
 COPY server ./server
 COPY models/manifest.json models/fetch.py ./models/
+COPY scripts/gen_protos.sh ./scripts/
 RUN python3 -m venv /venv && /venv/bin/pip install --upgrade pip \
  && /venv/bin/pip install grpcio-tools \
- && mkdir -p facesvc \
- && /venv/bin/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. \
-      --include_source_info --descriptor_set_out=facesvc/descriptor_set.binpb protos/facesvc/v1/*.proto \
- && touch facesvc/__init__.py facesvc/v1/__init__.py \
+ && scripts/gen_protos.sh /venv/bin/python \
  && /venv/bin/pip install . \
  && if [ "$GPU" = "1" ]; then /venv/bin/pip uninstall -y onnxruntime && /venv/bin/pip install "onnxruntime-gpu>=1.18"; fi \
  && /venv/bin/pip uninstall -y grpcio-tools

@@ -32,11 +32,8 @@ $(VENV)/.stamp-install: pyproject.toml
 
 # Generated protobuf + gRPC stubs (build outputs, git-ignored).
 gen: facesvc/.stamp-gen
-facesvc/.stamp-gen: $(PROTOS) Makefile $(VENV)/.stamp-install
-	rm -rf facesvc && mkdir -p facesvc
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. \
-		--include_source_info --descriptor_set_out=facesvc/descriptor_set.binpb $(PROTOS)
-	touch facesvc/__init__.py facesvc/v1/__init__.py
+facesvc/.stamp-gen: $(PROTOS) scripts/gen_protos.sh $(VENV)/.stamp-install
+	scripts/gen_protos.sh $(PY)
 	touch $@
 
 # Model weights: copied from FACESVC_MODEL_MIRROR (default ../shared/models)

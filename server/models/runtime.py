@@ -42,8 +42,8 @@ def create_session(path: str, opts: RuntimeOptions, providers: list[str]) -> ort
     so.inter_op_num_threads = opts.inter_op_threads
     so.log_severity_level = 3  # errors only: keep start-up logs readable
     # Every model has its own intra-op pool; spinning workers of one session
-    # steal the few cores from the next model in the pipeline (measured on 2
-    # cores: detect 33 -> ~12 ms, embed 25 -> ~11 ms p50 with spinning off).
+    # steal the few cores from the next model in the pipeline (scripts/bench_pipeline.py
+    # on 2 cores, p50 with spinning off: detect 33 -> 18 ms, embed 25 -> 12 ms).
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if opts.allow_spinning else "0")
     session = ort.InferenceSession(path, sess_options=so, providers=providers)
     used = session.get_providers()
