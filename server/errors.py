@@ -66,3 +66,40 @@ def spoof(score: float, threshold: float, **metadata: object) -> FaceServiceErro
         threshold=f"{threshold:.4f}",
         **metadata,
     )
+
+
+# Identity lifecycle (Process / Register / Verify and management).
+COLLECTION_NOT_FOUND = "COLLECTION_NOT_FOUND"
+COLLECTION_EXISTS = "COLLECTION_EXISTS"
+SUBJECT_NOT_FOUND = "SUBJECT_NOT_FOUND"
+FACE_NOT_FOUND = "FACE_NOT_FOUND"
+ALREADY_REGISTERED = "ALREADY_REGISTERED"
+FACE_LIMIT_REACHED = "FACE_LIMIT_REACHED"
+LOW_QUALITY_FACE = "LOW_QUALITY_FACE"
+STAGING_EXPIRED = "STAGING_EXPIRED"
+STAGING_MISMATCH = "STAGING_MISMATCH"
+LIVENESS_REQUIRED = "LIVENESS_REQUIRED"
+NO_COMPARABLE_FACES = "NO_COMPARABLE_FACES"
+API_KEY_NOT_FOUND = "API_KEY_NOT_FOUND"
+STORE_UNAVAILABLE = "STORE_UNAVAILABLE"
+CACHE_UNAVAILABLE = "CACHE_UNAVAILABLE"
+# Auth (raised by the interceptor).
+API_KEY_MISSING = "API_KEY_MISSING"
+API_KEY_INVALID = "API_KEY_INVALID"
+PERMISSION_DENIED = "PERMISSION_DENIED"
+
+
+def not_found(reason: str, message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.NOT_FOUND, reason, message, **metadata)
+
+
+def already_exists(reason: str, message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.ALREADY_EXISTS, reason, message, **metadata)
+
+
+def precondition(reason: str, message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.FAILED_PRECONDITION, reason, message, **metadata)
+
+
+def unavailable(reason: str, message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, **metadata)

@@ -134,3 +134,66 @@ def pipeline():
     from server.app import build_pipeline
 
     return build_pipeline(config.load([], environ={}))
+
+
+# -- real backends: MariaDB/MySQL and Redis -----------------------------------
+# Started on every machine and in CI (127.0.0.1:3306 root/no password, 127.0.0.1:6379).
+# Each run gets its own database and key prefix and removes them afterwards.
+MYSQL_SERVER = os.environ.get("FACESVC_TEST_MYSQL", "mysql://root@127.0.0.1:3306")
+REDIS_URL = os.environ.get("FACESVC_TEST_REDIS", "redis://127.0.0.1:6379/0")
+RUN_ID = f"{os.getpid()}_{os.urandom(3).hex()}"
+
+
+def backend_unreachable(what: str, exc: Exception):
+    """Under CI a backend that cannot be reached fails the run; on a laptop it skips."""
+    msg = f"{what} unreachable: {exc}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(msg + " (CI=true: backend tests must not skip)")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def mysql_url():
+    """A private database on the shared MariaDB, dropped at the end of the session."""
+    import pymysql
+    from urllib.parse import urlsplit
+
+    u = urlsplit(MYSQL_SERVER)
+    params = dict(host=u.hostname, port=u.port or 3306, user=u.username or "root", password=u.password or "")
+    try:
+        conn = pymysql.connect(**params, autocommit=True, connect_timeout=5)
+    except pymysql.err.MySQLError as exc:
+        backend_unreachable(f"MySQL at {u.hostname}:{u.port}", exc)
+    name = f"facesvc_test_{RUN_ID}"
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    yield f"{MYSQL_SERVER.rstrip('/')}/{name}"
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def redis_prefix():
+    """A key prefix of this run's own on the shared Redis; its keys are deleted at the end."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL, socket_timeout=5, socket_connect_timeout=5)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        backend_unreachable(f"Redis at {REDIS_URL}", exc)
+    prefix = f"facesvc-test-{RUN_ID}:"
+    yield prefix
+    keys = list(client.scan_iter(match=prefix + "*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(params=["sqlite", "mysql"])
+def db_url(request, tmp_path):
+    """A database URL for each backend: a fresh SQLite file, or this run's MySQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/facesvc.db"
+    return request.getfixturevalue("mysql_url")

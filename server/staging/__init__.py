@@ -1,0 +1,16 @@
+"""The staging cache: faces that passed Process, waiting for Register (TTL, 10 min by default)."""
+from __future__ import annotations
+
+from server.staging.base import StagedFace, StagingCache
+from server.staging.memory import MemoryStagingCache
+from server.staging.redis_cache import RedisStagingCache
+
+
+def open_cache(redis_url: str, *, prefix: str = "facesvc:", max_entries: int = 10_000) -> StagingCache:
+    """Redis when `redis_url` is set (shared by every replica), else in-process (one replica only)."""
+    if redis_url:
+        return RedisStagingCache(redis_url, prefix=prefix)
+    return MemoryStagingCache(max_entries=max_entries)
+
+
+__all__ = ["StagedFace", "StagingCache", "MemoryStagingCache", "RedisStagingCache", "open_cache"]

@@ -1,0 +1,238 @@
+"""What differs between the two SQL backends: connecting, placeholders, DDL, error classes.
+
+`SqliteDialect` is the embedded default (a file under the data dir, WAL mode);
+`MySqlDialect` talks to MySQL/MariaDB through pymysql. Everything else (the
+queries, the transactions, the migrations) lives in `sql_store.py` once.
+"""
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pymysql
+
+# Schema migrations, in order; the index + 1 is the version recorded in
+# schema_version. Never edit a released step: append a new one.
+_SQLITE_SCHEMA: list[list[str]] = [
+    [
+        """CREATE TABLE collections (
+            collection_id   TEXT PRIMARY KEY,
+            display_name    TEXT NOT NULL,
+            liveness_policy TEXT NOT NULL,
+            created_ms      INTEGER NOT NULL)""",
+        """CREATE TABLE subjects (
+            collection_id TEXT NOT NULL REFERENCES collections(collection_id) ON DELETE CASCADE,
+            subject_id    TEXT NOT NULL,
+            metadata      TEXT NOT NULL,
+            created_ms    INTEGER NOT NULL,
+            updated_ms    INTEGER NOT NULL,
+            PRIMARY KEY (collection_id, subject_id))""",
+        """CREATE TABLE faces (
+            face_id       TEXT PRIMARY KEY,
+            collection_id TEXT NOT NULL,
+            subject_id    TEXT NOT NULL,
+            model_id      TEXT NOT NULL,
+            embedding     BLOB NOT NULL,
+            quality       REAL NOT NULL,
+            crop          BLOB,
+            created_ms    INTEGER NOT NULL,
+            FOREIGN KEY (collection_id, subject_id) REFERENCES subjects(collection_id, subject_id) ON DELETE CASCADE)""",
+        "CREATE INDEX faces_by_subject ON faces(collection_id, subject_id)",
+        """CREATE TABLE api_keys (
+            key_id        TEXT PRIMARY KEY,
+            collection_id TEXT NOT NULL REFERENCES collections(collection_id) ON DELETE CASCADE,
+            key_hash      TEXT NOT NULL UNIQUE,
+            description   TEXT NOT NULL,
+            created_ms    INTEGER NOT NULL)""",
+    ],
+]
+
+_MYSQL_TABLE = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
+_MYSQL_SCHEMA: list[list[str]] = [
+    [
+        f"""CREATE TABLE collections (
+            collection_id   VARCHAR(64) NOT NULL PRIMARY KEY,
+            display_name    VARCHAR(256) NOT NULL,
+            liveness_policy VARCHAR(16) NOT NULL,
+            created_ms      BIGINT NOT NULL) {_MYSQL_TABLE}""",
+        f"""CREATE TABLE subjects (
+            collection_id VARCHAR(64) NOT NULL,
+            subject_id    VARCHAR(128) NOT NULL,
+            metadata      TEXT NOT NULL,
+            created_ms    BIGINT NOT NULL,
+            updated_ms    BIGINT NOT NULL,
+            PRIMARY KEY (collection_id, subject_id),
+            FOREIGN KEY (collection_id) REFERENCES collections(collection_id) ON DELETE CASCADE) {_MYSQL_TABLE}""",
+        f"""CREATE TABLE faces (
+            face_id       CHAR(32) NOT NULL PRIMARY KEY,
+            collection_id VARCHAR(64) NOT NULL,
+            subject_id    VARCHAR(128) NOT NULL,
+            model_id      VARCHAR(64) NOT NULL,
+            embedding     BLOB NOT NULL,
+            quality       DOUBLE NOT NULL,
+            crop          MEDIUMBLOB NULL,
+            created_ms    BIGINT NOT NULL,
+            INDEX faces_by_subject (collection_id, subject_id),
+            FOREIGN KEY (collection_id, subject_id) REFERENCES subjects(collection_id, subject_id) ON DELETE CASCADE
+            ) {_MYSQL_TABLE}""",
+        f"""CREATE TABLE api_keys (
+            key_id        VARCHAR(32) NOT NULL PRIMARY KEY,
+            collection_id VARCHAR(64) NOT NULL,
+            key_hash      CHAR(64) NOT NULL UNIQUE,
+            description   VARCHAR(256) NOT NULL,
+            created_ms    BIGINT NOT NULL,
+            FOREIGN KEY (collection_id) REFERENCES collections(collection_id) ON DELETE CASCADE) {_MYSQL_TABLE}""",
+    ],
+]
+
+
+class SqliteDialect:
+    name = "sqlite"
+    schema = _SQLITE_SCHEMA
+    integrity_errors = (sqlite3.IntegrityError,)
+    retry_errors = ()
+    for_update = ""  # BEGIN IMMEDIATE already holds the write lock
+
+    @staticmethod
+    def error_code(exc: Exception) -> int | None:
+        return None
+
+    @staticmethod
+    def is_unavailable(exc: Exception) -> bool:
+        """Busy/locked after the busy timeout, or the file went away: worth a retry, not a bug."""
+        msg = str(exc).lower()
+        return isinstance(exc, sqlite3.OperationalError) and any(
+            w in msg for w in ("locked", "busy", "disk i/o", "unable to open", "readonly"))
+
+    def __init__(self, path: str):
+        self.path = path
+        self._migrate_lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    def connect(self):
+        Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")  # an acknowledged commit survives power loss
+        return conn
+
+    @staticmethod
+    def checkout(conn):
+        return conn
+
+    @staticmethod
+    def execute(conn, sql: str, params: tuple = ()):
+        return conn.execute(sql, params)
+
+    @staticmethod
+    def begin(conn, write: bool) -> None:
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+
+    def migration_lock(self, conn):
+        return self._migrate_lock
+
+    @staticmethod
+    def create_version_table(conn) -> None:
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_ms INTEGER NOT NULL)")
+
+
+class _MySqlLock:
+    """A server-side named lock, so replicas starting together migrate one at a time."""
+
+    def __init__(self, dialect: "MySqlDialect", conn):
+        self.d, self.conn = dialect, conn
+
+    def __enter__(self):
+        row = self.d.execute(self.conn, "SELECT GET_LOCK(?, 60)", ("facesvc_migrate",)).fetchone()
+        if not row or row[0] != 1:
+            raise RuntimeError("could not take the facesvc_migrate lock within 60 s")
+
+    def __exit__(self, *exc):
+        self.d.execute(self.conn, "SELECT RELEASE_LOCK(?)", ("facesvc_migrate",))
+
+
+class MySqlDialect:
+    name = "mysql"
+    schema = _MYSQL_SCHEMA
+    integrity_errors = (pymysql.err.IntegrityError,)
+    retry_errors = (1213, 1205)  # deadlock, lock wait timeout: the transaction is safe to run again
+    # can't connect, server gone away, lost connection, too many connections, + the retryable ones
+    _UNAVAILABLE_CODES = {1040, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
+    for_update = " FOR UPDATE"
+
+    def __init__(self, url: str, connect_timeout: float = 5.0):
+        u = urlsplit(url)
+        if not u.path.strip("/"):
+            raise ValueError(f"{url!r}: the MySQL URL needs a database name (mysql://user:pass@host:port/db)")
+        self.params = dict(
+            host=u.hostname or "127.0.0.1", port=u.port or 3306, user=unquote(u.username or "root"),
+            password=unquote(u.password or ""), database=u.path.strip("/"),
+        )
+        self.connect_timeout = connect_timeout
+
+    def describe(self) -> str:
+        p = self.params
+        return f"mysql://{p['user']}:***@{p['host']}:{p['port']}/{p['database']}"
+
+    def connect(self):
+        return pymysql.connect(
+            **self.params, charset="utf8mb4", autocommit=True, connect_timeout=self.connect_timeout,
+            read_timeout=30, write_timeout=30,
+        )
+
+    def checkout(self, conn):
+        """A pooled connection the server may have dropped (restart, wait_timeout): check, else replace."""
+        try:
+            conn.ping(reconnect=False)
+            return conn
+        except pymysql.err.MySQLError:
+            with contextlib.suppress(Exception):
+                conn.close()
+            return self.connect()
+
+    @staticmethod
+    def execute(conn, sql: str, params: tuple = ()):
+        cur = conn.cursor()
+        cur.execute(sql.replace("?", "%s"), params)
+        return cur
+
+    @staticmethod
+    def begin(conn, write: bool) -> None:
+        conn.begin()
+
+    def migration_lock(self, conn):
+        return _MySqlLock(self, conn)
+
+    def create_version_table(self, conn) -> None:
+        self.execute(conn, f"CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL, applied_ms BIGINT NOT NULL) {_MYSQL_TABLE}")
+
+    @staticmethod
+    def error_code(exc: Exception) -> int | None:
+        return exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+
+    def is_unavailable(self, exc: Exception) -> bool:
+        if isinstance(exc, pymysql.err.InterfaceError):
+            return True
+        return isinstance(exc, pymysql.err.OperationalError) and self.error_code(exc) in self._UNAVAILABLE_CODES
+
+
+def dialect_for(url: str, data_dir: str):
+    """`sqlite:///path`, `mysql://user:pass@host:port/db`, or empty for data_dir/facesvc.db."""
+    if not url:
+        return SqliteDialect(str(Path(data_dir) / "facesvc.db"))
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite":
+        # SQLAlchemy's convention: sqlite:///relative/path.db, sqlite:////absolute/path.db
+        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ValueError(f"{url!r}: no database path (sqlite:///data/facesvc.db)")
+        return SqliteDialect(path)
+    if scheme in ("mysql", "mysql+pymysql", "mariadb"):
+        return MySqlDialect(url)
+    raise ValueError(f"unsupported database URL {url!r}: use sqlite:///path or mysql://user:pass@host:port/db")

@@ -1,0 +1,383 @@
+"""FaceStore: collections, subjects, faces and API keys in SQL (SQLite or MySQL).
+
+The database is the source of truth. Every write is one transaction: a face
+and the subject it creates are committed together or not at all. Identifier
+columns compare byte-wise on both backends (utf8mb4_bin on MySQL), so
+"Alice" and "alice" are two subjects everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+
+from server import errors
+from server.records import ApiKey, Collection, FaceRecord, NewFace, Subject
+
+log = logging.getLogger("facesvc.store")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _emb_bytes(v: np.ndarray) -> bytes:
+    return np.asarray(v, dtype="<f4").tobytes()
+
+
+def _emb_array(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype="<f4").copy()
+
+
+class _Duplicate(Exception):
+    """A face id that is already committed (an idempotent retry)."""
+
+
+class ConnectionPool:
+    """At most `size` connections; a connection that failed mid-use is closed, not reused."""
+
+    def __init__(self, dialect, size: int, wait_s: float = 10.0):
+        self.d = dialect
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._wait_s = wait_s
+
+    @contextlib.contextmanager
+    def connection(self):
+        if not self._slots.acquire(timeout=self._wait_s):
+            raise errors.unavailable(errors.STORE_UNAVAILABLE, "all database connections are busy; retry")
+        conn = None
+        try:
+            try:
+                conn = self.d.checkout(self._idle.get_nowait())
+            except queue.Empty:
+                conn = self.d.connect()
+            yield conn
+            self._idle.put(conn)
+        except BaseException:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            raise
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+class SqlFaceStore:
+    def __init__(self, dialect, pool_size: int = 8):
+        self.d = dialect
+        self.pool = ConnectionPool(dialect, pool_size)
+
+    @property
+    def backend(self) -> str:
+        return self.d.name
+
+    def describe(self) -> str:
+        return self.d.describe()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- plumbing ------------------------------------------------------------
+    @contextlib.contextmanager
+    def _tx(self, write: bool = True):
+        """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
+        try:
+            with self.pool.connection() as conn:
+                self.d.begin(conn, write)
+                try:
+                    yield lambda sql, *params: self.d.execute(conn, sql, params)
+                    conn.commit()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        conn.rollback()
+                    raise
+        except Exception as exc:
+            if isinstance(exc, errors.FaceServiceError) or not self.d.is_unavailable(exc):
+                raise
+            log.warning("database unavailable: %s", exc)
+            raise errors.unavailable(errors.STORE_UNAVAILABLE, f"database unavailable: {exc}") from exc
+
+    def _retrying(self, fn, attempts: int = 3):
+        """Run a write transaction again after a deadlock / lock timeout (MySQL)."""
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except errors.FaceServiceError as exc:
+                cause = exc.__cause__
+                code = self.d.error_code(cause) if cause is not None else None
+                if code not in self.d.retry_errors or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    # -- schema --------------------------------------------------------------
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns the version now in place."""
+        target = len(self.d.schema)
+        try:
+            with self.pool.connection() as conn:
+                self.d.create_version_table(conn)
+                with self.d.migration_lock(conn):
+                    row = self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()
+                    current = row[0] or 0
+                    if current > target:
+                        raise RuntimeError(
+                            f"database schema version {current} is newer than this server understands ({target}); upgrade the server")
+                    for version in range(current + 1, target + 1):
+                        log.info("migrating %s schema to version %d", self.d.name, version)
+                        for stmt in self.d.schema[version - 1]:
+                            self.d.execute(conn, stmt)
+                        self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
+                        if self.d.name == "sqlite":
+                            conn.commit()
+        except Exception as exc:
+            if not self.d.is_unavailable(exc):
+                raise
+            raise RuntimeError(f"cannot reach the database {self.describe()}: {exc}") from exc
+        return target
+
+    # -- collections ---------------------------------------------------------
+    _COLLECTION_COLUMNS = """c.collection_id, c.display_name, c.liveness_policy, c.created_ms,
+        (SELECT COUNT(*) FROM subjects s WHERE s.collection_id = c.collection_id),
+        (SELECT COUNT(*) FROM faces f WHERE f.collection_id = c.collection_id)"""
+
+    def create_collection(self, collection_id: str, display_name: str, liveness_policy: str) -> Collection:
+        created = now_ms()
+        try:
+            with self._tx() as q:
+                q("INSERT INTO collections (collection_id, display_name, liveness_policy, created_ms) VALUES (?, ?, ?, ?)",
+                  collection_id, display_name, liveness_policy, created)
+        except self.d.integrity_errors:
+            raise errors.already_exists(errors.COLLECTION_EXISTS, f"collection {collection_id!r} already exists",
+                                        collection=collection_id) from None
+        return Collection(collection_id, display_name, liveness_policy, created)
+
+    def get_collection(self, collection_id: str) -> Collection:
+        with self._tx(write=False) as q:
+            row = q(f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.collection_id = ?", collection_id).fetchone()
+        if row is None:
+            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection_id!r} does not exist",
+                                   collection=collection_id)
+        return Collection(*row)
+
+    def list_collections(self, after: str, limit: int) -> list[Collection]:
+        with self._tx(write=False) as q:
+            rows = q(f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.collection_id > ? "
+                     "ORDER BY c.collection_id LIMIT ?", after, limit).fetchall()
+        return [Collection(*r) for r in rows]
+
+    def delete_collection(self, collection_id: str) -> tuple[int, int]:
+        """Deletes the collection with its subjects, faces and keys; returns (subjects, faces) removed."""
+        with self._tx() as q:
+            c = self._collection_row(q, collection_id)
+            subjects = q("SELECT COUNT(*) FROM subjects WHERE collection_id = ?", collection_id).fetchone()[0]
+            faces = q("SELECT COUNT(*) FROM faces WHERE collection_id = ?", collection_id).fetchone()[0]
+            q("DELETE FROM collections WHERE collection_id = ?", c[0])
+        return subjects, faces
+
+    def _collection_row(self, q, collection_id: str):
+        row = q("SELECT collection_id, liveness_policy FROM collections WHERE collection_id = ?", collection_id).fetchone()
+        if row is None:
+            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection_id!r} does not exist",
+                                   collection=collection_id)
+        return row
+
+    # -- subjects and faces --------------------------------------------------
+    def subject_face_count(self, collection_id: str, subject_id: str) -> int | None:
+        """Faces the subject holds, or None if there is no such subject (the collection must exist)."""
+        with self._tx(write=False) as q:
+            self._collection_row(q, collection_id)
+            if q("SELECT 1 FROM subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).fetchone() is None:
+                return None
+            return q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?",
+                     collection_id, subject_id).fetchone()[0]
+
+    def add_face(self, collection_id: str, subject_id: str, face: NewFace, *, allow_existing: bool,
+                 max_faces: int, metadata: dict[str, str] | None = None) -> tuple[FaceRecord, bool]:
+        """Commit `face` to the subject, creating the subject if needed; returns (face, subject_created).
+
+        - subject exists and not `allow_existing` -> ALREADY_REGISTERED (two concurrent first
+          registrations of one subject: exactly one wins, by the primary key);
+        - the subject already holds `max_faces` -> FACE_LIMIT_REACHED;
+        - the same face id again (a retried Register) -> the committed face, nothing new.
+        """
+        try:
+            return self._retrying(lambda: self._add_face_tx(collection_id, subject_id, face, allow_existing,
+                                                            max_faces, metadata or {}))
+        except _Duplicate:
+            existing = self.get_face(collection_id, face.face_id)
+            if existing.subject_id != subject_id:
+                raise errors.precondition(errors.STAGING_MISMATCH, "this face is already registered to another subject",
+                                          face_id=face.face_id) from None
+            return existing, False
+
+    def _add_face_tx(self, collection_id, subject_id, face: NewFace, allow_existing, max_faces, metadata):
+        ts = now_ms()
+        with self._tx() as q:
+            self._collection_row(q, collection_id)
+            if q("SELECT 1 FROM faces WHERE face_id = ?", face.face_id).fetchone():
+                raise _Duplicate()
+            created = True
+            try:
+                q("INSERT INTO subjects (collection_id, subject_id, metadata, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?)",
+                  collection_id, subject_id, json.dumps(metadata, sort_keys=True), ts, ts)
+            except self.d.integrity_errors:
+                if not self._exists(q, "subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id):
+                    raise  # some other constraint: not "already registered"
+                created = False
+            if not created:
+                if not allow_existing:
+                    raise errors.already_exists(
+                        errors.ALREADY_REGISTERED, f"subject {subject_id!r} is already registered in {collection_id!r}; "
+                        "set add_face to add another face to it", collection=collection_id, subject_id=subject_id)
+                row = q(f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
+                        collection_id, subject_id).fetchone()
+                count = q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?",
+                          collection_id, subject_id).fetchone()[0]
+                if count >= max_faces:
+                    raise errors.precondition(
+                        errors.FACE_LIMIT_REACHED, f"subject {subject_id!r} already holds {count} faces (limit {max_faces})",
+                        limit=max_faces)
+                merged = {**json.loads(row[0]), **metadata}
+                q("UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
+                  json.dumps(merged, sort_keys=True), ts, collection_id, subject_id)
+            try:
+                q("INSERT INTO faces (face_id, collection_id, subject_id, model_id, embedding, quality, crop, created_ms) "
+                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", face.face_id, collection_id, subject_id, face.model_id,
+                  _emb_bytes(face.embedding), float(face.quality), face.crop, ts)
+            except self.d.integrity_errors:
+                if not self._exists(q, "faces WHERE face_id = ?", face.face_id):
+                    raise
+                raise _Duplicate() from None  # a concurrent retry of the same Register committed first
+        return FaceRecord(face.face_id, collection_id, subject_id, face.model_id, float(face.quality), ts,
+                          embedding=face.embedding, crop=face.crop), created
+
+    def _exists(self, q, where: str, *params) -> bool:
+        """A locking read on MySQL, so it sees rows another transaction just committed."""
+        return q(f"SELECT 1 FROM {where}{self.d.for_update}", *params).fetchone() is not None
+
+    _FACE_COLUMNS = "face_id, collection_id, subject_id, model_id, quality, created_ms, embedding, crop"
+
+    @staticmethod
+    def _face(row, with_embedding: bool) -> FaceRecord:
+        f = FaceRecord(*row[:6])
+        if with_embedding:
+            f.embedding = _emb_array(row[6])
+        f.crop = None if row[7] is None else bytes(row[7])
+        return f
+
+    def get_face(self, collection_id: str, face_id: str) -> FaceRecord:
+        with self._tx(write=False) as q:
+            row = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND face_id = ?",
+                    collection_id, face_id).fetchone()
+        if row is None:
+            raise errors.not_found(errors.FACE_NOT_FOUND, f"face {face_id!r} does not exist in {collection_id!r}",
+                                   face_id=face_id)
+        return self._face(row, True)
+
+    def get_subject(self, collection_id: str, subject_id: str, with_embeddings: bool = False) -> Subject:
+        with self._tx(write=False) as q:
+            self._collection_row(q, collection_id)
+            row = q("SELECT metadata, created_ms, updated_ms FROM subjects WHERE collection_id = ? AND subject_id = ?",
+                    collection_id, subject_id).fetchone()
+            if row is None:
+                raise errors.not_found(errors.SUBJECT_NOT_FOUND, f"subject {subject_id!r} is not registered in {collection_id!r}",
+                                       collection=collection_id, subject_id=subject_id)
+            faces = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND subject_id = ? "
+                      "ORDER BY created_ms, face_id", collection_id, subject_id).fetchall()
+        recs = [self._face(f, with_embeddings) for f in faces]
+        return Subject(collection_id, subject_id, json.loads(row[0]), row[1], row[2], recs, len(recs))
+
+    def list_subjects(self, collection_id: str, after: str, limit: int) -> list[Subject]:
+        """Subjects ordered by id, strictly after `after` (keyset pagination), with face counts."""
+        with self._tx(write=False) as q:
+            self._collection_row(q, collection_id)
+            rows = q("SELECT s.subject_id, s.metadata, s.created_ms, s.updated_ms, "
+                     "(SELECT COUNT(*) FROM faces f WHERE f.collection_id = s.collection_id AND f.subject_id = s.subject_id) "
+                     "FROM subjects s WHERE s.collection_id = ? AND s.subject_id > ? ORDER BY s.subject_id LIMIT ?",
+                     collection_id, after, limit).fetchall()
+        return [Subject(collection_id, r[0], json.loads(r[1]), r[2], r[3], [], r[4]) for r in rows]
+
+    def update_subject_metadata(self, collection_id: str, subject_id: str, metadata: dict[str, str]) -> Subject:
+        with self._tx() as q:
+            self._collection_row(q, collection_id)
+            n = q("UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
+                  json.dumps(metadata, sort_keys=True), now_ms(), collection_id, subject_id).rowcount
+        if n == 0:
+            self.get_subject(collection_id, subject_id)  # raises SUBJECT_NOT_FOUND (MySQL counts unchanged rows as 0)
+        return self.get_subject(collection_id, subject_id)
+
+    def delete_subject(self, collection_id: str, subject_id: str) -> int:
+        """Deletes the subject and all its faces; returns how many faces went."""
+        with self._tx() as q:
+            self._collection_row(q, collection_id)
+            faces = q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).fetchone()[0]
+            n = q("DELETE FROM subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).rowcount
+        if n == 0:
+            raise errors.not_found(errors.SUBJECT_NOT_FOUND, f"subject {subject_id!r} is not registered in {collection_id!r}",
+                                   collection=collection_id, subject_id=subject_id)
+        return faces
+
+    def delete_face(self, collection_id: str, face_id: str) -> FaceRecord:
+        with self._tx() as q:
+            self._collection_row(q, collection_id)
+            row = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND face_id = ?",
+                    collection_id, face_id).fetchone()
+            if row is None:
+                raise errors.not_found(errors.FACE_NOT_FOUND, f"face {face_id!r} does not exist in {collection_id!r}",
+                                       face_id=face_id)
+            q("DELETE FROM faces WHERE face_id = ?", face_id)
+            q("UPDATE subjects SET updated_ms = ? WHERE collection_id = ? AND subject_id = ?", now_ms(), collection_id, row[2])
+        return self._face(row, False)
+
+    # -- re-embedding (scripts/reembed.py) -----------------------------------
+    def faces_with_crops(self, after_face_id: str, limit: int) -> list[FaceRecord]:
+        with self._tx(write=False) as q:
+            rows = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE crop IS NOT NULL AND face_id > ? ORDER BY face_id LIMIT ?",
+                     after_face_id, limit).fetchall()
+        return [self._face(r, True) for r in rows]
+
+    def update_embedding(self, face_id: str, model_id: str, embedding: np.ndarray) -> None:
+        with self._tx() as q:
+            q("UPDATE faces SET model_id = ?, embedding = ? WHERE face_id = ?", model_id, _emb_bytes(embedding), face_id)
+
+    # -- API keys ------------------------------------------------------------
+    def create_api_key(self, key_id: str, collection_id: str, key_hash: str, description: str) -> ApiKey:
+        created = now_ms()
+        with self._tx() as q:
+            self._collection_row(q, collection_id)
+            q("INSERT INTO api_keys (key_id, collection_id, key_hash, description, created_ms) VALUES (?, ?, ?, ?, ?)",
+              key_id, collection_id, key_hash, description, created)
+        return ApiKey(key_id, collection_id, description, created)
+
+    def find_api_key(self, key_hash: str) -> ApiKey | None:
+        with self._tx(write=False) as q:
+            row = q("SELECT key_id, collection_id, description, created_ms FROM api_keys WHERE key_hash = ?", key_hash).fetchone()
+        return None if row is None else ApiKey(*row)
+
+    def list_api_keys(self, collection_id: str) -> list[ApiKey]:
+        with self._tx(write=False) as q:
+            self._collection_row(q, collection_id)
+            rows = q("SELECT key_id, collection_id, description, created_ms FROM api_keys WHERE collection_id = ? "
+                     "ORDER BY created_ms, key_id", collection_id).fetchall()
+        return [ApiKey(*r) for r in rows]
+
+    def delete_api_key(self, collection_id: str, key_id: str) -> None:
+        with self._tx() as q:
+            n = q("DELETE FROM api_keys WHERE collection_id = ? AND key_id = ?", collection_id, key_id).rowcount
+        if n == 0:
+            raise errors.not_found(errors.API_KEY_NOT_FOUND, f"no key {key_id!r} in collection {collection_id!r}", key_id=key_id)

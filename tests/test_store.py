@@ -1,0 +1,261 @@
+"""The face store on both real backends: SQLite file and MySQL (MariaDB), same tests."""
+from __future__ import annotations
+
+import threading
+import uuid
+
+import grpc
+import numpy as np
+import pytest
+
+from server import errors
+from server.records import LIVENESS_REQUIRED, NewFace
+from server.store import open_store
+from server.store.dialects import dialect_for
+
+
+@pytest.fixture
+def store(db_url, tmp_path):
+    s = open_store(db_url, str(tmp_path))
+    yield s
+    s.close()
+
+
+def coll(store) -> str:
+    cid = "c-" + uuid.uuid4().hex[:10]
+    store.create_collection(cid, "test", LIVENESS_REQUIRED)
+    return cid
+
+
+def face(seed: int, crop: bytes | None = None) -> NewFace:
+    rng = np.random.default_rng(seed)
+    v = rng.standard_normal(512).astype(np.float32)
+    return NewFace(face_id=uuid.uuid4().hex, model_id="w600k_mbf", embedding=v / np.linalg.norm(v), quality=0.9, crop=crop)
+
+
+def reason(exc_info) -> str:
+    return exc_info.value.reason
+
+
+def test_migrate_is_idempotent_and_refuses_a_newer_schema(store):
+    assert store.migrate() == len(store.d.schema)
+    assert store.migrate() == len(store.d.schema)
+    with store._tx() as q:
+        q("INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", 999, 0)
+    try:
+        with pytest.raises(RuntimeError, match="newer than this server"):
+            store.migrate()
+    finally:
+        with store._tx() as q:
+            q("DELETE FROM schema_version WHERE version = ?", 999)
+
+
+def test_collections(store):
+    cid = coll(store)
+    with pytest.raises(errors.FaceServiceError) as e:
+        store.create_collection(cid, "again", LIVENESS_REQUIRED)
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and reason(e) == errors.COLLECTION_EXISTS
+    got = store.get_collection(cid)
+    assert (got.collection_id, got.display_name, got.subject_count) == (cid, "test", 0)
+    assert cid in [c.collection_id for c in store.list_collections("", 1000)]
+    store.add_face(cid, "alice", face(1), allow_existing=False, max_faces=5)
+    store.create_api_key(uuid.uuid4().hex[:16], cid, uuid.uuid4().hex * 2, "k")
+    assert store.delete_collection(cid) == (1, 1)
+    with pytest.raises(errors.FaceServiceError) as e:
+        store.get_collection(cid)
+    assert reason(e) == errors.COLLECTION_NOT_FOUND
+    with store._tx() as q:  # the cascade left nothing behind
+        for table in ("subjects", "faces", "api_keys"):
+            assert q(f"SELECT COUNT(*) FROM {table} WHERE collection_id = ?", cid).fetchone()[0] == 0
+
+
+def test_add_face_rules(store):
+    cid = coll(store)
+    f1 = face(1)
+    rec, created = store.add_face(cid, "alice", f1, allow_existing=False, max_faces=2, metadata={"dept": "r&d"})
+    assert created and rec.face_id == f1.face_id
+    with pytest.raises(errors.FaceServiceError) as e:
+        store.add_face(cid, "alice", face(2), allow_existing=False, max_faces=2)
+    assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and reason(e) == errors.ALREADY_REGISTERED
+    _, created = store.add_face(cid, "alice", face(3), allow_existing=True, max_faces=2, metadata={"site": "b"})
+    assert not created
+    with pytest.raises(errors.FaceServiceError) as e:
+        store.add_face(cid, "alice", face(4), allow_existing=True, max_faces=2)
+    assert reason(e) == errors.FACE_LIMIT_REACHED
+    # the same face id again (a retried Register) is idempotent: no new row
+    again, created = store.add_face(cid, "alice", f1, allow_existing=False, max_faces=2)
+    assert again.face_id == f1.face_id and not created
+    subj = store.get_subject(cid, "alice", with_embeddings=True)
+    assert subj.metadata == {"dept": "r&d", "site": "b"}
+    assert len(subj.faces) == 2
+    np.testing.assert_array_equal(subj.faces[0].embedding, f1.embedding)  # stored bit-exact
+    assert subj.faces[0].model_id == "w600k_mbf"
+
+
+def test_ids_are_case_sensitive_on_both_backends(store):
+    cid = coll(store)
+    store.add_face(cid, "Alice", face(1), allow_existing=False, max_faces=5)
+    store.add_face(cid, "alice", face(2), allow_existing=False, max_faces=5)
+    assert [s.subject_id for s in store.list_subjects(cid, "", 10)] == ["Alice", "alice"]
+
+
+def test_unknown_subject_and_face(store):
+    cid = coll(store)
+    assert store.subject_face_count(cid, "nobody") is None
+    for call in (lambda: store.get_subject(cid, "nobody"), lambda: store.delete_subject(cid, "nobody"),
+                 lambda: store.update_subject_metadata(cid, "nobody", {})):
+        with pytest.raises(errors.FaceServiceError) as e:
+            call()
+        assert e.value.code == grpc.StatusCode.NOT_FOUND and reason(e) == errors.SUBJECT_NOT_FOUND
+    with pytest.raises(errors.FaceServiceError) as e:
+        store.delete_face(cid, "f" * 32)
+    assert reason(e) == errors.FACE_NOT_FOUND
+    with pytest.raises(errors.FaceServiceError) as e:
+        store.subject_face_count("no-such-collection", "x")
+    assert reason(e) == errors.COLLECTION_NOT_FOUND
+
+
+def test_delete_subject_removes_its_faces(store):
+    cid = coll(store)
+    for i in range(3):
+        store.add_face(cid, "bob", face(i), allow_existing=True, max_faces=5)
+    store.add_face(cid, "carol", face(9), allow_existing=False, max_faces=5)
+    assert store.delete_subject(cid, "bob") == 3
+    with store._tx() as q:
+        assert q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?", cid, "bob").fetchone()[0] == 0
+    assert store.subject_face_count(cid, "carol") == 1
+
+
+def test_delete_face_keeps_the_subject(store):
+    cid = coll(store)
+    a, _ = store.add_face(cid, "dan", face(1), allow_existing=True, max_faces=5)
+    store.add_face(cid, "dan", face(2), allow_existing=True, max_faces=5)
+    assert store.delete_face(cid, a.face_id).subject_id == "dan"
+    assert store.subject_face_count(cid, "dan") == 1
+    with pytest.raises(errors.FaceServiceError):  # not visible through another collection
+        store.delete_face(coll(store), store.get_subject(cid, "dan").faces[0].face_id)
+
+
+def test_list_subjects_pages_with_keyset(store):
+    cid = coll(store)
+    ids = [f"s{i:03d}" for i in range(25)]
+    for i, sid in enumerate(ids):
+        store.add_face(cid, sid, face(i), allow_existing=False, max_faces=5)
+    seen, after = [], ""
+    while True:
+        page = store.list_subjects(cid, after, 10)
+        if not page:
+            break
+        seen += [s.subject_id for s in page]
+        after = page[-1].subject_id
+    assert seen == ids
+    assert all(s.face_count == 1 for s in store.list_subjects(cid, "", 100))
+
+
+def test_concurrent_first_registrations_exactly_one_wins(store):
+    cid = coll(store)
+    outcomes, barrier = [], threading.Barrier(8)
+
+    def register(i):
+        barrier.wait()
+        try:
+            store.add_face(cid, "eve", face(100 + i), allow_existing=False, max_faces=5)
+            outcomes.append("ok")
+        except errors.FaceServiceError as exc:
+            outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["ALREADY_REGISTERED"] * 7 + ["ok"], outcomes
+    with store._tx() as q:
+        assert q("SELECT COUNT(*) FROM faces WHERE collection_id = ?", cid).fetchone()[0] == 1
+        assert q("SELECT COUNT(*) FROM subjects WHERE collection_id = ?", cid).fetchone()[0] == 1
+
+
+def test_concurrent_add_faces_respect_the_limit(store):
+    cid = coll(store)
+    store.add_face(cid, "fay", face(0), allow_existing=True, max_faces=3)
+    outcomes, barrier = [], threading.Barrier(6)
+
+    def add(i):
+        barrier.wait()
+        try:
+            store.add_face(cid, "fay", face(200 + i), allow_existing=True, max_faces=3)
+            outcomes.append("ok")
+        except errors.FaceServiceError as exc:
+            outcomes.append(exc.reason)
+
+    threads = [threading.Thread(target=add, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["FACE_LIMIT_REACHED"] * 4 + ["ok"] * 2, outcomes
+    assert store.subject_face_count(cid, "fay") == 3
+
+
+_TRIGGER = {
+    "sqlite": "CREATE TRIGGER facesvc_test_fail BEFORE INSERT ON faces WHEN NEW.subject_id = 'doomed' "
+              "BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+    "mysql": "CREATE TRIGGER facesvc_test_fail BEFORE INSERT ON faces FOR EACH ROW BEGIN "
+             "IF NEW.subject_id = 'doomed' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END",
+}
+
+
+def test_a_failed_face_write_leaves_nothing_half_written(store):
+    """The face insert fails inside the database (a trigger): the subject row created in the same
+    transaction must not survive."""
+    cid = coll(store)
+    with store._tx() as q:
+        q(_TRIGGER[store.backend])
+    try:
+        with pytest.raises(Exception) as e:
+            store.add_face(cid, "doomed", face(1), allow_existing=False, max_faces=5)
+        assert "injected failure" in str(e.value)
+        assert store.subject_face_count(cid, "doomed") is None
+    finally:
+        with store._tx() as q:
+            q("DROP TRIGGER facesvc_test_fail")
+    store.add_face(cid, "doomed", face(1), allow_existing=False, max_faces=5)
+    assert store.subject_face_count(cid, "doomed") == 1
+
+
+def test_metadata_update_replaces(store):
+    cid = coll(store)
+    store.add_face(cid, "gil", face(1), allow_existing=False, max_faces=5, metadata={"a": "1", "b": "2"})
+    assert store.update_subject_metadata(cid, "gil", {"c": "3"}).metadata == {"c": "3"}
+    assert store.update_subject_metadata(cid, "gil", {"c": "3"}).metadata == {"c": "3"}  # unchanged is not "not found"
+
+
+def test_api_keys(store):
+    cid = coll(store)
+    k = store.create_api_key("k1" + uuid.uuid4().hex[:8], cid, "ab" * 32, "camera gate 3")
+    assert store.find_api_key("ab" * 32).collection_id == cid
+    assert store.find_api_key("cd" * 32) is None
+    assert [x.key_id for x in store.list_api_keys(cid)] == [k.key_id]
+    store.delete_api_key(cid, k.key_id)
+    assert store.find_api_key("ab" * 32) is None
+    with pytest.raises(errors.FaceServiceError) as e:
+        store.delete_api_key(cid, k.key_id)
+    assert reason(e) == errors.API_KEY_NOT_FOUND
+
+
+def test_database_urls(tmp_path):
+    assert dialect_for("", str(tmp_path)).path == str(tmp_path / "facesvc.db")
+    assert dialect_for("sqlite:///data/x.db", "").path == "data/x.db"
+    assert dialect_for("sqlite:////abs/x.db", "").path == "/abs/x.db"
+    d = dialect_for("mysql://u:p%40ss@db.example:3307/faces", "")
+    assert d.params == dict(host="db.example", port=3307, user="u", password="p@ss", database="faces")
+    assert "p@ss" not in d.describe()
+    for bad in ("postgres://x/y", "mysql://h:3306", "sqlite://"):
+        with pytest.raises(ValueError):
+            dialect_for(bad, "")
+
+
+def test_unreachable_mysql_is_unavailable_not_a_crash(tmp_path):
+    # port 9 (discard) is closed: the connection is refused at once
+    with pytest.raises(RuntimeError, match="cannot reach the database"):
+        open_store("mysql://root@127.0.0.1:9/none", str(tmp_path))
