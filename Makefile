@@ -42,7 +42,7 @@ models: $(VENV)/.stamp-install
 	$(PY) models/fetch.py
 
 run: setup
-	$(PY) -m server $(ARGS)
+	$(PY) -m server --auth=false $(ARGS)
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)

@@ -6,7 +6,7 @@ import signal
 import sys
 import threading
 
-from server import config
+from server import config, errors
 from server.app import FaceServer
 
 log = logging.getLogger("facesvc")
@@ -20,7 +20,11 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     log.info("facesvc starting with settings:\n%s", config.describe(settings))
-    server = FaceServer(settings)
+    try:
+        server = FaceServer(settings)
+    except (RuntimeError, ValueError, errors.FaceServiceError) as exc:  # bad config, database/Redis unreachable
+        log.error("cannot start: %s", exc)
+        return 2
     stop = threading.Event()
 
     def on_signal(signum, _frame):

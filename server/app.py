@@ -17,24 +17,33 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server import reflection
+from server.auth import AuthInterceptor, Authenticator
 from server.config import Settings
+from server.crypto import CropCipher
+from server.identity import EnrolmentPolicy, IdentityService
 from server.models.manifest import load_manifest
 from server.models.registry import ModelLoader
 from server.models.runtime import RuntimeOptions, choose_providers
 from server.pipeline import FacePipeline
 from server.servicer import FaceServicer
+from server.staging import open_cache
+from server.store import open_store
 
 log = logging.getLogger("facesvc")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceService"].full_name
 
 
-def build_pipeline(settings: Settings) -> FacePipeline:
-    """Load every model once; the returned pipeline is shared by all worker threads."""
+def model_loader(settings: Settings) -> ModelLoader:
     providers = choose_providers(settings.device)
     log.info("execution providers: %s", providers)
     runtime = RuntimeOptions(device=settings.device, intra_op_threads=settings.ort_threads)
-    loader = ModelLoader(load_manifest(Path(settings.model_manifest)), Path(settings.model_dir), runtime, providers)
+    return ModelLoader(load_manifest(Path(settings.model_manifest)), Path(settings.model_dir), runtime, providers)
+
+
+def build_pipeline(settings: Settings) -> FacePipeline:
+    """Load every model once; the returned pipeline is shared by all worker threads."""
+    loader = model_loader(settings)
     liveness = [loader.build_liveness(n.strip()) for n in settings.liveness.split(",") if n.strip()]
     if not liveness:
         raise ValueError("at least one liveness model is required (FACESVC_LIVENESS)")
@@ -49,14 +58,62 @@ def build_pipeline(settings: Settings) -> FacePipeline:
     )
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path!r}: {exc}") from None
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS when tls_cert/tls_key are set; mTLS (client certificates required) when tls_client_ca is too."""
+    if not (settings.tls_cert or settings.tls_key or settings.tls_client_ca):
+        return None
+    if not (settings.tls_cert and settings.tls_key):
+        raise ValueError("TLS needs both FACESVC_TLS_CERT and FACESVC_TLS_KEY")
+    ca = _read(settings.tls_client_ca, "client CA") if settings.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(_read(settings.tls_key, "TLS key"), _read(settings.tls_cert, "TLS certificate"))],
+        root_certificates=ca, require_client_auth=ca is not None)
+
+
+def build_authenticator(settings: Settings, store) -> Authenticator | None:
+    if not settings.auth:
+        for line in ("*" * 72, "AUTH IS DISABLED: every caller may read, change and delete every collection.",
+                     "Use this only on a developer machine. Set FACESVC_AUTH=true and FACESVC_ADMIN_API_KEY",
+                     "for anything reachable by others.", "*" * 72):
+            log.warning(line)
+        return None
+    if len(settings.admin_api_key) < 16:
+        raise ValueError("auth is on but FACESVC_ADMIN_API_KEY is missing or shorter than 16 characters: "
+                         "set one (e.g. `openssl rand -hex 32`), or run with --auth=false on a developer machine")
+    return Authenticator(store, settings.admin_api_key, settings.auth_cache_seconds)
+
+
 class FaceServer:
-    """The running service. `start()` opens the port; `load_models()` makes it SERVING."""
+    """The running service. `start()` opens the port; `load_models()` makes it SERVING.
+
+    The store and the staging cache are connected (and the schema migrated)
+    before the port opens: a server that cannot reach its database exits with
+    a clear message instead of answering UNAVAILABLE forever.
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
+        creds = server_credentials(settings)
+        self.store = open_store(settings.db_url, settings.data_dir, settings.db_pool_size)
+        log.info("store: %s", self.store.describe())
+        self.cache = open_cache(settings.redis_url, prefix=settings.redis_prefix, max_entries=settings.staging_max_entries)
+        if hasattr(self.cache, "ping"):
+            self.cache.ping()
+        log.info("staging cache: %s, TTL %ds", self.cache.describe(), settings.staging_ttl_seconds)
+        self.cipher = CropCipher(settings.crop_key) if settings.crop_key else None
+        log.info("face crops: %s", "stored, AES-256-GCM encrypted" if self.cipher else "not stored (no crop key)")
+        authenticator = build_authenticator(settings, self.store)
         max_bytes = settings.max_message_mb * 1024 * 1024
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
+            interceptors=[AuthInterceptor(authenticator)] if authenticator else [],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -64,23 +121,32 @@ class FaceServer:
             ],
         )
         self.servicer = FaceServicer(settings)
+        if authenticator:
+            self.servicer.on_keys_revoked = authenticator.forget
         pb_grpc.add_FaceServiceServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         reflection.enable(self.server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
-        self.port = self.server.add_insecure_port(f"{settings.host}:{settings.port}")
+        addr = f"{settings.host}:{settings.port}"
+        self.port = self.server.add_secure_port(addr, creds) if creds else self.server.add_insecure_port(addr)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
         self._stopped = threading.Event()
 
     def start(self) -> None:
         self.server.start()
-        log.info("listening on %s:%d (health NOT_SERVING until models are loaded)", self.settings.host, self.port)
+        log.info("listening on %s:%d%s (health NOT_SERVING until models are loaded)", self.settings.host, self.port,
+                 " with TLS" + (" + client certificates" if self.settings.tls_client_ca else "") if self.settings.tls_cert else "")
 
     def load_models(self) -> None:
-        self.servicer.pipeline = build_pipeline(self.settings)
+        pipeline = build_pipeline(self.settings)
+        s = self.settings
+        policy = EnrolmentPolicy(staging_ttl_s=s.staging_ttl_seconds, max_faces_per_subject=s.max_faces_per_subject,
+                                 min_face_size=s.enrol_min_face_size, min_quality=s.enrol_min_quality)
+        self.servicer.identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher)
+        self.servicer.pipeline = pipeline
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: health SERVING")
@@ -94,6 +160,8 @@ class FaceServer:
         log.info("shutting down: finishing in-flight calls (grace %.1fs)", grace)
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        self.store.close()
+        self.cache.close()
         log.info("stopped")
 
     def wait(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass, fields
 
 from server.models.manifest import DEFAULT_MANIFEST, DEFAULT_MODEL_DIR
@@ -45,6 +46,24 @@ class Settings:
     max_faces: int = 20
     max_image_mb: float = 20.0
     max_image_pixels: int = 40_000_000
+    data_dir: str = "data"
+    db_url: str = ""
+    db_pool_size: int = 8
+    redis_url: str = ""
+    redis_prefix: str = "facesvc:"
+    staging_ttl_seconds: int = 600
+    staging_max_entries: int = 10_000
+    max_faces_per_subject: int = 10
+    enrol_min_face_size: int = 48
+    enrol_min_quality: float = 0.3
+    match_threshold_floor: float = 0.15
+    crop_key: str = ""
+    auth: bool = True
+    admin_api_key: str = ""
+    auth_cache_seconds: float = 10.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""
 
 
 HELP = {
@@ -71,6 +90,24 @@ HELP = {
     "max_faces": "default maximum faces per image (FaceOptions.max_faces = 0)",
     "max_image_mb": "largest encoded image accepted, MiB",
     "max_image_pixels": "largest decoded image accepted, pixels",
+    "data_dir": "directory for the embedded database (when db_url is empty)",
+    "db_url": "subjects/faces database: sqlite:///path/to.db or mysql://user:pass@host:port/db; empty = data_dir/facesvc.db",
+    "db_pool_size": "database connections per server process",
+    "redis_url": "staging cache: redis://host:port/db; empty = in-process (one replica only)",
+    "redis_prefix": "prefix of every Redis key this server writes",
+    "staging_ttl_seconds": "how long a face staged by Process waits for Register",
+    "staging_max_entries": "in-process staging cache bound (the oldest entry is evicted when full)",
+    "max_faces_per_subject": "most faces one subject may hold",
+    "enrol_min_face_size": "smallest enrolment face (shorter box side), px",
+    "enrol_min_quality": "lowest enrolment face quality score (size x sharpness x pose)",
+    "match_threshold_floor": "lowest per-request Verify threshold accepted",
+    "crop_key": "base64 AES-256 key; when set, an encrypted aligned crop of each registered face is stored for re-embedding",
+    "auth": "require API keys (x-api-key); false = open server for local use only",
+    "admin_api_key": "admin API key (at least 16 characters); required when auth is on",
+    "auth_cache_seconds": "how long a key lookup is cached; a key revoked elsewhere works at most this long",
+    "tls_cert": "PEM server certificate chain; set with tls_key to serve TLS",
+    "tls_key": "PEM private key of tls_cert",
+    "tls_client_ca": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
 }
 
 SECRET_WORDS = ("key", "password", "secret", "token")
@@ -123,5 +160,7 @@ def describe(settings: Settings) -> str:
         v = getattr(settings, f.name)
         if any(w in f.name for w in SECRET_WORDS) and v:
             v = "***"
+        elif isinstance(v, str) and "://" in v:
+            v = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", v)  # a password inside a URL
         lines.append(f"  {f.name:<20} = {v}")
     return "\n".join(lines)

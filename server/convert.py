@@ -5,10 +5,13 @@ import math
 
 import numpy as np
 
+from google.protobuf import timestamp_pb2
+
 from facesvc.v1 import face_service_pb2 as pb
 from server import errors, pipeline
 from server.faces import AgeGender, Face, LivenessResult
 from server.imaging import ImageLimits, decode_encoded, decode_raw
+from server.records import LIVENESS_OPTIONAL, LIVENESS_REQUIRED, ApiKey, Collection, FaceRecord, Subject
 
 MAX_FACES_LIMIT = 100
 
@@ -91,3 +94,45 @@ def analysis_to_proto(f: Face, a: AgeGender) -> pb.FaceAnalysis:
         face=face_to_proto(f), age=a.age, age_range=pb.AgeRange(low=a.age_low, high=a.age_high),
         gender=pb.GENDER_MALE if a.is_male else pb.GENDER_FEMALE, gender_confidence=a.gender_confidence,
     )
+
+
+# -- identity records ----------------------------------------------------------
+_POLICY_FROM_PROTO = {
+    pb.LIVENESS_POLICY_UNSPECIFIED: LIVENESS_REQUIRED,
+    pb.LIVENESS_POLICY_REQUIRED: LIVENESS_REQUIRED,
+    pb.LIVENESS_POLICY_OPTIONAL: LIVENESS_OPTIONAL,
+}
+_POLICY_TO_PROTO = {LIVENESS_REQUIRED: pb.LIVENESS_POLICY_REQUIRED, LIVENESS_OPTIONAL: pb.LIVENESS_POLICY_OPTIONAL}
+
+
+def liveness_policy(value: int, field: str = "liveness_policy") -> str:
+    if value not in _POLICY_FROM_PROTO:
+        raise errors.validation(field, f"unknown value {value}")
+    return _POLICY_FROM_PROTO[value]
+
+
+def timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromMilliseconds(int(ms))
+    return ts
+
+
+def collection_to_proto(c: Collection) -> pb.Collection:
+    return pb.Collection(collection_id=c.collection_id, display_name=c.display_name,
+                         liveness_policy=_POLICY_TO_PROTO[c.liveness_policy], create_time=timestamp(c.created_ms),
+                         subject_count=c.subject_count, face_count=c.face_count)
+
+
+def stored_face_to_proto(f: FaceRecord) -> pb.StoredFace:
+    return pb.StoredFace(face_id=f.face_id, subject_id=f.subject_id, model=f.model_id, quality=f.quality,
+                         has_crop=f.has_crop, create_time=timestamp(f.created_ms))
+
+
+def subject_to_proto(s: Subject) -> pb.Subject:
+    return pb.Subject(subject_id=s.subject_id, metadata=s.metadata, faces=[stored_face_to_proto(f) for f in s.faces],
+                      face_count=s.face_count, create_time=timestamp(s.created_ms), update_time=timestamp(s.updated_ms))
+
+
+def api_key_to_proto(k: ApiKey) -> pb.ApiKey:
+    return pb.ApiKey(key_id=k.key_id, collection=k.collection_id, description=k.description,
+                     create_time=timestamp(k.created_ms))

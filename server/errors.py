@@ -103,3 +103,7 @@ def precondition(reason: str, message: str, **metadata: object) -> FaceServiceEr
 
 def unavailable(reason: str, message: str, **metadata: object) -> FaceServiceError:
     return FaceServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, **metadata)
+
+
+def low_quality(message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, LOW_QUALITY_FACE, message, **metadata)

@@ -7,18 +7,22 @@ from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server import convert, errors
 from server.config import Settings
+from server.identity_rpcs import IdentityRpcs
 from server.imaging import ImageLimits
 from server.pipeline import FacePipeline
 from server.rpc_errors import rpc
 
 
-class FaceServicer(pb_grpc.FaceServiceServicer):
+class FaceServicer(IdentityRpcs, pb_grpc.FaceServiceServicer):
+    """The stateless RPCs live here; the identity and management ones in identity_rpcs.py."""
+
     def __init__(self, settings: Settings):
         self.settings = settings
         self.limits = ImageLimits(
             max_bytes=int(settings.max_image_mb * 1024 * 1024), max_pixels=settings.max_image_pixels
         )
         self.pipeline: FacePipeline | None = None  # set once every model is loaded
+        self.identity = None  # IdentityService, set with the pipeline
 
     # -- helpers -----------------------------------------------------------
     def _ready(self) -> FacePipeline:

@@ -25,8 +25,13 @@ from tests.conftest import PYTHON, ROOT, ServerProcess, expect_error, image
 WEIGHTS = ROOT / "models" / "weights"
 
 
-def test_health_is_not_serving_until_models_load():
-    settings = replace(config.load([], environ={}), host="127.0.0.1", port=0)
+def open_env(tmp_path) -> dict[str, str]:
+    """A server with auth off and its database in tmp_path."""
+    return {"FACESVC_AUTH": "false", "FACESVC_DATA_DIR": str(tmp_path / "data")}
+
+
+def test_health_is_not_serving_until_models_load(tmp_path):
+    settings = replace(config.load([], environ={}), host="127.0.0.1", port=0, auth=False, data_dir=str(tmp_path))
     srv = FaceServer(settings)
     srv.start()
     try:
@@ -72,14 +77,14 @@ def test_tampered_weights_are_refused(tmp_path):
     data[len(data) // 2] ^= 0xFF
     (models / "det_500m.onnx").write_bytes(data)
     proc = subprocess.run([PYTHON, "-m", "server", "--port", "0", "--host", "127.0.0.1"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "FACESVC_MODEL_DIR": str(models)})
+                          text=True, timeout=120, env={**os.environ, **open_env(tmp_path), "FACESVC_MODEL_DIR": str(models)})
     assert proc.returncode == 1
     assert "does not match the manifest" in proc.stderr
 
 
-def test_unknown_model_name_is_a_clear_startup_error():
+def test_unknown_model_name_is_a_clear_startup_error(tmp_path):
     proc = subprocess.run([PYTHON, "-m", "server", "--port", "0", "--detector", "w600k_mbf"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **open_env(tmp_path)})
     assert proc.returncode == 1 and "is a recognizer, not a detector" in proc.stderr
 
 

@@ -184,6 +184,9 @@ class MySqlDialect:
         return pymysql.connect(
             **self.params, charset="utf8mb4", autocommit=True, connect_timeout=self.connect_timeout,
             read_timeout=30, write_timeout=30,
+            # No gap locks: concurrent first registrations of one subject queue on its primary key
+            # instead of deadlocking; every read sees the latest committed rows.
+            init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
         )
 
     def checkout(self, conn):

@@ -38,6 +38,10 @@ class _Duplicate(Exception):
     """A face id that is already committed (an idempotent retry)."""
 
 
+class _Retry(Exception):
+    """The transaction lost a race it can win by running again."""
+
+
 class ConnectionPool:
     """At most `size` connections; a connection that failed mid-use is closed, not reused."""
 
@@ -117,6 +121,9 @@ class SqlFaceStore:
         for attempt in range(attempts):
             try:
                 return fn()
+            except _Retry:
+                if attempt == attempts - 1:
+                    raise errors.unavailable(errors.STORE_UNAVAILABLE, "write conflict; retry") from None
             except errors.FaceServiceError as exc:
                 cause = exc.__cause__
                 code = self.d.error_code(cause) if cause is not None else None
@@ -173,6 +180,11 @@ class SqlFaceStore:
             raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection_id!r} does not exist",
                                    collection=collection_id)
         return Collection(*row)
+
+    def get_collection_policy(self, collection_id: str) -> str:
+        """The liveness policy alone (no counts): cheap enough for every request."""
+        with self._tx(write=False) as q:
+            return self._collection_row(q, collection_id)[1]
 
     def list_collections(self, after: str, limit: int) -> list[Collection]:
         with self._tx(write=False) as q:
@@ -231,21 +243,23 @@ class SqlFaceStore:
             self._collection_row(q, collection_id)
             if q("SELECT 1 FROM faces WHERE face_id = ?", face.face_id).fetchone():
                 raise _Duplicate()
-            created = True
-            try:
-                q("INSERT INTO subjects (collection_id, subject_id, metadata, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?)",
-                  collection_id, subject_id, json.dumps(metadata, sort_keys=True), ts, ts)
-            except self.d.integrity_errors:
-                if not self._exists(q, "subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id):
-                    raise  # some other constraint: not "already registered"
-                created = False
-            if not created:
+            # Lock the subject row first (one X lock per subject, so concurrent adds queue instead of deadlocking).
+            row = q(f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
+                    collection_id, subject_id).fetchone()
+            created = row is None
+            if created:
+                try:
+                    q("INSERT INTO subjects (collection_id, subject_id, metadata, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?)",
+                      collection_id, subject_id, json.dumps(metadata, sort_keys=True), ts, ts)
+                except self.d.integrity_errors:
+                    if not self._exists(q, "subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id):
+                        raise  # some other constraint: not "already registered"
+                    if allow_existing:
+                        raise _Retry() from None  # created concurrently: start over and take its lock
+                    raise self._already_registered(collection_id, subject_id) from None
+            else:
                 if not allow_existing:
-                    raise errors.already_exists(
-                        errors.ALREADY_REGISTERED, f"subject {subject_id!r} is already registered in {collection_id!r}; "
-                        "set add_face to add another face to it", collection=collection_id, subject_id=subject_id)
-                row = q(f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
-                        collection_id, subject_id).fetchone()
+                    raise self._already_registered(collection_id, subject_id)
                 count = q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?",
                           collection_id, subject_id).fetchone()[0]
                 if count >= max_faces:
@@ -266,9 +280,16 @@ class SqlFaceStore:
         return FaceRecord(face.face_id, collection_id, subject_id, face.model_id, float(face.quality), ts,
                           embedding=face.embedding, crop=face.crop), created
 
-    def _exists(self, q, where: str, *params) -> bool:
-        """A locking read on MySQL, so it sees rows another transaction just committed."""
-        return q(f"SELECT 1 FROM {where}{self.d.for_update}", *params).fetchone() is not None
+    @staticmethod
+    def _already_registered(collection_id: str, subject_id: str) -> errors.FaceServiceError:
+        return errors.already_exists(
+            errors.ALREADY_REGISTERED, f"subject {subject_id!r} is already registered in {collection_id!r}; "
+            "set add_face to add another face to it", collection=collection_id, subject_id=subject_id)
+
+    @staticmethod
+    def _exists(q, where: str, *params) -> bool:
+        """Sees rows other transactions just committed (READ COMMITTED on MySQL; SQLite serialises writers)."""
+        return q(f"SELECT 1 FROM {where}", *params).fetchone() is not None
 
     _FACE_COLUMNS = "face_id, collection_id, subject_id, model_id, quality, created_ms, embedding, crop"
 
@@ -345,10 +366,12 @@ class SqlFaceStore:
         return self._face(row, False)
 
     # -- re-embedding (scripts/reembed.py) -----------------------------------
-    def faces_with_crops(self, after_face_id: str, limit: int) -> list[FaceRecord]:
+    def faces_with_crops(self, after_face_id: str, limit: int, collection_id: str = "") -> list[FaceRecord]:
+        """Faces that have a stored crop, in face id order (all collections when collection_id is empty)."""
+        where = "crop IS NOT NULL AND face_id > ?" + (" AND collection_id = ?" if collection_id else "")
+        params = (after_face_id, collection_id) if collection_id else (after_face_id,)
         with self._tx(write=False) as q:
-            rows = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE crop IS NOT NULL AND face_id > ? ORDER BY face_id LIMIT ?",
-                     after_face_id, limit).fetchall()
+            rows = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE {where} ORDER BY face_id LIMIT ?", *params, limit).fetchall()
         return [self._face(r, True) for r in rows]
 
     def update_embedding(self, face_id: str, model_id: str, embedding: np.ndarray) -> None:

@@ -1,0 +1,200 @@
+"""The identity lifecycle: Process (check + stage) -> Register (commit) -> Verify (1:1).
+
+Plain Python: a pipeline, a store, a staging cache and an optional crop
+cipher in; records out. The servicer turns these into protobuf. Cheap checks
+(collection, subject state) run before any model does.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from server import errors
+from server.crypto import CropCipher
+from server.faces import Face, LivenessResult
+from server.pipeline import REQUIRE_SINGLE, DetectOptions, FacePipeline
+from server.records import LIVENESS_OPTIONAL, FaceRecord, NewFace, Subject
+from server.staging import StagedFace, StagingCache
+from server.staging.base import face_id_for_token, new_token
+from server.store import SqlFaceStore
+
+log = logging.getLogger("facesvc.identity")
+
+
+@dataclass(frozen=True)
+class EnrolmentPolicy:
+    staging_ttl_s: int = 600
+    max_faces_per_subject: int = 10
+    min_face_size: float = 48.0     # px, shorter side of the enrolment face box
+    min_quality: float = 0.3        # Quality.score
+    ambiguity_ratio: float = 0.8    # another usable face at least this large (relative) -> MULTIPLE_FACES
+
+
+@dataclass
+class Processed:
+    token: str
+    staged: StagedFace
+    face: Face
+    liveness: LivenessResult | None
+    faces_detected: int
+
+
+@dataclass
+class Registered:
+    face: FaceRecord
+    subject: Subject
+    created: bool
+    processed: Processed | None = None  # set when Register ran on an image
+
+
+@dataclass
+class Verification:
+    match: bool
+    similarity: float
+    matched_face_id: str
+    threshold: float
+    liveness: LivenessResult | None
+    face: Face
+    similarities: list[tuple[str, float]]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class IdentityService:
+    def __init__(self, pipeline: FacePipeline, store: SqlFaceStore, cache: StagingCache,
+                 policy: EnrolmentPolicy = EnrolmentPolicy(), cipher: CropCipher | None = None):
+        self.pipeline = pipeline
+        self.store = store
+        self.cache = cache
+        self.policy = policy
+        self.cipher = cipher
+
+    # -- shared steps --------------------------------------------------------
+    def _liveness(self, collection: str, img, face: Face, skip: bool, threshold: float | None) -> LivenessResult | None:
+        if skip:
+            policy = self.store.get_collection_policy(collection)
+            if policy != LIVENESS_OPTIONAL:
+                raise errors.precondition(errors.LIVENESS_REQUIRED,
+                                          f"collection {collection!r} requires liveness; skip_liveness is not allowed",
+                                          collection=collection)
+            return None
+        return self.pipeline.require_live(img, face, threshold)
+
+    def _enrolment_face(self, img: np.ndarray, opts: DetectOptions) -> tuple[Face, int]:
+        """The one usable face of an enrolment photo, or a clear reason why there is none."""
+        faces = self.pipeline.detect(img, opts)
+        if not faces:
+            raise errors.no_face()
+        face, p = faces[0], self.policy
+        q = face.quality
+        if q.face_size < p.min_face_size:
+            raise errors.low_quality(f"face is {q.face_size:.0f} px, enrolment needs at least {p.min_face_size:.0f} px",
+                                     face_size=f"{q.face_size:.0f}", min_face_size=f"{p.min_face_size:.0f}")
+        if q.score < p.min_quality:
+            raise errors.low_quality(
+                f"face quality {q.score:.2f} is below {p.min_quality:.2f} (sharpness {q.sharpness:.2f}, "
+                f"yaw {q.yaw:.0f}°, pitch {q.pitch:.0f}°)", quality=f"{q.score:.3f}", min_quality=f"{p.min_quality:.3f}")
+        if opts.selection != REQUIRE_SINGLE:  # (REQUIRE_SINGLE already refused any second face)
+            rivals = [f for f in faces[1:] if f.quality.face_size >= p.ambiguity_ratio * q.face_size
+                      and f.quality.score >= p.min_quality]
+            if rivals:
+                raise errors.multiple_faces(1 + len(rivals), hint="crop the photo to the person being enrolled")
+        return face, len(faces)
+
+    def _check_subject(self, collection: str, subject_id: str, add_face: bool) -> None:
+        count = self.store.subject_face_count(collection, subject_id)  # also COLLECTION_NOT_FOUND
+        if count is None:
+            return
+        if not add_face:
+            raise errors.already_exists(errors.ALREADY_REGISTERED,
+                                        f"subject {subject_id!r} is already registered in {collection!r}; "
+                                        "set add_face to add another face to it", collection=collection, subject_id=subject_id)
+        if count >= self.policy.max_faces_per_subject:
+            raise errors.precondition(errors.FACE_LIMIT_REACHED,
+                                      f"subject {subject_id!r} already holds {count} faces "
+                                      f"(limit {self.policy.max_faces_per_subject})", limit=self.policy.max_faces_per_subject)
+
+    def _prepare(self, collection, subject_id, img, opts, add_face, skip_liveness, liveness_threshold, face_id) -> Processed:
+        self._check_subject(collection, subject_id, add_face)
+        face, n = self._enrolment_face(img, opts)
+        liveness = self._liveness(collection, img, face, skip_liveness, liveness_threshold)
+        (embedding,) = self.pipeline.embed([face])
+        now = _now_ms()
+        staged = StagedFace(
+            collection_id=collection, subject_id=subject_id, face_id=face_id, model_id=self.pipeline.recognizer.model_id,
+            embedding=embedding, quality=face.quality.score, liveness_score=-1.0 if liveness is None else liveness.score,
+            add_face=add_face, created_ms=now, expires_ms=now + self.policy.staging_ttl_s * 1000,
+            crop=self.cipher.seal(face.aligned, face_id) if self.cipher else None,
+        )
+        return Processed("", staged, face, liveness, n)
+
+    def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool]:
+        face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
+        return self.store.add_face(staged.collection_id, staged.subject_id, face, allow_existing=staged.add_face,
+                                   max_faces=self.policy.max_faces_per_subject, metadata=metadata)
+
+    # -- the RPCs ------------------------------------------------------------
+    def process(self, collection: str, subject_id: str, img, opts: DetectOptions, *, add_face: bool = False,
+                skip_liveness: bool = False, liveness_threshold: float | None = None) -> Processed:
+        token = new_token()
+        result = self._prepare(collection, subject_id, img, opts, add_face, skip_liveness, liveness_threshold,
+                               face_id_for_token(token))
+        result.token = token
+        self.cache.put(token, result.staged, self.policy.staging_ttl_s)
+        return result
+
+    def register_staged(self, collection: str, subject_id: str, token: str, metadata: dict[str, str]) -> Registered:
+        face_id = face_id_for_token(token)
+        staged = self.cache.get(token)
+        if staged is None:
+            # Already committed (a retry after a lost response)? Then answer as the first call did.
+            try:
+                done = self.store.get_face(collection, face_id)
+            except errors.FaceServiceError:
+                done = None
+            if done is None or done.subject_id != subject_id:
+                raise errors.not_found(errors.STAGING_EXPIRED, "staging token is unknown or expired; call Process again")
+            return Registered(done, self.store.get_subject(collection, subject_id), created=False)
+        if (staged.collection_id, staged.subject_id) != (collection, subject_id):
+            raise errors.precondition(errors.STAGING_MISMATCH, "the staging token was issued for another collection or subject",
+                                      staged_collection=staged.collection_id, staged_subject_id=staged.subject_id)
+        if staged.model_id != self.pipeline.recognizer.model_id:
+            raise errors.not_found(errors.STAGING_EXPIRED, "the staged face was embedded by another recognizer; call Process again")
+        record, created = self._commit(staged, metadata)
+        self.cache.delete(token)  # only after the commit: a failed commit can be retried with the same token
+        return Registered(record, self.store.get_subject(collection, subject_id), created)
+
+    def register_image(self, collection: str, subject_id: str, img, opts: DetectOptions, *, add_face: bool,
+                       skip_liveness: bool, liveness_threshold: float | None, metadata: dict[str, str]) -> Registered:
+        result = self._prepare(collection, subject_id, img, opts, add_face, skip_liveness, liveness_threshold, uuid.uuid4().hex)
+        record, created = self._commit(result.staged, metadata)
+        return Registered(record, self.store.get_subject(collection, subject_id), created, processed=result)
+
+    def verify(self, collection: str, subject_id: str, img, opts: DetectOptions, threshold: float, *,
+               skip_liveness: bool = False, liveness_threshold: float | None = None) -> Verification:
+        subject = self.store.get_subject(collection, subject_id, with_embeddings=True)
+        model = self.pipeline.recognizer.model_id
+        gallery = [f for f in subject.faces if f.model_id == model]
+        if not gallery:
+            raise errors.precondition(
+                errors.NO_COMPARABLE_FACES,
+                f"subject {subject_id!r} has no face embedded by {model} ({len(subject.faces)} faces by other models or none); "
+                "register a face or run scripts/reembed.py", faces=len(subject.faces), model=model)
+        face = self.pipeline.detect_one(img, opts)
+        liveness = self._liveness(collection, img, face, skip_liveness, liveness_threshold)
+        (probe,) = self.pipeline.embed([face])
+        sims = np.stack([f.embedding for f in gallery]) @ probe
+        order = np.argsort(-sims)
+        best = int(order[0])
+        similarity = float(sims[best])
+        return Verification(
+            match=similarity >= threshold, similarity=similarity, matched_face_id=gallery[best].face_id,
+            threshold=threshold, liveness=liveness, face=face,
+            similarities=[(gallery[i].face_id, float(sims[i])) for i in order],
+        )

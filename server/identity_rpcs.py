@@ -1,0 +1,188 @@
+"""FaceService RPCs of the identity lifecycle and of subject, collection and key management.
+
+A mixin of FaceServicer: requests are validated and turned into calls on
+IdentityService / the store; results are turned into responses. No SQL and
+no model code here.
+"""
+from __future__ import annotations
+
+import grpc
+
+from facesvc.v1 import face_service_pb2 as pb
+from server import convert, errors, validate
+from server.auth import hash_key, new_api_key
+from server.identity import IdentityService
+from server.rpc_errors import rpc
+
+
+class IdentityRpcs:
+    identity: IdentityService | None
+    on_keys_revoked = staticmethod(lambda: None)  # the auth cache hook (app.py)
+
+    def _identity(self) -> IdentityService:
+        self._ready()
+        if self.identity is None:
+            raise errors.FaceServiceError(grpc.StatusCode.UNAVAILABLE, errors.MODELS_LOADING, "server is still starting; retry shortly")
+        return self.identity
+
+    def _ids(self, request) -> tuple[IdentityService, str, str]:
+        return self._identity(), validate.collection_id(request.collection), validate.subject_id(request.subject_id)
+
+    def _liveness_threshold(self, value: float) -> float | None:
+        return convert.optional_threshold(value, "liveness_threshold", 0.0, 1.0)
+
+    def _verify_threshold(self, value: float) -> float:
+        floor = self.settings.match_threshold_floor
+        t = self._match_threshold(value)
+        if value and not (floor <= t < 1.0):
+            raise errors.validation("threshold", f"must be in [{floor}, 1) (the server's match_threshold_floor), got {t}")
+        return t
+
+    # -- enrolment and verification ------------------------------------------
+    @rpc
+    def Process(self, request: pb.ProcessRequest, context) -> pb.ProcessResponse:
+        ident, coll, subject = self._ids(request)
+        opts = self._options(request.face_options)
+        lthr = self._liveness_threshold(request.liveness_threshold)
+        img = self._image(request.image, "image")
+        r = ident.process(coll, subject, img, opts, add_face=request.add_face, skip_liveness=request.skip_liveness,
+                          liveness_threshold=lthr)
+        return pb.ProcessResponse(
+            staging_token=r.token, expire_time=convert.timestamp(r.staged.expires_ms), face=convert.face_to_proto(r.face),
+            liveness=convert.liveness_to_proto(r.liveness) if r.liveness else None, faces_detected=r.faces_detected,
+            model=r.staged.model_id,
+        )
+
+    @rpc
+    def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+        ident, coll, subject = self._ids(request)
+        metadata = validate.metadata(request.metadata)
+        which = request.WhichOneof("source")
+        if which is None:
+            raise errors.validation("source", "set staging_token (from Process) or image")
+        if which == "staging_token":
+            if not request.staging_token:
+                raise errors.validation("staging_token", "required")
+            r = ident.register_staged(coll, subject, request.staging_token, metadata)
+        else:
+            opts = self._options(request.face_options)
+            lthr = self._liveness_threshold(request.liveness_threshold)
+            img = self._image(request.image, "image")
+            r = ident.register_image(coll, subject, img, opts, add_face=request.add_face,
+                                     skip_liveness=request.skip_liveness, liveness_threshold=lthr, metadata=metadata)
+        resp = pb.RegisterResponse(subject=convert.subject_to_proto(r.subject), face=convert.stored_face_to_proto(r.face),
+                                   subject_created=r.created)
+        if r.processed is not None:
+            resp.detected_face.CopyFrom(convert.face_to_proto(r.processed.face))
+            if r.processed.liveness:
+                resp.liveness.CopyFrom(convert.liveness_to_proto(r.processed.liveness))
+        return resp
+
+    @rpc
+    def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
+        ident, coll, subject = self._ids(request)
+        opts = self._options(request.face_options)
+        threshold = self._verify_threshold(request.threshold)
+        lthr = self._liveness_threshold(request.liveness_threshold)
+        img = self._image(request.image, "image")
+        v = ident.verify(coll, subject, img, opts, threshold, skip_liveness=request.skip_liveness, liveness_threshold=lthr)
+        return pb.VerifyResponse(
+            match=v.match, similarity=v.similarity, matched_face_id=v.matched_face_id, threshold=v.threshold,
+            liveness=convert.liveness_to_proto(v.liveness) if v.liveness else None, face=convert.face_to_proto(v.face),
+            model=ident.pipeline.recognizer.model_id,
+            face_similarities=[pb.FaceSimilarity(face_id=f, similarity=s) for f, s in v.similarities],
+        )
+
+    # -- subjects ----------------------------------------------------------------
+    @rpc
+    def GetSubject(self, request: pb.GetSubjectRequest, context) -> pb.GetSubjectResponse:
+        ident, coll, subject = self._ids(request)
+        return pb.GetSubjectResponse(subject=convert.subject_to_proto(ident.store.get_subject(coll, subject)))
+
+    @rpc
+    def ListSubjects(self, request: pb.ListSubjectsRequest, context) -> pb.ListSubjectsResponse:
+        ident = self._identity()
+        coll = validate.collection_id(request.collection)
+        size = validate.page_size(request.page_size)
+        after = validate.decode_page_token(request.page_token, f"subjects:{coll}")
+        page = ident.store.list_subjects(coll, after, size + 1)  # one extra row tells whether a next page exists
+        more = len(page) > size
+        page = page[:size]
+        return pb.ListSubjectsResponse(
+            subjects=[convert.subject_to_proto(s) for s in page],
+            next_page_token=validate.encode_page_token(page[-1].subject_id, f"subjects:{coll}") if more else "",
+        )
+
+    @rpc
+    def UpdateSubject(self, request: pb.UpdateSubjectRequest, context) -> pb.UpdateSubjectResponse:
+        ident, coll, subject = self._ids(request)
+        metadata = validate.metadata(request.metadata)
+        return pb.UpdateSubjectResponse(subject=convert.subject_to_proto(ident.store.update_subject_metadata(coll, subject, metadata)))
+
+    @rpc
+    def DeleteSubject(self, request: pb.DeleteSubjectRequest, context) -> pb.DeleteSubjectResponse:
+        ident, coll, subject = self._ids(request)
+        return pb.DeleteSubjectResponse(deleted_faces=ident.store.delete_subject(coll, subject))
+
+    @rpc
+    def DeleteFace(self, request: pb.DeleteFaceRequest, context) -> pb.DeleteFaceResponse:
+        ident = self._identity()
+        coll = validate.collection_id(request.collection)
+        face = ident.store.delete_face(coll, validate.face_id(request.face_id))
+        return pb.DeleteFaceResponse(face=convert.stored_face_to_proto(face))
+
+    # -- collections and keys (admin key; enforced by server/auth.py) ---------------
+    @rpc
+    def CreateCollection(self, request: pb.CreateCollectionRequest, context) -> pb.CreateCollectionResponse:
+        ident = self._identity()
+        c = ident.store.create_collection(
+            validate.collection_id(request.collection_id, "collection_id"), validate.text(request.display_name, "display_name"),
+            convert.liveness_policy(request.liveness_policy))
+        return pb.CreateCollectionResponse(collection=convert.collection_to_proto(c))
+
+    @rpc
+    def GetCollection(self, request: pb.GetCollectionRequest, context) -> pb.GetCollectionResponse:
+        ident = self._identity()
+        c = ident.store.get_collection(validate.collection_id(request.collection))
+        return pb.GetCollectionResponse(collection=convert.collection_to_proto(c))
+
+    @rpc
+    def ListCollections(self, request: pb.ListCollectionsRequest, context) -> pb.ListCollectionsResponse:
+        ident = self._identity()
+        size = validate.page_size(request.page_size)
+        after = validate.decode_page_token(request.page_token, "collections")
+        page = ident.store.list_collections(after, size + 1)
+        more = len(page) > size
+        page = page[:size]
+        return pb.ListCollectionsResponse(
+            collections=[convert.collection_to_proto(c) for c in page],
+            next_page_token=validate.encode_page_token(page[-1].collection_id, "collections") if more else "",
+        )
+
+    @rpc
+    def DeleteCollection(self, request: pb.DeleteCollectionRequest, context) -> pb.DeleteCollectionResponse:
+        ident = self._identity()
+        subjects, faces = ident.store.delete_collection(validate.collection_id(request.collection))
+        self.on_keys_revoked()
+        return pb.DeleteCollectionResponse(deleted_subjects=subjects, deleted_faces=faces)
+
+    @rpc
+    def CreateApiKey(self, request: pb.CreateApiKeyRequest, context) -> pb.CreateApiKeyResponse:
+        ident = self._identity()
+        coll = validate.collection_id(request.collection)
+        key_id, secret = new_api_key()
+        k = ident.store.create_api_key(key_id, coll, hash_key(secret), validate.text(request.description, "description"))
+        return pb.CreateApiKeyResponse(key=convert.api_key_to_proto(k), secret=secret)
+
+    @rpc
+    def ListApiKeys(self, request: pb.ListApiKeysRequest, context) -> pb.ListApiKeysResponse:
+        ident = self._identity()
+        keys = ident.store.list_api_keys(validate.collection_id(request.collection))
+        return pb.ListApiKeysResponse(keys=[convert.api_key_to_proto(k) for k in keys])
+
+    @rpc
+    def DeleteApiKey(self, request: pb.DeleteApiKeyRequest, context) -> pb.DeleteApiKeyResponse:
+        ident = self._identity()
+        ident.store.delete_api_key(validate.collection_id(request.collection), validate.key_id(request.key_id))
+        self.on_keys_revoked()
+        return pb.DeleteApiKeyResponse()
