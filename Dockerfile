@@ -29,8 +29,11 @@ RUN python3 -m venv /venv && /venv/bin/pip install --upgrade pip \
 RUN --mount=type=bind,from=models,target=/mirror \
     FACESVC_MODEL_MIRROR=/mirror /venv/bin/python models/fetch.py --target /app/models/weights \
  && rm -rf /root/.cache
+# The embedded SQLite database (when FACESVC_DB_URL is empty) lives on a volume.
+RUN mkdir -p /data && chown 65534:65534 /data
 ENV FACESVC_MODEL_DIR=/app/models/weights FACESVC_MODEL_MANIFEST=/app/models/manifest.json \
-    FACESVC_HOST=0.0.0.0 FACESVC_PORT=50051
+    FACESVC_HOST=0.0.0.0 FACESVC_PORT=50051 FACESVC_DATA_DIR=/data
+VOLUME /data
 EXPOSE 50051
 USER 65534:65534
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \

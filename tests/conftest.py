@@ -249,3 +249,25 @@ def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/facesvc.db"
     return request.getfixturevalue("mysql_url")
+
+
+def race(calls) -> list[BaseException | None]:
+    """Start every call at the same moment on its own thread; each one's exception, or None."""
+    import threading
+
+    results: list[BaseException | None] = [None] * len(calls)
+    barrier = threading.Barrier(len(calls))
+
+    def run(i):
+        barrier.wait()
+        try:
+            calls[i]()
+        except BaseException as exc:  # noqa: BLE001 - handed back to the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sqlite3
 import subprocess
-import threading
 import time
 import uuid
 from contextlib import closing
@@ -17,7 +16,7 @@ import pytest
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server.crypto import CropCipher, generate_key
-from tests.conftest import PYTHON, REDIS_URL, ROOT, ServerProcess, expect_error, face_path, image
+from tests.conftest import PYTHON, REDIS_URL, ROOT, ServerProcess, expect_error, face_path, image, race
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
 PRECONDITION, EXISTS = grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS
@@ -172,21 +171,9 @@ def test_staging_token_rules(backend):
 def test_concurrent_registers_of_one_subject_exactly_one_wins(backend):
     b, cid = backend, new_collection(backend)
     tokens = [process(b.stub, cid, "dave", photo).staging_token for photo in (ALICE, ALICE_2, "dev/img6.jpg", "dev/img7.jpg")]
-    outcomes, barrier = [], threading.Barrier(len(tokens))
-
-    def register(tok):
-        barrier.wait()
-        try:
-            b.stub.Register(pb.RegisterRequest(collection=cid, subject_id="dave", staging_token=tok), timeout=30)
-            outcomes.append("ok")
-        except grpc.RpcError as exc:
-            outcomes.append(exc.code().name)
-
-    threads = [threading.Thread(target=register, args=(t,)) for t in tokens]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    calls = [lambda t=t: b.stub.Register(pb.RegisterRequest(collection=cid, subject_id="dave", staging_token=t), timeout=30)
+             for t in tokens]
+    outcomes = [e.code().name if e else "ok" for e in race(calls)]
     assert sorted(outcomes) == ["ALREADY_EXISTS"] * 3 + ["ok"], outcomes
     assert b.sql("SELECT COUNT(*) FROM subjects WHERE collection_id = ?", cid)[0][0] == 1
     assert b.sql("SELECT COUNT(*) FROM faces WHERE collection_id = ?", cid)[0][0] == 1
@@ -336,3 +323,14 @@ def test_delete_collection_removes_everything(backend):
         assert b.sql(f"SELECT COUNT(*) FROM {table} WHERE collection_id = ?", cid)[0][0] == 0
     assert cid not in [c.collection_id for c in b.stub.ListCollections(pb.ListCollectionsRequest(page_size=1000),
                                                                        timeout=10).collections]
+
+
+def test_without_a_crop_key_no_image_is_stored(server, stub):
+    """The session server runs without FACESVC_CROP_KEY: only the embedding is kept."""
+    cid = "nokey-" + uuid.uuid4().hex[:8]
+    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=cid), timeout=10)
+    r = enrol(stub, cid, "hank", "dev/img20.jpg")
+    assert not r.face.has_crop
+    with closing(sqlite3.connect(server.log_path.parent / "data" / "facesvc.db")) as conn:
+        assert conn.execute("SELECT crop, length(embedding) FROM faces WHERE face_id = ?", (r.face.face_id,)).fetchall() \
+            == [(None, 512 * 4)]

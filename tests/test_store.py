@@ -1,7 +1,6 @@
 """The face store on both real backends: SQLite file and MySQL (MariaDB), same tests."""
 from __future__ import annotations
 
-import threading
 import uuid
 
 import grpc
@@ -12,6 +11,7 @@ from server import errors
 from server.records import LIVENESS_REQUIRED, NewFace
 from server.store import open_store
 from server.store.dialects import dialect_for
+from tests.conftest import race
 
 
 @pytest.fixture
@@ -154,21 +154,8 @@ def test_list_subjects_pages_with_keyset(store):
 
 def test_concurrent_first_registrations_exactly_one_wins(store):
     cid = coll(store)
-    outcomes, barrier = [], threading.Barrier(8)
-
-    def register(i):
-        barrier.wait()
-        try:
-            store.add_face(cid, "eve", face(100 + i), allow_existing=False, max_faces=5)
-            outcomes.append("ok")
-        except errors.FaceServiceError as exc:
-            outcomes.append(exc.reason)
-
-    threads = [threading.Thread(target=register, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    calls = [lambda i=i: store.add_face(cid, "eve", face(100 + i), allow_existing=False, max_faces=5) for i in range(8)]
+    outcomes = [e.reason if e else "ok" for e in race(calls)]
     assert sorted(outcomes) == ["ALREADY_REGISTERED"] * 7 + ["ok"], outcomes
     with store._tx() as q:
         assert q("SELECT COUNT(*) FROM faces WHERE collection_id = ?", cid).fetchone()[0] == 1
@@ -178,21 +165,8 @@ def test_concurrent_first_registrations_exactly_one_wins(store):
 def test_concurrent_add_faces_respect_the_limit(store):
     cid = coll(store)
     store.add_face(cid, "fay", face(0), allow_existing=True, max_faces=3)
-    outcomes, barrier = [], threading.Barrier(6)
-
-    def add(i):
-        barrier.wait()
-        try:
-            store.add_face(cid, "fay", face(200 + i), allow_existing=True, max_faces=3)
-            outcomes.append("ok")
-        except errors.FaceServiceError as exc:
-            outcomes.append(exc.reason)
-
-    threads = [threading.Thread(target=add, args=(i,)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    calls = [lambda i=i: store.add_face(cid, "fay", face(200 + i), allow_existing=True, max_faces=3) for i in range(6)]
+    outcomes = [e.reason if e else "ok" for e in race(calls)]
     assert sorted(outcomes) == ["FACE_LIMIT_REACHED"] * 4 + ["ok"] * 2, outcomes
     assert store.subject_face_count(cid, "fay") == 3
 
