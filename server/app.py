@@ -21,10 +21,12 @@ from server.auth import AuthInterceptor, Authenticator
 from server.config import Settings
 from server.crypto import CropCipher
 from server.identity import EnrolmentPolicy, IdentityService
+from server.index import HnswParams, IndexRegistry
 from server.models.manifest import load_manifest
 from server.models.registry import ModelLoader
 from server.models.runtime import RuntimeOptions, choose_providers
 from server.pipeline import FacePipeline
+from server.search import SearchService
 from server.servicer import FaceServicer
 from server.staging import open_cache
 from server.store import open_store
@@ -145,7 +147,12 @@ class FaceServer:
         s = self.settings
         policy = EnrolmentPolicy(staging_ttl_s=s.staging_ttl_seconds, max_faces_per_subject=s.max_faces_per_subject,
                                  min_face_size=s.enrol_min_face_size, min_quality=s.enrol_min_quality)
-        self.servicer.identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher)
+        rec = pipeline.recognizer
+        indexes = IndexRegistry(self.store, rec.model_id, rec.embedding_dim,
+                                HnswParams(m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search))
+        identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher, indexes)
+        self.servicer.searcher = SearchService(identity, indexes, s.max_faces_per_subject)
+        self.servicer.identity = identity
         self.servicer.pipeline = pipeline
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

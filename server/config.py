@@ -57,6 +57,10 @@ class Settings:
     enrol_min_face_size: int = 48
     enrol_min_quality: float = 0.3
     match_threshold_floor: float = 0.15
+    search_threshold: float = 0.0
+    hnsw_m: int = 16
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 128
     crop_key: str = ""
     auth: bool = True
     admin_api_key: str = ""
@@ -101,6 +105,10 @@ HELP = {
     "enrol_min_face_size": "smallest enrolment face (shorter box side), px",
     "enrol_min_quality": "lowest enrolment face quality score (size x sharpness x pose)",
     "match_threshold_floor": "lowest per-request Verify threshold accepted",
+    "search_threshold": "default Search min_similarity; 0 = the recognizer's calibrated 1:N value from the manifest",
+    "hnsw_m": "search index: HNSW links per node",
+    "hnsw_ef_construction": "search index: HNSW build-time candidate list",
+    "hnsw_ef_search": "search index: HNSW query-time candidate list (>= top_k x faces per subject is raised per query)",
     "crop_key": "base64 AES-256 key; when set, an encrypted aligned crop of each registered face is stored for re-embedding",
     "auth": "require API keys (x-api-key); false = open server for local use only",
     "admin_api_key": "admin API key (at least 16 characters); required when auth is on",

@@ -16,7 +16,7 @@ import numpy as np
 from server import errors
 from server.crypto import CropCipher
 from server.faces import Face, LivenessResult
-from server.pipeline import REQUIRE_SINGLE, DetectOptions, FacePipeline
+from server.pipeline import DEFAULT, DetectOptions, FacePipeline
 from server.records import LIVENESS_OPTIONAL, FaceRecord, NewFace, Subject
 from server.staging import StagedFace, StagingCache
 from server.staging.base import face_id_for_token, new_token
@@ -68,21 +68,25 @@ def _now_ms() -> int:
 
 class IdentityService:
     def __init__(self, pipeline: FacePipeline, store: SqlFaceStore, cache: StagingCache,
-                 policy: EnrolmentPolicy = EnrolmentPolicy(), cipher: CropCipher | None = None):
+                 policy: EnrolmentPolicy = EnrolmentPolicy(), cipher: CropCipher | None = None, indexes=None):
         self.pipeline = pipeline
         self.store = store
         self.cache = cache
         self.policy = policy
         self.cipher = cipher
+        self.indexes = indexes  # IndexRegistry: told about every committed change
 
     # -- shared steps --------------------------------------------------------
+    def allow_skip_liveness(self, collection: str) -> None:
+        """skip_liveness is only for collections whose policy is OPTIONAL."""
+        if self.store.get_collection_policy(collection) != LIVENESS_OPTIONAL:
+            raise errors.precondition(errors.LIVENESS_REQUIRED,
+                                      f"collection {collection!r} requires liveness; skip_liveness is not allowed",
+                                      collection=collection)
+
     def _liveness(self, collection: str, img, face: Face, skip: bool, threshold: float | None) -> LivenessResult | None:
         if skip:
-            policy = self.store.get_collection_policy(collection)
-            if policy != LIVENESS_OPTIONAL:
-                raise errors.precondition(errors.LIVENESS_REQUIRED,
-                                          f"collection {collection!r} requires liveness; skip_liveness is not allowed",
-                                          collection=collection)
+            self.allow_skip_liveness(collection)
             return None
         return self.pipeline.require_live(img, face, threshold)
 
@@ -100,7 +104,7 @@ class IdentityService:
             raise errors.low_quality(
                 f"face quality {q.score:.2f} is below {p.min_quality:.2f} (sharpness {q.sharpness:.2f}, "
                 f"yaw {q.yaw:.0f}°, pitch {q.pitch:.0f}°)", quality=f"{q.score:.3f}", min_quality=f"{p.min_quality:.3f}")
-        if opts.selection != REQUIRE_SINGLE:  # (REQUIRE_SINGLE already refused any second face)
+        if opts.selection == DEFAULT:  # a caller who chose a selection has said which face is meant
             rivals = [f for f in faces[1:] if f.quality.face_size >= p.ambiguity_ratio * q.face_size
                       and f.quality.score >= p.min_quality]
             if rivals:
@@ -136,8 +140,11 @@ class IdentityService:
 
     def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool]:
         face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
-        return self.store.add_face(staged.collection_id, staged.subject_id, face, allow_existing=staged.add_face,
-                                   max_faces=self.policy.max_faces_per_subject, metadata=metadata)
+        record, created = self.store.add_face(staged.collection_id, staged.subject_id, face, allow_existing=staged.add_face,
+                                              max_faces=self.policy.max_faces_per_subject, metadata=metadata)
+        if self.indexes is not None:
+            self.indexes.face_added(staged.collection_id, record.face_id, staged.subject_id, staged.model_id, staged.embedding)
+        return record, created
 
     # -- the RPCs ------------------------------------------------------------
     def process(self, collection: str, subject_id: str, img, opts: DetectOptions, *, add_face: bool = False,
@@ -198,3 +205,22 @@ class IdentityService:
             threshold=threshold, liveness=liveness, face=face,
             similarities=[(gallery[i].face_id, float(sims[i])) for i in order],
         )
+
+    # -- deletions (the store first, then the index) ---------------------------
+    def delete_subject(self, collection: str, subject_id: str) -> int:
+        n = self.store.delete_subject(collection, subject_id)
+        if self.indexes is not None:
+            self.indexes.subject_deleted(collection, subject_id)
+        return n
+
+    def delete_face(self, collection: str, face_id: str) -> FaceRecord:
+        face = self.store.delete_face(collection, face_id)
+        if self.indexes is not None:
+            self.indexes.face_deleted(collection, face_id)
+        return face
+
+    def delete_collection(self, collection: str) -> tuple[int, int]:
+        counts = self.store.delete_collection(collection)
+        if self.indexes is not None:
+            self.indexes.collection_deleted(collection)
+        return counts

@@ -122,13 +122,13 @@ class IdentityRpcs:
     @rpc
     def DeleteSubject(self, request: pb.DeleteSubjectRequest, context) -> pb.DeleteSubjectResponse:
         ident, coll, subject = self._ids(request)
-        return pb.DeleteSubjectResponse(deleted_faces=ident.store.delete_subject(coll, subject))
+        return pb.DeleteSubjectResponse(deleted_faces=ident.delete_subject(coll, subject))
 
     @rpc
     def DeleteFace(self, request: pb.DeleteFaceRequest, context) -> pb.DeleteFaceResponse:
         ident = self._identity()
         coll = validate.collection_id(request.collection)
-        face = ident.store.delete_face(coll, validate.face_id(request.face_id))
+        face = ident.delete_face(coll, validate.face_id(request.face_id))
         return pb.DeleteFaceResponse(face=convert.stored_face_to_proto(face))
 
     # -- collections and keys (admin key; enforced by server/auth.py) ---------------
@@ -162,7 +162,7 @@ class IdentityRpcs:
     @rpc
     def DeleteCollection(self, request: pb.DeleteCollectionRequest, context) -> pb.DeleteCollectionResponse:
         ident = self._identity()
-        subjects, faces = ident.store.delete_collection(validate.collection_id(request.collection))
+        subjects, faces = ident.delete_collection(validate.collection_id(request.collection))
         self.on_keys_revoked()
         return pb.DeleteCollectionResponse(deleted_subjects=subjects, deleted_faces=faces)
 

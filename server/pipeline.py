@@ -19,13 +19,14 @@ from server.quality import assess
 log = logging.getLogger(__name__)
 
 LARGEST, MOST_CENTRAL, HIGHEST_SCORE, REQUIRE_SINGLE = "largest", "most_central", "highest_score", "require_single"
+DEFAULT = "default"  # the caller did not choose: ordered as LARGEST; enrolment also refuses ambiguous photos
 
 
 @dataclass(frozen=True)
 class DetectOptions:
     min_face_size: float = 20.0
     max_faces: int = 20
-    selection: str = LARGEST
+    selection: str = DEFAULT
     min_score: float | None = None  # None = the detector's own default
 
 

@@ -9,12 +9,13 @@ from server import convert, errors
 from server.config import Settings
 from server.identity_rpcs import IdentityRpcs
 from server.imaging import ImageLimits
+from server.search_rpcs import SearchRpcs
 from server.pipeline import FacePipeline
 from server.rpc_errors import rpc
 
 
-class FaceServicer(IdentityRpcs, pb_grpc.FaceServiceServicer):
-    """The stateless RPCs live here; the identity and management ones in identity_rpcs.py."""
+class FaceServicer(IdentityRpcs, SearchRpcs, pb_grpc.FaceServiceServicer):
+    """The stateless RPCs live here; identity + management in identity_rpcs.py, search in search_rpcs.py."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -23,6 +24,7 @@ class FaceServicer(IdentityRpcs, pb_grpc.FaceServiceServicer):
         )
         self.pipeline: FacePipeline | None = None  # set once every model is loaded
         self.identity = None  # IdentityService, set with the pipeline
+        self.searcher = None  # SearchService, likewise
 
     # -- helpers -----------------------------------------------------------
     def _ready(self) -> FacePipeline:

@@ -11,11 +11,15 @@ class ArcFaceRecognizer:
     its mirror image's embeddings (test-time augmentation).
     """
 
-    def __init__(self, session, name: str, embedding_dim: int, match_threshold: float, max_batch: int = 32, flip: bool = False):
+    def __init__(self, session, name: str, embedding_dim: int, match_threshold: float, max_batch: int = 32,
+                 flip: bool = False, search_threshold: float | None = None):
         self.session = session
         self.name = name
         self.embedding_dim = embedding_dim
-        self.match_threshold = match_threshold
+        self.match_threshold = match_threshold  # 1:1, calibrated at FAR 1e-3 per pair
+        # 1:N: a probe meets every gallery face, so its false-match odds grow with the gallery;
+        # calibrated at FAR 1e-4 per pair (see scripts/eval_verification.py)
+        self.search_threshold = search_threshold if search_threshold is not None else match_threshold
         self.max_batch = max_batch
         self.flip = flip
         self.input_name = session.get_inputs()[0].name

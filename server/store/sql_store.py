@@ -365,6 +365,14 @@ class SqlFaceStore:
             q("UPDATE subjects SET updated_ms = ? WHERE collection_id = ? AND subject_id = ?", now_ms(), collection_id, row[2])
         return self._face(row, False)
 
+    # -- search index (re)builds -----------------------------------------------
+    def collection_embeddings(self, collection_id: str, model_id: str, after_face_id: str, limit: int):
+        """[(face_id, subject_id, embedding)] of one model, in face id order after `after_face_id`."""
+        with self._tx(write=False) as q:
+            rows = q("SELECT face_id, subject_id, embedding FROM faces WHERE collection_id = ? AND model_id = ? "
+                     "AND face_id > ? ORDER BY face_id LIMIT ?", collection_id, model_id, after_face_id, limit).fetchall()
+        return [(r[0], r[1], _emb_array(r[2])) for r in rows]
+
     # -- re-embedding (scripts/reembed.py) -----------------------------------
     def faces_with_crops(self, after_face_id: str, limit: int, collection_id: str = "") -> list[FaceRecord]:
         """Faces that have a stored crop, in face id order (all collections when collection_id is empty)."""

@@ -1,0 +1,187 @@
+"""One collection's faces in an hnswlib graph (cosine space on L2-normalised embeddings).
+
+hnswlib's add_items and mark_deleted are not safe against a concurrent
+knn_query, so searches share a read lock and changes take the write lock.
+Labels are small integers assigned here; the face id / subject id of each
+label live beside the graph.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import hnswlib
+import numpy as np
+
+
+@dataclass(frozen=True)
+class HnswParams:
+    m: int = 16
+    ef_construction: int = 200
+    ef_search: int = 128
+    initial_capacity: int = 1024
+
+
+class RWLock:
+    """Many readers or one writer; a waiting writer holds back new readers."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self):
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self):
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+@dataclass
+class Hit:
+    face_id: str
+    subject_id: str
+    similarity: float
+
+
+class HnswIndex:
+    def __init__(self, dim: int, model_id: str, params: HnswParams = HnswParams()):
+        self.dim, self.model_id, self.params = dim, model_id, params
+        self._index = hnswlib.Index(space="cosine", dim=dim)
+        self._index.init_index(max_elements=params.initial_capacity, M=params.m, ef_construction=params.ef_construction)
+        self._index.set_ef(params.ef_search)
+        self._lock = RWLock()
+        self._label_of: dict[str, int] = {}          # face id -> label (live faces)
+        self._face_of: dict[int, tuple[str, str]] = {}  # label -> (face id, subject id), live faces
+        self._labels_of_subject: dict[str, set[int]] = {}
+        self._next_label = 0
+        self.deleted = 0
+        self.built_at = time.time()
+
+    # -- changes -------------------------------------------------------------
+    def add(self, face_ids: list[str], subject_ids: list[str], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        with self._lock.write():
+            new = [(i, f) for i, f in enumerate(face_ids) if f not in self._label_of]
+            if not new:
+                return
+            need = self._next_label + len(new)
+            cap = self._index.get_max_elements()
+            if need > cap:
+                self._index.resize_index(max(need, cap * 2))
+            labels = np.arange(self._next_label, need, dtype=np.int64)
+            self._index.add_items(vectors[[i for i, _ in new]], labels)
+            for label, (i, face_id) in zip(labels.tolist(), new):
+                self._label_of[face_id] = label
+                self._face_of[label] = (face_id, subject_ids[i])
+                self._labels_of_subject.setdefault(subject_ids[i], set()).add(label)
+            self._next_label = need
+
+    def _drop(self, label: int) -> None:
+        face_id, subject_id = self._face_of.pop(label)
+        del self._label_of[face_id]
+        labels = self._labels_of_subject.get(subject_id)
+        if labels is not None:
+            labels.discard(label)
+            if not labels:
+                del self._labels_of_subject[subject_id]
+        self._index.mark_deleted(label)
+        self.deleted += 1
+
+    def remove_face(self, face_id: str) -> bool:
+        with self._lock.write():
+            label = self._label_of.get(face_id)
+            if label is None:
+                return False
+            self._drop(label)
+            return True
+
+    def remove_subject(self, subject_id: str) -> int:
+        with self._lock.write():
+            labels = list(self._labels_of_subject.get(subject_id, ()))
+            for label in labels:
+                self._drop(label)
+            return len(labels)
+
+    # -- queries -------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._label_of)
+
+    def search(self, vector: np.ndarray, top_k: int, min_similarity: float, max_faces_per_subject: int) -> list[Hit]:
+        """The best `top_k` subjects (one hit each: their best face) at or above `min_similarity`."""
+        q = np.asarray(vector, dtype=np.float32).reshape(1, self.dim)
+        # enough faces to cover top_k distinct subjects
+        k = top_k * max(1, max_faces_per_subject)
+        if k <= self.params.ef_search:
+            with self._lock.read():
+                labels, distances, faces = self._query(q, k)
+        else:  # ef must be >= k; ef is index-wide state, so change it alone
+            with self._lock.write():
+                self._index.set_ef(k)
+                try:
+                    labels, distances, faces = self._query(q, k)
+                finally:
+                    self._index.set_ef(self.params.ef_search)
+        hits, seen = [], set()
+        for face, dist in zip(faces, distances[0]):
+            sim = 1.0 - float(dist)
+            if face is None or sim < min_similarity:
+                continue
+            if face[1] in seen:
+                continue
+            seen.add(face[1])
+            hits.append(Hit(face[0], face[1], sim))
+            if len(hits) == top_k:
+                break
+        return hits
+
+    def _query(self, q: np.ndarray, k: int):
+        """(labels, distances, faces) under the caller's lock; k is capped by the live faces."""
+        k = min(k, len(self._label_of))
+        while k > 0:
+            try:
+                labels, distances = self._index.knn_query(q, k=k)
+                return labels, distances, [self._face_of.get(int(lb)) for lb in labels[0]]
+            except RuntimeError:  # the graph yielded fewer than k live elements (many deletions): ask for fewer
+                k //= 2
+        return np.empty((1, 0)), np.empty((1, 0)), []
+
+    def stats(self) -> dict:
+        with self._lock.read():
+            return {
+                "size": len(self._label_of), "deleted": self.deleted, "dimension": self.dim, "model": self.model_id,
+                "capacity": self._index.get_max_elements(), "m": self.params.m,
+                "ef_construction": self.params.ef_construction, "ef_search": self.params.ef_search,
+                "memory_bytes": self._memory_estimate(), "built_at": self.built_at,
+            }
+
+    def _memory_estimate(self) -> int:
+        # hnswlib's layout: per element, the vector + level-0 links (2M ints) + label; upper levels are ~1/M of that
+        per = self.dim * 4 + (2 * self.params.m + 1) * 4 + 8
+        return int(self._index.get_max_elements() * per * (1 + 1 / self.params.m))

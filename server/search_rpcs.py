@@ -1,0 +1,75 @@
+"""FaceService RPCs of 1:N search (a FaceServicer mixin, like identity_rpcs.py)."""
+from __future__ import annotations
+
+import grpc
+import numpy as np
+
+from facesvc.v1 import face_service_pb2 as pb
+from server import convert, errors, validate
+from server.rpc_errors import rpc
+from server.search import SearchService
+
+MAX_TOP_K, DEFAULT_TOP_K = 100, 5
+
+
+def _top_k(value: int) -> int:
+    if value > MAX_TOP_K:
+        raise errors.validation("top_k", f"at most {MAX_TOP_K}, got {value}")
+    return value or DEFAULT_TOP_K
+
+
+def _matches(hits) -> list[pb.SearchMatch]:
+    return [pb.SearchMatch(subject_id=h.subject_id, face_id=h.face_id, similarity=h.similarity) for h in hits]
+
+
+class SearchRpcs:
+    searcher: SearchService | None
+
+    def _searcher(self) -> SearchService:
+        self._ready()
+        if self.searcher is None:
+            raise errors.FaceServiceError(grpc.StatusCode.UNAVAILABLE, errors.MODELS_LOADING, "server is still starting; retry shortly")
+        return self.searcher
+
+    def _min_similarity(self, value: float) -> float:
+        t = convert.optional_threshold(value, "min_similarity", -1.0, 1.0)
+        if t is not None:
+            return t
+        return self.settings.search_threshold or self._ready().recognizer.search_threshold
+
+    @rpc
+    def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        s = self._searcher()
+        coll = validate.collection_id(request.collection)
+        top_k, min_sim = _top_k(request.top_k), self._min_similarity(request.min_similarity)
+        opts = self._options(request.face_options)
+        lthr = convert.optional_threshold(request.liveness_threshold, "liveness_threshold", 0.0, 1.0)
+        img = self._image(request.image, "image")
+        results = s.search(coll, img, opts, top_k, min_sim, all_faces=request.all_faces,
+                           skip_liveness=request.skip_liveness, liveness_threshold=lthr)
+        return pb.SearchResponse(
+            results=[pb.FaceSearchResult(face=convert.face_to_proto(r.face), matches=_matches(r.hits),
+                                         liveness=convert.liveness_to_proto(r.liveness) if r.liveness else None)
+                     for r in results],
+            model=s.pipeline.recognizer.model_id, min_similarity=min_sim,
+        )
+
+    @rpc
+    def SearchByEmbedding(self, request: pb.SearchByEmbeddingRequest, context) -> pb.SearchByEmbeddingResponse:
+        s = self._searcher()
+        coll = validate.collection_id(request.collection)
+        top_k, min_sim = _top_k(request.top_k), self._min_similarity(request.min_similarity)
+        hits = s.search_embedding(coll, np.asarray(request.embedding, dtype=np.float32), request.model, top_k, min_sim)
+        return pb.SearchByEmbeddingResponse(matches=_matches(hits), min_similarity=min_sim)
+
+    @rpc
+    def GetIndexStats(self, request: pb.GetIndexStatsRequest, context) -> pb.GetIndexStatsResponse:
+        s = self._searcher()
+        coll = validate.collection_id(request.collection)
+        s.store.get_collection_policy(coll)  # COLLECTION_NOT_FOUND
+        st = s.indexes.get(coll).stats()
+        return pb.GetIndexStatsResponse(
+            size=st["size"], deleted=st["deleted"], dimension=st["dimension"], model=st["model"],
+            memory_bytes=st["memory_bytes"], last_rebuild_time=convert.timestamp(int(st["built_at"] * 1000)),
+            m=st["m"], ef_construction=st["ef_construction"], ef_search=st["ef_search"], capacity=st["capacity"],
+        )
