@@ -6,8 +6,6 @@ no model code here.
 """
 from __future__ import annotations
 
-import grpc
-
 from facesvc.v1 import face_service_pb2 as pb
 from server import convert, errors, validate
 from server.auth import hash_key, new_api_key
@@ -20,9 +18,7 @@ class IdentityRpcs:
     on_keys_revoked = staticmethod(lambda: None)  # the auth cache hook (app.py)
 
     def _identity(self) -> IdentityService:
-        self._ready()
-        if self.identity is None:
-            raise errors.FaceServiceError(grpc.StatusCode.UNAVAILABLE, errors.MODELS_LOADING, "server is still starting; retry shortly")
+        self._ready()  # app.py sets the pipeline last, so a ready server has its identity service
         return self.identity
 
     def _ids(self, request) -> tuple[IdentityService, str, str]:

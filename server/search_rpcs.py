@@ -1,7 +1,6 @@
 """FaceService RPCs of 1:N search (a FaceServicer mixin, like identity_rpcs.py)."""
 from __future__ import annotations
 
-import grpc
 import numpy as np
 
 from facesvc.v1 import face_service_pb2 as pb
@@ -26,9 +25,7 @@ class SearchRpcs:
     searcher: SearchService | None
 
     def _searcher(self) -> SearchService:
-        self._ready()
-        if self.searcher is None:
-            raise errors.FaceServiceError(grpc.StatusCode.UNAVAILABLE, errors.MODELS_LOADING, "server is still starting; retry shortly")
+        self._ready()  # app.py sets the pipeline last, so a ready server has its search service
         return self.searcher
 
     def _min_similarity(self, value: float) -> float:
