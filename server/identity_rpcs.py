@@ -99,15 +99,9 @@ class IdentityRpcs:
     def ListSubjects(self, request: pb.ListSubjectsRequest, context) -> pb.ListSubjectsResponse:
         ident = self._identity()
         coll = validate.collection_id(request.collection)
-        size = validate.page_size(request.page_size)
-        after = validate.decode_page_token(request.page_token, f"subjects:{coll}")
-        page = ident.store.list_subjects(coll, after, size + 1)  # one extra row tells whether a next page exists
-        more = len(page) > size
-        page = page[:size]
-        return pb.ListSubjectsResponse(
-            subjects=[convert.subject_to_proto(s) for s in page],
-            next_page_token=validate.encode_page_token(page[-1].subject_id, f"subjects:{coll}") if more else "",
-        )
+        rows, token = validate.page(request.page_size, request.page_token, f"subjects:{coll}",
+                                    lambda after, limit: ident.store.list_subjects(coll, after, limit), lambda s: s.subject_id)
+        return pb.ListSubjectsResponse(subjects=[convert.subject_to_proto(s) for s in rows], next_page_token=token)
 
     @rpc
     def UpdateSubject(self, request: pb.UpdateSubjectRequest, context) -> pb.UpdateSubjectResponse:
@@ -145,15 +139,9 @@ class IdentityRpcs:
     @rpc
     def ListCollections(self, request: pb.ListCollectionsRequest, context) -> pb.ListCollectionsResponse:
         ident = self._identity()
-        size = validate.page_size(request.page_size)
-        after = validate.decode_page_token(request.page_token, "collections")
-        page = ident.store.list_collections(after, size + 1)
-        more = len(page) > size
-        page = page[:size]
-        return pb.ListCollectionsResponse(
-            collections=[convert.collection_to_proto(c) for c in page],
-            next_page_token=validate.encode_page_token(page[-1].collection_id, "collections") if more else "",
-        )
+        rows, token = validate.page(request.page_size, request.page_token, "collections",
+                                    ident.store.list_collections, lambda c: c.collection_id)
+        return pb.ListCollectionsResponse(collections=[convert.collection_to_proto(c) for c in rows], next_page_token=token)
 
     @rpc
     def DeleteCollection(self, request: pb.DeleteCollectionRequest, context) -> pb.DeleteCollectionResponse:

@@ -85,3 +85,17 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str:
     if token_scope != scope:
         raise errors.validation(field, "the page token belongs to another listing")
     return after
+
+
+def page(size: int, token: str, scope: str, fetch, key) -> tuple[list, str]:
+    """One page of a keyset listing and the next page's token ("" on the last page).
+
+    `fetch(after, limit)` returns rows in `key` order strictly after `after`;
+    one row more than the page is asked for, to tell whether another page exists.
+    """
+    size = page_size(size)
+    rows = fetch(decode_page_token(token, scope), size + 1)
+    if len(rows) <= size:
+        return rows, ""
+    rows = rows[:size]
+    return rows, encode_page_token(key(rows[-1]), scope)

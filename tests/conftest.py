@@ -67,8 +67,7 @@ class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIntercepto
         self.key = key
 
     def _add(self, details):
-        md = list(details.metadata or []) + [("x-api-key", self.key)]
-        return details._replace(metadata=md) if hasattr(details, "_replace") else _Details(details, md)
+        return details._replace(metadata=list(details.metadata or []) + [("x-api-key", self.key)])
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._add(details), request)
@@ -79,12 +78,6 @@ class _ApiKey(grpc.UnaryUnaryClientInterceptor, grpc.StreamUnaryClientIntercepto
         return continuation(self._add(details), request_iterator)
 
     intercept_stream_stream = intercept_stream_unary
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, d, metadata):
-        self.method, self.timeout, self.credentials = d.method, d.timeout, d.credentials
-        self.wait_for_ready, self.compression, self.metadata = d.wait_for_ready, d.compression, metadata
 
 
 def keyed_channel(target: str, key: str | None, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:

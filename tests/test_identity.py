@@ -16,6 +16,7 @@ import pytest
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server.crypto import CropCipher, generate_key
+from server.store.dialects import dialect_for
 from tests.conftest import PYTHON, REDIS_URL, ROOT, ServerProcess, expect_error, face_path, image, race
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
@@ -42,11 +43,9 @@ class Backend:
                 conn.commit()
                 return rows
         import pymysql
-        from urllib.parse import urlsplit
 
-        u = urlsplit(self.db_url)
-        with closing(pymysql.connect(host=u.hostname, port=u.port, user=u.username, password=u.password or "",
-                                     database=u.path.strip("/"), autocommit=True)) as conn, conn.cursor() as cur:
+        connect = dialect_for(self.db_url, "").params  # the server's own URL parsing
+        with closing(pymysql.connect(**connect, autocommit=True)) as conn, conn.cursor() as cur:
             cur.execute(statement.replace("?", "%s"), params)
             return cur.fetchall()
 
