@@ -22,6 +22,8 @@ from server.config import Settings
 from server.crypto import CropCipher
 from server.identity import EnrolmentPolicy, IdentityService
 from server.index import HnswParams, IndexRegistry
+from server.index.snapshot import SnapshotStore
+from server.index.sync import ChangeNotifier, IndexSync
 from server.models.manifest import load_manifest
 from server.models.registry import ModelLoader
 from server.models.runtime import RuntimeOptions, choose_providers
@@ -136,6 +138,7 @@ class FaceServer:
         if self.port == 0:
             raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
         self._stopped = threading.Event()
+        self.index_sync = None
 
     def start(self) -> None:
         self.server.start()
@@ -148,12 +151,20 @@ class FaceServer:
         policy = EnrolmentPolicy(staging_ttl_s=s.staging_ttl_seconds, max_faces_per_subject=s.max_faces_per_subject,
                                  min_face_size=s.enrol_min_face_size, min_quality=s.enrol_min_quality)
         rec = pipeline.recognizer
+        retention_s = s.change_log_retention_hours * 3600
+        snapshots = SnapshotStore(s.index_dir or Path(s.data_dir) / "index") if s.index_snapshots else None
         indexes = IndexRegistry(self.store, rec.model_id, rec.embedding_dim,
-                                HnswParams(m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search))
+                                HnswParams(m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search),
+                                snapshots=snapshots, retention_s=retention_s)
+        notifier = ChangeNotifier(s.redis_url, s.redis_prefix + "index-changes") if s.redis_url else None
+        self.index_sync = IndexSync(indexes, self.store, sync_interval_s=s.index_sync_seconds,
+                                    snapshot_interval_s=s.index_snapshot_seconds, retention_s=retention_s,
+                                    warmup=s.index_warmup, notifier=notifier)
         identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher, indexes)
         self.servicer.searcher = SearchService(identity, indexes, s.max_faces_per_subject)
         self.servicer.identity = identity
         self.servicer.pipeline = pipeline
+        self.index_sync.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: health SERVING")
@@ -167,6 +178,8 @@ class FaceServer:
         log.info("shutting down: finishing in-flight calls (grace %.1fs)", grace)
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.index_sync is not None:
+            self.index_sync.stop()  # and a last snapshot of every changed index
         self.store.close()
         self.cache.close()
         log.info("stopped")

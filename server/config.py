@@ -61,6 +61,12 @@ class Settings:
     hnsw_m: int = 16
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
+    index_dir: str = ""
+    index_snapshots: bool = True
+    index_snapshot_seconds: float = 300.0
+    index_sync_seconds: float = 1.0
+    index_warmup: bool = True
+    change_log_retention_hours: float = 168.0
     crop_key: str = ""
     auth: bool = True
     admin_api_key: str = ""
@@ -109,6 +115,12 @@ HELP = {
     "hnsw_m": "search index: HNSW links per node",
     "hnsw_ef_construction": "search index: HNSW build-time candidate list",
     "hnsw_ef_search": "search index: HNSW query-time candidate list (>= top_k x faces per subject is raised per query)",
+    "index_dir": "where index snapshots are written; empty = data_dir/index (one directory per server process)",
+    "index_snapshots": "write index snapshots and start from them (false = always rebuild from the database)",
+    "index_snapshot_seconds": "how often changed indexes are snapshotted (and once more on shutdown)",
+    "index_sync_seconds": "how often the change log is polled for other replicas' changes (the bound on their delay)",
+    "index_warmup": "load every collection's index at start-up instead of on its first search",
+    "change_log_retention_hours": "how long change-log rows are kept; older snapshots are not used",
     "crop_key": "base64 AES-256 key; when set, an encrypted aligned crop of each registered face is stored for re-embedding",
     "auth": "require API keys (x-api-key); false = open server for local use only",
     "admin_api_key": "admin API key (at least 16 characters); required when auth is on",

@@ -142,8 +142,8 @@ class IdentityService:
         face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
         record, created = self.store.add_face(staged.collection_id, staged.subject_id, face, allow_existing=staged.add_face,
                                               max_faces=self.policy.max_faces_per_subject, metadata=metadata)
-        if self.indexes is not None:
-            self.indexes.face_added(staged.collection_id, record.face_id, staged.subject_id, staged.model_id, staged.embedding)
+        if self.indexes is not None:  # read-your-writes on this replica; the others follow the change log
+            self.indexes.local_change(staged.collection_id, [record.face_id])
         return record, created
 
     # -- the RPCs ------------------------------------------------------------
@@ -208,15 +208,15 @@ class IdentityService:
 
     # -- deletions (the store first, then the index) ---------------------------
     def delete_subject(self, collection: str, subject_id: str) -> int:
-        n = self.store.delete_subject(collection, subject_id)
+        face_ids = self.store.delete_subject(collection, subject_id)
         if self.indexes is not None:
-            self.indexes.subject_deleted(collection, subject_id)
-        return n
+            self.indexes.local_change(collection, face_ids)
+        return len(face_ids)
 
     def delete_face(self, collection: str, face_id: str) -> FaceRecord:
         face = self.store.delete_face(collection, face_id)
         if self.indexes is not None:
-            self.indexes.face_deleted(collection, face_id)
+            self.indexes.local_change(collection, [face_id])
         return face
 
     def delete_collection(self, collection: str) -> tuple[int, int]:

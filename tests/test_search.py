@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
+import uuid
 from contextlib import closing
 
 import grpc
@@ -55,6 +57,11 @@ def gallery(tmp_path_factory):
     assert len(probes) >= 149
     yield srv, stub, probes, single, tmp
     srv.stop()
+
+
+def same_database(tmp, name: str) -> dict[str, str]:
+    """Env for another server process on the gallery's database, with its own index directory."""
+    return {"FACESVC_DATA_DIR": str(tmp / "data"), "FACESVC_INDEX_DIR": str(tmp / f"index-{name}")}
 
 
 def search(stub, photo, **kw) -> pb.SearchResponse:
@@ -174,7 +181,7 @@ def test_deleted_subject_is_never_returned_also_after_restart(gallery):
     assert person not in [m.subject_id for m in search(stub, probes[person][0], min_similarity=-0.99,
                                                        top_k=100).results[0].matches]
     # a second server on the same database rebuilds its index from it
-    other = ServerProcess(log_path=tmp / "restart.log", env={"FACESVC_DATA_DIR": str(tmp / "data")})
+    other = ServerProcess(log_path=tmp / "restart.log", env=same_database(tmp, "restart"))
     try:
         stub2 = pb_grpc.FaceServiceStub(other.channel)
         hits = search(stub2, probes[person][0], min_similarity=-0.99, top_k=100).results[0].matches
@@ -183,3 +190,96 @@ def test_deleted_subject_is_never_returned_also_after_restart(gallery):
         assert kept and all(top(stub2, p) == p for p in kept)  # the rebuilt index answers as the old one
     finally:
         other.stop()
+
+
+def test_restart_from_snapshot_or_database_gives_the_same_results(gallery):
+    """A second server on the gallery's database: built from the database, then restarted from its
+    snapshot (with changes made meanwhile by the first server), then from a corrupted snapshot."""
+    srv, stub, probes, _, tmp = gallery
+    people = list(probes)[20:60]
+    env = {**same_database(tmp, "snap"), "FACESVC_INDEX_SNAPSHOT_SECONDS": "3600"}
+
+    def answers(stub_):
+        out = {}
+        for p in people:
+            hits = search(stub_, probes[p][0], top_k=5, min_similarity=-0.99).results[0].matches
+            out[p] = [(m.subject_id, m.face_id, round(m.similarity, 4)) for m in hits]
+        return out
+
+    def start(name):
+        s = ServerProcess(log_path=tmp / f"{name}.log", env=env)
+        return s, pb_grpc.FaceServiceStub(s.channel)
+
+    reference = answers(stub)
+    b, stub_b = start("snap-1")
+    try:
+        assert stub_b.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10).loaded_from == "database"
+        assert answers(stub_b) == reference
+    finally:
+        assert b.stop() == 0  # a graceful stop writes the snapshot
+    snapshot = tmp / "index-snap" / f"{COLL}.snapshot"
+    assert snapshot.exists()
+    # while the second server is down, the first deletes a subject
+    victim = people[0]
+    stub.DeleteSubject(pb.DeleteSubjectRequest(collection=COLL, subject_id=victim), timeout=10)
+    reference = answers(stub)
+    assert victim not in [m[0] for m in reference[victim]]
+    b, stub_b = start("snap-2")
+    try:
+        stats = stub_b.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
+        assert stats.loaded_from == "snapshot" and stats.snapshot_time.seconds > 0
+        assert stats.size == stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10).size
+        assert answers(stub_b) == reference  # the snapshot plus the change log after it
+        assert "loaded from its snapshot" in b.output()
+    finally:
+        b.stop()
+    graph = next((tmp / "index-snap").glob(f"{COLL}.*.graph"))
+    raw = bytearray(graph.read_bytes())
+    raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)  # a damaged block in the middle
+    graph.write_bytes(bytes(raw))
+    b, stub_b = start("snap-3")
+    try:
+        assert stub_b.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10).loaded_from == "database"
+        assert "checksum mismatch" in b.output()
+        assert answers(stub_b) == reference
+    finally:
+        b.stop()
+
+
+def test_two_replicas_on_mysql_and_redis_see_each_others_changes(mysql_url, redis_prefix, tmp_path):
+    """Register on one server process, search on the other (and delete there, gone on the first).
+
+    The second replica polls the change log only every 30 s here, so seeing the change within
+    a few seconds shows the Redis pub/sub wake-up; test_index.py covers the poll itself."""
+    base = {"FACESVC_DB_URL": mysql_url, "FACESVC_REDIS_URL": "redis://127.0.0.1:6379/0",
+            "FACESVC_REDIS_PREFIX": redis_prefix + "replicas:"}
+    a = ServerProcess(log_path=tmp_path / "a.log", env={**base, "FACESVC_DATA_DIR": str(tmp_path / "a")})
+    b = ServerProcess(log_path=tmp_path / "b.log", env={**base, "FACESVC_DATA_DIR": str(tmp_path / "b"),
+                                                         "FACESVC_INDEX_SYNC_SECONDS": "30"})
+    coll = "replicas-" + uuid.uuid4().hex[:6]
+    try:
+        stub_a, stub_b = pb_grpc.FaceServiceStub(a.channel), pb_grpc.FaceServiceStub(b.channel)
+        stub_a.CreateCollection(pb.CreateCollectionRequest(collection_id=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+                                timeout=10)
+        probe = pb.SearchRequest(collection=coll, image=image("dev/img2.jpg"), skip_liveness=True)
+        assert not stub_b.Search(probe, timeout=30).results[0].matches  # B has loaded the (empty) index
+        stub_a.Register(pb.RegisterRequest(collection=coll, subject_id="person_01", image=image("dev/img1.jpg"),
+                                           skip_liveness=True), timeout=60)
+        assert stub_a.Search(probe, timeout=30).results[0].matches[0].subject_id == "person_01"  # read-your-writes
+
+        def delay(until) -> float:
+            t0 = time.monotonic()
+            while not until():
+                assert time.monotonic() - t0 < 10, "the other replica did not see the change"
+                time.sleep(0.05)
+            return time.monotonic() - t0
+
+        seen = delay(lambda: bool(stub_b.Search(probe, timeout=30).results[0].matches))
+        assert stub_b.Search(probe, timeout=30).results[0].matches[0].subject_id == "person_01"
+        stub_b.DeleteSubject(pb.DeleteSubjectRequest(collection=coll, subject_id="person_01"), timeout=10)
+        gone = delay(lambda: not stub_a.Search(probe, timeout=30).results[0].matches)
+        print(f"\nreplica delay: register on A -> searchable on B {seen:.2f}s; delete on B -> gone on A {gone:.2f}s")
+        assert seen < 5  # well under B's 30 s poll: the pub/sub wake-up
+    finally:
+        a.stop()
+        b.stop()

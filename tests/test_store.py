@@ -120,7 +120,7 @@ def test_delete_subject_removes_its_faces(store):
     for i in range(3):
         store.add_face(cid, "bob", face(i), allow_existing=True, max_faces=5)
     store.add_face(cid, "carol", face(9), allow_existing=False, max_faces=5)
-    assert store.delete_subject(cid, "bob") == 3
+    assert len(store.delete_subject(cid, "bob")) == 3
     with store._tx() as q:
         assert q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?", cid, "bob").fetchone()[0] == 0
     assert store.subject_face_count(cid, "carol") == 1

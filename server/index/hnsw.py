@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import hnswlib
 import numpy as np
@@ -79,18 +79,49 @@ class HnswIndex:
         self._lock = RWLock()
         self._label_of: dict[str, int] = {}          # face id -> label (live faces)
         self._face_of: dict[int, tuple[str, str]] = {}  # label -> (face id, subject id), live faces
-        self._labels_of_subject: dict[str, set[int]] = {}
         self._next_label = 0
         self.deleted = 0
-        self.built_at = time.time()
+        self.built_at = time.time()   # when the graph was built from the database (kept by snapshots)
+        self.loaded_from = "database"  # or "snapshot"
+        self.snapshot_at = 0.0         # last snapshot written or loaded, epoch seconds
+
+    # -- snapshots (server/index/snapshot.py owns the file format) ------------
+    def save_graph(self, path: str) -> dict:
+        """Writes hnswlib's graph to `path`; returns the label map and counters of that same moment.
+
+        Searches go on meanwhile (read lock); changes wait until the graph is written.
+        """
+        with self._lock.read():
+            self._index.save_index(path)
+            return {"faces": [[label, f, s] for label, (f, s) in self._face_of.items()], "next_label": self._next_label,
+                    "deleted": self.deleted, "capacity": self._index.get_max_elements(), "built_at": self.built_at}
+
+    @classmethod
+    def from_saved(cls, dim: int, model_id: str, params: HnswParams, graph_path: str, state: dict) -> "HnswIndex":
+        """The inverse of save_graph. The caller has checked the file's checksum (hnswlib trusts its input)."""
+        idx = cls(dim, model_id, replace(params, initial_capacity=1))
+        graph = hnswlib.Index(space="cosine", dim=dim)
+        graph.load_index(graph_path, max_elements=int(state["capacity"]))
+        if graph.element_count != state["next_label"] or graph.M != params.m:
+            raise ValueError(f"graph holds {graph.element_count} elements with M={graph.M}, "
+                             f"the label map {state['next_label']} with M={params.m}")
+        graph.set_ef(params.ef_search)
+        idx._index = graph
+        for label, face_id, subject_id in state["faces"]:
+            idx._remember(int(label), face_id, subject_id)
+        idx._next_label, idx.deleted, idx.built_at = int(state["next_label"]), int(state["deleted"]), float(state["built_at"])
+        idx.loaded_from = "snapshot"
+        return idx
 
     # -- changes -------------------------------------------------------------
     def add(self, face_ids: list[str], subject_ids: list[str], vectors: np.ndarray) -> None:
-        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
         with self._lock.write():
-            new = [(i, f) for i, f in enumerate(face_ids) if f not in self._label_of]
-            if not new:
-                return
+            self._add_locked(face_ids, subject_ids, vectors)
+
+    def _add_locked(self, face_ids: list[str], subject_ids: list[str], vectors: np.ndarray) -> None:
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
+        new = [(i, f) for i, f in enumerate(face_ids) if f not in self._label_of]
+        if new:
             need = self._next_label + len(new)
             cap = self._index.get_max_elements()
             if need > cap:
@@ -98,36 +129,35 @@ class HnswIndex:
             labels = np.arange(self._next_label, need, dtype=np.int64)
             self._index.add_items(vectors[[i for i, _ in new]], labels)
             for label, (i, face_id) in zip(labels.tolist(), new):
-                self._label_of[face_id] = label
-                self._face_of[label] = (face_id, subject_ids[i])
-                self._labels_of_subject.setdefault(subject_ids[i], set()).add(label)
+                self._remember(label, face_id, subject_ids[i])
             self._next_label = need
 
+    def _remember(self, label: int, face_id: str, subject_id: str) -> None:
+        self._label_of[face_id] = label
+        self._face_of[label] = (face_id, subject_id)
+
+    def apply(self, present: dict[str, tuple[str, np.ndarray]], absent: list[str], replace: set[str] = frozenset()) -> None:
+        """Make the index agree with the database about some faces, in one write-locked step.
+
+        present: face id -> (subject id, embedding) as the database holds them now;
+        absent: face ids the database no longer holds (for this model);
+        replace: faces whose embedding changed (re-embedded): re-added even if indexed.
+        Idempotent, so the same change may be applied any number of times.
+        """
+        with self._lock.write():
+            for face_id in list(absent) + [f for f in replace if f in present]:
+                label = self._label_of.get(face_id)
+                if label is not None:
+                    self._drop(label)
+            new = [f for f in present if f not in self._label_of]
+            if new:
+                self._add_locked(new, [present[f][0] for f in new], np.stack([present[f][1] for f in new]))
+
     def _drop(self, label: int) -> None:
-        face_id, subject_id = self._face_of.pop(label)
+        face_id, _ = self._face_of.pop(label)
         del self._label_of[face_id]
-        labels = self._labels_of_subject.get(subject_id)
-        if labels is not None:
-            labels.discard(label)
-            if not labels:
-                del self._labels_of_subject[subject_id]
         self._index.mark_deleted(label)
         self.deleted += 1
-
-    def remove_face(self, face_id: str) -> bool:
-        with self._lock.write():
-            label = self._label_of.get(face_id)
-            if label is None:
-                return False
-            self._drop(label)
-            return True
-
-    def remove_subject(self, subject_id: str) -> int:
-        with self._lock.write():
-            labels = list(self._labels_of_subject.get(subject_id, ()))
-            for label in labels:
-                self._drop(label)
-            return len(labels)
 
     # -- queries -------------------------------------------------------------
     def __len__(self) -> int:
@@ -179,6 +209,7 @@ class HnswIndex:
                 "capacity": self._index.get_max_elements(), "m": self.params.m,
                 "ef_construction": self.params.ef_construction, "ef_search": self.params.ef_search,
                 "memory_bytes": self._memory_estimate(), "built_at": self.built_at,
+                "loaded_from": self.loaded_from, "snapshot_at": self.snapshot_at,
             }
 
     def _memory_estimate(self) -> int:

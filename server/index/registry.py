@@ -1,11 +1,18 @@
-"""One HnswIndex per collection, built lazily from the database and kept in step by the write path.
+"""One HnswIndex per collection: loaded from a snapshot or built from the database, then kept in step.
 
 The database is the source of truth: an index is only ever a cache of the
-faces table (for the current recognizer's model), rebuilt from it on first
-use after start-up. Changes made through this server are applied right after
-their database commit. A build and a change of the same collection are
-serialised by the collection's lock, so a face deleted while its collection
-is being built is not resurrected by the build.
+faces table (for the current recognizer's model). The one way a change
+reaches an index is `sync(collection, face_ids)`: under the collection's
+lock, read those faces from the database and make the index agree. That is
+idempotent and order-free, so this server's own writes (right after their
+commit: read-your-writes) and the change log (other replicas' writes, see
+server/index/sync.py) can both apply the same change, in any order, any
+number of times, and the last one to run reads the newest state.
+
+Loading a collection (first use, or the start-up warm-up): a valid snapshot
+plus the change-log rows after it, checked against the database's face
+count; otherwise a build from the faces table. A build and a change of the
+same collection are serialised by the collection's lock.
 """
 from __future__ import annotations
 
@@ -13,33 +20,58 @@ import logging
 import threading
 import time
 
+from server import errors
 from server.index.hnsw import HnswIndex, HnswParams
+from server.index.snapshot import SnapshotError, SnapshotStore
 
 log = logging.getLogger("facesvc.index")
 
 
 class IndexRegistry:
-    def __init__(self, store, model_id: str, dim: int, params: HnswParams = HnswParams(), batch: int = 5000):
+    def __init__(self, store, model_id: str, dim: int, params: HnswParams = HnswParams(),
+                 snapshots: SnapshotStore | None = None, retention_s: float = 7 * 86400, batch: int = 5000):
         self.store, self.model_id, self.dim, self.params, self.batch = store, model_id, dim, params, batch
+        self.snapshots, self.retention_s = snapshots, retention_s
         self._indexes: dict[str, HnswIndex] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._dirty: set[str] = set()  # changed since their last snapshot
+        self.change_seq = 0            # the change log position applied (set by IndexSync)
+        self.on_local_change = None    # called after this server's own commits (e.g. a Redis publish)
 
     def _lock(self, collection: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(collection, threading.Lock())
 
+    def loaded(self) -> list[str]:
+        return list(self._indexes)
+
     def get(self, collection: str) -> HnswIndex:
-        """The collection's index, built from the database if this server has not built it yet."""
+        """The collection's index, loaded if this server has not loaded it yet."""
         idx = self._indexes.get(collection)
         if idx is not None:
             return idx
         with self._lock(collection):
             idx = self._indexes.get(collection)
             if idx is None:
-                idx = self._build(collection)
+                idx = self._load(collection)
                 self._indexes[collection] = idx
             return idx
+
+    def _load(self, collection: str) -> HnswIndex:
+        if self.snapshots is not None:
+            t0 = time.perf_counter()
+            try:
+                idx = self._from_snapshot(collection)
+                if idx is not None:
+                    log.info("index %s: loaded from its snapshot with %d faces in %.2fs", collection, len(idx),
+                             time.perf_counter() - t0)
+                    return idx
+            except SnapshotError as exc:
+                log.warning("index %s: snapshot refused (%s); rebuilding from the database", collection, exc)
+        idx = self._build(collection)
+        self._mark_dirty(collection)
+        return idx
 
     def _build(self, collection: str) -> HnswIndex:
         t0 = time.perf_counter()
@@ -54,27 +86,126 @@ class IndexRegistry:
         log.info("index %s: built from the database with %d faces in %.2fs", collection, len(idx), time.perf_counter() - t0)
         return idx
 
-    # -- the write path calls these after its database commit ---------------------
-    def face_added(self, collection: str, face_id: str, subject_id: str, model_id: str, embedding) -> None:
-        if model_id != self.model_id:
+    def _from_snapshot(self, collection: str) -> HnswIndex | None:
+        created = self.store.collection_created_ms(collection)
+        if created is None:
+            return None
+        expect = {"model": self.model_id, "dimension": self.dim, "collection_created_ms": created,
+                  "min_written_ms": int((time.time() - self.retention_s) * 1000)}
+        loaded = self.snapshots.load(collection, self.params, expect)
+        if loaded is None:
+            return None
+        idx, doc = loaded
+        seq = doc["change_seq"]
+        for _ in range(2):  # a write landing between replay and count gets one more replay
+            seq = self._replay(collection, idx, seq)
+            have, want = len(idx), self.store.count_faces(collection, self.model_id)
+            if have == want:
+                return idx
+        raise SnapshotError(f"{have} faces after replaying the change log, the database holds {want}")
+
+    def _replay(self, collection: str, idx: HnswIndex, seq: int) -> int:
+        """Applies the collection's change-log rows after `seq`; returns the last seq seen."""
+        while True:
+            rows = self.store.changes_after(seq, self.batch, collection)
+            if not rows:
+                return seq
+            if any(op == "drop" for _, _, _, op in rows):
+                raise SnapshotError("the collection was deleted after the snapshot")
+            self._apply(collection, idx, rows)
+            seq = rows[-1][0]
+
+    def _apply(self, collection: str, idx: HnswIndex, rows) -> None:
+        face_ids = list(dict.fromkeys(f for _, _, f, _ in rows))
+        present = self.store.faces_by_id(collection, self.model_id, face_ids)
+        replace = {f for _, _, f, op in rows if op == "update"}
+        idx.apply(present, [f for f in face_ids if f not in present], replace)
+
+    # -- changes ----------------------------------------------------------------
+    def sync(self, collection: str, face_ids: list[str], replace: bool = False) -> None:
+        """Make the loaded index (if any) agree with the database about these faces."""
+        if not face_ids:
             return
         with self._lock(collection):
             idx = self._indexes.get(collection)
-            if idx is not None:  # not built yet: the build will read the committed face
-                idx.add([face_id], [subject_id], embedding)
+            if idx is None:  # not loaded: the load will read the committed state
+                return
+            self._apply(collection, idx, [(0, collection, f, "update" if replace else "sync") for f in face_ids])
+        self._mark_dirty(collection)
 
-    def face_deleted(self, collection: str, face_id: str) -> None:
-        with self._lock(collection):
-            idx = self._indexes.get(collection)
-            if idx is not None:
-                idx.remove_face(face_id)
-
-    def subject_deleted(self, collection: str, subject_id: str) -> None:
-        with self._lock(collection):
-            idx = self._indexes.get(collection)
-            if idx is not None:
-                idx.remove_subject(subject_id)
+    def local_change(self, collection: str, face_ids: list[str]) -> None:
+        """After this server's own commit. Never fails the committed request: if the database
+        cannot be read right now, the change log brings the change in on a later poll."""
+        try:
+            self.sync(collection, face_ids)
+        except errors.FaceServiceError as exc:
+            log.warning("index %s: could not apply a committed change now (%s); the change log will", collection, exc)
+        if self.on_local_change is not None:
+            self.on_local_change()
 
     def collection_deleted(self, collection: str) -> None:
+        """After this server deleted the collection."""
+        self.drop(collection)
+        if self.on_local_change is not None:
+            self.on_local_change()
+
+    def drop(self, collection: str) -> None:
+        """The collection was deleted (or must be reloaded): forget its index and its snapshot."""
         with self._lock(collection):
             self._indexes.pop(collection, None)
+            with self._guard:
+                self._dirty.discard(collection)
+            if self.snapshots is not None:
+                self.snapshots.remove(collection)
+
+    def apply_changes(self, rows) -> None:
+        """Change-log rows from IndexSync, in seq order."""
+        by_collection: dict[str, list] = {}
+        for row in rows:
+            by_collection.setdefault(row[1], []).append(row)
+        for collection, crows in by_collection.items():
+            if any(op == "drop" for _, _, _, op in crows):
+                self.drop(collection)  # re-created since? the next use loads the new one from the database
+                continue
+            with self._lock(collection):
+                idx = self._indexes.get(collection)
+                if idx is None:
+                    continue
+                self._apply(collection, idx, crows)
+            self._mark_dirty(collection)
+
+    # -- snapshots ----------------------------------------------------------------
+    def _mark_dirty(self, collection: str) -> None:
+        with self._guard:
+            self._dirty.add(collection)
+
+    def write_snapshots(self, change_seq: int, refresh_older_than_s: float | None = None) -> int:
+        """Snapshots of the indexes changed since their last one (and of those older than
+        `refresh_older_than_s`, so none outlives the change log). `change_seq`: every change
+        at or below it is in the indexes. Returns how many were written."""
+        if self.snapshots is None:
+            return 0
+        with self._guard:
+            todo, self._dirty = set(self._dirty), set()
+        if refresh_older_than_s is not None:
+            cutoff = time.time() - refresh_older_than_s
+            todo |= {c for c, i in list(self._indexes.items()) if i.snapshot_at < cutoff}
+        written = 0
+        for collection in sorted(todo):
+            idx = self._indexes.get(collection)
+            if idx is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                created = self.store.collection_created_ms(collection)
+                if created is None:
+                    continue
+                self.snapshots.write(collection, idx, {"collection_created_ms": created, "change_seq": change_seq})
+            except (OSError, errors.FaceServiceError) as exc:
+                log.warning("index %s: snapshot not written (%s)", collection, exc)
+                self._mark_dirty(collection)
+                continue
+            idx.snapshot_at = time.time()
+            written += 1
+            log.info("index %s: snapshot of %d faces written in %.2fs", collection, len(idx), time.perf_counter() - t0)
+        return written

@@ -48,6 +48,16 @@ _SQLITE_SCHEMA: list[list[str]] = [
             description   TEXT NOT NULL,
             created_ms    INTEGER NOT NULL)""",
     ],
+    [  # v2: the change log replicas follow to keep their search indexes current; an index for index builds
+        """CREATE TABLE face_changes (
+            seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+            collection_id TEXT NOT NULL,
+            face_id       TEXT,
+            op            TEXT NOT NULL,
+            created_ms    INTEGER NOT NULL)""",
+        "CREATE INDEX face_changes_by_time ON face_changes(created_ms)",
+        "CREATE INDEX faces_for_index ON faces(collection_id, model_id, face_id)",
+    ],
 ]
 
 _MYSQL_TABLE = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
@@ -85,6 +95,16 @@ _MYSQL_SCHEMA: list[list[str]] = [
             description   VARCHAR(256) NOT NULL,
             created_ms    BIGINT NOT NULL,
             FOREIGN KEY (collection_id) REFERENCES collections(collection_id) ON DELETE CASCADE) {_MYSQL_TABLE}""",
+    ],
+    [  # v2: see the SQLite schema
+        f"""CREATE TABLE face_changes (
+            seq           BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            collection_id VARCHAR(64) NOT NULL,
+            face_id       CHAR(32) NULL,
+            op            VARCHAR(8) NOT NULL,
+            created_ms    BIGINT NOT NULL,
+            INDEX face_changes_by_time (created_ms)) {_MYSQL_TABLE}""",
+        "CREATE INDEX faces_for_index ON faces (collection_id, model_id, face_id)",
     ],
 ]
 

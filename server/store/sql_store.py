@@ -4,6 +4,12 @@ The database is the source of truth. Every write is one transaction: a face
 and the subject it creates are committed together or not at all. Identifier
 columns compare byte-wise on both backends (utf8mb4_bin on MySQL), so
 "Alice" and "alice" are two subjects everywhere.
+
+Every write that changes which faces a search index should hold also appends
+a row to `face_changes` in the same transaction (op add / delete / update,
+or drop for a whole collection). Each server replica follows that log to keep
+its in-memory indexes current (server/index/sync.py); rows older than the
+retention period are pruned.
 """
 from __future__ import annotations
 
@@ -199,6 +205,7 @@ class SqlFaceStore:
             subjects = q("SELECT COUNT(*) FROM subjects WHERE collection_id = ?", collection_id).fetchone()[0]
             faces = q("SELECT COUNT(*) FROM faces WHERE collection_id = ?", collection_id).fetchone()[0]
             q("DELETE FROM collections WHERE collection_id = ?", c[0])
+            self._log(q, collection_id, None, "drop")
         return subjects, faces
 
     def _collection_row(self, q, collection_id: str):
@@ -277,6 +284,7 @@ class SqlFaceStore:
                 if not self._exists(q, "faces WHERE face_id = ?", face.face_id):
                     raise
                 raise _Duplicate() from None  # a concurrent retry of the same Register committed first
+            self._log(q, collection_id, face.face_id, "add")
         return FaceRecord(face.face_id, collection_id, subject_id, face.model_id, float(face.quality), ts,
                           embedding=face.embedding, crop=face.crop), created
 
@@ -342,15 +350,18 @@ class SqlFaceStore:
             self.get_subject(collection_id, subject_id)  # raises SUBJECT_NOT_FOUND (MySQL counts unchanged rows as 0)
         return self.get_subject(collection_id, subject_id)
 
-    def delete_subject(self, collection_id: str, subject_id: str) -> int:
-        """Deletes the subject and all its faces; returns how many faces went."""
+    def delete_subject(self, collection_id: str, subject_id: str) -> list[str]:
+        """Deletes the subject and all its faces; returns the ids of the faces that went."""
         with self._tx() as q:
             self._collection_row(q, collection_id)
-            faces = q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).fetchone()[0]
+            faces = [r[0] for r in q(f"SELECT face_id FROM faces WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
+                                     collection_id, subject_id).fetchall()]
             n = q("DELETE FROM subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).rowcount
-        if n == 0:
-            raise errors.not_found(errors.SUBJECT_NOT_FOUND, f"subject {subject_id!r} is not registered in {collection_id!r}",
-                                   collection=collection_id, subject_id=subject_id)
+            if n == 0:
+                raise errors.not_found(errors.SUBJECT_NOT_FOUND, f"subject {subject_id!r} is not registered in {collection_id!r}",
+                                       collection=collection_id, subject_id=subject_id)
+            for face_id in faces:
+                self._log(q, collection_id, face_id, "delete")
         return faces
 
     def delete_face(self, collection_id: str, face_id: str) -> FaceRecord:
@@ -362,6 +373,7 @@ class SqlFaceStore:
                 raise errors.not_found(errors.FACE_NOT_FOUND, f"face {face_id!r} does not exist in {collection_id!r}",
                                        face_id=face_id)
             q("DELETE FROM faces WHERE face_id = ?", face_id)
+            self._log(q, collection_id, face_id, "delete")
             q("UPDATE subjects SET updated_ms = ? WHERE collection_id = ? AND subject_id = ?", now_ms(), collection_id, row[2])
         return self._face(row, False)
 
@@ -384,7 +396,63 @@ class SqlFaceStore:
 
     def update_embedding(self, face_id: str, model_id: str, embedding: np.ndarray) -> None:
         with self._tx() as q:
+            row = q("SELECT collection_id FROM faces WHERE face_id = ?", face_id).fetchone()
+            if row is None:
+                return  # deleted meanwhile
             q("UPDATE faces SET model_id = ?, embedding = ? WHERE face_id = ?", model_id, _emb_bytes(embedding), face_id)
+            self._log(q, row[0], face_id, "update")
+
+    def faces_by_id(self, collection_id: str, model_id: str, face_ids: list[str]):
+        """{face_id: (subject_id, embedding)} of those faces that exist with embeddings of `model_id`."""
+        out = {}
+        with self._tx(write=False) as q:
+            for s in range(0, len(face_ids), 500):
+                part = face_ids[s:s + 500]
+                rows = q(f"SELECT face_id, subject_id, embedding FROM faces WHERE collection_id = ? AND model_id = ? "
+                         f"AND face_id IN ({', '.join('?' * len(part))})", collection_id, model_id, *part).fetchall()
+                out.update({r[0]: (r[1], _emb_array(r[2])) for r in rows})
+        return out
+
+    def count_faces(self, collection_id: str, model_id: str) -> int:
+        with self._tx(write=False) as q:
+            return q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND model_id = ?", collection_id, model_id).fetchone()[0]
+
+    def collection_created_ms(self, collection_id: str) -> int | None:
+        """When the collection was created (tells a re-created collection from the old one), or None."""
+        with self._tx(write=False) as q:
+            row = q("SELECT created_ms FROM collections WHERE collection_id = ?", collection_id).fetchone()
+        return None if row is None else row[0]
+
+    # -- the change log --------------------------------------------------------
+    @staticmethod
+    def _log(q, collection_id: str, face_id: str | None, op: str) -> None:
+        q("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES (?, ?, ?, ?)",
+          collection_id, face_id, op, now_ms())
+
+    def last_change_seq(self) -> int:
+        with self._tx(write=False) as q:
+            return q("SELECT MAX(seq) FROM face_changes").fetchone()[0] or 0
+
+    def changes_after(self, seq: int, limit: int, collection_id: str = "") -> list[tuple[int, str, str | None, str]]:
+        """[(seq, collection_id, face_id, op)] committed with a sequence number above `seq`, in order."""
+        where, params = "seq > ?", (seq,)
+        if collection_id:
+            where, params = "seq > ? AND collection_id = ?", (seq, collection_id)
+        with self._tx(write=False) as q:
+            return [tuple(r) for r in q(f"SELECT seq, collection_id, face_id, op FROM face_changes WHERE {where} "
+                                        "ORDER BY seq LIMIT ?", *params, limit).fetchall()]
+
+    def changes_at(self, seqs: list[int]) -> list[tuple[int, str, str | None, str]]:
+        """The rows of these sequence numbers that are committed now (late commits below the high-water mark)."""
+        if not seqs:
+            return []
+        with self._tx(write=False) as q:
+            return [tuple(r) for r in q(f"SELECT seq, collection_id, face_id, op FROM face_changes "
+                                        f"WHERE seq IN ({', '.join('?' * len(seqs))}) ORDER BY seq", *seqs).fetchall()]
+
+    def prune_changes(self, before_ms: int) -> int:
+        with self._tx() as q:
+            return q("DELETE FROM face_changes WHERE created_ms < ?", before_ms).rowcount
 
     # -- API keys ------------------------------------------------------------
     def create_api_key(self, key_id: str, collection_id: str, key_hash: str, description: str) -> ApiKey:

@@ -1,0 +1,165 @@
+"""The background thread that keeps this replica's indexes current, and writes their snapshots.
+
+Consistency (what a caller can rely on):
+- On the replica that committed a Register/Delete, the change is in that
+  replica's index before the RPC returns (read-your-writes).
+- Every other replica applies it within `sync_interval_s` (default 1 s) plus
+  the time to read the change, because each polls the face_changes log. With
+  Redis configured, a commit also publishes a wake-up on a pub/sub channel, so
+  the others usually apply it within milliseconds; the poll is the safety net
+  when a message is lost or Redis is down.
+- While the database is unreachable, searches keep answering from the index
+  as it was (possibly stale); the changes are applied once it is back.
+- A replica never serves a face the database has deleted once it has seen
+  the delete's log row, and a restart never resurrects one: snapshots are
+  replayed through the log and checked against the database's face count.
+
+One thread owns the feed, so the change-log position written into a snapshot
+is always one whose changes are all in the indexes.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import redis
+
+from server import errors
+from server.index.changes import ChangeFeed
+from server.index.registry import IndexRegistry
+
+log = logging.getLogger("facesvc.index")
+
+
+class ChangeNotifier:
+    """Redis pub/sub wake-ups between replicas. Best effort: failures are logged and ignored."""
+
+    def __init__(self, url: str, channel: str, timeout_s: float = 0.5):
+        self.channel = channel
+        self.client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._quiet_until = 0.0
+
+    def publish(self) -> None:
+        if time.monotonic() < self._quiet_until:
+            return
+        try:
+            self.client.publish(self.channel, b"1")
+        except redis.RedisError as exc:
+            self._quiet_until = time.monotonic() + 5.0  # Redis is down: don't slow every commit
+            log.warning("index change notification not published (%s); replicas will see it by polling", exc)
+
+    def listen(self, wake, stop: threading.Event) -> None:
+        """Calls wake() for each message until stop is set (run in its own thread)."""
+        while not stop.is_set():
+            pubsub = None
+            try:
+                pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.channel)
+                while not stop.is_set():
+                    if pubsub.get_message(timeout=1.0) is not None:
+                        wake()
+            except (redis.RedisError, OSError) as exc:
+                log.debug("index change subscription lost (%s); retrying", exc)
+                stop.wait(2.0)
+            finally:
+                if pubsub is not None:
+                    try:
+                        pubsub.close()
+                    except Exception:  # noqa: BLE001 - closing a broken connection
+                        pass
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class IndexSync:
+    def __init__(self, registry: IndexRegistry, store, *, sync_interval_s: float = 1.0,
+                 snapshot_interval_s: float = 300.0, retention_s: float = 7 * 86400, warmup: bool = True,
+                 notifier: ChangeNotifier | None = None):
+        self.registry, self.store = registry, store
+        self.sync_interval_s, self.snapshot_interval_s, self.retention_s = sync_interval_s, snapshot_interval_s, retention_s
+        self.warmup, self.notifier = warmup, notifier
+        self.feed = ChangeFeed.from_now(store)
+        registry.change_seq = self.feed.low_water()
+        if notifier is not None:
+            registry.on_local_change = notifier.publish
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._last_snapshot = self._last_prune = time.monotonic()
+        self._failing = False
+
+    def start(self) -> None:
+        self._threads = [threading.Thread(target=self._run, name="index-sync", daemon=True)]
+        if self.notifier is not None:
+            self._threads.append(threading.Thread(target=self.notifier.listen, args=(self._wake.set, self._stop),
+                                                  name="index-notify", daemon=True))
+        for t in self._threads:
+            t.start()
+
+    def stop(self, final_snapshot: bool = True) -> None:
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join(timeout=30)
+        if final_snapshot:
+            self.registry.write_snapshots(self.feed.low_water())
+        if self.notifier is not None:
+            self.notifier.close()
+
+    # -- the thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        if self.warmup:
+            self._warm()
+        while not self._stop.is_set():
+            self._wake.wait(self.sync_interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            self.step()
+
+    def _warm(self) -> None:
+        """Load every collection's index now rather than on its first search."""
+        after = ""
+        try:
+            while not self._stop.is_set():
+                page = self.store.list_collections(after, 100)
+                if not page:
+                    break
+                for c in page:
+                    if self._stop.is_set():
+                        break
+                    self.registry.get(c.collection_id)
+                after = page[-1].collection_id
+        except errors.FaceServiceError as exc:
+            log.warning("index warm-up stopped (%s); the remaining collections load on first use", exc)
+
+    def step(self) -> None:
+        """One poll of the change log (repeated while batches come back full), then housekeeping."""
+        try:
+            while True:
+                batch = self.feed.poll()
+                if batch.rows:
+                    self.registry.apply_changes(batch.rows)
+                self.feed.advance(batch)
+                self.registry.change_seq = self.feed.low_water()
+                if not batch.full:
+                    break
+            if self._failing:
+                log.info("index sync: the database is reachable again")
+                self._failing = False
+            now = time.monotonic()
+            if now - self._last_snapshot >= self.snapshot_interval_s:
+                self._last_snapshot = now
+                self.registry.write_snapshots(self.feed.low_water(), refresh_older_than_s=self.retention_s / 2)
+            if now - self._last_prune >= 3600:
+                self._last_prune = now
+                n = self.store.prune_changes(int((time.time() - self.retention_s) * 1000))
+                if n:
+                    log.info("change log: pruned %d rows older than %.0f h", n, self.retention_s / 3600)
+        except errors.FaceServiceError as exc:
+            if not self._failing:
+                log.warning("index sync paused: %s (searches answer from the indexes as they are)", exc)
+                self._failing = True
+        except Exception:  # noqa: BLE001 - the thread must survive anything, and say so
+            log.exception("index sync step failed; retrying")

@@ -1,0 +1,254 @@
+"""The search index's durability and replication, on both real databases.
+
+Unit level: a real SqlFaceStore (SQLite file / this run's MySQL database), real
+hnswlib indexes and snapshot files. The vectors are random unit vectors: what
+is under test is that the index holds exactly the faces the database holds,
+across snapshots, restarts, corruption and replicas (recognition itself is
+tested on the LFW photos in test_search.py).
+"""
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pymysql
+import pytest
+
+from server.index.changes import ChangeFeed
+from server.index.hnsw import HnswParams
+from server.index.registry import IndexRegistry
+from server.index.snapshot import SnapshotStore
+from server.index.sync import IndexSync
+from server.records import LIVENESS_OPTIONAL, NewFace
+from server.store import open_store
+
+MODEL, DIM = "w600k_mbf", 512
+PARAMS = HnswParams(m=16, ef_construction=100, ef_search=64)
+
+
+@pytest.fixture
+def store(db_url, tmp_path):
+    s = open_store(db_url, str(tmp_path))
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def mysql_store(mysql_url, tmp_path):
+    """For what only MySQL does: SQLite serialises writers and rolls its sequence back, so its
+    sequence numbers always commit in order and without gaps."""
+    s = open_store(mysql_url, str(tmp_path))
+    yield s
+    s.close()
+
+
+def unit(rng) -> np.ndarray:
+    v = rng.standard_normal(DIM).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def new_collection(store) -> str:
+    cid = "ix-" + uuid.uuid4().hex[:10]
+    store.create_collection(cid, "index test", LIVENESS_OPTIONAL)
+    return cid
+
+
+def enrol(store, cid: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """n subjects with one face each; {face_id: embedding}."""
+    rng = np.random.default_rng(seed)
+    faces = {}
+    for i in range(n):
+        f = NewFace(uuid.uuid4().hex, MODEL, unit(rng), 0.9, None)
+        store.add_face(cid, f"s{seed}-{i}", f, allow_existing=False, max_faces=10)
+        faces[f.face_id] = f.embedding
+    return faces
+
+
+def registry(store, tmp_path, name="a") -> IndexRegistry:
+    return IndexRegistry(store, MODEL, DIM, PARAMS, snapshots=SnapshotStore(tmp_path / f"index-{name}"))
+
+
+def snapshotted(store, tmp_path, n: int) -> tuple[str, dict[str, np.ndarray], IndexRegistry]:
+    """A collection of n faces whose index replica "a" has built and snapshotted."""
+    cid = new_collection(store)
+    faces = enrol(store, cid, n)
+    a = registry(store, tmp_path)
+    a.get(cid)
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    return cid, faces, a
+
+
+def answers(reg: IndexRegistry, cid: str, probes) -> list[list[tuple[str, float]]]:
+    idx = reg.get(cid)
+    return [[(h.face_id, round(h.similarity, 5)) for h in idx.search(p, 5, -1.0, 1)] for p in probes]
+
+
+def test_snapshot_restart_gives_the_same_answers_and_replays_later_changes(store, tmp_path):
+    cid = new_collection(store)
+    faces = enrol(store, cid, 300)
+    probes = list(faces.values())[:20] + [unit(np.random.default_rng(99)) for _ in range(5)]
+    a = registry(store, tmp_path)
+    before = answers(a, cid, probes)
+    assert a.get(cid).loaded_from == "database"
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    # changes after the snapshot: one face deleted, one subject deleted, one face added
+    gone = list(faces)[0]
+    store.delete_face(cid, gone)
+    gone_subject_faces = store.delete_subject(cid, "s0-1")
+    added = enrol(store, cid, 1, seed=5)
+    b = registry(store, tmp_path)  # a restart: same snapshot directory, nothing in memory
+    idx = b.get(cid)
+    assert idx.loaded_from == "snapshot" and len(idx) == 300 - 2 + 1
+    rebuilt = IndexRegistry(store, MODEL, DIM, PARAMS)  # no snapshots at all: built from the database
+    assert rebuilt.get(cid).loaded_from == "database"
+    after_snapshot, after_rebuild = answers(b, cid, probes), answers(rebuilt, cid, probes)
+    assert after_snapshot == after_rebuild
+    returned = {f for hits in after_snapshot for f, _ in hits}
+    assert gone not in returned and not set(gone_subject_faces) & returned
+    assert b.get(cid).search(next(iter(added.values())), 1, 0.9, 1)[0].face_id == next(iter(added))
+    # the probes whose faces were not touched answer exactly as before the restart
+    untouched = [i for i, p in enumerate(before) if not {f for f, _ in p} & ({gone} | set(gone_subject_faces))]
+    assert len(untouched) >= 15 and all(before[i][:1] == after_snapshot[i][:1] for i in untouched)
+
+
+@pytest.mark.parametrize("damage", ["graph-bytes", "graph-missing", "snapshot-truncated", "snapshot-garbage"])
+def test_a_damaged_snapshot_is_refused_and_the_index_rebuilt(store, tmp_path, damage, caplog):
+    cid, faces, a = snapshotted(store, tmp_path, 120)
+    expected = answers(a, cid, list(faces.values())[:10])
+    d = tmp_path / "index-a"
+    graph = next(d.glob(f"{cid}.*.graph"))
+    snap = d / f"{cid}.snapshot"
+    if damage == "graph-bytes":
+        raw = bytearray(graph.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        graph.write_bytes(bytes(raw))
+    elif damage == "graph-missing":
+        graph.unlink()
+    elif damage == "snapshot-truncated":
+        snap.write_bytes(snap.read_bytes()[:-100])
+    else:
+        snap.write_bytes(b"not a snapshot")
+    b = registry(store, tmp_path)
+    with caplog.at_level("WARNING", logger="facesvc.index"):
+        idx = b.get(cid)
+    assert idx.loaded_from == "database" and len(idx) == 120
+    assert "snapshot refused" in caplog.text
+    assert answers(b, cid, list(faces.values())[:10]) == expected
+
+
+def test_a_snapshot_for_other_parameters_or_an_earlier_collection_is_refused(store, tmp_path):
+    cid, _, _ = snapshotted(store, tmp_path, 50)
+    other_m = IndexRegistry(store, MODEL, DIM, HnswParams(m=8, ef_construction=100), snapshots=SnapshotStore(tmp_path / "index-a"))
+    assert other_m.get(cid).loaded_from == "database"
+    # the collection deleted and created again under the same id while this server was down
+    store.delete_collection(cid)
+    store.create_collection(cid, "again", LIVENESS_OPTIONAL)
+    enrol(store, cid, 7, seed=3)
+    again = registry(store, tmp_path)
+    assert again.get(cid).loaded_from == "database" and len(again.get(cid)) == 7
+
+
+def test_a_change_the_log_did_not_record_is_caught_by_the_count_check(store, tmp_path):
+    cid, faces, _ = snapshotted(store, tmp_path, 40)
+    with store._tx() as q:  # behind the service's back: no change-log row
+        q("DELETE FROM faces WHERE face_id = ?", next(iter(faces)))
+    b = registry(store, tmp_path)
+    assert b.get(cid).loaded_from == "database" and len(b.get(cid)) == 39
+
+
+def test_a_crash_while_writing_leaves_the_previous_snapshot(store, tmp_path):
+    cid, _, _ = snapshotted(store, tmp_path, 30)
+    d = tmp_path / "index-a"
+    # what a kill -9 in the middle of the next write leaves: a new graph and a half temp file
+    (d / f"{cid}.ffff.graph").write_bytes(b"\0" * 1000)
+    (d / f".{cid}.snapshot.ffff.tmp").write_bytes(b"half")
+    b = registry(store, tmp_path)
+    assert b.get(cid).loaded_from == "snapshot" and len(b.get(cid)) == 30
+
+
+def test_replicas_follow_each_other_through_the_change_log(store, tmp_path):
+    """Two registries on one database, each with its own IndexSync (as two server processes have)."""
+    cid = new_collection(store)
+    enrol(store, cid, 20)
+    a, b = registry(store, tmp_path, "a"), registry(store, tmp_path, "b")
+    sync_b = IndexSync(b, store, warmup=False)
+    assert len(a.get(cid)) == len(b.get(cid)) == 20
+    # replica A registers (and applies it itself at once: read-your-writes)
+    added = enrol(store, cid, 3, seed=8)
+    for f in added:
+        a.local_change(cid, [f])
+    assert len(a.get(cid)) == 23 and len(b.get(cid)) == 20
+    sync_b.step()  # one poll of the change log
+    assert len(b.get(cid)) == 23
+    f, v = next(iter(added.items()))
+    assert b.get(cid).search(v, 1, 0.9, 1)[0].face_id == f
+    # replica A deletes a subject: B stops returning it after its next poll
+    deleted = store.delete_subject(cid, "s8-0")
+    a.local_change(cid, deleted)
+    sync_b.step()
+    assert not b.get(cid).search(v, 1, 0.9, 1) and len(b.get(cid)) == 22
+    assert b.change_seq == store.last_change_seq()
+    # the collection deleted on A: B forgets its index and its snapshot
+    b.write_snapshots(b.change_seq)
+    store.delete_collection(cid)
+    sync_b.step()
+    assert cid not in b.loaded() and not (tmp_path / "index-b" / f"{cid}.snapshot").exists()
+
+
+def test_applying_a_change_twice_or_out_of_order_converges(store, tmp_path):
+    cid = new_collection(store)
+    faces = enrol(store, cid, 5)
+    a = registry(store, tmp_path)
+    a.get(cid)
+    f = next(iter(faces))
+    store.delete_face(cid, f)
+    a.sync(cid, [f])
+    a.sync(cid, [f])  # again: still gone
+    a.apply_changes([(1, cid, f, "add")])  # the add's log row arriving after the delete: reads the database, stays gone
+    assert len(a.get(cid)) == 4 and f not in {h.face_id for h in a.get(cid).search(faces[f], 5, -1, 1)}
+
+
+def test_the_feed_waits_for_a_late_commit_below_its_high_water_mark(mysql_store):
+    """MySQL gives out AUTO_INCREMENT values at insert, so seq N can commit after N+1."""
+    store = mysql_store
+    feed = ChangeFeed(store, store.last_change_seq())
+    slow = pymysql.connect(**store.d.params, autocommit=False)
+    try:
+        with slow.cursor() as cur:  # takes seq N, does not commit yet
+            cur.execute("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES ('late', 'a', 'add', 0)")
+        with store._tx() as q:      # seq N+1 commits first
+            q("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES ('late', 'b', 'add', 0)")
+        first = feed.poll()
+        feed.advance(first)
+        assert [r[2] for r in first.rows] == ["b"] and len(first.gaps) == 1
+        assert feed.low_water() < first.high  # a snapshot now must not claim N
+        slow.commit()
+        second = feed.poll()
+        feed.advance(second)
+        assert [r[2] for r in second.rows] == ["a"] and not feed.gaps and feed.low_water() == first.high
+    finally:
+        slow.close()
+
+
+def test_the_feed_gives_up_on_a_rolled_back_sequence_number(mysql_store):
+    store = mysql_store
+    now = [0.0]
+    feed = ChangeFeed(store, store.last_change_seq(), gap_timeout_s=60, clock=lambda: now[0])
+    with store._tx() as q:
+        q("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES ('rb', 'x', 'add', 0)")
+    feed.advance(feed.poll())
+    rolled = pymysql.connect(**store.d.params, autocommit=False)
+    try:
+        with rolled.cursor() as cur:
+            cur.execute("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES ('rb', 'y', 'add', 0)")
+        rolled.rollback()
+    finally:
+        rolled.close()
+    with store._tx() as q:
+        q("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES ('rb', 'z', 'add', 0)")
+    feed.advance(feed.poll())
+    assert len(feed.gaps) == 1
+    now[0] = 61.0
+    feed.advance(feed.poll())
+    assert not feed.gaps and feed.low_water() == store.last_change_seq()
+
