@@ -10,13 +10,14 @@ BUF    := .tools/node_modules/.bin/buf
 PROTOS := $(wildcard protos/facesvc/v1/*.proto)
 ARGS   ?=
 
-.PHONY: help setup run test lint-proto gen models install-gpu bench eval clean
+.PHONY: help setup run test lint-proto gen models install-gpu bench bench-search eval clean
 
 help:
 	@echo "make run        set everything up and start the server on embedded defaults"
 	@echo "make test       set everything up and run buf lint + the whole test suite"
 	@echo "make setup      venv, dependencies, generated stubs, model weights"
 	@echo "make bench      scripts/bench_pipeline.py (per-stage and end-to-end latency)"
+	@echo "make bench-search  scripts/bench_search.py (hnswlib vs FAISS flat / HNSW; ARGS=--size 1000000 for 1 M)"
 	@echo "make eval       scripts/eval_verification.py (threshold calibration on labelled pairs)"
 	@echo "make install-gpu  swap CPU onnxruntime for onnxruntime-gpu in the venv"
 
@@ -55,6 +56,10 @@ test: setup lint-proto
 
 bench: setup
 	$(PY) scripts/bench_pipeline.py $(ARGS)
+
+bench-search: setup
+	$(PY) -m pip install --quiet -e '.[bench,dev]' --config-settings editable_mode=compat
+	$(PY) scripts/bench_search.py $(ARGS)
 
 eval: setup
 	$(PY) scripts/eval_verification.py $(ARGS)

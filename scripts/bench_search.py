@@ -1,0 +1,263 @@
+#!/usr/bin/env python3
+"""1:N search engines side by side: facesvc's hnswlib index vs FAISS flat (exact) vs FAISS HNSW.
+
+Corpora of 512-d unit vectors (the recognizer's embedding size):
+  clustered  identities with several noisy faces each (face = normalise(centre + noise),
+             same-identity cosine ~0.6 as with real ArcFace embeddings); probes are
+             fresh noisy faces of enrolled identities
+  uniform    random directions on the sphere; probes are random directions too (the
+             hardest case for a graph index: no structure at all)
+
+Per corpus and engine, in the same run on the same vectors: build time, memory
+(RSS growth while building), recall@1 and recall@10 against the exact top-10
+(FAISS IndexFlatIP), single-query latency p50/p99 (one probe per call, as the
+Search RPC does), and batch throughput (all probes in one call, all cores).
+The facesvc row goes through `server.index.hnsw.HnswIndex` (the class the
+server uses: read lock, label map) for latency; recall is taken on its graph.
+`--ef-sweep` adds the recall/latency of other ef_search values on the same graph
+(how the defaults were chosen), and the facesvc index is snapshotted and loaded back
+(what a restart costs instead of a rebuild).
+
+    .venv/bin/python scripts/bench_search.py                 # 100 k faces per corpus
+    .venv/bin/python scripts/bench_search.py --size 1000000  # 1 M (about 10 GB RAM, ~30 min)
+
+Prints a table and writes JSON (default .bench/bench_search.json).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from server.index.hnsw import HnswIndex, HnswParams  # noqa: E402
+from server.index.snapshot import SnapshotStore  # noqa: E402
+
+DIM = 512
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def make_corpus(kind: str, size: int, queries: int, faces_per_identity: int, noise: float, seed: int):
+    """(corpus, probes), float32 unit rows, generated in chunks to keep the peak low."""
+    rng = np.random.default_rng(seed)
+    chunk = 100_000
+    if kind == "uniform":
+        corpus = np.empty((size, DIM), np.float32)
+        for s in range(0, size, chunk):
+            corpus[s:s + chunk] = normalise(rng.standard_normal((min(chunk, size - s), DIM), dtype=np.float32))
+        return corpus, normalise(rng.standard_normal((queries, DIM), dtype=np.float32))
+    identities = -(-size // faces_per_identity)
+    centres = normalise(rng.standard_normal((identities, DIM), dtype=np.float32))
+    scale = noise / np.sqrt(DIM)
+
+    def faces_of(ids: np.ndarray) -> np.ndarray:
+        return normalise(centres[ids] + scale * rng.standard_normal((len(ids), DIM), dtype=np.float32))
+
+    corpus = np.empty((size, DIM), np.float32)
+    owner = np.arange(size) // faces_per_identity
+    for s in range(0, size, chunk):
+        corpus[s:s + chunk] = faces_of(owner[s:s + chunk])
+    probes = faces_of(rng.integers(0, identities, queries))
+    return corpus, probes
+
+
+def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
+    hits = sum(len(set(f[:k].tolist()) & set(t[:k].tolist())) for f, t in zip(found, truth))
+    return hits / (len(truth) * k)
+
+
+def latency(fn, probes: np.ndarray, n: int) -> dict:
+    times = []
+    for q in probes[:n]:
+        t0 = time.perf_counter()
+        fn(q)
+        times.append(time.perf_counter() - t0)
+    a = np.array(times) * 1000
+    return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "mean_ms": float(a.mean())}
+
+
+def batch_qps(fn, probes: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    fn(probes)
+    return len(probes) / (time.perf_counter() - t0)
+
+
+def bench_flat(faiss, corpus, probes, single_n: int) -> tuple[dict, np.ndarray]:
+    gc.collect()
+    r0, t0 = rss_mb(), time.perf_counter()
+    index = faiss.IndexFlatIP(DIM)
+    index.add(corpus)
+    build = time.perf_counter() - t0
+    mem = rss_mb() - r0
+    t0 = time.perf_counter()
+    sims, truth = index.search(probes, 10)
+    qps = len(probes) / (time.perf_counter() - t0)
+    # how far apart the true neighbours are: on the uniform corpus they are all noise around 0.2
+    row = {"engine": "faiss IndexFlatIP (exact)", "build_s": build, "memory_mb": mem, "recall@1": 1.0, "recall@10": 1.0,
+           "exact_sim_top1_mean": float(sims[:, 0].mean()), "exact_sim_top10_mean": float(sims[:, 9].mean()),
+           "single": latency(lambda q: index.search(q[None], 10), probes, single_n), "batch_qps": qps}
+    del index
+    return row, truth
+
+
+def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_sweep: list[int]) -> list[dict]:
+    gc.collect()
+    r0, t0 = rss_mb(), time.perf_counter()
+    idx = HnswIndex(DIM, "bench", params)
+    ids = [f"{i:032x}" for i in range(len(corpus))]
+    step = 50_000
+    for s in range(0, len(corpus), step):
+        idx.add(ids[s:s + step], ids[s:s + step], corpus[s:s + step])
+    build = time.perf_counter() - t0
+    mem = rss_mb() - r0
+    graph = idx._index
+    rows = []
+    for ef in [params.ef_search] + [e for e in ef_sweep if e != params.ef_search]:
+        graph.set_ef(max(ef, 10))
+        t0 = time.perf_counter()
+        found, _ = graph.knn_query(probes, k=10)
+        qps = len(probes) / (time.perf_counter() - t0)
+        if ef == params.ef_search:
+            # the server's path: one probe, read lock, label -> (face, subject), one hit per subject
+            single = latency(lambda q: idx.search(q, 10, -1.0, 1), probes, single_n)
+            name = f"facesvc HnswIndex (hnswlib M={params.m} efC={params.ef_construction} ef={ef})"
+        else:
+            single = latency(lambda q: graph.knn_query(q[None], k=10), probes, single_n)
+            name = f"  hnswlib ef={ef} (same graph, sweep)"
+        rows.append({"engine": name, "build_s": build if ef == params.ef_search else None,
+                     "memory_mb": mem if ef == params.ef_search else None,
+                     "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10),
+                     "single": single, "batch_qps": qps, "ef_search": ef})
+    graph.set_ef(params.ef_search)
+    rows[0]["snapshot"] = bench_snapshot(idx, params, probes)
+    del idx, graph
+    return rows
+
+
+def bench_snapshot(idx: HnswIndex, params: HnswParams, probes: np.ndarray) -> dict:
+    """What a restart costs from a snapshot (write, then load with both checksums) vs a rebuild."""
+    with tempfile.TemporaryDirectory(dir=ROOT / ".bench") as d:
+        snaps = SnapshotStore(d)
+        t0 = time.perf_counter()
+        path = snaps.write("bench", idx, {"collection_created_ms": 0, "change_seq": 0})
+        write = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in Path(d).iterdir())
+        t0 = time.perf_counter()
+        loaded, _ = snaps.load("bench", params, {"model": idx.model_id, "dimension": idx.dim,
+                                                 "collection_created_ms": 0, "min_written_ms": 0})
+        load = time.perf_counter() - t0
+        same = all(loaded.search(q, 10, -1.0, 1) == idx.search(q, 10, -1.0, 1) for q in probes[:50])
+        del loaded
+    return {"write_s": write, "load_s": load, "bytes": size, "same_answers": same, "file": path.name}
+
+
+def bench_faiss_hnsw(faiss, corpus, probes, truth, params: HnswParams, single_n: int) -> dict:
+    gc.collect()
+    r0, t0 = rss_mb(), time.perf_counter()
+    index = faiss.IndexHNSWFlat(DIM, params.m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = params.ef_construction
+    index.add(corpus)
+    build = time.perf_counter() - t0
+    mem = rss_mb() - r0
+    index.hnsw.efSearch = params.ef_search
+    t0 = time.perf_counter()
+    _, found = index.search(probes, 10)
+    qps = len(probes) / (time.perf_counter() - t0)
+    row = {"engine": f"faiss IndexHNSWFlat (M={params.m} efC={params.ef_construction} ef={params.ef_search})",
+           "build_s": build, "memory_mb": mem, "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10),
+           "single": latency(lambda q: index.search(q[None], 10), probes, single_n), "batch_qps": qps}
+    del index
+    return row
+
+
+def fmt(v, spec: str) -> str:
+    return format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
+
+
+def print_table(corpus: str, size: int, rows: list[dict]) -> None:
+    flat_p50 = next(r["single"]["p50_ms"] for r in rows if "Flat" in r["engine"])
+    flat = next(r for r in rows if "Flat" in r["engine"])
+    print(f"\n{corpus} corpus, {size:,} x {DIM}-d (exact neighbours: mean cosine {flat['exact_sim_top1_mean']:.3f} "
+          f"at rank 1, {flat['exact_sim_top10_mean']:.3f} at rank 10)")
+    head = f"{'engine':58} {'build s':>8} {'mem MB':>8} {'R@1':>6} {'R@10':>6} {'p50 ms':>8} {'p99 ms':>8} {'vs flat':>8} {'batch q/s':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        s = r["single"]
+        print(f"{r['engine'][:58]:58} {fmt(r['build_s'], '8.1f')} {fmt(r['memory_mb'], '8.0f')} {r['recall@1']:6.3f} "
+              f"{r['recall@10']:6.3f} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {flat_p50 / s['p50_ms']:7.1f}x {r['batch_qps']:10.0f}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=100_000, help="vectors per corpus (100000; 1000000 for the 1 M run)")
+    ap.add_argument("--queries", type=int, default=1000, help="probes per corpus")
+    ap.add_argument("--single", type=int, default=1000, help="probes timed one at a time (flat: at most 200)")
+    ap.add_argument("--corpora", default="clustered,uniform")
+    ap.add_argument("--faces-per-identity", type=int, default=10)
+    ap.add_argument("--noise", type=float, default=0.8, help="clustered: noise norm relative to the centre (0.8 -> cosine ~0.6)")
+    ap.add_argument("--m", type=int, default=HnswParams.m)
+    ap.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
+    ap.add_argument("--ef-search", type=int, default=HnswParams.ef_search)
+    ap.add_argument("--ef-sweep", default="32,64,256", help="other ef_search values to try on the facesvc graph ('' for none)")
+    ap.add_argument("--no-faiss-hnsw", action="store_true")
+    ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_search.json"))
+    args = ap.parse_args()
+    try:
+        import faiss
+    except ImportError:
+        print("faiss is not installed: .venv/bin/pip install -e '.[bench]' (or pip install faiss-cpu)", file=sys.stderr)
+        return 2
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    params = HnswParams(m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search)
+    sweep = [int(x) for x in args.ef_sweep.split(",") if x.strip()]
+    result = {"size": args.size, "dim": DIM, "queries": args.queries, "cpus": os.cpu_count(), "machine": platform.platform(),
+              "python": platform.python_version(), "faiss": faiss.__version__, "params": vars(args), "corpora": {}}
+    for kind in [c.strip() for c in args.corpora.split(",") if c.strip()]:
+        t0 = time.perf_counter()
+        corpus, probes = make_corpus(kind, args.size, args.queries, args.faces_per_identity, args.noise, args.seed)
+        print(f"[{kind}] generated {len(corpus):,} vectors in {time.perf_counter() - t0:.1f}s", flush=True)
+        flat, truth = bench_flat(faiss, corpus, probes, min(args.single, 200))
+        print(f"[{kind}] flat done", flush=True)
+        rows = [flat] + bench_facesvc(corpus, probes, truth, params, args.single, sweep)
+        print(f"[{kind}] facesvc/hnswlib done", flush=True)
+        if not args.no_faiss_hnsw:
+            rows.append(bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single))
+        print_table(kind, args.size, rows)
+        snap = rows[1]["snapshot"]
+        print(f"snapshot of the facesvc index: {snap['bytes'] / 2**20:.0f} MB, written in {snap['write_s']:.1f}s, "
+              f"loaded + verified in {snap['load_s']:.1f}s (rebuild: {rows[1]['build_s']:.0f}s); "
+              f"same answers after loading: {snap['same_answers']}")
+        result["corpora"][kind] = rows
+        del corpus, probes, truth
+        gc.collect()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
