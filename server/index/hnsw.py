@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+import dataclasses
+from dataclasses import dataclass
 
 import hnswlib
 import numpy as np
@@ -99,7 +100,7 @@ class HnswIndex:
     @classmethod
     def from_saved(cls, dim: int, model_id: str, params: HnswParams, graph_path: str, state: dict) -> "HnswIndex":
         """The inverse of save_graph. The caller has checked the file's checksum (hnswlib trusts its input)."""
-        idx = cls(dim, model_id, replace(params, initial_capacity=1))
+        idx = cls(dim, model_id, dataclasses.replace(params, initial_capacity=1))
         graph = hnswlib.Index(space="cosine", dim=dim)
         graph.load_index(graph_path, max_elements=int(state["capacity"]))
         if graph.element_count != state["next_label"] or graph.M != params.m:
