@@ -127,6 +127,7 @@ class FaceServer:
         self.servicer = FaceServicer(settings)
         if authenticator:
             self.servicer.on_keys_revoked = authenticator.forget
+            self.servicer.authenticator = authenticator
         pb_grpc.add_FaceServiceServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -106,9 +106,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         self.auth = authenticator
 
     def _check(self, rpc: str, request, context) -> None:
+        """Unary calls: the key and what it may do with this request. Streaming calls (request None):
+        the key only; the servicer authorizes each message of the stream (StreamRpcs._authorize)."""
         secret = dict(context.invocation_metadata()).get(HEADER, "")
         try:
-            self.auth.authorize(self.auth.principal(secret), rpc, request)
+            principal = self.auth.principal(secret)
+            if request is not None:
+                self.auth.authorize(principal, rpc, request)
         except errors.FaceServiceError as exc:
             log.info("rpc=%s denied: %s %s", rpc, exc.reason, exc.message)
             context.abort_with_status(to_status(exc))
@@ -119,13 +123,15 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method[len(SERVICE_PREFIX):]
-        if handler.unary_unary is None:
-            raise NotImplementedError(f"{method}: streaming RPCs need their own authorization wrapper")
-        inner = handler.unary_unary
+        kinds = {"unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
+                 "stream_unary": grpc.stream_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler}
+        kind = next(k for k in kinds if getattr(handler, k) is not None)
+        inner = getattr(handler, kind)
+        streaming_request = kind.startswith("stream")
 
         def checked(request, context):
-            self._check(rpc, request, context)
+            self._check(rpc, None if streaming_request else request, context)
             return inner(request, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            checked, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return kinds[kind](checked, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)

@@ -74,6 +74,8 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
+    max_streams_per_key: int = 4
+    max_streams: int = 0
 
 
 HELP = {
@@ -128,6 +130,8 @@ HELP = {
     "tls_cert": "PEM server certificate chain; set with tls_key to serve TLS",
     "tls_key": "PEM private key of tls_cert",
     "tls_client_ca": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
+    "max_streams_per_key": "concurrent StreamFrames calls one API key (or, without auth, one peer) may hold",
+    "max_streams": "concurrent StreamFrames calls in all; 0 = workers - 2 (each holds a worker thread)",
 }
 
 SECRET_WORDS = ("key", "password", "secret", "token")

@@ -37,6 +37,9 @@ class IdentityRpcs:
     # -- enrolment and verification ------------------------------------------
     @rpc
     def Process(self, request: pb.ProcessRequest, context) -> pb.ProcessResponse:
+        return self._process(request)
+
+    def _process(self, request: pb.ProcessRequest) -> pb.ProcessResponse:
         ident, coll, subject = self._ids(request)
         opts = self._options(request.face_options)
         lthr = self._liveness_threshold(request.liveness_threshold)
@@ -51,6 +54,9 @@ class IdentityRpcs:
 
     @rpc
     def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
+        return self._register(request)
+
+    def _register(self, request: pb.RegisterRequest) -> pb.RegisterResponse:
         ident, coll, subject = self._ids(request)
         metadata = validate.metadata(request.metadata)
         which = request.WhichOneof("source")

@@ -22,6 +22,17 @@ def to_status(exc: errors.FaceServiceError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=exc.code.value[0], message=exc.message, details=[detail]))
 
 
+def failure(name: str, exc: BaseException) -> errors.FaceServiceError:
+    """The domain error to answer with: itself, or INTERNAL with a request id for a bug (logged)."""
+    if isinstance(exc, errors.FaceServiceError):
+        log.info("rpc=%s code=%s reason=%s msg=%s", name, exc.code.name, exc.reason, exc.message)
+        return exc
+    request_id = uuid.uuid4().hex[:16]
+    log.error("rpc=%s request_id=%s internal error", name, request_id, exc_info=exc)
+    return errors.FaceServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL, f"internal error (request id {request_id})",
+                                   request_id=request_id)
+
+
 def rpc(method):
     """Decorate a unary servicer method: domain errors become statuses, bugs become INTERNAL."""
 
@@ -29,16 +40,21 @@ def rpc(method):
     def wrapper(self, request, context):
         try:
             return method(self, request, context)
-        except errors.FaceServiceError as exc:
-            log.info("rpc=%s code=%s reason=%s msg=%s", method.__name__, exc.code.name, exc.reason, exc.message)
-            failure = exc
-        except Exception:  # noqa: BLE001 - the boundary: never let a bug kill the call without a status
-            request_id = uuid.uuid4().hex[:16]
-            log.exception("rpc=%s request_id=%s internal error", method.__name__, request_id)
-            failure = errors.FaceServiceError(
-                grpc.StatusCode.INTERNAL, errors.INTERNAL, f"internal error (request id {request_id})", request_id=request_id
-            )
-        context.abort_with_status(to_status(failure))
+        except Exception as exc:  # noqa: BLE001 - the boundary: never let a bug kill the call without a status
+            context.abort_with_status(to_status(failure(method.__name__, exc)))
 
     return wrapper
 
+
+def stream_rpc(method):
+    """The same for a servicer method that yields responses (server or bidirectional streaming)."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            if context.is_active():
+                context.abort_with_status(to_status(failure(method.__name__, exc)))
+
+    return wrapper

@@ -10,12 +10,15 @@ from server.config import Settings
 from server.identity_rpcs import IdentityRpcs
 from server.imaging import ImageLimits
 from server.search_rpcs import SearchRpcs
+from server.stream_rpcs import StreamRpcs
+from server.streaming import StreamLimiter
 from server.pipeline import FacePipeline
 from server.rpc_errors import rpc
 
 
-class FaceServicer(IdentityRpcs, SearchRpcs, pb_grpc.FaceServiceServicer):
-    """The stateless RPCs live here; identity + management in identity_rpcs.py, search in search_rpcs.py."""
+class FaceServicer(IdentityRpcs, SearchRpcs, StreamRpcs, pb_grpc.FaceServiceServicer):
+    """The stateless RPCs live here; identity + management in identity_rpcs.py, search in search_rpcs.py,
+    streams and batches in stream_rpcs.py."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -25,6 +28,7 @@ class FaceServicer(IdentityRpcs, SearchRpcs, pb_grpc.FaceServiceServicer):
         self.pipeline: FacePipeline | None = None  # set once every model is loaded
         self.identity = None  # IdentityService, set with the pipeline
         self.searcher = None  # SearchService, likewise
+        self.streams = StreamLimiter(settings.max_streams_per_key, settings.max_streams or max(1, settings.workers - 2))
 
     # -- helpers -----------------------------------------------------------
     def _ready(self) -> FacePipeline:

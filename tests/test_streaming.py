@@ -1,0 +1,255 @@
+"""StreamFrames and the batch RPCs against a real server, on real video frames and photos."""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from tests.conftest import FACES, ServerProcess, error_info, expect_error, image
+
+VIDEO = FACES / "video" / "single_closeup_720p.mp4"
+
+
+def video_frames(path=VIDEO, n: int = 60, size=(640, 360)) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while len(frames) < n:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(cv2.resize(frame, size, interpolation=cv2.INTER_AREA))
+    cap.release()
+    assert len(frames) == n, f"could not read {n} frames from {path}"
+    return frames
+
+
+def raw(frame: np.ndarray) -> pb.Image:
+    h, w = frame.shape[:2]
+    return pb.Image(raw=pb.RawFrame(width=w, height=h, format=pb.PIXEL_FORMAT_BGR, data=frame.tobytes()))
+
+
+def jpeg(frame: np.ndarray) -> pb.Image:
+    return pb.Image(encoded=cv2.imencode(".jpg", frame)[1].tobytes())
+
+
+def requests(config: pb.StreamConfig, frames, *, first_id: int = 1, pause=0.0, encode=raw):
+    """The config, then the frames; `pause`: seconds after each frame, or a function of the frame's index."""
+    yield pb.StreamFramesRequest(config=config)
+    for i, f in enumerate(frames):
+        yield pb.StreamFramesRequest(frame=pb.Frame(frame_id=first_id + i, image=f if isinstance(f, pb.Image) else encode(f)))
+        wait = pause(i) if callable(pause) else pause
+        if wait:
+            time.sleep(wait)
+
+
+def rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = ServerProcess(log_path=tmp_path_factory.mktemp("streaming") / "server.log",
+                      env={"FACESVC_MAX_STREAMS_PER_KEY": "2"})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(srv):
+    return pb_grpc.FaceServiceStub(srv.channel)
+
+
+@pytest.fixture(scope="module")
+def enrolled(stub):
+    """A collection holding the woman of the close-up video, enrolled from its first frame."""
+    coll = "stream-" + uuid.uuid4().hex[:6]
+    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10)
+    first = video_frames(n=1, size=(1280, 720))[0]
+    stub.Register(pb.RegisterRequest(collection=coll, subject_id="closeup-woman", image=jpeg(first), skip_liveness=True),
+                  timeout=60)
+    return coll
+
+
+def test_tracks_are_stable_and_identity_runs_once_per_track(stub, enrolled):
+    frames = video_frames(n=90)[30:]  # later frames than the enrolment one
+    blank = np.full_like(frames[0], 127)
+    sequence = frames[:20] + [blank] * 11 + frames[20:40]  # the face leaves the view for 11 frames, then returns
+    cfg = pb.StreamConfig(collection=enrolled, identify=True)
+    # the blank frames come slowly: a second without the face ends its track however many frames were dropped
+    answers = list(stub.StreamFrames(requests(cfg, sequence, pause=lambda i: 0.1 if 20 <= i < 31 else 0.03), timeout=120))
+    ids = [a.frame_id for a in answers] + [s for a in answers for s in a.skipped_frame_ids]
+    assert sorted(ids) == list(range(1, len(sequence) + 1))  # every frame answered or reported skipped
+    assert [a.frame_id for a in answers] == sorted(a.frame_id for a in answers)  # in order
+    with_face = [a for a in answers if a.faces]
+    first = [a for a in with_face if a.frame_id <= 20]
+    second = [a for a in with_face if a.frame_id > 31]
+    assert len(first) >= 5 and len(second) >= 5  # (frames dropped under load are fine)
+    track1 = {a.faces[0].track_id for a in first}
+    track2 = {a.faces[0].track_id for a in second}
+    assert len(track1) == 1 and len(track2) == 1 and track1 != track2  # stable, and new after leaving the view
+    for run in (first, second):
+        assert sum(f.evaluated for a in run for f in a.faces) == 1  # one search per track
+        assert all(a.faces[0].identity.subject_id == "closeup-woman" for a in run)
+        assert all(a.faces[0].identity.similarity >= 0.31 for a in run)
+    assert [a.faces[0].frames_tracked for a in first] == sorted(a.faces[0].frames_tracked for a in first)
+    assert all(not a.faces for a in answers if 21 <= a.frame_id <= 31)
+
+
+def test_detection_only_with_jpeg_frames_and_capture_times_echoed(stub):
+    frames = video_frames(n=10)
+    def reqs():
+        yield pb.StreamFramesRequest(config=pb.StreamConfig())
+        for i, f in enumerate(frames):
+            ts = pb.Frame(frame_id=100 + i, image=jpeg(f))
+            ts.capture_time.FromMilliseconds(1_700_000_000_000 + 33 * i)
+            yield pb.StreamFramesRequest(frame=ts)
+            time.sleep(0.05)
+    answers = list(stub.StreamFrames(reqs(), timeout=60))
+    assert answers and all(a.faces and not a.faces[0].HasField("identity") for a in answers)
+    assert all(a.capture_time.ToMilliseconds() == 1_700_000_000_000 + 33 * (a.frame_id - 100) for a in answers)
+    assert all(a.image.width == 640 and a.image.height == 360 and a.latency_ms > 0 for a in answers)
+
+
+def test_a_client_far_faster_than_real_time_gets_drops_in_order_and_bounded_memory(srv, stub):
+    frames = video_frames(n=30)
+    n = 300  # raw 640x360 BGR frames (0.7 MB each) as fast as the client can send them
+    before = rss_kb(srv.proc.pid)
+    answers = list(stub.StreamFrames(requests(pb.StreamConfig(), (frames[i % 30] for i in range(n))), timeout=120))
+    after = rss_kb(srv.proc.pid)
+    processed = [a.frame_id for a in answers]
+    skipped = [s for a in answers for s in a.skipped_frame_ids]
+    print(f"\nfast client: {n} frames sent, {len(processed)} processed, {len(skipped)} dropped; "
+          f"server RSS {before / 1024:.0f} -> {after / 1024:.0f} MB")
+    assert processed == sorted(processed) and len(set(processed)) == len(processed)
+    assert sorted(processed + skipped) == list(range(1, n + 1))
+    assert len(skipped) > n // 3  # the server could not keep up, so it dropped
+    assert processed[-1] == n     # the newest frame is always processed
+    assert after - before < 80 * 1024  # 300 frames = 210 MB had they queued
+
+
+def test_max_fps_paces_processing(stub):
+    frames = video_frames(n=10)
+    t0 = time.monotonic()
+    answers = list(stub.StreamFrames(requests(pb.StreamConfig(max_fps=4), [frames[i % 10] for i in range(40)], pause=0.025),
+                                     timeout=60))
+    elapsed = time.monotonic() - t0
+    assert len(answers) <= 4 * elapsed + 2
+    assert sum(len(a.skipped_frame_ids) for a in answers) + len(answers) == 40
+
+
+def test_stream_limit_and_cancel_frees_the_stream(stub):
+    frames = video_frames(n=1)
+
+    def open_stream():
+        q: queue.Queue = queue.Queue()
+        q.put(pb.StreamFramesRequest(config=pb.StreamConfig()))
+        q.put(pb.StreamFramesRequest(frame=pb.Frame(frame_id=1, image=raw(frames[0]))))
+        call = stub.StreamFrames(iter(q.get, None), timeout=60)
+        next(call)  # the stream is open and answering
+        return call, q
+
+    a, qa = open_stream()
+    b, qb = open_stream()
+    with pytest.raises(grpc.RpcError) as e:
+        open_stream()
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(e.value).reason == "STREAM_LIMIT_REACHED"
+    a.cancel()
+    deadline = time.monotonic() + 5
+    while True:  # the cancelled stream's slot comes back at once (the server's cancel callback)
+        try:
+            c, qc = open_stream()
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline, "a cancelled stream kept its slot"
+            time.sleep(0.1)
+    for call, q in ((b, qb), (c, qc)):
+        q.put(None)
+        list(call)
+
+
+def test_protocol_errors_and_a_corrupt_frame(stub):
+    frame = pb.StreamFramesRequest(frame=pb.Frame(frame_id=1, image=pb.Image(encoded=b"\xff\xd8 not a jpeg")))
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.StreamFrames(iter([frame]), timeout=30))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(e.value).reason == "STREAM_PROTOCOL"
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig(identify=True, collection="nope"))]),
+                               timeout=30))
+    assert error_info(e.value).reason == "COLLECTION_NOT_FOUND"
+    good = video_frames(n=1)[0]
+    answers = list(stub.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig()), frame,
+                                           pb.StreamFramesRequest(frame=pb.Frame(frame_id=2, image=raw(good)))]), timeout=30))
+    by_id = {a.frame_id: a for a in answers}
+    if 1 in by_id:  # (frame 1 may have been replaced by frame 2 before it was processed)
+        assert by_id[1].error.reason == "INVALID_IMAGE" and not by_id[1].faces
+    assert by_id[2].faces and not by_id[2].HasField("error")
+
+
+def test_a_collection_key_streams_only_its_own_collection(srv, stub, enrolled):
+    other = "other-" + uuid.uuid4().hex[:6]
+    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=other), timeout=10)
+    key = stub.CreateApiKey(pb.CreateApiKeyRequest(collection=other), timeout=10).secret
+    keyed = srv.stub(key)
+    cfg = pb.StreamConfig(collection=enrolled, identify=True)
+    with pytest.raises(grpc.RpcError) as e:
+        list(keyed.StreamFrames(iter([pb.StreamFramesRequest(config=cfg)]), timeout=30))
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as e:
+        list(srv.stub(None).StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig())]), timeout=30))
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    ok = list(keyed.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig(collection=other, identify=True)),
+                                       pb.StreamFramesRequest(frame=pb.Frame(frame_id=7, image=raw(video_frames(n=1)[0])))]),
+                                 timeout=60))
+    assert ok[-1].frame_id == 7 and ok[-1].faces and not ok[-1].faces[0].HasField("identity")  # nobody enrolled there
+
+
+# -- batches ---------------------------------------------------------------------
+def test_register_batch_enrols_the_good_items_and_reports_each_failure(stub):
+    coll = "batch-" + uuid.uuid4().hex[:6]
+    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=coll), timeout=10)  # liveness REQUIRED
+    items = {
+        "person_01/img1.jpg": ("person_01", image("dev/img1.jpg")),
+        "person_04/img13.jpg": ("person_04", image("dev/img13.jpg")),
+        "person_07/img20.jpg": ("person_07", image("dev/img20.jpg")),
+        "broken/file.jpg": ("broken", pb.Image(encoded=b"\x89PNG\r\n\x1a\n truncated")),
+        "rocket/noface.jpg": ("rocket", image("dev/noface_rocket.jpg")),
+        "poster/spoof.jpg": ("poster", image("liveness/spoof_print_01_minivision_F1.jpg")),
+        "intruder/img1.jpg": ("person_01", image("dev/img2.jpg")),  # already registered by the first item
+    }
+    reqs = (pb.RegisterBatchRequest(item_id=k, register=pb.RegisterRequest(collection=coll, subject_id=s, image=img))
+            for k, (s, img) in items.items())
+    results = {r.item_id: r for r in stub.RegisterBatch(reqs, timeout=300)}
+    assert list(results) == list(items)  # one answer per item, in order
+    ok = [k for k, r in results.items() if r.HasField("result")]
+    assert ok == ["person_01/img1.jpg", "person_04/img13.jpg", "person_07/img20.jpg"]
+    reasons = {k: r.error.reason for k, r in results.items() if r.HasField("error")}
+    assert reasons == {"broken/file.jpg": "INVALID_IMAGE", "rocket/noface.jpg": "NO_FACE_DETECTED",
+                       "poster/spoof.jpg": "SPOOF_DETECTED", "intruder/img1.jpg": "ALREADY_REGISTERED"}
+    assert results["broken/file.jpg"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    listed = stub.ListSubjects(pb.ListSubjectsRequest(collection=coll), timeout=10).subjects
+    assert sorted(s.subject_id for s in listed) == ["person_01", "person_04", "person_07"]
+
+
+def test_process_batch_and_detect_batch(stub, enrolled):
+    reqs = [pb.ProcessBatchRequest(item_id="a", process=pb.ProcessRequest(collection=enrolled, subject_id="p1",
+                                                                          image=image("dev/img6.jpg"), skip_liveness=True)),
+            pb.ProcessBatchRequest(item_id="b", process=pb.ProcessRequest(collection=enrolled, subject_id="bad id!",
+                                                                          image=image("dev/img6.jpg")))]
+    out = list(stub.ProcessBatch(iter(reqs), timeout=60))
+    assert out[0].result.staging_token and out[1].error.reason == "VALIDATION_FAILED"
+    det = stub.DetectBatch(pb.DetectBatchRequest(items=[
+        pb.BatchImage(item_id="group", image=image("dev/group_t1.jpg")),
+        pb.BatchImage(item_id="junk", image=pb.Image(encoded=b"junk")),
+        pb.BatchImage(item_id="empty", image=image("dev/noface_coffee.jpg"))]), timeout=60)
+    by = {r.item_id: r for r in det.results}
+    assert len(by["group"].faces) == 6 and by["junk"].error.reason == "INVALID_IMAGE" and not by["empty"].faces
+    expect_error(stub.DetectBatch, pb.DetectBatchRequest(), grpc.StatusCode.INVALID_ARGUMENT, "VALIDATION_FAILED")
