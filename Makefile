@@ -25,10 +25,11 @@ setup: $(VENV)/.stamp-install facesvc/.stamp-gen models
 
 # Dependencies. `compat` editable mode puts the repo root on sys.path, so the
 # generated `facesvc` package and later regenerations are importable as-is.
-$(VENV)/.stamp-install: pyproject.toml
+$(VENV)/.stamp-install: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e 'clients/python[video]' --config-settings editable_mode=compat
 	touch $@
 
 # Generated protobuf + gRPC stubs (build outputs, git-ignored).

@@ -1,0 +1,180 @@
+"""The Python client (clients/python) and the `facesvc` CLI, end to end against a live server."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import cv2
+import grpc
+import pytest
+
+from facesvc_client import FaceClient, InvalidArgument, NotFound, PermissionDenied, Unauthenticated, Unavailable, to_image
+from tests.conftest import ADMIN_KEY, FACES, ROOT, ServerProcess, face_path
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = ServerProcess(log_path=tmp_path_factory.mktemp("client") / "server.log")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(srv):
+    with FaceClient(srv.target, api_key=ADMIN_KEY) as c:
+        yield c
+
+
+def cli(srv, *args, key: str | None = ADMIN_KEY, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "FACESVC_TARGET": srv.target, "FACESVC_API_KEY": key or ""}
+    p = subprocess.run([sys.executable, "-m", "facesvc_client.cli", *args], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=ROOT)
+    if check:
+        assert p.returncode == 0, f"facesvc {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def test_every_image_form_gives_the_same_faces(client):
+    path = face_path("dev/img1.jpg")
+    raw = path.read_bytes()
+    frame = cv2.imread(str(path))
+    forms = {"path": path, "str path": str(path), "bytes": raw, "base64": base64.b64encode(raw).decode(),
+             "data url": "data:image/jpeg;base64," + base64.b64encode(raw).decode(), "numpy": frame}
+    boxes = {name: client.detect(v).faces[0].box for name, v in forms.items()}
+    ref = boxes["path"]
+    for name, box in boxes.items():
+        assert abs(box.x - ref.x) < 2 and abs(box.width - ref.width) < 2, name
+    with pytest.raises(TypeError):
+        to_image(12345)
+
+
+def test_typed_errors_carry_the_reason(srv, client):
+    with pytest.raises(InvalidArgument) as e:
+        client.compare(face_path("dev/noface_rocket.jpg"), face_path("dev/img1.jpg"))
+    assert e.value.reason == "NO_FACE_DETECTED" and e.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(NotFound) as e:
+        client.get_collection("no-such-collection")
+    assert e.value.reason == "COLLECTION_NOT_FOUND"
+    with FaceClient(srv.target) as anonymous, pytest.raises(Unauthenticated) as e:
+        anonymous.detect(face_path("dev/img1.jpg"))
+    assert e.value.reason == "API_KEY_MISSING"
+
+
+def test_identity_flow_and_management_through_the_client(client):
+    coll = "cl-" + uuid.uuid4().hex[:6]
+    client.create_collection(coll, display_name="client test")
+    staged = client.process(coll, "person_01", face_path("dev/img1.jpg"))
+    reg = client.register(coll, "person_01", staging_token=staged.staging_token, metadata={"team": "a"})
+    assert reg.subject_created and reg.subject.metadata["team"] == "a"
+    assert client.verify(coll, "person_01", face_path("dev/img2.jpg")).match
+    assert not client.verify(coll, "person_01", face_path("dev/img13.jpg")).match
+    assert client.search(coll, face_path("dev/img6.jpg")).results[0].matches[0].subject_id == "person_01"
+    assert [s.subject_id for s in client.list_subjects(coll, page_size=1)] == ["person_01"]
+    key = client.create_api_key(coll, "scoped")
+    with FaceClient(client_target(client), api_key=key.secret) as scoped, pytest.raises(PermissionDenied):
+        scoped.list_subjects("other-" + coll).__next__()
+    assert client.delete_subject(coll, "person_01") == 1
+    client.delete_collection(coll)
+
+
+def client_target(c: FaceClient) -> str:
+    return c.channel._channel.target().decode()
+
+
+def test_retries_unavailable_until_the_server_is_up(tmp_path):
+    """A call made before the server has started succeeds once it is up: UNAVAILABLE is retried with backoff."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result: dict = {}
+
+    def call():
+        with FaceClient(f"127.0.0.1:{port}", api_key=ADMIN_KEY, retries=30, backoff=0.25, timeout=120) as c:
+            t0 = time.monotonic()
+            result["faces"] = len(c.detect(face_path("dev/img1.jpg")).faces)
+            result["waited"] = time.monotonic() - t0
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(1.0)  # nothing listens yet: the first attempts fail with UNAVAILABLE
+    srv = ServerProcess("--port", str(port), log_path=tmp_path / "late.log")
+    try:
+        t.join(120)
+        assert result.get("faces") == 1 and result["waited"] > 1.0
+    finally:
+        srv.stop()
+    with FaceClient(f"127.0.0.1:{port}", retries=2, backoff=0.05, timeout=5) as c, pytest.raises(Unavailable):
+        c.health()  # the server is gone: retried twice, then a typed error
+
+
+def test_cli_commands_end_to_end(srv, tmp_path):
+    assert cli(srv, "health").stdout.strip() == "SERVING"
+    det = json.loads(cli(srv, "detect", str(face_path("dev/group_t1.jpg"))).stdout)
+    assert len(det["faces"]) == 6
+    live = json.loads(cli(srv, "liveness", str(face_path("liveness/spoof_replay_01_minivision_F2.jpg"))).stdout)
+    assert live["liveness"].get("is_live", False) is False
+    cmp_ = json.loads(cli(srv, "compare", str(face_path("dev/img1.jpg")), str(face_path("dev/img2.jpg"))).stdout)
+    assert cmp_["match"] is True
+    coll = "cli-" + uuid.uuid4().hex[:6]
+    assert json.loads(cli(srv, "collections", "create", coll, "--liveness-optional").stdout)["collection_id"] == coll
+    token = json.loads(cli(srv, "process", coll, "person_01", str(face_path("dev/img1.jpg"))).stdout)["staging_token"]
+    reg = json.loads(cli(srv, "register", coll, "person_01", "--token", token, "--metadata", "site=hq").stdout)
+    assert reg["subject"]["metadata"] == {"site": "hq"}
+    assert json.loads(cli(srv, "verify", coll, "person_01", str(face_path("dev/img2.jpg"))).stdout)["match"] is True
+    found = json.loads(cli(srv, "search", coll, str(face_path("dev/img6.jpg"))).stdout)
+    assert found["results"][0]["matches"][0]["subject_id"] == "person_01"
+    assert [s["subject_id"] for s in json.loads(cli(srv, "subjects", "list", coll).stdout)] == ["person_01"]
+    assert json.loads(cli(srv, "subjects", "get", coll, "person_01").stdout)["face_count"] == 1
+    keys = json.loads(cli(srv, "keys", "create", coll, "--description", "cli").stdout)
+    assert keys["secret"].startswith("fsk_")
+    assert coll in [c["collection_id"] for c in json.loads(cli(srv, "collections", "list").stdout)]
+    err = cli(srv, "verify", coll, "nobody", str(face_path("dev/img2.jpg")), check=False)
+    assert err.returncode == 1 and "SUBJECT_NOT_FOUND" in err.stderr
+    assert cli(srv, "health", key=None).returncode == 0  # health needs no key
+    denied = cli(srv, "detect", str(face_path("dev/img1.jpg")), key=None, check=False)
+    assert denied.returncode == 1 and "API_KEY_MISSING" in denied.stderr
+    assert json.loads(cli(srv, "subjects", "delete", coll, "person_01").stdout)["deleted_faces"] == 1
+    cli(srv, "collections", "delete", coll)
+
+
+def test_cli_enroll_a_folder_with_a_corrupt_file_and_a_no_face_photo(srv, tmp_path):
+    coll = "enroll-" + uuid.uuid4().hex[:6]
+    cli(srv, "collections", "create", coll)
+    tree = tmp_path / "people"
+    for person, photos in {"person_01": ["img1.jpg", "img2.jpg"], "person_04": ["img13.jpg"], "person_07": ["img20.jpg"],
+                           "rocket": ["noface_rocket.jpg"]}.items():
+        (tree / person).mkdir(parents=True)
+        for p in photos:
+            shutil.copy(face_path(f"dev/{p}"), tree / person / p)
+    (tree / "person_04" / "broken.jpg").write_bytes(face_path("dev/img14.jpg").read_bytes()[:2000])  # truncated JPEG
+    (tree / "person_04" / "notes.txt").write_text("not a photo: skipped")
+    p = cli(srv, "enroll", coll, str(tree), check=False)
+    assert p.returncode == 1, p.stdout + p.stderr  # some items failed
+    assert "enrolled 4 of 6 photos: 3 subjects" in p.stdout
+    assert "person_04/broken.jpg: INVALID_IMAGE" in p.stdout and "rocket/noface_rocket.jpg: NO_FACE_DETECTED" in p.stdout
+    assert "6/6" in p.stderr  # the progress bar reached the end
+    subjects = {s["subject_id"]: s["face_count"] for s in json.loads(cli(srv, "subjects", "list", coll).stdout)}
+    assert subjects == {"person_01": 2, "person_04": 1, "person_07": 1}
+
+
+def test_cli_stream_a_video_file(srv, tmp_path):
+    out = tmp_path / "annotated.mp4"
+    p = cli(srv, "stream", str(FACES / "video" / "single_closeup_720p.mp4"), "--frames", "30", "--annotate", str(out))
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("frame")]
+    assert len(lines) >= 10 and all("faces 1" in ln for ln in lines)
+    assert len({ln.split("[track ")[1].split("]")[0] for ln in lines}) == 1  # one track for the one face
+    assert "processed" in p.stderr
+    cap = cv2.VideoCapture(str(out))
+    assert cap.isOpened() and int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == len(lines)
+    cap.release()
+    js = cli(srv, "stream", str(FACES / "video" / "single_closeup_720p.mp4"), "--frames", "5", "--json", "--no-pace")
+    answers = [json.loads(ln) for ln in js.stdout.splitlines()]
+    assert answers and answers[-1]["frame_id"] == "5"
