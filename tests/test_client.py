@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -178,3 +179,19 @@ def test_cli_stream_a_video_file(srv, tmp_path):
     js = cli(srv, "stream", str(FACES / "video" / "single_closeup_720p.mp4"), "--frames", "5", "--json", "--no-pace")
     answers = [json.loads(ln) for ln in js.stdout.splitlines()]
     assert answers and answers[-1]["frame_id"] == "5"
+
+
+def test_the_readme_cli_flow_runs(srv):
+    """The README's CLI block, verbatim, with the venv's `facesvc` and jq on the PATH."""
+    block = re.search(r"<!-- cli-flow:begin -->\s*```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README lost its CLI block"
+    env = {**os.environ, "FACESVC_TARGET": srv.target, "FACESVC_API_KEY": ADMIN_KEY,
+           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.group(1)], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert lines[0] == "SERVING" and lines[1] == "6" and lines[2] == "true"
+    assert "alice" in lines and "enrolled" in p.stdout and "frame" in p.stdout
+    subjects = [int(ln) for ln in lines[3:] if ln.isdigit()][-1]  # `subjects list | jq length`
+    assert subjects > 100  # alice + the LFW people enrolled by `enroll`

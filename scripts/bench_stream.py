@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""StreamFrames under a camera's load: a real video sent at 15 / 30 / 60 fps as 640x480 frames.
+
+A server subprocess (embedded storage, auth off) gets one stream per row; each
+row sends the clip (looped) for --seconds at the row's rate, paced like a
+camera, as raw BGR frames (what camera clients send; --jpeg to encode).
+Per row: frames sent, processed, dropped by the server (latest-wins), processed
+fps, end-to-end latency p50/p95 (client: send -> answer), the server's own
+latency p50/p95 (receipt -> answer), and the server's RSS at the start, the end
+and its maximum (sampled every 0.25 s). Rows: detection only at each rate, and
+detection + identity (the person of the clip enrolled) at 30 fps.
+
+    .venv/bin/python scripts/bench_stream.py [--seconds 10] [--video ../shared/faces/video/single_closeup_720p.mp4]
+
+Prints a table and writes JSON (default .bench/bench_stream.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc  # noqa: E402
+from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
+
+VIDEO = ROOT.parent / "shared" / "faces" / "video" / "single_closeup_720p.mp4"
+
+
+def load_clip(path: Path, size=(640, 480)) -> list[np.ndarray]:
+    """The clip's frames, centre-cropped to 4:3 and scaled to 640x480."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, f = cap.read()
+        if not ok:
+            break
+        h, w = f.shape[:2]
+        cw = min(w, h * 4 // 3)
+        x0 = (w - cw) // 2
+        frames.append(cv2.resize(f[:, x0:x0 + cw], size, interpolation=cv2.INTER_AREA))
+    cap.release()
+    if not frames:
+        raise SystemExit(f"cannot read {path}")
+    return frames
+
+
+class Server:
+    def __init__(self, workdir: Path):
+        self.log = open(workdir / "server.log", "w+")
+        env = {**os.environ, "FACESVC_DATA_DIR": str(workdir / "data")}
+        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--auth=false", "--host", "127.0.0.1", "--port", "0"],
+                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + 120
+        port = None
+        while port is None:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise SystemExit("server did not start:\n" + Path(self.log.name).read_text())
+            m = re.search(r"listening on [\d.]+:(\d+)", Path(self.log.name).read_text())
+            port = int(m.group(1)) if m else None
+            time.sleep(0.05)
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", [("grpc.max_send_message_length", 32 << 20)])
+        health = health_pb2_grpc.HealthStub(self.channel)
+        while True:
+            try:
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        self.stub = pb_grpc.FaceServiceStub(self.channel)
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.log.close()
+
+
+def encode(frame: np.ndarray, jpeg: bool) -> pb.Image:
+    if jpeg:
+        return pb.Image(encoded=cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes())
+    h, w = frame.shape[:2]
+    return pb.Image(raw=pb.RawFrame(width=w, height=h, format=pb.PIXEL_FORMAT_BGR, data=frame.tobytes()))
+
+
+def run_row(srv: Server, clip, fps: float, seconds: float, config: pb.StreamConfig, jpeg: bool) -> dict:
+    n = int(fps * seconds)
+    images = [encode(f, jpeg) for f in clip]  # encoded once: the client's cost is not the server's
+    sent_at: dict[int, float] = {}
+    rss, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            rss.append(srv.rss_mb())
+            stop.wait(0.25)
+
+    def requests():
+        yield pb.StreamFramesRequest(config=config)
+        t0 = time.monotonic()
+        for i in range(n):
+            time.sleep(max(0.0, t0 + i / fps - time.monotonic()))
+            sent_at[i + 1] = time.monotonic()
+            yield pb.StreamFramesRequest(frame=pb.Frame(frame_id=i + 1, image=images[i % len(images)]))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    e2e, server_ms, dropped, processed = [], [], 0, 0
+    t_start = time.monotonic()
+    for a in srv.stub.StreamFrames(requests(), timeout=seconds * 4 + 60):
+        now = time.monotonic()
+        processed += 1
+        dropped += len(a.skipped_frame_ids)
+        e2e.append((now - sent_at[a.frame_id]) * 1000)
+        server_ms.append(a.latency_ms)
+    elapsed = time.monotonic() - t_start
+    stop.set()
+    sampler.join()
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else 0.0  # noqa: E731
+    return {"fps_in": fps, "sent": n, "processed": processed, "dropped": dropped, "processed_fps": processed / elapsed,
+            "e2e_p50_ms": pct(e2e, 50), "e2e_p95_ms": pct(e2e, 95), "server_p50_ms": pct(server_ms, 50),
+            "server_p95_ms": pct(server_ms, 95), "rss_start_mb": rss[0], "rss_end_mb": rss[-1], "rss_max_mb": max(rss),
+            "rss_samples_mb": [round(r, 1) for r in rss]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--video", default=str(VIDEO))
+    ap.add_argument("--seconds", type=float, default=10.0, help="per row")
+    ap.add_argument("--rates", default="15,30,60")
+    ap.add_argument("--jpeg", action="store_true", help="send JPEG frames instead of raw BGR")
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_stream.json"))
+    args = ap.parse_args()
+    clip = load_clip(Path(args.video))
+    with tempfile.TemporaryDirectory() as d:
+        srv = Server(Path(d))
+        try:
+            srv.stub.CreateCollection(pb.CreateCollectionRequest(collection_id="bench",
+                                                                 liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
+            srv.stub.Register(pb.RegisterRequest(collection="bench", subject_id="clip-person", image=encode(clip[0], True),
+                                                 skip_liveness=True))
+            rows = []
+            for fps in [float(r) for r in args.rates.split(",")]:
+                rows.append({"mode": "detect", **run_row(srv, clip, fps, args.seconds, pb.StreamConfig(), args.jpeg)})
+            rows.append({"mode": "detect+identify", **run_row(srv, clip, 30.0, args.seconds,
+                                                              pb.StreamConfig(collection="bench", identify=True), args.jpeg)})
+        finally:
+            srv.stop()
+    head = (f"{'mode':16} {'fps in':>6} {'sent':>5} {'done':>5} {'dropped':>7} {'done fps':>8} {'e2e p50':>8} "
+            f"{'e2e p95':>8} {'srv p50':>8} {'srv p95':>8} {'RSS start/end/max MB':>21}")
+    print(f"\n{Path(args.video).name}, 640x480 {'JPEG' if args.jpeg else 'raw BGR'} frames, {args.seconds:.0f} s per row, "
+          f"{os.cpu_count()} cores")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['mode']:16} {r['fps_in']:6.0f} {r['sent']:5d} {r['processed']:5d} {r['dropped']:7d} {r['processed_fps']:8.1f} "
+              f"{r['e2e_p50_ms']:8.1f} {r['e2e_p95_ms']:8.1f} {r['server_p50_ms']:8.1f} {r['server_p95_ms']:8.1f} "
+              f"{r['rss_start_mb']:7.0f}/{r['rss_end_mb']:.0f}/{r['rss_max_mb']:.0f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"video": args.video, "seconds": args.seconds, "jpeg": args.jpeg, "cpus": os.cpu_count(),
+                               "machine": platform.platform(), "rows": rows}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
