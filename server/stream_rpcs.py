@@ -122,7 +122,8 @@ class StreamRpcs:
         if first.WhichOneof("message") != "config":
             raise errors.FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, errors.STREAM_PROTOCOL,
                                           "the first message of StreamFrames must be a StreamConfig")
-        self._authorize(context, "StreamFrames", first.config)
+        if first.config.identify:  # detection/liveness alone are stateless: any valid key may stream them
+            self._authorize(context, "StreamFrames", first.config)
         cfg = self._stream_settings(first.config)
         with self.streams.slot(self._stream_owner(context)):
             inbox = FrameInbox(first.config.max_fps)

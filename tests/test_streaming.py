@@ -210,6 +210,10 @@ def test_a_collection_key_streams_only_its_own_collection(srv, stub, enrolled):
                                        pb.StreamFramesRequest(frame=pb.Frame(frame_id=7, image=raw(video_frames(n=1)[0])))]),
                                  timeout=60))
     assert ok[-1].frame_id == 7 and ok[-1].faces and not ok[-1].faces[0].HasField("identity")  # nobody enrolled there
+    detect_only = list(keyed.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig(liveness=True)),
+                                                pb.StreamFramesRequest(frame=pb.Frame(frame_id=1, image=raw(video_frames(n=1)[0])))]),
+                                          timeout=60))
+    assert detect_only[-1].faces[0].HasField("liveness")  # stateless streams need no collection
 
 
 # -- batches ---------------------------------------------------------------------
