@@ -44,6 +44,17 @@ class Processed:
 
 
 @dataclass
+class Screened:
+    """An enrolment photo that passed every check; what is left is its embedding (batched by the caller)."""
+    collection: str
+    subject_id: str
+    face: Face
+    faces_detected: int
+    liveness: LivenessResult | None
+    add_face: bool
+
+
+@dataclass
 class Registered:
     face: FaceRecord
     subject: Subject
@@ -124,19 +135,24 @@ class IdentityService:
                                       f"subject {subject_id!r} already holds {count} faces "
                                       f"(limit {self.policy.max_faces_per_subject})", limit=self.policy.max_faces_per_subject)
 
-    def _prepare(self, collection, subject_id, img, opts, add_face, skip_liveness, liveness_threshold, face_id) -> Processed:
+    def screen(self, collection: str, subject_id: str, img, opts: DetectOptions, *, add_face: bool = False,
+               skip_liveness: bool = False, liveness_threshold: float | None = None) -> Screened:
+        """Every enrolment check, cheapest first: subject state, the one usable face, liveness."""
         self._check_subject(collection, subject_id, add_face)
         face, n = self._enrolment_face(img, opts)
         liveness = self._liveness(collection, img, face, skip_liveness, liveness_threshold)
-        (embedding,) = self.pipeline.embed([face])
+        return Screened(collection, subject_id, face, n, liveness, add_face)
+
+    def _stage(self, s: Screened, embedding: np.ndarray, face_id: str) -> Processed:
         now = _now_ms()
         staged = StagedFace(
-            collection_id=collection, subject_id=subject_id, face_id=face_id, model_id=self.pipeline.recognizer.model_id,
-            embedding=embedding, quality=face.quality.score, liveness_score=-1.0 if liveness is None else liveness.score,
-            add_face=add_face, created_ms=now, expires_ms=now + self.policy.staging_ttl_s * 1000,
-            crop=self.cipher.seal(face.aligned, face_id) if self.cipher else None,
+            collection_id=s.collection, subject_id=s.subject_id, face_id=face_id, model_id=self.pipeline.recognizer.model_id,
+            embedding=embedding, quality=s.face.quality.score,
+            liveness_score=-1.0 if s.liveness is None else s.liveness.score, add_face=s.add_face, created_ms=now,
+            expires_ms=now + self.policy.staging_ttl_s * 1000,
+            crop=self.cipher.seal(s.face.aligned, face_id) if self.cipher else None,
         )
-        return Processed("", staged, face, liveness, n)
+        return Processed("", staged, s.face, s.liveness, s.faces_detected)
 
     def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool]:
         face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
@@ -147,11 +163,10 @@ class IdentityService:
         return record, created
 
     # -- the RPCs ------------------------------------------------------------
-    def process(self, collection: str, subject_id: str, img, opts: DetectOptions, *, add_face: bool = False,
-                skip_liveness: bool = False, liveness_threshold: float | None = None) -> Processed:
+    def process_screened(self, s: Screened, embedding: np.ndarray) -> Processed:
+        """Process, once the face is screened and embedded: stage it under a new token."""
         token = new_token()
-        result = self._prepare(collection, subject_id, img, opts, add_face, skip_liveness, liveness_threshold,
-                               face_id_for_token(token))
+        result = self._stage(s, embedding, face_id_for_token(token))
         result.token = token
         self.cache.put(token, result.staged, self.policy.staging_ttl_s)
         return result
@@ -177,11 +192,11 @@ class IdentityService:
         self.cache.delete(token)  # only after the commit: a failed commit can be retried with the same token
         return Registered(record, self.store.get_subject(collection, subject_id), created)
 
-    def register_image(self, collection: str, subject_id: str, img, opts: DetectOptions, *, add_face: bool,
-                       skip_liveness: bool, liveness_threshold: float | None, metadata: dict[str, str]) -> Registered:
-        result = self._prepare(collection, subject_id, img, opts, add_face, skip_liveness, liveness_threshold, uuid.uuid4().hex)
+    def register_screened(self, s: Screened, embedding: np.ndarray, metadata: dict[str, str]) -> Registered:
+        """Register with an image, once the face is screened and embedded: commit it."""
+        result = self._stage(s, embedding, uuid.uuid4().hex)
         record, created = self._commit(result.staged, metadata)
-        return Registered(record, self.store.get_subject(collection, subject_id), created, processed=result)
+        return Registered(record, self.store.get_subject(s.collection, s.subject_id), created, processed=result)
 
     def verify(self, collection: str, subject_id: str, img, opts: DetectOptions, threshold: float, *,
                skip_liveness: bool = False, liveness_threshold: float | None = None) -> Verification:

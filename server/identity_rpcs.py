@@ -6,11 +6,21 @@ no model code here.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from facesvc.v1 import face_service_pb2 as pb
 from server import convert, errors, validate
 from server.auth import hash_key, new_api_key
 from server.identity import IdentityService
 from server.rpc_errors import rpc
+
+
+@dataclass
+class Pending:
+    """A request checked up to its embedding: `face` to embed (None when it needs none), then `finish`."""
+    face: object
+    finish: Callable
 
 
 class IdentityRpcs:
@@ -35,28 +45,37 @@ class IdentityRpcs:
         return t
 
     # -- enrolment and verification ------------------------------------------
+    def _finish(self, pending: "Pending"):
+        """Embed the pending face (if any) and complete the request: the one-item case of a batch."""
+        embeddings = self._ready().embed([pending.face]) if pending.face is not None else [None]
+        return pending.finish(embeddings[0])
+
     @rpc
     def Process(self, request: pb.ProcessRequest, context) -> pb.ProcessResponse:
-        return self._process(request)
+        return self._finish(self._process_pending(request))
 
-    def _process(self, request: pb.ProcessRequest) -> pb.ProcessResponse:
+    def _process_pending(self, request: pb.ProcessRequest) -> "Pending":
         ident, coll, subject = self._ids(request)
         opts = self._options(request.face_options)
         lthr = self._liveness_threshold(request.liveness_threshold)
         img = self._image(request.image, "image")
-        r = ident.process(coll, subject, img, opts, add_face=request.add_face, skip_liveness=request.skip_liveness,
-                          liveness_threshold=lthr)
-        return pb.ProcessResponse(
-            staging_token=r.token, expire_time=convert.timestamp(r.staged.expires_ms), face=convert.face_to_proto(r.face),
-            liveness=convert.liveness_to_proto(r.liveness) if r.liveness else None, faces_detected=r.faces_detected,
-            model=r.staged.model_id,
-        )
+        screened = ident.screen(coll, subject, img, opts, add_face=request.add_face, skip_liveness=request.skip_liveness,
+                                liveness_threshold=lthr)
+
+        def finish(embedding) -> pb.ProcessResponse:
+            r = ident.process_screened(screened, embedding)
+            return pb.ProcessResponse(
+                staging_token=r.token, expire_time=convert.timestamp(r.staged.expires_ms), face=convert.face_to_proto(r.face),
+                liveness=convert.liveness_to_proto(r.liveness) if r.liveness else None, faces_detected=r.faces_detected,
+                model=r.staged.model_id,
+            )
+        return Pending(screened.face, finish)
 
     @rpc
     def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
-        return self._register(request)
+        return self._finish(self._register_pending(request))
 
-    def _register(self, request: pb.RegisterRequest) -> pb.RegisterResponse:
+    def _register_pending(self, request: pb.RegisterRequest) -> "Pending":
         ident, coll, subject = self._ids(request)
         metadata = validate.metadata(request.metadata)
         which = request.WhichOneof("source")
@@ -65,13 +84,18 @@ class IdentityRpcs:
         if which == "staging_token":
             if not request.staging_token:
                 raise errors.validation("staging_token", "required")
-            r = ident.register_staged(coll, subject, request.staging_token, metadata)
-        else:
-            opts = self._options(request.face_options)
-            lthr = self._liveness_threshold(request.liveness_threshold)
-            img = self._image(request.image, "image")
-            r = ident.register_image(coll, subject, img, opts, add_face=request.add_face,
-                                     skip_liveness=request.skip_liveness, liveness_threshold=lthr, metadata=metadata)
+            return Pending(None, lambda _: self._register_response(
+                ident.register_staged(coll, subject, request.staging_token, metadata)))
+        opts = self._options(request.face_options)
+        lthr = self._liveness_threshold(request.liveness_threshold)
+        img = self._image(request.image, "image")
+        screened = ident.screen(coll, subject, img, opts, add_face=request.add_face, skip_liveness=request.skip_liveness,
+                                liveness_threshold=lthr)
+        return Pending(screened.face, lambda embedding: self._register_response(
+            ident.register_screened(screened, embedding, metadata)))
+
+    @staticmethod
+    def _register_response(r) -> pb.RegisterResponse:
         resp = pb.RegisterResponse(subject=convert.subject_to_proto(r.subject), face=convert.stored_face_to_proto(r.face),
                                    subject_created=r.created)
         if r.processed is not None:

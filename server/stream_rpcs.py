@@ -7,6 +7,7 @@ RPC would have answered with, and the call goes on.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 
@@ -23,6 +24,49 @@ log = logging.getLogger("facesvc.stream")
 
 MAX_DETECT_BATCH = 64
 MAX_FPS = 240.0
+BATCH_GROUP = 8  # batch items checked together and embedded in one recognizer call
+
+
+def _groups(iterator, size: int):
+    """Lists of the items that have arrived (at least one, at most `size`), read ahead by a thread
+    into a bounded queue: the client is held back by gRPC flow control, never buffered without bound."""
+    q: queue.Queue = queue.Queue(maxsize=2 * size)
+    end, stop = object(), threading.Event()
+
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def reader():
+        try:
+            for x in iterator:
+                if not put(x):
+                    return
+        except Exception:  # noqa: BLE001 - the call ended (cancelled): stop
+            pass
+        put(end)
+
+    threading.Thread(target=reader, name="batch-reader", daemon=True).start()
+    try:
+        while (first := q.get()) is not end:
+            group = [first]
+            while len(group) < size:
+                try:
+                    x = q.get_nowait()
+                except queue.Empty:
+                    break
+                if x is end:
+                    yield group
+                    return
+                group.append(x)
+            yield group
+    finally:
+        stop.set()
 
 
 def item_error(exc: errors.FaceServiceError) -> pb.ItemError:
@@ -40,15 +84,31 @@ class StreamRpcs:
         secret = dict(context.invocation_metadata()).get(HEADER, "")
         self.authenticator.authorize(self.authenticator.principal(secret), rpc_name, message)
 
-    def _batch(self, request_iterator, context, rpc_name: str, field: str, run, response_type):
-        """One response per item, in order; an item's failure is its own answer."""
-        for item in request_iterator:
-            request = getattr(item, field)
+    def _batch(self, request_iterator, context, rpc_name: str, field: str, prepare, response_type):
+        """One response per item, in order; an item's failure is its own answer. Items that arrive
+        together (up to BATCH_GROUP) are checked one by one, then their faces embedded in one call."""
+        for group in _groups(request_iterator, BATCH_GROUP):
+            pending: list = []
+            for item in group:
+                try:
+                    request = getattr(item, field)
+                    self._authorize(context, rpc_name, request)
+                    pending.append(prepare(request))
+                except Exception as exc:  # noqa: BLE001 - one bad item never fails the batch
+                    pending.append(exc)
+            faces = [p.face for p in pending if not isinstance(p, Exception) and p.face is not None]
             try:
-                self._authorize(context, rpc_name, request)
-                yield response_type(item_id=item.item_id, result=run(request))
-            except Exception as exc:  # noqa: BLE001 - one bad item never fails the batch
-                yield response_type(item_id=item.item_id, error=item_error(failure(f"{rpc_name}Batch", exc)))
+                embeddings = iter(self._ready().embed(faces) if faces else [])
+            except Exception as exc:  # noqa: BLE001
+                pending = [exc if not isinstance(p, Exception) and p.face is not None else p for p in pending]
+                embeddings = iter([])
+            for item, p in zip(group, pending):
+                try:
+                    if isinstance(p, Exception):
+                        raise p
+                    yield response_type(item_id=item.item_id, result=p.finish(next(embeddings) if p.face is not None else None))
+                except Exception as exc:  # noqa: BLE001
+                    yield response_type(item_id=item.item_id, error=item_error(failure(f"{rpc_name}Batch", exc)))
 
     # -- batches ---------------------------------------------------------------
     @rpc
@@ -71,12 +131,13 @@ class StreamRpcs:
     @stream_rpc
     def ProcessBatch(self, request_iterator, context):
         self._identity()
-        yield from self._batch(request_iterator, context, "Process", "process", self._process, pb.ProcessBatchResponse)
+        yield from self._batch(request_iterator, context, "Process", "process", self._process_pending, pb.ProcessBatchResponse)
 
     @stream_rpc
     def RegisterBatch(self, request_iterator, context):
         self._identity()
-        yield from self._batch(request_iterator, context, "Register", "register", self._register, pb.RegisterBatchResponse)
+        yield from self._batch(request_iterator, context, "Register", "register", self._register_pending,
+                               pb.RegisterBatchResponse)
 
     # -- live frames -------------------------------------------------------------
     def _stream_settings(self, cfg: pb.StreamConfig) -> StreamSettings:
