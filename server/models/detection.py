@@ -5,12 +5,15 @@ import cv2
 import numpy as np
 
 
-def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """Resize keeping aspect ratio and paste top-left into a zero size x size canvas."""
+def letterbox(img: np.ndarray, size: int, tight: bool = False) -> tuple[np.ndarray, float]:
+    """Resize keeping aspect ratio (long side = size) and paste top-left into a zero canvas:
+    size x size, or (tight) the resized image rounded up to multiples of 32 per side, for
+    networks that take any such shape (a 640x480 frame then costs 3/4 of a 640x640 square)."""
     h, w = img.shape[:2]
     scale = min(size / h, size / w)
     nw, nh = max(1, int(round(w * scale))), max(1, int(round(h * scale)))
-    canvas = np.zeros((size, size, 3), dtype=np.uint8)
+    ch, cw = (-(-nh // 32) * 32, -(-nw // 32) * 32) if tight else (size, size)
+    canvas = np.zeros((ch, cw, 3), dtype=np.uint8)
     canvas[:nh, :nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_LINEAR) if (nw, nh) != (w, h) else img
     return canvas, scale
 
@@ -42,10 +45,9 @@ def finalize(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, nms_thresho
     return boxes[keep] / scale, kps[keep] / scale, scores[keep]
 
 
-def cell_grid(size: int, stride: int) -> np.ndarray:
-    """(col, row) of every cell of a stride-`stride` feature map over a size x size input, row-major."""
-    n = size // stride
-    return np.stack(np.mgrid[:n, :n][::-1], axis=-1).reshape(-1, 2).astype(np.float32)
+def cell_grid(height: int, width: int, stride: int) -> np.ndarray:
+    """(col, row) of every cell of a stride-`stride` feature map over a height x width input, row-major."""
+    return np.stack(np.mgrid[:height // stride, :width // stride][::-1], axis=-1).reshape(-1, 2).astype(np.float32)
 
 
 class GridFaceDetector:
@@ -57,6 +59,7 @@ class GridFaceDetector:
     """
 
     strides = (8, 16, 32)
+    tight_input = False  # True when the network takes any H x W in multiples of 32
 
     def __init__(self, session, name: str, input_size: int, score_threshold: float, nms_threshold: float):
         self.session = session
@@ -69,7 +72,7 @@ class GridFaceDetector:
     def detect(self, img_bgr: np.ndarray, score_threshold: float | None = None):
         """Return (boxes [N,4] x1y1x2y2, landmarks [N,5,2], scores [N]) in `img_bgr` pixels."""
         thr = self.score_threshold if score_threshold is None else score_threshold
-        canvas, scale = letterbox(img_bgr, self.input_size)
+        canvas, scale = letterbox(img_bgr, self.input_size, self.tight_input)
         outputs = self._run(canvas)
         parts = [p for p in (self._decode(outputs, s, thr) for s in self.strides) if p[2].size]
         if not parts:

@@ -15,13 +15,22 @@ class ScrfdDetector(GridFaceDetector):
     """
 
     num_anchors = 2
+    tight_input = True  # fully convolutional: the input need not be square
 
     def __init__(self, session, name: str, input_size: int = 640, score_threshold: float = 0.5, nms_threshold: float = 0.4):
         super().__init__(session, name, input_size, score_threshold, nms_threshold)
-        self._centers = {s: np.repeat(cell_grid(input_size, s) * s, self.num_anchors, axis=0) for s in self.strides}
+        self._centers: dict[tuple[int, int, int], np.ndarray] = {}  # (h, w, stride) -> anchor centres
         self._output_names = [o.name for o in session.get_outputs()]
 
-    def _run(self, canvas: np.ndarray) -> dict[int, dict[int, np.ndarray]]:
+    def _anchor_centers(self, h: int, w: int, s: int) -> np.ndarray:
+        key = (h, w, s)
+        if key not in self._centers:
+            if len(self._centers) > 64:  # a handful of frame shapes in practice
+                self._centers.clear()
+            self._centers[key] = np.repeat(cell_grid(h, w, s) * s, self.num_anchors, axis=0)
+        return self._centers[key]
+
+    def _run(self, canvas: np.ndarray) -> dict:
         blob = canvas[:, :, ::-1].astype(np.float32)
         blob -= 127.5
         blob /= 128.0
@@ -30,12 +39,14 @@ class ScrfdDetector(GridFaceDetector):
         for out in self.session.run(self._output_names, {self.input_name: blob}):
             by_dim[out.shape[-1]].append(out.reshape(-1, out.shape[-1]))
         # {last dim: {stride: array}}; the output with most rows is stride 8
-        return {dim: dict(zip(self.strides, sorted(arrays, key=lambda a: -a.shape[0]))) for dim, arrays in by_dim.items()}
+        out = {dim: dict(zip(self.strides, sorted(arrays, key=lambda a: -a.shape[0]))) for dim, arrays in by_dim.items()}
+        out["shape"] = canvas.shape[:2]
+        return out
 
     def _decode(self, g, s: int, thr: float):
         scores = g[1][s][:, 0]
         idx = np.nonzero(scores >= thr)[0]
-        centers = self._centers[s][idx]
+        centers = self._anchor_centers(*g["shape"], s)[idx]
         d = g[4][s][idx] * s
         boxes = np.concatenate([centers - d[:, :2], centers + d[:, 2:]], axis=1)
         kps = g[10][s][idx].reshape(-1, 5, 2) * s + centers[:, None, :]

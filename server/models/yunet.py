@@ -11,7 +11,7 @@ class YunetDetector(GridFaceDetector):
 
     def __init__(self, session, name: str, input_size: int = 640, score_threshold: float = 0.6, nms_threshold: float = 0.3):
         super().__init__(session, name, input_size, score_threshold, nms_threshold)
-        self._grid = {s: cell_grid(input_size, s) for s in self.strides}
+        self._grid = {s: cell_grid(input_size, input_size, s) for s in self.strides}
         self._output_names = [f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in self.strides]
 
     def _run(self, canvas: np.ndarray) -> dict[str, np.ndarray]:
