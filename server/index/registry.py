@@ -1,4 +1,4 @@
-"""One HnswIndex per collection: loaded from a snapshot or built from the database, then kept in step.
+"""One index (a FaceIndex; HnswIndex by default) per collection: loaded from a snapshot or built from the database, then kept in step.
 
 The database is the source of truth: an index is only ever a cache of the
 faces table (for the current recognizer's model). The one way a change
@@ -21,6 +21,7 @@ import threading
 import time
 
 from server import errors
+from server.index.base import FaceIndex
 from server.index.hnsw import HnswIndex, HnswParams
 from server.index.snapshot import SnapshotError, SnapshotStore
 
@@ -29,10 +30,14 @@ log = logging.getLogger("facesvc.index")
 
 class IndexRegistry:
     def __init__(self, store, model_id: str, dim: int, params: HnswParams = HnswParams(),
-                 snapshots: SnapshotStore | None = None, retention_s: float = 7 * 86400, batch: int = 5000):
+                 snapshots: SnapshotStore | None = None, retention_s: float = 7 * 86400, batch: int = 5000,
+                 index_factory=HnswIndex):
+        """index_factory(dim, model_id, params) makes an empty FaceIndex (server/index/base.py): the
+        one place another engine plugs in (a durable engine would also pass snapshots=None)."""
         self.store, self.model_id, self.dim, self.params, self.batch = store, model_id, dim, params, batch
+        self.index_factory = index_factory
         self.snapshots, self.retention_s = snapshots, retention_s
-        self._indexes: dict[str, HnswIndex] = {}
+        self._indexes: dict[str, FaceIndex] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._dirty: set[str] = set()  # changed since their last snapshot
@@ -46,7 +51,7 @@ class IndexRegistry:
     def loaded(self) -> list[str]:
         return list(self._indexes)
 
-    def get(self, collection: str) -> HnswIndex:
+    def get(self, collection: str) -> FaceIndex:
         """The collection's index, loaded if this server has not loaded it yet."""
         idx = self._indexes.get(collection)
         if idx is not None:
@@ -58,7 +63,7 @@ class IndexRegistry:
                 self._indexes[collection] = idx
             return idx
 
-    def _load(self, collection: str) -> HnswIndex:
+    def _load(self, collection: str) -> FaceIndex:
         if self.snapshots is not None:
             t0 = time.perf_counter()
             try:
@@ -73,9 +78,9 @@ class IndexRegistry:
         self._mark_dirty(collection)
         return idx
 
-    def _build(self, collection: str) -> HnswIndex:
+    def _build(self, collection: str) -> FaceIndex:
         t0 = time.perf_counter()
-        idx = HnswIndex(self.dim, self.model_id, self.params)
+        idx = self.index_factory(self.dim, self.model_id, self.params)
         after = ""
         while True:
             rows = self.store.collection_embeddings(collection, self.model_id, after, self.batch)
