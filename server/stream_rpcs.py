@@ -6,7 +6,6 @@ RPC would have answered with, and the call goes on.
 """
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -20,7 +19,6 @@ from server.records import LIVENESS_REQUIRED
 from server.rpc_errors import failure, rpc, stream_rpc
 from server.streaming import FrameInbox, StreamLimiter, StreamSession, StreamSettings
 
-log = logging.getLogger("facesvc.stream")
 
 MAX_DETECT_BATCH = 64
 MAX_FPS = 240.0
