@@ -17,7 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server import reflection
-from server.auth import AuthInterceptor, Authenticator
+from server.auth import SERVICE_PREFIX, AuthInterceptor, Authenticator
 from server.config import Settings
 from server.crypto import CropCipher
 from server.identity import EnrolmentPolicy, IdentityService
@@ -25,6 +25,7 @@ from server.index import HnswParams, IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import ChangeNotifier, IndexSync
 from server.models.manifest import load_manifest
+from server.observability import ObservabilityInterceptor, serve_metrics
 from server.models.registry import ModelLoader
 from server.models.runtime import RuntimeOptions, choose_providers
 from server.pipeline import FacePipeline
@@ -117,7 +118,8 @@ class FaceServer:
         max_bytes = settings.max_message_mb * 1024 * 1024
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            interceptors=[AuthInterceptor(authenticator)] if authenticator else [],
+            # observability outermost, so it also sees (and times) calls the auth check refuses
+            interceptors=[ObservabilityInterceptor(SERVICE_PREFIX)] + ([AuthInterceptor(authenticator)] if authenticator else []),
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -143,6 +145,9 @@ class FaceServer:
 
     def start(self) -> None:
         self.server.start()
+        if self.settings.metrics_port:
+            serve_metrics(self.settings.metrics_port, self.settings.host, self.servicer)
+            log.info("Prometheus metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
         log.info("listening on %s:%d%s (health NOT_SERVING until models are loaded)", self.settings.host, self.port,
                  " with TLS" + (" + client certificates" if self.settings.tls_client_ca else "") if self.settings.tls_cert else "")
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import grpc
 
 from server import errors
+from server.observability import ERRORS
 from server.rpc_errors import to_status
 
 log = logging.getLogger("facesvc.auth")
@@ -115,6 +116,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 self.auth.authorize(principal, rpc, request)
         except errors.FaceServiceError as exc:
             log.info("rpc=%s denied: %s %s", rpc, exc.reason, exc.message)
+            ERRORS.labels(rpc, exc.reason).inc()
             context.abort_with_status(to_status(exc))
 
     def intercept_service(self, continuation, handler_call_details):

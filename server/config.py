@@ -29,6 +29,8 @@ class Settings:
     max_message_mb: int = 32
     grace_seconds: float = 10.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_port: int = 0
     device: str = "auto"
     ort_threads: int = 0
     model_dir: str = str(DEFAULT_MODEL_DIR)
@@ -85,6 +87,8 @@ HELP = {
     "max_message_mb": "largest gRPC message accepted or sent, MiB",
     "grace_seconds": "on SIGTERM/SIGINT, seconds in-flight calls get to finish",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text, or json (one object per line: ts, level, logger, request_id, msg)",
+    "metrics_port": "serve Prometheus metrics on this HTTP port (same bind address); 0 = off",
     "device": "auto (CUDA if onnxruntime-gpu sees a GPU, else CPU), cpu or cuda",
     "ort_threads": "onnxruntime intra-op threads per model; 0 = one per core",
     "model_dir": "directory holding the fetched ONNX files",

@@ -11,6 +11,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server import errors
+from server.observability import ERRORS, request_id
 
 log = logging.getLogger("facesvc.rpc")
 
@@ -26,11 +27,14 @@ def failure(name: str, exc: BaseException) -> errors.FaceServiceError:
     """The domain error to answer with: itself, or INTERNAL with a request id for a bug (logged)."""
     if isinstance(exc, errors.FaceServiceError):
         log.info("rpc=%s code=%s reason=%s msg=%s", name, exc.code.name, exc.reason, exc.message)
+        ERRORS.labels(name, exc.reason).inc()
         return exc
-    request_id = uuid.uuid4().hex[:16]
-    log.error("rpc=%s request_id=%s internal error", name, request_id, exc_info=exc)
-    return errors.FaceServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL, f"internal error (request id {request_id})",
-                                   request_id=request_id)
+    rid = request_id.get()
+    rid = uuid.uuid4().hex[:16] if rid == "-" else rid
+    log.error("rpc=%s request_id=%s internal error", name, rid, exc_info=exc)
+    ERRORS.labels(name, errors.INTERNAL).inc()
+    return errors.FaceServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL, f"internal error (request id {rid})",
+                                   request_id=rid)
 
 
 def rpc(method):

@@ -52,7 +52,7 @@ class ModelLoader:
     def build(self, name: str, kind: str, **overrides):
         spec = self.spec(name, kind)
         t0 = time.perf_counter()
-        session = create_session(str(verified_path(spec, self.model_dir)), self.runtime, self.providers)
+        session = create_session(str(verified_path(spec, self.model_dir)), self.runtime, self.providers, name)
         model = ARCHS[spec.arch](session, name, **{**spec.params, **overrides})
         log.info("loaded model=%s kind=%s file=%s providers=%s in %.0f ms", name, kind, spec.file,
                  session.get_providers()[0], (time.perf_counter() - t0) * 1000)

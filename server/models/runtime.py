@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import onnxruntime as ort
+
+from server.observability import TimedSession
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,8 @@ def choose_providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def create_session(path: str, opts: RuntimeOptions, providers: list[str]) -> ort.InferenceSession:
+def create_session(path: str, opts: RuntimeOptions, providers: list[str], name: str = "") -> TimedSession:
+    """A session for the model file at `path`; `name` (the manifest's) labels its inference metrics."""
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = opts.intra_op_threads
@@ -49,4 +53,4 @@ def create_session(path: str, opts: RuntimeOptions, providers: list[str]) -> ort
     used = session.get_providers()
     if providers[0] not in used:
         log.warning("%s: asked for %s, running on %s", path, providers[0], used)
-    return session
+    return TimedSession(session, name or Path(path).stem)  # run() timed into facesvc_model_inference_seconds

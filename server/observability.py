@@ -1,0 +1,167 @@
+"""Prometheus metrics, request ids and structured logs.
+
+Metrics (served on FACESVC_METRICS_PORT when set, beside prometheus_client's
+process metrics: RSS, open fds, CPU):
+  facesvc_rpc_total{method, code}                 finished RPCs by gRPC status
+  facesvc_rpc_errors_total{method, reason}        failures (and failed batch items / frames) by ErrorInfo reason
+  facesvc_rpc_duration_seconds{method}            latency histogram
+  facesvc_model_inference_seconds{model}          one ONNX Runtime session.run
+  facesvc_index_faces{collection}                 searchable faces per loaded index
+  facesvc_streams_active                          open StreamFrames calls
+
+Every FaceService call gets a request id: the caller's `x-request-id` metadata
+(if it is a sane token) or a new one. It is sent back in the initial
+metadata, put on every log line written while the call runs, and used as the
+id in INTERNAL error messages.
+"""
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import time
+import uuid
+
+import grpc
+from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily, REGISTRY
+
+REQUEST_ID_HEADER = "x-request-id"
+_SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+RPCS = Counter("facesvc_rpc_total", "Finished FaceService RPCs by method and gRPC status code", ["method", "code"])
+ERRORS = Counter("facesvc_rpc_errors_total", "Failed RPCs, batch items and stream frames by method and ErrorInfo reason",
+                 ["method", "reason"])
+LATENCY = Histogram("facesvc_rpc_duration_seconds", "FaceService RPC latency (streams: the whole call)", ["method"],
+                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+INFERENCE = Histogram("facesvc_model_inference_seconds", "One ONNX Runtime session.run, by model file", ["model"],
+                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1))
+
+
+class TimedSession:
+    """An onnxruntime InferenceSession whose run() is timed into INFERENCE; everything else passes through."""
+
+    def __init__(self, session, model: str):
+        self._session, self._observe = session, INFERENCE.labels(model).observe
+
+    def run(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._session.run(*args, **kwargs)
+        finally:
+            self._observe(time.perf_counter() - t0)
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+
+class ServiceCollector:
+    """Index sizes and open streams, read at scrape time from the running server."""
+
+    def __init__(self, servicer):
+        self.servicer = servicer
+
+    def collect(self):
+        faces = GaugeMetricFamily("facesvc_index_faces", "Searchable faces per loaded collection index", labels=["collection"])
+        searcher = self.servicer.searcher
+        if searcher is not None:
+            for collection in searcher.indexes.loaded():
+                idx = searcher.indexes._indexes.get(collection)
+                if idx is not None:
+                    faces.add_metric([collection], len(idx))
+        yield faces
+        yield GaugeMetricFamily("facesvc_streams_active", "Open StreamFrames calls", value=self.servicer.streams.active())
+
+
+def serve_metrics(port: int, host: str, servicer) -> None:
+    REGISTRY.register(ServiceCollector(servicer))
+    start_http_server(port, addr=host)
+
+
+class ObservabilityInterceptor(grpc.ServerInterceptor):
+    """Request id, latency, status counts for every FaceService call (the outermost interceptor)."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(self.prefix):
+            return handler
+        method = handler_call_details.method[len(self.prefix):]
+        incoming = dict(handler_call_details.invocation_metadata or ()).get(REQUEST_ID_HEADER, "")
+        kinds = {"unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
+                 "stream_unary": grpc.stream_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler}
+        kind = next(k for k in kinds if getattr(handler, k) is not None)
+        inner = getattr(handler, kind)
+
+        def start(context):
+            rid = incoming if _SANE_ID.fullmatch(incoming or "") else uuid.uuid4().hex[:16]
+            context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+            return request_id.set(rid), time.perf_counter()
+
+        def finish(context, t0, exc: BaseException | None) -> None:
+            code = context.code() if hasattr(context, "code") else None
+            if code is None:
+                code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
+            RPCS.labels(method, code.name).inc()
+            LATENCY.labels(method).observe(time.perf_counter() - t0)
+
+        if kind.endswith("unary"):  # one response
+            def wrapped(request, context):
+                token, t0 = start(context)
+                exc = None
+                try:
+                    return inner(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    finish(context, t0, exc)
+                    request_id.reset(token)
+        else:  # a response stream: the call lasts as long as the iteration
+            def wrapped(request, context):
+                token, t0 = start(context)
+                exc = None
+                try:
+                    yield from inner(request, context)
+                except BaseException as e:
+                    exc = e
+                    raise
+                finally:
+                    finish(context, t0, exc)
+                    request_id.reset(token)
+
+        return kinds[kind](wrapped, request_deserializer=handler.request_deserializer,
+                           response_serializer=handler.response_serializer)
+
+
+class RequestIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = request_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, request_id, msg (+ exc)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z", "level": record.levelname,
+               "logger": record.name, "request_id": getattr(record, "request_id", "-"), "msg": record.getMessage()}
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, ensure_ascii=False)
+
+
+def configure_logging(level: str, fmt: str, stream) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.addFilter(RequestIdFilter())
+    if fmt == "json":
+        formatter = JsonFormatter()
+        formatter.converter = time.gmtime
+    else:
+        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
+    handler.setFormatter(formatter)
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)

@@ -1,0 +1,82 @@
+"""Prometheus metrics on their own port, request ids on answers and log lines, JSON logs."""
+from __future__ import annotations
+
+import json
+import re
+import socket
+import urllib.request
+
+import grpc
+import pytest
+
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from tests.conftest import ADMIN_KEY, ServerProcess, image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    port = free_port()
+    s = ServerProcess(log_path=tmp_path_factory.mktemp("obs") / "server.log",
+                      env={"FACESVC_METRICS_PORT": str(port), "FACESVC_LOG_FORMAT": "json"})
+    s.metrics_port = port
+    yield s
+    s.stop()
+
+
+def test_metrics_count_calls_errors_inference_and_index(srv):
+    stub = pb_grpc.FaceServiceStub(srv.channel)
+    for _ in range(3):
+        stub.Detect(pb.DetectRequest(image=image("dev/img1.jpg")), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        stub.Compare(pb.CompareRequest(source=image("dev/noface_rocket.jpg"), target=image("dev/img1.jpg")), timeout=30)
+    with pytest.raises(grpc.RpcError):
+        srv.stub(None).Detect(pb.DetectRequest(image=image("dev/img1.jpg")), timeout=30)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection_id="obs", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+                          timeout=10)
+    stub.Register(pb.RegisterRequest(collection="obs", subject_id="p1", image=image("dev/img1.jpg"), skip_liveness=True),
+                  timeout=30)
+    stub.GetIndexStats(pb.GetIndexStatsRequest(collection="obs"), timeout=10)
+    m = scrape(srv.metrics_port)
+    assert m['facesvc_rpc_total{code="OK",method="Detect"}'] == 3
+    assert m['facesvc_rpc_total{code="INVALID_ARGUMENT",method="Compare"}'] == 1
+    assert m['facesvc_rpc_errors_total{method="Compare",reason="NO_FACE_DETECTED"}'] == 1
+    assert m['facesvc_rpc_errors_total{method="Detect",reason="API_KEY_MISSING"}'] == 1
+    assert m['facesvc_rpc_total{code="UNAUTHENTICATED",method="Detect"}'] == 1
+    assert m['facesvc_rpc_duration_seconds_count{method="Detect"}'] == 4
+    assert m['facesvc_model_inference_seconds_count{model="scrfd_500m"}'] == 5  # 3 Detect, Compare's first photo, Register
+    assert m['facesvc_model_inference_seconds_count{model="w600k_mbf"}'] >= 1
+    assert m['facesvc_index_faces{collection="obs"}'] == 1
+    assert m["facesvc_streams_active"] == 0
+    assert m["process_resident_memory_bytes"] > 50e6 and m["process_open_fds"] > 0
+
+
+def test_request_id_is_echoed_and_on_the_log_lines(srv):
+    stub = pb_grpc.FaceServiceStub(srv.channel)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Compare(pb.CompareRequest(source=image("dev/noface_rocket.jpg"), target=image("dev/img1.jpg")),
+                     metadata=(("x-request-id", "trace-4711"),), timeout=30)
+    assert ("x-request-id", "trace-4711") in e.value.initial_metadata()
+    _, call = stub.Detect.with_call(pb.DetectRequest(image=image("dev/img1.jpg")), timeout=30)
+    generated = dict(call.initial_metadata())["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", generated)
+    lines = [json.loads(ln) for ln in srv.output().splitlines() if ln.startswith("{")]
+    assert lines and all({"ts", "level", "logger", "request_id", "msg"} <= set(ln) for ln in lines)
+    failed = [ln for ln in lines if ln["request_id"] == "trace-4711"]
+    assert failed and "NO_FACE_DETECTED" in failed[0]["msg"]
