@@ -15,6 +15,7 @@ import numpy as np
 
 from server import errors
 from server.crypto import CropCipher
+from server.observability import ensure_call_alive
 from server.faces import Face, LivenessResult
 from server.pipeline import DEFAULT, DetectOptions, FacePipeline
 from server.records import LIVENESS_OPTIONAL, FaceRecord, NewFace, Subject
@@ -155,6 +156,7 @@ class IdentityService:
         return Processed("", staged, s.face, s.liveness, s.faces_detected)
 
     def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool]:
+        ensure_call_alive()  # a caller already told DEADLINE_EXCEEDED must not find the face registered
         face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
         record, created = self.store.add_face(staged.collection_id, staged.subject_id, face, allow_existing=staged.add_face,
                                               max_faces=self.policy.max_faces_per_subject, metadata=metadata)

@@ -25,11 +25,26 @@ import uuid
 
 import grpc
 from prometheus_client import Counter, Histogram, start_http_server
+
+from server import errors
 from prometheus_client.core import GaugeMetricFamily, REGISTRY
 
 REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+current_call: contextvars.ContextVar[object] = contextvars.ContextVar("current_call", default=None)
+
+
+def ensure_call_alive() -> None:
+    """Raise CALL_ENDED if the gRPC call this thread works for has ended (deadline passed, client
+    cancelled or gone): checked before every model inference and before a commit, so no work
+    goes on for a dead call and nothing is written that its caller was told failed."""
+    ctx = current_call.get()
+    if ctx is None or ctx.is_active():
+        return
+    remaining = ctx.time_remaining()
+    code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    raise errors.FaceServiceError(code, errors.CALL_ENDED, "the call ended (deadline or cancel); its work was stopped")
 
 RPCS = Counter("facesvc_rpc_total", "Finished FaceService RPCs by method and gRPC status code", ["method", "code"])
 ERRORS = Counter("facesvc_rpc_errors_total", "Failed RPCs, batch items and stream frames by method and ErrorInfo reason",
@@ -47,6 +62,7 @@ class TimedSession:
         self._session, self._observe = session, INFERENCE.labels(model).observe
 
     def run(self, *args, **kwargs):
+        ensure_call_alive()
         t0 = time.perf_counter()
         try:
             return self._session.run(*args, **kwargs)
@@ -100,7 +116,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         def start(context):
             rid = incoming if _SANE_ID.fullmatch(incoming or "") else uuid.uuid4().hex[:16]
             context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
-            return request_id.set(rid), time.perf_counter()
+            return (request_id.set(rid), current_call.set(context)), time.perf_counter()
 
         def finish(context, t0, exc: BaseException | None) -> None:
             code = context.code() if hasattr(context, "code") else None
@@ -120,7 +136,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     raise
                 finally:
                     finish(context, t0, exc)
-                    request_id.reset(token)
+                    request_id.reset(token[0])
+                    current_call.reset(token[1])
         else:  # a response stream: the call lasts as long as the iteration
             def wrapped(request, context):
                 token, t0 = start(context)
@@ -132,7 +149,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     raise
                 finally:
                     finish(context, t0, exc)
-                    request_id.reset(token)
+                    request_id.reset(token[0])
+                    current_call.reset(token[1])
 
         return kinds[kind](wrapped, request_deserializer=handler.request_deserializer,
                            response_serializer=handler.response_serializer)

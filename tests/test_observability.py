@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import time
 import urllib.request
 
 import grpc
@@ -80,3 +81,34 @@ def test_request_id_is_echoed_and_on_the_log_lines(srv):
     assert lines and all({"ts", "level", "logger", "request_id", "msg"} <= set(ln) for ln in lines)
     failed = [ln for ln in lines if ln["request_id"] == "trace-4711"]
     assert failed and "NO_FACE_DETECTED" in failed[0]["msg"]
+
+
+def inferences(port: int) -> float:
+    return sum(v for k, v in scrape(port).items() if k.startswith("facesvc_model_inference_seconds_count"))
+
+
+def test_a_call_past_its_deadline_stops_its_work_and_writes_nothing(srv):
+    stub = pb_grpc.FaceServiceStub(srv.channel)
+    big = [image(f"dev/{p}") for p in ("img1.jpg", "img2.jpg")]  # multi-megapixel portraits: ~100 ms of work each
+    req = pb.CompareRequest(source=big[0], target=big[1], require_liveness=True)
+    before = inferences(srv.metrics_port)
+    stub.Compare(req, timeout=30)
+    full = inferences(srv.metrics_port) - before
+    assert full == 7  # per photo: detect + the liveness pair; then one embed call for both faces
+    before = inferences(srv.metrics_port)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Compare(req, timeout=0.04)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1.5)  # whatever the server still did for the dead call is done by now
+    done = inferences(srv.metrics_port) - before
+    assert done < full, f"{done} of {full} inferences ran for a call that was already dead"
+    assert "CALL_ENDED" in srv.output()
+    # a Register whose deadline passes while it works commits nothing
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Register(pb.RegisterRequest(collection="obs", subject_id="late", image=big[0], skip_liveness=True),
+                      timeout=0.04)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1.5)
+    with pytest.raises(grpc.RpcError) as e:
+        stub.GetSubject(pb.GetSubjectRequest(collection="obs", subject_id="late"), timeout=10)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
