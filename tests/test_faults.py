@@ -1,0 +1,173 @@
+"""Backends going away and coming back during traffic, on private instances started by the test
+(the shared Redis/MariaDB on the default ports stay up for the rest of the suite)."""
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+
+import grpc
+import pytest
+
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from tests.conftest import ServerProcess, backend_unreachable, error_info, image
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PrivateRedis:
+    def __init__(self, port: int, workdir):
+        self.port, self.workdir, self.proc = port, workdir, None
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            backend_unreachable("redis-server binary", FileNotFoundError("redis-server"))
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                      "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                return
+            except OSError:
+                assert time.monotonic() < deadline, "private redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+            self.proc = None
+
+
+def test_redis_down_and_back_during_traffic(tmp_path):
+    redis = PrivateRedis(free_port(), tmp_path)
+    redis.start()
+    srv = ServerProcess(log_path=tmp_path / "server.log",
+                        env={"FACESVC_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0", "FACESVC_REDIS_PREFIX": "fault:"})
+    try:
+        stub = pb_grpc.FaceServiceStub(srv.channel)
+        coll = "faults-" + uuid.uuid4().hex[:6]
+        stub.CreateCollection(pb.CreateCollectionRequest(collection_id=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+                              timeout=10)
+        stub.Register(pb.RegisterRequest(collection=coll, subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
+        process = pb.ProcessRequest(collection=coll, subject_id="bob", image=image("dev/img13.jpg"))
+        assert stub.Process(process, timeout=30).staging_token
+
+        redis.stop()
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Process(process, timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and error_info(e.value).reason == "CACHE_UNAVAILABLE"
+        assert time.monotonic() - t0 < 10  # a clear answer, not a hang
+        # what does not need the staging cache keeps working
+        assert stub.Verify(pb.VerifyRequest(collection=coll, subject_id="alice", image=image("dev/img2.jpg")), timeout=30).match
+        hit = stub.Search(pb.SearchRequest(collection=coll, image=image("dev/img6.jpg")), timeout=30).results[0].matches[0]
+        assert hit.subject_id == "alice"
+        stub.Register(pb.RegisterRequest(collection=coll, subject_id="carol", image=image("dev/img20.jpg")), timeout=30)
+
+        redis.start()  # same port, empty: the server reconnects by itself
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                token = stub.Process(process, timeout=30).staging_token
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline
+                time.sleep(0.5)
+        reg = stub.Register(pb.RegisterRequest(collection=coll, subject_id="bob", staging_token=token), timeout=30)
+        assert reg.subject_created
+        assert srv.health() == 1  # SERVING throughout, no restart
+    finally:
+        srv.stop()
+        redis.stop()
+
+
+class PrivateMariaDB:
+    """A throw-away mariadbd with its own data directory and port."""
+
+    def __init__(self, port: int, workdir):
+        self.port, self.dir, self.proc = port, workdir / "mariadb", None
+        exe = shutil.which("mariadb-install-db")
+        if exe is None or shutil.which("mariadbd", path="/usr/sbin:/usr/bin") is None:
+            backend_unreachable("mariadbd / mariadb-install-db", FileNotFoundError("mariadbd"))
+        subprocess.run([exe, "--no-defaults", f"--datadir={self.dir}", "--auth-root-authentication-method=normal",
+                        "--skip-test-db", "--user=root"], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        exe = shutil.which("mariadbd", path="/usr/sbin:/usr/bin")
+        self.log = open(self.dir.parent / "mariadbd.log", "a")
+        self.proc = subprocess.Popen([exe, "--no-defaults", f"--datadir={self.dir}", f"--port={self.port}",
+                                      "--bind-address=127.0.0.1", f"--socket={self.dir.parent / 'mysqld.sock'}", "--user=root",
+                                      "--skip-log-bin", "--innodb-buffer-pool-size=32M"], stdout=self.log, stderr=self.log)
+        import pymysql
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                conn = pymysql.connect(host="127.0.0.1", port=self.port, user="root", password="", connect_timeout=1)
+                conn.cursor().execute("CREATE DATABASE IF NOT EXISTS facesvc CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+                conn.close()
+                return
+            except pymysql.err.MySQLError:
+                assert time.monotonic() < deadline and self.proc.poll() is None, "private mariadbd did not start"
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(60)
+            self.proc = None
+            self.log.close()
+
+
+def test_mysql_down_and_back_during_traffic(tmp_path):
+    db = PrivateMariaDB(free_port(), tmp_path)
+    db.start()
+    srv = ServerProcess(log_path=tmp_path / "server.log",
+                        env={"FACESVC_DB_URL": f"mysql://root@127.0.0.1:{db.port}/facesvc"})
+    try:
+        stub = pb_grpc.FaceServiceStub(srv.channel)
+        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="faults", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+                              timeout=10)
+        stub.Register(pb.RegisterRequest(collection="faults", subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
+        verify = pb.VerifyRequest(collection="faults", subject_id="alice", image=image("dev/img2.jpg"))
+        assert stub.Verify(verify, timeout=30).match
+
+        db.stop()
+        for call, req in ((stub.Register, pb.RegisterRequest(collection="faults", subject_id="bob", image=image("dev/img13.jpg"))),
+                          (stub.Verify, verify),
+                          (stub.ListSubjects, pb.ListSubjectsRequest(collection="faults"))):
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                call(req, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and error_info(e.value).reason == "STORE_UNAVAILABLE", e.value
+            assert time.monotonic() - t0 < 15  # a clear answer, not a hang
+        assert len(stub.Detect(pb.DetectRequest(image=image("dev/img2.jpg")), timeout=30).faces) == 1  # stateless: fine
+
+        db.start()  # same data, same port: the pool reconnects by itself
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                stub.Register(pb.RegisterRequest(collection="faults", subject_id="bob", image=image("dev/img13.jpg")), timeout=30)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+                time.sleep(0.5)
+        assert stub.Verify(verify, timeout=30).match
+        names = [s.subject_id for s in stub.ListSubjects(pb.ListSubjectsRequest(collection="faults"), timeout=10).subjects]
+        assert names == ["alice", "bob"]  # nothing lost, nothing doubled by the failed attempt
+        hit = stub.Search(pb.SearchRequest(collection="faults", image=image("dev/img14.jpg")), timeout=30).results[0].matches
+        assert hit and hit[0].subject_id == "bob"
+        assert srv.health() == 1
+    finally:
+        srv.stop()
+        db.stop()
