@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""facesvc against the peer pipeline, same models, same photos, same machine, same run.
+
+A. detect + embed in process: facesvc's FacePipeline vs insightface's
+   FaceAnalysis loading the very same det_500m.onnx and w600k_mbf ONNX files
+   from a local directory (offline). Both get the same decoded BGR photos (the
+   dev portraits): single-image latency p50/p95 (one thread), and throughput
+   (images/s) with 1 and 2 threads sharing one instance.
+B. end to end through gRPC (a server subprocess, embedded storage, auth off):
+   Verify of one 640x480 JPEG probe against a registered subject, p50/p95 over
+   sequential calls (with and without liveness), then throughput and errors
+   with 1, 8 and 64 concurrent clients.
+
+    .venv/bin/pip install -e '.[bench]'   # insightface (the peer) and faiss
+    .venv/bin/python scripts/bench_compare.py [--repeat 3] [--seconds 10]
+
+Prints tables and writes JSON (default .bench/bench_compare.json).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cv2
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
+from scripts.bench_stream import Server  # noqa: E402
+from server import config, convert  # noqa: E402
+from server.app import build_pipeline  # noqa: E402
+
+DEV = ROOT.parent / "shared" / "faces" / "dev"
+WEIGHTS = ROOT / "models" / "weights"
+
+
+def pct(xs, q) -> float:
+    return float(np.percentile(np.asarray(xs) * 1000, q)) if len(xs) else 0.0
+
+
+def timed_runs(fn, images, repeat: int) -> list[float]:
+    out = []
+    for _ in range(repeat):
+        for img in images:
+            t0 = time.perf_counter()
+            fn(img)
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def throughput(fn, images, threads: int, repeat: int) -> float:
+    work = images * repeat
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(threads) as ex:
+        list(ex.map(fn, work))
+    return len(work) / (time.perf_counter() - t0)
+
+
+def peer_app(tmp: Path):
+    from insightface.app import FaceAnalysis
+
+    d = tmp / "peer"
+    d.mkdir()
+    for f in ("det_500m.onnx", "w600k_mbf_deq.onnx"):
+        os.symlink((WEIGHTS / f).resolve(), d / f)
+    app = FaceAnalysis(name=str(d), allowed_modules=["detection", "recognition"], providers=["CPUExecutionProvider"])
+    app.prepare(ctx_id=-1, det_size=(640, 640))
+    return app
+
+
+def part_a(repeat: int) -> list[dict]:
+    images = [cv2.imread(str(p)) for p in sorted(DEV.glob("img*.jpg"))]
+    pipeline = build_pipeline(config.load([], environ={}))
+    opts = convert.detect_options(pb.FaceOptions(), 20, 20)
+
+    def facesvc(img):
+        faces = pipeline.detect(img, opts)
+        return pipeline.embed(faces) if faces else []
+
+    with tempfile.TemporaryDirectory() as d:
+        app = peer_app(Path(d))
+        peer = lambda img: [f.normed_embedding for f in app.get(img)]  # noqa: E731
+        engines = {"facesvc FacePipeline": facesvc, "insightface FaceAnalysis (peer)": peer}
+        for fn in engines.values():  # warm-up
+            for img in images[:3]:
+                fn(img)
+        # same faces found? (a sanity check that both do the same work)
+        counts = {name: sum(len(fn(img)) for img in images) for name, fn in engines.items()}
+        rows = []
+        for name, fn in engines.items():
+            lat = timed_runs(fn, images, repeat)
+            rows.append({"engine": name, "faces": counts[name], "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95),
+                         "imgs_per_s_1": throughput(fn, images, 1, repeat), "imgs_per_s_2": throughput(fn, images, 2, repeat)})
+    return rows
+
+
+def probe_jpeg() -> bytes:
+    img = cv2.imread(str(DEV / "img2.jpg"))
+    h, w = img.shape[:2]
+    s = min(640 / w, 480 / h)
+    small = cv2.resize(img, (int(w * s), int(h * s)), interpolation=cv2.INTER_AREA)
+    canvas = np.full((480, 640, 3), 127, np.uint8)
+    y, x = (480 - small.shape[0]) // 2, (640 - small.shape[1]) // 2
+    canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
+    return cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
+
+
+def part_b(calls: int, seconds: float) -> dict:
+    probe = pb.Image(encoded=probe_jpeg())
+    with tempfile.TemporaryDirectory() as d:
+        srv = Server(Path(d))
+        try:
+            s = srv.stub
+            s.CreateCollection(pb.CreateCollectionRequest(collection_id="bench", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
+            s.Register(pb.RegisterRequest(collection="bench", subject_id="person_01",
+                                          image=pb.Image(encoded=(DEV / "img1.jpg").read_bytes())))
+            seq = {}
+            for label, skip in (("Verify (no liveness)", True), ("Verify + liveness", False)):
+                req = pb.VerifyRequest(collection="bench", subject_id="person_01", image=probe, skip_liveness=skip)
+                assert s.Verify(req, timeout=30).match
+                lat = []
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    s.Verify(req, timeout=30)
+                    lat.append(time.perf_counter() - t0)
+                seq[label] = {"p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95)}
+            req = pb.VerifyRequest(collection="bench", subject_id="person_01", image=probe, skip_liveness=True)
+            conc = []
+            for clients in (1, 8, 64):
+                lat, errors, stop = [], [], threading.Event()
+                lock = threading.Lock()
+
+                def client():
+                    while not stop.is_set():
+                        t0 = time.perf_counter()
+                        try:
+                            s.Verify(req, timeout=60)
+                            with lock:
+                                lat.append(time.perf_counter() - t0)
+                        except grpc.RpcError as exc:
+                            with lock:
+                                errors.append(exc.code().name)
+
+                threads = [threading.Thread(target=client) for _ in range(clients)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                time.sleep(seconds)
+                stop.set()
+                for t in threads:
+                    t.join()
+                elapsed = time.perf_counter() - t0
+                conc.append({"clients": clients, "calls_per_s": len(lat) / elapsed, "errors": len(errors),
+                             "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95)})
+        finally:
+            srv.stop()
+    return {"sequential": seq, "concurrent": conc}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeat", type=int, default=3, help="passes over the dev portraits (part A)")
+    ap.add_argument("--calls", type=int, default=100, help="sequential Verify calls (part B)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="per concurrency level (part B)")
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_compare.json"))
+    args = ap.parse_args()
+    try:
+        import insightface  # noqa: F401
+    except ImportError:
+        print("the peer is not installed: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
+        return 2
+    a = part_a(args.repeat)
+    print(f"\nA. detect + embed in process, {len(list(DEV.glob('img*.jpg')))} dev portraits (decoded), "
+          f"{os.cpu_count()} cores, same ONNX files")
+    print(f"{'engine':34} {'faces':>5} {'p50 ms':>8} {'p95 ms':>8} {'img/s 1 thr':>11} {'img/s 2 thr':>11}")
+    for r in a:
+        print(f"{r['engine']:34} {r['faces']:5d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['imgs_per_s_1']:11.1f} {r['imgs_per_s_2']:11.1f}")
+    f, p = a
+    ratios = {"p50": p["p50_ms"] / f["p50_ms"], "throughput_1": f["imgs_per_s_1"] / p["imgs_per_s_1"],
+              "throughput_2": f["imgs_per_s_2"] / p["imgs_per_s_2"]}
+    print(f"facesvc vs peer: p50 {ratios['p50']:.2f}x lower, throughput {ratios['throughput_1']:.2f}x (1 thread), "
+          f"{ratios['throughput_2']:.2f}x (2 threads)")
+    b = part_b(args.calls, args.seconds)
+    print("\nB. gRPC end to end, one 640x480 JPEG probe")
+    for label, r in b["sequential"].items():
+        print(f"{label:24} p50 {r['p50_ms']:6.1f} ms   p95 {r['p95_ms']:6.1f} ms")
+    print(f"{'clients':>8} {'calls/s':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8}")
+    for r in b["concurrent"]:
+        print(f"{r['clients']:8d} {r['calls_per_s']:8.1f} {r['errors']:7d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "in_process": a, "ratios": ratios,
+                               "grpc": b}, indent=2))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
