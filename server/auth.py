@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import grpc
 
 from server import errors
-from server.observability import ERRORS
+from server.observability import ERRORS, rewrap
 from server.rpc_errors import to_status
 
 log = logging.getLogger("facesvc.auth")
@@ -125,15 +125,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method[len(SERVICE_PREFIX):]
-        kinds = {"unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
-                 "stream_unary": grpc.stream_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler}
-        kind = next(k for k in kinds if getattr(handler, k) is not None)
-        inner = getattr(handler, kind)
-        streaming_request = kind.startswith("stream")
 
-        def checked(request, context):
-            self._check(rpc, None if streaming_request else request, context)
-            return inner(request, context)
+        def make(inner, kind):
+            streaming_request = kind.startswith("stream")
 
-        return kinds[kind](checked, request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
+            def checked(request, context):
+                self._check(rpc, None if streaming_request else request, context)
+                return inner(request, context)
+            return checked
+
+        return rewrap(handler, make)

@@ -96,6 +96,20 @@ def serve_metrics(port: int, host: str, servicer) -> None:
     start_http_server(port, addr=host)
 
 
+_HANDLER_FACTORIES = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def rewrap(handler: grpc.RpcMethodHandler, make):
+    """The same handler with its behaviour replaced by make(behaviour, kind), where kind is
+    "unary_unary", "unary_stream", "stream_unary" or "stream_stream" (what the server interceptors share)."""
+    kind = next(k for k in _HANDLER_FACTORIES if getattr(handler, k) is not None)
+    return _HANDLER_FACTORIES[kind](make(getattr(handler, kind), kind), request_deserializer=handler.request_deserializer,
+                                    response_serializer=handler.response_serializer)
+
+
 class ObservabilityInterceptor(grpc.ServerInterceptor):
     """Request id, latency, status counts for every FaceService call (the outermost interceptor)."""
 
@@ -108,10 +122,6 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             return handler
         method = handler_call_details.method[len(self.prefix):]
         incoming = dict(handler_call_details.invocation_metadata or ()).get(REQUEST_ID_HEADER, "")
-        kinds = {"unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
-                 "stream_unary": grpc.stream_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler}
-        kind = next(k for k in kinds if getattr(handler, k) is not None)
-        inner = getattr(handler, kind)
 
         def start(context):
             rid = incoming if _SANE_ID.fullmatch(incoming or "") else uuid.uuid4().hex[:16]
@@ -125,35 +135,37 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             RPCS.labels(method, code.name).inc()
             LATENCY.labels(method).observe(time.perf_counter() - t0)
 
-        if kind.endswith("unary"):  # one response
-            def wrapped(request, context):
-                token, t0 = start(context)
-                exc = None
-                try:
-                    return inner(request, context)
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    finish(context, t0, exc)
-                    request_id.reset(token[0])
-                    current_call.reset(token[1])
-        else:  # a response stream: the call lasts as long as the iteration
-            def wrapped(request, context):
-                token, t0 = start(context)
-                exc = None
-                try:
-                    yield from inner(request, context)
-                except BaseException as e:
-                    exc = e
-                    raise
-                finally:
-                    finish(context, t0, exc)
-                    request_id.reset(token[0])
-                    current_call.reset(token[1])
+        def make(inner, kind):
+            if kind.endswith("unary"):  # one response
+                def wrapped(request, context):
+                    token, t0 = start(context)
+                    exc = None
+                    try:
+                        return inner(request, context)
+                    except BaseException as e:
+                        exc = e
+                        raise
+                    finally:
+                        finish(context, t0, exc)
+                        request_id.reset(token[0])
+                        current_call.reset(token[1])
+            else:  # a response stream: the call lasts as long as the iteration
+                def wrapped(request, context):
+                    token, t0 = start(context)
+                    exc = None
+                    try:
+                        yield from inner(request, context)
+                    except BaseException as e:
+                        exc = e
+                        raise
+                    finally:
+                        finish(context, t0, exc)
+                        request_id.reset(token[0])
+                        current_call.reset(token[1])
 
-        return kinds[kind](wrapped, request_deserializer=handler.request_deserializer,
-                           response_serializer=handler.response_serializer)
+            return wrapped
+
+        return rewrap(handler, make)
 
 
 class RequestIdFilter(logging.Filter):
