@@ -23,7 +23,9 @@ from server.records import LIVENESS_OPTIONAL, NewFace
 from server.store import open_store
 
 MODEL, DIM = "w600k_mbf", 512
-PARAMS = HnswParams(m=16, ef_construction=100, ef_search=64)
+# ef_search above the collection sizes used here: the graph search is exhaustive, so a snapshot-loaded and a
+# freshly built graph must give identical answers (with a small ef two different graphs may differ on noise)
+PARAMS = HnswParams(m=16, ef_construction=100, ef_search=400)
 
 
 @pytest.fixture
