@@ -54,7 +54,8 @@ def build_pipeline(settings: Settings) -> FacePipeline:
         raise ValueError("at least one liveness model is required (FACESVC_LIVENESS)")
     return FacePipeline(
         detector=loader.build(settings.detector, "detector"),
-        recognizer=loader.build(settings.recognizer, "recognizer", flip=settings.recognizer_flip),
+        recognizer=loader.build(settings.recognizer, "recognizer", flip=settings.recognizer_flip,
+                                micro_batch=settings.embed_micro_batch),
         liveness=liveness,
         age=loader.build(settings.age_model, "age"),
         gender=loader.build(settings.gender_model, "gender"),

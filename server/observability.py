@@ -16,10 +16,12 @@ id in INTERNAL error messages.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
 import re
+import threading
 import time
 import uuid
 
@@ -53,6 +55,32 @@ LATENCY = Histogram("facesvc_rpc_duration_seconds", "FaceService RPC latency (st
                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 INFERENCE = Histogram("facesvc_model_inference_seconds", "One ONNX Runtime session.run, by model file", ["model"],
                       buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1))
+
+
+class InFlight:
+    """How many FaceService calls are being served right now (streams for their whole life)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.value = 0
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.value += n
+
+
+IN_FLIGHT = InFlight()
+
+
+@contextlib.contextmanager
+def serving():
+    """Marks one request's work for code that runs the pipeline in process, without the gRPC
+    server (whose interceptor counts its calls): model runs then know when they have the CPU alone."""
+    IN_FLIGHT.add(1)
+    try:
+        yield
+    finally:
+        IN_FLIGHT.add(-1)
 
 
 class TimedSession:
@@ -126,9 +154,11 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         def start(context):
             rid = incoming if _SANE_ID.fullmatch(incoming or "") else uuid.uuid4().hex[:16]
             context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+            IN_FLIGHT.add(1)
             return (request_id.set(rid), current_call.set(context)), time.perf_counter()
 
         def finish(context, t0, exc: BaseException | None) -> None:
+            IN_FLIGHT.add(-1)
             code = context.code() if hasattr(context, "code") else None
             if code is None:
                 code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from server.models.batching import MicroBatcher
+
 
 class ArcFaceRecognizer:
     """Embeds ArcFace-aligned 112x112 BGR crops; batch-capable unless `max_batch` is 1.
@@ -12,7 +14,7 @@ class ArcFaceRecognizer:
     """
 
     def __init__(self, session, name: str, embedding_dim: int, match_threshold: float, max_batch: int = 32,
-                 flip: bool = False, search_threshold: float | None = None):
+                 flip: bool = False, search_threshold: float | None = None, micro_batch: bool = False):
         self.session = session
         self.name = name
         self.embedding_dim = embedding_dim
@@ -24,6 +26,8 @@ class ArcFaceRecognizer:
         self.flip = flip
         self.input_name = session.get_inputs()[0].name
         self.output_name = session.get_outputs()[0].name
+        # concurrent requests' faces share one session.run (see server/models/batching.py)
+        self.batcher = MicroBatcher(self._run, max_batch) if micro_batch and max_batch > 1 else None
 
     @property
     def model_id(self) -> str:
@@ -43,11 +47,12 @@ class ArcFaceRecognizer:
         x = np.stack(crops)[:, :, :, ::-1].astype(np.float32)  # BGR -> RGB
         x = (x - 127.5) / 127.5
         x = np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+        run = self.batcher or self._run
         if self.flip:
-            both = self._run(np.concatenate([x, x[:, :, :, ::-1]], axis=0))
+            both = run(np.concatenate([x, x[:, :, :, ::-1]], axis=0))
             emb = both[: len(crops)] + both[len(crops) :]
         else:
-            emb = self._run(x)
+            emb = run(x)
         emb = emb.astype(np.float32)
         emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
         return emb
