@@ -61,7 +61,7 @@ class Settings:
     enrol_min_quality: float = 0.3
     match_threshold_floor: float = 0.15
     search_threshold: float = 0.0
-    hnsw_m: int = 16
+    hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 128
     index_dir: str = ""

@@ -167,7 +167,7 @@ def test_concurrent_search_and_register_lose_nothing(gallery):
     stats = stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
     subjects = stub.GetCollection(pb.GetCollectionRequest(collection=COLL), timeout=10).collection
     assert stats.size == subjects.face_count  # no face lost between the database and the index
-    assert stats.dimension == 512 and stats.model == "w600k_mbf" and stats.m == 16 and stats.memory_bytes > 0
+    assert stats.dimension == 512 and stats.model == "w600k_mbf" and stats.m == 32 and stats.memory_bytes > 0
 
 
 def test_deleted_subject_is_never_returned_also_after_restart(gallery):

@@ -19,7 +19,7 @@ import numpy as np
 
 @dataclass(frozen=True)
 class HnswParams:
-    m: int = 16
+    m: int = 32
     ef_construction: int = 200
     ef_search: int = 128
     initial_capacity: int = 1024
