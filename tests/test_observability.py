@@ -12,7 +12,7 @@ import pytest
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
-from tests.conftest import ADMIN_KEY, ServerProcess, image
+from tests.conftest import ServerProcess, image
 
 
 def free_port() -> int:
