@@ -22,7 +22,9 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -94,7 +96,9 @@ def to_640x480_jpeg(path: Path) -> bytes:
 
 
 def bench_e2e(settings, probes: list[bytes], calls: int) -> dict:
-    srv = FaceServer(replace(settings, host="127.0.0.1", port=0))
+    # stateless RPCs only: no keys, and the embedded database in a throw-away directory
+    tmp = tempfile.mkdtemp(prefix="bench_pipeline_")
+    srv = FaceServer(replace(settings, host="127.0.0.1", port=0, auth=False, data_dir=tmp))
     srv.start()
     srv.load_models()
     out = {}
@@ -121,6 +125,7 @@ def bench_e2e(settings, probes: list[bytes], calls: int) -> dict:
                 out[name] = summarize(samples)
     finally:
         srv.stop(0)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
