@@ -157,8 +157,10 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             IN_FLIGHT.add(1)
             return (request_id.set(rid), current_call.set(context)), time.perf_counter()
 
-        def finish(context, t0, exc: BaseException | None) -> None:
+        def finish(context, token, t0, exc: BaseException | None) -> None:
             IN_FLIGHT.add(-1)
+            request_id.reset(token[0])
+            current_call.reset(token[1])
             code = context.code() if hasattr(context, "code") else None
             if code is None:
                 code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN
@@ -176,9 +178,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                         exc = e
                         raise
                     finally:
-                        finish(context, t0, exc)
-                        request_id.reset(token[0])
-                        current_call.reset(token[1])
+                        finish(context, token, t0, exc)
             else:  # a response stream: the call lasts as long as the iteration
                 def wrapped(request, context):
                     token, t0 = start(context)
@@ -189,9 +189,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                         exc = e
                         raise
                     finally:
-                        finish(context, t0, exc)
-                        request_id.reset(token[0])
-                        current_call.reset(token[1])
+                        finish(context, token, t0, exc)
 
             return wrapped
 
