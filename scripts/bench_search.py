@@ -259,9 +259,12 @@ def bench_snapshot(idx: HnswIndex, params: HnswParams, probes: np.ndarray) -> di
     return {"write_s": write, "load_s": load, "bytes": size, "same_answers": same, "file": path.name}
 
 
-def bench_faiss_hnsw(faiss, corpus, probes, truth, params: HnswParams, single_n: int, sq8: bool = False) -> dict:
+def bench_faiss_hnsw(faiss, corpus, probes, truth, params: HnswParams, single_n: int, ef_sweep: list[int],
+                     sq8: bool = False) -> list[dict]:
     """FAISS's HNSW on float vectors, or (sq8) on 8-bit scalar-quantised codes: 512 bytes a face
-    instead of 2 KB, a quarter of the memory read per distance. FAISS's HNSW cannot delete."""
+    instead of 2 KB, a quarter of the memory read per distance; each sq8 ef also runs with a float
+    re-rank of twice the candidates (IndexRefineFlat: exact similarities, as Search returns).
+    FAISS's HNSW cannot delete a vector, which is why the server does not use it."""
     gc.collect()
     r0, t0 = rss_mb(), time.perf_counter()
     if sq8:
@@ -274,17 +277,27 @@ def bench_faiss_hnsw(faiss, corpus, probes, truth, params: HnswParams, single_n:
     index.add(corpus)
     build = time.perf_counter() - t0
     mem = rss_mb() - r0
-    ef = params.ef_for(len(corpus))  # the same ef as facesvc's row
-    index.hnsw.efSearch = ef
-    t0 = time.perf_counter()
-    _, found = index.search(probes, 10)
-    qps = len(probes) / (time.perf_counter() - t0)
     kind = "IndexHNSWSQ 8-bit" if sq8 else "IndexHNSWFlat"
-    row = {"engine": f"faiss {kind} (M={params.m} efC={params.ef_construction} ef={ef})",
-           "build_s": build, "memory_mb": mem, "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10),
-           "single": latency(lambda q: index.search(q[None], 10), probes, single_n), "batch_qps": qps}
-    del index
-    return row
+    refine = faiss.IndexRefineFlat(index, faiss.swig_ptr(corpus)) if sq8 else None
+    ef0, rows = params.ef_for(len(corpus)), []  # the same ef as facesvc's row first
+    for ef in [ef0] + [e for e in ef_sweep if e != ef0]:
+        variants = [(index, faiss.SearchParametersHNSW(efSearch=ef), "")]
+        if refine is not None:
+            variants.append((refine, faiss.IndexRefineSearchParameters(
+                k_factor=2, base_index_params=faiss.SearchParametersHNSW(efSearch=ef)), " + float re-rank"))
+        for engine, sp, suffix in variants:
+            t0 = time.perf_counter()
+            _, found = engine.search(probes, 10, params=sp)
+            qps = len(probes) / (time.perf_counter() - t0)
+            first = ef == ef0 and not suffix
+            name = (f"faiss {kind} (M={params.m} efC={params.ef_construction} ef={ef})" if first
+                    else f"  faiss {kind} ef={ef}{suffix}")
+            rows.append({"engine": name, "build_s": build if first else None, "memory_mb": mem if first else None,
+                         "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10), "ef_search": ef,
+                         "single": latency(lambda q, e=engine, p=sp: e.search(q[None], 10, params=p), probes, single_n),
+                         "batch_qps": qps})
+    del index, refine
+    return rows
 
 
 def fmt(v, spec: str) -> str:
@@ -292,8 +305,8 @@ def fmt(v, spec: str) -> str:
 
 
 def print_table(corpus: str, size: int, rows: list[dict]) -> None:
-    flat_p50 = next(r["single"]["p50_ms"] for r in rows if "Flat" in r["engine"])
-    flat = next(r for r in rows if "Flat" in r["engine"])
+    flat = rows[0]
+    flat_p50 = flat["single"]["p50_ms"]
     print(f"\n{corpus} corpus, {size:,} x {DIM}-d (exact neighbours: mean cosine {flat['exact_sim_top1_mean']:.3f} "
           f"at rank 1, {flat['exact_sim_top10_mean']:.3f} at rank 10)")
     head = f"{'engine':58} {'build s':>8} {'mem MB':>8} {'R@1':>6} {'R@10':>6} {'p50 ms':>8} {'p99 ms':>8} {'vs flat':>8} {'batch q/s':>10}"
@@ -319,8 +332,9 @@ def main() -> int:
     ap.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
     ap.add_argument("--ef-search", type=int, default=HnswParams.ef_search, help="0 (default): the server's size-dependent ef")
     ap.add_argument("--ef-sweep", default="32,64,256", help="other ef_search values to try on the facesvc graph ('' for none)")
-    ap.add_argument("--no-faiss-hnsw", action="store_true")
-    ap.add_argument("--faiss-sq8", action="store_true", help="also FAISS HNSW on 8-bit scalar-quantised vectors")
+    ap.add_argument("--engines", default="facesvc,faiss-hnsw",
+                    help="besides the exact flat scan: facesvc (hnswlib, the server's class), faiss-hnsw, faiss-sq8 "
+                         "(FAISS HNSW on 8-bit codes, with and without a float re-rank)")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_search.json"))
     args = ap.parse_args()
@@ -335,6 +349,9 @@ def main() -> int:
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     params = HnswParams(m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search)
     sweep = [int(x) for x in args.ef_sweep.split(",") if x.strip()]
+    engines = {e.strip() for e in args.engines.split(",") if e.strip()}
+    if engines - {"facesvc", "faiss-hnsw", "faiss-sq8"}:
+        raise SystemExit(f"unknown engines {sorted(engines - {'facesvc', 'faiss-hnsw', 'faiss-sq8'})}")
     result = {"size": args.size, "dim": DIM, "queries": args.queries, "cpus": os.cpu_count(), "machine": platform.platform(),
               "python": platform.python_version(), "faiss": faiss.__version__, "params": vars(args), "corpora": {}}
     for kind in [c.strip() for c in args.corpora.split(",") if c.strip()]:
@@ -343,17 +360,20 @@ def main() -> int:
         print(f"[{kind}] generated {len(corpus):,} vectors in {time.perf_counter() - t0:.1f}s", flush=True)
         flat, truth = bench_flat(faiss, corpus, probes, min(args.single, 200))
         print(f"[{kind}] flat done", flush=True)
-        rows = [flat] + bench_facesvc(corpus, probes, truth, params, args.single, sweep)
-        print(f"[{kind}] facesvc/hnswlib done", flush=True)
-        if not args.no_faiss_hnsw:
-            rows.append(bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single))
-        if args.faiss_sq8:
-            rows.append(bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single, sq8=True))
+        rows = [flat]
+        if "facesvc" in engines:
+            rows += bench_facesvc(corpus, probes, truth, params, args.single, sweep)
+            print(f"[{kind}] facesvc/hnswlib done", flush=True)
+        if "faiss-hnsw" in engines:
+            rows += bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single, [])
+        if "faiss-sq8" in engines:
+            rows += bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single, sweep, sq8=True)
         print_table(kind, args.size, rows)
-        snap = rows[1]["snapshot"]
-        print(f"snapshot of the facesvc index: {snap['bytes'] / 2**20:.0f} MB, written in {snap['write_s']:.1f}s, "
-              f"loaded + verified in {snap['load_s']:.1f}s (rebuild: {rows[1]['build_s']:.0f}s); "
-              f"same answers after loading: {snap['same_answers']}")
+        if "facesvc" in engines:
+            snap = rows[1]["snapshot"]
+            print(f"snapshot of the facesvc index: {snap['bytes'] / 2**20:.0f} MB, written in {snap['write_s']:.1f}s, "
+                  f"loaded + verified in {snap['load_s']:.1f}s (rebuild: {rows[1]['build_s']:.0f}s); "
+                  f"same answers after loading: {snap['same_answers']}")
         result["corpora"][kind] = rows
         del corpus, probes, truth
         gc.collect()
