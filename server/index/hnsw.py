@@ -29,7 +29,7 @@ class HnswParams:
         """The query-time candidate list for a graph of `nodes` elements (deleted ones included).
 
         A graph needs a longer list as it grows to keep the same recall. Measured on the facelike
-        corpus with M 32 (scripts/bench_search.py, README "Search index"), recall@10 is 0.995 at
+        corpus with M 32 (scripts/bench_search.py, README "Search (1:N)"), recall@10 is 0.995 at
         200 k faces and 0.990 at 500 k with ef 64, and 0.992 at 1 M with ef 256 (0.980 with 128).
         So: ef 64 up to AUTO_EF_POINTS' first size, then linear through the measured points and on
         at the last slope, rounded up to a multiple of 16 and capped at AUTO_EF_MAX."""
@@ -97,12 +97,11 @@ class HnswIndex:
         self.dim, self.model_id, self.params = dim, model_id, params
         self._index = hnswlib.Index(space="cosine", dim=dim)
         self._index.init_index(max_elements=params.initial_capacity, M=params.m, ef_construction=params.ef_construction)
-        self._ef = params.ef_for(0)
-        self._index.set_ef(self._ef)
         self._lock = RWLock()
         self._label_of: dict[str, int] = {}          # face id -> label (live faces)
         self._face_of: dict[int, tuple[str, str]] = {}  # label -> (face id, subject id), live faces
         self._next_label = 0
+        self._tune_ef()
         self.deleted = 0
         self.built_at = time.time()   # when the graph was built from the database (kept by snapshots)
         self.loaded_from = "database"  # or "snapshot"
@@ -132,8 +131,7 @@ class HnswIndex:
         for label, face_id, subject_id in state["faces"]:
             idx._remember(int(label), face_id, subject_id)
         idx._next_label, idx.deleted, idx.built_at = int(state["next_label"]), int(state["deleted"]), float(state["built_at"])
-        idx._ef = params.ef_for(idx._next_label)
-        graph.set_ef(idx._ef)
+        idx._tune_ef()
         idx.loaded_from = "snapshot"
         return idx
 
@@ -160,9 +158,8 @@ class HnswIndex:
     def _tune_ef(self) -> None:
         """ef for the graph's size now (under the write lock, or before the index is shared)."""
         ef = self.params.ef_for(self._next_label)
-        if ef != self._ef:
+        if ef != self._index.ef:
             self._index.set_ef(ef)
-            self._ef = ef
 
     def _remember(self, label: int, face_id: str, subject_id: str) -> None:
         self._label_of[face_id] = label
@@ -232,7 +229,7 @@ class HnswIndex:
             return {
                 "size": len(self._label_of), "deleted": self.deleted, "dimension": self.dim, "model": self.model_id,
                 "capacity": self._index.get_max_elements(), "m": self.params.m,
-                "ef_construction": self.params.ef_construction, "ef_search": self._ef,
+                "ef_construction": self.params.ef_construction, "ef_search": self._index.ef,
                 "memory_bytes": self._memory_estimate(), "built_at": self.built_at,
                 "loaded_from": self.loaded_from, "snapshot_at": self.snapshot_at,
             }
