@@ -42,6 +42,16 @@ def test_put_get_delete_roundtrip(cache):
     assert cache.get(tok) is None
 
 
+def test_tokens_are_prefixed_unguessable_and_never_look_like_an_option():
+    toks = {new_token() for _ in range(2000)}
+    assert len(toks) == 2000
+    for t in toks:
+        assert t.startswith("stg_") and len(t) == 4 + 32  # 24 random bytes in URL-safe base64
+        assert set(t[4:]) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+    # with 2000 tokens, some random parts start with "-" or "_" (1 in 32 each time): the prefix shields them
+    assert any(t[4] in "-_" for t in toks)
+
+
 def test_entries_expire(cache):
     tok = new_token()
     cache.put(tok, staged(), ttl_s=1)

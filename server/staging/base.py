@@ -12,9 +12,16 @@ import numpy as np
 FORMAT_VERSION = 1
 
 
+TOKEN_PREFIX = "stg_"
+
+
 def new_token() -> str:
-    """An unguessable staging token (192 bits, URL-safe)."""
-    return secrets.token_urlsafe(24)
+    """An unguessable staging token: "stg_" + 192 random bits, URL-safe base64.
+
+    The prefix says what the string is (in logs, to secret scanners) and keeps a token from
+    starting with "-", which command lines read as an option (`facesvc register --token -x…`
+    failed for 1 token in 64)."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(24)
 
 
 def token_key(token: str) -> str:
