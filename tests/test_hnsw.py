@@ -66,8 +66,8 @@ def test_the_index_raises_ef_as_it_grows_and_keeps_it_across_a_snapshot(monkeypa
 
 
 def test_a_query_for_more_faces_than_ef_returns_them_all_under_the_read_lock():
-    # 20 subjects x 10 faces each = 200 faces asked of an index whose ef is 64: hnswlib searches
-    # with max(ef, k), so the answer is exact on this small graph without touching the shared ef
+    # top 20 subjects with up to 10 faces each: 200 faces asked of an index whose ef is 64. hnswlib
+    # searches with max(ef, k), so the answer is exact on this small graph without touching the shared ef
     params = HnswParams(m=16, ef_construction=100)
     idx, vecs, ids = filled(params, 500)
     assert idx._index.ef == 64
