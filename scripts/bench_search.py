@@ -218,33 +218,34 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
         idx.add(ids[s:s + step], ids[s:s + step], corpus[s:s + step])
     build = time.perf_counter() - t0
     mem = rss_mb() - r0
-    graph = idx._index
-    rows, ef0 = [], params.ef_for(len(corpus))
+    segments = idx.stats()["segments"]
+    rows, ef0 = [], params.ef_for(min(len(corpus), params.segment_size))
     for ef in [ef0] + [e for e in ef_sweep if e != ef0]:
-        graph.set_ef(max(ef, 10))
+        idx.set_ef(None if ef == ef0 else max(ef, 10))
         t0 = time.perf_counter()
-        found, _ = graph.knn_query(probes, k=10)
+        found, _ = idx.knn(probes, 10)  # labels are the corpus rows: faces were added in order
         qps = len(probes) / (time.perf_counter() - t0)
+        # the server's path: one probe, read lock, every segment, label -> (face, subject), one hit per subject
+        single = latency(lambda q: idx.search(q, 10, -1.0, 1), probes, single_n)
         if ef == ef0:
-            # the server's path: one probe, read lock, label -> (face, subject), one hit per subject
-            single = latency(lambda q: idx.search(q, 10, -1.0, 1), probes, single_n)
             auto = "" if params.ef_search else " auto"
-            name = f"facesvc HnswIndex (hnswlib M={params.m} efC={params.ef_construction} ef={ef}{auto})"
+            split = f" {segments} seg" if segments > 1 else ""
+            name = f"facesvc HnswIndex (hnswlib M={params.m} efC={params.ef_construction}{split} ef={ef}{auto})"
         else:
-            single = latency(lambda q: graph.knn_query(q[None], k=10), probes, single_n)
-            name = f"  hnswlib ef={ef} (same graph, sweep)"
+            name = f"  hnswlib ef={ef} (same graphs, sweep)"
         rows.append({"engine": name, "build_s": build if ef == ef0 else None,
-                     "memory_mb": mem if ef == ef0 else None,
+                     "memory_mb": mem if ef == ef0 else None, "segments": segments,
                      "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10),
                      "single": single, "batch_qps": qps, "ef_search": ef})
-    graph.set_ef(ef0)
+    idx.set_ef(None)
     rows[0]["snapshot"] = bench_snapshot(idx, params, probes)
-    del idx, graph
+    del idx
     return rows
 
 
 def bench_snapshot(idx: HnswIndex, params: HnswParams, probes: np.ndarray) -> dict:
     """What a restart costs from a snapshot (write, then load with both checksums) vs a rebuild."""
+    (ROOT / ".bench").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / ".bench") as d:
         snaps = SnapshotStore(d)
         t0 = time.perf_counter()
@@ -331,6 +332,8 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=HnswParams.m)
     ap.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
     ap.add_argument("--ef-search", type=int, default=HnswParams.ef_search, help="0 (default): the server's size-dependent ef")
+    ap.add_argument("--segment-size", type=int, default=HnswParams.segment_size,
+                    help="facesvc: most faces per graph (the server's FACESVC_HNSW_SEGMENT_SIZE)")
     ap.add_argument("--ef-sweep", default="32,64,256", help="other ef_search values to try on the facesvc graph ('' for none)")
     ap.add_argument("--engines", default="facesvc,faiss-hnsw",
                     help="besides the exact flat scan: facesvc (hnswlib, the server's class), faiss-hnsw, faiss-sq8 "
@@ -347,7 +350,8 @@ def main() -> int:
         print("faiss is not installed: .venv/bin/pip install -e '.[bench]' (or pip install faiss-cpu)", file=sys.stderr)
         return 2
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    params = HnswParams(m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search)
+    params = HnswParams(m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search,
+                        segment_size=args.segment_size)
     sweep = [int(x) for x in args.ef_sweep.split(",") if x.strip()]
     engines = {e.strip() for e in args.engines.split(",") if e.strip()}
     if engines - set(ENGINES):

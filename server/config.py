@@ -64,6 +64,8 @@ class Settings:
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 0
+    hnsw_segment_size: int = 500_000
+    hnsw_search_threads: int = 0
     index_dir: str = ""
     index_snapshots: bool = True
     index_snapshot_seconds: float = 300.0
@@ -122,7 +124,9 @@ HELP = {
     "search_threshold": "default Search min_similarity; 0 = the recognizer's calibrated 1:N value from the manifest",
     "hnsw_m": "search index: HNSW links per node",
     "hnsw_ef_construction": "search index: HNSW build-time candidate list",
-    "hnsw_ef_search": "search index: HNSW query-time candidate list; 0 = grow with the index (64 up to 500 k faces, 256 at 1 M); a query uses at least top_k x faces per subject",
+    "hnsw_ef_search": "search index: HNSW query-time candidate list; 0 = grow with each graph (64 up to 500 k faces, 256 at 1 M); a query uses at least top_k x faces per subject",
+    "hnsw_segment_size": "search index: most faces in one HNSW graph; a larger collection gets more graphs, searched side by side and merged",
+    "hnsw_search_threads": "search index: threads searching a collection's graphs side by side; 0 = one per CPU",
     "index_dir": "where index snapshots are written; empty = data_dir/index (one directory per server process)",
     "index_snapshots": "write index snapshots and start from them (false = always rebuild from the database)",
     "index_snapshot_seconds": "how often changed indexes are snapshotted (and once more on shutdown)",

@@ -1,9 +1,15 @@
-"""HnswIndex on its own: the size-dependent ef and large-k queries (no database).
+"""HnswIndex on its own: the size-dependent ef, large-k queries and segments (no database).
 
 The recall these parameters buy at 200 k and 1 M faces is measured by scripts/bench_search.py;
-here the rule itself is checked, and that the index applies it as it grows and after a restart.
+here the rules themselves are checked, and that the index applies them as it grows and after a
+restart. Segments are tested small (a few hundred faces per graph), with ef high enough that
+each graph's answer is exact, so the merged answer must equal a brute-force one.
 """
 from __future__ import annotations
+
+import hashlib
+import json
+import threading
 
 import numpy as np
 import pytest
@@ -29,6 +35,12 @@ def filled(params: HnswParams, n: int, seed: int = 0) -> tuple[HnswIndex, np.nda
     return idx, vecs, ids
 
 
+def ef_of(idx: HnswIndex) -> int:
+    """The ef of the index's one graph."""
+    (seg,) = idx._segments
+    return seg.graph.ef
+
+
 def test_auto_ef_follows_the_measured_points_and_grows_monotonically():
     p = HnswParams()
     assert p.ef_search == 0
@@ -48,19 +60,19 @@ def test_the_index_raises_ef_as_it_grows_and_keeps_it_across_a_snapshot(monkeypa
     monkeypatch.setattr(hnsw, "AUTO_EF_POINTS", ((200, 64), (1_000, 256)))
     params = HnswParams(m=16, ef_construction=100)
     idx, vecs, _ = filled(params, 200)
-    assert idx.stats()["ef_search"] == 64 == idx._index.ef
+    assert idx.stats()["ef_search"] == 64 == ef_of(idx)
     more = units(np.random.default_rng(1), 800)
     idx.add([f"g{i}" for i in range(800)], [f"t{i}" for i in range(800)], more)
-    assert idx.stats()["ef_search"] == 256 == idx._index.ef
+    assert idx.stats()["ef_search"] == 256 == ef_of(idx)
     # deleted nodes stay in the graph and still count
     idx.apply({}, [f"g{i}" for i in range(400)])
-    assert len(idx) == 600 and idx._index.ef == 256
+    assert len(idx) == 600 and ef_of(idx) == 256
 
     snaps = SnapshotStore(tmp_path)
     snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})
     loaded, _ = snaps.load("c", params, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
                                          "min_written_ms": 0})
-    assert loaded._index.ef == 256 and loaded.stats()["ef_search"] == 256
+    assert ef_of(loaded) == 256 and loaded.stats()["ef_search"] == 256
     for q in vecs[:20]:
         assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
 
@@ -70,15 +82,165 @@ def test_a_query_for_more_faces_than_ef_returns_them_all_under_the_read_lock():
     # searches with max(ef, k), so the answer is exact on this small graph without touching the shared ef
     params = HnswParams(m=16, ef_construction=100)
     idx, vecs, ids = filled(params, 500)
-    assert idx._index.ef == 64
+    assert ef_of(idx) == 64
     q = vecs[7]
     hits = idx.search(q, 20, -1.0, 10)
     exact = np.argsort(-(vecs @ q))[:20]
     assert [h.face_id for h in hits] == [ids[i] for i in exact]
-    assert idx._index.ef == 64
+    assert ef_of(idx) == 64
 
 
 @pytest.mark.parametrize("ef", [16, 300])
 def test_an_explicit_ef_is_used_at_every_size(ef):
     idx, _, _ = filled(HnswParams(m=16, ef_construction=100, ef_search=ef), 300)
-    assert idx._index.ef == ef and idx.stats()["ef_search"] == ef
+    assert ef_of(idx) == ef and idx.stats()["ef_search"] == ef
+
+
+SEGMENTED = HnswParams(m=16, ef_construction=100, ef_search=200, initial_capacity=16, segment_size=100)
+
+
+def exact_subjects(vecs: np.ndarray, subjects: list[str], live: list[bool], q: np.ndarray, top_k: int) -> list[str]:
+    order = [i for i in np.argsort(-(vecs @ q), kind="stable") if live[i]]
+    out: list[str] = []
+    for i in order:
+        if subjects[i] not in out:
+            out.append(subjects[i])
+        if len(out) == top_k:
+            break
+    return out
+
+
+def test_a_large_collection_is_split_into_segments_and_answers_as_one_graph():
+    rng = np.random.default_rng(3)
+    vecs = units(rng, 350)
+    ids = [f"f{i:04d}" for i in range(350)]
+    subjects = [f"s{i % 120:03d}" for i in range(350)]  # most subjects have faces in two or three segments
+    idx = HnswIndex(DIM, "test", SEGMENTED)
+    idx.add(ids[:30], subjects[:30], vecs[:30])       # grows the first graph by doubling
+    idx.add(ids[30:350], subjects[30:350], vecs[30:350])  # fills it and opens three more in one call
+    st = idx.stats()
+    assert st["segments"] == 4 and [s.nodes for s in idx._segments] == [100, 100, 100, 50]
+    assert [s.start for s in idx._segments] == [0, 100, 200, 300] and st["capacity"] <= 400
+    live = [True] * 350
+    gone = [5, 150, 151, 260, 349]  # in every segment
+    idx.apply({}, [ids[i] for i in gone])
+    for i in gone:
+        live[i] = False
+    assert len(idx) == 345 and idx.stats()["deleted"] == 5 and [s.live for s in idx._segments] == [99, 98, 99, 49]
+    for q in units(rng, 40):
+        hits = idx.search(q, 10, -1.0, 3)
+        assert [h.subject_id for h in hits] == exact_subjects(vecs, subjects, live, q, 10)
+        sims = [h.similarity for h in hits]
+        assert sims == sorted(sims, reverse=True)
+        assert all(abs(h.similarity - float(vecs[ids.index(h.face_id)] @ q)) < 1e-5 for h in hits)
+    labels, dist = idx.knn(units(rng, 5), 7)
+    assert labels.shape == dist.shape == (5, 7) and (np.diff(dist, axis=1) >= 0).all()
+    assert not set(labels.ravel().tolist()) & set(gone)
+
+
+def test_a_segment_whose_faces_are_all_deleted_is_skipped_and_new_faces_open_a_new_one():
+    vecs = units(np.random.default_rng(4), 260)
+    ids = [f"f{i}" for i in range(260)]
+    idx = HnswIndex(DIM, "test", SEGMENTED)
+    idx.add(ids[:200], ids[:200], vecs[:200])
+    idx.apply({}, ids[:100])  # the first graph is all deleted
+    assert idx._segments[0].live == 0 and len(idx) == 100
+    assert idx.search(vecs[3], 1, -1.0, 1)[0].face_id not in ids[:100]
+    idx.apply({f: (f, v) for f, v in zip(ids[200:], vecs[200:])}, [])  # the last graph is full: a third
+    assert idx.stats()["segments"] == 3 and idx.search(vecs[230], 1, 0.99, 1)[0].face_id == ids[230]
+    idx.apply({}, ids[100:260])
+    assert len(idx) == 0 and idx.search(vecs[0], 5, -1.0, 1) == []
+
+
+def test_segments_survive_a_snapshot_and_grow_on_after_it(tmp_path):
+    vecs = units(np.random.default_rng(5), 300)
+    ids = [f"f{i}" for i in range(300)]
+    idx = HnswIndex(DIM, "test", SEGMENTED)
+    idx.add(ids[:250], ids[:250], vecs[:250])
+    idx.apply({}, [ids[7], ids[120]])
+    snaps = SnapshotStore(tmp_path)
+    snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})
+    assert len(list(tmp_path.glob("c.*.graph"))) == 3
+    loaded, doc = snaps.load("c", SEGMENTED, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
+                                              "min_written_ms": 0})
+    assert doc["format"] == 2 and [s.live for s in loaded._segments] == [99, 99, 50]
+    for q in vecs[:30]:
+        assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
+    loaded.add(ids[250:], ids[250:], vecs[250:])  # fills the half-full last graph first
+    assert [s.nodes for s in loaded._segments] == [100, 100, 100]
+    assert loaded.search(vecs[299], 1, 0.99, 1)[0].face_id == ids[299]
+    # a later snapshot replaces every graph file of the earlier one
+    snaps.write("c", loaded, {"collection_created_ms": 0, "change_seq": 1})
+    assert len(list(tmp_path.glob("c.*.graph"))) == 3
+
+
+def test_a_snapshot_of_format_1_loads_as_one_segment(tmp_path):
+    """What servers before segments wrote: one graph, C.<generation>.graph, and its fields at the top level."""
+    idx, vecs, _ = filled(HnswParams(m=16, ef_construction=100), 150)
+    snaps = SnapshotStore(tmp_path)
+    path = snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})
+    doc = json.loads(path.read_bytes().partition(b"\n")[2])
+    (graph,) = doc.pop("graphs")
+    (seg,) = doc.pop("segments")
+    old_name = graph["name"].replace(".0.graph", ".graph")
+    (tmp_path / graph["name"]).rename(tmp_path / old_name)
+    doc.update(format=1, graph=old_name, graph_bytes=graph["bytes"], graph_sha256=graph["sha256"], capacity=seg["capacity"])
+    body = json.dumps(doc).encode()
+    path.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
+    # a server with a smaller segment size: the old graph stays whole, new faces go to a new one
+    params = HnswParams(m=16, ef_construction=100, segment_size=100)
+    loaded, _ = snaps.load("c", params, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
+                                         "min_written_ms": 0})
+    assert loaded.stats()["segments"] == 1 and len(loaded) == 150
+    for q in vecs[:20]:
+        assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
+    loaded.add(["new"], ["s-new"], vecs[:1] * -1)
+    assert loaded.stats()["segments"] == 2 and loaded.search(-vecs[0], 1, 0.99, 1)[0].face_id == "new"
+
+
+def test_a_busy_search_pool_costs_no_waiting():
+    """Every pool thread is taken (by another request, say): the caller searches the segments itself."""
+    params = HnswParams(m=16, ef_construction=100, ef_search=200, segment_size=50, search_threads=1)
+    vecs = units(np.random.default_rng(6), 200)
+    ids = [f"f{i}" for i in range(200)]
+    idx = HnswIndex(DIM, "test", params)
+    idx.add(ids, ids, vecs)
+    release = threading.Event()
+    blocker = hnsw.search_pool(1).submit(release.wait, 30)
+    try:
+        done = []
+        t = threading.Thread(target=lambda: done.append(idx.search(vecs[123], 3, -1.0, 1)))
+        t.start()
+        t.join(10)
+        assert done and done[0][0].face_id == ids[123]
+    finally:
+        release.set()
+        blocker.result(10)
+
+
+def test_searches_run_while_faces_are_added_across_segment_boundaries():
+    params = HnswParams(m=16, ef_construction=100, ef_search=100, initial_capacity=8, segment_size=64)
+    rng = np.random.default_rng(7)
+    vecs = units(rng, 1200)
+    ids = [f"f{i}" for i in range(1200)]
+    idx = HnswIndex(DIM, "test", params)
+    idx.add(ids[:64], ids[:64], vecs[:64])
+    errors, stop = [], threading.Event()
+
+    def searcher():
+        while not stop.is_set():
+            try:
+                hits = idx.search(vecs[int(rng.integers(0, 64))], 5, -1.0, 1)
+                assert len(hits) == 5
+            except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+    threads = [threading.Thread(target=searcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for s in range(64, 1200, 37):
+        idx.add(ids[s:s + 37], ids[s:s + 37], vecs[s:s + 37])
+    stop.set()
+    for t in threads:
+        t.join(10)
+    assert not errors and len(idx) == 1200 and idx.stats()["segments"] == -(-1200 // 64)
+    assert all(idx.search(vecs[i], 1, 0.99, 1)[0].face_id == ids[i] for i in range(0, 1200, 50))

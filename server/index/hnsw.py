@@ -1,17 +1,28 @@
-"""One collection's faces in an hnswlib graph (cosine space on L2-normalised embeddings).
+"""One collection's faces in hnswlib graphs (cosine space on L2-normalised embeddings).
+
+The faces live in segments: graphs of at most `segment_size` nodes each, filled
+one after the other. A query asks every segment for its k best and merges them;
+the segments are searched at the same time on the search pool's threads (hnswlib
+releases the GIL), so a large collection answers in about the time of one
+segment. Smaller graphs also need a shorter candidate list for the same recall:
+measured on 1 M facelike faces (scripts/bench_search.py, README "Search (1:N)").
 
 hnswlib's add_items and mark_deleted are not safe against a concurrent
 knn_query, so searches share a read lock and changes take the write lock.
-Labels are small integers assigned here; the face id / subject id of each
-label live beside the graph.
+Labels are small integers assigned here, in order, so a segment holds one
+contiguous range of them; the face id / subject id of each label live beside
+the graphs.
 """
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import math
+import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-import dataclasses
 from dataclasses import dataclass
 
 import hnswlib
@@ -22,8 +33,15 @@ import numpy as np
 class HnswParams:
     m: int = 32
     ef_construction: int = 200
-    ef_search: int = 0   # 0: grow with the graph (ef_for); any other value is used at every size
+    ef_search: int = 0   # 0: grow with the segment (ef_for); any other value is used at every size
     initial_capacity: int = 1024
+    segment_size: int = 500_000  # nodes per graph; a collection past it gets another graph
+    search_threads: int = 0      # threads searching segments side by side; 0: one per CPU
+
+    def __post_init__(self):
+        if self.segment_size < 1 or self.search_threads < 0:
+            raise ValueError(f"segment_size must be >= 1 and search_threads >= 0, not {self.segment_size}, "
+                             f"{self.search_threads}")
 
     def ef_for(self, nodes: int) -> int:
         """The query-time candidate list for a graph of `nodes` elements (deleted ones included).
@@ -32,7 +50,8 @@ class HnswParams:
         corpus with M 32 (scripts/bench_search.py, README "Search (1:N)"), recall@10 is 0.995 at
         200 k faces and 0.990 at 500 k with ef 64, and 0.992 at 1 M with ef 256 (0.980 with 128).
         So: ef 64 up to AUTO_EF_POINTS' first size, then linear through the measured points and on
-        at the last slope, rounded up to a multiple of 16 and capped at AUTO_EF_MAX."""
+        at the last slope, rounded up to a multiple of 16 and capped at AUTO_EF_MAX. With the
+        default segment size no graph grows past the first point."""
         if self.ef_search:
             return self.ef_search
         (n0, ef0), (n1, ef1) = AUTO_EF_POINTS
@@ -92,11 +111,50 @@ class Hit:
     similarity: float
 
 
+class _Segment:
+    """One hnswlib graph; it holds the labels [start, start + graph.element_count)."""
+
+    def __init__(self, graph: hnswlib.Index, start: int, live: int = 0):
+        self.graph, self.start, self.live = graph, start, live
+
+    @classmethod
+    def new(cls, dim: int, params: HnswParams, start: int, capacity: int) -> _Segment:
+        graph = hnswlib.Index(space="cosine", dim=dim)
+        graph.init_index(max_elements=capacity, M=params.m, ef_construction=params.ef_construction)
+        return cls(graph, start)
+
+    @property
+    def nodes(self) -> int:
+        return self.graph.element_count
+
+    def query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """This segment's k best (labels, cosine distances) for the rows of q; k is capped by its live faces."""
+        k = min(k, self.live)
+        while k > 0:
+            try:
+                return self.graph.knn_query(q, k=k)
+            except RuntimeError:  # the graph yielded fewer than k live elements (many deletions): ask for fewer
+                k //= 2
+        return np.empty((len(q), 0), np.uint64), np.empty((len(q), 0), np.float32)
+
+
+_pool_lock = threading.Lock()
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def search_pool(threads: int) -> ThreadPoolExecutor:
+    """The process-wide threads that search segments side by side (one pool per size asked for)."""
+    threads = threads or os.cpu_count() or 1
+    with _pool_lock:
+        if threads not in _pools:
+            _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="hnsw-search")
+        return _pools[threads]
+
+
 class HnswIndex:
     def __init__(self, dim: int, model_id: str, params: HnswParams = HnswParams()):
         self.dim, self.model_id, self.params = dim, model_id, params
-        self._index = hnswlib.Index(space="cosine", dim=dim)
-        self._index.init_index(max_elements=params.initial_capacity, M=params.m, ef_construction=params.ef_construction)
+        self._segments = [_Segment.new(dim, params, 0, min(params.initial_capacity, params.segment_size))]
         self._lock = RWLock()
         self._label_of: dict[str, int] = {}          # face id -> label (live faces)
         self._face_of: dict[int, tuple[str, str]] = {}  # label -> (face id, subject id), live faces
@@ -108,28 +166,44 @@ class HnswIndex:
         self.snapshot_at = 0.0         # last snapshot written or loaded, epoch seconds
 
     # -- snapshots (server/index/snapshot.py owns the file format) ------------
-    def save_graph(self, path: str) -> dict:
-        """Writes hnswlib's graph to `path`; returns the label map and counters of that same moment.
+    def save_graphs(self, path_of) -> dict:
+        """Writes each segment's hnswlib graph to `path_of(i)`; returns the label map, the segments'
+        layout and the counters of that same moment.
 
-        Searches go on meanwhile (read lock); changes wait until the graph is written.
+        Searches go on meanwhile (read lock); changes wait until the graphs are written.
         """
         with self._lock.read():
-            self._index.save_index(path)
+            segments = []
+            for i, seg in enumerate(self._segments):
+                seg.graph.save_index(str(path_of(i)))
+                segments.append({"start": seg.start, "nodes": seg.nodes, "capacity": seg.graph.get_max_elements()})
             return {"faces": [[label, f, s] for label, (f, s) in self._face_of.items()], "next_label": self._next_label,
-                    "deleted": self.deleted, "capacity": self._index.get_max_elements(), "built_at": self.built_at}
+                    "deleted": self.deleted, "segments": segments, "built_at": self.built_at}
 
     @classmethod
-    def from_saved(cls, dim: int, model_id: str, params: HnswParams, graph_path: str, state: dict) -> "HnswIndex":
-        """The inverse of save_graph. The caller has checked the file's checksum (hnswlib trusts its input)."""
+    def from_saved(cls, dim: int, model_id: str, params: HnswParams, graph_paths: list[str], state: dict) -> HnswIndex:
+        """The inverse of save_graphs. The caller has checked the files' checksums (hnswlib trusts its input).
+
+        The segments come back as they were saved, whatever segment_size is now; new faces go to
+        the last one while it has room under the current segment_size."""
         idx = cls(dim, model_id, dataclasses.replace(params, initial_capacity=1))
-        graph = hnswlib.Index(space="cosine", dim=dim)
-        graph.load_index(graph_path, max_elements=int(state["capacity"]))
-        if graph.element_count != state["next_label"] or graph.M != params.m:
-            raise ValueError(f"graph holds {graph.element_count} elements with M={graph.M}, "
-                             f"the label map {state['next_label']} with M={params.m}")
-        idx._index = graph
+        layout = state["segments"]
+        if len(layout) != len(graph_paths) or not layout:
+            raise ValueError(f"{len(graph_paths)} graph files for {len(layout)} segments")
+        idx._segments, expect_start = [], 0
+        for path, seg in zip(graph_paths, layout):
+            graph = hnswlib.Index(space="cosine", dim=dim)
+            graph.load_index(str(path), max_elements=int(seg["capacity"]))
+            if graph.element_count != seg["nodes"] or graph.M != params.m or seg["start"] != expect_start:
+                raise ValueError(f"graph holds {graph.element_count} elements with M={graph.M} from label "
+                                 f"{seg['start']}, the label map {seg['nodes']} with M={params.m} from {expect_start}")
+            idx._segments.append(_Segment(graph, expect_start))
+            expect_start += graph.element_count
+        if expect_start != state["next_label"]:
+            raise ValueError(f"the graphs hold {expect_start} labels, the label map {state['next_label']}")
         for label, face_id, subject_id in state["faces"]:
             idx._remember(int(label), face_id, subject_id)
+            idx._segment_of(int(label)).live += 1
         idx._next_label, idx.deleted, idx.built_at = int(state["next_label"]), int(state["deleted"]), float(state["built_at"])
         idx._tune_ef()
         idx.loaded_from = "snapshot"
@@ -143,27 +217,42 @@ class HnswIndex:
     def _add_locked(self, face_ids: list[str], subject_ids: list[str], vectors: np.ndarray) -> None:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.dim)
         new = [(i, f) for i, f in enumerate(face_ids) if f not in self._label_of]
-        if new:
-            need = self._next_label + len(new)
-            cap = self._index.get_max_elements()
+        done = 0
+        while done < len(new):
+            seg = self._segments[-1]
+            room = self.params.segment_size - seg.nodes
+            if room <= 0:  # full: the next faces start a new graph
+                seg = _Segment.new(self.dim, self.params, self._next_label,
+                                   min(self.params.segment_size, max(self.params.initial_capacity, len(new) - done)))
+                self._segments.append(seg)
+                room = self.params.segment_size
+            part = new[done:done + room]
+            need, cap = seg.nodes + len(part), seg.graph.get_max_elements()
             if need > cap:
-                self._index.resize_index(max(need, cap * 2))
-            labels = np.arange(self._next_label, need, dtype=np.int64)
-            self._index.add_items(vectors[[i for i, _ in new]], labels)
-            for label, (i, face_id) in zip(labels.tolist(), new):
+                seg.graph.resize_index(min(max(need, cap * 2), self.params.segment_size))
+            labels = np.arange(self._next_label, self._next_label + len(part), dtype=np.int64)
+            seg.graph.add_items(vectors[[i for i, _ in part]], labels)
+            for label, (i, face_id) in zip(labels.tolist(), part):
                 self._remember(label, face_id, subject_ids[i])
-            self._next_label = need
+            seg.live += len(part)
+            self._next_label += len(part)
+            done += len(part)
+        if new:
             self._tune_ef()
 
     def _tune_ef(self) -> None:
-        """ef for the graph's size now (under the write lock, or before the index is shared)."""
-        ef = self.params.ef_for(self._next_label)
-        if ef != self._index.ef:
-            self._index.set_ef(ef)
+        """Each graph's ef for its size now (under the write lock, or before the index is shared)."""
+        for seg in self._segments:
+            ef = self.params.ef_for(seg.nodes)
+            if ef != seg.graph.ef:
+                seg.graph.set_ef(ef)
 
     def _remember(self, label: int, face_id: str, subject_id: str) -> None:
         self._label_of[face_id] = label
         self._face_of[label] = (face_id, subject_id)
+
+    def _segment_of(self, label: int) -> _Segment:
+        return self._segments[bisect.bisect_right([s.start for s in self._segments], label) - 1]
 
     def apply(self, present: dict[str, tuple[str, np.ndarray]], absent: list[str], replace: set[str] = frozenset()) -> None:
         """Make the index agree with the database about some faces, in one write-locked step.
@@ -185,7 +274,9 @@ class HnswIndex:
     def _drop(self, label: int) -> None:
         face_id, _ = self._face_of.pop(label)
         del self._label_of[face_id]
-        self._index.mark_deleted(label)
+        seg = self._segment_of(label)
+        seg.graph.mark_deleted(label)
+        seg.live -= 1
         self.deleted += 1
 
     # -- queries -------------------------------------------------------------
@@ -199,7 +290,8 @@ class HnswIndex:
         # (hnswlib searches with max(ef, k), so a large k needs no change of the index-wide ef)
         k = top_k * max(1, max_faces_per_subject)
         with self._lock.read():
-            _, distances, faces = self._query(q, k)
+            labels, distances = self._query(q, k)
+            faces = [self._face_of.get(int(lb)) for lb in labels[0]]
         hits, seen = [], set()
         for face, dist in zip(faces, distances[0]):
             sim = 1.0 - float(dist)
@@ -213,23 +305,48 @@ class HnswIndex:
                 break
         return hits
 
-    def _query(self, q: np.ndarray, k: int):
-        """(labels, distances, faces) under the caller's lock; k is capped by the live faces."""
-        k = min(k, len(self._label_of))
-        while k > 0:
-            try:
-                labels, distances = self._index.knn_query(q, k=k)
-                return labels, distances, [self._face_of.get(int(lb)) for lb in labels[0]]
-            except RuntimeError:  # the graph yielded fewer than k live elements (many deletions): ask for fewer
-                k //= 2
-        return np.empty((1, 0)), np.empty((1, 0)), []
+    def knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(labels, cosine distances) of the k nearest live faces of each row of q, best first.
+        For tools (the benchmark); the service asks through search()."""
+        with self._lock.read():
+            return self._query(np.asarray(q, dtype=np.float32).reshape(-1, self.dim), k)
+
+    def _query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every segment's k best, merged (under the caller's read lock).
+
+        The segments other than the first go to the search pool while this thread searches the
+        first; a segment the pool has not started by then is searched here too, so a busy pool
+        (every core already serving another request) costs no waiting."""
+        segs = [s for s in self._segments if s.live]
+        if len(segs) <= 1:
+            return segs[0].query(q, k) if segs else (np.empty((len(q), 0), np.uint64), np.empty((len(q), 0), np.float32))
+        pool = search_pool(self.params.search_threads)
+        futures = [pool.submit(s.query, q, k) for s in segs[1:]]
+        parts = [segs[0].query(q, k)]
+        for seg, fut in zip(segs[1:], futures):
+            parts.append(seg.query(q, k) if fut.cancel() else fut.result())
+        labels = np.concatenate([p[0] for p in parts], axis=1)
+        distances = np.concatenate([p[1] for p in parts], axis=1)
+        order = np.argsort(distances, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(labels, order, 1), np.take_along_axis(distances, order, 1)
+
+    def set_ef(self, ef: int | None) -> None:
+        """Fixes every graph's ef until the next change re-tunes it (the benchmark's sweep);
+        None: back to the parameters' ef."""
+        with self._lock.write():
+            if ef is None:
+                self._tune_ef()
+                return
+            for seg in self._segments:
+                seg.graph.set_ef(ef)
 
     def stats(self) -> dict:
         with self._lock.read():
             return {
                 "size": len(self._label_of), "deleted": self.deleted, "dimension": self.dim, "model": self.model_id,
-                "capacity": self._index.get_max_elements(), "m": self.params.m,
-                "ef_construction": self.params.ef_construction, "ef_search": self._index.ef,
+                "capacity": sum(s.graph.get_max_elements() for s in self._segments), "m": self.params.m,
+                "ef_construction": self.params.ef_construction,
+                "ef_search": max(s.graph.ef for s in self._segments), "segments": len(self._segments),
                 "memory_bytes": self._memory_estimate(), "built_at": self.built_at,
                 "loaded_from": self.loaded_from, "snapshot_at": self.snapshot_at,
             }
@@ -237,4 +354,5 @@ class HnswIndex:
     def _memory_estimate(self) -> int:
         # hnswlib's layout: per element, the vector + level-0 links (2M ints) + label; upper levels are ~1/M of that
         per = self.dim * 4 + (2 * self.params.m + 1) * 4 + 8
-        return int(self._index.get_max_elements() * per * (1 + 1 / self.params.m))
+        capacity = sum(s.graph.get_max_elements() for s in self._segments)
+        return int(capacity * per * (1 + 1 / self.params.m))

@@ -2,17 +2,19 @@
 
 A snapshot of collection C is two files in the index directory:
 
-    C.<generation>.graph   the hnswlib graph, in hnswlib's own format
-    C.snapshot             first line: sha256 of the rest; the rest: JSON with the
-                           format version, what the graph was built for (model,
-                           dimension, M, ef_construction, the collection's
-                           created_ms), the change-log position it reflects, the
-                           label -> (face id, subject id) map and the sha256 of the graph
+    C.<generation>.<i>.graph  segment i's hnswlib graph, in hnswlib's own format
+    C.snapshot                first line: sha256 of the rest; the rest: JSON with the
+                              format version, what the graphs were built for (model,
+                              dimension, M, ef_construction, the collection's
+                              created_ms), the change-log position it reflects, the
+                              label -> (face id, subject id) map, the segments' layout
+                              and the size and sha256 of each graph
 
-The graph is written and fsynced first, then C.snapshot goes to a temporary
+The graphs are written and fsynced first, then C.snapshot goes to a temporary
 name, is fsynced and renamed over the old one: a crash leaves the old snapshot
-or the new one, never a mix. Reading checks both checksums before hnswlib sees
-a byte (it trusts its input). Any failed check raises SnapshotError and the
+or the new one, never a mix. Reading checks every checksum before hnswlib sees
+a byte (it trusts its input). Format 1 (one graph, C.<generation>.graph, before
+segments) is still read, as one segment. Any failed check raises SnapshotError and the
 caller rebuilds from the database; a snapshot is never the only copy of
 anything. One index directory belongs to one server process.
 """
@@ -28,7 +30,8 @@ from pathlib import Path
 
 from server.index.hnsw import HnswIndex, HnswParams
 
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)
 
 
 class SnapshotError(Exception):
@@ -62,15 +65,20 @@ class SnapshotStore:
     def write(self, collection: str, index: HnswIndex, meta: dict) -> Path:
         """Atomically replaces the collection's snapshot; `meta` carries collection_created_ms and change_seq."""
         gen = f"{time.time_ns():x}{uuid.uuid4().hex[:6]}"
-        graph = self.dir / f"{collection}.{gen}.graph"
+        graphs: list[Path] = []
         tmp = self.dir / f".{collection}.snapshot.{gen}.tmp"
+
+        def graph_path(i: int) -> Path:
+            graphs.append(self.dir / f"{collection}.{gen}.{i}.graph")
+            return graphs[-1]
         try:
-            state = index.save_graph(str(graph))
-            with open(graph, "rb+") as f:
-                os.fsync(f.fileno())
+            state = index.save_graphs(graph_path)
+            for graph in graphs:
+                with open(graph, "rb+") as f:
+                    os.fsync(f.fileno())
             doc = {"format": FORMAT, "collection": collection, "model": index.model_id, "dimension": index.dim,
                    "m": index.params.m, "ef_construction": index.params.ef_construction, **meta,
-                   "graph": graph.name, "graph_bytes": graph.stat().st_size, "graph_sha256": _sha256(graph),
+                   "graphs": [{"name": g.name, "bytes": g.stat().st_size, "sha256": _sha256(g)} for g in graphs],
                    "written_ms": int(time.time() * 1000), **state}
             body = json.dumps(doc, separators=(",", ":")).encode()
             with open(tmp, "wb") as f:
@@ -80,18 +88,20 @@ class SnapshotStore:
             os.replace(tmp, self.path(collection))
             _fsync_dir(self.dir)
         except BaseException:
-            for p in (tmp, graph):
+            for p in (tmp, *graphs):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
             raise
+        keep = {g.name for g in graphs}
         for old in self.dir.glob(f"{collection}.*.graph"):  # graphs of earlier snapshots
-            if old.name != graph.name:
+            if old.name not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
         return self.path(collection)
 
-    def read(self, collection: str) -> tuple[dict, Path] | None:
-        """(document, graph path) after both checksums pass; None when there is no snapshot."""
+    def read(self, collection: str) -> tuple[dict, list[Path]] | None:
+        """(document, graph paths) after every checksum passes; None when there is no snapshot.
+        A format 1 document comes back in format 2's terms (one segment)."""
         path = self.path(collection)
         try:
             raw = path.read_bytes()
@@ -104,14 +114,21 @@ class SnapshotStore:
             doc = json.loads(body)
         except ValueError as exc:
             raise SnapshotError(f"{path.name}: not JSON ({exc})") from None
-        if doc.get("format") != FORMAT or doc.get("collection") != collection:
+        if doc.get("format") not in READABLE or doc.get("collection") != collection:
             raise SnapshotError(f"{path.name}: format {doc.get('format')} for {doc.get('collection')!r}")
-        graph = self.dir / doc["graph"]
-        if not graph.is_file() or graph.stat().st_size != doc["graph_bytes"]:
-            raise SnapshotError(f"{graph.name}: missing or of the wrong size")
-        if _sha256(graph) != doc["graph_sha256"]:
-            raise SnapshotError(f"{graph.name}: checksum mismatch (corrupt)")
-        return doc, graph
+        try:
+            if doc["format"] == 1:
+                doc["graphs"] = [{"name": doc["graph"], "bytes": doc["graph_bytes"], "sha256": doc["graph_sha256"]}]
+                doc["segments"] = [{"start": 0, "nodes": doc["next_label"], "capacity": doc["capacity"]}]
+            graphs = [(self.dir / g["name"], g["bytes"], g["sha256"]) for g in doc["graphs"]]
+        except (KeyError, TypeError) as exc:
+            raise SnapshotError(f"{path.name}: incomplete ({exc!r})") from None
+        for graph, size, digest in graphs:
+            if not graph.is_file() or graph.stat().st_size != size:
+                raise SnapshotError(f"{graph.name}: missing or of the wrong size")
+            if _sha256(graph) != digest:
+                raise SnapshotError(f"{graph.name}: checksum mismatch (corrupt)")
+        return doc, [g for g, _, _ in graphs]
 
     def load(self, collection: str, params: HnswParams, expect: dict) -> tuple[HnswIndex, dict] | None:
         """The collection's index and snapshot document, or None when there is no snapshot.
@@ -123,7 +140,7 @@ class SnapshotStore:
         found = self.read(collection)
         if found is None:
             return None
-        doc, graph = found
+        doc, graphs = found
         for key in ("model", "dimension", "collection_created_ms"):
             if doc.get(key) != expect[key]:
                 raise SnapshotError(f"made for {key} {doc.get(key)!r}, now {expect[key]!r}")
@@ -133,9 +150,9 @@ class SnapshotStore:
         if doc["written_ms"] < expect["min_written_ms"]:
             raise SnapshotError("older than the change log's retention")
         try:
-            index = HnswIndex.from_saved(doc["dimension"], doc["model"], params, str(graph), doc)
+            index = HnswIndex.from_saved(doc["dimension"], doc["model"], params, [str(g) for g in graphs], doc)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise SnapshotError(f"{graph.name}: {exc}") from None
+            raise SnapshotError(f"{graphs[0].name}: {exc}") from None
         index.snapshot_at = doc["written_ms"] / 1000
         return index, doc
 
