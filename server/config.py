@@ -124,7 +124,7 @@ HELP = {
     "search_threshold": "default Search min_similarity; 0 = the recognizer's calibrated 1:N value from the manifest",
     "hnsw_m": "search index: HNSW links per node",
     "hnsw_ef_construction": "search index: HNSW build-time candidate list",
-    "hnsw_ef_search": "search index: HNSW query-time candidate list; 0 = grow with each graph (64 up to 500 k faces, 256 at 1 M); a query uses at least top_k x faces per subject",
+    "hnsw_ef_search": "search index: HNSW query-time candidate list; 0 = grow with each graph (64 up to 200 k faces, 96 at 500 k, 256 at 1 M); a query uses at least top_k x faces per subject",
     "hnsw_segment_size": "search index: most faces in one HNSW graph; a larger collection gets more graphs, searched side by side and merged",
     "hnsw_search_threads": "search index: threads searching a collection's graphs side by side; 0 = one per CPU",
     "index_dir": "where index snapshots are written; empty = data_dir/index (one directory per server process)",

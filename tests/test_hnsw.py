@@ -44,10 +44,13 @@ def ef_of(idx: HnswIndex) -> int:
 def test_auto_ef_follows_the_measured_points_and_grows_monotonically():
     p = HnswParams()
     assert p.ef_search == 0
-    assert p.ef_for(0) == p.ef_for(1_000) == p.ef_for(500_000) == 64
-    assert p.ef_for(1_000_000) == 256
-    assert p.ef_for(750_000) == 160          # halfway, linearly
-    sizes = [0, 10_000, 500_001, 600_000, 750_000, 1_000_000, 1_200_000, 2_000_000, 10**9]
+    assert p.ef_for(0) == p.ef_for(1_000) == p.ef_for(200_000) == 64
+    assert p.ef_for(500_000) == 96 and p.ef_for(1_000_000) == 256   # the measured points
+    assert p.ef_for(350_000) == 80           # halfway between the first two, linearly
+    assert p.ef_for(750_000) == 176          # halfway between the last two
+    assert p.ef_for(1_500_000) == 416        # on at the last slope
+    assert p.ef_for(p.segment_size) == 96    # the most any graph of the default segment size gets
+    sizes = [0, 10_000, 200_001, 350_000, 500_001, 600_000, 750_000, 1_000_000, 1_200_000, 2_000_000, 10**9]
     efs = [p.ef_for(n) for n in sizes]
     assert efs == sorted(efs) and all(e % 16 == 0 for e in efs)
     assert max(efs) == hnsw.AUTO_EF_MAX

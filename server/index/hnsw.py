@@ -47,21 +47,24 @@ class HnswParams:
         """The query-time candidate list for a graph of `nodes` elements (deleted ones included).
 
         A graph needs a longer list as it grows to keep the same recall. Measured on the facelike
-        corpus with M 32 (scripts/bench_search.py, README "Search (1:N)"), recall@10 is 0.995 at
-        200 k faces and 0.990 at 500 k with ef 64, and 0.992 at 1 M with ef 256 (0.980 with 128).
-        So: ef 64 up to AUTO_EF_POINTS' first size, then linear through the measured points and on
-        at the last slope, rounded up to a multiple of 16 and capped at AUTO_EF_MAX. With the
-        default segment size no graph grows past the first point."""
+        corpus with M 32 (scripts/bench_search.py, README "Search (1:N)"): recall@10 is 0.995 at
+        200 k faces with ef 64; a 500 k graph needs 96 (0.992 over two such segments of a 1 M
+        collection; 64 gave 0.983 there, 0.990 on a 500 k corpus of its own); a 1 M graph 256
+        (0.992; 128 gave 0.980). So: the first point's ef up to its size, then linear through the
+        measured points and on at the last slope, rounded up to a multiple of 16 and capped at
+        AUTO_EF_MAX. With the default segment size no graph grows past 500 k."""
         if self.ef_search:
             return self.ef_search
-        (n0, ef0), (n1, ef1) = AUTO_EF_POINTS
-        if nodes <= n0:
-            return ef0
+        points = AUTO_EF_POINTS
+        if nodes <= points[0][0]:
+            return points[0][1]
+        (n0, ef0), (n1, ef1) = next(((a, b) for a, b in zip(points, points[1:]) if nodes <= b[0]), points[-2:])
         ef = ef0 + (nodes - n0) * (ef1 - ef0) / (n1 - n0)
         return min(AUTO_EF_MAX, -(-math.ceil(ef) // 16) * 16)
 
 
-AUTO_EF_POINTS = ((500_000, 64), (1_000_000, 256))  # (graph size, ef) measured to give recall@10 >= 0.99
+# (graph size, ef) measured to give recall@10 >= 0.99
+AUTO_EF_POINTS = ((200_000, 64), (500_000, 96), (1_000_000, 256))
 AUTO_EF_MAX = 512
 
 
