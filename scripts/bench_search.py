@@ -16,11 +16,13 @@ Per corpus and engine, in the same run on the same vectors: build time, memory
 (RSS growth while building), recall@1 and recall@10 against the exact top-10
 (FAISS IndexFlatIP), single-query latency p50/p99 (one probe per call, as the
 Search RPC does), and batch throughput (all probes in one call, all cores).
-The facesvc row goes through `server.index.hnsw.HnswIndex` (the class the
-server uses: read lock, label map) for latency; recall is taken on its graph.
-`--ef-sweep` adds the recall/latency of other ef_search values on the same graph
-(how the defaults were chosen), and the facesvc index is snapshotted and loaded back
-(what a restart costs instead of a rebuild).
+The facesvc rows go through `server.index.hnsw.HnswIndex` (the class the
+server uses: read lock, segments of at most --segment-size faces searched side by
+side, label map, one hit per subject) for latency; recall is taken on the same
+segments and merge (HnswIndex.knn, faces rather than subjects). `--ef-sweep` adds
+the recall/latency of other ef_search values on the same graphs (how the defaults
+were chosen), and the facesvc index is snapshotted and loaded back (what a restart
+costs instead of a rebuild).
 
     .venv/bin/python scripts/bench_search.py                 # 100 k faces per corpus
     .venv/bin/python scripts/bench_search.py --size 1000000  # 1 M (about 10 GB RAM, ~30 min)

@@ -206,7 +206,11 @@ class HnswIndex:
             raise ValueError(f"the graphs hold {expect_start} labels, the label map {state['next_label']}")
         for label, face_id, subject_id in state["faces"]:
             idx._remember(int(label), face_id, subject_id)
-            idx._segment_of(int(label)).live += 1
+        starts = [seg.start for seg in idx._segments]
+        live = np.bincount(np.searchsorted(starts, np.fromiter(idx._face_of, np.int64), side="right") - 1,
+                           minlength=len(starts))
+        for seg, n in zip(idx._segments, live.tolist()):
+            seg.live = n
         idx._next_label, idx.deleted, idx.built_at = int(state["next_label"]), int(state["deleted"]), float(state["built_at"])
         idx._tune_ef()
         idx.loaded_from = "snapshot"
