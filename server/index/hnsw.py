@@ -138,7 +138,12 @@ class _Segment:
                 return self.graph.knn_query(q, k=k)
             except RuntimeError:  # the graph yielded fewer than k live elements (many deletions): ask for fewer
                 k //= 2
-        return np.empty((len(q), 0), np.uint64), np.empty((len(q), 0), np.float32)
+        return no_neighbours(len(q))
+
+
+def no_neighbours(rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """knn_query's answer shape with no columns: (labels, distances) for `rows` probes."""
+    return np.empty((rows, 0), np.uint64), np.empty((rows, 0), np.float32)
 
 
 _pool_lock = threading.Lock()
@@ -326,7 +331,7 @@ class HnswIndex:
         (every core already serving another request) costs no waiting."""
         segs = [s for s in self._segments if s.live]
         if len(segs) <= 1:
-            return segs[0].query(q, k) if segs else (np.empty((len(q), 0), np.uint64), np.empty((len(q), 0), np.float32))
+            return segs[0].query(q, k) if segs else no_neighbours(len(q))
         pool = search_pool(self.params.search_threads)
         futures = [pool.submit(s.query, q, k) for s in segs[1:]]
         parts = [segs[0].query(q, k)]
@@ -351,7 +356,7 @@ class HnswIndex:
         with self._lock.read():
             return {
                 "size": len(self._label_of), "deleted": self.deleted, "dimension": self.dim, "model": self.model_id,
-                "capacity": sum(s.graph.get_max_elements() for s in self._segments), "m": self.params.m,
+                "capacity": self._capacity(), "m": self.params.m,
                 "ef_construction": self.params.ef_construction,
                 "ef_search": max(s.graph.ef for s in self._segments), "segments": len(self._segments),
                 "memory_bytes": self._memory_estimate(), "built_at": self.built_at,
@@ -361,5 +366,7 @@ class HnswIndex:
     def _memory_estimate(self) -> int:
         # hnswlib's layout: per element, the vector + level-0 links (2M ints) + label; upper levels are ~1/M of that
         per = self.dim * 4 + (2 * self.params.m + 1) * 4 + 8
-        capacity = sum(s.graph.get_max_elements() for s in self._segments)
-        return int(capacity * per * (1 + 1 / self.params.m))
+        return int(self._capacity() * per * (1 + 1 / self.params.m))
+
+    def _capacity(self) -> int:
+        return sum(s.graph.get_max_elements() for s in self._segments)

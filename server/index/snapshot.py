@@ -1,6 +1,7 @@
 """On-disk snapshots of collection indexes, so a restart loads a graph instead of rebuilding it.
 
-A snapshot of collection C is two files in the index directory:
+A snapshot of collection C is a .snapshot file and one graph file per segment in the
+index directory:
 
     C.<generation>.<i>.graph  segment i's hnswlib graph, in hnswlib's own format
     C.snapshot                first line: sha256 of the rest; the rest: JSON with the
