@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import itertools
 import math
 import os
 import threading
@@ -58,7 +59,7 @@ class HnswParams:
         points = AUTO_EF_POINTS
         if nodes <= points[0][0]:
             return points[0][1]
-        (n0, ef0), (n1, ef1) = next(((a, b) for a, b in zip(points, points[1:]) if nodes <= b[0]), points[-2:])
+        (n0, ef0), (n1, ef1) = next(((a, b) for a, b in itertools.pairwise(points) if nodes <= b[0]), points[-2:])
         ef = ef0 + (nodes - n0) * (ef1 - ef0) / (n1 - n0)
         return min(AUTO_EF_MAX, -(-math.ceil(ef) // 16) * 16)
 
