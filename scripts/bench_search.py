@@ -220,8 +220,8 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
         idx.add(ids[s:s + step], ids[s:s + step], corpus[s:s + step])
     build = time.perf_counter() - t0
     mem = rss_mb() - r0
-    segments = idx.stats()["segments"]
-    rows, ef0 = [], params.ef_for(min(len(corpus), params.segment_size))
+    stats = idx.stats()  # ef0: the ef the index chose for its graphs (the largest, if they differ)
+    rows, segments, ef0 = [], stats["segments"], stats["ef_search"]
     for ef in [ef0] + [e for e in ef_sweep if e != ef0]:
         idx.set_ef(None if ef == ef0 else max(ef, 10))
         t0 = time.perf_counter()
@@ -246,7 +246,7 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
 
 
 def bench_snapshot(idx: HnswIndex, params: HnswParams, probes: np.ndarray) -> dict:
-    """What a restart costs from a snapshot (write, then load with both checksums) vs a rebuild."""
+    """What a restart costs from a snapshot (write, then load with every checksum) vs a rebuild."""
     (ROOT / ".bench").mkdir(exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ROOT / ".bench") as d:
         snaps = SnapshotStore(d)
