@@ -31,8 +31,10 @@ RUN --mount=type=bind,from=models,target=/mirror \
  && rm -rf /root/.cache
 # The embedded SQLite database (when FACESVC_DB_URL is empty) lives on a volume.
 RUN mkdir -p /data && chown 65534:65534 /data
+# Search graphs on transparent huge pages (server/hugepages.py): set here, the server need not
+# restart itself to get them. FACESVC_HUGE_PAGES=false turns it off (the server restarts without it).
 ENV FACESVC_MODEL_DIR=/app/models/weights FACESVC_MODEL_MANIFEST=/app/models/manifest.json \
-    FACESVC_HOST=0.0.0.0 FACESVC_PORT=50051 FACESVC_DATA_DIR=/data
+    FACESVC_HOST=0.0.0.0 FACESVC_PORT=50051 FACESVC_DATA_DIR=/data GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 VOLUME /data
 EXPOSE 50051
 USER 65534:65534

@@ -7,17 +7,23 @@ import signal
 import sys
 import threading
 
-from server import config, errors
-from server.app import FaceServer
-from server.observability import configure_logging
+from server import config, hugepages
 
 log = logging.getLogger("facesvc")
 
 
 def main(argv: list[str] | None = None) -> int:
     settings = config.load(argv)
+    if argv is None:  # a program of its own (not main() called with arguments from Python)
+        hugepages.ensure(settings.huge_pages)  # before anything large is allocated; returns where it changes nothing
+    # the heavy imports (onnxruntime, grpc, OpenCV) after the re-exec: they are paid once
+    from server import errors
+    from server.app import FaceServer
+    from server.observability import configure_logging
+
     configure_logging(settings.log_level, settings.log_format, sys.stderr)
     log.info("facesvc starting with settings:\n%s", config.describe(settings))
+    log.info("huge pages: %s", hugepages.status())
     try:
         server = FaceServer(settings)
     except (RuntimeError, ValueError, errors.FaceServiceError) as exc:  # bad config, database/Redis unreachable

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
-from server import config
+from server import config, hugepages
 from server.app import FaceServer
 from server.models.runtime import choose_providers
 from tests.conftest import PYTHON, ROOT, ServerProcess, expect_error, image
@@ -105,6 +105,55 @@ def test_every_setting_is_documented():
     readme = (ROOT / "README.md").read_text()
     for f in fields(config.Settings):
         assert config.env_name(f.name) in readme, f"{config.env_name(f.name)} missing from the README's configuration table"
+
+
+def huge_pages_expected() -> bool:
+    """Whether this machine is one where the server re-executes itself for huge pages."""
+    return hugepages.thp_mode() == "madvise" and (hugepages.glibc_version() or (0, 0)) >= (2, 35)
+
+
+def anon_huge_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
+def test_server_runs_on_huge_pages(server):
+    """The session's server (started as a user starts it) re-executed itself with the glibc tunable:
+    same pid, the tunable in its environment, memory on 2 MB pages, and the log says so."""
+    if not huge_pages_expected():
+        assert "huge pages: on" not in server.output()
+        pytest.skip(f"THP mode {hugepages.thp_mode()}, glibc {hugepages.glibc_version()}: no re-exec here")
+    environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
+    assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ
+    assert "huge pages: on (THP madvise, GLIBC_TUNABLES glibc.malloc.hugetlb=1)" in server.output()
+    assert anon_huge_kb(server.proc.pid) > 0
+    assert server.output().count("facesvc starting") == 1  # the re-exec came before anything was logged
+
+
+@pytest.mark.parametrize("env, expect", [
+    ({"FACESVC_HUGE_PAGES": "false"}, "huge pages: off"),
+    ({"FACESVC_HUGE_PAGES": "false", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "huge pages: off"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "huge pages: off (GLIBC_TUNABLES glibc.malloc.hugetlb=0)"),
+    ({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, "huge pages: on (THP madvise, GLIBC_TUNABLES glibc.malloc.hugetlb=1)"),
+])
+def test_huge_pages_can_be_turned_off(tmp_path, env, expect):
+    """FACESVC_HUGE_PAGES=false keeps 4 KB pages (restarting without the tunable if an image set it),
+    and so does the tunable set to 0 by the operator; other tunables the operator set survive the re-exec. The unknown detector name stops the
+    server right after the line this test reads."""
+    if not huge_pages_expected():
+        pytest.skip(f"THP mode {hugepages.thp_mode()}, glibc {hugepages.glibc_version()}: no re-exec here")
+    proc = subprocess.run([PYTHON, "-m", "server", "--port", "0", "--detector", "w600k_mbf"], cwd=ROOT, check=False,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, **open_env(tmp_path), **env})
+    assert proc.returncode == 1 and expect in proc.stderr, proc.stderr
+
+
+def test_huge_pages_tunable_editing():
+    assert hugepages.tunable({}) is None
+    assert hugepages.tunable({"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=0"}) == "0"
+    env = hugepages.with_tunable({"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=0", "A": "b"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.check=0:glibc.malloc.hugetlb=1", "A": "b"}
+    assert hugepages.without_tunable(env) == {"GLIBC_TUNABLES": "glibc.malloc.check=0", "A": "b"}
+    assert hugepages.without_tunable({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}) == {}
 
 
 @pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="this machine has CUDA")
