@@ -22,7 +22,8 @@ side, label map, one hit per subject) for latency; recall is taken on the same
 segments and merge (HnswIndex.knn, faces rather than subjects). `--ef-sweep` adds
 the recall/latency of other ef_search values on the same graphs (how the defaults
 were chosen), and the facesvc index is snapshotted and loaded back (what a restart
-costs instead of a rebuild).
+costs instead of a rebuild). Like the server, the benchmark runs on transparent huge
+pages (`--huge-pages off` for 4 KB pages; scripts/bench_hugepages.py compares the two).
 
     .venv/bin/python scripts/bench_search.py                 # 100 k faces per corpus
     .venv/bin/python scripts/bench_search.py --size 1000000  # 1 M (about 10 GB RAM, ~30 min)
@@ -41,16 +42,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import hnswlib
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from server import hugepages  # noqa: E402
 from server.index.hnsw import HnswIndex, HnswParams  # noqa: E402
 from server.index.snapshot import SnapshotStore  # noqa: E402
 
 DIM = 512
-ENGINES = ("facesvc", "faiss-hnsw", "faiss-sq8")  # besides the exact flat scan, which always runs
+ENGINES = ("facesvc", "faiss-hnsw", "faiss-sq8", "hnswlib-pca")  # besides the exact flat scan, which always runs
 
 
 def rss_mb() -> float:
@@ -206,7 +209,6 @@ def bench_flat(faiss, corpus, probes, single_n: int) -> tuple[dict, np.ndarray]:
     row = {"engine": "faiss IndexFlatIP (exact)", "build_s": build, "memory_mb": mem, "recall@1": 1.0, "recall@10": 1.0,
            "exact_sim_top1_mean": float(sims[:, 0].mean()), "exact_sim_top10_mean": float(sims[:, 9].mean()),
            "single": latency(lambda q: index.search(q[None], 10), probes, single_n), "batch_qps": qps}
-    del index
     return row, truth
 
 
@@ -241,7 +243,6 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
                      "single": single, "batch_qps": qps, "ef_search": ef})
     idx.set_ef(None)
     rows[0]["snapshot"] = bench_snapshot(idx, params, probes)
-    del idx
     return rows
 
 
@@ -299,7 +300,50 @@ def bench_faiss_hnsw(faiss, corpus, probes, truth, params: HnswParams, single_n:
                          "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10), "ef_search": ef,
                          "single": latency(lambda q, e=engine, p=sp: e.search(q[None], 10, params=p), probes, single_n),
                          "batch_qps": qps})
-    del index, refine
+    return rows
+
+
+def bench_pca(corpus, probes, truth, params: HnswParams, dims: int, single_n: int, ef_sweep: list[int]) -> list[dict]:
+    """hnswlib over a PCA projection of the faces (fewer bytes and flops per distance), its ef
+    candidates re-ranked with the full 512-d vectors (exact similarities, as Search returns).
+    The projection keeps the top principal axes of 20 000 faces (uncentred: the inner product
+    is what it must preserve). One graph, the server's M and efConstruction."""
+    gc.collect()
+    r0, t0 = rss_mb(), time.perf_counter()
+    sample = corpus[np.random.default_rng(1).choice(len(corpus), min(20_000, len(corpus)), replace=False)]
+    values, axes = np.linalg.eigh(sample.T.astype(np.float64) @ sample / len(sample))
+    order = np.argsort(-values)
+    proj = np.ascontiguousarray(axes[:, order[:dims]], dtype=np.float32)
+    kept = float(values[order[:dims]].sum() / values.sum())
+    graph = hnswlib.Index(space="ip", dim=dims)
+    graph.init_index(max_elements=len(corpus), M=params.m, ef_construction=params.ef_construction)
+    graph.set_num_threads(os.cpu_count() or 1)
+    for s in range(0, len(corpus), 100_000):
+        graph.add_items(corpus[s:s + 100_000] @ proj, np.arange(s, min(len(corpus), s + 100_000)))
+    build = time.perf_counter() - t0
+    mem = rss_mb() - r0  # the graph; the full vectors it re-ranks with are the corpus itself (+2 KB a face)
+
+    def search(q: np.ndarray) -> np.ndarray:
+        """Top 10 rows of corpus for each row of q: ef candidates from the graph, re-ranked exactly."""
+        cand, _ = graph.knn_query(q @ proj, k=graph.ef)
+        sims = np.einsum("qkd,qd->qk", corpus[cand], q)
+        return np.take_along_axis(cand, np.argsort(-sims, axis=1)[:, :10], 1)
+
+    ef0, rows = params.ef_for(len(corpus)), []
+    for ef in [ef0] + [e for e in ef_sweep if e != ef0]:
+        graph.set_ef(ef)
+        graph.set_num_threads(os.cpu_count() or 1)
+        t0 = time.perf_counter()
+        found = search(probes)
+        qps = len(probes) / (time.perf_counter() - t0)
+        graph.set_num_threads(1)
+        first = ef == ef0
+        name = (f"hnswlib PCA {dims}-d ({kept:.0%} of variance) + re-rank (ef={ef})" if first
+                else f"  hnswlib PCA {dims}-d ef={ef} + re-rank")
+        rows.append({"engine": name, "build_s": build if first else None, "memory_mb": mem if first else None,
+                     "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10), "ef_search": ef,
+                     "pca_dims": dims, "variance_kept": kept,
+                     "single": latency(lambda q: search(q[None]), probes, single_n), "batch_qps": qps})
     return rows
 
 
@@ -336,13 +380,20 @@ def main() -> int:
     ap.add_argument("--ef-search", type=int, default=HnswParams.ef_search, help="0 (default): the server's size-dependent ef")
     ap.add_argument("--segment-size", type=int, default=HnswParams.segment_size,
                     help="facesvc: most faces per graph (the server's FACESVC_HNSW_SEGMENT_SIZE)")
-    ap.add_argument("--ef-sweep", default="32,64,256", help="other ef_search values to try on the facesvc graph ('' for none)")
+    ap.add_argument("--ef-sweep", default="32,64,256",
+                    help="other ef_search values to try on the same graphs (facesvc, FAISS, PCA; '' for none)")
+    ap.add_argument("--pca-dims", default="128,192", help="hnswlib-pca: the projections' dimensions")
     ap.add_argument("--engines", default="facesvc,faiss-hnsw",
                     help="besides the exact flat scan: facesvc (hnswlib, the server's class), faiss-hnsw, faiss-sq8 "
-                         "(FAISS HNSW on 8-bit codes, with and without a float re-rank)")
+                         "(FAISS HNSW on 8-bit codes, with and without a float re-rank), hnswlib-pca (hnswlib on a "
+                         "PCA projection, candidates re-ranked on the full vectors)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--huge-pages", default="on", choices=("on", "off"),
+                    help="on: run as the server does, on transparent huge pages (re-executes itself with "
+                         "GLIBC_TUNABLES=glibc.malloc.hugetlb=1, server/hugepages.py); off: 4 KB pages")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_search.json"))
     args = ap.parse_args()
+    hugepages.ensure(args.huge_pages == "on")
     if args.calibrate:
         print(json.dumps({"measured": calibrate(), "used": FACELIKE}, indent=2))
         return 0
@@ -359,7 +410,8 @@ def main() -> int:
     if engines - set(ENGINES):
         raise SystemExit(f"unknown engines {sorted(engines - set(ENGINES))} (known: {', '.join(ENGINES)})")
     result = {"size": args.size, "dim": DIM, "queries": args.queries, "cpus": os.cpu_count(), "machine": platform.platform(),
-              "python": platform.python_version(), "faiss": faiss.__version__, "params": vars(args), "corpora": {}}
+              "python": platform.python_version(), "faiss": faiss.__version__, "huge_pages": hugepages.status(),
+              "params": vars(args), "corpora": {}}
     for kind in [c.strip() for c in args.corpora.split(",") if c.strip()]:
         t0 = time.perf_counter()
         corpus, probes = make_corpus(kind, args.size, args.queries, args.faces_per_identity, args.noise, args.seed)
@@ -371,9 +423,12 @@ def main() -> int:
             rows += bench_facesvc(corpus, probes, truth, params, args.single, sweep)
             print(f"[{kind}] facesvc/hnswlib done", flush=True)
         if "faiss-hnsw" in engines:
-            rows += bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single, [])
+            rows += bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single, sweep)
         if "faiss-sq8" in engines:
             rows += bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single, sweep, sq8=True)
+        if "hnswlib-pca" in engines:
+            for dims in [int(x) for x in args.pca_dims.split(",") if x.strip()]:
+                rows += bench_pca(corpus, probes, truth, params, dims, args.single, sweep)
         print_table(kind, args.size, rows)
         if "facesvc" in engines:
             snap = rows[1]["snapshot"]
