@@ -8,6 +8,8 @@ tested on the LFW photos in test_search.py).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import uuid
 
 import numpy as np
@@ -101,8 +103,9 @@ def test_snapshot_restart_gives_the_same_answers_and_replays_later_changes(store
     b = registry(store, tmp_path)  # a restart: same snapshot directory, nothing in memory
     idx = b.get(cid)
     assert idx.loaded_from == "snapshot" and len(idx) == 300 - 2 + 1
-    rebuilt = IndexRegistry(store, MODEL, DIM, PARAMS)  # no snapshots at all: built from the database
-    assert rebuilt.get(cid).loaded_from == "database"
+    # no snapshots at all: built from the database, in pages of 50 faces, into one graph sized for all of them
+    rebuilt = IndexRegistry(store, MODEL, DIM, dataclasses.replace(PARAMS, initial_capacity=16), batch=50)
+    assert rebuilt.get(cid).loaded_from == "database" and rebuilt.get(cid).stats()["capacity"] == 300 - 2 + 1
     after_snapshot, after_rebuild = answers(b, cid, probes), answers(rebuilt, cid, probes)
     assert after_snapshot == after_rebuild
     returned = {f for hits in after_snapshot for f, _ in hits}

@@ -16,6 +16,7 @@ same collection are serialised by the collection's lock.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -80,7 +81,12 @@ class IndexRegistry:
 
     def _build(self, collection: str) -> FaceIndex:
         t0 = time.perf_counter()
-        idx = self.index_factory(self.dim, self.model_id, self.params)
+        # room for every face from the start: one allocation per graph rather than a chain of
+        # doublings, so the graph is on huge pages from its first write (server/hugepages.py)
+        want = self.store.count_faces(collection, self.model_id)
+        params = dataclasses.replace(self.params, initial_capacity=max(self.params.initial_capacity,
+                                                                       min(want, self.params.segment_size)))
+        idx = self.index_factory(self.dim, self.model_id, params)
         after = ""
         while True:
             rows = self.store.collection_embeddings(collection, self.model_id, after, self.batch)
