@@ -15,6 +15,7 @@ segment, one hit per subject). Prints a table and the on/off ratios, writes JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -72,12 +73,32 @@ def child(work: Path, params: HnswParams) -> dict:
             "single": latency(lambda q: idx.search(q, 10, -1.0, 1), probes, len(probes))}
 
 
+def build_snapshot(work: Path, args) -> float:
+    """The corpus's probes and exact answers, and a snapshot of its index, in `work`; the build's seconds."""
+    work.mkdir(parents=True, exist_ok=True)
+    corpus, probes = make_corpus("facelike", args.size, args.queries, 10, 0.8, args.seed)
+    np.save(work / "probes.npy", probes)
+    np.save(work / "truth.npy", exact_top10(corpus, probes))
+    t0 = time.perf_counter()
+    idx = HnswIndex(DIM, "bench", HnswParams(initial_capacity=min(args.size, HnswParams.segment_size)))
+    ids = [f"{i:032x}" for i in range(len(corpus))]
+    for s in range(0, len(corpus), 50_000):
+        idx.add(ids[s:s + 50_000], ids[s:s + 50_000], corpus[s:s + 50_000])
+    build = time.perf_counter() - t0
+    print(f"built {args.size:,} faces in {build:.0f}s: {idx.stats()['segments']} segment(s), "
+          f"ef {idx.stats()['ef_search']}", flush=True)
+    SnapshotStore(work / "snap").write("bench", idx, META)
+    return build
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=200_000, help="faces in the collection")
     ap.add_argument("--queries", type=int, default=1000, help="probes (fresh faces of enrolled identities)")
     ap.add_argument("--rounds", type=int, default=3, help="off/on pairs of fresh processes")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--work", help="keep the corpus's probes, exact answers and snapshot in this directory, "
+                                   "and reuse them when they are there (a 1 M build takes ~30 min)")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_hugepages.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)  # the snapshot directory, in a child process
     args = ap.parse_args()
@@ -89,21 +110,13 @@ def main() -> int:
         print(f"the kernel's THP mode is {hugepages.thp_mode()}: only 'madvise' lets a process choose", file=sys.stderr)
         return 2
     (ROOT / ".bench").mkdir(exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ROOT / ".bench") as d:
-        work = Path(d)
-        corpus, probes = make_corpus("facelike", args.size, args.queries, 10, 0.8, args.seed)
-        np.save(work / "probes.npy", probes)
-        np.save(work / "truth.npy", exact_top10(corpus, probes))
-        t0 = time.perf_counter()
-        idx = HnswIndex(DIM, "bench", params)
-        ids = [f"{i:032x}" for i in range(len(corpus))]
-        for s in range(0, len(corpus), 50_000):
-            idx.add(ids[s:s + 50_000], ids[s:s + 50_000], corpus[s:s + 50_000])
-        build = time.perf_counter() - t0
-        print(f"built {args.size:,} faces in {build:.0f}s: {idx.stats()['segments']} segment(s), "
-              f"ef {idx.stats()['ef_search']}", flush=True)
-        SnapshotStore(work / "snap").write("bench", idx, META)
-        del idx, corpus, ids
+    with contextlib.ExitStack() as stack:
+        work = Path(args.work) if args.work else Path(stack.enter_context(tempfile.TemporaryDirectory(dir=ROOT / ".bench")))
+        build = None
+        if (work / "snap" / "bench.snapshot").exists():
+            print(f"reusing the snapshot in {work}", flush=True)
+        else:
+            build = build_snapshot(work, args)
         runs = []
         for r in range(args.rounds):
             for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):  # alternate which goes first
