@@ -30,7 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_search import DIM, latency, make_corpus, recall  # noqa: E402
+from bench_search import DIM, latency, make_corpus, recall, write_result  # noqa: E402
 
 from server import hugepages  # noqa: E402
 from server.index.hnsw import HnswIndex, HnswParams  # noqa: E402
@@ -140,10 +140,7 @@ def main() -> int:
     result = {"size": args.size, "queries": args.queries, "build_s": build, "cpus": os.cpu_count(),
               "machine": platform.platform(), "params": vars(args), "runs": runs, "median": summary,
               "off_over_on": ratio}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    write_result(args.out, result)
     return 0
 
 

@@ -438,11 +438,17 @@ def main() -> int:
         result["corpora"][kind] = rows
         del corpus, probes, truth
         gc.collect()
-    out = Path(args.out)
+    print()
+    write_result(args.out, result)
+    return 0
+
+
+def write_result(path: str, result: dict) -> None:
+    """The benchmark's JSON, its directory made if need be."""
+    out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    print(f"\nwrote {out}")
-    return 0
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
