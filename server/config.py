@@ -128,7 +128,7 @@ HELP = {
     "hnsw_ef_search": "search index: HNSW query-time candidate list; 0 = grow with each graph (64 up to 200 k faces, 96 at 500 k, 256 at 1 M); a query uses at least top_k x faces per subject",
     "hnsw_segment_size": "search index: most faces in one HNSW graph; a larger collection gets more graphs, searched side by side and merged",
     "hnsw_search_threads": "search index: threads searching a collection's graphs side by side; 0 = one per CPU",
-    "huge_pages": "back the search graphs with transparent huge pages (Linux, glibc 2.35+, THP madvise): the server restarts itself once at start-up with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (false: without it); searches ~1.25x faster",
+    "huge_pages": "back the search graphs with transparent huge pages (Linux, glibc 2.35+, THP madvise): the server restarts itself once at start-up with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (false: without it); searches ~1.3x faster",
     "index_dir": "where index snapshots are written; empty = data_dir/index (one directory per server process)",
     "index_snapshots": "write index snapshots and start from them (false = always rebuild from the database)",
     "index_snapshot_seconds": "how often changed indexes are snapshotted (and once more on shutdown)",
