@@ -9,7 +9,7 @@ took, how much of its memory sits on huge pages, recall@10 against the exact top
 single-query latency of HnswIndex.search (the Search RPC's path: one probe, read lock, every
 segment, one hit per subject). Prints a table and the on/off ratios, writes JSON.
 
-    .venv/bin/python scripts/bench_hugepages.py                   # 200 k faces, 3 rounds
+    .venv/bin/python scripts/bench_hugepages.py                   # 200 k faces, 5 rounds
     .venv/bin/python scripts/bench_hugepages.py --size 1000000    # two 500 k segments (~30 min build)
 """
 from __future__ import annotations
@@ -53,11 +53,6 @@ def exact_top10(corpus: np.ndarray, probes: np.ndarray) -> np.ndarray:
     return best_rows
 
 
-def anon_huge_mb() -> float:
-    with open("/proc/self/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:")) / 1024
-
-
 def child(work: Path, params: HnswParams) -> dict:
     """One fresh process: load the snapshot, then time searches."""
     probes, truth = np.load(work / "probes.npy"), np.load(work / "truth.npy")
@@ -68,7 +63,7 @@ def child(work: Path, params: HnswParams) -> dict:
     for q in probes[:200]:  # warm the caches and the search pool
         idx.search(q, 10, -1.0, 1)
     found, _ = idx.knn(probes, 10)  # labels are corpus rows: faces were added in order
-    return {"huge_pages": hugepages.status(), "anon_huge_mb": anon_huge_mb(), "load_s": load,
+    return {"huge_pages": hugepages.status(), "anon_huge_mb": hugepages.anon_huge_kb() / 1024, "load_s": load,
             "recall@10": recall(found.astype(np.int64), truth, 10), "segments": idx.stats()["segments"],
             "single": latency(lambda q: idx.search(q, 10, -1.0, 1), probes, len(probes))}
 
@@ -95,7 +90,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=200_000, help="faces in the collection")
     ap.add_argument("--queries", type=int, default=1000, help="probes (fresh faces of enrolled identities)")
-    ap.add_argument("--rounds", type=int, default=3, help="off/on pairs of fresh processes")
+    ap.add_argument("--rounds", type=int, default=5, help="off/on pairs of fresh processes")
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--work", help="keep the corpus's probes, exact answers and snapshot in this directory, "
                                    "and reuse them when they are there (a 1 M build takes ~30 min)")

@@ -40,6 +40,12 @@ def glibc_version() -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def anon_huge_kb(pid: int | str = "self") -> int:
+    """How much of a process's anonymous memory sits on huge pages, KiB (Linux)."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+
+
 def tunable(environ) -> str | None:
     """The value GLIBC_TUNABLES gives glibc.malloc.hugetlb, None where it gives none."""
     values = [t.split("=", 1)[1] for t in environ.get("GLIBC_TUNABLES", "").split(":") if t.startswith(TUNABLE + "=")]

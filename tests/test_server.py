@@ -112,11 +112,6 @@ def huge_pages_expected() -> bool:
     return hugepages.thp_mode() == "madvise" and (hugepages.glibc_version() or (0, 0)) >= (2, 35)
 
 
-def anon_huge_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
-
-
 def test_server_runs_on_huge_pages(server):
     """The session's server (started as a user starts it) re-executed itself with the glibc tunable:
     same pid, the tunable in its environment, memory on 2 MB pages, and the log says so."""
@@ -126,7 +121,7 @@ def test_server_runs_on_huge_pages(server):
     environ = Path(f"/proc/{server.proc.pid}/environ").read_bytes().split(b"\0")
     assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ
     assert "huge pages: on (THP madvise, GLIBC_TUNABLES glibc.malloc.hugetlb=1)" in server.output()
-    assert anon_huge_kb(server.proc.pid) > 0
+    assert hugepages.anon_huge_kb(server.proc.pid) > 0
     assert server.output().count("facesvc starting") == 1  # the re-exec came before anything was logged
 
 
