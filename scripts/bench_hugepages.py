@@ -30,13 +30,19 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench_search import DIM, latency, make_corpus, recall, write_result  # noqa: E402
+from bench_search import (  # noqa: E402
+    SNAPSHOT_EXPECT,
+    SNAPSHOT_META,
+    build_index,
+    latency,
+    make_corpus,
+    recall,
+    write_result,
+)
 
 from server import hugepages  # noqa: E402
-from server.index.hnsw import HnswIndex, HnswParams  # noqa: E402
+from server.index.hnsw import HnswParams  # noqa: E402
 from server.index.snapshot import SnapshotStore  # noqa: E402
-
-META = {"collection_created_ms": 0, "change_seq": 0}
 
 
 def exact_top10(corpus: np.ndarray, probes: np.ndarray) -> np.ndarray:
@@ -57,8 +63,7 @@ def child(work: Path, params: HnswParams) -> dict:
     """One fresh process: load the snapshot, then time searches."""
     probes, truth = np.load(work / "probes.npy"), np.load(work / "truth.npy")
     t0 = time.perf_counter()
-    idx, _ = SnapshotStore(work / "snap").load("bench", params, {"model": "bench", "dimension": DIM,
-                                                                 "collection_created_ms": 0, "min_written_ms": 0})
+    idx, _ = SnapshotStore(work / "snap").load("bench", params, SNAPSHOT_EXPECT)
     load = time.perf_counter() - t0
     for q in probes[:200]:  # warm the caches and the search pool
         idx.search(q, 10, -1.0, 1)
@@ -75,14 +80,11 @@ def build_snapshot(work: Path, args) -> float:
     np.save(work / "probes.npy", probes)
     np.save(work / "truth.npy", exact_top10(corpus, probes))
     t0 = time.perf_counter()
-    idx = HnswIndex(DIM, "bench", HnswParams(initial_capacity=min(args.size, HnswParams.segment_size)))
-    ids = [f"{i:032x}" for i in range(len(corpus))]
-    for s in range(0, len(corpus), 50_000):
-        idx.add(ids[s:s + 50_000], ids[s:s + 50_000], corpus[s:s + 50_000])
+    idx = build_index(corpus, HnswParams(initial_capacity=min(args.size, HnswParams.segment_size)))
     build = time.perf_counter() - t0
     print(f"built {args.size:,} faces in {build:.0f}s: {idx.stats()['segments']} segment(s), "
           f"ef {idx.stats()['ef_search']}", flush=True)
-    SnapshotStore(work / "snap").write("bench", idx, META)
+    SnapshotStore(work / "snap").write("bench", idx, SNAPSHOT_META)
     return build
 
 

@@ -214,14 +214,25 @@ def bench_flat(faiss, corpus, probes, single_n: int) -> tuple[dict, np.ndarray]:
     return row, truth
 
 
-def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_sweep: list[int]) -> list[dict]:
-    gc.collect()
-    r0, t0 = rss_mb(), time.perf_counter()
+# what a benchmark index's snapshot claims, and what loading it expects
+SNAPSHOT_META = {"collection_created_ms": 0, "change_seq": 0}
+SNAPSHOT_EXPECT = {"model": "bench", "dimension": DIM, "collection_created_ms": 0, "min_written_ms": 0}
+
+
+def build_index(corpus: np.ndarray, params: HnswParams) -> HnswIndex:
+    """The server's index over the corpus, its faces added in order (label = row), 50 000 at a time."""
     idx = HnswIndex(DIM, "bench", params)
     ids = [f"{i:032x}" for i in range(len(corpus))]
     step = 50_000
     for s in range(0, len(corpus), step):
         idx.add(ids[s:s + step], ids[s:s + step], corpus[s:s + step])
+    return idx
+
+
+def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_sweep: list[int]) -> list[dict]:
+    gc.collect()
+    r0, t0 = rss_mb(), time.perf_counter()
+    idx = build_index(corpus, params)
     build = time.perf_counter() - t0
     mem = rss_mb() - r0
     stats = idx.stats()  # ef0: the ef the index chose for its graphs (the largest, if they differ)
@@ -254,12 +265,11 @@ def bench_snapshot(idx: HnswIndex, params: HnswParams, probes: np.ndarray) -> di
     with tempfile.TemporaryDirectory(dir=ROOT / ".bench") as d:
         snaps = SnapshotStore(d)
         t0 = time.perf_counter()
-        path = snaps.write("bench", idx, {"collection_created_ms": 0, "change_seq": 0})
+        path = snaps.write("bench", idx, SNAPSHOT_META)
         write = time.perf_counter() - t0
         size = sum(p.stat().st_size for p in Path(d).iterdir())
         t0 = time.perf_counter()
-        loaded, _ = snaps.load("bench", params, {"model": idx.model_id, "dimension": idx.dim,
-                                                 "collection_created_ms": 0, "min_written_ms": 0})
+        loaded, _ = snaps.load("bench", params, SNAPSHOT_EXPECT)
         load = time.perf_counter() - t0
         same = all(loaded.search(q, 10, -1.0, 1) == idx.search(q, 10, -1.0, 1) for q in probes[:50])
         del loaded
