@@ -35,6 +35,7 @@ Prints a table and writes JSON (default .bench/bench_search.json).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -220,8 +221,10 @@ SNAPSHOT_EXPECT = {"model": "bench", "dimension": DIM, "collection_created_ms": 
 
 
 def build_index(corpus: np.ndarray, params: HnswParams) -> HnswIndex:
-    """The server's index over the corpus, its faces added in order (label = row), 50 000 at a time."""
-    idx = HnswIndex(DIM, "bench", params)
+    """The server's index over the corpus, its faces added in order (label = row), 50 000 at a time,
+    its graphs sized for them from the start as a build from the database does (IndexRegistry._build)."""
+    idx = HnswIndex(DIM, "bench", dataclasses.replace(
+        params, initial_capacity=max(params.initial_capacity, min(len(corpus), params.segment_size))))
     ids = [f"{i:032x}" for i in range(len(corpus))]
     step = 50_000
     for s in range(0, len(corpus), step):
@@ -237,6 +240,7 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
     mem = rss_mb() - r0
     stats = idx.stats()  # ef0: the ef the index chose for its graphs (the largest, if they differ)
     rows, segments, ef0 = [], stats["segments"], stats["ef_search"]
+    projected = [s.projection for s in idx._segments if s.projection is not None]
     for ef in [ef0] + [e for e in ef_sweep if e != ef0]:
         idx.set_ef(None if ef == ef0 else max(ef, 10))
         t0 = time.perf_counter()
@@ -247,11 +251,14 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
         if ef == ef0:
             auto = "" if params.ef_search else " auto"
             split = f" {segments} seg" if segments > 1 else ""
-            name = f"facesvc HnswIndex (hnswlib M={params.m} efC={params.ef_construction}{split} ef={ef}{auto})"
+            pca = (f" PCA {params.pca_dims}-d ({np.mean([p.kept for p in projected]):.0%}) + re-rank"
+                   if projected else "")
+            name = f"facesvc HnswIndex (hnswlib M={params.m} efC={params.ef_construction}{split}{pca} ef={ef}{auto})"
         else:
             name = f"  hnswlib ef={ef} (same graphs, sweep)"
         rows.append({"engine": name, "build_s": build if ef == ef0 else None,
                      "memory_mb": mem if ef == ef0 else None, "segments": segments,
+                     "projected_segments": len(projected), "pca_dims": params.pca_dims if projected else 0,
                      "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10),
                      "single": single, "batch_qps": qps, "ef_search": ef})
     idx.set_ef(None)
@@ -395,6 +402,11 @@ def main() -> int:
     ap.add_argument("--ef-sweep", default="32,64,256",
                     help="other ef_search values to try on the same graphs (facesvc, FAISS, PCA; '' for none)")
     ap.add_argument("--pca-dims", default="128,192", help="hnswlib-pca: the projections' dimensions")
+    ap.add_argument("--index-pca-dims", default=str(HnswParams.pca_dims),
+                    help="facesvc: the index's projected segments (the server's FACESVC_HNSW_PCA_DIMS); a list "
+                         "measures one index each in the same run, e.g. 0,128 (0: plain graphs)")
+    ap.add_argument("--index-pca-min-faces", type=int, default=HnswParams.pca_min_faces,
+                    help="facesvc: the segment size from which segments are projected (FACESVC_HNSW_PCA_MIN_FACES)")
     ap.add_argument("--engines", default="facesvc,faiss-hnsw",
                     help="besides the exact flat scan: facesvc (hnswlib, the server's class), faiss-hnsw, faiss-sq8 "
                          "(FAISS HNSW on 8-bit codes, with and without a float re-rank), hnswlib-pca (hnswlib on a "
@@ -432,8 +444,10 @@ def main() -> int:
         print(f"[{kind}] flat done", flush=True)
         rows = [flat]
         if "facesvc" in engines:
-            rows += bench_facesvc(corpus, probes, truth, params, args.single, sweep)
-            print(f"[{kind}] facesvc/hnswlib done", flush=True)
+            for dims in [int(x) for x in args.index_pca_dims.split(",") if x.strip()]:
+                rows += bench_facesvc(corpus, probes, truth, dataclasses.replace(
+                    params, pca_dims=dims, pca_min_faces=args.index_pca_min_faces), args.single, sweep)
+                print(f"[{kind}] facesvc/hnswlib (index PCA dims {dims}) done", flush=True)
         if "faiss-hnsw" in engines:
             rows += bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single, sweep)
         if "faiss-sq8" in engines:
@@ -442,11 +456,13 @@ def main() -> int:
             for dims in [int(x) for x in args.pca_dims.split(",") if x.strip()]:
                 rows += bench_pca(corpus, probes, truth, params, dims, args.single, sweep)
         print_table(kind, args.size, rows)
-        if "facesvc" in engines:
-            snap = rows[1]["snapshot"]
-            print(f"snapshot of the facesvc index: {snap['bytes'] / 2**20:.0f} MB, written in {snap['write_s']:.1f}s, "
-                  f"loaded + verified in {snap['load_s']:.1f}s (rebuild: {rows[1]['build_s']:.0f}s); "
-                  f"same answers after loading: {snap['same_answers']}")
+        for row in rows:
+            if "snapshot" in row:
+                snap = row["snapshot"]
+                print(f"snapshot of {row['engine'].split(' (')[0]} (PCA dims {row['pca_dims']}): "
+                      f"{snap['bytes'] / 2**20:.0f} MB, written in {snap['write_s']:.1f}s, loaded + verified in "
+                      f"{snap['load_s']:.1f}s (rebuild: {row['build_s']:.0f}s); same answers after loading: "
+                      f"{snap['same_answers']}")
         result["corpora"][kind] = rows
         del corpus, probes, truth
         gc.collect()

@@ -162,7 +162,8 @@ class FaceServer:
         snapshots = SnapshotStore(s.index_dir or Path(s.data_dir) / "index") if s.index_snapshots else None
         indexes = IndexRegistry(self.store, rec.model_id, rec.embedding_dim,
                                 HnswParams(m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
-                                           segment_size=s.hnsw_segment_size, search_threads=s.hnsw_search_threads),
+                                           segment_size=s.hnsw_segment_size, search_threads=s.hnsw_search_threads,
+                                           pca_dims=s.hnsw_pca_dims, pca_min_faces=s.hnsw_pca_min_faces),
                                 snapshots=snapshots, retention_s=retention_s)
         notifier = ChangeNotifier(s.redis_url, s.redis_prefix + "index-changes") if s.redis_url else None
         self.index_sync = IndexSync(indexes, self.store, sync_interval_s=s.index_sync_seconds,

@@ -69,7 +69,8 @@ class SearchRpcs:
             size=st["size"], deleted=st["deleted"], dimension=st["dimension"], model=st["model"],
             memory_bytes=st["memory_bytes"], last_rebuild_time=convert.timestamp(int(st["built_at"] * 1000)),
             m=st["m"], ef_construction=st["ef_construction"], ef_search=st["ef_search"], capacity=st["capacity"],
-            segments=st["segments"],
+            segments=st["segments"], projected_segments=st["projected_segments"],
+            projected_dimension=st["projected_dimension"],
             loaded_from=st["loaded_from"], change_seq=s.indexes.change_seq,
             snapshot_time=convert.timestamp(int(st["snapshot_at"] * 1000)) if st["snapshot_at"] else None,
         )

@@ -7,6 +7,7 @@ each graph's answer is exact, so the merged answer must equal a brute-force one.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import threading
@@ -16,7 +17,7 @@ import pytest
 
 from server.index import hnsw
 from server.index.hnsw import HnswIndex, HnswParams
-from server.index.snapshot import SnapshotStore
+from server.index.snapshot import SnapshotError, SnapshotStore
 
 DIM = 64
 
@@ -166,7 +167,7 @@ def test_segments_survive_a_snapshot_and_grow_on_after_it(tmp_path):
     assert len(list(tmp_path.glob("c.*.graph"))) == 3
     loaded, doc = snaps.load("c", SEGMENTED, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
                                               "min_written_ms": 0})
-    assert doc["format"] == 2 and [s.live for s in loaded._segments] == [99, 99, 50]
+    assert doc["format"] == 3 and [s.live for s in loaded._segments] == [99, 99, 50]
     for q in vecs[:30]:
         assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
     loaded.add(ids[250:], ids[250:], vecs[250:])  # fills the half-full last graph first
@@ -247,3 +248,129 @@ def test_searches_run_while_faces_are_added_across_segment_boundaries():
         t.join(10)
     assert not errors and len(idx) == 1200 and idx.stats()["segments"] == -(-1200 // 64)
     assert all(idx.search(vecs[i], 1, 0.99, 1)[0].face_id == ids[i] for i in range(0, 1200, 50))
+
+
+# projected segments: 16 of the 64 dimensions. ef 200 covers a whole segment, so the re-rank sees every
+# live face of it and the merged answer must equal a brute-force one, as for the plain graphs above
+PROJECTED = HnswParams(m=16, ef_construction=100, ef_search=200, initial_capacity=16, segment_size=200,
+                       pca_dims=16, pca_min_faces=150)
+
+
+def low_rank(rng, n: int, rank: int = 12, noise: float = 0.15) -> np.ndarray:
+    """Unit vectors near a rank-`rank` subspace: most of their energy on a few axes, as face embeddings'."""
+    basis = np.linalg.qr(rng.standard_normal((DIM, rank)))[0].T
+    v = rng.standard_normal((n, rank)) @ basis + noise * rng.standard_normal((n, DIM))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_a_projection_keeps_the_energy_of_the_axes_the_faces_use():
+    rng = np.random.default_rng(11)
+    faces = low_rank(rng, 2000)
+    proj = hnsw.Projection.fit(faces[:1000], 16)
+    assert proj.axes.shape == (DIM, 16) and proj.dims == 16 and 0.85 < proj.kept < 1
+    assert np.allclose(proj.axes.T @ proj.axes, np.eye(16), atol=1e-5)
+    # inner products of faces it was not fitted on survive the projection, to within what it drops
+    a, b = faces[1000:1500], faces[1500:]
+    err = np.abs(np.sum(proj(a) * proj(b), axis=1) - np.sum(a * b, axis=1))
+    assert err.mean() < 1 - proj.kept
+    assert hnsw.Projection.fit(units(rng, 1000), 16).kept < 0.45  # isotropic noise has no such axes
+
+
+def test_projected_segments_are_made_for_large_collections_and_answer_exactly():
+    rng = np.random.default_rng(12)
+    vecs = low_rank(rng, 520)
+    ids = [f"f{i:04d}" for i in range(520)]
+    subjects = [f"s{i % 170:03d}" for i in range(520)]
+    idx = HnswIndex(DIM, "test", PROJECTED)
+    idx.add(ids[:40], subjects[:40], vecs[:40])  # a small collection: a plain graph, grown by doubling
+    assert [s.projection for s in idx._segments] == [None]
+    for s in range(40, 520, 60):                 # past pca_min_faces the next segments are projected
+        idx.add(ids[s:s + 60], subjects[s:s + 60], vecs[s:s + 60])
+    segs = idx._segments
+    assert [s.projection is not None for s in segs] == [False, True, True] and [s.nodes for s in segs] == [200, 200, 120]
+    assert segs[1].graph.dim == 16 and segs[1].vectors.shape[1] == DIM
+    st = idx.stats()
+    assert st["projected_segments"] == 2 and st["size"] == 520
+    # a projected face costs its 16-d graph node plus its full vector beside the graph
+    graph_node = ((16 + 2 * 16 + 1) * 4 + 8) * (1 + 1 / 16)
+    assert st["memory_bytes"] >= sum(s.graph.get_max_elements() for s in segs[1:]) * (graph_node + DIM * 4)
+    live = [True] * 520
+    gone = [3, 250, 251, 460, 519]  # in every segment
+    idx.apply({}, [ids[i] for i in gone])
+    for i in gone:
+        live[i] = False
+    assert [s.live for s in segs] == [199, 198, 118]
+    for q in np.concatenate([low_rank(rng, 30), vecs[:10]]):
+        hits = idx.search(q, 10, -1.0, 3)
+        assert [h.subject_id for h in hits] == exact_subjects(vecs, subjects, live, q, 10)
+        # the similarities are the full vectors' cosines, not the projection's inner products
+        assert all(abs(h.similarity - float(vecs[ids.index(h.face_id)] @ q)) < 1e-5 for h in hits)
+    labels, dist = idx.knn(low_rank(rng, 4), 7)
+    assert labels.shape == dist.shape == (4, 7) and (np.diff(dist, axis=1) >= 0).all()
+    assert not set(labels.ravel().tolist()) & set(gone)
+    # a probe that is not of unit length gets the same answer (cosine, as the plain graphs)
+    assert idx.search(vecs[300] * 3.5, 1, 0.99, 1)[0].face_id == ids[300]
+
+
+def test_a_build_from_the_database_projects_its_first_segment_and_plain_parameters_never_do():
+    rng = np.random.default_rng(13)
+    vecs = low_rank(rng, 300)
+    ids = [f"f{i}" for i in range(300)]
+    # the registry sizes a build's graph for the faces it will hold (initial_capacity): the first is projected
+    built = HnswIndex(DIM, "test", dataclasses.replace(PROJECTED, initial_capacity=200))
+    built.add(ids, ids, vecs)
+    assert [s.projection is not None for s in built._segments] == [True, True]
+    assert built._segments[0].projection.kept > 0.8
+    for p in (HnswParams(m=16, segment_size=200), dataclasses.replace(PROJECTED, pca_dims=0),
+              dataclasses.replace(PROJECTED, pca_min_faces=10**6)):
+        idx = HnswIndex(DIM, "test", dataclasses.replace(p, initial_capacity=200))
+        idx.add(ids, ids, vecs)
+        assert [s.projection for s in idx._segments] == [None, None]
+
+
+def test_a_projected_graph_gets_more_candidates_for_its_re_rank():
+    p = HnswParams()
+    assert p.ef_for(500_000, projected=True) == 160 and p.ef_for(200_000, projected=True) == 112
+    assert HnswParams(ef_search=100).ef_for(500_000, projected=True) == 100
+
+
+def test_projected_segments_survive_a_snapshot_and_a_damaged_dense_file_is_refused(tmp_path):
+    rng = np.random.default_rng(14)
+    vecs = low_rank(rng, 450)
+    ids = [f"f{i}" for i in range(450)]
+    idx = HnswIndex(DIM, "test", PROJECTED)
+    for s in range(0, 400, 50):
+        idx.add(ids[s:s + 50], ids[s:s + 50], vecs[s:s + 50])
+    idx.apply({}, [ids[7], ids[260]])
+    snaps = SnapshotStore(tmp_path)
+    path = snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})
+    assert len(list(tmp_path.glob("c.*.graph"))) == 2 and len(list(tmp_path.glob("c.*.dense"))) == 1
+    expect = {"model": "test", "dimension": DIM, "collection_created_ms": 0, "min_written_ms": 0}
+    loaded, doc = snaps.load("c", PROJECTED, expect)
+    assert [s["projected"] for s in doc["segments"]] == [False, True]
+    seg = loaded._segments[1]
+    assert np.array_equal(seg.projection.axes, idx._segments[1].projection.axes)
+    assert np.array_equal(seg.vectors, idx._segments[1].vectors[:200]) and seg.live == 199
+    for q in vecs[:30:3]:
+        assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
+    loaded.add(ids[400:], ids[400:], vecs[400:])  # grows the projected segment's vectors with its graph
+    assert [s.nodes for s in loaded._segments] == [200, 200, 50] and loaded._segments[2].projection is not None
+    assert all(loaded.search(vecs[i], 1, 0.99, 1)[0].face_id == ids[i] for i in (230, 399, 449))
+    # the same server with projection off still reads the projected segments it saved
+    plain, _ = snaps.load("c", dataclasses.replace(PROJECTED, pca_dims=0), expect)
+    assert plain._segments[1].projection is not None
+    # one flipped byte in the dense file: refused before numpy or hnswlib read it
+    dense = next(tmp_path.glob("c.*.dense"))
+    raw = bytearray(dense.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    dense.write_bytes(bytes(raw))
+    with pytest.raises(SnapshotError, match="dense: checksum mismatch"):
+        snaps.load("c", PROJECTED, expect)
+    dense.unlink()
+    with pytest.raises(SnapshotError, match="missing"):
+        snaps.load("c", PROJECTED, expect)
+    # a later snapshot replaces the dense files too; remove() takes them all
+    snaps.write("c", loaded, {"collection_created_ms": 0, "change_seq": 1})
+    assert len(list(tmp_path.glob("c.*.dense"))) == 2 and path.exists()
+    snaps.remove("c")
+    assert not list(tmp_path.iterdir())

@@ -250,6 +250,36 @@ def test_restart_from_snapshot_or_database_gives_the_same_results(gallery):
         b.stop()
 
 
+def test_a_server_with_projected_graphs_answers_as_the_plain_one(gallery):
+    """FACESVC_HNSW_PCA_DIMS on the gallery's real LFW embeddings: a second server splits them into
+    graphs of 80 faces, each walking a 32-d projection of them; its candidate list covers a whole
+    graph, so after the re-rank on the full vectors it must return the first server's answers, with
+    the same (exact) similarities."""
+    _, stub, probes, _, tmp = gallery
+    people = list(probes)[60:100]
+    env = {**same_database(tmp, "pca"), "FACESVC_HNSW_SEGMENT_SIZE": "80", "FACESVC_HNSW_PCA_DIMS": "32",
+           "FACESVC_HNSW_PCA_MIN_FACES": "80"}
+
+    def answers(stub_):
+        return [[(m.subject_id, m.face_id, m.similarity)
+                 for m in search(stub_, probes[p][0], top_k=5, min_similarity=-0.99).results[0].matches]
+                for p in people]
+    reference = answers(stub)
+    b = ServerProcess(log_path=tmp / "pca.log", env=env)
+    try:
+        stub_b = pb_grpc.FaceServiceStub(b.channel)
+        stats = stub_b.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
+        assert stats.segments == stats.projected_segments == 2 and stats.projected_dimension == 32
+        plain = stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
+        assert plain.projected_segments == plain.projected_dimension == 0 and plain.size == stats.size
+        got = answers(stub_b)
+        assert [[m[:2] for m in hits] for hits in got] == [[m[:2] for m in hits] for hits in reference]
+        assert all(abs(x[2] - y[2]) < 1e-5 for hg, hr in zip(got, reference) for x, y in zip(hg, hr))
+        assert sum(hits[0][0] == p for p, hits in zip(people, got)) >= 36  # and they are right
+    finally:
+        b.stop()
+
+
 def test_two_replicas_on_mysql_and_redis_see_each_others_changes(mysql_url, redis_prefix, tmp_path):
     """Register on one server process, search on the other (and delete there, gone on the first).
 

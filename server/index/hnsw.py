@@ -12,11 +12,16 @@ knn_query, so searches share a read lock and changes take the write lock.
 Labels are small integers assigned here, in order, so a segment holds one
 contiguous range of them; the face id / subject id of each label live beside
 the graphs.
+
+A segment made to hold many faces (`pca_dims`, `pca_min_faces`) is a graph
+over a PCA projection of them (Projection: 128 numbers a face instead of 512,
+so each distance the walk computes costs a quarter), and the candidates it
+finds are re-ranked with the full vectors, kept beside the graph: the
+similarities a search returns are the exact ones either way.
 """
 from __future__ import annotations
 
 import bisect
-import dataclasses
 import itertools
 import math
 import os
@@ -38,13 +43,15 @@ class HnswParams:
     initial_capacity: int = 1024
     segment_size: int = 500_000  # nodes per graph; a collection past it gets another graph
     search_threads: int = 0      # threads searching segments side by side; 0: one per CPU
+    pca_dims: int = 0            # a projected segment's dimensions; 0: every graph holds the full vectors
+    pca_min_faces: int = 300_000  # a segment is projected when made for this many faces, or when the index holds them
 
     def __post_init__(self):
-        if self.segment_size < 1 or self.search_threads < 0:
-            raise ValueError(f"segment_size must be >= 1 and search_threads >= 0, not {self.segment_size}, "
-                             f"{self.search_threads}")
+        if self.segment_size < 1 or self.search_threads < 0 or self.pca_dims < 0:
+            raise ValueError(f"segment_size must be >= 1, search_threads and pca_dims >= 0, not {self.segment_size}, "
+                             f"{self.search_threads}, {self.pca_dims}")
 
-    def ef_for(self, nodes: int) -> int:
+    def ef_for(self, nodes: int, projected: bool = False) -> int:
         """The query-time candidate list for a graph of `nodes` elements (deleted ones included).
 
         A graph needs a longer list as it grows to keep the same recall. Measured on the facelike
@@ -53,9 +60,14 @@ class HnswParams:
         collection; 64 gave 0.983 there, 0.990 on a 500 k corpus of its own); a 1 M graph 256
         (0.992; 128 gave 0.980). So: the first point's ef up to its size, then linear through the
         measured points and on at the last slope, rounded up to a multiple of 16 and capped at
-        AUTO_EF_MAX. With the default segment size no graph grows past 500 k."""
+        AUTO_EF_MAX. With the default segment size no graph grows past 500 k.
+
+        A projected graph (`projected`) needs more candidates for the same recall after its
+        re-rank: PCA_EF_FACTOR times as many, measured at 500 k (ef 160 against 96)."""
         if self.ef_search:
             return self.ef_search
+        if projected:
+            return min(AUTO_EF_MAX, -(-math.ceil(self.ef_for(nodes) * PCA_EF_FACTOR) // 16) * 16)
         points = AUTO_EF_POINTS
         if nodes <= points[0][0]:
             return points[0][1]
@@ -67,6 +79,36 @@ class HnswParams:
 # (graph size, ef) measured to give recall@10 >= 0.99
 AUTO_EF_POINTS = ((200_000, 64), (500_000, 96), (1_000_000, 256))
 AUTO_EF_MAX = 512
+PCA_EF_FACTOR = 5 / 3
+PCA_SAMPLE = 20_000  # faces a projection is fitted on
+
+
+@dataclass(frozen=True)
+class Projection:
+    """An uncentred PCA: the top principal axes of a sample of unit vectors. Uncentred because the
+    inner product, not the distance to the mean, is what the projected graph must preserve."""
+    axes: np.ndarray      # (dim, dims) float32
+    kept: float           # share of the sample's energy the axes keep
+
+    @classmethod
+    def fit(cls, sample: np.ndarray, dims: int) -> Projection:
+        sample = np.asarray(sample, dtype=np.float64)
+        values, axes = np.linalg.eigh(sample.T @ sample / len(sample))
+        order = np.argsort(-values)[:dims]
+        return cls(np.ascontiguousarray(axes[:, order], dtype=np.float32), float(values[order].sum() / values.sum()))
+
+    @property
+    def dims(self) -> int:
+        return self.axes.shape[1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return x @ self.axes
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1 (what hnswlib's cosine space does to what it is given)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.where(norms > 0, norms, 1)).astype(np.float32, copy=False)
 
 
 class RWLock:
@@ -116,24 +158,61 @@ class Hit:
 
 
 class _Segment:
-    """One hnswlib graph; it holds the labels [start, start + graph.element_count)."""
+    """One hnswlib graph; it holds the labels [start, start + graph.element_count).
 
-    def __init__(self, graph: hnswlib.Index, start: int, live: int = 0):
+    Projected (projection set): the graph holds the projected faces in inner-product space and
+    `vectors` their full unit vectors, row = label - start, for the re-rank."""
+
+    def __init__(self, graph: hnswlib.Index, start: int, live: int = 0, projection: Projection | None = None,
+                 vectors: np.ndarray | None = None):
         self.graph, self.start, self.live = graph, start, live
+        self.projection, self.vectors = projection, vectors
 
     @classmethod
-    def new(cls, dim: int, params: HnswParams, start: int, capacity: int) -> _Segment:
-        graph = hnswlib.Index(space="cosine", dim=dim)
+    def new(cls, dim: int, params: HnswParams, start: int, capacity: int,
+            projection: Projection | None = None) -> _Segment:
+        graph = hnswlib.Index(space="cosine", dim=dim) if projection is None else hnswlib.Index(space="ip", dim=projection.dims)
         graph.init_index(max_elements=capacity, M=params.m, ef_construction=params.ef_construction)
-        return cls(graph, start)
+        return cls(graph, start, projection=projection,
+                   vectors=None if projection is None else np.empty((capacity, dim), np.float32))
 
     @property
     def nodes(self) -> int:
         return self.graph.element_count
 
+    def add(self, vectors: np.ndarray, labels: np.ndarray) -> None:
+        if self.projection is None:
+            self.graph.add_items(vectors, labels)
+            return
+        vectors = unit(vectors)
+        self.vectors[labels - self.start] = vectors
+        self.graph.add_items(self.projection(vectors), labels)
+
+    def resize(self, capacity: int) -> None:
+        self.graph.resize_index(capacity)
+        if self.vectors is not None and len(self.vectors) < capacity:
+            grown = np.empty((capacity, self.vectors.shape[1]), np.float32)
+            grown[:self.nodes] = self.vectors[:self.nodes]
+            self.vectors = grown
+
+    def full_vectors(self, labels: np.ndarray) -> np.ndarray:
+        """The unit vectors of some of this segment's labels (for fitting a projection)."""
+        if self.vectors is not None:
+            return self.vectors[np.asarray(labels, np.int64) - self.start]
+        return unit(np.asarray(self.graph.get_items(labels), np.float32))
+
     def query(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """This segment's k best (labels, cosine distances) for the rows of q; k is capped by its live faces."""
-        k = min(k, self.live)
+        if self.projection is None:
+            return self._knn(q, min(k, self.live))
+        q = unit(q)
+        labels, _ = self._knn(self.projection(q), min(max(k, self.graph.ef), self.live))
+        rows = labels.astype(np.int64) - self.start
+        sims = np.einsum("qkd,qd->qk", self.vectors[rows], q)
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(labels, order, 1), 1.0 - np.take_along_axis(sims, order, 1)
+
+    def _knn(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         while k > 0:
             try:
                 return self.graph.knn_query(q, k=k)
@@ -163,7 +242,7 @@ def search_pool(threads: int) -> ThreadPoolExecutor:
 class HnswIndex:
     def __init__(self, dim: int, model_id: str, params: HnswParams = HnswParams()):
         self.dim, self.model_id, self.params = dim, model_id, params
-        self._segments = [_Segment.new(dim, params, 0, min(params.initial_capacity, params.segment_size))]
+        self._segments: list[_Segment] = []  # the first comes with the first faces
         self._lock = RWLock()
         self._label_of: dict[str, int] = {}          # face id -> label (live faces)
         self._face_of: dict[int, tuple[str, str]] = {}  # label -> (face id, subject id), live faces
@@ -176,7 +255,8 @@ class HnswIndex:
 
     # -- snapshots (server/index/snapshot.py owns the file format) ------------
     def save_graphs(self, path_of) -> dict:
-        """Writes each segment's hnswlib graph to `path_of(i)`; returns the label map, the segments'
+        """Writes each segment's hnswlib graph to `path_of(i, "graph")` and a projected segment's
+        projection and full vectors to `path_of(i, "dense")`; returns the label map, the segments'
         layout and the counters of that same moment.
 
         Searches go on meanwhile (read lock); changes wait until the graphs are written.
@@ -184,29 +264,48 @@ class HnswIndex:
         with self._lock.read():
             segments = []
             for i, seg in enumerate(self._segments):
-                seg.graph.save_index(str(path_of(i)))
-                segments.append({"start": seg.start, "nodes": seg.nodes, "capacity": seg.graph.get_max_elements()})
+                seg.graph.save_index(str(path_of(i, "graph")))
+                segments.append({"start": seg.start, "nodes": seg.nodes, "capacity": seg.graph.get_max_elements(),
+                                 "projected": seg.projection is not None})
+                if seg.projection is not None:
+                    with open(path_of(i, "dense"), "wb") as f:
+                        np.save(f, seg.projection.axes)
+                        np.save(f, np.float64(seg.projection.kept))
+                        np.save(f, seg.vectors[:seg.nodes])
             return {"faces": [[label, f, s] for label, (f, s) in self._face_of.items()], "next_label": self._next_label,
                     "deleted": self.deleted, "segments": segments, "built_at": self.built_at}
 
     @classmethod
-    def from_saved(cls, dim: int, model_id: str, params: HnswParams, graph_paths: list[str], state: dict) -> HnswIndex:
+    def from_saved(cls, dim: int, model_id: str, params: HnswParams, graph_paths: list[str], state: dict,
+                   dense_paths: list[str | None] | None = None) -> HnswIndex:
         """The inverse of save_graphs. The caller has checked the files' checksums (hnswlib trusts its input).
+        dense_paths: per segment, its projection and vectors file (None for a plain one).
 
-        The segments come back as they were saved, whatever segment_size is now; new faces go to
-        the last one while it has room under the current segment_size."""
-        idx = cls(dim, model_id, dataclasses.replace(params, initial_capacity=1))
+        The segments come back as they were saved, whatever segment_size and pca_dims are now; new
+        faces go to the last one while it has room under the current segment_size."""
+        idx = cls(dim, model_id, params)
         layout = state["segments"]
-        if len(layout) != len(graph_paths) or not layout:
+        dense_paths = dense_paths or [None] * len(layout)
+        if not len(layout) == len(graph_paths) == len(dense_paths):
             raise ValueError(f"{len(graph_paths)} graph files for {len(layout)} segments")
-        idx._segments, expect_start = [], 0
-        for path, seg in zip(graph_paths, layout):
-            graph = hnswlib.Index(space="cosine", dim=dim)
+        expect_start = 0
+        for path, dense, seg in zip(graph_paths, dense_paths, layout):
+            if bool(seg.get("projected")) != (dense is not None):
+                raise ValueError(f"segment from label {seg['start']}: projected {seg.get('projected')}, file {dense}")
+            projection = vectors = None
+            if dense is not None:
+                with open(dense, "rb") as f:
+                    axes, kept, vectors = (np.load(f, allow_pickle=False) for _ in range(3))
+                projection = Projection(axes, float(kept))
+                if axes.shape[0] != dim or vectors.shape != (seg["nodes"], dim):
+                    raise ValueError(f"{dense}: projection {axes.shape} and vectors {vectors.shape} for "
+                                     f"{seg['nodes']} faces of {dim} dimensions")
+            graph = hnswlib.Index(space="cosine", dim=dim) if projection is None else hnswlib.Index(space="ip", dim=projection.dims)
             graph.load_index(str(path), max_elements=int(seg["capacity"]))
             if graph.element_count != seg["nodes"] or graph.M != params.m or seg["start"] != expect_start:
                 raise ValueError(f"graph holds {graph.element_count} elements with M={graph.M} from label "
                                  f"{seg['start']}, the label map {seg['nodes']} with M={params.m} from {expect_start}")
-            idx._segments.append(_Segment(graph, expect_start))
+            idx._segments.append(_Segment(graph, expect_start, projection=projection, vectors=vectors))
             expect_start += graph.element_count
         if expect_start != state["next_label"]:
             raise ValueError(f"the graphs hold {expect_start} labels, the label map {state['next_label']}")
@@ -232,19 +331,20 @@ class HnswIndex:
         new = [(i, f) for i, f in enumerate(face_ids) if f not in self._label_of]
         done = 0
         while done < len(new):
-            seg = self._segments[-1]
-            room = self.params.segment_size - seg.nodes
-            if room <= 0:  # full: the next faces start a new graph
-                seg = _Segment.new(self.dim, self.params, self._next_label,
-                                   min(self.params.segment_size, max(self.params.initial_capacity, len(new) - done)))
-                self._segments.append(seg)
+            room = self.params.segment_size - self._segments[-1].nodes if self._segments else 0
+            if room <= 0:  # none yet, or full: the next faces start a new graph
+                incoming = vectors[[i for i, _ in new[done:done + PCA_SAMPLE]]]
+                capacity = min(self.params.segment_size, max(self.params.initial_capacity, len(new) - done))
+                self._segments.append(_Segment.new(self.dim, self.params, self._next_label, capacity,
+                                                   self._projection_for(capacity, incoming)))
                 room = self.params.segment_size
+            seg = self._segments[-1]
             part = new[done:done + room]
             need, cap = seg.nodes + len(part), seg.graph.get_max_elements()
             if need > cap:
-                seg.graph.resize_index(min(max(need, cap * 2), self.params.segment_size))
+                seg.resize(min(max(need, cap * 2), self.params.segment_size))
             labels = np.arange(self._next_label, self._next_label + len(part), dtype=np.int64)
-            seg.graph.add_items(vectors[[i for i, _ in part]], labels)
+            seg.add(vectors[[i for i, _ in part]], labels)
             for label, (i, face_id) in zip(labels.tolist(), part):
                 self._remember(label, face_id, subject_ids[i])
             seg.live += len(part)
@@ -253,10 +353,31 @@ class HnswIndex:
         if new:
             self._tune_ef()
 
+    def _projection_for(self, capacity: int, incoming: np.ndarray) -> Projection | None:
+        """A new segment's projection, or None for a plain graph. Projected: with pca_dims set, a
+        segment made to hold pca_min_faces (a build from the database knows its size) or one more
+        segment of an index that already holds that many. Fitted on up to PCA_SAMPLE faces: the
+        incoming ones, then a random sample of those indexed."""
+        p = self.params
+        if not p.pca_dims or p.pca_dims >= self.dim or max(capacity, len(self)) < p.pca_min_faces:
+            return None
+        sample = [unit(np.asarray(incoming, np.float32))]
+        want = PCA_SAMPLE - len(sample[0])
+        if want > 0 and self._face_of:
+            labels = np.random.default_rng(self._next_label).choice(np.fromiter(self._face_of, np.int64),
+                                                                    min(want, len(self._face_of)), replace=False)
+            labels.sort()
+            for seg in self._segments:
+                mine = labels[(labels >= seg.start) & (labels < seg.start + seg.nodes)]
+                if len(mine):
+                    sample.append(seg.full_vectors(mine))
+        sample = np.concatenate(sample)
+        return Projection.fit(sample, p.pca_dims) if len(sample) >= 4 * p.pca_dims else None
+
     def _tune_ef(self) -> None:
         """Each graph's ef for its size now (under the write lock, or before the index is shared)."""
         for seg in self._segments:
-            ef = self.params.ef_for(seg.nodes)
+            ef = self.params.ef_for(seg.nodes, seg.projection is not None)
             if ef != seg.graph.ef:
                 seg.graph.set_ef(ef)
 
@@ -359,15 +480,23 @@ class HnswIndex:
                 "size": len(self._label_of), "deleted": self.deleted, "dimension": self.dim, "model": self.model_id,
                 "capacity": self._capacity(), "m": self.params.m,
                 "ef_construction": self.params.ef_construction,
-                "ef_search": max(s.graph.ef for s in self._segments), "segments": len(self._segments),
+                "ef_search": max((s.graph.ef for s in self._segments), default=self.params.ef_for(0)),
+                "segments": len(self._segments),
+                "projected_segments": sum(s.projection is not None for s in self._segments),
+                "projected_dimension": max((s.projection.dims for s in self._segments if s.projection), default=0),
                 "memory_bytes": self._memory_estimate(), "built_at": self.built_at,
                 "loaded_from": self.loaded_from, "snapshot_at": self.snapshot_at,
             }
 
     def _memory_estimate(self) -> int:
-        # hnswlib's layout: per element, the vector + level-0 links (2M ints) + label; upper levels are ~1/M of that
-        per = self.dim * 4 + (2 * self.params.m + 1) * 4 + 8
-        return int(self._capacity() * per * (1 + 1 / self.params.m))
+        # hnswlib's layout: per element, the vector + level-0 links (2M ints) + label; upper levels are ~1/M of that;
+        # a projected segment holds the projected vector in its graph and the full one beside it
+        total = 0
+        for seg in self._segments:
+            dims = self.dim if seg.projection is None else seg.projection.dims
+            per = (dims * 4 + (2 * self.params.m + 1) * 4 + 8) * (1 + 1 / self.params.m)
+            total += seg.graph.get_max_elements() * (per + (0 if seg.vectors is None else self.dim * 4))
+        return int(total)
 
     def _capacity(self) -> int:
         return sum(s.graph.get_max_elements() for s in self._segments)

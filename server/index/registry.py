@@ -23,7 +23,7 @@ import time
 
 from server import errors
 from server.index.base import FaceIndex
-from server.index.hnsw import HnswIndex, HnswParams
+from server.index.hnsw import PCA_SAMPLE, HnswIndex, HnswParams
 from server.index.snapshot import SnapshotError, SnapshotStore
 
 log = logging.getLogger("facesvc.index")
@@ -88,8 +88,11 @@ class IndexRegistry:
                                                                        min(want, self.params.segment_size)))
         idx = self.index_factory(self.dim, self.model_id, params)
         after = ""
+        # the first read is large enough for a projected graph to fit its projection on (hnsw.PCA_SAMPLE)
+        batch = max(self.batch, PCA_SAMPLE) if params.pca_dims else self.batch
         while True:
-            rows = self.store.collection_embeddings(collection, self.model_id, after, self.batch)
+            rows = self.store.collection_embeddings(collection, self.model_id, after, batch)
+            batch = self.batch
             if not rows:
                 break
             idx.add([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])

@@ -4,18 +4,20 @@ A snapshot of collection C is a .snapshot file and one graph file per segment in
 index directory:
 
     C.<generation>.<i>.graph  segment i's hnswlib graph, in hnswlib's own format
+    C.<generation>.<i>.dense  a projected segment's projection and full vectors: three
+                              .npy arrays one after the other (axes, energy kept, vectors)
     C.snapshot                first line: sha256 of the rest; the rest: JSON with the
                               format version, what the graphs were built for (model,
                               dimension, M, ef_construction, the collection's
                               created_ms), the change-log position it reflects, the
                               label -> (face id, subject id) map, the segments' layout
-                              and the size and sha256 of each graph
+                              and the size and sha256 of each graph and dense file
 
 The graphs are written and fsynced first, then C.snapshot goes to a temporary
 name, is fsynced and renamed over the old one: a crash leaves the old snapshot
 or the new one, never a mix. Reading checks every checksum before hnswlib sees
 a byte (it trusts its input). Format 1 (one graph, C.<generation>.graph, before
-segments) is still read, as one segment. Any failed check raises SnapshotError and the
+segments) and format 2 (no projected segments) are still read. Any failed check raises SnapshotError and the
 caller rebuilds from the database; a snapshot is never the only copy of
 anything. One index directory belongs to one server process.
 """
@@ -31,8 +33,8 @@ from pathlib import Path
 
 from server.index.hnsw import HnswIndex, HnswParams
 
-FORMAT = 2
-READABLE = (1, 2)
+FORMAT = 3
+READABLE = (1, 2, 3)
 
 
 class SnapshotError(Exception):
@@ -66,20 +68,23 @@ class SnapshotStore:
     def write(self, collection: str, index: HnswIndex, meta: dict) -> Path:
         """Atomically replaces the collection's snapshot; `meta` carries collection_created_ms and change_seq."""
         gen = f"{time.time_ns():x}{uuid.uuid4().hex[:6]}"
-        graphs: list[Path] = []
+        files: list[Path] = []
         tmp = self.dir / f".{collection}.snapshot.{gen}.tmp"
 
-        def graph_path(i: int) -> Path:
-            graphs.append(self.dir / f"{collection}.{gen}.{i}.graph")
-            return graphs[-1]
+        def file_path(i: int, kind: str) -> Path:
+            files.append(self.dir / f"{collection}.{gen}.{i}.{kind}")
+            return files[-1]
+
+        def described(kind: str) -> list[dict]:
+            return [{"name": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files if p.suffix == kind]
         try:
-            state = index.save_graphs(graph_path)
-            for graph in graphs:
-                with open(graph, "rb+") as f:
+            state = index.save_graphs(file_path)
+            for path in files:
+                with open(path, "rb+") as f:
                     os.fsync(f.fileno())
             doc = {"format": FORMAT, "collection": collection, "model": index.model_id, "dimension": index.dim,
                    "m": index.params.m, "ef_construction": index.params.ef_construction, **meta,
-                   "graphs": [{"name": g.name, "bytes": g.stat().st_size, "sha256": _sha256(g)} for g in graphs],
+                   "graphs": described(".graph"), "dense": described(".dense"),
                    "written_ms": int(time.time() * 1000), **state}
             body = json.dumps(doc, separators=(",", ":")).encode()
             with open(tmp, "wb") as f:
@@ -89,20 +94,23 @@ class SnapshotStore:
             os.replace(tmp, self.path(collection))
             _fsync_dir(self.dir)
         except BaseException:
-            for p in (tmp, *graphs):
+            for p in (tmp, *files):
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
             raise
-        keep = {g.name for g in graphs}
-        for old in self.dir.glob(f"{collection}.*.graph"):  # graphs of earlier snapshots
+        keep = {p.name for p in files}
+        for old in self._files(collection):  # graphs of earlier snapshots
             if old.name not in keep:
                 with contextlib.suppress(FileNotFoundError):
                     old.unlink()
         return self.path(collection)
 
-    def read(self, collection: str) -> tuple[dict, list[Path]] | None:
-        """(document, graph paths) after every checksum passes; None when there is no snapshot.
-        A format 1 document comes back in format 2's terms (one segment)."""
+    def _files(self, collection: str) -> list[Path]:
+        return [*self.dir.glob(f"{collection}.*.graph"), *self.dir.glob(f"{collection}.*.dense")]
+
+    def read(self, collection: str) -> tuple[dict, list[Path], list[Path | None]] | None:
+        """(document, graph paths, dense paths per segment or None) after every checksum passes;
+        None when there is no snapshot. Format 1 and 2 documents come back in format 3's terms."""
         path = self.path(collection)
         try:
             raw = path.read_bytes()
@@ -122,14 +130,19 @@ class SnapshotStore:
                 doc["graphs"] = [{"name": doc["graph"], "bytes": doc["graph_bytes"], "sha256": doc["graph_sha256"]}]
                 doc["segments"] = [{"start": 0, "nodes": doc["next_label"], "capacity": doc["capacity"]}]
             graphs = [(self.dir / g["name"], g["bytes"], g["sha256"]) for g in doc["graphs"]]
+            dense = [(self.dir / g["name"], g["bytes"], g["sha256"]) for g in doc.get("dense", [])]
+            projected = [bool(seg.get("projected")) for seg in doc["segments"]]
         except (KeyError, TypeError) as exc:
             raise SnapshotError(f"{path.name}: incomplete ({exc!r})") from None
-        for graph, size, digest in graphs:
-            if not graph.is_file() or graph.stat().st_size != size:
-                raise SnapshotError(f"{graph.name}: missing or of the wrong size")
-            if _sha256(graph) != digest:
-                raise SnapshotError(f"{graph.name}: checksum mismatch (corrupt)")
-        return doc, [g for g, _, _ in graphs]
+        if len(dense) != sum(projected):
+            raise SnapshotError(f"{path.name}: {len(dense)} dense files for {sum(projected)} projected segments")
+        for file, size, digest in graphs + dense:
+            if not file.is_file() or file.stat().st_size != size:
+                raise SnapshotError(f"{file.name}: missing or of the wrong size")
+            if _sha256(file) != digest:
+                raise SnapshotError(f"{file.name}: checksum mismatch (corrupt)")
+        dense_of = iter(d for d, _, _ in dense)
+        return doc, [g for g, _, _ in graphs], [next(dense_of) if p else None for p in projected]
 
     def load(self, collection: str, params: HnswParams, expect: dict) -> tuple[HnswIndex, dict] | None:
         """The collection's index and snapshot document, or None when there is no snapshot.
@@ -141,7 +154,7 @@ class SnapshotStore:
         found = self.read(collection)
         if found is None:
             return None
-        doc, graphs = found
+        doc, graphs, dense = found
         for key in ("model", "dimension", "collection_created_ms"):
             if doc.get(key) != expect[key]:
                 raise SnapshotError(f"made for {key} {doc.get(key)!r}, now {expect[key]!r}")
@@ -151,13 +164,14 @@ class SnapshotStore:
         if doc["written_ms"] < expect["min_written_ms"]:
             raise SnapshotError("older than the change log's retention")
         try:
-            index = HnswIndex.from_saved(doc["dimension"], doc["model"], params, [str(g) for g in graphs], doc)
-        except (RuntimeError, ValueError, KeyError, TypeError) as exc:
-            raise SnapshotError(f"{graphs[0].name}: {exc}") from None
+            index = HnswIndex.from_saved(doc["dimension"], doc["model"], params, [str(g) for g in graphs], doc,
+                                         [None if d is None else str(d) for d in dense])
+        except (RuntimeError, ValueError, KeyError, TypeError, EOFError) as exc:
+            raise SnapshotError(f"{collection}.snapshot: {exc}") from None
         index.snapshot_at = doc["written_ms"] / 1000
         return index, doc
 
     def remove(self, collection: str) -> None:
-        for p in [self.path(collection), *self.dir.glob(f"{collection}.*.graph")]:
+        for p in [self.path(collection), *self._files(collection)]:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
