@@ -22,9 +22,11 @@ side, label map, one hit per subject) for latency; recall is taken on the same
 segments and merge (HnswIndex.knn, faces rather than subjects). `--ef-sweep` adds
 the recall/latency of other ef_search values on the same graphs (how the defaults
 were chosen), and the facesvc index is snapshotted and loaded back (what a restart
-costs instead of a rebuild). Engines measured beside it, not (yet) adopted: FAISS HNSW
-on 8-bit codes (faiss-sq8) and hnswlib over a PCA projection with a float re-rank
-(hnswlib-pca). Like the server, the benchmark runs on transparent huge
+costs instead of a rebuild). `--index-pca-dims 0,192` measures the facesvc index
+both plain and with projected segments (the server's FACESVC_HNSW_PCA_DIMS), one
+after the other in the same run. Engines measured beside it, not adopted: FAISS HNSW
+on 8-bit codes (faiss-sq8) and raw hnswlib over a PCA projection with a float
+re-rank (hnswlib-pca, what the projected segments grew from). Like the server, the benchmark runs on transparent huge
 pages (`--huge-pages off` for 4 KB pages; scripts/bench_hugepages.py compares the two).
 
     .venv/bin/python scripts/bench_search.py                 # 100 k faces per corpus

@@ -130,7 +130,7 @@ HELP = {
     "hnsw_ef_search": "search index: HNSW query-time candidate list; 0 = grow with each graph (64 up to 200 k faces, 96 at 500 k, 256 at 1 M); a query uses at least top_k x faces per subject",
     "hnsw_segment_size": "search index: most faces in one HNSW graph; a larger collection gets more graphs, searched side by side and merged",
     "hnsw_search_threads": "search index: threads searching a collection's graphs side by side; 0 = one per CPU",
-    "hnsw_pca_dims": "search index: a large graph walks a PCA projection of the faces to this many dimensions and re-ranks its candidates on the full vectors (exact similarities; +2 KB a face); 0 = full vectors in every graph",
+    "hnsw_pca_dims": "search index: a large graph walks a PCA projection of the faces to this many dimensions (192 holds recall; 128 stops at 0.99) and re-ranks its candidates on the full vectors: rebuilds 2-3.5x faster, exact similarities, +2 KB a face, p99 no better; 0 = full vectors in every graph",
     "hnsw_pca_min_faces": "search index: with hnsw_pca_dims set, a graph is projected when built for this many faces (a rebuild from the database) or started in a collection that holds them",
     "huge_pages": "back the search graphs with transparent huge pages (Linux, glibc 2.35+, THP madvise): the server restarts itself once at start-up with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (false: without it); searches ~1.3x faster",
     "index_dir": "where index snapshots are written; empty = data_dir/index (one directory per server process)",

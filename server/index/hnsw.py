@@ -63,7 +63,9 @@ class HnswParams:
         AUTO_EF_MAX. With the default segment size no graph grows past 500 k.
 
         A projected graph (`projected`) needs more candidates for the same recall after its
-        re-rank: PCA_EF_FACTOR times as many, measured at 500 k (ef 160 against 96)."""
+        re-rank: PCA_EF_FACTOR times as many, measured at 500 k (ef 160 against 96). On two 500 k
+        segments of 1 M faces that gave recall@10 0.995 at 192 dimensions, 0.9896 at 128, where
+        no ef gets past 0.990 (README, "Fewer dimensions")."""
         if self.ef_search:
             return self.ef_search
         if projected:
