@@ -335,10 +335,10 @@ class HnswIndex:
         while done < len(new):
             room = self.params.segment_size - self._segments[-1].nodes if self._segments else 0
             if room <= 0:  # none yet, or full: the next faces start a new graph
-                incoming = vectors[[i for i, _ in new[done:done + PCA_SAMPLE]]]
                 capacity = min(self.params.segment_size, max(self.params.initial_capacity, len(new) - done))
+                incoming = [i for i, _ in new[done:done + PCA_SAMPLE]]
                 self._segments.append(_Segment.new(self.dim, self.params, self._next_label, capacity,
-                                                   self._projection_for(capacity, incoming)))
+                                                   self._projection_for(capacity, vectors, incoming)))
                 room = self.params.segment_size
             seg = self._segments[-1]
             part = new[done:done + room]
@@ -355,15 +355,15 @@ class HnswIndex:
         if new:
             self._tune_ef()
 
-    def _projection_for(self, capacity: int, incoming: np.ndarray) -> Projection | None:
+    def _projection_for(self, capacity: int, vectors: np.ndarray, incoming: list[int]) -> Projection | None:
         """A new segment's projection, or None for a plain graph. Projected: with pca_dims set, a
         segment made to hold pca_min_faces (a build from the database knows its size) or one more
         segment of an index that already holds that many. Fitted on up to PCA_SAMPLE faces: the
-        incoming ones, then a random sample of those indexed."""
+        incoming ones (those rows of `vectors`), then a random sample of those indexed."""
         p = self.params
         if not p.pca_dims or p.pca_dims >= self.dim or max(capacity, len(self)) < p.pca_min_faces:
             return None
-        sample = [unit(np.asarray(incoming, np.float32))]
+        sample = [unit(vectors[incoming])]
         want = PCA_SAMPLE - len(sample[0])
         if want > 0 and self._face_of:
             labels = np.random.default_rng(self._next_label).choice(np.fromiter(self._face_of, np.int64),
