@@ -80,7 +80,7 @@ def build_snapshot(work: Path, args) -> float:
     np.save(work / "probes.npy", probes)
     np.save(work / "truth.npy", exact_top10(corpus, probes))
     t0 = time.perf_counter()
-    idx = build_index(corpus, HnswParams(initial_capacity=min(args.size, HnswParams.segment_size)))
+    idx = build_index(corpus, HnswParams())
     build = time.perf_counter() - t0
     print(f"built {args.size:,} faces in {build:.0f}s: {idx.stats()['segments']} segment(s), "
           f"ef {idx.stats()['ef_search']}", flush=True)

@@ -225,8 +225,7 @@ SNAPSHOT_EXPECT = {"model": "bench", "dimension": DIM, "collection_created_ms": 
 def build_index(corpus: np.ndarray, params: HnswParams) -> HnswIndex:
     """The server's index over the corpus, its faces added in order (label = row), 50 000 at a time,
     its graphs sized for them from the start as a build from the database does (IndexRegistry._build)."""
-    idx = HnswIndex(DIM, "bench", dataclasses.replace(
-        params, initial_capacity=max(params.initial_capacity, min(len(corpus), params.segment_size))))
+    idx = HnswIndex(DIM, "bench", params.sized_for(len(corpus)))
     ids = [f"{i:032x}" for i in range(len(corpus))]
     step = 50_000
     for s in range(0, len(corpus), step):

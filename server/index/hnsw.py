@@ -22,6 +22,7 @@ similarities a search returns are the exact ones either way.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import math
 import os
@@ -50,6 +51,12 @@ class HnswParams:
         if self.segment_size < 1 or self.search_threads < 0 or self.pca_dims < 0:
             raise ValueError(f"segment_size must be >= 1, search_threads and pca_dims >= 0, not {self.segment_size}, "
                              f"{self.search_threads}, {self.pca_dims}")
+
+    def sized_for(self, faces: int) -> HnswParams:
+        """These parameters with a first graph that has room for `faces` (up to a segment) from the
+        start: one allocation rather than a chain of doublings, so a build's graph is on huge pages
+        from its first write (server/hugepages.py) and a projected one is known to be large."""
+        return dataclasses.replace(self, initial_capacity=max(self.initial_capacity, min(faces, self.segment_size)))
 
     def ef_for(self, nodes: int, projected: bool = False) -> int:
         """The query-time candidate list for a graph of `nodes` elements (deleted ones included).

@@ -16,7 +16,6 @@ same collection are serialised by the collection's lock.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -81,11 +80,7 @@ class IndexRegistry:
 
     def _build(self, collection: str) -> FaceIndex:
         t0 = time.perf_counter()
-        # room for every face from the start: one allocation per graph rather than a chain of
-        # doublings, so the graph is on huge pages from its first write (server/hugepages.py)
-        want = self.store.count_faces(collection, self.model_id)
-        params = dataclasses.replace(self.params, initial_capacity=max(self.params.initial_capacity,
-                                                                       min(want, self.params.segment_size)))
+        params = self.params.sized_for(self.store.count_faces(collection, self.model_id))
         idx = self.index_factory(self.dim, self.model_id, params)
         after = ""
         # the first read is large enough for a projected graph to fit its projection on (hnsw.PCA_SAMPLE)
