@@ -189,7 +189,11 @@ def latency(fn, probes: np.ndarray, n: int) -> dict:
         t0 = time.perf_counter()
         fn(q)
         times.append(time.perf_counter() - t0)
-    a = np.array(times) * 1000
+    return percentiles(times)
+
+
+def percentiles(seconds: list[float]) -> dict:
+    a = np.array(seconds) * 1000
     return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
             "mean_ms": float(a.mean())}
 
@@ -263,8 +267,29 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
                      "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10),
                      "single": single, "batch_qps": qps, "ef_search": ef})
     idx.set_ef(None)
+    rows[0]["tail"] = bench_tail(idx, probes, single_n)
     rows[0]["snapshot"] = bench_snapshot(idx, params, probes)
     return rows
+
+
+def bench_tail(idx: HnswIndex, probes: np.ndarray, single_n: int) -> dict:
+    """Where the single-query tail comes from, at the index's own ef: the same probe repeated
+    (identical work every time, so its spread is the machine's, not the graph's), and with more
+    than one segment, each probe's slowest segment searched alone, one after the other (what
+    the side-by-side search would take with no hand-off and no second core competing for memory)."""
+    tail = {"same_probe": latency(lambda q: idx.search(q, 10, -1.0, 1), np.repeat(probes[:1], single_n, 0), single_n)}
+    segments = [s for s in idx._segments if s.live]
+    if len(segments) > 1:
+        times = []
+        for q in probes[:single_n]:
+            slowest = 0.0
+            for seg in segments:
+                t0 = time.perf_counter()
+                seg.query(q[None], 10)
+                slowest = max(slowest, time.perf_counter() - t0)
+            times.append(slowest)
+        tail["slowest_segment_alone"] = percentiles(times)
+    return tail
 
 
 def bench_snapshot(idx: HnswIndex, params: HnswParams, probes: np.ndarray) -> dict:
@@ -385,6 +410,17 @@ def print_table(corpus: str, size: int, rows: list[dict]) -> None:
               f"{r['recall@10']:6.3f} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {flat_p50 / s['p50_ms']:7.1f}x {r['batch_qps']:10.0f}")
 
 
+def print_tail(row: dict) -> None:
+    def pp(lat: dict) -> str:
+        return f"p50 {lat['p50_ms']:.3f} / p99 {lat['p99_ms']:.3f} ms (p99/p50 {lat['p99_ms'] / lat['p50_ms']:.2f})"
+    tail, name = row["tail"], row["engine"].split(" (")[0]
+    print(f"tail of {name} (PCA dims {row['pca_dims']}): as served {pp(row['single'])}; "
+          f"one probe repeated {pp(tail['same_probe'])}", end="")
+    if "slowest_segment_alone" in tail:
+        print(f"; slowest of its {row['segments']} segments searched alone {pp(tail['slowest_segment_alone'])}", end="")
+    print()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=100_000, help="vectors per corpus (100000; 1000000 for the 1 M run)")
@@ -458,6 +494,8 @@ def main() -> int:
                 rows += bench_pca(corpus, probes, truth, params, dims, args.single, sweep)
         print_table(kind, args.size, rows)
         for row in rows:
+            if "tail" in row:
+                print_tail(row)
             if "snapshot" in row:
                 snap = row["snapshot"]
                 print(f"snapshot of {row['engine'].split(' (')[0]} (PCA dims {row['pca_dims']}): "
