@@ -314,7 +314,8 @@ def bench_faiss_hnsw(faiss, corpus, probes, truth, params: HnswParams, single_n:
     """FAISS's HNSW on float vectors, or (sq8) on 8-bit scalar-quantised codes: 512 bytes a face
     instead of 2 KB, a quarter of the memory read per distance; each sq8 ef also runs with a float
     re-rank of twice the candidates (IndexRefineFlat: exact similarities, as Search returns).
-    FAISS's HNSW cannot delete a vector, which is why the server does not use it."""
+    FAISS's HNSW cannot remove a vector (no remove_ids; a per-search IDSelector only hides it), one
+    reason the server does not use it."""
     gc.collect()
     r0, t0 = rss_mb(), time.perf_counter()
     if sq8:
