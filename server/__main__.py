@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("huge pages: %s", hugepages.status())
     try:
         server = FaceServer(settings)
-    except (RuntimeError, ValueError, errors.FaceServiceError) as exc:  # bad config, database/Redis unreachable
+    except (RuntimeError, ValueError, OSError, errors.FaceServiceError) as exc:  # bad config, database/Redis unreachable
         log.error("cannot start: %s", exc)
         return 2
     stop = threading.Event()

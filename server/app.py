@@ -16,8 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
-from server import reflection
+from server import errors, reflection
 from server.auth import SERVICE_PREFIX, AuthInterceptor, Authenticator
+from server.limits import ConcurrencyLimiter, LimitInterceptor
 from server.config import Settings
 from server.crypto import CropCipher
 from server.identity import EnrolmentPolicy, IdentityService
@@ -93,7 +94,8 @@ def build_authenticator(settings: Settings, store) -> Authenticator | None:
     if len(settings.admin_api_key) < 16:
         raise ValueError("auth is on but FACESVC_ADMIN_API_KEY is missing or shorter than 16 characters: "
                          "set one (e.g. `openssl rand -hex 32`), or run with --auth=false on a developer machine")
-    return Authenticator(store, settings.admin_api_key, settings.auth_cache_seconds)
+    return Authenticator(store, settings.admin_api_key, settings.auth_cache_seconds,
+                         lookups_per_second=settings.auth_lookups_per_second)
 
 
 class FaceServer:
@@ -109,7 +111,8 @@ class FaceServer:
         creds = server_credentials(settings)
         self.store = open_store(settings.db_url, settings.data_dir, settings.db_pool_size)
         log.info("store: %s", self.store.describe())
-        self.cache = open_cache(settings.redis_url, prefix=settings.redis_prefix, max_entries=settings.staging_max_entries)
+        self.cache = open_cache(settings.redis_url, prefix=settings.redis_prefix, max_entries=settings.staging_max_entries,
+                                per_collection=settings.staging_max_per_collection)
         if hasattr(self.cache, "ping"):
             self.cache.ping()
         log.info("staging cache: %s, TTL %ds", self.cache.describe(), settings.staging_ttl_seconds)
@@ -117,10 +120,17 @@ class FaceServer:
         log.info("face crops: %s", "stored, AES-256-GCM encrypted" if self.cipher else "not stored (no crop key)")
         authenticator = build_authenticator(settings, self.store)
         max_bytes = settings.max_message_mb * 1024 * 1024
+        half = max(1, settings.workers // 2)
+        streams = ConcurrencyLimiter(settings.max_streams_per_key, settings.max_streams or half,
+                                     errors.STREAM_LIMIT_REACHED, "streams (max_streams_per_key / max_streams)")
+        calls = ConcurrencyLimiter(settings.max_calls_per_key or half, 0, errors.CALL_LIMIT_REACHED,
+                                   "calls (max_calls_per_key)") if authenticator else None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            # observability outermost, so it also sees (and times) calls the auth check refuses
-            interceptors=[ObservabilityInterceptor(SERVICE_PREFIX)] + ([AuthInterceptor(authenticator)] if authenticator else []),
+            # observability outermost, so it also sees (and times) calls the auth check refuses; the
+            # limits after auth, so they count calls by the key that was checked
+            interceptors=[ObservabilityInterceptor(SERVICE_PREFIX)] + ([AuthInterceptor(authenticator)] if authenticator else [])
+            + [LimitInterceptor(streams, calls)],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -128,6 +138,7 @@ class FaceServer:
             ],
         )
         self.servicer = FaceServicer(settings)
+        self.servicer.streams = streams
         if authenticator:
             self.servicer.on_keys_revoked = authenticator.forget
             self.servicer.authenticator = authenticator
@@ -146,9 +157,11 @@ class FaceServer:
 
     def start(self) -> None:
         self.server.start()
-        if self.settings.metrics_port:
-            serve_metrics(self.settings.metrics_port, self.settings.host, self.servicer)
-            log.info("Prometheus metrics on http://%s:%d/metrics", self.settings.host, self.settings.metrics_port)
+        s = self.settings
+        if s.metrics_port:
+            serve_metrics(s.metrics_port, s.metrics_host, self.servicer, s.metrics_token)
+            log.info("Prometheus metrics on http://%s:%d/metrics%s", s.metrics_host, s.metrics_port,
+                     " (bearer token required)" if s.metrics_token else "")
         log.info("listening on %s:%d%s (health NOT_SERVING until models are loaded)", self.settings.host, self.port,
                  " with TLS" + (" + client certificates" if self.settings.tls_client_ca else "") if self.settings.tls_cert else "")
 

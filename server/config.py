@@ -82,8 +82,17 @@ class Settings:
     tls_cert: str = ""
     tls_key: str = ""
     tls_client_ca: str = ""
-    max_streams_per_key: int = 4
+    max_streams_per_key: int = 2
     max_streams: int = 0
+    max_calls_per_key: int = 0
+    stream_first_message_seconds: float = 5.0
+    stream_idle_seconds: float = 30.0
+    max_request_pixels: int = 64_000_000
+    max_jpeg_scans: int = 32
+    staging_max_per_collection: int = 1000
+    auth_lookups_per_second: float = 200.0
+    metrics_host: str = "127.0.0.1"
+    metrics_token: str = ""
 
 
 HELP = {
@@ -94,7 +103,7 @@ HELP = {
     "grace_seconds": "on SIGTERM/SIGINT, seconds in-flight calls get to finish",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "text, or json (one object per line: ts, level, logger, request_id, msg)",
-    "metrics_port": "serve Prometheus metrics on this HTTP port (same bind address); 0 = off",
+    "metrics_port": "serve Prometheus metrics on this HTTP port (bound to metrics_host); 0 = off",
     "device": "auto (CUDA if onnxruntime-gpu sees a GPU, else CPU), cpu or cuda",
     "ort_threads": "onnxruntime intra-op threads per model; 0 = one per core",
     "model_dir": "directory holding the fetched ONNX files",
@@ -146,8 +155,17 @@ HELP = {
     "tls_cert": "PEM server certificate chain; set with tls_key to serve TLS",
     "tls_key": "PEM private key of tls_cert",
     "tls_client_ca": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)",
-    "max_streams_per_key": "concurrent StreamFrames calls one API key (or, without auth, one peer) may hold",
-    "max_streams": "concurrent StreamFrames calls in all; 0 = workers - 2 (each holds a worker thread)",
+    "max_streams_per_key": "open streams (StreamFrames, ProcessBatch, RegisterBatch) one API key (or, without auth, one peer) may hold, counted from the moment a stream opens",
+    "max_streams": "open streams in all; 0 = half the workers (each holds a worker thread; the rest stay for unary calls and health)",
+    "max_calls_per_key": "concurrent calls (unary and streams) one collection key may hold; 0 = half the workers; the admin key is not limited",
+    "stream_first_message_seconds": "a stream that sends no first message within this time is closed (STREAM_IDLE)",
+    "stream_idle_seconds": "a stream that sends nothing for this long is closed (STREAM_IDLE)",
+    "max_request_pixels": "decoded pixels one request may cost in all (a DetectBatch sums its photos), at least this and 16 per byte sent",
+    "max_jpeg_scans": "most scans a JPEG may have (cameras write 1, progressive encoders about 10); a large image gets fewer",
+    "staging_max_per_collection": "faces one collection may hold staged at once (Process); more are refused with STAGING_LIMIT_REACHED",
+    "auth_lookups_per_second": "database lookups of API keys never seen before, per second; beyond, RATE_LIMITED",
+    "metrics_host": "bind address of the metrics endpoint (loopback by default: it lists collection ids)",
+    "metrics_token": "when set, /metrics needs `Authorization: Bearer <token>`",
 }
 
 SECRET_WORDS = ("key", "password", "secret", "token")

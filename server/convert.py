@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 from facesvc.v1 import face_service_pb2 as pb
 from server import errors, pipeline
 from server.faces import AgeGender, Face, LivenessResult
-from server.imaging import ImageLimits, decode_encoded, decode_raw
+from server.imaging import ImageLimits, PixelBudget, decode_encoded, decode_raw
 from server.records import LIVENESS_OPTIONAL, LIVENESS_REQUIRED, ApiKey, Collection, FaceRecord, Subject
 
 MAX_FACES_LIMIT = 100
@@ -25,16 +25,17 @@ _SELECTION = {
 _PIXEL_FORMAT = {pb.PIXEL_FORMAT_BGR: "BGR", pb.PIXEL_FORMAT_RGB: "RGB", pb.PIXEL_FORMAT_GRAY: "GRAY"}
 
 
-def image_from_proto(msg: pb.Image, field: str, limits: ImageLimits) -> np.ndarray:
+def image_from_proto(msg: pb.Image, field: str, limits: ImageLimits, budget: PixelBudget | None = None) -> np.ndarray:
     which = msg.WhichOneof("source")
     if which is None:
         raise errors.validation(field, "required: set `encoded` (JPEG/PNG/WebP/BMP bytes) or `raw`")
     if which == "encoded":
         if not msg.encoded:
             raise errors.validation(f"{field}.encoded", "empty image")
-        return decode_encoded(msg.encoded, limits)
+        return decode_encoded(msg.encoded, limits, budget, field)
     raw = msg.raw
-    return decode_raw(raw.width, raw.height, _PIXEL_FORMAT.get(raw.format, "UNSPECIFIED"), raw.data, raw.row_stride, limits, field)
+    return decode_raw(raw.width, raw.height, _PIXEL_FORMAT.get(raw.format, "UNSPECIFIED"), raw.data, raw.row_stride, limits,
+                      field, budget)
 
 
 def _finite(value: float, field: str, low: float, high: float) -> float:

@@ -24,12 +24,16 @@ INTERNAL = "INTERNAL"
 class FaceServiceError(Exception):
     """A failure the caller should see, with its gRPC code and stable reason."""
 
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str, **metadata: object):
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str, *, detail: str = "", **metadata: object):
         super().__init__(message)
         self.code = code
         self.reason = reason
         self.message = message
+        self.detail = detail  # for the server log only (driver text, hosts): never sent to the caller
         self.metadata = {k: str(v) for k, v in metadata.items()}
+
+    def __str__(self) -> str:
+        return f"{self.message} ({self.detail})" if self.detail else self.message
 
     def __repr__(self) -> str:  # pragma: no cover - debugging aid
         return f"FaceServiceError({self.code.name}, {self.reason}, {self.message!r}, {self.metadata})"
@@ -90,6 +94,26 @@ PERMISSION_DENIED = "PERMISSION_DENIED"
 STREAM_LIMIT_REACHED = "STREAM_LIMIT_REACHED"
 STREAM_PROTOCOL = "STREAM_PROTOCOL"
 CALL_ENDED = "CALL_ENDED"
+# Limits (hardening): a caller at one of its limits is refused, never queued behind others.
+CALL_LIMIT_REACHED = "CALL_LIMIT_REACHED"
+STREAM_IDLE = "STREAM_IDLE"
+STAGING_LIMIT_REACHED = "STAGING_LIMIT_REACHED"
+RATE_LIMITED = "RATE_LIMITED"
+
+QUOTE_LIMIT = 128  # characters of caller input quoted back in a message or a log line
+
+
+def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """Caller input for a message or a log line: repr()'d and cut to `limit` characters, so a
+    5 000-character id neither comes back whole nor grows the log by its length."""
+    text = str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+def exhausted(reason: str, message: str, **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, message, **metadata)
 
 
 def not_found(reason: str, message: str, **metadata: object) -> FaceServiceError:
@@ -104,8 +128,8 @@ def precondition(reason: str, message: str, **metadata: object) -> FaceServiceEr
     return FaceServiceError(grpc.StatusCode.FAILED_PRECONDITION, reason, message, **metadata)
 
 
-def unavailable(reason: str, message: str, **metadata: object) -> FaceServiceError:
-    return FaceServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, **metadata)
+def unavailable(reason: str, message: str, *, detail: str = "", **metadata: object) -> FaceServiceError:
+    return FaceServiceError(grpc.StatusCode.UNAVAILABLE, reason, message, detail=detail, **metadata)
 
 
 def low_quality(message: str, **metadata: object) -> FaceServiceError:

@@ -144,7 +144,7 @@ class IdentityService:
         liveness = self._liveness(collection, img, face, skip_liveness, liveness_threshold)
         return Screened(collection, subject_id, face, n, liveness, add_face)
 
-    def _stage(self, s: Screened, embedding: np.ndarray, face_id: str) -> Processed:
+    def _stage(self, s: Screened, embedding: np.ndarray, face_id: str, collection_created_ms: int = 0) -> Processed:
         now = _now_ms()
         staged = StagedFace(
             collection_id=s.collection, subject_id=s.subject_id, face_id=face_id, model_id=self.pipeline.recognizer.model_id,
@@ -152,6 +152,7 @@ class IdentityService:
             liveness_score=-1.0 if s.liveness is None else s.liveness.score, add_face=s.add_face, created_ms=now,
             expires_ms=now + self.policy.staging_ttl_s * 1000,
             crop=self.cipher.seal(s.face.aligned, face_id) if self.cipher else None,
+            collection_created_ms=collection_created_ms,
         )
         return Processed("", staged, s.face, s.liveness, s.faces_detected)
 
@@ -168,7 +169,11 @@ class IdentityService:
     def process_screened(self, s: Screened, embedding: np.ndarray) -> Processed:
         """Process, once the face is screened and embedded: stage it under a new token."""
         token = new_token()
-        result = self._stage(s, embedding, face_id_for_token(token))
+        created = self.store.collection_created_ms(s.collection)
+        if created is None:
+            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {s.collection!r} does not exist",
+                                   collection=s.collection)
+        result = self._stage(s, embedding, face_id_for_token(token), created)
         result.token = token
         self.cache.put(token, result.staged, self.policy.staging_ttl_s)
         return result
@@ -185,13 +190,16 @@ class IdentityService:
             if done is None or done.subject_id != subject_id:
                 raise errors.not_found(errors.STAGING_EXPIRED, "staging token is unknown or expired; call Process again")
             return Registered(done, self.store.get_subject(collection, subject_id), created=False)
-        if (staged.collection_id, staged.subject_id) != (collection, subject_id):
-            raise errors.precondition(errors.STAGING_MISMATCH, "the staging token was issued for another collection or subject",
-                                      staged_collection=staged.collection_id, staged_subject_id=staged.subject_id)
+        # A token tells its holder nothing: one of another collection (or of a deleted collection
+        # whose id was taken again) is answered exactly as an unknown one.
+        if staged.collection_id != collection or staged.collection_created_ms != self.store.collection_created_ms(collection):
+            raise errors.not_found(errors.STAGING_EXPIRED, "staging token is unknown or expired; call Process again")
+        if staged.subject_id != subject_id:
+            raise errors.precondition(errors.STAGING_MISMATCH, "the staging token was issued for another subject")
         if staged.model_id != self.pipeline.recognizer.model_id:
             raise errors.not_found(errors.STAGING_EXPIRED, "the staged face was embedded by another recognizer; call Process again")
         record, created = self._commit(staged, metadata)
-        self.cache.delete(token)  # only after the commit: a failed commit can be retried with the same token
+        self.cache.delete(token, collection)  # only after the commit: a failed commit can be retried with the same token
         return Registered(record, self.store.get_subject(collection, subject_id), created)
 
     def register_screened(self, s: Screened, embedding: np.ndarray, metadata: dict[str, str]) -> Registered:
@@ -240,4 +248,8 @@ class IdentityService:
         counts = self.store.delete_collection(collection)
         if self.indexes is not None:
             self.indexes.collection_deleted(collection)
+        try:  # staged faces die with their collection (and Register checks the collection's creation time too)
+            self.cache.drop_collection(collection)
+        except errors.FaceServiceError as exc:
+            log.warning("staged faces of deleted collection %s not dropped now (%s); they expire unused", collection, exc)
         return counts

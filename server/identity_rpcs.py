@@ -34,15 +34,6 @@ class IdentityRpcs:
     def _ids(self, request) -> tuple[IdentityService, str, str]:
         return self._identity(), validate.collection_id(request.collection), validate.subject_id(request.subject_id)
 
-    def _liveness_threshold(self, value: float) -> float | None:
-        return convert.optional_threshold(value, "liveness_threshold", 0.0, 1.0)
-
-    def _verify_threshold(self, value: float) -> float:
-        floor = self.settings.match_threshold_floor
-        t = self._match_threshold(value)
-        if value and not (floor <= t < 1.0):
-            raise errors.validation("threshold", f"must be in [{floor}, 1) (the server's match_threshold_floor), got {t}")
-        return t
 
     # -- enrolment and verification ------------------------------------------
     def _finish(self, pending: "Pending"):
@@ -108,7 +99,7 @@ class IdentityRpcs:
     def Verify(self, request: pb.VerifyRequest, context) -> pb.VerifyResponse:
         ident, coll, subject = self._ids(request)
         opts = self._options(request.face_options)
-        threshold = self._verify_threshold(request.threshold)
+        threshold = self._match_threshold(request.threshold)
         lthr = self._liveness_threshold(request.liveness_threshold)
         img = self._image(request.image, "image")
         v = ident.verify(coll, subject, img, opts, threshold, skip_liveness=request.skip_liveness, liveness_threshold=lthr)

@@ -3,10 +3,18 @@
 The header is read first (Pillow parses only the header, lazily) so a tiny
 file that claims 30 000 x 30 000 pixels is refused before any pixel buffer is
 allocated; only then does OpenCV decode it (applying EXIF orientation).
+
+Decoding is bounded in CPU as well as in pixels. A progressive JPEG is
+decoded once per scan, so its scans are counted from its markers first and a
+file with more than any encoder writes is refused; and every decode charges
+its pixels to the request's `PixelBudget`, so a batch of small decompression
+bombs cannot add up to seconds of work.
 """
 from __future__ import annotations
 
 import io
+import re
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -24,11 +32,86 @@ SUPPORTED_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp"
 CHANNELS = {"BGR": 3, "RGB": 3, "GRAY": 1}
 
 
+# A scan costs about a millisecond per megapixel to decode: a large image gets fewer scans so that
+# no JPEG's scans cost more than this many pixel-scans (40 Mpix keeps the 10 of libjpeg's progression).
+JPEG_SCAN_WORK = 400_000_000
+MIN_JPEG_SCANS = 10
+PIXELS_PER_BYTE = 16  # a request's pixel budget grows with what it sent: real photos stay far below this
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     max_bytes: int = 20 * 1024 * 1024
     max_pixels: int = 40_000_000
     max_side: int = 16_384
+    max_jpeg_scans: int = 32
+    max_request_pixels: int = 64_000_000
+
+    def budget(self, request_bytes: int = 0) -> "PixelBudget":
+        return PixelBudget(max(self.max_request_pixels, PIXELS_PER_BYTE * request_bytes))
+
+
+class PixelBudget:
+    """Decoded pixels one request may still cost; each decode is charged before it runs."""
+
+    def __init__(self, limit: int):
+        self.limit, self.spent = limit, 0
+        self._lock = threading.Lock()
+
+    def charge(self, pixels: int, field: str) -> None:
+        with self._lock:
+            if self.spent + pixels > self.limit:
+                raise errors.image_too_large(
+                    f"{field}: the request's images add up to more than {self.limit} decoded pixels "
+                    "(max_request_pixels); send fewer or smaller images per request",
+                    field=field, max_request_pixels=self.limit)
+            self.spent += pixels
+
+
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker, not stuffing, a restart or fill
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """Start-of-scan markers of the JPEG's main image, found by walking its segments (so a thumbnail
+    inside an APP segment is skipped whole); counting stops past `stop_after`."""
+    n, i, end = 0, 2, len(data)
+    while i + 4 <= end:
+        if data[i] != 0xFF:  # bytes between segments: on to the next marker
+            m = _NEXT_MARKER.search(data, i)
+            if m is None:
+                break
+            i = m.start()
+            continue
+        marker = data[i + 1]
+        if marker == 0xFF:
+            i += 1
+            continue
+        if marker == 0xD9:  # end of image
+            break
+        if 0xD0 <= marker <= 0xD7 or marker in (0x01, 0xD8):
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if marker == 0xDA:
+            n += 1
+            if n > stop_after:
+                break
+            m = _NEXT_MARKER.search(data, i + 2 + length)  # skip the entropy-coded data
+            if m is None:
+                break
+            i = m.start()
+            continue
+        i += 2 + max(length, 2)
+    return n
+
+
+def _check_jpeg_scans(data: bytes, width: int, height: int, limits: ImageLimits) -> None:
+    allowed = max(MIN_JPEG_SCANS, min(limits.max_jpeg_scans, JPEG_SCAN_WORK // max(1, width * height)))
+    scans = jpeg_scans(data, allowed)
+    if scans > allowed:
+        raise errors.invalid_image(
+            f"the JPEG has more than {allowed} scans; no camera or encoder writes that many for a {width}x{height} image",
+            max_scans=allowed)
 
 
 def _check_dims(width: int, height: int, limits: ImageLimits) -> None:
@@ -44,7 +127,7 @@ def _check_dims(width: int, height: int, limits: ImageLimits) -> None:
         )
 
 
-def decode_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
+def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None = None, field: str = "image") -> np.ndarray:
     """Decode JPEG/PNG/WebP/BMP bytes into a BGR array, or raise a FaceServiceError."""
     if len(data) > limits.max_bytes:
         raise errors.image_too_large(
@@ -60,6 +143,10 @@ def decode_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
     if fmt not in SUPPORTED_FORMATS:
         raise errors.invalid_image(f"unsupported image format {fmt}; send JPEG, PNG, WebP or BMP", format=fmt)
     _check_dims(width, height, limits)
+    if fmt in ("JPEG", "MPO"):
+        _check_jpeg_scans(data, width, height, limits)
+    if budget is not None:
+        budget.charge(width * height, field)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
@@ -71,7 +158,7 @@ def decode_encoded(data: bytes, limits: ImageLimits) -> np.ndarray:
 
 
 def decode_raw(width: int, height: int, pixel_format: str, data: bytes, row_stride: int, limits: ImageLimits,
-               field: str = "image") -> np.ndarray:
+               field: str = "image", budget: PixelBudget | None = None) -> np.ndarray:
     """Wrap a raw frame's bytes as a BGR array (copying only when needed)."""
     if pixel_format not in CHANNELS:
         raise errors.validation(f"{field}.raw.format", f"pixel format must be BGR, RGB or GRAY, not {pixel_format}")
@@ -90,6 +177,8 @@ def decode_raw(width: int, height: int, pixel_format: str, data: bytes, row_stri
             expected_bytes=expected,
             actual_bytes=len(data),
         )
+    if budget is not None:
+        budget.charge(width * height, field)
     arr = np.frombuffer(data, dtype=np.uint8).reshape(height, stride)[:, :packed]
     if pixel_format == "GRAY":
         return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_GRAY2BGR)

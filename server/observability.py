@@ -7,7 +7,7 @@ process metrics: RSS, open fds, CPU):
   facesvc_rpc_duration_seconds{method}            latency histogram
   facesvc_model_inference_seconds{model}          one ONNX Runtime session.run
   facesvc_index_faces{collection}                 searchable faces per loaded index
-  facesvc_streams_active                          open StreamFrames calls
+  facesvc_streams_active                          open streams (StreamFrames and the streaming batches)
 
 Every FaceService call gets a request id: the caller's `x-request-id` metadata
 (if it is a sane token) or a new one. It is sent back in the initial
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hmac
 import json
 import logging
 import re
@@ -26,7 +27,7 @@ import time
 import uuid
 
 import grpc
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Histogram, make_wsgi_app
 
 from server import errors
 from prometheus_client.core import GaugeMetricFamily, REGISTRY
@@ -116,12 +117,42 @@ class ServiceCollector:
                 if idx is not None:
                     faces.add_metric([collection], len(idx))
         yield faces
-        yield GaugeMetricFamily("facesvc_streams_active", "Open StreamFrames calls", value=self.servicer.streams.active())
+        yield GaugeMetricFamily("facesvc_streams_active", "Open streams (StreamFrames, ProcessBatch, RegisterBatch)", value=self.servicer.streams.active())
 
 
-def serve_metrics(port: int, host: str, servicer) -> None:
+def serve_metrics(port: int, host: str, servicer, token: str = "") -> None:
+    """/metrics on its own thread. It names every loaded collection, so it binds to loopback by
+    default (metrics_host) and, with a token set, answers only `Authorization: Bearer <token>`."""
     REGISTRY.register(ServiceCollector(servicer))
-    start_http_server(port, addr=host)
+    app = make_wsgi_app()
+    if token:
+        expected = f"Bearer {token}".encode()
+
+        def guarded(environ, start_response):
+            given = environ.get("HTTP_AUTHORIZATION", "").encode()
+            if not hmac.compare_digest(given, expected):
+                start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
+                return [b"metrics need Authorization: Bearer <metrics_token>\n"]
+            return app(environ, start_response)
+        _serve_wsgi(guarded, host, port)
+    else:
+        _serve_wsgi(app, host, port)
+
+
+def _serve_wsgi(app, host: str, port: int) -> None:
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIServer
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args):  # scrapes are not worth a log line each
+            pass
+
+    httpd = make_server(host, port, app, Server, handler_class=QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()
 
 
 _HANDLER_FACTORIES = {

@@ -26,7 +26,7 @@ def to_status(exc: errors.FaceServiceError) -> grpc.Status:
 def failure(name: str, exc: BaseException) -> errors.FaceServiceError:
     """The domain error to answer with: itself, or INTERNAL with a request id for a bug (logged)."""
     if isinstance(exc, errors.FaceServiceError):
-        log.info("rpc=%s code=%s reason=%s msg=%s", name, exc.code.name, exc.reason, exc.message)
+        log.info("rpc=%s code=%s reason=%s msg=%s", name, exc.code.name, exc.reason, exc)
         ERRORS.labels(name, exc.reason).inc()
         return exc
     rid = request_id.get()

@@ -5,6 +5,7 @@ import numpy as np
 
 from facesvc.v1 import face_service_pb2 as pb
 from server import convert, errors, validate
+from server.auth import current_principal
 from server.rpc_errors import rpc
 from server.search import SearchService
 
@@ -15,6 +16,12 @@ def _top_k(value: int) -> int:
     if value > MAX_TOP_K:
         raise errors.validation("top_k", f"at most {MAX_TOP_K}, got {value}")
     return value or DEFAULT_TOP_K
+
+
+def _sees_server_counters() -> bool:
+    """Server-wide counters (the change-log position moves with every tenant's writes) are the admin's."""
+    principal = current_principal.get()
+    return principal is None or principal.admin
 
 
 def _matches(hits) -> list[pb.SearchMatch]:
@@ -28,8 +35,8 @@ class SearchRpcs:
         self._ready()  # app.py sets the pipeline last, so a ready server has its search service
         return self.searcher
 
-    def _min_similarity(self, value: float) -> float:
-        t = convert.optional_threshold(value, "min_similarity", -1.0, 1.0)
+    def _min_similarity(self, value: float, field: str = "min_similarity") -> float:
+        t = self._floored(value, field)
         if t is not None:
             return t
         return self.settings.search_threshold or self._ready().recognizer.search_threshold
@@ -40,7 +47,7 @@ class SearchRpcs:
         coll = validate.collection_id(request.collection)
         top_k, min_sim = _top_k(request.top_k), self._min_similarity(request.min_similarity)
         opts = self._options(request.face_options)
-        lthr = convert.optional_threshold(request.liveness_threshold, "liveness_threshold", 0.0, 1.0)
+        lthr = self._liveness_threshold(request.liveness_threshold)
         img = self._image(request.image, "image")
         results = s.search(coll, img, opts, top_k, min_sim, all_faces=request.all_faces,
                            skip_liveness=request.skip_liveness, liveness_threshold=lthr)
@@ -71,6 +78,6 @@ class SearchRpcs:
             m=st["m"], ef_construction=st["ef_construction"], ef_search=st["ef_search"], capacity=st["capacity"],
             segments=st["segments"], projected_segments=st["projected_segments"],
             projected_dimension=st["projected_dimension"],
-            loaded_from=st["loaded_from"], change_seq=s.indexes.change_seq,
+            loaded_from=st["loaded_from"], change_seq=s.indexes.change_seq if _sees_server_counters() else 0,
             snapshot_time=convert.timestamp(int(st["snapshot_at"] * 1000)) if st["snapshot_at"] else None,
         )

@@ -11,8 +11,8 @@ from server.identity_rpcs import IdentityRpcs
 from server.imaging import ImageLimits
 from server.search_rpcs import SearchRpcs
 from server.stream_rpcs import StreamRpcs
-from server.streaming import StreamLimiter
 from server.pipeline import FacePipeline
+from server.observability import ensure_call_alive
 from server.rpc_errors import rpc
 
 
@@ -23,12 +23,13 @@ class FaceServicer(IdentityRpcs, SearchRpcs, StreamRpcs, pb_grpc.FaceServiceServ
     def __init__(self, settings: Settings):
         self.settings = settings
         self.limits = ImageLimits(
-            max_bytes=int(settings.max_image_mb * 1024 * 1024), max_pixels=settings.max_image_pixels
+            max_bytes=int(settings.max_image_mb * 1024 * 1024), max_pixels=settings.max_image_pixels,
+            max_jpeg_scans=settings.max_jpeg_scans, max_request_pixels=settings.max_request_pixels,
         )
         self.pipeline: FacePipeline | None = None  # set once every model is loaded
         self.identity = None  # IdentityService, set with the pipeline
         self.searcher = None  # SearchService, likewise
-        self.streams = StreamLimiter(settings.max_streams_per_key, settings.max_streams or max(1, settings.workers - 2))
+        self.streams = None  # limits.ConcurrencyLimiter of open streams (app.py), for the metrics
 
     # -- helpers -----------------------------------------------------------
     def _ready(self) -> FacePipeline:
@@ -36,8 +37,9 @@ class FaceServicer(IdentityRpcs, SearchRpcs, StreamRpcs, pb_grpc.FaceServiceServ
             raise errors.FaceServiceError(grpc.StatusCode.UNAVAILABLE, errors.MODELS_LOADING, "models are still loading; retry shortly")
         return self.pipeline
 
-    def _image(self, msg: pb.Image, field: str):
-        return convert.image_from_proto(msg, field, self.limits)
+    def _image(self, msg: pb.Image, field: str, budget=None):
+        ensure_call_alive()  # before each decode: a batch stops at its deadline, not after its last item
+        return convert.image_from_proto(msg, field, self.limits, budget)
 
     def _options(self, msg: pb.FaceOptions):
         return convert.detect_options(msg, self.settings.min_face_size, self.settings.max_faces)
@@ -49,8 +51,27 @@ class FaceServicer(IdentityRpcs, SearchRpcs, StreamRpcs, pb_grpc.FaceServiceServ
         img = self._image(request.image, "image")
         return p, img, p.detect(img, opts)
 
-    def _match_threshold(self, requested: float) -> float:
-        t = convert.optional_threshold(requested, "threshold", -1.0, 1.0)
+    # A request may raise a threshold, never lower it below the server's: a collection key must not
+    # be able to undo the policy its operator set (a spoof verifying at liveness_threshold=1e-4).
+    def _liveness_threshold(self, requested: float, field: str = "liveness_threshold") -> float | None:
+        t = convert.optional_threshold(requested, field, 0.0, 1.0)
+        floor = self.settings.liveness_threshold
+        if t is not None and t < floor:
+            raise errors.validation(field, f"may raise the server's liveness threshold {floor}, not lower it; got {t}",
+                                    floor=floor)
+        return t
+
+    def _floored(self, requested: float, field: str) -> float | None:
+        """A requested match threshold (None: the default), refused below match_threshold_floor."""
+        t = convert.optional_threshold(requested, field, -1.0, 1.0)
+        floor = self.settings.match_threshold_floor
+        if t is not None and t < floor:
+            raise errors.validation(field, f"must be at least {floor} (the server's match_threshold_floor), got {t}",
+                                    floor=floor)
+        return t
+
+    def _match_threshold(self, requested: float, field: str = "threshold") -> float:
+        t = self._floored(requested, field)
         if t is not None:
             return t
         return self.settings.match_threshold or self._ready().recognizer.match_threshold
@@ -68,7 +89,7 @@ class FaceServicer(IdentityRpcs, SearchRpcs, StreamRpcs, pb_grpc.FaceServiceServ
     def CheckLiveness(self, request: pb.CheckLivenessRequest, context) -> pb.CheckLivenessResponse:
         p = self._ready()
         opts = self._options(request.face_options)
-        threshold = convert.optional_threshold(request.threshold, "threshold", 0.0, 1.0)
+        threshold = self._liveness_threshold(request.threshold, "threshold")
         img = self._image(request.image, "image")
         face = p.detect_one(img, opts)
         result = p.check_liveness(img, face, threshold)
@@ -80,8 +101,9 @@ class FaceServicer(IdentityRpcs, SearchRpcs, StreamRpcs, pb_grpc.FaceServiceServ
         opts = self._options(request.face_options)
         threshold = self._match_threshold(request.threshold)
         faces, live = [], []
+        budget = self.limits.budget(request.ByteSize())
         for field in ("source", "target"):
-            img = self._image(getattr(request, field), field)
+            img = self._image(getattr(request, field), field, budget)
             face = p.detect_one(img, opts, image=field)
             if request.require_liveness:
                 live.append(convert.liveness_to_proto(p.require_live(img, face, image=field)))

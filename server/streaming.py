@@ -1,4 +1,4 @@
-"""Live frame streams: the latest-wins inbox, the per-stream session, and the stream limits.
+"""Live frame streams: the latest-wins inbox, the per-stream session, and the re-checks of open streams.
 
 Plain Python (the gRPC glue is in stream_rpcs.py). A stream holds at most one
 unprocessed frame, one frame in processing, and its tracks: its memory does
@@ -6,7 +6,6 @@ not depend on how fast the client sends.
 """
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -19,6 +18,29 @@ from server.tracking import FaceTracker, Track
 
 MAX_LISTED_SKIPS = 4096  # skipped frame ids listed in one answer (they are dropped either way)
 QUALITY_GAIN = 0.15      # a track is evaluated again when its face quality rises by this much
+
+
+WAITING = object()  # FrameInbox.take: nothing due yet (the caller's chance to run its periodic checks)
+
+
+class Recheck:
+    """Runs `checks` (callables that raise when the stream may not go on) at most every `interval_s`.
+
+    An open stream outlives the checks made when it opened: its key can be revoked and its
+    collection deleted while it runs. Each frame or batch item calls this, and so does an idle
+    stream once per interval, so either ends the stream within about one interval."""
+
+    def __init__(self, checks, interval_s: float = 1.0, clock=time.monotonic):
+        self.checks, self.interval_s, self._clock = list(checks), interval_s, clock
+        self._next = clock() + interval_s
+
+    def __call__(self) -> None:
+        now = self._clock()
+        if now < self._next:
+            return
+        self._next = now + self.interval_s
+        for check in self.checks:
+            check()
 
 
 class FrameInbox:
@@ -34,13 +56,30 @@ class FrameInbox:
         self._interval = 1.0 / max_fps if max_fps > 0 else 0.0
         self._next_at = 0.0
         self._clock = clock
+        self._last_put = clock()
 
     def put(self, frame) -> None:
         with self._cond:
             if self._pending is not None and len(self._skipped) < MAX_LISTED_SKIPS:
                 self._skipped.append(self._pending[0].frame_id)
             self._pending = (frame, self._clock())
+            self._last_put = self._pending[1]
             self._cond.notify_all()
+
+    def idle_for(self) -> float:
+        """Seconds since the client last sent a frame (or since the inbox was made)."""
+        with self._cond:
+            return self._clock() - self._last_put
+
+    def pace(self, max_fps: float) -> None:
+        """Process at most `max_fps` frames a second (0: as many as the server can)."""
+        with self._cond:
+            self._interval = 1.0 / max_fps if max_fps > 0 else 0.0
+
+    @property
+    def cancelled(self) -> bool:
+        with self._cond:
+            return self._cancelled
 
     def close(self) -> None:
         with self._cond:
@@ -57,8 +96,10 @@ class FrameInbox:
             self._error = exc
             self._cond.notify_all()
 
-    def take(self):
-        """(frame, received_at, skipped ids) when a frame is due; None when the stream is over."""
+    def take(self, timeout: float | None = None):
+        """(frame, received_at, skipped ids) when a frame is due; None when the stream is over;
+        WAITING when `timeout` seconds passed with nothing due."""
+        give_up = None if timeout is None else self._clock() + timeout
         with self._cond:
             while True:
                 if self._error is not None:
@@ -73,7 +114,12 @@ class FrameInbox:
                     return frame, received, skipped
                 if self._pending is None and self._done:
                     return None
-                self._cond.wait(None if self._pending is None else self._next_at - now)
+                if give_up is not None and now >= give_up:
+                    return WAITING
+                wait = None if self._pending is None else self._next_at - now
+                if give_up is not None:
+                    wait = give_up - now if wait is None else min(wait, give_up - now)
+                self._cond.wait(wait)
 
 
 @dataclass(frozen=True)
@@ -124,35 +170,3 @@ class StreamSession:
             tracks[i].evaluated_quality = faces[i].quality.score
         due_set = set(due)
         return [TrackedFaceResult(f, t, i in due_set) for i, (f, t) in enumerate(zip(faces, tracks))]
-
-
-class StreamLimiter:
-    """Concurrent StreamFrames calls: at most `per_key` for one API key (or peer) and `total` in all."""
-
-    def __init__(self, per_key: int, total: int):
-        self.per_key, self.total = per_key, total
-        self._lock = threading.Lock()
-        self._open: dict[str, int] = {}
-
-    def active(self) -> int:
-        with self._lock:
-            return sum(self._open.values())
-
-    @contextlib.contextmanager
-    def slot(self, who: str):
-        with self._lock:
-            if self._open.get(who, 0) >= self.per_key:
-                raise errors.FaceServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, errors.STREAM_LIMIT_REACHED,
-                                              f"this key already holds {self.per_key} streams (max_streams_per_key)",
-                                              limit=self.per_key)
-            if sum(self._open.values()) >= self.total:
-                raise errors.FaceServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, errors.STREAM_LIMIT_REACHED,
-                                              f"the server already holds {self.total} streams (max_streams)", limit=self.total)
-            self._open[who] = self._open.get(who, 0) + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._open[who] -= 1
-                if not self._open[who]:
-                    del self._open[who]

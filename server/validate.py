@@ -15,13 +15,14 @@ KEY_ID = re.compile(r"[0-9a-f]{16}")
 MAX_METADATA_ENTRIES, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 256
 MAX_TEXT = 256
 DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE = 50, 1000
+MAX_PAGE_TOKEN = 1024  # the tokens this server writes are far shorter
 
 
 def _match(pattern: re.Pattern, value: str, field: str, what: str) -> str:
     if not value:
         raise errors.validation(field, "required")
     if not pattern.fullmatch(value):
-        raise errors.validation(field, f"{value[:80]!r} is not a valid {what} (pattern {pattern.pattern})")
+        raise errors.validation(field, f"{errors.quote(value, 80)} is not a valid {what} (pattern {pattern.pattern})")
     return value
 
 
@@ -53,7 +54,7 @@ def metadata(m, field: str = "metadata") -> dict[str, str]:
         raise errors.validation(field, f"at most {MAX_METADATA_ENTRIES} entries, got {len(d)}")
     for k, v in d.items():
         if not k or len(k) > MAX_METADATA_KEY:
-            raise errors.validation(field, f"keys must be 1-{MAX_METADATA_KEY} characters: {k[:80]!r}")
+            raise errors.validation(field, f"keys must be 1-{MAX_METADATA_KEY} characters: {errors.quote(k, 80)}")
         if len(v) > MAX_METADATA_VALUE:
             raise errors.validation(f"{field}[{k}]", f"at most {MAX_METADATA_VALUE} characters, got {len(v)}")
     return d
@@ -75,12 +76,14 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str:
     """The id to continue after ("" for the first page); the token must come from the same listing."""
     if not token:
         return ""
+    if len(token) > MAX_PAGE_TOKEN:
+        raise errors.validation(field, "not a page token from this listing")
     try:
         d = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
         after, token_scope = d["a"], d["s"]
         if not isinstance(after, str) or not isinstance(token_scope, str):
             raise ValueError
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except (ValueError, KeyError, TypeError, IndexError, binascii.Error, RecursionError):  # deep nesting too
         raise errors.validation(field, "not a page token from this listing") from None
     if token_scope != scope:
         raise errors.validation(field, "the page token belongs to another listing")

@@ -155,10 +155,13 @@ def test_staging_token_rules(backend):
     b, cid = backend, new_collection(backend)
     other_cid = new_collection(backend)
     p = process(b.stub, cid, "bob", "dev/img20.jpg")
-    expect_error(b.stub.Register, pb.RegisterRequest(collection=cid, subject_id="carol", staging_token=p.staging_token),
-                 PRECONDITION, "STAGING_MISMATCH")
-    expect_error(b.stub.Register, pb.RegisterRequest(collection=other_cid, subject_id="bob", staging_token=p.staging_token),
-                 PRECONDITION, "STAGING_MISMATCH")
+    info = expect_error(b.stub.Register, pb.RegisterRequest(collection=cid, subject_id="carol", staging_token=p.staging_token),
+                        PRECONDITION, "STAGING_MISMATCH")
+    assert not info.metadata, "a token tells nothing to whoever holds it"
+    # another collection's token is answered exactly as an unknown one
+    info = expect_error(b.stub.Register, pb.RegisterRequest(collection=other_cid, subject_id="bob", staging_token=p.staging_token),
+                        NOT_FOUND, "STAGING_EXPIRED")
+    assert cid not in str(info) and "bob" not in str(info)
     expect_error(b.stub.Register, pb.RegisterRequest(collection=cid, subject_id="bob", staging_token="no-such-token"),
                  NOT_FOUND, "STAGING_EXPIRED")
     time.sleep(TTL + 0.5)

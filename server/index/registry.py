@@ -64,6 +64,9 @@ class IndexRegistry:
             return idx
 
     def _load(self, collection: str) -> FaceIndex:
+        if self.store.collection_created_ms(collection) is None:  # deleted (by anyone): build nothing for it
+            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist",
+                                   collection=collection)
         if self.snapshots is not None:
             t0 = time.perf_counter()
             try:

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from server import errors
+
+FORMAT_VERSION = 2  # 2: collection_created_ms (entries of version 1 read as expired)
 
 
 TOKEN_PREFIX = "stg_"
@@ -47,6 +49,9 @@ class StagedFace:
     created_ms: int
     expires_ms: int
     crop: bytes | None = None  # sealed (AES-GCM) aligned crop, only when a crop key is configured
+    # When the collection was created: a staged face belongs to that collection, not to one
+    # re-created later under the same id (Register compares the two).
+    collection_created_ms: int = 0
 
     def to_bytes(self) -> bytes:
         d = {k: v for k, v in self.__dict__.items() if k not in ("embedding", "crop")}
@@ -66,18 +71,33 @@ class StagedFace:
         return cls(**d)
 
 
+def staging_full(limit: int) -> errors.FaceServiceError:
+    return errors.exhausted(errors.STAGING_LIMIT_REACHED,
+                            f"the collection already holds {limit} staged faces (staging_max_per_collection); "
+                            "register them or let them expire", limit=limit)
+
+
 class StagingCache:
-    """put/get/delete by token; entries vanish after their TTL."""
+    """put/get/delete by token; entries vanish after their TTL.
+
+    Each collection may hold at most `per_collection` entries at once: one tenant's Process
+    calls are refused at its own bound instead of pushing out another tenant's staged faces.
+    drop_collection() removes a deleted collection's entries."""
 
     backend = "abstract"
 
     def put(self, token: str, staged: StagedFace, ttl_s: int) -> None:
+        """Raises STAGING_LIMIT_REACHED when staged's collection is at its bound."""
         raise NotImplementedError
 
     def get(self, token: str) -> StagedFace | None:
         raise NotImplementedError
 
-    def delete(self, token: str) -> None:
+    def delete(self, token: str, collection: str = "") -> None:
+        raise NotImplementedError
+
+    def drop_collection(self, collection: str) -> int:
+        """Forget every entry staged for the collection; returns how many."""
         raise NotImplementedError
 
     def describe(self) -> str:

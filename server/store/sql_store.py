@@ -24,6 +24,7 @@ import numpy as np
 
 from server import errors
 from server.records import ApiKey, Collection, FaceRecord, NewFace, Subject
+from server.validate import MAX_METADATA_ENTRIES
 
 log = logging.getLogger("facesvc.store")
 
@@ -120,7 +121,9 @@ class SqlFaceStore:
             if isinstance(exc, errors.FaceServiceError) or not self.d.is_unavailable(exc):
                 raise
             log.warning("database unavailable: %s", exc)
-            raise errors.unavailable(errors.STORE_UNAVAILABLE, f"database unavailable: {exc}") from exc
+            # the driver's text names hosts, ports and users: it goes to the log, the caller gets the reason
+            raise errors.unavailable(errors.STORE_UNAVAILABLE, "the database is unavailable; nothing was written; retry",
+                                     detail=f"{type(exc).__name__}: {exc}") from exc
 
     def _retrying(self, fn, attempts: int = 3):
         """Run a write transaction again after a deadlock / lock timeout (MySQL)."""
@@ -157,10 +160,10 @@ class SqlFaceStore:
                         self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
                         if self.d.name == "sqlite":
                             conn.commit()
-        except Exception as exc:
-            if not self.d.is_unavailable(exc):
-                raise
-            raise RuntimeError(f"cannot reach the database {self.describe()}: {exc}") from exc
+        except RuntimeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused login, unknown database: one line, no traceback
+            raise RuntimeError(f"cannot reach the database {self.describe()}: {type(exc).__name__}: {exc}") from exc
         return target
 
     # -- collections ---------------------------------------------------------
@@ -274,6 +277,9 @@ class SqlFaceStore:
                         errors.FACE_LIMIT_REACHED, f"subject {subject_id!r} already holds {count} faces (limit {max_faces})",
                         limit=max_faces)
                 merged = {**json.loads(row[0]), **metadata}
+                if len(merged) > MAX_METADATA_ENTRIES:  # the limit holds however the entries arrive
+                    raise errors.validation("metadata", f"the subject would hold {len(merged)} metadata entries; "
+                                            f"at most {MAX_METADATA_ENTRIES}", limit=MAX_METADATA_ENTRIES)
                 q("UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
                   json.dumps(merged, sort_keys=True), ts, collection_id, subject_id)
             try:

@@ -42,7 +42,7 @@ class PermissionDenied(FaceServiceError):
 
 
 class ResourceExhausted(FaceServiceError):
-    """STREAM_LIMIT_REACHED, or a message over the size limit."""
+    """STREAM_LIMIT_REACHED, CALL_LIMIT_REACHED, STAGING_LIMIT_REACHED, RATE_LIMITED, or a message over the size limit."""
 
 
 class Unavailable(FaceServiceError):
@@ -50,7 +50,7 @@ class Unavailable(FaceServiceError):
 
 
 class DeadlineExceeded(FaceServiceError):
-    """The call's deadline passed."""
+    """The call's deadline passed, or the server closed an idle stream (STREAM_IDLE)."""
 
 
 class Internal(FaceServiceError):
