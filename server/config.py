@@ -87,7 +87,7 @@ class Settings:
     max_calls_per_key: int = 0
     stream_first_message_seconds: float = 5.0
     stream_idle_seconds: float = 30.0
-    max_request_pixels: int = 64_000_000
+    max_request_pixels: int = 48_000_000
     max_jpeg_scans: int = 32
     staging_max_per_collection: int = 1000
     auth_lookups_per_second: float = 200.0

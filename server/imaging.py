@@ -45,7 +45,7 @@ class ImageLimits:
     max_pixels: int = 40_000_000
     max_side: int = 16_384
     max_jpeg_scans: int = 32
-    max_request_pixels: int = 64_000_000
+    max_request_pixels: int = 48_000_000
 
     def budget(self, request_bytes: int = 0) -> "PixelBudget":
         return PixelBudget(max(self.max_request_pixels, PIXELS_PER_BYTE * request_bytes))

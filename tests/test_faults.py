@@ -16,6 +16,13 @@ from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, backend_unreachable, error_info, image
 
 
+def assert_no_backend_detail(err: grpc.RpcError, port: int) -> None:
+    """An outage is reported by its reason; the driver's text (host, port, user, errno) stays in the server log."""
+    text = err.details() + str(error_info(err))
+    for leak in (str(port), "127.0.0.1", "Errno", "pymysql", "Connection", "Error "):
+        assert leak not in text, f"{leak!r} reached the client: {text}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -68,6 +75,7 @@ def test_redis_down_and_back_during_traffic(tmp_path):
             stub.Process(process, timeout=30)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and error_info(e.value).reason == "CACHE_UNAVAILABLE"
         assert time.monotonic() - t0 < 10  # a clear answer, not a hang
+        assert_no_backend_detail(e.value, redis.port)
         # what does not need the staging cache keeps working
         assert stub.Verify(pb.VerifyRequest(collection=coll, subject_id="alice", image=image("dev/img2.jpg")), timeout=30).match
         hit = stub.Search(pb.SearchRequest(collection=coll, image=image("dev/img6.jpg")), timeout=30).results[0].matches[0]
@@ -151,7 +159,14 @@ def test_mysql_down_and_back_during_traffic(tmp_path):
                 call(req, timeout=30)
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE and error_info(e.value).reason == "STORE_UNAVAILABLE", e.value
             assert time.monotonic() - t0 < 15  # a clear answer, not a hang
+            assert_no_backend_detail(e.value, db.port)
         assert len(stub.Detect(pb.DetectRequest(image=image("dev/img2.jpg")), timeout=30).faces) == 1  # stateless: fine
+        # an unauthenticated caller during the outage learns no more than the reason either
+        stranger = srv.stub("fsk_" + "0" * 16 + "_" + "A" * 43)
+        with pytest.raises(grpc.RpcError) as e:
+            stranger.Detect(pb.DetectRequest(image=image("dev/img2.jpg")), timeout=30)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and error_info(e.value).reason == "STORE_UNAVAILABLE"
+        assert_no_backend_detail(e.value, db.port)
 
         db.start()  # same data, same port: the pool reconnects by itself
         deadline = time.monotonic() + 30

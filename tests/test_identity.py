@@ -170,6 +170,28 @@ def test_staging_token_rules(backend):
     expect_error(b.stub.GetSubject, pb.GetSubjectRequest(collection=cid, subject_id="bob"), NOT_FOUND, "SUBJECT_NOT_FOUND")
 
 
+def test_a_staging_token_dies_with_its_collection(backend):
+    """Deleted and re-created under the same id, a collection is a new tenant: the old token registers nothing."""
+    b, cid = backend, new_collection(backend)
+    token = process(b.stub, cid, "alice").staging_token
+    b.stub.DeleteCollection(pb.DeleteCollectionRequest(collection=cid), timeout=10)
+    b.stub.CreateCollection(pb.CreateCollectionRequest(collection_id=cid, liveness_policy=pb.LIVENESS_POLICY_REQUIRED),
+                            timeout=10)
+    expect_error(b.stub.Register, pb.RegisterRequest(collection=cid, subject_id="alice", staging_token=token),
+                 NOT_FOUND, "STAGING_EXPIRED")
+    assert b.sql("SELECT COUNT(*) FROM faces WHERE collection_id = ?", cid)[0][0] == 0
+
+
+def test_add_face_cannot_grow_metadata_past_the_limit(backend):
+    b, cid = backend, new_collection(backend)
+    enrol(b.stub, cid, "alice", metadata={f"a{i}": "v" * 256 for i in range(16)})
+    expect_error(b.stub.Register, pb.RegisterRequest(collection=cid, subject_id="alice", image=image(ALICE_2), add_face=True,
+                                                     metadata={f"b{i}": "w" * 256 for i in range(16)}),
+                 INVALID, "VALIDATION_FAILED")
+    subject = b.stub.GetSubject(pb.GetSubjectRequest(collection=cid, subject_id="alice"), timeout=10).subject
+    assert len(subject.metadata) == 16 and subject.face_count == 1
+
+
 def test_concurrent_registers_of_one_subject_exactly_one_wins(backend):
     b, cid = backend, new_collection(backend)
     tokens = [process(b.stub, cid, "dave", photo).staging_token for photo in (ALICE, ALICE_2, "dev/img6.jpg", "dev/img7.jpg")]

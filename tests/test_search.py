@@ -38,7 +38,7 @@ def lfw_people() -> tuple[dict[str, list[str]], list[str]]:
 def gallery(tmp_path_factory):
     """A server whose collection holds one photo of each of the 150 people; {person: probe photos}."""
     tmp = tmp_path_factory.mktemp("search")
-    srv = ServerProcess(log_path=tmp / "server.log")
+    srv = ServerProcess(log_path=tmp / "server.log", env=CANDIDATES)
     stub = pb_grpc.FaceServiceStub(srv.channel)
     stub.CreateCollection(pb.CreateCollectionRequest(collection_id=COLL, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
                           timeout=10)
@@ -59,9 +59,14 @@ def gallery(tmp_path_factory):
     srv.stop()
 
 
+# These servers answer candidate lists below any decision threshold (min_similarity=-0.99), so the
+# graph can be compared with the exact scan rank for rank: an operator's choice, made by lowering the floor.
+CANDIDATES = {"FACESVC_MATCH_THRESHOLD_FLOOR": "-1"}
+
+
 def same_database(tmp, name: str) -> dict[str, str]:
     """Env for another server process on the gallery's database, with its own index directory."""
-    return {"FACESVC_DATA_DIR": str(tmp / "data"), "FACESVC_INDEX_DIR": str(tmp / f"index-{name}")}
+    return {"FACESVC_DATA_DIR": str(tmp / "data"), "FACESVC_INDEX_DIR": str(tmp / f"index-{name}"), **CANDIDATES}
 
 
 def search(stub, photo, **kw) -> pb.SearchResponse:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import redis
 
+from server import errors
 from server.crypto import CropCipher, generate_key
 from server.staging import MemoryStagingCache, RedisStagingCache, StagedFace
 from server.staging.base import new_token
@@ -104,3 +105,31 @@ def test_sealed_crop_roundtrip_and_binding():
     for bad in ("not base64!", "c2hvcnQ="):
         with pytest.raises(ValueError):
             CropCipher(bad)
+
+
+def test_each_collection_has_its_own_bound_and_dies_with_its_collection(request):
+    """One tenant at its bound is refused; it never pushes out another tenant's staged faces."""
+    caches = [MemoryStagingCache(max_entries=100, per_collection=3),
+              RedisStagingCache(REDIS_URL, prefix=request.getfixturevalue("redis_prefix") + "bound:", per_collection=3)]
+    for cache in caches:
+        victim = new_token()
+        s = staged()
+        s.collection_id = "victim"
+        cache.put(victim, s, ttl_s=60)
+        mine = []
+        for _ in range(3):
+            mine.append(new_token())
+            a = staged()
+            a.collection_id = "attacker"
+            cache.put(mine[-1], a, ttl_s=60)
+        with pytest.raises(errors.FaceServiceError) as e:
+            cache.put(new_token(), a, ttl_s=60)
+        assert e.value.reason == "STAGING_LIMIT_REACHED", cache.backend
+        assert cache.get(victim) is not None, cache.backend
+        cache.delete(mine[0], "attacker")  # a registered face frees its slot
+        cache.put(new_token(), a, ttl_s=60)
+        assert cache.drop_collection("attacker") == 3, cache.backend
+        assert all(cache.get(t) is None for t in mine) and cache.get(victim) is not None
+        cache.put(new_token(), a, ttl_s=60)  # the dropped collection starts from nothing
+        if isinstance(cache, RedisStagingCache):
+            cache.close()

@@ -204,6 +204,21 @@ def test_metadata_update_replaces(store):
     assert store.update_subject_metadata(cid, "gil", {"c": "3"}).metadata == {"c": "3"}  # unchanged is not "not found"
 
 
+def test_merged_metadata_keeps_the_entry_limit(store):
+    """add_face merges metadata into the subject's: 16 + 16 new entries must not make 32 (nor overflow MySQL's column)."""
+    cid = coll(store)
+    first = {f"a{i}": "v" * 256 for i in range(16)}
+    store.add_face(cid, "max", face(1), allow_existing=False, max_faces=5, metadata=first)
+    with pytest.raises(errors.FaceServiceError) as e:
+        store.add_face(cid, "max", face(2), allow_existing=True, max_faces=5, metadata={f"b{i}": "w" * 256 for i in range(16)})
+    assert reason(e) == "VALIDATION_FAILED"
+    subject = store.get_subject(cid, "max")
+    assert subject.metadata == first and subject.face_count == 1  # nothing half-written
+    updated = {**{k: "x" for k in list(first)[:8]}}
+    store.add_face(cid, "max", face(3), allow_existing=True, max_faces=5, metadata=updated)  # overwriting keys is fine
+    assert len(store.get_subject(cid, "max").metadata) == 16
+
+
 def test_api_keys(store):
     cid = coll(store)
     k = store.create_api_key("k1" + uuid.uuid4().hex[:8], cid, "ab" * 32, "camera gate 3")

@@ -1,0 +1,423 @@
+"""A hostile tenant with one valid collection key: each finding of the hardening review, replayed
+against a real server (crafted inputs built in memory), with the safe outcome it must now get."""
+from __future__ import annotations
+
+import base64
+import io
+import queue
+import re
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import cv2
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from tests.conftest import PYTHON, ROOT, ServerProcess, error_info, expect_error, image
+from tests.test_faults import free_port
+
+INVALID, DENIED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
+FIRST_MESSAGE_S = 4
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU the process has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime, stime in clock ticks (USER_HZ = 100)
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hardening")
+    s = ServerProcess("--metrics-port", str(free_port()), "--metrics-token", "scrape-secret", log_path=tmp / "server.log",
+                      env={"FACESVC_STREAM_FIRST_MESSAGE_SECONDS": str(FIRST_MESSAGE_S), "FACESVC_AUTH_CACHE_SECONDS": "30"})
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def admin(srv) -> pb_grpc.FaceServiceStub:
+    return pb_grpc.FaceServiceStub(srv.channel)
+
+
+def tenant(admin, policy=pb.LIVENESS_POLICY_OPTIONAL) -> tuple[str, str]:
+    """A new collection and a key of its own: (collection id, key secret)."""
+    cid = "t-" + uuid.uuid4().hex[:10]
+    admin.CreateCollection(pb.CreateCollectionRequest(collection_id=cid, liveness_policy=policy), timeout=10)
+    return cid, admin.CreateApiKey(pb.CreateApiKeyRequest(collection=cid), timeout=10).secret
+
+
+def idle_requests(stop: threading.Event):
+    """A request stream that sends nothing until `stop` is set (then half-closes)."""
+    stop.wait()
+    return
+    yield  # pragma: no cover - makes this a generator
+
+
+# -- 1. worker starvation --------------------------------------------------------------------------
+def test_one_key_at_its_limits_leaves_health_and_other_keys_served(srv, admin):
+    _, key_a = tenant(admin)
+    _, key_b = tenant(admin)
+    a, b = srv.stub(key_a), srv.stub(key_b)
+    stop = threading.Event()
+    # streams that never send their first message: the first two take the key's stream slots at once...
+    held = [a.StreamFrames(idle_requests(stop), timeout=60), a.ProcessBatch(idle_requests(stop), timeout=60)]
+    time.sleep(0.5)
+    # ...and every further stream of the key is refused at once, batches included
+    for call in (a.StreamFrames, a.RegisterBatch, a.ProcessBatch, a.StreamFrames):
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as e:
+            next(iter(call(idle_requests(stop), timeout=10)))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
+        assert error_info(e.value).reason == "STREAM_LIMIT_REACHED"
+        assert time.monotonic() - t0 < 2
+    # the key also hammers unary calls from 8 threads: beyond its call limit they are refused
+    refused, done = [], threading.Event()
+    photo = pb.DetectRequest(image=image("dev/group_t1.jpg"))
+
+    def hammer():
+        while not done.is_set():
+            try:
+                a.Detect(photo, timeout=10)
+            except grpc.RpcError as exc:
+                refused.append(error_info(exc).reason)
+    threads = [threading.Thread(target=hammer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    try:
+        health = health_pb2_grpc.HealthStub(srv.channel)
+        worst_health = worst_detect = 0.0
+        for _ in range(5):
+            t0 = time.monotonic()
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=3).status == health_pb2.HealthCheckResponse.SERVING
+            worst_health = max(worst_health, time.monotonic() - t0)
+            t0 = time.monotonic()
+            assert len(b.Detect(pb.DetectRequest(image=image("dev/img5.jpg")), timeout=3).faces) == 1
+            worst_detect = max(worst_detect, time.monotonic() - t0)
+        assert worst_health < 1.0 and worst_detect < 1.0, (worst_health, worst_detect)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+    assert refused and set(refused) == {"CALL_LIMIT_REACHED"}
+    # a stream that never sent its first message is closed by the server
+    for call in held:
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and error_info(e.value).reason == "STREAM_IDLE", e.value
+    stop.set()
+    # and its slots come back
+    answers = list(a.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig()),
+                                         pb.StreamFramesRequest(frame=pb.Frame(frame_id=1, image=image("dev/img5.jpg")))]),
+                                  timeout=30))
+    assert answers[-1].frame_id == 1 and len(answers[-1].faces) == 1
+
+
+# -- 2. decode cost ----------------------------------------------------------------------------------
+def progressive_bomb(side: int = 4000, repeats: int = 1500) -> bytes:
+    """A progressive JPEG whose last scan is repeated: each copy costs a full pass over the image."""
+    flat = np.full((side, side, 3), 128, np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(flat).save(buf, "JPEG", progressive=True, quality=30)
+    data = buf.getvalue()
+    last = data[data.rfind(b"\xff\xda"):-2]
+    return data[:-2] + last * repeats + b"\xff\xd9"
+
+
+def png_bomb(side: int) -> bytes:
+    return cv2.imencode(".png", np.zeros((side, side, 3), np.uint8), [cv2.IMWRITE_PNG_COMPRESSION, 9])[1].tobytes()
+
+
+def test_a_small_request_costs_under_a_second_of_cpu(srv, admin):
+    bomb = progressive_bomb()
+    assert len(bomb) < 1024 * 1024
+    before = cpu_seconds(srv.proc.pid)
+    info = expect_error(admin.Detect, pb.DetectRequest(image=pb.Image(encoded=bomb)), INVALID, "INVALID_IMAGE")
+    assert int(info.metadata["max_scans"]) <= 32
+    # 20 PNGs of 4000x4000 black (under 1 MB in all) in one DetectBatch: the pixel budget stops it
+    one = png_bomb(4000)
+    batch = pb.DetectBatchRequest(items=[pb.BatchImage(item_id=str(i), image=pb.Image(encoded=one)) for i in range(20)])
+    assert batch.ByteSize() < 1024 * 1024
+    resp = admin.DetectBatch(batch, timeout=60)
+    reasons = [r.error.reason for r in resp.results]
+    assert reasons.count("") <= 3 and reasons.count("IMAGE_TOO_LARGE") >= 17, reasons
+    spent = cpu_seconds(srv.proc.pid) - before
+    assert spent < 2.0, f"two sub-MB requests cost {spent:.2f} s of CPU"
+    # a real progressive photo is not refused
+    assert admin.Detect(pb.DetectRequest(image=image("dev/img2.jpg")), timeout=30).faces
+
+
+def test_a_batch_stops_decoding_when_its_deadline_passes(srv, admin):
+    one = png_bomb(1400)  # ~2 Mpix: 24 of them fit the budget, each a decode and a detection
+    batch = pb.DetectBatchRequest(items=[pb.BatchImage(item_id=str(i), image=pb.Image(encoded=one)) for i in range(24)])
+    full = cpu_seconds(srv.proc.pid)
+    admin.DetectBatch(batch, timeout=60)
+    full = cpu_seconds(srv.proc.pid) - full
+    before = cpu_seconds(srv.proc.pid)
+    with pytest.raises(grpc.RpcError) as e:
+        admin.DetectBatch(batch, timeout=full / 6)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    time.sleep(1.0)
+    spent = cpu_seconds(srv.proc.pid) - before
+    assert spent < full * 0.6, f"a batch cut at {full / 6:.2f} s still cost {spent:.2f} s of {full:.2f} s"
+
+
+# -- 3. policy bypass ---------------------------------------------------------------------------------
+SPOOF = "liveness/spoof_replay_01_minivision_F2.jpg"
+
+
+def test_a_request_cannot_lower_the_policy_thresholds(srv, admin):
+    cid, key = tenant(admin, pb.LIVENESS_POLICY_REQUIRED)
+    t = srv.stub(key)
+    t.Register(pb.RegisterRequest(collection=cid, subject_id="victim", image=image("dev/img1.jpg")), timeout=30)
+    spoof = image(SPOOF)
+    low = 1e-4
+    for call, req in (
+            (t.Verify, pb.VerifyRequest(collection=cid, subject_id="victim", image=spoof, liveness_threshold=low)),
+            (t.Register, pb.RegisterRequest(collection=cid, subject_id="mallory", image=spoof, liveness_threshold=low)),
+            (t.Process, pb.ProcessRequest(collection=cid, subject_id="mallory", image=spoof, liveness_threshold=low)),
+            (t.Search, pb.SearchRequest(collection=cid, image=spoof, liveness_threshold=low)),
+            (t.CheckLiveness, pb.CheckLivenessRequest(image=spoof, threshold=low)),
+            (t.Verify, pb.VerifyRequest(collection=cid, subject_id="victim", image=image("dev/img2.jpg"), threshold=0.01)),
+            (t.Compare, pb.CompareRequest(source=image("dev/img1.jpg"), target=image("dev/img13.jpg"), threshold=0.01)),
+            (t.Search, pb.SearchRequest(collection=cid, image=image("dev/img2.jpg"), min_similarity=-0.5)),
+            (t.SearchByEmbedding, pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512, min_similarity=0.01))):
+        info = expect_error(call, req, INVALID, "VALIDATION_FAILED")
+        assert "floor" in info.metadata
+    # without the override the spoof is what it is
+    expect_error(t.Verify, pb.VerifyRequest(collection=cid, subject_id="victim", image=spoof),
+                 grpc.StatusCode.FAILED_PRECONDITION, "SPOOF_DETECTED")
+    # a stricter request is allowed
+    v = t.Verify(pb.VerifyRequest(collection=cid, subject_id="victim", image=image("dev/img2.jpg"), threshold=0.3,
+                                  liveness_threshold=0.6), timeout=30)
+    assert v.threshold == pytest.approx(0.3) and v.liveness.threshold == pytest.approx(0.6)
+    for cfg in (pb.StreamConfig(identify=True, collection=cid, liveness_threshold=low),
+                pb.StreamConfig(identify=True, collection=cid, min_similarity=0.01)):
+        with pytest.raises(grpc.RpcError) as e:
+            list(t.StreamFrames(iter([pb.StreamFramesRequest(config=cfg)]), timeout=30))
+        assert error_info(e.value).reason == "VALIDATION_FAILED"
+
+
+# -- 4. revocation reaches open streams ------------------------------------------------------------------
+class OpenStream:
+    """A StreamFrames call fed one frame at a time; answers (or the ending error) collected on a thread."""
+
+    def __init__(self, stub, config: pb.StreamConfig):
+        self.q: queue.Queue = queue.Queue()
+        self.q.put(pb.StreamFramesRequest(config=config))
+        self.answers: list = []
+        self.error: grpc.RpcError | None = None
+        self.ended = threading.Event()
+        self.call = stub.StreamFrames(iter(self.q.get, None), timeout=120)
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        try:
+            for a in self.call:
+                self.answers.append(a)
+        except grpc.RpcError as exc:
+            self.error = exc
+        self.ended.set()
+
+    def send(self, n: int, photo: str = "dev/img1.jpg"):
+        self.q.put(pb.StreamFramesRequest(frame=pb.Frame(frame_id=n, image=image(photo))))
+
+
+def test_revoking_a_key_ends_its_open_streams(srv, admin):
+    cid, key = tenant(admin)
+    stream = OpenStream(srv.stub(key), pb.StreamConfig())
+    stream.send(1)
+    deadline = time.monotonic() + 30
+    while not stream.answers:
+        assert time.monotonic() < deadline and not stream.ended.is_set(), stream.error
+        time.sleep(0.05)
+    key_id = admin.ListApiKeys(pb.ListApiKeysRequest(collection=cid), timeout=10).keys[0].key_id
+    admin.DeleteApiKey(pb.DeleteApiKeyRequest(collection=cid, key_id=key_id), timeout=10)
+    t0 = time.monotonic()
+    n = 2
+    while not stream.ended.wait(0.2):
+        stream.send(n)  # the client keeps sending frames
+        n += 1
+        assert time.monotonic() - t0 < 5, "the stream outlived its key"
+    assert time.monotonic() - t0 < 2.5
+    assert stream.error.code() == grpc.StatusCode.UNAUTHENTICATED, stream.error
+    stream.q.put(None)
+
+
+def test_deleting_a_collection_ends_its_identify_streams_and_builds_nothing(srv, admin):
+    cid, _ = tenant(admin)
+    admin.Register(pb.RegisterRequest(collection=cid, subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
+    stream = OpenStream(admin, pb.StreamConfig(identify=True, collection=cid))
+    stream.send(1, "dev/img2.jpg")
+    deadline = time.monotonic() + 30
+    while not stream.answers:
+        assert time.monotonic() < deadline and not stream.ended.is_set(), stream.error
+        time.sleep(0.05)
+    assert stream.answers[0].faces[0].identity.subject_id == "alice"
+    admin.DeleteCollection(pb.DeleteCollectionRequest(collection=cid), timeout=10)
+    t0 = time.monotonic()
+    n = 2
+    while not stream.ended.wait(0.2):
+        stream.send(n, "dev/img2.jpg")
+        n += 1
+        assert time.monotonic() - t0 < 5, "the stream outlived its collection"
+    assert stream.error.code() == grpc.StatusCode.NOT_FOUND and error_info(stream.error).reason == "COLLECTION_NOT_FOUND"
+    stream.q.put(None)
+    assert f'collection="{cid}"' not in scrape(srv), "an index was rebuilt for the deleted collection"
+
+
+def test_revoking_a_key_ends_its_open_batch(srv, admin):
+    cid, key = tenant(admin)
+    q: queue.Queue = queue.Queue()
+    call = srv.stub(key).RegisterBatch(iter(q.get, None), timeout=60)
+    q.put(pb.RegisterBatchRequest(item_id="1", register=pb.RegisterRequest(collection=cid, subject_id="a",
+                                                                            image=image("dev/img1.jpg"))))
+    assert next(call).HasField("result")
+    key_id = admin.ListApiKeys(pb.ListApiKeysRequest(collection=cid), timeout=10).keys[0].key_id
+    admin.DeleteApiKey(pb.DeleteApiKeyRequest(collection=cid, key_id=key_id), timeout=10)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        next(call)  # nothing more is sent: the idle batch is closed by its key's revocation alone
+    assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED and time.monotonic() - t0 < 2.5
+    q.put(None)
+
+
+# -- 5. leaks and echoes -----------------------------------------------------------------------------------
+def test_caller_input_is_quoted_truncated(srv, admin):
+    _, key = tenant(admin)
+    t = srv.stub(key)
+    for length in (5000, 10_000):
+        long_id = "x" * length
+        info = expect_error(t.ListSubjects, pb.ListSubjectsRequest(collection=long_id), DENIED, "PERMISSION_DENIED")
+        with pytest.raises(grpc.RpcError) as e:
+            t.GetSubject(pb.GetSubjectRequest(collection=long_id, subject_id="a"), timeout=10)
+        assert len(e.value.details()) < 400 and long_id not in str(info)
+    assert "x" * 200 not in srv.output(), "the log grew by the caller's field"
+
+
+def test_tenant_counters_are_its_own(srv, admin):
+    cid, key = tenant(admin)
+    admin.Register(pb.RegisterRequest(collection=cid, subject_id="a", image=image("dev/img1.jpg")), timeout=30)
+    assert admin.GetIndexStats(pb.GetIndexStatsRequest(collection=cid), timeout=10).change_seq > 0
+    assert srv.stub(key).GetIndexStats(pb.GetIndexStatsRequest(collection=cid), timeout=10).change_seq == 0
+
+
+def scrape(srv, token: str = "scrape-secret") -> str:
+    port = int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", srv.output()).group(1))
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+
+
+def test_metrics_bind_to_loopback_and_need_the_token(srv):
+    assert "facesvc_rpc_total" in scrape(srv)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        scrape(srv, token="wrong")
+    assert e.value.code == 401
+
+
+# -- 6. limits that could be walked around -------------------------------------------------------------------
+def test_malformed_page_tokens_are_validation_errors(srv, admin):
+    cid, _ = tenant(admin)
+    nested = base64.urlsafe_b64encode(b"[" * 50_000).decode()
+    for token in (nested, nested[:900], "%%%", base64.urlsafe_b64encode(b'{"a": 1, "s": []}').decode()):
+        expect_error(admin.ListSubjects, pb.ListSubjectsRequest(collection=cid, page_token=token), INVALID, "VALIDATION_FAILED")
+
+
+def test_one_tenants_staging_never_evicts_anothers(tmp_path):
+    s = ServerProcess(log_path=tmp_path / "server.log", env={"FACESVC_STAGING_MAX_PER_COLLECTION": "2",
+                                                              "FACESVC_STAGING_MAX_ENTRIES": "3"})
+    try:
+        a = pb_grpc.FaceServiceStub(s.channel)
+        victim, _ = tenant(a)
+        attacker, key = tenant(a)
+        token = a.Process(pb.ProcessRequest(collection=victim, subject_id="v", image=image("dev/img1.jpg")),
+                          timeout=30).staging_token
+        t = s.stub(key)
+        for i in range(2):
+            t.Process(pb.ProcessRequest(collection=attacker, subject_id=f"s{i}", image=image("dev/img13.jpg")), timeout=30)
+        expect_error(t.Process, pb.ProcessRequest(collection=attacker, subject_id="s9", image=image("dev/img13.jpg")),
+                     grpc.StatusCode.RESOURCE_EXHAUSTED, "STAGING_LIMIT_REACHED")
+        assert a.Register(pb.RegisterRequest(collection=victim, subject_id="v", staging_token=token), timeout=30).subject_created
+    finally:
+        s.stop()
+
+
+# -- 7. start-up ---------------------------------------------------------------------------------------------
+def test_a_refused_database_login_is_one_line(tmp_path):
+    proc = subprocess.run([PYTHON, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--auth=false",
+                           "--db-url", "mysql://root:wrong-password@127.0.0.1:3306/test"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, env={"FACESVC_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot reach the database" in proc.stderr and "Traceback" not in proc.stderr
+    assert "wrong-password" not in proc.stderr
+
+
+class CountingStore:
+    """A real store that counts key lookups (the quantity a key flood multiplies)."""
+
+    def __init__(self, store):
+        self.store, self.lookups = store, 0
+
+    def find_api_key(self, digest):
+        self.lookups += 1
+        return self.store.find_api_key(digest)
+
+
+def test_a_flood_of_unknown_keys_costs_few_lookups(tmp_path):
+    from server.auth import Authenticator, hash_key, new_api_key
+    from server.records import LIVENESS_OPTIONAL
+    from server.store import open_store
+    from server import errors
+
+    real = open_store(f"sqlite:///{tmp_path}/keys.db", str(tmp_path))
+    real.create_collection("c", "", LIVENESS_OPTIONAL)
+    key_id, secret = new_api_key()
+    real.create_api_key(key_id, "c", hash_key(secret), "")
+    store = CountingStore(real)
+    auth = Authenticator(store, "admin-key-0123456789", cache_s=60, lookups_per_second=20)
+    assert auth.principal(secret).collection == "c" and store.lookups == 1
+    for i in range(2000):  # not shaped like a key: no lookup at all
+        with pytest.raises(errors.FaceServiceError):
+            auth.principal(f"guess-{i}")
+    assert store.lookups == 1
+    bogus = "fsk_" + "0" * 16 + "_" + "B" * 43
+    for _ in range(100):  # the same unknown key again and again: looked up once
+        with pytest.raises(errors.FaceServiceError):
+            auth.principal(bogus)
+    assert store.lookups == 2
+    rate_limited = 0
+    for _ in range(2000):  # well-formed keys never seen before: rate-limited lookups
+        _, fake = new_api_key()
+        with pytest.raises(errors.FaceServiceError) as e:
+            auth.principal(fake)
+        rate_limited += e.value.reason == "RATE_LIMITED"
+    assert store.lookups < 2 + 100 and rate_limited > 1800
+    assert auth.principal(secret).collection == "c"  # the real key still works during the flood
+    real.close()
+
+
+def test_scans_are_counted_in_the_main_image_only():
+    from server.imaging import jpeg_scans
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(buf, "JPEG", progressive=True)
+    thumb = buf.getvalue()  # 10 scans of its own
+    buf = io.BytesIO()
+    Image.fromarray(np.full((256, 256, 3), 90, np.uint8)).save(buf, "JPEG")
+    main = buf.getvalue()
+    app1 = b"\xff\xe1" + (len(thumb) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + thumb
+    with_thumb = main[:2] + app1 + main[2:]
+    assert jpeg_scans(thumb, 100) == 10 and jpeg_scans(with_thumb, 100) == 1
+    assert cv2.imdecode(np.frombuffer(with_thumb, np.uint8), cv2.IMREAD_COLOR).shape == (256, 256, 3)
+    assert jpeg_scans(progressive_bomb(64, 200), 1000) == 210
