@@ -130,7 +130,7 @@ class FaceServer:
             # observability outermost, so it also sees (and times) calls the auth check refuses; the
             # limits after auth, so they count calls by the key that was checked
             interceptors=[ObservabilityInterceptor(SERVICE_PREFIX)] + ([AuthInterceptor(authenticator)] if authenticator else [])
-            + [LimitInterceptor(streams, calls)],
+            + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),

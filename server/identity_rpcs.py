@@ -45,11 +45,11 @@ class IdentityRpcs:
     def Process(self, request: pb.ProcessRequest, context) -> pb.ProcessResponse:
         return self._finish(self._process_pending(request))
 
-    def _process_pending(self, request: pb.ProcessRequest) -> "Pending":
+    def _process_pending(self, request: pb.ProcessRequest, budget=None) -> "Pending":
         ident, coll, subject = self._ids(request)
         opts = self._options(request.face_options)
         lthr = self._liveness_threshold(request.liveness_threshold)
-        img = self._image(request.image, "image")
+        img = self._image(request.image, "image", budget)
         screened = ident.screen(coll, subject, img, opts, add_face=request.add_face, skip_liveness=request.skip_liveness,
                                 liveness_threshold=lthr)
 
@@ -66,7 +66,7 @@ class IdentityRpcs:
     def Register(self, request: pb.RegisterRequest, context) -> pb.RegisterResponse:
         return self._finish(self._register_pending(request))
 
-    def _register_pending(self, request: pb.RegisterRequest) -> "Pending":
+    def _register_pending(self, request: pb.RegisterRequest, budget=None) -> "Pending":
         ident, coll, subject = self._ids(request)
         metadata = validate.metadata(request.metadata)
         which = request.WhichOneof("source")
@@ -79,7 +79,7 @@ class IdentityRpcs:
                 ident.register_staged(coll, subject, request.staging_token, metadata)))
         opts = self._options(request.face_options)
         lthr = self._liveness_threshold(request.liveness_threshold)
-        img = self._image(request.image, "image")
+        img = self._image(request.image, "image", budget)
         screened = ident.screen(coll, subject, img, opts, add_face=request.add_face, skip_liveness=request.skip_liveness,
                                 liveness_threshold=lthr)
         return Pending(screened.face, lambda embedding: self._register_response(

@@ -12,6 +12,10 @@ as one that streams frames. So the limits are counted in calls, not in work:
   operator's and is not limited; with auth off there is one tenant and no
   per-key bound.
 
+Server reflection (open to every caller, like health) is a bidirectional
+stream too: at most `REFLECTION_PER_PEER` per caller and `REFLECTION_TOTAL` in
+all, and one that stays silent is cancelled like an idle FaceService stream.
+
 A caller at a limit is refused at once with RESOURCE_EXHAUSTED (never
 queued), so at least half the workers stay free for other keys, health
 checks and reflection, whatever one key does.
@@ -19,6 +23,7 @@ checks and reflection, whatever one key does.
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 
@@ -69,11 +74,46 @@ def call_owner(context) -> str:
     return "peer:" + peer.rsplit(":", 1)[0]
 
 
-class LimitInterceptor(grpc.ServerInterceptor):
-    """Takes the stream and per-key call slots of a FaceService call before its handler runs."""
+REFLECTION_PREFIX = "/grpc.reflection."
+REFLECTION_PER_PEER, REFLECTION_TOTAL = 2, 2  # grpcurl opens one per command; 2 leaves room for the last one closing
 
-    def __init__(self, streams: ConcurrencyLimiter, calls: ConcurrencyLimiter | None):
+
+class IdleWatchdog:
+    """Cancels a call whose request stream stays silent: `first_s` for its first message, `idle_s` after.
+    For handlers that read their stream themselves (reflection), where no timeout can be put inside."""
+
+    def __init__(self, context, first_s: float, idle_s: float, clock=time.monotonic):
+        self.context, self.first_s, self.idle_s, self._clock = context, first_s, idle_s, clock
+        self._last, self._seen = clock(), False
+        self._done = threading.Event()
+        threading.Thread(target=self._watch, name="idle-watchdog", daemon=True).start()
+
+    def wrap(self, iterator):
+        for message in iterator:
+            self._last, self._seen = self._clock(), True
+            yield message
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.5):
+            limit = self.idle_s if self._seen else self.first_s
+            if self._clock() - self._last > limit:
+                self.context.cancel()
+                return
+
+    def stop(self) -> None:
+        self._done.set()
+
+
+class LimitInterceptor(grpc.ServerInterceptor):
+    """Takes the stream and per-key call slots of a FaceService call before its handler runs, and
+    bounds the reflection streams every caller may open."""
+
+    def __init__(self, streams: ConcurrencyLimiter, calls: ConcurrencyLimiter | None,
+                 first_message_s: float = 5.0, idle_s: float = 30.0):
         self.streams, self.calls = streams, calls
+        self.reflection = ConcurrencyLimiter(REFLECTION_PER_PEER, REFLECTION_TOTAL, errors.STREAM_LIMIT_REACHED,
+                                             "reflection streams")
+        self.first_message_s, self.idle_s = first_message_s, idle_s
 
     def _limiters(self, streaming_request: bool) -> list[ConcurrencyLimiter]:
         """Which limits a call counts against; the principal is known (the auth interceptor ran first)."""
@@ -96,9 +136,29 @@ class LimitInterceptor(grpc.ServerInterceptor):
             context.abort_with_status(to_status(exc))
         return taken
 
+    def _reflection(self, handler, method: str):
+        def make(inner, kind):
+            if not kind.startswith("stream"):
+                return inner
+
+            def limited(request_iterator, context):
+                owner = call_owner(context)
+                self._enter(method, owner, [self.reflection], context)
+                watchdog = IdleWatchdog(context, self.first_message_s, self.idle_s)
+                try:
+                    yield from inner(watchdog.wrap(request_iterator), context)
+                finally:
+                    watchdog.stop()
+                    self.reflection.release(owner)
+            return limited
+
+        return rewrap(handler, make)
+
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         method = handler_call_details.method
+        if handler is not None and method.startswith(REFLECTION_PREFIX):
+            return self._reflection(handler, method)
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
         rpc = method[len(SERVICE_PREFIX):]

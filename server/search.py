@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server import errors
+from server.records import LIVENESS_REQUIRED
 from server.faces import Face, LivenessResult
 from server.index import IndexRegistry
 from server.index.hnsw import Hit
@@ -57,14 +58,21 @@ class SearchService:
         return results
 
     def search_embedding(self, collection: str, embedding: np.ndarray, model: str, top_k: int,
-                         min_similarity: float) -> list[Hit]:
+                         min_similarity: float, *, trusted: bool = True) -> list[Hit]:
+        """`trusted`: the caller may search without a photo (the admin key). An embedding carries no
+        liveness evidence, so in a collection whose policy is REQUIRED an untrusted caller may not."""
         rec = self.pipeline.recognizer
         if model and model != rec.model_id:
-            raise errors.validation("model", f"embeddings of {model!r} cannot be searched in an index of {rec.model_id!r}")
+            raise errors.validation("model", f"embeddings of {errors.quote(model)} cannot be searched in an index of "
+                                    f"{rec.model_id!r}")
         if embedding.shape != (rec.embedding_dim,):
             raise errors.validation("embedding", f"expected {rec.embedding_dim} values, got {embedding.size}")
         norm = float(np.linalg.norm(embedding))
         if not np.isfinite(norm) or norm < 1e-6:
             raise errors.validation("embedding", "must be finite and non-zero")
-        self.store.get_collection_policy(collection)  # COLLECTION_NOT_FOUND
+        policy = self.store.get_collection_policy(collection)  # COLLECTION_NOT_FOUND
+        if policy == LIVENESS_REQUIRED and not trusted:
+            raise errors.precondition(errors.LIVENESS_REQUIRED,
+                                      f"collection {collection!r} requires liveness, and an embedding brings none: "
+                                      "search with a photo (Search)", collection=collection)
         return self.indexes.get(collection).search(embedding / norm, top_k, min_similarity, self.max_faces_per_subject)

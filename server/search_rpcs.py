@@ -18,8 +18,9 @@ def _top_k(value: int) -> int:
     return value or DEFAULT_TOP_K
 
 
-def _sees_server_counters() -> bool:
-    """Server-wide counters (the change-log position moves with every tenant's writes) are the admin's."""
+def _admin_or_open() -> bool:
+    """The admin key's (or, with auth off, anyone's): server-wide counters (the change-log position moves
+    with every tenant's writes), and searching a liveness-REQUIRED collection without a photo."""
     principal = current_principal.get()
     return principal is None or principal.admin
 
@@ -63,7 +64,8 @@ class SearchRpcs:
         s = self._searcher()
         coll = validate.collection_id(request.collection)
         top_k, min_sim = _top_k(request.top_k), self._min_similarity(request.min_similarity)
-        hits = s.search_embedding(coll, np.asarray(request.embedding, dtype=np.float32), request.model, top_k, min_sim)
+        hits = s.search_embedding(coll, np.asarray(request.embedding, dtype=np.float32), request.model, top_k, min_sim,
+                                  trusted=_admin_or_open())
         return pb.SearchByEmbeddingResponse(matches=_matches(hits), min_similarity=min_sim)
 
     @rpc
@@ -78,6 +80,6 @@ class SearchRpcs:
             m=st["m"], ef_construction=st["ef_construction"], ef_search=st["ef_search"], capacity=st["capacity"],
             segments=st["segments"], projected_segments=st["projected_segments"],
             projected_dimension=st["projected_dimension"],
-            loaded_from=st["loaded_from"], change_seq=s.indexes.change_seq if _sees_server_counters() else 0,
+            loaded_from=st["loaded_from"], change_seq=s.indexes.change_seq if _admin_or_open() else 0,
             snapshot_time=convert.timestamp(int(st["snapshot_at"] * 1000)) if st["snapshot_at"] else None,
         )

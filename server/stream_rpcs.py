@@ -145,6 +145,7 @@ class StreamRpcs:
         together (up to BATCH_GROUP) are checked one by one, then their faces embedded in one call.
         The call itself ends when its key is revoked, its client goes idle or its deadline passes."""
         recheck = self._recheck(context)
+        budget = self.limits.stream_budget()
         reader = RequestReader(request_iterator, 2 * BATCH_GROUP)
         context.add_callback(reader.stop)
         s = self.settings
@@ -153,10 +154,11 @@ class StreamRpcs:
             for item in group:
                 recheck()
                 ensure_call_alive()
+                budget.received(item.ByteSize())
                 try:
                     request = getattr(item, field)
                     self._authorize(context, rpc_name, request)
-                    pending.append(prepare(request))
+                    pending.append(prepare(request, budget))
                 except Exception as exc:  # noqa: BLE001 - one bad item never fails the batch
                     pending.append(exc)
             faces = [p.face for p in pending if not isinstance(p, Exception) and p.face is not None]
@@ -273,6 +275,7 @@ class StreamRpcs:
         go.set()
         session = StreamSession(p, self.searcher.indexes if cfg.identify else None, cfg)
         idle_s = self.settings.stream_idle_seconds
+        budget = self.limits.stream_budget()
         while (item := inbox.take(timeout=RECHECK_S)) is not None:
             recheck()
             if item is WAITING:
@@ -284,7 +287,8 @@ class StreamRpcs:
             if frame.HasField("capture_time"):
                 resp.capture_time.CopyFrom(frame.capture_time)
             try:
-                img = self._image(frame.image, "frame.image")
+                budget.received(frame.ByteSize())
+                img = self._image(frame.image, "frame.image", budget)
                 resp.image.CopyFrom(pb.ImageInfo(width=img.shape[1], height=img.shape[0]))
                 for r in session.process(img):
                     resp.faces.append(pb.TrackedFace(

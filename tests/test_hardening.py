@@ -421,3 +421,82 @@ def test_scans_are_counted_in_the_main_image_only():
     assert jpeg_scans(thumb, 100) == 10 and jpeg_scans(with_thumb, 100) == 1
     assert cv2.imdecode(np.frombuffer(with_thumb, np.uint8), cv2.IMREAD_COLOR).shape == (256, 256, 3)
     assert jpeg_scans(progressive_bomb(64, 200), 1000) == 210
+
+
+# -- found by attacking the service ourselves ------------------------------------------------------------------
+def test_silent_reflection_streams_cannot_starve_the_server(srv, admin):
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stop = threading.Event()
+    anonymous = [grpc.insecure_channel(srv.target) for _ in range(3)]
+    try:
+        calls = [reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(idle_requests(stop), timeout=60)
+                 for ch in anonymous]
+        time.sleep(0.5)
+        health = health_pb2_grpc.HealthStub(anonymous[0])
+        for _ in range(3):
+            t0 = time.monotonic()
+            health.Check(health_pb2.HealthCheckRequest(), timeout=3)
+            admin.Detect(pb.DetectRequest(image=image("dev/img5.jpg")), timeout=3)
+            assert time.monotonic() - t0 < 1.5
+        ends = []
+        for call in calls:  # one per caller: the others are refused; the silent one is cancelled
+            with pytest.raises(grpc.RpcError) as e:
+                next(iter(call))
+            ends.append(e.value.code())
+        assert grpc.StatusCode.RESOURCE_EXHAUSTED in ends and grpc.StatusCode.CANCELLED in ends, ends
+        # grpcurl's reflection still works afterwards
+        ok = reflection_pb2_grpc.ServerReflectionStub(anonymous[0]).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+        assert "facesvc.v1.FaceService" in str(next(iter(ok)))
+    finally:
+        stop.set()
+        for ch in anonymous:
+            ch.close()
+
+
+def scans_hidden_behind_stuffing(side: int = 2000, repeats: int = 2000) -> bytes:
+    """Extra scans inside `FF 00 <length>` chunks after the image: junk to libjpeg's marker search
+    (which then decodes every scan in them), a segment to a careless walker (which skips them)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((side, side), 128, np.uint8)).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()[:-2]
+    last = data[data.rfind(b"\xff\xda"):]
+    out, per = data + b"\xff\xfe\x00\x04ok", 60_000 // len(last)
+    for k in range(0, repeats, per):
+        chunk = last * min(per, repeats - k)
+        while (len(chunk) >> 8) == 0xFF or (len(chunk) & 0xFF) == 0xFF:
+            chunk += b"\x00"
+        out += b"\xff\x00" + len(chunk).to_bytes(2, "big") + chunk
+    return out + b"\xff\xd9"
+
+
+def test_scans_hidden_from_the_marker_walk_are_still_counted(srv, admin):
+    bomb = scans_hidden_behind_stuffing()
+    before = cpu_seconds(srv.proc.pid)
+    expect_error(admin.Detect, pb.DetectRequest(image=pb.Image(encoded=bomb)), INVALID, "INVALID_IMAGE")
+    assert cpu_seconds(srv.proc.pid) - before < 1.0
+
+
+def test_a_stream_of_tiny_bombs_has_one_budget(srv, admin):
+    cid, key = tenant(admin)
+    bomb = cv2.imencode(".webp", np.zeros((6000, 6000, 3), np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
+    items = [pb.ProcessBatchRequest(item_id=str(i), process=pb.ProcessRequest(collection=cid, subject_id=f"s{i}",
+                                                                            image=pb.Image(encoded=bomb)))
+             for i in range(8)]
+    before = cpu_seconds(srv.proc.pid)
+    answers = list(srv.stub(key).ProcessBatch(iter(items), timeout=60))
+    spent = cpu_seconds(srv.proc.pid) - before
+    reasons = [a.error.reason for a in answers]
+    assert reasons.count("IMAGE_TOO_LARGE") >= 5 and spent < 2.0, (reasons, spent)
+
+
+def test_search_by_embedding_quotes_its_model_and_keeps_the_liveness_policy(srv, admin):
+    cid, key = tenant(admin, pb.LIVENESS_POLICY_REQUIRED)
+    t = srv.stub(key)
+    with pytest.raises(grpc.RpcError) as e:
+        t.SearchByEmbedding(pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512, model="M" * 5000), timeout=10)
+    assert e.value.code() == INVALID and len(e.value.details()) < 400
+    expect_error(t.SearchByEmbedding, pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512),
+                 grpc.StatusCode.FAILED_PRECONDITION, "LIVENESS_REQUIRED")
+    assert admin.SearchByEmbedding(pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512), timeout=10) is not None
