@@ -39,9 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
 from scripts.bench_stream import Server  # noqa: E402
-from server import config, convert  # noqa: E402
+from server import config  # noqa: E402
+from server.rpc import convert
 from server.app import build_pipeline  # noqa: E402
-from server.observability import serving  # noqa: E402
+from server.context import serving  # noqa: E402
 
 DEV = ROOT.parent / "shared" / "faces" / "dev"
 WEIGHTS = ROOT / "models" / "weights"

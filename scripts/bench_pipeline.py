@@ -40,10 +40,10 @@ import grpc  # noqa: E402
 from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc  # noqa: E402
 from server import config  # noqa: E402
-from server.alignment import arcface_crop  # noqa: E402
+from server.vision.alignment import arcface_crop  # noqa: E402
 from server.app import FaceServer  # noqa: E402
-from server.imaging import ImageLimits, decode_encoded, resize_long_side  # noqa: E402
-from server.quality import assess  # noqa: E402
+from server.vision.imaging import ImageLimits, decode_encoded, resize_long_side  # noqa: E402
+from server.vision.quality import assess  # noqa: E402
 
 DEV = ROOT.parent / "shared" / "faces" / "dev"
 

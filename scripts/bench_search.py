@@ -153,7 +153,7 @@ def calibrate() -> dict:
 
     from server import config
     from server.app import build_pipeline
-    from server.pipeline import DetectOptions
+    from server.vision.pipeline import DetectOptions
     pipeline = build_pipeline(config.load([], environ={}))
     vecs, labels = [], []
     for path in sorted((ROOT.parent / "shared" / "faces" / "lfw").glob("*/*.jpg")):

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from server import config  # noqa: E402
 from server.app import build_pipeline  # noqa: E402
-from server.pipeline import DetectOptions  # noqa: E402
+from server.vision.pipeline import DetectOptions  # noqa: E402
 
 FACES = ROOT.parent / "shared" / "faces"
 

@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from server import config  # noqa: E402
 from server.app import model_loader  # noqa: E402
-from server.crypto import CropCipher  # noqa: E402
-from server.store import open_store  # noqa: E402
+from server.storage.crypto import CropCipher  # noqa: E402
+from server.storage.sql import open_store  # noqa: E402
 
 
 def main(argv=None) -> int:

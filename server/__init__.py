@@ -1,6 +1,15 @@
-"""facesvc server: a gRPC face-recognition service.
+"""facesvc server: a gRPC face-recognition service, in layers (each imports only those below it).
 
-Layout: `models/` holds one small class per ONNX model, `pipeline.py` strings
-them together, `servicer.py` maps RPCs onto the pipeline, `app.py` wires the
-gRPC server (health, reflection, lifecycle) and `__main__.py` starts it.
+    app.py, __main__.py   the composition root: settings -> stores, models, services, gRPC server
+    rpc/                  gRPC glue: handlers per RPC group, proto conversion, validation, auth,
+                          limits, reflection, status mapping, the request-id/metrics interceptor
+    domain/               identity lifecycle, collections and keys, 1:N search, live streams, tracking
+    vision/ storage/ index/
+                          the vision pipeline and its models; the SQL store and the staging cache;
+                          the vector indexes (one per collection, a cache of the store)
+    errors, records, context, telemetry, config
+                          shared by all: the domain exception, plain records, the call context,
+                          metrics and logs, settings
+
+tests/test_layers.py keeps the imports pointing downwards.
 """

@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     # the heavy imports (onnxruntime, grpc, OpenCV) after the re-exec: they are paid once
     from server import errors
     from server.app import FaceServer
-    from server.observability import configure_logging
+    from server.telemetry import configure_logging
 
     configure_logging(settings.log_level, settings.log_format, sys.stderr)
     log.info("facesvc starting with settings:\n%s", config.describe(settings))

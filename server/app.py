@@ -16,24 +16,26 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
-from server import errors, reflection
-from server.auth import SERVICE_PREFIX, AuthInterceptor, Authenticator
-from server.limits import ConcurrencyLimiter, LimitInterceptor
+from server import errors
+from server.rpc import reflection
+from server.rpc.auth import SERVICE_PREFIX, AuthInterceptor, Authenticator
+from server.rpc.limits import ConcurrencyLimiter, LimitInterceptor
 from server.config import Settings
-from server.crypto import CropCipher
-from server.identity import EnrolmentPolicy, IdentityService
+from server.storage.crypto import CropCipher
+from server.domain.identity import EnrolmentPolicy, IdentityService
 from server.index import HnswParams, IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import ChangeNotifier, IndexSync
-from server.models.manifest import load_manifest
-from server.observability import ObservabilityInterceptor, serve_metrics
-from server.models.registry import ModelLoader
-from server.models.runtime import RuntimeOptions, choose_providers
-from server.pipeline import FacePipeline
-from server.search import SearchService
-from server.servicer import FaceServicer
-from server.staging import open_cache
-from server.store import open_store
+from server.vision.models.manifest import load_manifest
+from server.rpc.observability import ObservabilityInterceptor
+from server.telemetry import serve_metrics
+from server.vision.models.registry import ModelLoader
+from server.vision.models.runtime import RuntimeOptions, choose_providers
+from server.vision.pipeline import FacePipeline
+from server.domain.search import SearchService
+from server.rpc.servicer import FaceServicer
+from server.storage.staging import open_cache
+from server.storage.sql import open_store
 
 log = logging.getLogger("facesvc")
 

@@ -10,7 +10,7 @@ import os
 import re
 from dataclasses import dataclass, fields
 
-from server.models.manifest import DEFAULT_MANIFEST, DEFAULT_MODEL_DIR
+from server.vision.models.manifest import DEFAULT_MANIFEST, DEFAULT_MODEL_DIR
 
 
 def _bool(v: str) -> bool:

@@ -21,8 +21,10 @@ from hypothesis import strategies as st
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
-from server import convert, errors, validate
-from server.imaging import ImageLimits
+from server import errors
+from server.rpc import convert
+from server.rpc import validate
+from server.vision.imaging import ImageLimits
 from tests.conftest import error_info, face_path
 
 LIMITS = ImageLimits(max_bytes=2 * 1024 * 1024, max_pixels=4_000_000)

@@ -375,9 +375,9 @@ class CountingStore:
 
 
 def test_a_flood_of_unknown_keys_costs_few_lookups(tmp_path):
-    from server.auth import Authenticator, hash_key, new_api_key
+    from server.rpc.auth import Authenticator, hash_key, new_api_key
     from server.records import LIVENESS_OPTIONAL
-    from server.store import open_store
+    from server.storage.sql import open_store
     from server import errors
 
     real = open_store(f"sqlite:///{tmp_path}/keys.db", str(tmp_path))
@@ -408,7 +408,7 @@ def test_a_flood_of_unknown_keys_costs_few_lookups(tmp_path):
 
 
 def test_scans_are_counted_in_the_main_image_only():
-    from server.imaging import jpeg_scans
+    from server.vision.imaging import jpeg_scans
 
     buf = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 90, np.uint8)).save(buf, "JPEG", progressive=True)

@@ -15,8 +15,8 @@ import pytest
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
-from server.crypto import CropCipher, generate_key
-from server.store.dialects import dialect_for
+from server.storage.crypto import CropCipher, generate_key
+from server.storage.sql.dialects import dialect_for
 from tests.conftest import PYTHON, REDIS_URL, ROOT, ServerProcess, expect_error, face_path, image, race
 
 INVALID, NOT_FOUND = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND

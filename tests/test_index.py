@@ -22,7 +22,7 @@ from server.index.registry import IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import IndexSync
 from server.records import LIVENESS_OPTIONAL, NewFace
-from server.store import open_store
+from server.storage.sql import open_store
 
 MODEL, DIM = "w600k_mbf", 512
 # ef_search above the collection sizes used here: the graph search is exhaustive, so a snapshot-loaded and a

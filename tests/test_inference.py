@@ -9,10 +9,10 @@ import grpc
 import numpy as np
 
 from server import errors
-from server.models.batching import MicroBatcher
-from server.models.recognizer import ArcFaceRecognizer
-from server.observability import current_call
-from server.pipeline import DetectOptions
+from server.vision.models.batching import MicroBatcher
+from server.vision.models.recognizer import ArcFaceRecognizer
+from server.context import current_call
+from server.vision.pipeline import DetectOptions
 from tests.conftest import FACES, face_path
 
 
@@ -121,8 +121,8 @@ def test_real_recognizer_batched_under_threads_equals_one_by_one(pipeline):
 def test_cpu_models_run_spinning_alone_and_quiet_beside_others(pipeline):
     """Each CPU model has a spinning session for a run that has the CPU alone, a quiet one otherwise;
     both give the same answer."""
-    from server.models.runtime import RUNS, CpuSessionPair
-    from server.observability import IN_FLIGHT, serving
+    from server.vision.models.runtime import RUNS, CpuSessionPair
+    from server.context import IN_FLIGHT, serving
 
     pair = pipeline.recognizer.session._session
     assert isinstance(pair, CpuSessionPair) and pair.spinning is not pair.quiet

@@ -9,7 +9,7 @@ import pytest
 
 from server import config, errors
 from server.app import build_pipeline
-from server.pipeline import REQUIRE_SINGLE, DetectOptions
+from server.vision.pipeline import REQUIRE_SINGLE, DetectOptions
 from tests.conftest import FACES, face_path
 
 PORTRAITS = ["dev/img1.jpg", "dev/img5.jpg", "dev/img13.jpg", "dev/img22.jpg", "lfw/Anthony_Fauci/Anthony_Fauci_0002.jpg"]

@@ -19,7 +19,7 @@ from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server import config, hugepages
 from server.app import FaceServer
-from server.models.runtime import choose_providers
+from server.vision.models.runtime import choose_providers
 from tests.conftest import PYTHON, ROOT, ServerProcess, expect_error, image
 
 WEIGHTS = ROOT / "models" / "weights"

@@ -9,9 +9,9 @@ import pytest
 import redis
 
 from server import errors
-from server.crypto import CropCipher, generate_key
-from server.staging import MemoryStagingCache, RedisStagingCache, StagedFace
-from server.staging.base import new_token
+from server.storage.crypto import CropCipher, generate_key
+from server.storage.staging import MemoryStagingCache, RedisStagingCache, StagedFace
+from server.storage.staging.base import new_token
 from tests.conftest import REDIS_URL, face_path
 
 

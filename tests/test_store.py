@@ -9,8 +9,8 @@ import pytest
 
 from server import errors
 from server.records import LIVENESS_REQUIRED, NewFace
-from server.store import open_store
-from server.store.dialects import dialect_for
+from server.storage.sql import open_store
+from server.storage.sql.dialects import dialect_for
 from tests.conftest import race
 
 

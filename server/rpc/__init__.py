@@ -1,0 +1,1 @@
+"""The gRPC layer: handlers, proto conversion, validation, auth, limits, reflection, status mapping."""

@@ -1,0 +1,222 @@
+"""API-key authentication and per-collection authorization, as a server interceptor.
+
+- The admin key (server configuration) may call every RPC.
+- A collection key (CreateApiKey) may call the stateless RPCs (Detect,
+  Compare, ...) and every RPC whose request `collection` field names its own
+  collection; anything else is PERMISSION_DENIED.
+- A missing or unknown key is UNAUTHENTICATED.
+Keys are stored as SHA-256 hashes (they are 256-bit random secrets, so a
+slow hash adds nothing). Lookups are cached for `cache_s` seconds; a key
+revoked on another replica stops working within that time (open streams
+re-check their key with the database every second: `KeyWatch`).
+
+A flood of made-up keys must not become a flood of database queries: a
+string that is not shaped like a collection key is refused without a
+lookup, an unknown key is remembered as unknown (a bounded LRU), and
+lookups of keys never seen before are rate-limited (`auth_lookups_per_second`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import grpc
+
+from server import errors
+from server.rpc.observability import rewrap
+from server.telemetry import ERRORS
+from server.rpc.status import to_status
+
+log = logging.getLogger("facesvc.auth")
+
+HEADER = "x-api-key"
+SERVICE_PREFIX = "/facesvc.v1.FaceService/"
+ADMIN_ONLY = frozenset({"CreateCollection", "ListCollections", "DeleteCollection", "CreateApiKey", "ListApiKeys",
+                        "DeleteApiKey"})
+
+
+KEY_SHAPE = re.compile(r"fsk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")  # what new_api_key() makes
+CACHE_ENTRIES = 10_000
+
+
+def hash_key(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_api_key() -> tuple[str, str]:
+    """(key_id, secret). The secret names its key id so operators can tell keys apart in logs."""
+    key_id = secrets.token_hex(8)
+    return key_id, f"fsk_{key_id}_{secrets.token_urlsafe(32)}"
+
+
+@dataclass(frozen=True)
+class Principal:
+    admin: bool
+    collection: str = ""
+    key_id: str = ""
+
+
+# The principal of the FaceService call this thread serves (None: auth is off). Set by AuthInterceptor.
+current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
+
+
+def _invalid() -> errors.FaceServiceError:
+    return errors.FaceServiceError(grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_INVALID, "unknown or revoked API key")
+
+
+class TokenBucket:
+    """`rate` events a second on average, `burst` at once."""
+
+    def __init__(self, rate: float, burst: float, clock=time.monotonic):
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._tokens, self._at = burst, clock()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            if self._tokens < 1:
+                return False
+            self._tokens -= 1
+            return True
+
+
+class Authenticator:
+    def __init__(self, store, admin_key: str, cache_s: float = 10.0, clock=time.monotonic,
+                 lookups_per_second: float = 200.0):
+        self.store = store
+        self._admin_hash = hash_key(admin_key)
+        self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self._known: OrderedDict[str, None] = OrderedDict()  # digests once found valid: their re-checks are not rate-limited
+        self._lock = threading.Lock()
+        self.cache_s = cache_s
+        self._clock = clock
+        self._lookups = TokenBucket(lookups_per_second, max(1.0, lookups_per_second), clock)
+
+    def forget(self) -> None:
+        """Drop cached lookups (called when this replica revokes a key)."""
+        with self._lock:
+            self._cache.clear()
+
+    def _remember(self, digest: str, expires: float, p: Principal | None) -> None:
+        with self._lock:
+            self._cache[digest] = (expires, p)
+            self._cache.move_to_end(digest)
+            while len(self._cache) > CACHE_ENTRIES:
+                self._cache.popitem(last=False)
+            if p is not None:
+                self._known[digest] = None
+                self._known.move_to_end(digest)
+                while len(self._known) > CACHE_ENTRIES:
+                    self._known.popitem(last=False)
+
+    def principal(self, secret: str) -> Principal:
+        if not secret:
+            raise errors.FaceServiceError(grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_MISSING,
+                                          f"send an API key in the `{HEADER}` metadata header")
+        digest = hash_key(secret)
+        if hmac.compare_digest(digest, self._admin_hash):
+            return Principal(admin=True)
+        if not KEY_SHAPE.fullmatch(secret):
+            raise _invalid()  # no collection key looks like this: no lookup
+        now = self._clock()
+        with self._lock:
+            hit = self._cache.get(digest)
+            known = digest in self._known
+        if hit is None or hit[0] <= now:
+            if not known and not self._lookups.take():
+                raise errors.exhausted(errors.RATE_LIMITED, "too many lookups of unknown API keys right now; retry shortly")
+            rec = self.store.find_api_key(digest)
+            p = None if rec is None else Principal(admin=False, collection=rec.collection_id, key_id=rec.key_id)
+            self._remember(digest, now + self.cache_s, p)
+        else:
+            p = hit[1]
+        if p is None:
+            raise _invalid()
+        return p
+
+    def still_valid(self, secret: str) -> None:
+        """Asks the database (not the cache) whether a collection key still exists: open streams call this."""
+        digest = hash_key(secret)
+        if hmac.compare_digest(digest, self._admin_hash):
+            return
+        if self.store.find_api_key(digest) is None:
+            with self._lock:
+                self._cache.pop(digest, None)
+            raise errors.FaceServiceError(grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_INVALID,
+                                          "the API key was revoked; the stream is closed")
+
+    @staticmethod
+    def authorize(p: Principal, rpc: str, request) -> None:
+        if p.admin:
+            return
+        if rpc in ADMIN_ONLY:
+            raise errors.FaceServiceError(grpc.StatusCode.PERMISSION_DENIED, errors.PERMISSION_DENIED,
+                                          f"{rpc} needs the admin key", rpc=rpc)
+        if "collection" in type(request).DESCRIPTOR.fields_by_name and request.collection != p.collection:
+            raise errors.FaceServiceError(
+                grpc.StatusCode.PERMISSION_DENIED, errors.PERMISSION_DENIED,
+                f"this key belongs to collection {p.collection!r}, not {errors.quote(request.collection)}",
+                key_collection=p.collection)
+
+
+class AuthInterceptor(grpc.ServerInterceptor):
+    """Checks every FaceService call; health and reflection stay open (orchestrators and grpcurl need them)."""
+
+    def __init__(self, authenticator: Authenticator):
+        self.auth = authenticator
+
+    def _check(self, rpc: str, request, context) -> contextvars.Token:
+        """Unary calls: the key and what it may do with this request. Streaming calls (request None):
+        the key only; the servicer authorizes each message of the stream (StreamRpcs._authorize).
+        Returns the token that resets current_principal when the call ends."""
+        secret = dict(context.invocation_metadata()).get(HEADER, "")
+        try:
+            principal = self.auth.principal(secret)
+            if request is not None:
+                self.auth.authorize(principal, rpc, request)
+        except errors.FaceServiceError as exc:
+            log.info("rpc=%s denied: %s %s", rpc, exc.reason, exc.message)
+            ERRORS.labels(rpc, exc.reason).inc()
+            context.abort_with_status(to_status(exc))
+        return current_principal.set(principal)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or not method.startswith(SERVICE_PREFIX):
+            return handler
+        rpc = method[len(SERVICE_PREFIX):]
+
+        def make(inner, kind):
+            streaming_request = kind.startswith("stream")
+
+            if kind.endswith("unary"):
+                def checked(request, context):
+                    token = self._check(rpc, None if streaming_request else request, context)
+                    try:
+                        return inner(request, context)
+                    finally:
+                        current_principal.reset(token)
+            else:
+                def checked(request, context):
+                    token = self._check(rpc, None if streaming_request else request, context)
+                    try:
+                        yield from inner(request, context)
+                    finally:
+                        with contextlib.suppress(ValueError):  # a generator closed from another context
+                            current_principal.reset(token)
+            return checked
+
+        return rewrap(handler, make)

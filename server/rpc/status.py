@@ -1,0 +1,65 @@
+"""Map FaceServiceError (and anything unexpected) to a gRPC status with ErrorInfo, in one place."""
+from __future__ import annotations
+
+import functools
+import logging
+import uuid
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from server import errors
+from server.context import request_id
+from server.telemetry import ERRORS
+
+log = logging.getLogger("facesvc.rpc")
+
+
+def to_status(exc: errors.FaceServiceError) -> grpc.Status:
+    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=errors.DOMAIN, metadata=exc.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    return rpc_status.to_status(status_pb2.Status(code=exc.code.value[0], message=exc.message, details=[detail]))
+
+
+def failure(name: str, exc: BaseException) -> errors.FaceServiceError:
+    """The domain error to answer with: itself, or INTERNAL with a request id for a bug (logged)."""
+    if isinstance(exc, errors.FaceServiceError):
+        log.info("rpc=%s code=%s reason=%s msg=%s", name, exc.code.name, exc.reason, exc)
+        ERRORS.labels(name, exc.reason).inc()
+        return exc
+    rid = request_id.get()
+    rid = uuid.uuid4().hex[:16] if rid == "-" else rid
+    log.error("rpc=%s request_id=%s internal error", name, rid, exc_info=exc)
+    ERRORS.labels(name, errors.INTERNAL).inc()
+    return errors.FaceServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL, f"internal error (request id {rid})",
+                                   request_id=rid)
+
+
+def rpc(method):
+    """Decorate a unary servicer method: domain errors become statuses, bugs become INTERNAL."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001 - the boundary: never let a bug kill the call without a status
+            context.abort_with_status(to_status(failure(method.__name__, exc)))
+
+    return wrapper
+
+
+def stream_rpc(method):
+    """The same for a servicer method that yields responses (server or bidirectional streaming)."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            yield from method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            if context.is_active():
+                context.abort_with_status(to_status(failure(method.__name__, exc)))
+
+    return wrapper

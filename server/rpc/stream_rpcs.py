@@ -1,0 +1,307 @@
+"""FaceService's streaming and batch RPCs (a FaceServicer mixin): StreamFrames, DetectBatch,
+ProcessBatch, RegisterBatch.
+
+Batch items fail one by one: each gets the status and reason its single-item
+RPC would have answered with, and the call goes on.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import grpc
+
+from facesvc.v1 import face_service_pb2 as pb
+from server import errors
+from server.rpc import convert
+from server.rpc import validate
+from server.rpc.auth import HEADER, current_principal
+from server.records import LIVENESS_REQUIRED
+from server.context import ensure_call_alive
+from server.rpc.status import failure, rpc, stream_rpc
+from server.domain.streaming import WAITING, FrameInbox, Recheck, StreamSession, StreamSettings
+
+
+MAX_DETECT_BATCH = 64
+MAX_FPS = 240.0
+BATCH_GROUP = 8  # batch items checked together and embedded in one recognizer call
+RECHECK_S = 1.0  # how often an open stream re-checks its key (and its collection) with the database
+
+
+class RequestReader:
+    """Reads a request stream on its own thread into a bounded queue (the client is held back by gRPC
+    flow control, never buffered without bound), so the handler waits with a timeout and runs its
+    periodic checks instead of blocking in next() for as long as the client likes."""
+
+    END = object()
+
+    def __init__(self, iterator, maxsize: int):
+        self._q: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, args=(iterator,), name="stream-reader", daemon=True).start()
+
+    def _put(self, x) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(x, timeout=0.5)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _run(self, iterator) -> None:
+        try:
+            for x in iterator:
+                if not self._put(x):
+                    return
+        except Exception:  # noqa: BLE001 - the call ended (cancelled): stop
+            pass
+        self._put(self.END)
+
+    def get(self, timeout: float, recheck) -> object:
+        """The next message (or END); STREAM_IDLE when none comes within `timeout` seconds."""
+        give_up = time.monotonic() + timeout
+        while True:
+            recheck()
+            left = give_up - time.monotonic()
+            if left <= 0:
+                raise stream_idle(timeout)
+            try:
+                return self._q.get(timeout=min(left, RECHECK_S))
+            except queue.Empty:
+                pass
+
+    def get_nowait(self):
+        return self._q.get_nowait()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def stream_idle(seconds: float) -> errors.FaceServiceError:
+    return errors.FaceServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, errors.STREAM_IDLE,
+                                   f"no message for {seconds:g} s: the stream was closed", idle_seconds=f"{seconds:g}")
+
+
+def _groups(reader: RequestReader, size: int, first_s: float, idle_s: float, recheck):
+    """Lists of the items that have arrived (at least one, at most `size`)."""
+    timeout = first_s
+    try:
+        while (first := reader.get(timeout, recheck)) is not RequestReader.END:
+            timeout = idle_s
+            group = [first]
+            while len(group) < size:
+                try:
+                    x = reader.get_nowait()
+                except queue.Empty:
+                    break
+                if x is RequestReader.END:
+                    yield group
+                    return
+                group.append(x)
+            yield group
+    finally:
+        reader.stop()
+
+
+# Failures of a frame that end the stream rather than that frame: the call or the collection is gone.
+STREAM_ENDING = frozenset({errors.CALL_ENDED, errors.COLLECTION_NOT_FOUND})
+
+
+def item_error(exc: errors.FaceServiceError) -> pb.ItemError:
+    return pb.ItemError(code=exc.code.value[0], reason=exc.reason, message=exc.message, metadata=exc.metadata)
+
+
+class StreamRpcs:
+    authenticator = None  # auth.Authenticator when auth is on (app.py); items inside streams are checked with it
+
+    def _recheck(self, context, collection: str = "") -> Recheck:
+        """What an open stream must go on holding: its key (asked of the database, not the cache) and,
+        for an identifying stream, the collection it opened on (deleted, or deleted and re-created: NOT_FOUND)."""
+        checks = []
+        principal = current_principal.get()
+        if self.authenticator is not None and principal is not None and not principal.admin:
+            secret = dict(context.invocation_metadata()).get(HEADER, "")
+            checks.append(lambda: self.authenticator.still_valid(secret))
+        if collection:
+            store = self._identity().store
+            created = store.collection_created_ms(collection)
+
+            def same_collection():
+                if store.collection_created_ms(collection) != created:
+                    raise errors.not_found(errors.COLLECTION_NOT_FOUND, "the collection was deleted; the stream is closed",
+                                           collection=collection)
+            checks.append(same_collection)
+        return Recheck(checks, RECHECK_S)
+
+    def _authorize(self, context, rpc_name: str, message) -> None:
+        """Per-message authorization inside a stream (the interceptor checked the key at the start)."""
+        if self.authenticator is None:
+            return
+        secret = dict(context.invocation_metadata()).get(HEADER, "")
+        self.authenticator.authorize(self.authenticator.principal(secret), rpc_name, message)
+
+    def _batch(self, request_iterator, context, rpc_name: str, field: str, prepare, response_type):
+        """One response per item, in order; an item's failure is its own answer. Items that arrive
+        together (up to BATCH_GROUP) are checked one by one, then their faces embedded in one call.
+        The call itself ends when its key is revoked, its client goes idle or its deadline passes."""
+        recheck = self._recheck(context)
+        budget = self.limits.stream_budget()
+        reader = RequestReader(request_iterator, 2 * BATCH_GROUP)
+        context.add_callback(reader.stop)
+        s = self.settings
+        for group in _groups(reader, BATCH_GROUP, s.stream_first_message_seconds, s.stream_idle_seconds, recheck):
+            pending: list = []
+            for item in group:
+                recheck()
+                ensure_call_alive()
+                budget.received(item.ByteSize())
+                try:
+                    request = getattr(item, field)
+                    self._authorize(context, rpc_name, request)
+                    pending.append(prepare(request, budget))
+                except Exception as exc:  # noqa: BLE001 - one bad item never fails the batch
+                    pending.append(exc)
+            faces = [p.face for p in pending if not isinstance(p, Exception) and p.face is not None]
+            try:
+                embeddings = iter(self._ready().embed(faces) if faces else [])
+            except Exception as exc:  # noqa: BLE001
+                pending = [exc if not isinstance(p, Exception) and p.face is not None else p for p in pending]
+                embeddings = iter([])
+            for item, p in zip(group, pending):
+                try:
+                    if isinstance(p, Exception):
+                        raise p
+                    yield response_type(item_id=item.item_id, result=p.finish(next(embeddings) if p.face is not None else None))
+                except Exception as exc:  # noqa: BLE001
+                    yield response_type(item_id=item.item_id, error=item_error(failure(f"{rpc_name}Batch", exc)))
+
+    # -- batches ---------------------------------------------------------------
+    @rpc
+    def DetectBatch(self, request: pb.DetectBatchRequest, context) -> pb.DetectBatchResponse:
+        p = self._ready()
+        if not 1 <= len(request.items) <= MAX_DETECT_BATCH:
+            raise errors.validation("items", f"1 to {MAX_DETECT_BATCH} photos, got {len(request.items)}")
+        opts = self._options(request.face_options)
+        budget = self.limits.budget(request.ByteSize())
+        results = []
+        for n, item in enumerate(request.items):
+            ensure_call_alive()  # a dead call's remaining items are not decoded
+            try:
+                img = self._image(item.image, f"items[{n}].image", budget)
+                h, w = img.shape[:2]
+                results.append(pb.DetectBatchResult(item_id=item.item_id, faces=[convert.face_to_proto(f) for f in p.detect(img, opts)],
+                                                     image=pb.ImageInfo(width=w, height=h)))
+            except Exception as exc:  # noqa: BLE001
+                results.append(pb.DetectBatchResult(item_id=item.item_id, error=item_error(failure("DetectBatch", exc))))
+        return pb.DetectBatchResponse(results=results, detector=p.detector.name)
+
+    @stream_rpc
+    def ProcessBatch(self, request_iterator, context):
+        self._identity()
+        yield from self._batch(request_iterator, context, "Process", "process", self._process_pending, pb.ProcessBatchResponse)
+
+    @stream_rpc
+    def RegisterBatch(self, request_iterator, context):
+        self._identity()
+        yield from self._batch(request_iterator, context, "Register", "register", self._register_pending,
+                               pb.RegisterBatchResponse)
+
+    # -- live frames -------------------------------------------------------------
+    def _stream_settings(self, cfg: pb.StreamConfig) -> StreamSettings:
+        if not 0 <= cfg.max_fps <= MAX_FPS:
+            raise errors.validation("config.max_fps", f"must be in [0, {MAX_FPS:.0f}], got {cfg.max_fps}")
+        liveness, collection = cfg.liveness, ""
+        if cfg.identify:
+            collection = validate.collection_id(cfg.collection, "config.collection")
+            if self._identity().store.get_collection_policy(collection) == LIVENESS_REQUIRED:
+                liveness = True  # identification honours the collection's liveness policy, as Search does
+        return StreamSettings(
+            detect=self._options(cfg.face_options), liveness=liveness, identify=cfg.identify, collection=collection,
+            min_similarity=self._min_similarity(cfg.min_similarity, "config.min_similarity"),
+            liveness_threshold=self._liveness_threshold(cfg.liveness_threshold, "config.liveness_threshold"),
+            max_faces_per_subject=self.settings.max_faces_per_subject,
+        )
+
+    @staticmethod
+    def _read_frames(request_iterator, first: queue.Queue, go: threading.Event, inbox: FrameInbox) -> None:
+        """The reader thread: the first message to the handler, then (once it accepted the config)
+        frames into the inbox as they come (the handler thread processes)."""
+        try:
+            first.put(next(request_iterator, None))
+            go.wait()
+            if inbox.cancelled:
+                return
+            for req in request_iterator:
+                if req.WhichOneof("message") != "frame":
+                    inbox.fail(errors.FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, errors.STREAM_PROTOCOL,
+                                                       "only the first message may be a StreamConfig; then send frames"))
+                    return
+                inbox.put(req.frame)
+            inbox.close()
+        except Exception:  # noqa: BLE001 - the call was cancelled or broke: stop processing at once
+            first.put(None)
+            inbox.cancel()
+
+    @stream_rpc
+    def StreamFrames(self, request_iterator, context):
+        p = self._ready()
+        inbox, first_q, go = FrameInbox(), queue.Queue(maxsize=2), threading.Event()
+        context.add_callback(inbox.cancel)  # a cancelled or finished call frees the stream at once
+        threading.Thread(target=self._read_frames, args=(request_iterator, first_q, go, inbox), name="stream-reader",
+                         daemon=True).start()
+        try:
+            yield from self._stream_frames(p, context, inbox, first_q, go)
+        finally:
+            inbox.cancel()
+            go.set()
+
+    def _stream_frames(self, p, context, inbox: FrameInbox, first_q: queue.Queue, go: threading.Event):
+        recheck = self._recheck(context)
+        try:
+            first = first_q.get(timeout=self.settings.stream_first_message_seconds)
+        except queue.Empty:
+            raise stream_idle(self.settings.stream_first_message_seconds) from None
+        if first is None:
+            return
+        if first.WhichOneof("message") != "config":
+            raise errors.FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, errors.STREAM_PROTOCOL,
+                                          "the first message of StreamFrames must be a StreamConfig")
+        if first.config.identify:  # detection/liveness alone are stateless: any valid key may stream them
+            self._authorize(context, "StreamFrames", first.config)
+        cfg = self._stream_settings(first.config)
+        if cfg.identify:
+            recheck = self._recheck(context, cfg.collection)
+        inbox.pace(first.config.max_fps)
+        go.set()
+        session = StreamSession(p, self.searcher.indexes if cfg.identify else None, cfg)
+        idle_s = self.settings.stream_idle_seconds
+        budget = self.limits.stream_budget()
+        while (item := inbox.take(timeout=RECHECK_S)) is not None:
+            recheck()
+            if item is WAITING:
+                if inbox.idle_for() > idle_s:
+                    raise stream_idle(idle_s)
+                continue
+            frame, received, skipped = item
+            resp = pb.StreamFramesResponse(frame_id=frame.frame_id, skipped_frame_ids=skipped)
+            if frame.HasField("capture_time"):
+                resp.capture_time.CopyFrom(frame.capture_time)
+            try:
+                budget.received(frame.ByteSize())
+                img = self._image(frame.image, "frame.image", budget)
+                resp.image.CopyFrom(pb.ImageInfo(width=img.shape[1], height=img.shape[0]))
+                for r in session.process(img):
+                    resp.faces.append(pb.TrackedFace(
+                        track_id=r.track.track_id, face=convert.face_to_proto(r.face), frames_tracked=r.track.frames,
+                        evaluated=r.evaluated,
+                        liveness=convert.liveness_to_proto(r.track.liveness) if r.track.liveness else None,
+                        identity=pb.TrackIdentity(subject_id=r.track.identity.subject_id, face_id=r.track.identity.face_id,
+                                                  similarity=r.track.identity.similarity) if r.track.identity else None))
+            except errors.FaceServiceError as exc:  # one bad frame does not end the stream
+                if exc.reason in STREAM_ENDING:
+                    raise
+                resp.error.CopyFrom(item_error(failure("StreamFrames", exc)))
+            resp.latency_ms = (time.monotonic() - received) * 1000
+            yield resp

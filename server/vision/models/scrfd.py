@@ -1,0 +1,54 @@
+"""SCRFD face detector (insightface det_500m / det_2.5g): box + 5 landmarks."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from server.vision.models.detection import GridFaceDetector, cell_grid
+
+
+class ScrfdDetector(GridFaceDetector):
+    """Anchor-free SCRFD with 3 strides and 2 anchors per cell; RGB, (x - 127.5) / 128.
+
+    Outputs are identified by shape (last dim 1/4/10 = scores/boxes/landmarks;
+    more rows = finer stride), so both published exports work regardless of
+    output order.
+    """
+
+    num_anchors = 2
+    tight_input = True  # fully convolutional: the input need not be square
+
+    def __init__(self, session, name: str, input_size: int = 640, score_threshold: float = 0.5, nms_threshold: float = 0.4):
+        super().__init__(session, name, input_size, score_threshold, nms_threshold)
+        self._centers: dict[tuple[int, int, int], np.ndarray] = {}  # (h, w, stride) -> anchor centres
+        self._output_names = [o.name for o in session.get_outputs()]
+
+    def _anchor_centers(self, h: int, w: int, s: int) -> np.ndarray:
+        key = (h, w, s)
+        if key not in self._centers:
+            if len(self._centers) > 64:  # a handful of frame shapes in practice
+                self._centers.clear()
+            self._centers[key] = np.repeat(cell_grid(h, w, s) * s, self.num_anchors, axis=0)
+        return self._centers[key]
+
+    def _run(self, canvas: np.ndarray) -> dict:
+        # BGR -> RGB, (x - 127.5) / 128, HWC -> NCHW in one OpenCV pass: 0.5 ms for 640x480
+        # against 1.6 ms for the numpy chain it replaced (bit-identical blob)
+        h, w = canvas.shape[:2]
+        blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128.0, (w, h), (127.5, 127.5, 127.5), swapRB=True)
+        by_dim: dict[int, list[np.ndarray]] = {1: [], 4: [], 10: []}
+        for out in self.session.run(self._output_names, {self.input_name: blob}):
+            by_dim[out.shape[-1]].append(out.reshape(-1, out.shape[-1]))
+        # {last dim: {stride: array}}; the output with most rows is stride 8
+        out = {dim: dict(zip(self.strides, sorted(arrays, key=lambda a: -a.shape[0]))) for dim, arrays in by_dim.items()}
+        out["shape"] = canvas.shape[:2]
+        return out
+
+    def _decode(self, g, s: int, thr: float):
+        scores = g[1][s][:, 0]
+        idx = np.nonzero(scores >= thr)[0]
+        centers = self._anchor_centers(*g["shape"], s)[idx]
+        d = g[4][s][idx] * s
+        boxes = np.concatenate([centers - d[:, :2], centers + d[:, 2:]], axis=1)
+        kps = g[10][s][idx].reshape(-1, 5, 2) * s + centers[:, None, :]
+        return boxes, kps, scores[idx]

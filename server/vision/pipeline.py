@@ -1,0 +1,114 @@
+"""The face pipeline: detect once, then each per-face model adds to the same Face.
+
+No protobuf and no gRPC here: plain arrays and dataclasses in, results out.
+Every model object is created once at start-up and shared by all threads.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+
+from server import errors
+from server.vision.alignment import arcface_crop
+from server.vision.faces import AgeGender, Face, LivenessResult
+from server.vision.imaging import resize_long_side
+from server.vision.quality import assess
+
+log = logging.getLogger(__name__)
+
+LARGEST, MOST_CENTRAL, HIGHEST_SCORE, REQUIRE_SINGLE = "largest", "most_central", "highest_score", "require_single"
+DEFAULT = "default"  # the caller did not choose: ordered as LARGEST; enrolment also refuses ambiguous photos
+
+
+@dataclass(frozen=True)
+class DetectOptions:
+    min_face_size: float = 20.0
+    max_faces: int = 20
+    selection: str = DEFAULT
+    min_score: float | None = None  # None = the detector's own default
+
+
+class FacePipeline:
+    def __init__(self, detector, recognizer, liveness: list, age, gender, *,
+                 detect_max_side: int = 640, liveness_threshold: float = 0.5):
+        self.detector = detector
+        self.recognizer = recognizer
+        self.liveness_models = liveness
+        self.age = age
+        self.gender = gender
+        self.detect_max_side = detect_max_side
+        self.liveness_threshold = liveness_threshold
+
+    # -- detection ---------------------------------------------------------
+    def detect(self, img: np.ndarray, opts: DetectOptions) -> list[Face]:
+        """All faces passing the filters, ordered by `opts.selection`, with quality and aligned crops."""
+        small, scale = resize_long_side(img, self.detect_max_side)
+        boxes, kps, scores = self.detector.detect(small, opts.min_score)
+        boxes, kps = boxes / scale, kps / scale
+        h, w = img.shape[:2]
+        faces = []
+        for box, lm, score in zip(boxes, kps, scores):
+            if min(box[2] - box[0], box[3] - box[1]) < opts.min_face_size:
+                continue
+            faces.append(Face(box=box.astype(np.float32), landmarks=lm.astype(np.float32), score=float(score)))
+        faces = self._order(faces, opts.selection, w, h)
+        if opts.selection == REQUIRE_SINGLE and len(faces) > 1:
+            raise errors.multiple_faces(len(faces))
+        faces = faces[: opts.max_faces]
+        for f in faces:
+            f.aligned = arcface_crop(img, f.landmarks)
+            f.quality = assess(f.box, f.landmarks, f.aligned)
+        return faces
+
+    @staticmethod
+    def _order(faces: list[Face], selection: str, w: int, h: int) -> list[Face]:
+        if selection == HIGHEST_SCORE:
+            key = lambda f: -f.score  # noqa: E731
+        elif selection == MOST_CENTRAL:
+            cx, cy = w / 2, h / 2
+            key = lambda f: ((f.box[0] + f.box[2]) / 2 - cx) ** 2 + ((f.box[1] + f.box[3]) / 2 - cy) ** 2  # noqa: E731
+        else:  # largest (also the order for require_single)
+            key = lambda f: -f.clipped_area(w, h)  # noqa: E731
+        return sorted(faces, key=key)
+
+    def detect_one(self, img: np.ndarray, opts: DetectOptions, **where: object) -> Face:
+        """The face single-face operations use: the first by `selection`."""
+        faces = self.detect(img, opts)
+        if not faces:
+            raise errors.no_face(**where)
+        return faces[0]
+
+    # -- per-face models ---------------------------------------------------
+    def embed(self, faces: list[Face]) -> np.ndarray:
+        """Embeds every face in one batch; also stores each on its Face."""
+        emb = self.recognizer.embed([f.aligned for f in faces])
+        for f, e in zip(faces, emb):
+            f.embedding = e
+        return emb
+
+    def check_liveness(self, img: np.ndarray, face: Face, threshold: float | None = None) -> LivenessResult:
+        thr = self.liveness_threshold if not threshold else threshold
+        scores = {m.name: m.score(img, face.box) for m in self.liveness_models}
+        fused = float(np.mean(list(scores.values())))
+        return LivenessResult(is_live=fused >= thr, score=fused, threshold=thr, model_scores=scores)
+
+    def require_live(self, img: np.ndarray, face: Face, threshold: float | None = None, **where: object) -> LivenessResult:
+        result = self.check_liveness(img, face, threshold)
+        if not result.is_live:
+            raise errors.spoof(result.score, result.threshold, **where)
+        return result
+
+    def analyze(self, img: np.ndarray, faces: list[Face]) -> list[AgeGender]:
+        lms = [f.landmarks for f in faces]
+        ages = self.age.estimate(img, lms)
+        males = self.gender.classify(img, lms)
+        return [
+            AgeGender(age=a, age_low=lo, age_high=hi, is_male=pm >= 0.5, gender_confidence=max(pm, 1 - pm))
+            for (a, lo, hi), pm in zip(ages, males)
+        ]
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.dot(a, b))
