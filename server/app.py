@@ -28,12 +28,20 @@ from server.index.snapshot import SnapshotStore
 from server.index.sync import ChangeNotifier, IndexSync
 from server.vision.models.manifest import load_manifest
 from server.rpc.observability import ObservabilityInterceptor
-from server.telemetry import serve_metrics
+from server.telemetry import ServiceCollector, serve_metrics
 from server.vision.models.registry import ModelLoader
 from server.vision.models.runtime import RuntimeOptions, choose_providers
 from server.vision.pipeline import FacePipeline
 from server.domain.search import SearchService
+from server.domain.collections import CollectionService
+from server.rpc.handlers.identity import IdentityHandlers
+from server.rpc.handlers.management import ManagementHandlers
+from server.rpc.handlers.search import SearchHandlers
+from server.rpc.handlers.stateless import StatelessHandlers
+from server.rpc.handlers.streams import StreamHandlers
+from server.rpc.requests import Defaults, RequestParser
 from server.rpc.servicer import FaceServicer
+from server.vision.imaging import ImageLimits
 from server.storage.staging import open_cache
 from server.storage.sql import open_store
 
@@ -139,11 +147,8 @@ class FaceServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        self.servicer = FaceServicer(settings)
-        self.servicer.streams = streams
-        if authenticator:
-            self.servicer.on_keys_revoked = authenticator.forget
-            self.servicer.authenticator = authenticator
+        self.streams, self.authenticator, self.indexes = streams, authenticator, None
+        self.servicer = FaceServicer()  # MODELS_LOADING until load_models() attaches the handlers
         pb_grpc.add_FaceServiceServicer_to_server(self.servicer, self.server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -161,11 +166,17 @@ class FaceServer:
         self.server.start()
         s = self.settings
         if s.metrics_port:
-            serve_metrics(s.metrics_port, s.metrics_host, self.servicer, s.metrics_token)
+            collector = ServiceCollector(lambda: self.indexes.sizes() if self.indexes else {}, self.streams.active)
+            serve_metrics(s.metrics_port, s.metrics_host, collector, s.metrics_token)
             log.info("Prometheus metrics on http://%s:%d/metrics%s", s.metrics_host, s.metrics_port,
                      " (bearer token required)" if s.metrics_token else "")
         log.info("listening on %s:%d%s (health NOT_SERVING until models are loaded)", self.settings.host, self.port,
                  " with TLS" + (" + client certificates" if self.settings.tls_client_ca else "") if self.settings.tls_cert else "")
+
+    def servicer_limits(self) -> ImageLimits:
+        s = self.settings
+        return ImageLimits(max_bytes=int(s.max_image_mb * 1024 * 1024), max_pixels=s.max_image_pixels,
+                           max_jpeg_scans=s.max_jpeg_scans, max_request_pixels=s.max_request_pixels)
 
     def load_models(self) -> None:
         pipeline = build_pipeline(self.settings)
@@ -185,9 +196,20 @@ class FaceServer:
                                     snapshot_interval_s=s.index_snapshot_seconds, retention_s=retention_s,
                                     warmup=s.index_warmup, notifier=notifier)
         identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher, indexes)
-        self.servicer.searcher = SearchService(identity, indexes, s.max_faces_per_subject)
-        self.servicer.identity = identity
-        self.servicer.pipeline = pipeline
+        collections = CollectionService(self.store, self.store, self.cache, indexes,
+                                        on_keys_revoked=self.authenticator.forget if self.authenticator else lambda: None)
+        searcher = SearchService(identity, indexes, s.max_faces_per_subject)
+        requests = RequestParser(self.servicer_limits(), Defaults(
+            min_face_size=s.min_face_size, max_faces=s.max_faces,
+            match_threshold=s.match_threshold or rec.match_threshold, search_threshold=s.search_threshold or rec.search_threshold,
+            match_floor=s.match_threshold_floor, liveness_threshold=s.liveness_threshold))
+        identity_rpcs = IdentityHandlers(identity, requests)
+        self.indexes = indexes
+        self.servicer.attach(
+            StatelessHandlers(pipeline, requests), identity_rpcs, ManagementHandlers(collections),
+            SearchHandlers(searcher, requests),
+            StreamHandlers(pipeline, identity_rpcs, collections, indexes, requests, self.authenticator,
+                           s.stream_first_message_seconds, s.stream_idle_seconds, s.max_faces_per_subject))
         self.index_sync.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

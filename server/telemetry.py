@@ -16,6 +16,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 from prometheus_client import Counter, Histogram, make_wsgi_app
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
@@ -34,25 +35,22 @@ INFERENCE = Histogram("facesvc_model_inference_seconds", "One ONNX Runtime sessi
 class ServiceCollector:
     """Index sizes and open streams, read at scrape time from the running server."""
 
-    def __init__(self, servicer):
-        self.servicer = servicer
+    def __init__(self, index_sizes: Callable[[], dict[str, int]], open_streams: Callable[[], int]):
+        self.index_sizes, self.open_streams = index_sizes, open_streams
 
     def collect(self):
         faces = GaugeMetricFamily("facesvc_index_faces", "Searchable faces per loaded collection index", labels=["collection"])
-        searcher = self.servicer.searcher
-        if searcher is not None:
-            for collection in searcher.indexes.loaded():
-                idx = searcher.indexes._indexes.get(collection)
-                if idx is not None:
-                    faces.add_metric([collection], len(idx))
+        for collection, size in sorted(self.index_sizes().items()):
+            faces.add_metric([collection], size)
         yield faces
-        yield GaugeMetricFamily("facesvc_streams_active", "Open streams (StreamFrames, ProcessBatch, RegisterBatch)", value=self.servicer.streams.active())
+        yield GaugeMetricFamily("facesvc_streams_active", "Open streams (StreamFrames, ProcessBatch, RegisterBatch)",
+                                value=self.open_streams())
 
 
-def serve_metrics(port: int, host: str, servicer, token: str = "") -> None:
+def serve_metrics(port: int, host: str, collector: ServiceCollector, token: str = "") -> None:
     """/metrics on its own thread. It names every loaded collection, so it binds to loopback by
     default (metrics_host) and, with a token set, answers only `Authorization: Bearer <token>`."""
-    REGISTRY.register(ServiceCollector(servicer))
+    REGISTRY.register(collector)
     app = make_wsgi_app()
     if token:
         expected = f"Bearer {token}".encode()

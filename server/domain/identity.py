@@ -21,7 +21,7 @@ from server.vision.pipeline import DEFAULT, DetectOptions, FacePipeline
 from server.records import LIVENESS_OPTIONAL, FaceRecord, NewFace, Subject
 from server.storage.staging import StagedFace, StagingCache
 from server.storage.staging.base import face_id_for_token, new_token
-from server.storage.sql import SqlFaceStore
+from server.storage.interfaces import SubjectStore
 
 log = logging.getLogger("facesvc.identity")
 
@@ -79,7 +79,7 @@ def _now_ms() -> int:
 
 
 class IdentityService:
-    def __init__(self, pipeline: FacePipeline, store: SqlFaceStore, cache: StagingCache,
+    def __init__(self, pipeline: FacePipeline, store: SubjectStore, cache: StagingCache,
                  policy: EnrolmentPolicy = EnrolmentPolicy(), cipher: CropCipher | None = None, indexes=None):
         self.pipeline = pipeline
         self.store = store
@@ -231,6 +231,16 @@ class IdentityService:
             similarities=[(gallery[i].face_id, float(sims[i])) for i in order],
         )
 
+    # -- subjects ------------------------------------------------------------
+    def get_subject(self, collection: str, subject_id: str) -> Subject:
+        return self.store.get_subject(collection, subject_id)
+
+    def list_subjects(self, collection: str, after: str, limit: int) -> list[Subject]:
+        return self.store.list_subjects(collection, after, limit)
+
+    def update_subject(self, collection: str, subject_id: str, metadata: dict[str, str]) -> Subject:
+        return self.store.update_subject_metadata(collection, subject_id, metadata)
+
     # -- deletions (the store first, then the index) ---------------------------
     def delete_subject(self, collection: str, subject_id: str) -> int:
         face_ids = self.store.delete_subject(collection, subject_id)
@@ -244,12 +254,3 @@ class IdentityService:
             self.indexes.local_change(collection, [face_id])
         return face
 
-    def delete_collection(self, collection: str) -> tuple[int, int]:
-        counts = self.store.delete_collection(collection)
-        if self.indexes is not None:
-            self.indexes.collection_deleted(collection)
-        try:  # staged faces die with their collection (and Register checks the collection's creation time too)
-            self.cache.drop_collection(collection)
-        except errors.FaceServiceError as exc:
-            log.warning("staged faces of deleted collection %s not dropped now (%s); they expire unused", collection, exc)
-        return counts

@@ -76,3 +76,8 @@ class SearchService:
                                       f"collection {collection!r} requires liveness, and an embedding brings none: "
                                       "search with a photo (Search)", collection=collection)
         return self.indexes.get(collection).search(embedding / norm, top_k, min_similarity, self.max_faces_per_subject)
+
+    def stats(self, collection: str) -> dict:
+        """The collection's index statistics (COLLECTION_NOT_FOUND first: nothing is loaded for a missing one)."""
+        self.store.get_collection_policy(collection)
+        return self.indexes.get(collection).stats()

@@ -51,6 +51,10 @@ class IndexRegistry:
     def loaded(self) -> list[str]:
         return list(self._indexes)
 
+    def sizes(self) -> dict[str, int]:
+        """{collection: searchable faces} of the indexes this server has loaded."""
+        return {c: len(idx) for c, idx in list(self._indexes.items())}
+
     def get(self, collection: str) -> FaceIndex:
         """The collection's index, loaded if this server has not loaded it yet."""
         idx = self._indexes.get(collection)

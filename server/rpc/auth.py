@@ -69,6 +69,13 @@ class Principal:
 current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar("current_principal", default=None)
 
 
+def admin_or_open() -> bool:
+    """The admin key's call (or, with auth off, anyone's): may see server-wide counters and search a
+    liveness-REQUIRED collection without a photo."""
+    principal = current_principal.get()
+    return principal is None or principal.admin
+
+
 def _invalid() -> errors.FaceServiceError:
     return errors.FaceServiceError(grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_INVALID, "unknown or revoked API key")
 

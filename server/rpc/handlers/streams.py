@@ -1,8 +1,11 @@
-"""FaceService's streaming and batch RPCs (a FaceServicer mixin): StreamFrames, DetectBatch,
-ProcessBatch, RegisterBatch.
+"""The streaming RPCs: StreamFrames (live camera frames) and the batch streams ProcessBatch and
+RegisterBatch.
 
-Batch items fail one by one: each gets the status and reason its single-item
-RPC would have answered with, and the call goes on.
+Every stream holds a worker thread for its whole life, so each one waits for
+its messages with a timeout (RequestReader / the frame inbox), re-checks its
+key and collection about once a second, and charges one pixel budget for the
+whole call. Batch items fail one by one: each gets the status and reason its
+single-item RPC would have answered with, and the call goes on.
 """
 from __future__ import annotations
 
@@ -14,19 +17,23 @@ import grpc
 
 from facesvc.v1 import face_service_pb2 as pb
 from server import errors
-from server.rpc import convert
-from server.rpc import validate
-from server.rpc.auth import HEADER, current_principal
-from server.records import LIVENESS_REQUIRED
 from server.context import ensure_call_alive
-from server.rpc.status import failure, rpc, stream_rpc
+from server.domain.collections import CollectionService
 from server.domain.streaming import WAITING, FrameInbox, Recheck, StreamSession, StreamSettings
+from server.records import LIVENESS_REQUIRED
+from server.rpc import convert, validate
+from server.rpc.auth import HEADER, Authenticator, current_principal
+from server.rpc.handlers.identity import IdentityHandlers
+from server.rpc.handlers.stateless import item_error
+from server.rpc.requests import RequestParser
+from server.rpc.status import failure, stream_rpc
+from server.vision.pipeline import FacePipeline
 
-
-MAX_DETECT_BATCH = 64
 MAX_FPS = 240.0
 BATCH_GROUP = 8  # batch items checked together and embedded in one recognizer call
 RECHECK_S = 1.0  # how often an open stream re-checks its key (and its collection) with the database
+# Failures of a frame that end the stream rather than that frame: the call or the collection is gone.
+STREAM_ENDING = frozenset({errors.CALL_ENDED, errors.COLLECTION_NOT_FOUND})
 
 
 class RequestReader:
@@ -105,16 +112,15 @@ def _groups(reader: RequestReader, size: int, first_s: float, idle_s: float, rec
         reader.stop()
 
 
-# Failures of a frame that end the stream rather than that frame: the call or the collection is gone.
-STREAM_ENDING = frozenset({errors.CALL_ENDED, errors.COLLECTION_NOT_FOUND})
+class StreamHandlers:
+    RPCS = ("StreamFrames", "ProcessBatch", "RegisterBatch")
 
-
-def item_error(exc: errors.FaceServiceError) -> pb.ItemError:
-    return pb.ItemError(code=exc.code.value[0], reason=exc.reason, message=exc.message, metadata=exc.metadata)
-
-
-class StreamRpcs:
-    authenticator = None  # auth.Authenticator when auth is on (app.py); items inside streams are checked with it
+    def __init__(self, pipeline: FacePipeline, identity: IdentityHandlers, collections: CollectionService, indexes,
+                 requests: RequestParser, authenticator: Authenticator | None, first_message_s: float, idle_s: float,
+                 max_faces_per_subject: int):
+        self.pipeline, self.identity, self.collections, self.indexes = pipeline, identity, collections, indexes
+        self.requests, self.authenticator = requests, authenticator
+        self.first_message_s, self.idle_s, self.max_faces_per_subject = first_message_s, idle_s, max_faces_per_subject
 
     def _recheck(self, context, collection: str = "") -> Recheck:
         """What an open stream must go on holding: its key (asked of the database, not the cache) and,
@@ -125,11 +131,10 @@ class StreamRpcs:
             secret = dict(context.invocation_metadata()).get(HEADER, "")
             checks.append(lambda: self.authenticator.still_valid(secret))
         if collection:
-            store = self._identity().store
-            created = store.collection_created_ms(collection)
+            created = self.collections.created_ms(collection)
 
             def same_collection():
-                if store.collection_created_ms(collection) != created:
+                if self.collections.created_ms(collection) != created:
                     raise errors.not_found(errors.COLLECTION_NOT_FOUND, "the collection was deleted; the stream is closed",
                                            collection=collection)
             checks.append(same_collection)
@@ -142,16 +147,16 @@ class StreamRpcs:
         secret = dict(context.invocation_metadata()).get(HEADER, "")
         self.authenticator.authorize(self.authenticator.principal(secret), rpc_name, message)
 
+    # -- batches ---------------------------------------------------------------
     def _batch(self, request_iterator, context, rpc_name: str, field: str, prepare, response_type):
         """One response per item, in order; an item's failure is its own answer. Items that arrive
         together (up to BATCH_GROUP) are checked one by one, then their faces embedded in one call.
         The call itself ends when its key is revoked, its client goes idle or its deadline passes."""
         recheck = self._recheck(context)
-        budget = self.limits.stream_budget()
+        budget = self.requests.limits.stream_budget()
         reader = RequestReader(request_iterator, 2 * BATCH_GROUP)
         context.add_callback(reader.stop)
-        s = self.settings
-        for group in _groups(reader, BATCH_GROUP, s.stream_first_message_seconds, s.stream_idle_seconds, recheck):
+        for group in _groups(reader, BATCH_GROUP, self.first_message_s, self.idle_s, recheck):
             pending: list = []
             for item in group:
                 recheck()
@@ -165,7 +170,7 @@ class StreamRpcs:
                     pending.append(exc)
             faces = [p.face for p in pending if not isinstance(p, Exception) and p.face is not None]
             try:
-                embeddings = iter(self._ready().embed(faces) if faces else [])
+                embeddings = iter(self.pipeline.embed(faces) if faces else [])
             except Exception as exc:  # noqa: BLE001
                 pending = [exc if not isinstance(p, Exception) and p.face is not None else p for p in pending]
                 embeddings = iter([])
@@ -177,51 +182,31 @@ class StreamRpcs:
                 except Exception as exc:  # noqa: BLE001
                     yield response_type(item_id=item.item_id, error=item_error(failure(f"{rpc_name}Batch", exc)))
 
-    # -- batches ---------------------------------------------------------------
-    @rpc
-    def DetectBatch(self, request: pb.DetectBatchRequest, context) -> pb.DetectBatchResponse:
-        p = self._ready()
-        if not 1 <= len(request.items) <= MAX_DETECT_BATCH:
-            raise errors.validation("items", f"1 to {MAX_DETECT_BATCH} photos, got {len(request.items)}")
-        opts = self._options(request.face_options)
-        budget = self.limits.budget(request.ByteSize())
-        results = []
-        for n, item in enumerate(request.items):
-            ensure_call_alive()  # a dead call's remaining items are not decoded
-            try:
-                img = self._image(item.image, f"items[{n}].image", budget)
-                h, w = img.shape[:2]
-                results.append(pb.DetectBatchResult(item_id=item.item_id, faces=[convert.face_to_proto(f) for f in p.detect(img, opts)],
-                                                     image=pb.ImageInfo(width=w, height=h)))
-            except Exception as exc:  # noqa: BLE001
-                results.append(pb.DetectBatchResult(item_id=item.item_id, error=item_error(failure("DetectBatch", exc))))
-        return pb.DetectBatchResponse(results=results, detector=p.detector.name)
-
     @stream_rpc
     def ProcessBatch(self, request_iterator, context):
-        self._identity()
-        yield from self._batch(request_iterator, context, "Process", "process", self._process_pending, pb.ProcessBatchResponse)
+        yield from self._batch(request_iterator, context, "Process", "process", self.identity.prepare_process,
+                               pb.ProcessBatchResponse)
 
     @stream_rpc
     def RegisterBatch(self, request_iterator, context):
-        self._identity()
-        yield from self._batch(request_iterator, context, "Register", "register", self._register_pending,
+        yield from self._batch(request_iterator, context, "Register", "register", self.identity.prepare_register,
                                pb.RegisterBatchResponse)
 
     # -- live frames -------------------------------------------------------------
     def _stream_settings(self, cfg: pb.StreamConfig) -> StreamSettings:
+        r = self.requests
         if not 0 <= cfg.max_fps <= MAX_FPS:
             raise errors.validation("config.max_fps", f"must be in [0, {MAX_FPS:.0f}], got {cfg.max_fps}")
         liveness, collection = cfg.liveness, ""
         if cfg.identify:
             collection = validate.collection_id(cfg.collection, "config.collection")
-            if self._identity().store.get_collection_policy(collection) == LIVENESS_REQUIRED:
+            if self.collections.policy(collection) == LIVENESS_REQUIRED:
                 liveness = True  # identification honours the collection's liveness policy, as Search does
         return StreamSettings(
-            detect=self._options(cfg.face_options), liveness=liveness, identify=cfg.identify, collection=collection,
-            min_similarity=self._min_similarity(cfg.min_similarity, "config.min_similarity"),
-            liveness_threshold=self._liveness_threshold(cfg.liveness_threshold, "config.liveness_threshold"),
-            max_faces_per_subject=self.settings.max_faces_per_subject,
+            detect=r.options(cfg.face_options, "config.face_options"), liveness=liveness, identify=cfg.identify,
+            collection=collection, min_similarity=r.min_similarity(cfg.min_similarity, "config.min_similarity"),
+            liveness_threshold=r.liveness_threshold(cfg.liveness_threshold, "config.liveness_threshold"),
+            max_faces_per_subject=self.max_faces_per_subject,
         )
 
     @staticmethod
@@ -246,23 +231,22 @@ class StreamRpcs:
 
     @stream_rpc
     def StreamFrames(self, request_iterator, context):
-        p = self._ready()
         inbox, first_q, go = FrameInbox(), queue.Queue(maxsize=2), threading.Event()
         context.add_callback(inbox.cancel)  # a cancelled or finished call frees the stream at once
         threading.Thread(target=self._read_frames, args=(request_iterator, first_q, go, inbox), name="stream-reader",
                          daemon=True).start()
         try:
-            yield from self._stream_frames(p, context, inbox, first_q, go)
+            yield from self._stream_frames(context, inbox, first_q, go)
         finally:
             inbox.cancel()
             go.set()
 
-    def _stream_frames(self, p, context, inbox: FrameInbox, first_q: queue.Queue, go: threading.Event):
+    def _stream_frames(self, context, inbox: FrameInbox, first_q: queue.Queue, go: threading.Event):
         recheck = self._recheck(context)
         try:
-            first = first_q.get(timeout=self.settings.stream_first_message_seconds)
+            first = first_q.get(timeout=self.first_message_s)
         except queue.Empty:
-            raise stream_idle(self.settings.stream_first_message_seconds) from None
+            raise stream_idle(self.first_message_s) from None
         if first is None:
             return
         if first.WhichOneof("message") != "config":
@@ -275,9 +259,9 @@ class StreamRpcs:
             recheck = self._recheck(context, cfg.collection)
         inbox.pace(first.config.max_fps)
         go.set()
-        session = StreamSession(p, self.searcher.indexes if cfg.identify else None, cfg)
-        idle_s = self.settings.stream_idle_seconds
-        budget = self.limits.stream_budget()
+        session = StreamSession(self.pipeline, self.indexes if cfg.identify else None, cfg)
+        idle_s = self.idle_s
+        budget = self.requests.limits.stream_budget()
         while (item := inbox.take(timeout=RECHECK_S)) is not None:
             recheck()
             if item is WAITING:
@@ -290,7 +274,7 @@ class StreamRpcs:
                 resp.capture_time.CopyFrom(frame.capture_time)
             try:
                 budget.received(frame.ByteSize())
-                img = self._image(frame.image, "frame.image", budget)
+                img = self.requests.image(frame.image, "frame.image", budget)
                 resp.image.CopyFrom(pb.ImageInfo(width=img.shape[1], height=img.shape[0]))
                 for r in session.process(img):
                     resp.faces.append(pb.TrackedFace(

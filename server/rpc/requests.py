@@ -1,0 +1,61 @@
+"""Turning request fields into checked values, shared by every handler group: images (with their
+CPU budget), detection options, and thresholds that a request may raise but never lower."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from facesvc.v1 import face_service_pb2 as pb
+from server import errors
+from server.context import ensure_call_alive
+from server.rpc import convert
+from server.vision.imaging import ImageLimits, PixelBudget
+from server.vision.pipeline import DetectOptions
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """The server's defaults and floors for what a request leaves at 0."""
+    min_face_size: int
+    max_faces: int
+    match_threshold: float        # 1:1 (Compare, Verify)
+    search_threshold: float       # 1:N (Search, SearchByEmbedding, StreamFrames identify)
+    match_floor: float            # no request's match threshold or min_similarity below this
+    liveness_threshold: float     # also the floor of every request's liveness threshold
+
+
+class RequestParser:
+    def __init__(self, limits: ImageLimits, defaults: Defaults):
+        self.limits, self.defaults = limits, defaults
+
+    def image(self, msg: pb.Image, field: str, budget: PixelBudget | None = None):
+        ensure_call_alive()  # before each decode: a batch stops at its deadline, not after its last item
+        return convert.image_from_proto(msg, field, self.limits, budget)
+
+    def options(self, msg: pb.FaceOptions, field: str = "face_options") -> DetectOptions:
+        return convert.detect_options(msg, self.defaults.min_face_size, self.defaults.max_faces, field)
+
+    # A request may raise a threshold, never lower it below the server's: a collection key must not
+    # be able to undo the policy its operator set (a spoof verifying at liveness_threshold=1e-4).
+    def liveness_threshold(self, requested: float, field: str = "liveness_threshold") -> float | None:
+        t = convert.optional_threshold(requested, field, 0.0, 1.0)
+        floor = self.defaults.liveness_threshold
+        if t is not None and t < floor:
+            raise errors.validation(field, f"may raise the server's liveness threshold {floor}, not lower it; got {t}",
+                                    floor=floor)
+        return t
+
+    def _floored(self, requested: float, field: str) -> float | None:
+        t = convert.optional_threshold(requested, field, -1.0, 1.0)
+        floor = self.defaults.match_floor
+        if t is not None and t < floor:
+            raise errors.validation(field, f"must be at least {floor} (the server's match_threshold_floor), got {t}",
+                                    floor=floor)
+        return t
+
+    def match_threshold(self, requested: float, field: str = "threshold") -> float:
+        t = self._floored(requested, field)
+        return self.defaults.match_threshold if t is None else t
+
+    def min_similarity(self, requested: float, field: str = "min_similarity") -> float:
+        t = self._floored(requested, field)
+        return self.defaults.search_threshold if t is None else t

@@ -1,0 +1,177 @@
+"""The SQL database the role stores share: the connection pool, one transaction per call
+(outages become STORE_UNAVAILABLE), retries of lost races, and the schema migrations.
+
+The database is the source of truth. Every write is one transaction: a face
+and the subject it creates are committed together or not at all. Identifier
+columns compare byte-wise on both backends (utf8mb4_bin on MySQL), so
+"Alice" and "alice" are two subjects everywhere.
+
+Every write that changes which faces a search index should hold also appends
+a row to `face_changes` in the same transaction (`_log`: op add / delete /
+update, or drop for a whole collection). Each server replica follows that log
+to keep its in-memory indexes current (server/index/sync.py).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+
+import numpy as np
+
+from server import errors
+
+log = logging.getLogger("facesvc.store")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _emb_bytes(v: np.ndarray) -> bytes:
+    return np.asarray(v, dtype="<f4").tobytes()
+
+
+def _emb_array(b: bytes) -> np.ndarray:
+    return np.frombuffer(b, dtype="<f4").copy()
+
+
+class _Duplicate(Exception):
+    """A face id that is already committed (an idempotent retry)."""
+
+
+class _Retry(Exception):
+    """The transaction lost a race it can win by running again."""
+
+
+class ConnectionPool:
+    """At most `size` connections; a connection that failed mid-use is closed, not reused."""
+
+    def __init__(self, dialect, size: int, wait_s: float = 10.0):
+        self.d = dialect
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._slots = threading.BoundedSemaphore(size)
+        self._wait_s = wait_s
+
+    @contextlib.contextmanager
+    def connection(self):
+        if not self._slots.acquire(timeout=self._wait_s):
+            raise errors.unavailable(errors.STORE_UNAVAILABLE, "all database connections are busy; retry")
+        conn = None
+        try:
+            try:
+                conn = self.d.checkout(self._idle.get_nowait())
+            except queue.Empty:
+                conn = self.d.connect()
+            yield conn
+            self._idle.put(conn)
+        except BaseException:
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            raise
+        finally:
+            self._slots.release()
+
+    def close(self) -> None:
+        while True:
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+class SqlDatabase:
+    def __init__(self, dialect, pool_size: int = 8):
+        self.d = dialect
+        self.pool = ConnectionPool(dialect, pool_size)
+
+    @property
+    def backend(self) -> str:
+        return self.d.name
+
+    def describe(self) -> str:
+        return self.d.describe()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # -- plumbing ------------------------------------------------------------
+    @contextlib.contextmanager
+    def _tx(self, write: bool = True):
+        """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
+        try:
+            with self.pool.connection() as conn:
+                self.d.begin(conn, write)
+                try:
+                    yield lambda sql, *params: self.d.execute(conn, sql, params)
+                    conn.commit()
+                except BaseException:
+                    with contextlib.suppress(Exception):
+                        conn.rollback()
+                    raise
+        except Exception as exc:
+            if isinstance(exc, errors.FaceServiceError) or not self.d.is_unavailable(exc):
+                raise
+            log.warning("database unavailable: %s", exc)
+            # the driver's text names hosts, ports and users: it goes to the log, the caller gets the reason
+            raise errors.unavailable(errors.STORE_UNAVAILABLE, "the database is unavailable; nothing was written; retry",
+                                     detail=f"{type(exc).__name__}: {exc}") from exc
+
+    def _retrying(self, fn, attempts: int = 3):
+        """Run a write transaction again after a deadlock / lock timeout (MySQL)."""
+        for attempt in range(attempts):
+            try:
+                return fn()
+            except _Retry:
+                if attempt == attempts - 1:
+                    raise errors.unavailable(errors.STORE_UNAVAILABLE, "write conflict; retry") from None
+            except errors.FaceServiceError as exc:
+                cause = exc.__cause__
+                code = self.d.error_code(cause) if cause is not None else None
+                if code not in self.d.retry_errors or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+
+    # -- schema --------------------------------------------------------------
+    def migrate(self) -> int:
+        """Create or upgrade the schema; returns the version now in place."""
+        target = len(self.d.schema)
+        try:
+            with self.pool.connection() as conn:
+                self.d.create_version_table(conn)
+                with self.d.migration_lock(conn):
+                    row = self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()
+                    current = row[0] or 0
+                    if current > target:
+                        raise RuntimeError(
+                            f"database schema version {current} is newer than this server understands ({target}); upgrade the server")
+                    for version in range(current + 1, target + 1):
+                        log.info("migrating %s schema to version %d", self.d.name, version)
+                        for stmt in self.d.schema[version - 1]:
+                            self.d.execute(conn, stmt)
+                        self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
+                        if self.d.name == "sqlite":
+                            conn.commit()
+        except RuntimeError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - unreachable, refused login, unknown database: one line, no traceback
+            raise RuntimeError(f"cannot reach the database {self.describe()}: {type(exc).__name__}: {exc}") from exc
+        return target
+
+    # -- shared by the role stores ---------------------------------------------
+    def _collection_row(self, q, collection_id: str):
+        row = q("SELECT collection_id, liveness_policy FROM collections WHERE collection_id = ?", collection_id).fetchone()
+        if row is None:
+            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection_id!r} does not exist",
+                                   collection=collection_id)
+        return row
+
+    @staticmethod
+    def _log(q, collection_id: str, face_id: str | None, op: str) -> None:
+        q("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES (?, ?, ?, ?)",
+          collection_id, face_id, op, now_ms())
