@@ -8,6 +8,7 @@ PY     := $(VENV)/bin/python
 BUF_VERSION := 1.75.0
 BUF    := .tools/node_modules/.bin/buf
 PROTOS := $(wildcard protos/facesvc/v1/*.proto)
+CONTRACT_BASELINE := contract/v0.2.0
 ARGS   ?=
 
 .PHONY: help setup run test lint-proto gen models install-gpu bench bench-search eval clean
@@ -51,6 +52,7 @@ $(BUF):
 
 lint-proto: $(BUF)
 	cd protos && ../$(BUF) lint
+	$(BUF) breaking protos --against $(CONTRACT_BASELINE)
 
 test: setup lint-proto
 	$(PY) -m pytest $(ARGS)

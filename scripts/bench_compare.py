@@ -141,7 +141,7 @@ def part_b(calls: int, seconds: float) -> dict:
         srv = Server(Path(d))
         try:
             s = srv.stub
-            s.CreateCollection(pb.CreateCollectionRequest(collection_id="bench", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
+            s.CreateCollection(pb.CreateCollectionRequest(collection="bench", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
             s.Register(pb.RegisterRequest(collection="bench", subject_id="person_01",
                                           image=pb.Image(encoded=(DEV / "img1.jpg").read_bytes())))
             seq = {}

@@ -69,7 +69,7 @@ def child(work: Path, params: HnswParams) -> dict:
         idx.search(q, 10, -1.0, 1)
     found, _ = idx.knn(probes, 10)  # labels are corpus rows: faces were added in order
     return {"huge_pages": hugepages.status(), "anon_huge_mb": hugepages.anon_huge_kb() / 1024, "load_s": load,
-            "recall@10": recall(found.astype(np.int64), truth, 10), "segments": idx.stats()["segments"],
+            "recall@10": recall(found.astype(np.int64), truth, 10), "segments": idx.stats().params["segments"],
             "single": latency(lambda q: idx.search(q, 10, -1.0, 1), probes, len(probes))}
 
 
@@ -82,8 +82,8 @@ def build_snapshot(work: Path, args) -> float:
     t0 = time.perf_counter()
     idx = build_index(corpus, HnswParams())
     build = time.perf_counter() - t0
-    print(f"built {args.size:,} faces in {build:.0f}s: {idx.stats()['segments']} segment(s), "
-          f"ef {idx.stats()['ef_search']}", flush=True)
+    print(f"built {args.size:,} faces in {build:.0f}s: {idx.stats().params["segments"]} segment(s), "
+          f"ef {idx.stats().params["ef_search"]}", flush=True)
     SnapshotStore(work / "snap").write("bench", idx, SNAPSHOT_META)
     return build
 

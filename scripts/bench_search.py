@@ -244,7 +244,7 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
     build = time.perf_counter() - t0
     mem = rss_mb() - r0
     stats = idx.stats()  # ef0: the ef the index chose for its graphs (the largest, if they differ)
-    rows, segments, ef0 = [], stats["segments"], stats["ef_search"]
+    rows, segments, ef0 = [], stats.params["segments"], stats.params["ef_search"]
     projected = [s.projection for s in idx._segments if s.projection is not None]
     for ef in [ef0] + [e for e in ef_sweep if e != ef0]:
         idx.set_ef(None if ef == ef0 else max(ef, 10))

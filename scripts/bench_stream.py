@@ -154,7 +154,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         srv = Server(Path(d))
         try:
-            srv.stub.CreateCollection(pb.CreateCollectionRequest(collection_id="bench",
+            srv.stub.CreateCollection(pb.CreateCollectionRequest(collection="bench",
                                                                  liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
             srv.stub.Register(pb.RegisterRequest(collection="bench", subject_id="clip-person", image=encode(clip[0], True),
                                                  skip_liveness=True))

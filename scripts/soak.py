@@ -58,7 +58,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         srv = Server(Path(d))
         stub = srv.stub
-        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="soak", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
+        stub.CreateCollection(pb.CreateCollectionRequest(collection="soak", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
         for p, imgs in photos.items():
             stub.Register(pb.RegisterRequest(collection="soak", subject_id=p, image=imgs[0], skip_liveness=True))
 

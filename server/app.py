@@ -23,7 +23,7 @@ from server.rpc.limits import ConcurrencyLimiter, LimitInterceptor
 from server.config import Settings
 from server.storage.crypto import CropCipher
 from server.domain.identity import EnrolmentPolicy, IdentityService
-from server.index import HnswParams, IndexRegistry
+from server.index import HnswEngine, HnswParams, IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import ChangeNotifier, IndexSync
 from server.vision.models.manifest import load_manifest
@@ -186,11 +186,10 @@ class FaceServer:
         rec = pipeline.recognizer
         retention_s = s.change_log_retention_hours * 3600
         snapshots = SnapshotStore(s.index_dir or Path(s.data_dir) / "index") if s.index_snapshots else None
-        indexes = IndexRegistry(self.store, rec.model_id, rec.embedding_dim,
-                                HnswParams(m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
-                                           segment_size=s.hnsw_segment_size, search_threads=s.hnsw_search_threads,
-                                           pca_dims=s.hnsw_pca_dims, pca_min_faces=s.hnsw_pca_min_faces),
-                                snapshots=snapshots, retention_s=retention_s)
+        engine = HnswEngine(HnswParams(m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
+                                       segment_size=s.hnsw_segment_size, search_threads=s.hnsw_search_threads,
+                                       pca_dims=s.hnsw_pca_dims, pca_min_faces=s.hnsw_pca_min_faces), snapshots)
+        indexes = IndexRegistry(self.store, rec.model_id, rec.embedding_dim, engine, retention_s=retention_s)
         notifier = ChangeNotifier(s.redis_url, s.redis_prefix + "index-changes") if s.redis_url else None
         self.index_sync = IndexSync(indexes, self.store, sync_interval_s=s.index_sync_seconds,
                                     snapshot_interval_s=s.index_snapshot_seconds, retention_s=retention_s,

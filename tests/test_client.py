@@ -125,7 +125,7 @@ def test_cli_commands_end_to_end(srv, tmp_path):
     cmp_ = json.loads(cli(srv, "compare", str(face_path("dev/img1.jpg")), str(face_path("dev/img2.jpg"))).stdout)
     assert cmp_["match"] is True
     coll = "cli-" + uuid.uuid4().hex[:6]
-    assert json.loads(cli(srv, "collections", "create", coll, "--liveness-optional").stdout)["collection_id"] == coll
+    assert json.loads(cli(srv, "collections", "create", coll, "--liveness-optional").stdout)["collection"] == coll
     token = json.loads(cli(srv, "process", coll, "person_01", str(face_path("dev/img1.jpg"))).stdout)["staging_token"]
     reg = json.loads(cli(srv, "register", coll, "person_01", "--token", token, "--metadata", "site=hq").stdout)
     assert reg["subject"]["metadata"] == {"site": "hq"}
@@ -136,7 +136,7 @@ def test_cli_commands_end_to_end(srv, tmp_path):
     assert json.loads(cli(srv, "subjects", "get", coll, "person_01").stdout)["face_count"] == 1
     keys = json.loads(cli(srv, "keys", "create", coll, "--description", "cli").stdout)
     assert keys["secret"].startswith("fsk_")
-    assert coll in [c["collection_id"] for c in json.loads(cli(srv, "collections", "list").stdout)]
+    assert coll in [c["collection"] for c in json.loads(cli(srv, "collections", "list").stdout)]
     err = cli(srv, "verify", coll, "nobody", str(face_path("dev/img2.jpg")), check=False)
     assert err.returncode == 1 and "SUBJECT_NOT_FOUND" in err.stderr
     assert cli(srv, "health", key=None).returncode == 0  # health needs no key

@@ -22,7 +22,7 @@ def test_kill_9_mid_registration_loses_nothing_acknowledged(db_url, redis_prefix
     coll = "crash-" + uuid.uuid4().hex[:6]
     srv = ServerProcess(log_path=tmp_path / "before.log", env=env)
     stub = pb_grpc.FaceServiceStub(srv.channel)
-    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
                           timeout=10)
     people = list(lfw_people()[0].items())[:60]
     acked: dict[str, str] = {}  # subject -> face id, for every Register the server answered OK

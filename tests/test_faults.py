@@ -63,7 +63,7 @@ def test_redis_down_and_back_during_traffic(tmp_path):
     try:
         stub = pb_grpc.FaceServiceStub(srv.channel)
         coll = "faults-" + uuid.uuid4().hex[:6]
-        stub.CreateCollection(pb.CreateCollectionRequest(collection_id=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+        stub.CreateCollection(pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
                               timeout=10)
         stub.Register(pb.RegisterRequest(collection=coll, subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
         process = pb.ProcessRequest(collection=coll, subject_id="bob", image=image("dev/img13.jpg"))
@@ -144,7 +144,7 @@ def test_mysql_down_and_back_during_traffic(tmp_path):
                         env={"FACESVC_DB_URL": f"mysql://root@127.0.0.1:{db.port}/facesvc"})
     try:
         stub = pb_grpc.FaceServiceStub(srv.channel)
-        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="faults", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+        stub.CreateCollection(pb.CreateCollectionRequest(collection="faults", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
                               timeout=10)
         stub.Register(pb.RegisterRequest(collection="faults", subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
         verify = pb.VerifyRequest(collection="faults", subject_id="alice", image=image("dev/img2.jpg"))

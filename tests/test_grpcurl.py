@@ -93,7 +93,7 @@ def test_readme_enrolment_flow(server):
     r = run(readme_flow(), server.target, ("-e", "-o", "pipefail"))
     assert r.returncode == 0, r.stdout + r.stderr
     created, processed, registered, same, other, subject, deleted = _flow_docs(r)
-    assert created["collection"]["collectionId"] == "demo"
+    assert created["collection"]["collection"] == "demo"
     assert processed["stagingToken"] and processed["liveness"]["isLive"] is True
     assert registered["subjectCreated"] is True and registered["subject"]["metadata"] == {"employee": "4711"}
     assert same["match"] is True and same["similarity"] > same["threshold"]

@@ -53,7 +53,7 @@ def admin(srv) -> pb_grpc.FaceServiceStub:
 def tenant(admin, policy=pb.LIVENESS_POLICY_OPTIONAL) -> tuple[str, str]:
     """A new collection and a key of its own: (collection id, key secret)."""
     cid = "t-" + uuid.uuid4().hex[:10]
-    admin.CreateCollection(pb.CreateCollectionRequest(collection_id=cid, liveness_policy=policy), timeout=10)
+    admin.CreateCollection(pb.CreateCollectionRequest(collection=cid, liveness_policy=policy), timeout=10)
     return cid, admin.CreateApiKey(pb.CreateApiKeyRequest(collection=cid), timeout=10).secret
 
 

@@ -64,10 +64,10 @@ def test_the_index_raises_ef_as_it_grows_and_keeps_it_across_a_snapshot(monkeypa
     monkeypatch.setattr(hnsw, "AUTO_EF_POINTS", ((200, 64), (1_000, 256)))
     params = HnswParams(m=16, ef_construction=100)
     idx, vecs, _ = filled(params, 200)
-    assert idx.stats()["ef_search"] == 64 == ef_of(idx)
+    assert idx.stats().params["ef_search"] == 64 == ef_of(idx)
     more = units(np.random.default_rng(1), 800)
     idx.add([f"g{i}" for i in range(800)], [f"t{i}" for i in range(800)], more)
-    assert idx.stats()["ef_search"] == 256 == ef_of(idx)
+    assert idx.stats().params["ef_search"] == 256 == ef_of(idx)
     # deleted nodes stay in the graph and still count
     idx.apply({}, [f"g{i}" for i in range(400)])
     assert len(idx) == 600 and ef_of(idx) == 256
@@ -76,7 +76,7 @@ def test_the_index_raises_ef_as_it_grows_and_keeps_it_across_a_snapshot(monkeypa
     snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})
     loaded, _ = snaps.load("c", params, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
                                          "min_written_ms": 0})
-    assert ef_of(loaded) == 256 and loaded.stats()["ef_search"] == 256
+    assert ef_of(loaded) == 256 and loaded.stats().params["ef_search"] == 256
     for q in vecs[:20]:
         assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
 
@@ -97,7 +97,7 @@ def test_a_query_for_more_faces_than_ef_returns_them_all_under_the_read_lock():
 @pytest.mark.parametrize("ef", [16, 300])
 def test_an_explicit_ef_is_used_at_every_size(ef):
     idx, _, _ = filled(HnswParams(m=16, ef_construction=100, ef_search=ef), 300)
-    assert ef_of(idx) == ef and idx.stats()["ef_search"] == ef
+    assert ef_of(idx) == ef and idx.stats().params["ef_search"] == ef
 
 
 SEGMENTED = HnswParams(m=16, ef_construction=100, ef_search=200, initial_capacity=16, segment_size=100)
@@ -123,14 +123,14 @@ def test_a_large_collection_is_split_into_segments_and_answers_as_one_graph():
     idx.add(ids[:30], subjects[:30], vecs[:30])       # grows the first graph by doubling
     idx.add(ids[30:350], subjects[30:350], vecs[30:350])  # fills it and opens three more in one call
     st = idx.stats()
-    assert st["segments"] == 4 and [s.nodes for s in idx._segments] == [100, 100, 100, 50]
-    assert [s.start for s in idx._segments] == [0, 100, 200, 300] and st["capacity"] <= 400
+    assert st.params["segments"] == 4 and [s.nodes for s in idx._segments] == [100, 100, 100, 50]
+    assert [s.start for s in idx._segments] == [0, 100, 200, 300] and st.capacity <= 400
     live = [True] * 350
     gone = [5, 150, 151, 260, 349]  # in every segment
     idx.apply({}, [ids[i] for i in gone])
     for i in gone:
         live[i] = False
-    assert len(idx) == 345 and idx.stats()["deleted"] == 5 and [s.live for s in idx._segments] == [99, 98, 99, 49]
+    assert len(idx) == 345 and idx.stats().deleted == 5 and [s.live for s in idx._segments] == [99, 98, 99, 49]
     for q in units(rng, 40):
         hits = idx.search(q, 10, -1.0, 3)
         assert [h.subject_id for h in hits] == exact_subjects(vecs, subjects, live, q, 10)
@@ -151,7 +151,7 @@ def test_a_segment_whose_faces_are_all_deleted_is_skipped_and_new_faces_open_a_n
     assert idx._segments[0].live == 0 and len(idx) == 100
     assert idx.search(vecs[3], 1, -1.0, 1)[0].face_id not in ids[:100]
     idx.apply({f: (f, v) for f, v in zip(ids[200:], vecs[200:])}, [])  # the last graph is full: a third
-    assert idx.stats()["segments"] == 3 and idx.search(vecs[230], 1, 0.99, 1)[0].face_id == ids[230]
+    assert idx.stats().params["segments"] == 3 and idx.search(vecs[230], 1, 0.99, 1)[0].face_id == ids[230]
     idx.apply({}, ids[100:260])
     assert len(idx) == 0 and idx.search(vecs[0], 5, -1.0, 1) == []
 
@@ -195,11 +195,11 @@ def test_a_snapshot_of_format_1_loads_as_one_segment(tmp_path):
     params = HnswParams(m=16, ef_construction=100, segment_size=100)
     loaded, _ = snaps.load("c", params, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
                                          "min_written_ms": 0})
-    assert loaded.stats()["segments"] == 1 and len(loaded) == 150
+    assert loaded.stats().params["segments"] == 1 and len(loaded) == 150
     for q in vecs[:20]:
         assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
     loaded.add(["new"], ["s-new"], vecs[:1] * -1)
-    assert loaded.stats()["segments"] == 2 and loaded.search(-vecs[0], 1, 0.99, 1)[0].face_id == "new"
+    assert loaded.stats().params["segments"] == 2 and loaded.search(-vecs[0], 1, 0.99, 1)[0].face_id == "new"
 
 
 def test_a_busy_search_pool_costs_no_waiting():
@@ -246,7 +246,7 @@ def test_searches_run_while_faces_are_added_across_segment_boundaries():
     stop.set()
     for t in threads:
         t.join(10)
-    assert not errors and len(idx) == 1200 and idx.stats()["segments"] == -(-1200 // 64)
+    assert not errors and len(idx) == 1200 and idx.stats().params["segments"] == -(-1200 // 64)
     assert all(idx.search(vecs[i], 1, 0.99, 1)[0].face_id == ids[i] for i in range(0, 1200, 50))
 
 
@@ -290,10 +290,10 @@ def test_projected_segments_are_made_for_large_collections_and_answer_exactly():
     assert [s.projection is not None for s in segs] == [False, True, True] and [s.nodes for s in segs] == [200, 200, 120]
     assert segs[1].graph.dim == 16 and segs[1].vectors.shape[1] == DIM
     st = idx.stats()
-    assert st["projected_segments"] == 2 and st["size"] == 520
+    assert st.params["projected_segments"] == 2 and st.size == 520
     # a projected face costs its 16-d graph node plus its full vector beside the graph
     graph_node = ((16 + 2 * 16 + 1) * 4 + 8) * (1 + 1 / 16)
-    assert st["memory_bytes"] >= sum(s.graph.get_max_elements() for s in segs[1:]) * (graph_node + DIM * 4)
+    assert st.memory_bytes >= sum(s.graph.get_max_elements() for s in segs[1:]) * (graph_node + DIM * 4)
     live = [True] * 520
     gone = [3, 250, 251, 460, 519]  # in every segment
     idx.apply({}, [ids[i] for i in gone])

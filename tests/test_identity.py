@@ -10,6 +10,7 @@ from contextlib import closing
 
 import cv2
 import grpc
+from google.protobuf import field_mask_pb2
 import numpy as np
 import pytest
 
@@ -67,7 +68,7 @@ def backend(request, tmp_path_factory):
 
 def new_collection(b: Backend, policy=pb.LIVENESS_POLICY_REQUIRED) -> str:
     cid = "t-" + uuid.uuid4().hex[:12]
-    b.stub.CreateCollection(pb.CreateCollectionRequest(collection_id=cid, liveness_policy=policy), timeout=10)
+    b.stub.CreateCollection(pb.CreateCollectionRequest(collection=cid, liveness_policy=policy), timeout=10)
     return cid
 
 
@@ -175,7 +176,7 @@ def test_a_staging_token_dies_with_its_collection(backend):
     b, cid = backend, new_collection(backend)
     token = process(b.stub, cid, "alice").staging_token
     b.stub.DeleteCollection(pb.DeleteCollectionRequest(collection=cid), timeout=10)
-    b.stub.CreateCollection(pb.CreateCollectionRequest(collection_id=cid, liveness_policy=pb.LIVENESS_POLICY_REQUIRED),
+    b.stub.CreateCollection(pb.CreateCollectionRequest(collection=cid, liveness_policy=pb.LIVENESS_POLICY_REQUIRED),
                             timeout=10)
     expect_error(b.stub.Register, pb.RegisterRequest(collection=cid, subject_id="alice", staging_token=token),
                  NOT_FOUND, "STAGING_EXPIRED")
@@ -190,6 +191,44 @@ def test_add_face_cannot_grow_metadata_past_the_limit(backend):
                  INVALID, "VALIDATION_FAILED")
     subject = b.stub.GetSubject(pb.GetSubjectRequest(collection=cid, subject_id="alice"), timeout=10).subject
     assert len(subject.metadata) == 16 and subject.face_count == 1
+
+
+def test_update_subject_with_a_field_mask(backend):
+    b, cid = backend, new_collection(backend)
+    enrol(b.stub, cid, "alice", metadata={"team": "red", "floor": "3"})
+
+    def update(metadata, paths=None):
+        mask = field_mask_pb2.FieldMask(paths=paths) if paths is not None else None
+        return b.stub.UpdateSubject(pb.UpdateSubjectRequest(collection=cid, subject_id="alice", metadata=metadata,
+                                                            update_mask=mask), timeout=10).subject.metadata
+
+    assert update({"team": "blue"}, ["metadata.team"]) == {"team": "blue", "floor": "3"}  # one key set
+    assert update({}, ["metadata.floor"]) == {"team": "blue"}                               # one key removed
+    assert update({"badge": "7"}, ["metadata"]) == {"badge": "7"}                           # the whole map
+    assert update({"x": "1"}) == {"x": "1"}                                                 # no mask: the whole map
+    for metadata, paths in (({"x": "2"}, ["display_name"]), ({"y": "2"}, ["metadata.x"]), ({}, ["metadata."])):
+        expect_error(b.stub.UpdateSubject, pb.UpdateSubjectRequest(collection=cid, subject_id="alice", metadata=metadata,
+                                                                   update_mask=field_mask_pb2.FieldMask(paths=paths)),
+                     INVALID, "VALIDATION_FAILED")
+    full = {f"k{i}": "v" for i in range(16)}
+    update(full)
+    expect_error(b.stub.UpdateSubject, pb.UpdateSubjectRequest(collection=cid, subject_id="alice", metadata={"k16": "v"},
+                                                               update_mask=field_mask_pb2.FieldMask(paths=["metadata.k16"])),
+                 INVALID, "VALIDATION_FAILED")
+
+
+def test_api_keys_are_listed_page_by_page(backend):
+    b, cid = backend, new_collection(backend)
+    made = {b.stub.CreateApiKey(pb.CreateApiKeyRequest(collection=cid), timeout=10).key.key_id for _ in range(5)}
+    seen, token = [], ""
+    while True:
+        page = b.stub.ListApiKeys(pb.ListApiKeysRequest(collection=cid, page_size=2, page_token=token), timeout=10)
+        assert len(page.keys) <= 2
+        seen += [k.key_id for k in page.keys]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == sorted(made)
 
 
 def test_concurrent_registers_of_one_subject_exactly_one_wins(backend):
@@ -300,7 +339,7 @@ def test_validation_and_missing_resources(backend):
                                                      metadata={f"k{i}": "v" for i in range(17)}), INVALID, "VALIDATION_FAILED")
     expect_error(b.stub.Process, pb.ProcessRequest(collection="no-such-collection", subject_id="a", image=image(ALICE)),
                  NOT_FOUND, "COLLECTION_NOT_FOUND")
-    expect_error(b.stub.CreateCollection, pb.CreateCollectionRequest(collection_id=cid), EXISTS, "COLLECTION_EXISTS")
+    expect_error(b.stub.CreateCollection, pb.CreateCollectionRequest(collection=cid), EXISTS, "COLLECTION_EXISTS")
     expect_error(b.stub.DeleteFace, pb.DeleteFaceRequest(collection=cid, face_id="0" * 32), NOT_FOUND, "FACE_NOT_FOUND")
 
 
@@ -319,7 +358,7 @@ def test_collection_keys_are_isolated(backend):
         (stub_a.ListSubjects, pb.ListSubjectsRequest(collection=other)),
         (stub_a.DeleteSubject, pb.DeleteSubjectRequest(collection=other, subject_id="victim")),
         (stub_a.Process, pb.ProcessRequest(collection=other, subject_id="x", image=image(ALICE))),
-        (stub_a.CreateCollection, pb.CreateCollectionRequest(collection_id="mine-now")),
+        (stub_a.CreateCollection, pb.CreateCollectionRequest(collection="mine-now")),
         (stub_a.ListCollections, pb.ListCollectionsRequest()),
         (stub_a.DeleteCollection, pb.DeleteCollectionRequest(collection=a)),
         (stub_a.CreateApiKey, pb.CreateApiKeyRequest(collection=a)),
@@ -345,14 +384,14 @@ def test_delete_collection_removes_everything(backend):
     assert (d.deleted_subjects, d.deleted_faces) == (1, 1)
     for table in ("subjects", "faces", "api_keys"):
         assert b.sql(f"SELECT COUNT(*) FROM {table} WHERE collection_id = ?", cid)[0][0] == 0
-    assert cid not in [c.collection_id for c in b.stub.ListCollections(pb.ListCollectionsRequest(page_size=1000),
+    assert cid not in [c.collection for c in b.stub.ListCollections(pb.ListCollectionsRequest(page_size=1000),
                                                                        timeout=10).collections]
 
 
 def test_without_a_crop_key_no_image_is_stored(server, stub):
     """The session server runs without FACESVC_CROP_KEY: only the embedding is kept."""
     cid = "nokey-" + uuid.uuid4().hex[:8]
-    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=cid), timeout=10)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=cid), timeout=10)
     r = enrol(stub, cid, "hank", "dev/img20.jpg")
     assert not r.face.has_crop
     with closing(sqlite3.connect(server.log_path.parent / "data" / "facesvc.db")) as conn:

@@ -17,7 +17,7 @@ import pymysql
 import pytest
 
 from server.index.changes import ChangeFeed
-from server.index.hnsw import HnswParams
+from server.index.hnsw import HnswEngine, HnswParams
 from server.index.registry import IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import IndexSync
@@ -69,7 +69,7 @@ def enrol(store, cid: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def registry(store, tmp_path, name="a") -> IndexRegistry:
-    return IndexRegistry(store, MODEL, DIM, PARAMS, snapshots=SnapshotStore(tmp_path / f"index-{name}"))
+    return IndexRegistry(store, MODEL, DIM, HnswEngine(PARAMS, SnapshotStore(tmp_path / f"index-{name}")))
 
 
 def snapshotted(store, tmp_path, n: int) -> tuple[str, dict[str, np.ndarray], IndexRegistry]:
@@ -104,8 +104,8 @@ def test_snapshot_restart_gives_the_same_answers_and_replays_later_changes(store
     idx = b.get(cid)
     assert idx.loaded_from == "snapshot" and len(idx) == 300 - 2 + 1
     # no snapshots at all: built from the database, in pages of 50 faces, into one graph sized for all of them
-    rebuilt = IndexRegistry(store, MODEL, DIM, dataclasses.replace(PARAMS, initial_capacity=16), batch=50)
-    assert rebuilt.get(cid).loaded_from == "database" and rebuilt.get(cid).stats()["capacity"] == 300 - 2 + 1
+    rebuilt = IndexRegistry(store, MODEL, DIM, HnswEngine(dataclasses.replace(PARAMS, initial_capacity=16)), batch=50)
+    assert rebuilt.get(cid).loaded_from == "database" and rebuilt.get(cid).stats().capacity == 300 - 2 + 1
     after_snapshot, after_rebuild = answers(b, cid, probes), answers(rebuilt, cid, probes)
     assert after_snapshot == after_rebuild
     returned = {f for hits in after_snapshot for f, _ in hits}
@@ -143,7 +143,7 @@ def test_a_damaged_snapshot_is_refused_and_the_index_rebuilt(store, tmp_path, da
 
 def test_a_snapshot_for_other_parameters_or_an_earlier_collection_is_refused(store, tmp_path):
     cid, _, _ = snapshotted(store, tmp_path, 50)
-    other_m = IndexRegistry(store, MODEL, DIM, HnswParams(m=8, ef_construction=100), snapshots=SnapshotStore(tmp_path / "index-a"))
+    other_m = IndexRegistry(store, MODEL, DIM, HnswEngine(HnswParams(m=8, ef_construction=100), SnapshotStore(tmp_path / "index-a")))
     assert other_m.get(cid).loaded_from == "database"
     # the collection deleted and created again under the same id while this server was down
     store.delete_collection(cid)
@@ -270,20 +270,20 @@ def test_a_projected_index_is_built_from_the_database_and_restarts_from_its_snap
     probes = list(vecs[:15]) + [unit(np.random.default_rng(98)) for _ in range(5)]
 
     def reg(name):
-        return IndexRegistry(store, MODEL, DIM, params, snapshots=SnapshotStore(tmp_path / f"index-{name}"), batch=50)
+        return IndexRegistry(store, MODEL, DIM, HnswEngine(params, SnapshotStore(tmp_path / f"index-{name}")), batch=50)
     a = reg("a")
     idx = a.get(cid)
-    assert idx.loaded_from == "database" and idx.stats()["projected_segments"] == 1 and len(idx) == 260
+    assert idx.loaded_from == "database" and idx.stats().params["projected_segments"] == 1 and len(idx) == 260
     before = answers(a, cid, probes)
     exact = [[(ids[i], round(float(vecs[i] @ p), 5)) for i in np.argsort(-(vecs @ p))[:5]] for p in probes]
     assert [[f for f, _ in hits] for hits in before] == [[f for f, _ in hits] for hits in exact]
     assert all(abs(x[1] - y[1]) <= 2e-5 for hb, he in zip(before, exact) for x, y in zip(hb, he))
     assert a.write_snapshots(store.last_change_seq()) == 1
     assert len(list((tmp_path / "index-a").glob(f"{cid}.*.dense"))) == 1
-    b = IndexRegistry(store, MODEL, DIM, params, snapshots=SnapshotStore(tmp_path / "index-a"))
+    b = IndexRegistry(store, MODEL, DIM, HnswEngine(params, SnapshotStore(tmp_path / "index-a")))
     assert b.get(cid).loaded_from == "snapshot" and answers(b, cid, probes) == before
     # a damaged dense file: refused, rebuilt from the database, same answers
     dense = next((tmp_path / "index-a").glob(f"{cid}.*.dense"))
     dense.write_bytes(dense.read_bytes()[:-10])
-    c = IndexRegistry(store, MODEL, DIM, params, snapshots=SnapshotStore(tmp_path / "index-a"))
+    c = IndexRegistry(store, MODEL, DIM, HnswEngine(params, SnapshotStore(tmp_path / "index-a")))
     assert c.get(cid).loaded_from == "database" and answers(c, cid, probes) == before

@@ -34,7 +34,7 @@ def test_node_client_detects_and_verifies(node_client, tmp_path):
     try:
         stub = pb_grpc.FaceServiceStub(srv.channel)
         coll = "node-" + uuid.uuid4().hex[:6]
-        stub.CreateCollection(pb.CreateCollectionRequest(collection_id=coll), timeout=10)
+        stub.CreateCollection(pb.CreateCollectionRequest(collection=coll), timeout=10)
         stub.Register(pb.RegisterRequest(collection=coll, subject_id="person_01", image=image("dev/img1.jpg")), timeout=60)
         env = {**os.environ, "FACESVC_TARGET": srv.target, "FACESVC_API_KEY": ADMIN_KEY, "FACESVC_COLLECTION": coll,
                "FACESVC_SUBJECT": "person_01", "PHOTO_SAME": str(face_path("dev/img2.jpg")),

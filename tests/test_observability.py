@@ -49,7 +49,7 @@ def test_metrics_count_calls_errors_inference_and_index(srv):
         stub.Compare(pb.CompareRequest(source=image("dev/noface_rocket.jpg"), target=image("dev/img1.jpg")), timeout=30)
     with pytest.raises(grpc.RpcError):
         srv.stub(None).Detect(pb.DetectRequest(image=image("dev/img1.jpg")), timeout=30)
-    stub.CreateCollection(pb.CreateCollectionRequest(collection_id="obs", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+    stub.CreateCollection(pb.CreateCollectionRequest(collection="obs", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
                           timeout=10)
     stub.Register(pb.RegisterRequest(collection="obs", subject_id="p1", image=image("dev/img1.jpg"), skip_liveness=True),
                   timeout=30)

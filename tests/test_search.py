@@ -40,7 +40,7 @@ def gallery(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     srv = ServerProcess(log_path=tmp / "server.log", env=CANDIDATES)
     stub = pb_grpc.FaceServiceStub(srv.channel)
-    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=COLL, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=COLL, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
                           timeout=10)
     multi, single = lfw_people()
     probes, refused = {}, []
@@ -172,7 +172,7 @@ def test_concurrent_search_and_register_lose_nothing(gallery):
     stats = stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
     subjects = stub.GetCollection(pb.GetCollectionRequest(collection=COLL), timeout=10).collection
     assert stats.size == subjects.face_count  # no face lost between the database and the index
-    assert stats.dimension == 512 and stats.model == "w600k_mbf" and stats.m == 32 and stats.memory_bytes > 0
+    assert stats.dimension == 512 and stats.model == "w600k_mbf" and stats.engine == "hnsw" and stats.engine_params["m"] == "32" and stats.memory_bytes > 0
 
 
 def test_deleted_subject_is_never_returned_also_after_restart(gallery):
@@ -221,8 +221,8 @@ def test_restart_from_snapshot_or_database_gives_the_same_results(gallery):
     b, stub_b = start("snap-1")
     try:
         stats = stub_b.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
-        assert stats.loaded_from == "database" and stats.segments == -(-stats.size // 64) >= 3
-        assert stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10).segments == 1
+        assert stats.loaded_from == "database" and int(stats.engine_params["segments"]) == -(-stats.size // 64) >= 3
+        assert stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10).engine_params["segments"] == "1"
         assert answers(stub_b) == reference
     finally:
         assert b.stop() == 0  # a graceful stop writes the snapshot
@@ -236,7 +236,7 @@ def test_restart_from_snapshot_or_database_gives_the_same_results(gallery):
     b, stub_b = start("snap-2")
     try:
         stats = stub_b.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
-        assert stats.loaded_from == "snapshot" and stats.snapshot_time.seconds > 0 and stats.segments >= 3
+        assert stats.loaded_from == "snapshot" and stats.snapshot_time.seconds > 0 and int(stats.engine_params["segments"]) >= 3
         assert stats.size == stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10).size
         assert answers(stub_b) == reference  # the snapshot plus the change log after it
         assert "loaded from its snapshot" in b.output()
@@ -274,9 +274,11 @@ def test_a_server_with_projected_graphs_answers_as_the_plain_one(gallery):
     try:
         stub_b = pb_grpc.FaceServiceStub(b.channel)
         stats = stub_b.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
-        assert stats.segments == stats.projected_segments == 2 and stats.projected_dimension == 32
+        p = stats.engine_params
+        assert p["segments"] == p["projected_segments"] == "2" and p["projected_dimension"] == "32"
         plain = stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
-        assert plain.projected_segments == plain.projected_dimension == 0 and plain.size == stats.size
+        assert plain.engine_params["projected_segments"] == plain.engine_params["projected_dimension"] == "0"
+        assert plain.size == stats.size
         got = answers(stub_b)
         assert [[m[:2] for m in hits] for hits in got] == [[m[:2] for m in hits] for hits in reference]
         assert all(abs(x[2] - y[2]) < 1e-5 for hg, hr in zip(got, reference) for x, y in zip(hg, hr))
@@ -298,7 +300,7 @@ def test_two_replicas_on_mysql_and_redis_see_each_others_changes(mysql_url, redi
     coll = "replicas-" + uuid.uuid4().hex[:6]
     try:
         stub_a, stub_b = pb_grpc.FaceServiceStub(a.channel), pb_grpc.FaceServiceStub(b.channel)
-        stub_a.CreateCollection(pb.CreateCollectionRequest(collection_id=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
+        stub_a.CreateCollection(pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
                                 timeout=10)
         probe = pb.SearchRequest(collection=coll, image=image("dev/img2.jpg"), skip_liveness=True)
         assert not stub_b.Search(probe, timeout=30).results[0].matches  # B has loaded the (empty) index

@@ -55,8 +55,8 @@ def test_auth_off_warns_loudly_and_needs_no_key(tmp_path):
     try:
         assert "AUTH IS DISABLED" in srv.output()
         stub = pb_grpc.FaceServiceStub(srv.channel)
-        stub.CreateCollection(pb.CreateCollectionRequest(collection_id="open"), timeout=10)
-        assert [c.collection_id for c in stub.ListCollections(pb.ListCollectionsRequest(), timeout=10).collections] == ["open"]
+        stub.CreateCollection(pb.CreateCollectionRequest(collection="open"), timeout=10)
+        assert [c.collection for c in stub.ListCollections(pb.ListCollectionsRequest(), timeout=10).collections] == ["open"]
     finally:
         assert srv.stop() == 0
 

@@ -70,7 +70,7 @@ def stub(srv):
 def enrolled(stub):
     """A collection holding the woman of the close-up video, enrolled from its first frame."""
     coll = "stream-" + uuid.uuid4().hex[:6]
-    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10)
     first = video_frames(n=1, size=(1280, 720))[0]
     stub.Register(pb.RegisterRequest(collection=coll, subject_id="closeup-woman", image=jpeg(first), skip_liveness=True),
                   timeout=60)
@@ -202,7 +202,7 @@ def test_protocol_errors_and_a_corrupt_frame(stub):
 
 def test_a_collection_key_streams_only_its_own_collection(srv, stub, enrolled):
     other = "other-" + uuid.uuid4().hex[:6]
-    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=other), timeout=10)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=other), timeout=10)
     key = stub.CreateApiKey(pb.CreateApiKeyRequest(collection=other), timeout=10).secret
     keyed = srv.stub(key)
     cfg = pb.StreamConfig(collection=enrolled, identify=True)
@@ -225,7 +225,7 @@ def test_a_collection_key_streams_only_its_own_collection(srv, stub, enrolled):
 # -- batches ---------------------------------------------------------------------
 def test_register_batch_enrols_the_good_items_and_reports_each_failure(stub):
     coll = "batch-" + uuid.uuid4().hex[:6]
-    stub.CreateCollection(pb.CreateCollectionRequest(collection_id=coll), timeout=10)  # liveness REQUIRED
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=coll), timeout=10)  # liveness REQUIRED
     items = {
         "person_01/img1.jpg": ("person_01", image("dev/img1.jpg")),
         "person_04/img13.jpg": ("person_04", image("dev/img13.jpg")),

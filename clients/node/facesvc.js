@@ -4,7 +4,7 @@
 //   const { connect } = require("./facesvc");
 //   const fs = connect("localhost:50051", { apiKey: process.env.FACESVC_API_KEY });
 //   const res = await fs.Detect({ image: { encoded: require("fs").readFileSync("face.jpg") } });
-//   try { await fs.Verify(...) } catch (e) { console.log(e.code, e.reason, e.metadata) }
+//   try { await fs.Verify(...) } catch (e) { if (e.reason === ErrorReason.SPOOF_DETECTED) console.log(e.errorMetadata) }
 "use strict";
 const path = require("path");
 const grpc = require("@grpc/grpc-js");
@@ -38,6 +38,11 @@ const rpcTypes = protobuf.Root.fromJSON({
   },
 });
 const Status = rpcTypes.lookupType("rpc.Status");
+
+// Every reason the server can send, from the contract's ErrorReason enum (name -> name).
+const ErrorReason = Object.freeze(Object.fromEntries(
+  Object.keys(protobuf.loadSync(path.join(PROTOS, "facesvc/v1/error_reason.proto")).lookupEnum("facesvc.v1.ErrorReason").values)
+    .filter((name) => name !== "ERROR_REASON_UNSPECIFIED").map((name) => [name, name])));
 const ErrorInfo = rpcTypes.lookupType("rpc.ErrorInfo");
 
 /** The ErrorInfo reason and metadata of a failed call ("" / {} when the server sent none). */
@@ -92,4 +97,4 @@ function connect(target, options = {}) {
   return client;
 }
 
-module.exports = { connect, errorInfo, PROTOS };
+module.exports = { connect, errorInfo, ErrorReason, PROTOS };

@@ -238,8 +238,10 @@ class IdentityService:
     def list_subjects(self, collection: str, after: str, limit: int) -> list[Subject]:
         return self.store.list_subjects(collection, after, limit)
 
-    def update_subject(self, collection: str, subject_id: str, metadata: dict[str, str]) -> Subject:
-        return self.store.update_subject_metadata(collection, subject_id, metadata)
+    def update_subject(self, collection: str, subject_id: str, metadata: dict[str, str],
+                       keys: list[str] | None = None) -> Subject:
+        """Replace the metadata, or (keys) change only those keys."""
+        return self.store.update_subject_metadata(collection, subject_id, metadata, keys)
 
     # -- deletions (the store first, then the index) ---------------------------
     def delete_subject(self, collection: str, subject_id: str) -> int:

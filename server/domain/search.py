@@ -13,7 +13,7 @@ from server import errors
 from server.records import LIVENESS_REQUIRED
 from server.vision.faces import Face, LivenessResult
 from server.index import IndexRegistry
-from server.index.hnsw import Hit
+from server.index.base import Hit
 from server.vision.pipeline import DetectOptions
 
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 import hnswlib
 import numpy as np
 
+from server.index.base import Hit, IndexStats
+
 
 @dataclass(frozen=True)
 class HnswParams:
@@ -157,13 +159,6 @@ class RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
-
-
-@dataclass
-class Hit:
-    face_id: str
-    subject_id: str
-    similarity: float
 
 
 class _Segment:
@@ -483,19 +478,18 @@ class HnswIndex:
             for seg in self._segments:
                 seg.graph.set_ef(ef)
 
-    def stats(self) -> dict:
+    def stats(self) -> IndexStats:
         with self._lock.read():
-            return {
-                "size": len(self._label_of), "deleted": self.deleted, "dimension": self.dim, "model": self.model_id,
-                "capacity": self._capacity(), "m": self.params.m,
-                "ef_construction": self.params.ef_construction,
-                "ef_search": max((s.graph.ef for s in self._segments), default=self.params.ef_for(0)),
-                "segments": len(self._segments),
-                "projected_segments": sum(s.projection is not None for s in self._segments),
-                "projected_dimension": max((s.projection.dims for s in self._segments if s.projection), default=0),
-                "memory_bytes": self._memory_estimate(), "built_at": self.built_at,
-                "loaded_from": self.loaded_from, "snapshot_at": self.snapshot_at,
-            }
+            return IndexStats(
+                engine="hnsw", size=len(self._label_of), deleted=self.deleted, dimension=self.dim, model=self.model_id,
+                memory_bytes=self._memory_estimate(), capacity=self._capacity(), built_at=self.built_at,
+                loaded_from=self.loaded_from, snapshot_at=self.snapshot_at,
+                params={"m": self.params.m, "ef_construction": self.params.ef_construction,
+                        "ef_search": max((s.graph.ef for s in self._segments), default=self.params.ef_for(0)),
+                        "segments": len(self._segments),
+                        "projected_segments": sum(s.projection is not None for s in self._segments),
+                        "projected_dimension": max((s.projection.dims for s in self._segments if s.projection), default=0)},
+            )
 
     def _memory_estimate(self) -> int:
         # hnswlib's layout: per element, the vector + level-0 links (2M ints) + label; upper levels are ~1/M of that;
@@ -509,3 +503,32 @@ class HnswIndex:
 
     def _capacity(self) -> int:
         return sum(s.graph.get_max_elements() for s in self._segments)
+
+
+class HnswEngine:
+    """The in-process hnswlib engine: every replica holds its own graphs and snapshots them to disk
+    (snapshots=None: it rebuilds from the database at every start)."""
+
+    name = "hnsw"
+
+    def __init__(self, params: HnswParams = HnswParams(), snapshots=None):
+        self.params, self.snapshots = params, snapshots  # snapshots: server.index.snapshot.SnapshotStore
+        self.saves_indexes = snapshots is not None
+
+    def create(self, dim: int, model_id: str, expected_faces: int) -> "HnswIndex":
+        return HnswIndex(dim, model_id, self.params.sized_for(expected_faces))
+
+    def first_batch(self, batch: int) -> int:
+        # a projected graph fits its projection on the first read (PCA_SAMPLE faces)
+        return max(batch, PCA_SAMPLE) if self.params.pca_dims else batch
+
+    def load(self, collection: str, expect: dict):
+        return None if self.snapshots is None else self.snapshots.load(collection, self.params, expect)
+
+    def save(self, collection: str, index: "HnswIndex", meta: dict) -> None:
+        if self.snapshots is not None:
+            self.snapshots.write(collection, index, meta)
+
+    def forget(self, collection: str) -> None:
+        if self.snapshots is not None:
+            self.snapshots.remove(collection)

@@ -1,4 +1,4 @@
-"""One index (a FaceIndex; HnswIndex by default) per collection: loaded from a snapshot or built from the database, then kept in step.
+"""One index (a FaceIndex, made by the IndexEngine) per collection: loaded from what the engine saved or built from the database, then kept in step.
 
 The database is the source of truth: an index is only ever a cache of the
 faces table (for the current recognizer's model). The one way a change
@@ -21,22 +21,17 @@ import threading
 import time
 
 from server import errors
-from server.index.base import FaceIndex
-from server.index.hnsw import PCA_SAMPLE, HnswIndex, HnswParams
-from server.index.snapshot import SnapshotError, SnapshotStore
+from server.index.base import FaceIndex, IndexEngine, IndexLoadError
+from server.storage.interfaces import IndexSource
 
 log = logging.getLogger("facesvc.index")
 
 
 class IndexRegistry:
-    def __init__(self, store, model_id: str, dim: int, params: HnswParams = HnswParams(),
-                 snapshots: SnapshotStore | None = None, retention_s: float = 7 * 86400, batch: int = 5000,
-                 index_factory=HnswIndex):
-        """index_factory(dim, model_id, params) makes an empty FaceIndex (server/index/base.py): the
-        one place another engine plugs in (a durable engine would also pass snapshots=None)."""
-        self.store, self.model_id, self.dim, self.params, self.batch = store, model_id, dim, params, batch
-        self.index_factory = index_factory
-        self.snapshots, self.retention_s = snapshots, retention_s
+    def __init__(self, store: IndexSource, model_id: str, dim: int, engine: IndexEngine,
+                 retention_s: float = 7 * 86400, batch: int = 5000):
+        self.store, self.model_id, self.dim, self.engine, self.batch = store, model_id, dim, engine, batch
+        self.retention_s = retention_s
         self._indexes: dict[str, FaceIndex] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -71,7 +66,7 @@ class IndexRegistry:
         if self.store.collection_created_ms(collection) is None:  # deleted (by anyone): build nothing for it
             raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist",
                                    collection=collection)
-        if self.snapshots is not None:
+        if self.engine.saves_indexes:
             t0 = time.perf_counter()
             try:
                 idx = self._from_snapshot(collection)
@@ -79,7 +74,7 @@ class IndexRegistry:
                     log.info("index %s: loaded from its snapshot with %d faces in %.2fs", collection, len(idx),
                              time.perf_counter() - t0)
                     return idx
-            except SnapshotError as exc:
+            except IndexLoadError as exc:
                 log.warning("index %s: snapshot refused (%s); rebuilding from the database", collection, exc)
         idx = self._build(collection)
         self._mark_dirty(collection)
@@ -87,11 +82,9 @@ class IndexRegistry:
 
     def _build(self, collection: str) -> FaceIndex:
         t0 = time.perf_counter()
-        params = self.params.sized_for(self.store.count_faces(collection, self.model_id))
-        idx = self.index_factory(self.dim, self.model_id, params)
+        idx = self.engine.create(self.dim, self.model_id, self.store.count_faces(collection, self.model_id))
         after = ""
-        # the first read is large enough for a projected graph to fit its projection on (hnsw.PCA_SAMPLE)
-        batch = max(self.batch, PCA_SAMPLE) if params.pca_dims else self.batch
+        batch = self.engine.first_batch(self.batch)
         while True:
             rows = self.store.collection_embeddings(collection, self.model_id, after, batch)
             batch = self.batch
@@ -102,13 +95,13 @@ class IndexRegistry:
         log.info("index %s: built from the database with %d faces in %.2fs", collection, len(idx), time.perf_counter() - t0)
         return idx
 
-    def _from_snapshot(self, collection: str) -> HnswIndex | None:
+    def _from_snapshot(self, collection: str) -> FaceIndex | None:
         created = self.store.collection_created_ms(collection)
         if created is None:
             return None
         expect = {"model": self.model_id, "dimension": self.dim, "collection_created_ms": created,
                   "min_written_ms": int((time.time() - self.retention_s) * 1000)}
-        loaded = self.snapshots.load(collection, self.params, expect)
+        loaded = self.engine.load(collection, expect)
         if loaded is None:
             return None
         idx, doc = loaded
@@ -118,20 +111,20 @@ class IndexRegistry:
             have, want = len(idx), self.store.count_faces(collection, self.model_id)
             if have == want:
                 return idx
-        raise SnapshotError(f"{have} faces after replaying the change log, the database holds {want}")
+        raise IndexLoadError(f"{have} faces after replaying the change log, the database holds {want}")
 
-    def _replay(self, collection: str, idx: HnswIndex, seq: int) -> int:
+    def _replay(self, collection: str, idx: FaceIndex, seq: int) -> int:
         """Applies the collection's change-log rows after `seq`; returns the last seq seen."""
         while True:
             rows = self.store.changes_after(seq, self.batch, collection)
             if not rows:
                 return seq
             if any(op == "drop" for _, _, _, op in rows):
-                raise SnapshotError("the collection was deleted after the snapshot")
+                raise IndexLoadError("the collection was deleted after the snapshot")
             self._apply(collection, idx, rows)
             seq = rows[-1][0]
 
-    def _apply(self, collection: str, idx: HnswIndex, rows) -> None:
+    def _apply(self, collection: str, idx: FaceIndex, rows) -> None:
         face_ids = list(dict.fromkeys(f for _, _, f, _ in rows))
         present = self.store.faces_by_id(collection, self.model_id, face_ids)
         replace = {f for _, _, f, op in rows if op == "update"}
@@ -171,8 +164,7 @@ class IndexRegistry:
             self._indexes.pop(collection, None)
             with self._guard:
                 self._dirty.discard(collection)
-            if self.snapshots is not None:
-                self.snapshots.remove(collection)
+            self.engine.forget(collection)
 
     def apply_changes(self, rows) -> None:
         """Change-log rows from IndexSync, in seq order."""
@@ -199,7 +191,7 @@ class IndexRegistry:
         """Snapshots of the indexes changed since their last one (and of those older than
         `refresh_older_than_s`, so none outlives the change log). `change_seq`: every change
         at or below it is in the indexes. Returns how many were written."""
-        if self.snapshots is None:
+        if not self.engine.saves_indexes:
             return 0
         with self._guard:
             todo, self._dirty = set(self._dirty), set()
@@ -216,7 +208,7 @@ class IndexRegistry:
                 created = self.store.collection_created_ms(collection)
                 if created is None:
                     continue
-                self.snapshots.write(collection, idx, {"collection_created_ms": created, "change_seq": change_seq})
+                self.engine.save(collection, idx, {"collection_created_ms": created, "change_seq": change_seq})
             except (OSError, errors.FaceServiceError) as exc:
                 log.warning("index %s: snapshot not written (%s)", collection, exc)
                 self._mark_dirty(collection)

@@ -31,13 +31,14 @@ import time
 import uuid
 from pathlib import Path
 
+from server.index.base import IndexLoadError
 from server.index.hnsw import HnswIndex, HnswParams
 
 FORMAT = 3
 READABLE = (1, 2, 3)
 
 
-class SnapshotError(Exception):
+class SnapshotError(IndexLoadError):
     """The snapshot is missing a piece, corrupt, or was made for something else."""
 
 

@@ -120,7 +120,7 @@ def timestamp(ms: int) -> timestamp_pb2.Timestamp:
 
 
 def collection_to_proto(c: Collection) -> pb.Collection:
-    return pb.Collection(collection_id=c.collection_id, display_name=c.display_name,
+    return pb.Collection(collection=c.collection_id, display_name=c.display_name,
                          liveness_policy=_POLICY_TO_PROTO[c.liveness_policy], create_time=timestamp(c.created_ms),
                          subject_count=c.subject_count, face_count=c.face_count)
 

@@ -60,6 +60,23 @@ def metadata(m, field: str = "metadata") -> dict[str, str]:
     return d
 
 
+def metadata_mask(paths, metadata: dict[str, str], field: str = "update_mask") -> list[str] | None:
+    """The metadata keys an update_mask names (None: the whole map, for no mask or the path "metadata")."""
+    paths = list(paths)
+    if not paths or paths == ["metadata"]:
+        return None
+    keys = []
+    for path in paths:
+        key = path[len("metadata."):] if path.startswith("metadata.") else ""
+        if not key or len(key) > MAX_METADATA_KEY:
+            raise errors.validation(field, f'paths are "metadata" or "metadata.<key>", not {errors.quote(path, 80)}')
+        keys.append(key)
+    extra = set(metadata) - set(keys)
+    if extra:
+        raise errors.validation(field, f"metadata holds keys the mask does not name: {errors.quote(sorted(extra)[0], 80)}")
+    return keys
+
+
 def page_size(value: int, field: str = "page_size") -> int:
     if value > MAX_PAGE_SIZE:
         raise errors.validation(field, f"at most {MAX_PAGE_SIZE}, got {value}")

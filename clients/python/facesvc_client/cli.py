@@ -291,7 +291,7 @@ def run(c: FaceClient, args) -> int:
         if a.action == "create":
             show(c.create_api_key(a.collection, a.description))
         elif a.action == "list":
-            show(c.list_api_keys(a.collection))
+            show(list(c.list_api_keys(a.collection)))
         else:
             c.delete_api_key(a.collection, a.key_id)
             print(json.dumps({"deleted": a.key_id}))

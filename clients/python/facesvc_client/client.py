@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 
 import grpc
+from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from facesvc.v1 import face_service_pb2 as pb
@@ -163,9 +164,13 @@ class FaceClient:
             if not token:
                 return
 
-    def update_subject(self, collection: str, subject_id: str, metadata: dict[str, str]) -> pb.Subject:
+    def update_subject(self, collection: str, subject_id: str, metadata: dict[str, str], *,
+                       keys: Iterable[str] | None = None) -> pb.Subject:
+        """Replaces the subject's metadata; with `keys`, changes only those keys (set from `metadata`,
+        removed when `metadata` lacks them)."""
+        mask = field_mask_pb2.FieldMask(paths=[f"metadata.{k}" for k in keys]) if keys is not None else None
         return self._call(self.stub.UpdateSubject, pb.UpdateSubjectRequest(collection=collection, subject_id=subject_id,
-                                                                           metadata=metadata)).subject
+                                                                           metadata=metadata, update_mask=mask)).subject
 
     def delete_subject(self, collection: str, subject_id: str) -> int:
         """Returns how many faces were deleted with the subject."""
@@ -175,13 +180,13 @@ class FaceClient:
     def delete_face(self, collection: str, face_id: str) -> None:
         self._call(self.stub.DeleteFace, pb.DeleteFaceRequest(collection=collection, face_id=face_id))
 
-    def create_collection(self, collection_id: str, *, display_name: str = "", liveness_optional: bool = False) -> pb.Collection:
+    def create_collection(self, collection: str, *, display_name: str = "", liveness_optional: bool = False) -> pb.Collection:
         policy = pb.LIVENESS_POLICY_OPTIONAL if liveness_optional else pb.LIVENESS_POLICY_REQUIRED
         return self._call(self.stub.CreateCollection, pb.CreateCollectionRequest(
-            collection_id=collection_id, display_name=display_name, liveness_policy=policy), retry=False).collection
+            collection=collection, display_name=display_name, liveness_policy=policy), retry=False).collection
 
-    def get_collection(self, collection_id: str) -> pb.Collection:
-        return self._call(self.stub.GetCollection, pb.GetCollectionRequest(collection=collection_id)).collection
+    def get_collection(self, collection: str) -> pb.Collection:
+        return self._call(self.stub.GetCollection, pb.GetCollectionRequest(collection=collection)).collection
 
     def list_collections(self, *, page_size: int = 100) -> Iterator[pb.Collection]:
         token = ""
@@ -192,15 +197,22 @@ class FaceClient:
             if not token:
                 return
 
-    def delete_collection(self, collection_id: str) -> pb.DeleteCollectionResponse:
-        return self._call(self.stub.DeleteCollection, pb.DeleteCollectionRequest(collection=collection_id))
+    def delete_collection(self, collection: str) -> pb.DeleteCollectionResponse:
+        return self._call(self.stub.DeleteCollection, pb.DeleteCollectionRequest(collection=collection))
 
     def create_api_key(self, collection: str, description: str = "") -> pb.CreateApiKeyResponse:
         return self._call(self.stub.CreateApiKey, pb.CreateApiKeyRequest(collection=collection, description=description),
                           retry=False)
 
-    def list_api_keys(self, collection: str) -> list[pb.ApiKey]:
-        return list(self._call(self.stub.ListApiKeys, pb.ListApiKeysRequest(collection=collection)).keys)
+    def list_api_keys(self, collection: str, *, page_size: int = 100) -> Iterator[pb.ApiKey]:
+        token = ""
+        while True:
+            page = self._call(self.stub.ListApiKeys, pb.ListApiKeysRequest(collection=collection, page_size=page_size,
+                                                                           page_token=token))
+            yield from page.keys
+            token = page.next_page_token
+            if not token:
+                return
 
     def delete_api_key(self, collection: str, key_id: str) -> None:
         self._call(self.stub.DeleteApiKey, pb.DeleteApiKeyRequest(collection=collection, key_id=key_id))

@@ -1,9 +1,16 @@
 """Typed errors: every failed call raises a FaceServiceError subclass carrying the server's ErrorInfo."""
 from __future__ import annotations
 
+import types
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+
+from facesvc.v1.error_reason_pb2 import ErrorReason
+
+# Every reason the server can send, from the contract's ErrorReason enum: `e.reason == Reason.SPOOF_DETECTED`.
+Reason = types.SimpleNamespace(**{name: name for name in ErrorReason.keys() if name != "ERROR_REASON_UNSPECIFIED"})
 
 
 class FaceServiceError(Exception):

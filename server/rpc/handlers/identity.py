@@ -123,7 +123,9 @@ class IdentityHandlers:
     def UpdateSubject(self, request: pb.UpdateSubjectRequest, context) -> pb.UpdateSubjectResponse:
         coll, subject = self._ids(request)
         metadata = validate.metadata(request.metadata)
-        return pb.UpdateSubjectResponse(subject=convert.subject_to_proto(self.identity.update_subject(coll, subject, metadata)))
+        keys = validate.metadata_mask(request.update_mask.paths, metadata)
+        return pb.UpdateSubjectResponse(subject=convert.subject_to_proto(
+            self.identity.update_subject(coll, subject, metadata, keys)))
 
     @rpc
     def DeleteSubject(self, request: pb.DeleteSubjectRequest, context) -> pb.DeleteSubjectResponse:

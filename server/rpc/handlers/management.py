@@ -17,7 +17,7 @@ class ManagementHandlers:
 
     @rpc
     def CreateCollection(self, request: pb.CreateCollectionRequest, context) -> pb.CreateCollectionResponse:
-        c = self.collections.create(validate.collection_id(request.collection_id, "collection_id"),
+        c = self.collections.create(validate.collection_id(request.collection),
                                     validate.text(request.display_name, "display_name"),
                                     convert.liveness_policy(request.liveness_policy))
         return pb.CreateCollectionResponse(collection=convert.collection_to_proto(c))

@@ -60,13 +60,11 @@ class SearchHandlers:
         coll = validate.collection_id(request.collection)
         st = self.searcher.stats(coll)
         return pb.GetIndexStatsResponse(
-            size=st["size"], deleted=st["deleted"], dimension=st["dimension"], model=st["model"],
-            memory_bytes=st["memory_bytes"], last_rebuild_time=convert.timestamp(int(st["built_at"] * 1000)),
-            m=st["m"], ef_construction=st["ef_construction"], ef_search=st["ef_search"], capacity=st["capacity"],
-            segments=st["segments"], projected_segments=st["projected_segments"],
-            projected_dimension=st["projected_dimension"],
-            loaded_from=st["loaded_from"],
+            engine=st.engine, size=st.size, deleted=st.deleted, dimension=st.dimension, model=st.model,
+            memory_bytes=st.memory_bytes, capacity=st.capacity, loaded_from=st.loaded_from,
+            last_rebuild_time=convert.timestamp(int(st.built_at * 1000)),
+            snapshot_time=convert.timestamp(int(st.snapshot_at * 1000)) if st.snapshot_at else None,
+            engine_params={k: str(v) for k, v in st.params.items()},
             # the change-log position moves with every tenant's writes: the admin's to see
             change_seq=self.searcher.indexes.change_seq if admin_or_open() else 0,
-            snapshot_time=convert.timestamp(int(st["snapshot_at"] * 1000)) if st["snapshot_at"] else None,
         )

@@ -139,13 +139,28 @@ class SqlFaces(SqlDatabase):
                      collection_id, after, limit).fetchall()
         return [Subject(collection_id, r[0], json.loads(r[1]), r[2], r[3], [], r[4]) for r in rows]
 
-    def update_subject_metadata(self, collection_id: str, subject_id: str, metadata: dict[str, str]) -> Subject:
+    def update_subject_metadata(self, collection_id: str, subject_id: str, metadata: dict[str, str],
+                                keys: list[str] | None = None) -> Subject:
+        """Replaces the subject's metadata, or with `keys` changes only those: each set from `metadata`,
+        or removed when `metadata` lacks it. The entry limit holds on the result."""
         with self._tx() as q:
             self._collection_row(q, collection_id)
-            n = q("UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
-                  json.dumps(metadata, sort_keys=True), now_ms(), collection_id, subject_id).rowcount
-        if n == 0:
-            self.get_subject(collection_id, subject_id)  # raises SUBJECT_NOT_FOUND (MySQL counts unchanged rows as 0)
+            row = q(f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
+                    collection_id, subject_id).fetchone()
+            if row is None:
+                raise errors.not_found(errors.SUBJECT_NOT_FOUND, f"subject {subject_id!r} is not registered in {collection_id!r}",
+                                       collection=collection_id, subject_id=subject_id)
+            merged = dict(metadata) if keys is None else json.loads(row[0])
+            for k in keys or ():
+                if k in metadata:
+                    merged[k] = metadata[k]
+                else:
+                    merged.pop(k, None)
+            if len(merged) > MAX_METADATA_ENTRIES:
+                raise errors.validation("metadata", f"the subject would hold {len(merged)} metadata entries; "
+                                        f"at most {MAX_METADATA_ENTRIES}", limit=MAX_METADATA_ENTRIES)
+            q("UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
+              json.dumps(merged, sort_keys=True), now_ms(), collection_id, subject_id)
         return self.get_subject(collection_id, subject_id)
 
     def delete_subject(self, collection_id: str, subject_id: str) -> list[str]:
