@@ -288,7 +288,7 @@ def test_stored_crops_are_encrypted_and_reembed_reproduces_embeddings(backend):
     crop = bytes(crop)
     assert cv2.imdecode(np.frombuffer(crop, np.uint8), cv2.IMREAD_COLOR) is None  # not a decodable image
     assert CropCipher(CROP_KEY).open(crop, r.face.face_id).shape == (112, 112, 3)
-    out = subprocess.run([PYTHON, "scripts/reembed.py", "--db-url", b.db_url, "--collection", cid, "--check"],
+    out = subprocess.run([PYTHON, "-m", "server.reembed", "--db-url", b.db_url, "--collection", cid, "--check"],
                          cwd=ROOT, env={"FACESVC_CROP_KEY": CROP_KEY, "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -16,7 +16,7 @@ LAYERS = {
     "server.vision": 1, "server.storage": 1, "server.index": 1,
     "server.domain": 2,
     "server.rpc": 3,
-    "server.config": 4, "server.app": 4, "server.__main__": 5, "server": 5,
+    "server.config": 4, "server.app": 4, "server.reembed": 5, "server.__main__": 5, "server": 5,
 }
 
 

@@ -6,9 +6,11 @@ the server keeps an AES-GCM sealed, aligned 112x112 crop of every registered
 face, and this script turns those crops into embeddings of the current
 recognizer (FACESVC_RECOGNIZER) without the original photos.
 
-    FACESVC_CROP_KEY=... FACESVC_DB_URL=mysql://... .venv/bin/python scripts/reembed.py           # stale faces only
-    ... scripts/reembed.py --all        # every face with a crop
-    ... scripts/reembed.py --check      # write nothing: compare fresh embeddings with the stored ones
+    FACESVC_CROP_KEY=... FACESVC_DB_URL=mysql://... facesvc-reembed           # stale faces only
+    ... facesvc-reembed --all        # every face with a crop
+    ... facesvc-reembed --check      # write nothing: compare fresh embeddings with the stored ones
+
+(`facesvc-reembed` is installed with the server, and in the Docker image; `python -m server.reembed` is the same.)
 
 Settings (model dir, recognizer, database, key) come from the same FACESVC_*
 environment as the server. Faces without a crop cannot be re-embedded; they
@@ -20,16 +22,13 @@ import argparse
 import logging
 import os
 import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from server import config  # noqa: E402
-from server.app import model_loader  # noqa: E402
-from server.storage.crypto import CropCipher  # noqa: E402
-from server.storage.sql import open_store  # noqa: E402
+from server import config
+from server.app import model_loader
+from server.storage.crypto import CropCipher
+from server.storage.sql import open_store
 
 
 def main(argv=None) -> int:
