@@ -201,7 +201,8 @@ class FaceServer:
         requests = RequestParser(self.servicer_limits(), Defaults(
             min_face_size=s.min_face_size, max_faces=s.max_faces,
             match_threshold=s.match_threshold or rec.match_threshold, search_threshold=s.search_threshold or rec.search_threshold,
-            match_floor=s.match_threshold_floor, liveness_threshold=s.liveness_threshold))
+            match_floor=s.match_threshold_floor, liveness_threshold=s.liveness_threshold,
+            max_analyzed_faces=s.max_analyzed_faces))
         identity_rpcs = IdentityHandlers(identity, requests)
         self.indexes = indexes
         self.servicer.attach(

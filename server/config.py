@@ -179,6 +179,8 @@ class Settings:
         "a stream that sends nothing for this long is closed (STREAM_IDLE)", low=0.1, high=86400)
     max_request_pixels: int = setting(48_000_000, "limits",
         "decoded pixels one request may cost in all (a DetectBatch sums its photos), at least this and 16 per byte sent", low=1, high=4000000000)
+    max_analyzed_faces: int = setting(20, "limits",
+        "most faces per request (and per stream frame) that per-face models run on: Embed, Analyze, Search with all_faces, StreamFrames; Detect may list more", low=1, high=100)
     max_jpeg_scans: int = setting(32, "limits",
         "most scans a JPEG may have (cameras write 1, progressive encoders about 10); a large image gets fewer", low=10, high=1000)
 

@@ -500,3 +500,97 @@ def test_search_by_embedding_quotes_its_model_and_keeps_the_liveness_policy(srv,
     expect_error(t.SearchByEmbedding, pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512),
                  grpc.StatusCode.FAILED_PRECONDITION, "LIVENESS_REQUIRED")
     assert admin.SearchByEmbedding(pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512), timeout=10) is not None
+
+
+# -- found by the second round of attacks ----------------------------------------------------------------------
+def test_a_tracks_identity_follows_the_index(srv, admin):
+    """A track is evaluated again at least every second: a subject deleted mid-stream stops being named."""
+    cid, _ = tenant(admin)
+    admin.Register(pb.RegisterRequest(collection=cid, subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
+    stream = OpenStream(admin, pb.StreamConfig(identify=True, collection=cid))
+    n, t0, deleted_at, named_after = 1, time.monotonic(), None, []
+    while time.monotonic() - t0 < 30:
+        stream.send(n, "dev/img2.jpg")
+        n += 1
+        time.sleep(0.15)
+        if stream.answers and deleted_at is None:
+            assert stream.answers[-1].faces[0].identity.subject_id == "alice"
+            admin.DeleteSubject(pb.DeleteSubjectRequest(collection=cid, subject_id="alice"), timeout=10)
+            deleted_at, seen = time.monotonic(), len(stream.answers)
+        if deleted_at and time.monotonic() - deleted_at > 2.5:
+            named_after = [a.faces[0].identity.subject_id for a in stream.answers[seen:] if a.faces]
+            break
+    stream.q.put(None)
+    assert named_after and named_after[-1] == "", named_after  # the last answers name nobody
+
+
+def test_per_face_models_run_on_a_bounded_number_of_faces(srv, admin):
+    many = pb.FaceOptions(max_faces=100)
+    group = image("dev/group_t1.jpg")
+    for call, req in ((admin.Embed, pb.EmbedRequest(image=group, face_options=many)),
+                      (admin.Analyze, pb.AnalyzeRequest(image=group, face_options=many))):
+        info = expect_error(call, req, INVALID, "VALIDATION_FAILED")
+        assert info.metadata["limit"] == "20"
+    assert len(admin.Detect(pb.DetectRequest(image=group, face_options=many), timeout=30).faces) == 6  # Detect may list more
+    assert len(admin.Embed(pb.EmbedRequest(image=group), timeout=30).faces) == 6
+
+
+def png_header_only(width: int, height: int, depth: int, colour: int, interlace: int = 0) -> bytes:
+    """A PNG whose header claims the given layout (the server decides from the header, before decoding)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_deep_and_interlaced_pngs_are_weighed_by_their_decode_cost(srv, admin):
+    from server.vision.imaging import png_weight
+
+    assert png_weight(png_header_only(10, 10, 8, 2)) == 1.0
+    assert png_weight(png_header_only(10, 10, 16, 6)) == pytest.approx(8 / 3)
+    assert png_weight(png_header_only(10, 10, 8, 2, interlace=1)) == 2.5
+    for bomb in (png_header_only(8000, 5000, 16, 6), png_header_only(6000, 6000, 8, 2, interlace=1)):
+        expect_error(admin.Detect, pb.DetectRequest(image=pb.Image(encoded=bomb)), INVALID, "IMAGE_TOO_LARGE")
+
+
+def test_every_detection_is_charged_however_small_the_image(srv, admin):
+    tiny = cv2.imencode(".webp", np.full((640, 640, 3), 128, np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
+    batch = pb.DetectBatchRequest(items=[pb.BatchImage(item_id=str(i), image=pb.Image(encoded=tiny)) for i in range(64)])
+    assert batch.ByteSize() < 64 * 1024
+    before = cpu_seconds(srv.proc.pid)
+    reasons = [r.error.reason for r in admin.DetectBatch(batch, timeout=60).results]
+    spent = cpu_seconds(srv.proc.pid) - before
+    assert reasons.count("IMAGE_TOO_LARGE") >= 30 and spent < 1.5, (reasons.count(""), spent)
+
+
+def test_animated_images_are_refused(srv, admin):
+    frames = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (0, 128, 255)]
+    for fmt in ("WEBP", "PNG"):
+        buf = io.BytesIO()
+        frames[0].save(buf, fmt, save_all=True, append_images=frames[1:], duration=100)
+        expect_error(admin.Detect, pb.DetectRequest(image=pb.Image(encoded=buf.getvalue())), INVALID, "INVALID_IMAGE")
+
+
+def test_failing_batch_items_do_not_flood_the_log(srv, admin):
+    cid, key = tenant(admin)
+    lines_before = srv.output().count("\n")
+    items = [pb.ProcessBatchRequest(item_id=str(i), process=pb.ProcessRequest(collection=cid, subject_id="s",
+                                                                            image=pb.Image(encoded=b"x")))
+             for i in range(300)]
+    answers = list(srv.stub(key).ProcessBatch(iter(items), timeout=60))
+    assert [a.error.reason for a in answers] == ["INVALID_IMAGE"] * 300
+    assert srv.output().count("\n") - lines_before < 30
+
+
+def test_item_ids_are_bounded(srv, admin):
+    long_id = "i" * 200_000
+    expect_error(admin.DetectBatch, pb.DetectBatchRequest(items=[pb.BatchImage(item_id=long_id, image=image("dev/img5.jpg"))]),
+                 INVALID, "VALIDATION_FAILED")
+    cid, _ = tenant(admin)
+    with pytest.raises(grpc.RpcError) as e:
+        list(admin.RegisterBatch(iter([pb.RegisterBatchRequest(item_id=long_id, register=pb.RegisterRequest(
+            collection=cid, subject_id="a", image=image("dev/img1.jpg")))]), timeout=30))
+    assert e.value.code() == INVALID and len(e.value.details()) < 400

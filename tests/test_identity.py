@@ -231,6 +231,22 @@ def test_api_keys_are_listed_page_by_page(backend):
     assert seen == sorted(made)
 
 
+def test_concurrent_registers_of_one_token_all_answer_the_same_face(backend):
+    """A client retrying a Register of one token on several connections at once: every call gets the
+    face, as a sequential retry would, and one face is stored."""
+    b, cid = backend, new_collection(backend)
+    token = process(b.stub, cid, "dana").staging_token
+    answers = []
+
+    def register():
+        answers.append(b.stub.Register(pb.RegisterRequest(collection=cid, subject_id="dana", staging_token=token),
+                                       timeout=30).face.face_id)
+    failures = race([register] * 4)
+    assert failures == [None] * 4, failures
+    assert len(set(answers)) == 1
+    assert b.sql("SELECT COUNT(*) FROM faces WHERE collection_id = ?", cid)[0][0] == 1
+
+
 def test_concurrent_registers_of_one_subject_exactly_one_wins(backend):
     b, cid = backend, new_collection(backend)
     tokens = [process(b.stub, cid, "dave", photo).staging_token for photo in (ALICE, ALICE_2, "dev/img6.jpg", "dev/img7.jpg")]

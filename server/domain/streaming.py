@@ -10,14 +10,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-import grpc
 
-from server import errors
 from server.vision.pipeline import DetectOptions, FacePipeline
 from server.domain.tracking import FaceTracker, Track
 
 MAX_LISTED_SKIPS = 4096  # skipped frame ids listed in one answer (they are dropped either way)
 QUALITY_GAIN = 0.15      # a track is evaluated again when its face quality rises by this much
+# ... and at least this often: a track follows a box, and the face in the box can change (a printed
+# face held up where a live one was) or leave the index (its subject deleted) while the box stays.
+REEVALUATE_S = 1.0
 
 
 WAITING = object()  # FrameInbox.take: nothing due yet (the caller's chance to run its periodic checks)
@@ -143,16 +144,18 @@ class TrackedFaceResult:
 class StreamSession:
     """One stream's tracks; runs detection per frame and liveness/identity once per track."""
 
-    def __init__(self, pipeline: FacePipeline, indexes, settings: StreamSettings):
-        self.pipeline, self.indexes, self.s = pipeline, indexes, settings
-        self.tracker = FaceTracker()
+    def __init__(self, pipeline: FacePipeline, indexes, settings: StreamSettings, clock=time.monotonic):
+        self.pipeline, self.indexes, self.s, self.clock = pipeline, indexes, settings, clock
+        self.tracker = FaceTracker(clock=clock)
 
     def process(self, img) -> list[TrackedFaceResult]:
         faces = self.pipeline.detect(img, self.s.detect)
         tracks = self.tracker.update([f.box for f in faces])
+        now = self.clock()
         due = [i for i, (f, t) in enumerate(zip(faces, tracks))
                if (self.s.liveness or self.s.identify)
-               and (t.evaluated_quality < 0 or f.quality.score >= t.evaluated_quality + QUALITY_GAIN)]
+               and (t.evaluated_quality < 0 or f.quality.score >= t.evaluated_quality + QUALITY_GAIN
+                    or now - t.evaluated_at >= REEVALUATE_S)]
         if self.s.liveness:
             for i in due:
                 tracks[i].liveness = self.pipeline.check_liveness(img, faces[i], self.s.liveness_threshold)
@@ -161,12 +164,10 @@ class StreamSession:
         search = [i for i in due if self.s.identify and (not self.s.liveness or tracks[i].liveness.is_live)]
         if search:
             index = self.indexes.get(self.s.collection)
-            for i, emb in zip(search, self.pipeline.embed([faces[i] for i in search])):  # one batch for all new tracks
+            for i, emb in zip(search, self.pipeline.embed([faces[i] for i in search])):  # one batch for all due tracks
                 hits = index.search(emb, 1, self.s.min_similarity, self.s.max_faces_per_subject)
-                t = tracks[i]
-                if hits and (t.identity is None or hits[0].similarity > t.identity.similarity):
-                    t.identity = hits[0]
+                tracks[i].identity = hits[0] if hits else None  # what the face in the box is now
         for i in due:
-            tracks[i].evaluated_quality = faces[i].quality.score
+            tracks[i].evaluated_quality, tracks[i].evaluated_at = faces[i].quality.score, now
         due_set = set(due)
         return [TrackedFaceResult(f, t, i in due_set) for i, (f, t) in enumerate(zip(faces, tracks))]

@@ -22,8 +22,9 @@ class Track:
     missed: int = 0
     last_seen: float = 0.0
     evaluated_quality: float = -1.0   # face quality when liveness/identity last ran; -1 = never
+    evaluated_at: float = 0.0         # when they last ran (clock of the tracker)
     liveness: object = None           # LivenessResult of the last check
-    identity: object = None           # best index Hit so far
+    identity: object = None           # index Hit of the last check (None: nobody, or not live)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ class Defaults:
     search_threshold: float       # 1:N (Search, SearchByEmbedding, StreamFrames identify)
     match_floor: float            # no request's match threshold or min_similarity below this
     liveness_threshold: float     # also the floor of every request's liveness threshold
+    max_analyzed_faces: int = 20  # faces per request that per-face models (embedding, liveness, age) run on
 
 
 class RequestParser:
@@ -31,8 +32,16 @@ class RequestParser:
         ensure_call_alive()  # before each decode: a batch stops at its deadline, not after its last item
         return convert.image_from_proto(msg, field, self.limits, budget)
 
-    def options(self, msg: pb.FaceOptions, field: str = "face_options") -> DetectOptions:
-        return convert.detect_options(msg, self.defaults.min_face_size, self.defaults.max_faces, field)
+    def options(self, msg: pb.FaceOptions, field: str = "face_options", analyzed: bool = False) -> DetectOptions:
+        """`analyzed`: every face found goes through per-face models, whose cost grows with the count,
+        so the request may ask for at most max_analyzed_faces."""
+        d = self.defaults
+        if not analyzed:
+            return convert.detect_options(msg, d.min_face_size, d.max_faces, field)
+        if msg.max_faces > d.max_analyzed_faces:
+            raise errors.validation(f"{field}.max_faces", f"at most {d.max_analyzed_faces} for RPCs that embed or analyze "
+                                    f"every face (max_analyzed_faces), got {msg.max_faces}", limit=d.max_analyzed_faces)
+        return convert.detect_options(msg, d.min_face_size, min(d.max_faces, d.max_analyzed_faces), field)
 
     # A request may raise a threshold, never lower it below the server's: a collection key must not
     # be able to undo the policy its operator set (a spoof verifying at liveness_threshold=1e-4).

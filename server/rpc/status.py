@@ -24,10 +24,13 @@ def to_status(exc: errors.FaceServiceError) -> grpc.Status:
     return rpc_status.to_status(status_pb2.Status(code=exc.code.value[0], message=exc.message, details=[detail]))
 
 
-def failure(name: str, exc: BaseException) -> errors.FaceServiceError:
-    """The domain error to answer with: itself, or INTERNAL with a request id for a bug (logged)."""
+def failure(name: str, exc: BaseException, item: bool = False) -> errors.FaceServiceError:
+    """The domain error to answer with: itself, or INTERNAL with a request id for a bug (logged).
+    `item`: one item of a batch or one frame of a stream, logged at DEBUG (the call logs a summary),
+    so a stream of failing items does not grow the log by a line each."""
     if isinstance(exc, errors.FaceServiceError):
-        log.info("rpc=%s code=%s reason=%s msg=%s", name, exc.code.name, exc.reason, exc)
+        log.log(logging.DEBUG if item else logging.INFO, "rpc=%s code=%s reason=%s msg=%s", name, exc.code.name,
+                exc.reason, exc)
         ERRORS.labels(name, exc.reason).inc()
         return exc
     rid = request_id.get()

@@ -42,6 +42,16 @@ def key_id(value: str, field: str = "key_id") -> str:
     return _match(KEY_ID, value, field, "key id")
 
 
+MAX_ITEM_ID = 128
+
+
+def item_id(value: str, field: str = "item_id") -> str:
+    """A batch item's id, echoed in its answer: bounded like every other id."""
+    if len(value) > MAX_ITEM_ID:
+        raise errors.validation(field, f"at most {MAX_ITEM_ID} characters, got {len(value)}")
+    return value
+
+
 def text(value: str, field: str, limit: int = MAX_TEXT) -> str:
     if len(value) > limit:
         raise errors.validation(field, f"at most {limit} characters, got {len(value)}")

@@ -37,7 +37,11 @@ CHANNELS = {"BGR": 3, "RGB": 3, "GRAY": 1}
 # no JPEG's scans cost more than this many pixel-scans (40 Mpix keeps the 10 of libjpeg's progression).
 JPEG_SCAN_WORK = 400_000_000
 MIN_JPEG_SCANS = 10
-PIXELS_PER_BYTE = 16  # a request's pixel budget grows with what it sent: real photos stay far below this
+PIXELS_PER_BYTE = 64  # a request's pixel budget grows with what it sent: real photos stay far below this
+# What one detection costs, in decoded pixels of equal CPU: every image is detected at the
+# detector's own size however small it was sent, so a batch of tiny images is not free.
+DETECT_COST_PIXELS = 2_000_000
+PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,16 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
     return n
 
 
+def png_weight(data: bytes) -> float:
+    """How much more a PNG's pixels cost to decode than 8-bit RGB ones: 16-bit samples, alpha and
+    interlacing (seven passes) each add work that the pixel count alone does not show."""
+    if len(data) < 29 or data[12:16] != b"IHDR":
+        return 1.0
+    depth, colour, interlace = data[24], data[25], data[28]
+    per_pixel = PNG_CHANNELS.get(colour, 4) * max(depth, 8) / 8
+    return max(1.0, per_pixel / 3) * (2.5 if interlace else 1.0)
+
+
 def _check_jpeg_scans(data: bytes, width: int, height: int, limits: ImageLimits) -> None:
     allowed = max(MIN_JPEG_SCANS, min(limits.max_jpeg_scans, JPEG_SCAN_WORK // max(1, width * height)))
     scans = jpeg_scans(data, allowed)
@@ -157,15 +171,25 @@ def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None 
             warnings.simplefilter("ignore")
             with PILImage.open(io.BytesIO(data)) as probe:
                 fmt, (width, height) = probe.format, probe.size
+                animated = fmt in ("PNG", "WEBP") and getattr(probe, "n_frames", 1) > 1
     except Exception as exc:  # Pillow raises many types for garbage input
         raise errors.invalid_image(f"not a decodable image ({type(exc).__name__})") from None
     if fmt not in SUPPORTED_FORMATS:
         raise errors.invalid_image(f"unsupported image format {fmt}; send JPEG, PNG, WebP or BMP", format=fmt)
+    if animated:  # a decoder sizes every frame's canvas; one still frame is what a face needs
+        raise errors.invalid_image(f"animated {fmt} is not supported: send one frame", format=fmt)
+    cost = width * height
+    if fmt == "PNG":
+        cost = int(cost * png_weight(data))
+        if cost > limits.max_pixels:
+            raise errors.image_too_large(
+                f"a {width}x{height} PNG with 16-bit, alpha or interlaced pixels costs as much to decode as {cost} "
+                f"pixels; the limit is {limits.max_pixels}", width=width, height=height, max_pixels=limits.max_pixels)
     _check_dims(width, height, limits)
     if fmt in ("JPEG", "MPO"):
         _check_jpeg_scans(data, width, height, limits)
     if budget is not None:
-        budget.charge(width * height, field)
+        budget.charge(cost + DETECT_COST_PIXELS, field)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
@@ -197,7 +221,7 @@ def decode_raw(width: int, height: int, pixel_format: str, data: bytes, row_stri
             actual_bytes=len(data),
         )
     if budget is not None:
-        budget.charge(width * height, field)
+        budget.charge(width * height + DETECT_COST_PIXELS, field)
     arr = np.frombuffer(data, dtype=np.uint8).reshape(height, stride)[:, :packed]
     if pixel_format == "GRAY":
         return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_GRAY2BGR)

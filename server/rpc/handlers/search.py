@@ -35,7 +35,7 @@ class SearchHandlers:
         r = self.requests
         coll = validate.collection_id(request.collection)
         top_k, min_sim = _top_k(request.top_k), r.min_similarity(request.min_similarity)
-        opts = r.options(request.face_options)
+        opts = r.options(request.face_options, analyzed=request.all_faces)
         lthr = r.liveness_threshold(request.liveness_threshold)
         img = r.image(request.image, "image")
         results = self.searcher.search(coll, img, opts, top_k, min_sim, all_faces=request.all_faces,

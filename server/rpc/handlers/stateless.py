@@ -4,7 +4,7 @@ from __future__ import annotations
 from facesvc.v1 import face_service_pb2 as pb
 from server import errors
 from server.context import ensure_call_alive
-from server.rpc import convert
+from server.rpc import convert, validate
 from server.rpc.requests import RequestParser
 from server.rpc.status import failure, rpc
 from server.vision.pipeline import FacePipeline
@@ -22,9 +22,9 @@ class StatelessHandlers:
     def __init__(self, pipeline: FacePipeline, requests: RequestParser):
         self.pipeline, self.requests = pipeline, requests
 
-    def _detect_all(self, request):
+    def _detect_all(self, request, analyzed: bool = False):
         """The decoded image and every face, for RPCs that take `image` + `face_options`."""
-        opts = self.requests.options(request.face_options)
+        opts = self.requests.options(request.face_options, analyzed=analyzed)
         img = self.requests.image(request.image, "image")
         return img, self.pipeline.detect(img, opts)
 
@@ -73,7 +73,7 @@ class StatelessHandlers:
     @rpc
     def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
         p = self.pipeline
-        _, faces = self._detect_all(request)
+        _, faces = self._detect_all(request, analyzed=True)
         return pb.EmbedResponse(
             faces=[pb.FaceEmbedding(face=convert.face_to_proto(f), embedding=e.tolist()) for f, e in zip(faces, p.embed(faces))],
             model=p.recognizer.model_id, dimension=p.recognizer.embedding_dim,
@@ -81,7 +81,7 @@ class StatelessHandlers:
 
     @rpc
     def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
-        img, faces = self._detect_all(request)
+        img, faces = self._detect_all(request, analyzed=True)
         return pb.AnalyzeResponse(faces=[convert.analysis_to_proto(f, a)
                                          for f, a in zip(faces, self.pipeline.analyze(img, faces))])
 
@@ -90,6 +90,8 @@ class StatelessHandlers:
         p, r = self.pipeline, self.requests
         if not 1 <= len(request.items) <= MAX_DETECT_BATCH:
             raise errors.validation("items", f"1 to {MAX_DETECT_BATCH} photos, got {len(request.items)}")
+        for n, item in enumerate(request.items):
+            validate.item_id(item.item_id, f"items[{n}].item_id")
         opts = r.options(request.face_options)
         budget = r.limits.budget(request.ByteSize())
         results = []
@@ -101,5 +103,5 @@ class StatelessHandlers:
                 results.append(pb.DetectBatchResult(item_id=item.item_id, faces=[convert.face_to_proto(f) for f in p.detect(img, opts)],
                                                      image=pb.ImageInfo(width=w, height=h)))
             except Exception as exc:  # noqa: BLE001 - one bad photo never fails the batch
-                results.append(pb.DetectBatchResult(item_id=item.item_id, error=item_error(failure("DetectBatch", exc))))
+                results.append(pb.DetectBatchResult(item_id=item.item_id, error=item_error(failure("DetectBatch", exc, item=True))))
         return pb.DetectBatchResponse(results=results, detector=p.detector.name)

@@ -161,6 +161,7 @@ class StreamHandlers:
             for item in group:
                 recheck()
                 ensure_call_alive()
+                validate.item_id(item.item_id)  # a protocol error: it ends the call
                 budget.received(item.ByteSize())
                 try:
                     request = getattr(item, field)
@@ -180,7 +181,7 @@ class StreamHandlers:
                         raise p
                     yield response_type(item_id=item.item_id, result=p.finish(next(embeddings) if p.face is not None else None))
                 except Exception as exc:  # noqa: BLE001
-                    yield response_type(item_id=item.item_id, error=item_error(failure(f"{rpc_name}Batch", exc)))
+                    yield response_type(item_id=item.item_id, error=item_error(failure(f"{rpc_name}Batch", exc, item=True)))
 
     @stream_rpc
     def ProcessBatch(self, request_iterator, context):
@@ -203,7 +204,7 @@ class StreamHandlers:
             if self.collections.policy(collection) == LIVENESS_REQUIRED:
                 liveness = True  # identification honours the collection's liveness policy, as Search does
         return StreamSettings(
-            detect=r.options(cfg.face_options, "config.face_options"), liveness=liveness, identify=cfg.identify,
+            detect=r.options(cfg.face_options, "config.face_options", analyzed=cfg.liveness or cfg.identify), liveness=liveness, identify=cfg.identify,
             collection=collection, min_similarity=r.min_similarity(cfg.min_similarity, "config.min_similarity"),
             liveness_threshold=r.liveness_threshold(cfg.liveness_threshold, "config.liveness_threshold"),
             max_faces_per_subject=self.max_faces_per_subject,
@@ -286,6 +287,6 @@ class StreamHandlers:
             except errors.FaceServiceError as exc:  # one bad frame does not end the stream
                 if exc.reason in STREAM_ENDING:
                     raise
-                resp.error.CopyFrom(item_error(failure("StreamFrames", exc)))
+                resp.error.CopyFrom(item_error(failure("StreamFrames", exc, item=True)))
             resp.latency_ms = (time.monotonic() - received) * 1000
             yield resp

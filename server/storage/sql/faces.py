@@ -58,9 +58,13 @@ class SqlFaces(SqlDatabase):
                         raise  # some other constraint: not "already registered"
                     if allow_existing:
                         raise _Retry() from None  # created concurrently: start over and take its lock
+                    if self._exists(q, "faces WHERE face_id = ?", face.face_id):
+                        raise _Duplicate() from None  # a concurrent Register of the same token won the subject
                     raise self._already_registered(collection_id, subject_id) from None
             else:
                 if not allow_existing:
+                    if self._exists(q, "faces WHERE face_id = ?", face.face_id):
+                        raise _Duplicate()  # a concurrent Register of the same token committed it
                     raise self._already_registered(collection_id, subject_id)
                 count = q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?",
                           collection_id, subject_id).fetchone()[0]
