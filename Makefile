@@ -11,11 +11,11 @@ PROTOS := $(wildcard protos/facesvc/v1/*.proto)
 CONTRACT_BASELINE := contract/v0.2.0
 ARGS   ?=
 
-.PHONY: help setup run test lint-proto gen models install-gpu bench bench-search eval clean
+.PHONY: help setup run test lint lint-proto gen models install-gpu bench bench-search eval clean
 
 help:
 	@echo "make run        set everything up and start the server on embedded defaults"
-	@echo "make test       set everything up and run buf lint + the whole test suite"
+	@echo "make test       set everything up, lint (buf lint + buf breaking, ruff) and run the whole test suite"
 	@echo "make setup      venv, dependencies, generated stubs, model weights"
 	@echo "make bench      scripts/bench_pipeline.py (per-stage and end-to-end latency)"
 	@echo "make bench-search  scripts/bench_search.py (hnswlib vs FAISS flat / HNSW; ARGS=--size 1000000 for 1 M)"
@@ -54,7 +54,11 @@ lint-proto: $(BUF)
 	cd protos && ../$(BUF) lint
 	$(BUF) breaking protos --against $(CONTRACT_BASELINE)
 
-test: setup lint-proto
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint-proto lint
 	$(PY) -m pytest $(ARGS)
 
 bench: setup

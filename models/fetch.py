@@ -12,6 +12,7 @@ the manifest is refused and never left in the target directory.
 
 Standard library only: it runs before the virtual environment exists.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -17,12 +17,11 @@ B. end to end through gRPC (a server subprocess, embedded storage, auth off):
 
 Prints tables and writes JSON (default .bench/bench_compare.json).
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import threading
@@ -37,19 +36,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import pct, write_json  # noqa: E402
 from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
 from scripts.bench_stream import Server  # noqa: E402
 from server import config  # noqa: E402
-from server.rpc import convert
 from server.app import build_pipeline  # noqa: E402
 from server.context import serving  # noqa: E402
+from server.rpc import convert  # noqa: E402
 
 DEV = ROOT.parent / "shared" / "faces" / "dev"
 WEIGHTS = ROOT / "models" / "weights"
-
-
-def pct(xs, q) -> float:
-    return float(np.percentile(np.asarray(xs) * 1000, q)) if len(xs) else 0.0
 
 
 def timed_runs(engines: dict, images, repeat: int) -> dict[str, list[float]]:
@@ -118,9 +114,17 @@ def part_a(repeat: int) -> list[dict]:
                     rates[name, threads].append(throughput(fn, images, threads, 1))
         rows = []
         for name in engines:
-            rows.append({"engine": name, "faces": counts[name], "p50_ms": pct(lat[name], 50), "p95_ms": pct(lat[name], 95),
-                         "imgs_per_s_1": float(np.median(rates[name, 1])), "imgs_per_s_2": float(np.median(rates[name, 2])),
-                         "rounds": {f"{t}_threads": rates[name, t] for t in (1, 2)}})
+            rows.append(
+                {
+                    "engine": name,
+                    "faces": counts[name],
+                    "p50_ms": pct(lat[name], 50),
+                    "p95_ms": pct(lat[name], 95),
+                    "imgs_per_s_1": float(np.median(rates[name, 1])),
+                    "imgs_per_s_2": float(np.median(rates[name, 2])),
+                    "rounds": {f"{t}_threads": rates[name, t] for t in (1, 2)},
+                }
+            )
     return rows
 
 
@@ -131,7 +135,7 @@ def probe_jpeg() -> bytes:
     small = cv2.resize(img, (int(w * s), int(h * s)), interpolation=cv2.INTER_AREA)
     canvas = np.full((480, 640, 3), 127, np.uint8)
     y, x = (480 - small.shape[0]) // 2, (640 - small.shape[1]) // 2
-    canvas[y:y + small.shape[0], x:x + small.shape[1]] = small
+    canvas[y : y + small.shape[0], x : x + small.shape[1]] = small
     return cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 
 
@@ -140,10 +144,13 @@ def part_b(calls: int, seconds: float) -> dict:
     with tempfile.TemporaryDirectory() as d:
         srv = Server(Path(d))
         try:
-            s = srv.stub
+            s = srv.face
             s.CreateCollection(pb.CreateCollectionRequest(collection="bench", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
-            s.Register(pb.RegisterRequest(collection="bench", subject_id="person_01",
-                                          image=pb.Image(encoded=(DEV / "img1.jpg").read_bytes())))
+            s.Register(
+                pb.RegisterRequest(
+                    collection="bench", subject_id="person_01", image=pb.Image(encoded=(DEV / "img1.jpg").read_bytes())
+                )
+            )
             seq = {}
             for label, skip in (("Verify (no liveness)", True), ("Verify + liveness", False)):
                 req = pb.VerifyRequest(collection="bench", subject_id="person_01", image=probe, skip_liveness=skip)
@@ -180,8 +187,15 @@ def part_b(calls: int, seconds: float) -> dict:
                 for t in threads:
                     t.join()
                 elapsed = time.perf_counter() - t0
-                conc.append({"clients": clients, "calls_per_s": len(lat) / elapsed, "errors": len(errors),
-                             "p50_ms": pct(lat, 50), "p95_ms": pct(lat, 95)})
+                conc.append(
+                    {
+                        "clients": clients,
+                        "calls_per_s": len(lat) / elapsed,
+                        "errors": len(errors),
+                        "p50_ms": pct(lat, 50),
+                        "p95_ms": pct(lat, 95),
+                    }
+                )
         finally:
             srv.stop()
     return {"sequential": seq, "concurrent": conc}
@@ -200,16 +214,25 @@ def main() -> int:
         print("the peer is not installed: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
         return 2
     a = part_a(args.repeat)
-    print(f"\nA. detect + embed in process, {len(list(DEV.glob('img*.jpg')))} dev portraits (decoded), "
-          f"{os.cpu_count()} cores, same ONNX files")
+    print(
+        f"\nA. detect + embed in process, {len(list(DEV.glob('img*.jpg')))} dev portraits (decoded), "
+        f"{os.cpu_count()} cores, same ONNX files"
+    )
     print(f"{'engine':34} {'faces':>5} {'p50 ms':>8} {'p95 ms':>8} {'img/s 1 thr':>11} {'img/s 2 thr':>11}")
     for r in a:
-        print(f"{r['engine']:34} {r['faces']:5d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['imgs_per_s_1']:11.1f} {r['imgs_per_s_2']:11.1f}")
+        print(
+            f"{r['engine']:34} {r['faces']:5d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['imgs_per_s_1']:11.1f} {r['imgs_per_s_2']:11.1f}"
+        )
     f, p = a
-    ratios = {"p50": p["p50_ms"] / f["p50_ms"], "throughput_1": f["imgs_per_s_1"] / p["imgs_per_s_1"],
-              "throughput_2": f["imgs_per_s_2"] / p["imgs_per_s_2"]}
-    print(f"facesvc vs peer: p50 {ratios['p50']:.2f}x lower, throughput {ratios['throughput_1']:.2f}x (1 thread), "
-          f"{ratios['throughput_2']:.2f}x (2 threads)")
+    ratios = {
+        "p50": p["p50_ms"] / f["p50_ms"],
+        "throughput_1": f["imgs_per_s_1"] / p["imgs_per_s_1"],
+        "throughput_2": f["imgs_per_s_2"] / p["imgs_per_s_2"],
+    }
+    print(
+        f"facesvc vs peer: p50 {ratios['p50']:.2f}x lower, throughput {ratios['throughput_1']:.2f}x (1 thread), "
+        f"{ratios['throughput_2']:.2f}x (2 threads)"
+    )
     b = part_b(args.calls, args.seconds)
     print("\nB. gRPC end to end, one 640x480 JPEG probe")
     for label, r in b["sequential"].items():
@@ -217,10 +240,7 @@ def main() -> int:
     print(f"{'clients':>8} {'calls/s':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8}")
     for r in b["concurrent"]:
         print(f"{r['clients']:8d} {r['calls_per_s']:8.1f} {r['errors']:7d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "cpus": os.cpu_count(), "in_process": a, "ratios": ratios,
-                               "grpc": b}, indent=2))
+    out = write_json(args.out, {"in_process": a, "ratios": ratios, "grpc": b})
     print(f"\nwrote {out}")
     return 0
 

@@ -12,6 +12,7 @@ segment, one hit per subject). Prints a table and the on/off ratios, writes JSON
     .venv/bin/python scripts/bench_hugepages.py                   # 200 k faces, 5 rounds
     .venv/bin/python scripts/bench_hugepages.py --size 1000000    # two 500 k segments (~30 min build)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ def exact_top10(corpus: np.ndarray, probes: np.ndarray) -> np.ndarray:
     best_sims = np.full((len(probes), 0), -np.inf, np.float32)
     best_rows = np.empty((len(probes), 0), np.int64)
     for s in range(0, len(corpus), 100_000):
-        sims = probes @ corpus[s:s + 100_000].T
+        sims = probes @ corpus[s : s + 100_000].T
         top = np.argpartition(-sims, 10, axis=1)[:, :10]
         best_sims = np.concatenate([best_sims, np.take_along_axis(sims, top, 1)], axis=1)
         best_rows = np.concatenate([best_rows, top + s], axis=1)
@@ -68,9 +69,14 @@ def child(work: Path, params: HnswParams) -> dict:
     for q in probes[:200]:  # warm the caches and the search pool
         idx.search(q, 10, -1.0, 1)
     found, _ = idx.knn(probes, 10)  # labels are corpus rows: faces were added in order
-    return {"huge_pages": hugepages.status(), "anon_huge_mb": hugepages.anon_huge_kb() / 1024, "load_s": load,
-            "recall@10": recall(found.astype(np.int64), truth, 10), "segments": idx.stats().params["segments"],
-            "single": latency(lambda q: idx.search(q, 10, -1.0, 1), probes, len(probes))}
+    return {
+        "huge_pages": hugepages.status(),
+        "anon_huge_mb": hugepages.anon_huge_kb() / 1024,
+        "load_s": load,
+        "recall@10": recall(found.astype(np.int64), truth, 10),
+        "segments": idx.stats().params["segments"],
+        "single": latency(lambda q: idx.search(q, 10, -1.0, 1), probes, len(probes)),
+    }
 
 
 def build_snapshot(work: Path, args) -> float:
@@ -82,8 +88,11 @@ def build_snapshot(work: Path, args) -> float:
     t0 = time.perf_counter()
     idx = build_index(corpus, HnswParams())
     build = time.perf_counter() - t0
-    print(f"built {args.size:,} faces in {build:.0f}s: {idx.stats().params["segments"]} segment(s), "
-          f"ef {idx.stats().params["ef_search"]}", flush=True)
+    print(
+        f"built {args.size:,} faces in {build:.0f}s: {idx.stats().params['segments']} segment(s), "
+        f"ef {idx.stats().params['ef_search']}",
+        flush=True,
+    )
     SnapshotStore(work / "snap").write("bench", idx, SNAPSHOT_META)
     return build
 
@@ -94,8 +103,11 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=1000, help="probes (fresh faces of enrolled identities)")
     ap.add_argument("--rounds", type=int, default=5, help="off/on pairs of fresh processes")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--work", help="keep the corpus's probes, exact answers and snapshot in this directory, "
-                                   "and reuse them when they are there (a 1 M build takes ~30 min)")
+    ap.add_argument(
+        "--work",
+        help="keep the corpus's probes, exact answers and snapshot in this directory, "
+        "and reuse them when they are there (a 1 M build takes ~30 min)",
+    )
     ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_hugepages.json"))
     ap.add_argument("--child", help=argparse.SUPPRESS)  # the snapshot directory, in a child process
     args = ap.parse_args()
@@ -118,13 +130,17 @@ def main() -> int:
         for r in range(args.rounds):
             for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):  # alternate which goes first
                 env = hugepages.with_tunable(os.environ) if mode == "on" else hugepages.without_tunable(os.environ)
-                out = subprocess.run([sys.executable, __file__, "--child", str(work)], env=env, check=True,
-                                     capture_output=True, text=True).stdout
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", str(work)], env=env, check=True, capture_output=True, text=True
+                ).stdout
                 run = {"round": r, "mode": mode, **json.loads(out.splitlines()[-1])}
                 runs.append(run)
                 s = run["single"]
-                print(f"round {r} {mode:3}  huge {run['anon_huge_mb']:7.0f} MB  load {run['load_s']:5.1f}s  "
-                      f"R@10 {run['recall@10']:.4f}  p50 {s['p50_ms']:.3f}  p99 {s['p99_ms']:.3f} ms", flush=True)
+                print(
+                    f"round {r} {mode:3}  huge {run['anon_huge_mb']:7.0f} MB  load {run['load_s']:5.1f}s  "
+                    f"R@10 {run['recall@10']:.4f}  p50 {s['p50_ms']:.3f}  p99 {s['p99_ms']:.3f} ms",
+                    flush=True,
+                )
     summary = {}
     for mode in ("off", "on"):
         mine = [x["single"] for x in runs if x["mode"] == mode]
@@ -134,9 +150,17 @@ def main() -> int:
     for mode, label in (("off", "4 KB"), ("on", "2 MB THP")):
         print(f"{label:8} {summary[mode]['p50_ms']:8.3f} {summary[mode]['p99_ms']:8.3f} {summary[mode]['mean_ms']:8.3f}")
     print(f"{'off / on':8} {ratio['p50_ms']:7.2f}x {ratio['p99_ms']:7.2f}x {ratio['mean_ms']:7.2f}x")
-    result = {"size": args.size, "queries": args.queries, "build_s": build, "cpus": os.cpu_count(),
-              "machine": platform.platform(), "params": vars(args), "runs": runs, "median": summary,
-              "off_over_on": ratio}
+    result = {
+        "size": args.size,
+        "queries": args.queries,
+        "build_s": build,
+        "cpus": os.cpu_count(),
+        "machine": platform.platform(),
+        "params": vars(args),
+        "runs": runs,
+        "median": summary,
+        "off_over_on": ratio,
+    }
     write_result(args.out, result)
     return 0
 

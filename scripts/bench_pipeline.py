@@ -16,6 +16,7 @@ Prints a table (p50/p95/mean in ms) and writes JSON (default .bench/bench_pipeli
 
     .venv/bin/python scripts/bench_pipeline.py [--repeat 3] [--e2e-calls 60]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,8 @@ import grpc  # noqa: E402
 from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc  # noqa: E402
 from server import config  # noqa: E402
-from server.vision.alignment import arcface_crop  # noqa: E402
 from server.app import FaceServer  # noqa: E402
+from server.vision.alignment import arcface_crop  # noqa: E402
 from server.vision.imaging import ImageLimits, decode_encoded, resize_long_side  # noqa: E402
 from server.vision.quality import assess  # noqa: E402
 
@@ -106,13 +107,24 @@ def bench_e2e(settings, probes: list[bytes], calls: int) -> dict:
         with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
             stub = pb_grpc.FaceServiceStub(ch)
             kinds = {
-                "grpc Embed (1 probe)": lambda i: stub.Embed(pb.EmbedRequest(
-                    image=pb.Image(encoded=probes[i % len(probes)]), face_options=pb.FaceOptions(max_faces=1)), timeout=30),
-                "grpc Compare (2 photos)": lambda i: stub.Compare(pb.CompareRequest(
-                    source=pb.Image(encoded=probes[i % len(probes)]), target=pb.Image(encoded=probes[(i + 1) % len(probes)])), timeout=30),
-                "grpc Compare+liveness": lambda i: stub.Compare(pb.CompareRequest(
-                    source=pb.Image(encoded=probes[i % len(probes)]), target=pb.Image(encoded=probes[(i + 1) % len(probes)]),
-                    require_liveness=True), timeout=30),
+                "grpc Embed (1 probe)": lambda i: stub.Embed(
+                    pb.EmbedRequest(image=pb.Image(encoded=probes[i % len(probes)]), face_options=pb.FaceOptions(max_faces=1)),
+                    timeout=30,
+                ),
+                "grpc Compare (2 photos)": lambda i: stub.Compare(
+                    pb.CompareRequest(
+                        source=pb.Image(encoded=probes[i % len(probes)]), target=pb.Image(encoded=probes[(i + 1) % len(probes)])
+                    ),
+                    timeout=30,
+                ),
+                "grpc Compare+liveness": lambda i: stub.Compare(
+                    pb.CompareRequest(
+                        source=pb.Image(encoded=probes[i % len(probes)]),
+                        target=pb.Image(encoded=probes[(i + 1) % len(probes)]),
+                        require_liveness=True,
+                    ),
+                    timeout=30,
+                ),
             }
             for name, call in kinds.items():
                 for i in range(5):  # warm-up
@@ -155,18 +167,34 @@ def main() -> int:
     probes = [to_640x480_jpeg(p) for p in portraits]
     e2e = bench_e2e(settings, probes, args.e2e_calls)
 
-    print(f"facesvc pipeline benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"detector={settings.detector}, recognizer={settings.recognizer}, liveness={settings.liveness}")
+    print(
+        f"facesvc pipeline benchmark — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"detector={settings.detector}, recognizer={settings.recognizer}, liveness={settings.liveness}"
+    )
     print(f"{'stage':<26} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'mean ms':>8}")
     rows = {**{f"stage {k}": v for k, v in stages.items()}, **e2e}
     for name, r in rows.items():
         print(f"{name:<26} {r['n']:>5} {r['p50_ms']:>8.2f} {r['p95_ms']:>8.2f} {r['mean_ms']:>8.2f}")
-    print(f"(stages: {len(photos)} dev portraits 330x512..2500x1728, x{args.repeat}; gRPC rows: 640x480 JPEG probes, "
-          f"{args.e2e_calls} sequential calls)")
+    print(
+        f"(stages: {len(photos)} dev portraits 330x512..2500x1728, x{args.repeat}; gRPC rows: 640x480 JPEG probes, "
+        f"{args.e2e_calls} sequential calls)"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"settings": {"detector": settings.detector, "recognizer": settings.recognizer,
-                                                  "liveness": settings.liveness, "cpus": os.cpu_count()},
-                                     "stages": stages, "end_to_end": e2e}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "settings": {
+                    "detector": settings.detector,
+                    "recognizer": settings.recognizer,
+                    "liveness": settings.liveness,
+                    "cpus": os.cpu_count(),
+                },
+                "stages": stages,
+                "end_to_end": e2e,
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {args.json}")
     return 0
 

@@ -34,6 +34,7 @@ pages (`--huge-pages off` for 4 KB pages; scripts/bench_hugepages.py compares th
 
 Prints a table and writes JSON (default .bench/bench_search.json).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,6 +54,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import percentiles  # noqa: E402
 from server import hugepages  # noqa: E402
 from server.index.hnsw import HnswIndex, HnswParams  # noqa: E402
 from server.index.snapshot import SnapshotStore  # noqa: E402
@@ -78,7 +80,7 @@ def make_corpus(kind: str, size: int, queries: int, faces_per_identity: int, noi
     if kind == "uniform":
         corpus = np.empty((size, DIM), np.float32)
         for s in range(0, size, chunk):
-            corpus[s:s + chunk] = normalise(rng.standard_normal((min(chunk, size - s), DIM), dtype=np.float32))
+            corpus[s : s + chunk] = normalise(rng.standard_normal((min(chunk, size - s), DIM), dtype=np.float32))
         return corpus, normalise(rng.standard_normal((queries, DIM), dtype=np.float32))
     identities = -(-size // faces_per_identity)
     if kind == "facelike":
@@ -95,7 +97,7 @@ def make_corpus(kind: str, size: int, queries: int, faces_per_identity: int, noi
     corpus = np.empty((size, DIM), np.float32)
     owner = np.arange(size) // faces_per_identity
     for s in range(0, size, chunk):
-        corpus[s:s + chunk] = faces_of(owner[s:s + chunk])
+        corpus[s : s + chunk] = faces_of(owner[s : s + chunk])
     probes = faces_of(rng.integers(0, identities, queries))
     return corpus, probes
 
@@ -123,7 +125,8 @@ def facelike_spectra(cal: dict) -> tuple[np.ndarray, np.ndarray]:
 
     def spread(k: float) -> float:
         total = b * _power_spectrum(cal["between_slope"] * k) + w * _power_spectrum(cal["within_slope"] * k)
-        return float(np.sqrt((total ** 2).sum()))
+        return float(np.sqrt((total**2).sum()))
+
     lo, hi = 0.0, 3.0
     for _ in range(50):
         mid = (lo + hi) / 2
@@ -139,11 +142,12 @@ def facelike_generator(rng: np.random.Generator, identities: int, cal: dict):
     centres = np.empty((identities, DIM), np.float32)
     for s in range(0, identities, 100_000):
         n = min(100_000, identities - s)
-        centres[s:s + n] = (rng.standard_normal((n, DIM), dtype=np.float32) * sb) @ basis.T
+        centres[s : s + n] = (rng.standard_normal((n, DIM), dtype=np.float32) * sb) @ basis.T
 
     def faces_of(ids: np.ndarray) -> np.ndarray:
         noise = (rng.standard_normal((len(ids), DIM), dtype=np.float32) * sw) @ basis.T
         return normalise(centres[ids] + noise)
+
     return centres, faces_of
 
 
@@ -154,6 +158,7 @@ def calibrate() -> dict:
     from server import config
     from server.app import build_pipeline
     from server.vision.pipeline import DetectOptions
+
     pipeline = build_pipeline(config.load([], environ={}))
     vecs, labels = [], []
     for path in sorted((ROOT.parent / "shared" / "faces" / "lfw").glob("*/*.jpg")):
@@ -174,8 +179,14 @@ def calibrate() -> dict:
         ranks = np.arange(1, len(ev) + 1)
         keep = (ranks >= 5) & (ranks <= 100)
         return float(-np.polyfit(np.log(ranks[keep]), np.log(ev[keep]), 1)[0])
-    return {"photos": len(emb), "genuine_cos": float(genuine.mean()), "impostor_std": float(impostor.std()),
-            "between_slope": slope(means), "within_slope": slope(resid)}
+
+    return {
+        "photos": len(emb),
+        "genuine_cos": float(genuine.mean()),
+        "impostor_std": float(impostor.std()),
+        "between_slope": slope(means),
+        "within_slope": slope(resid),
+    }
 
 
 def recall(found: np.ndarray, truth: np.ndarray, k: int) -> float:
@@ -190,12 +201,6 @@ def latency(fn, probes: np.ndarray, n: int) -> dict:
         fn(q)
         times.append(time.perf_counter() - t0)
     return percentiles(times)
-
-
-def percentiles(seconds: list[float]) -> dict:
-    a = np.array(seconds) * 1000
-    return {"n": len(a), "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
-            "mean_ms": float(a.mean())}
 
 
 def batch_qps(fn, probes: np.ndarray) -> float:
@@ -215,9 +220,17 @@ def bench_flat(faiss, corpus, probes, single_n: int) -> tuple[dict, np.ndarray]:
     sims, truth = index.search(probes, 10)
     qps = len(probes) / (time.perf_counter() - t0)
     # how far apart the true neighbours are: on the uniform corpus they are all noise around 0.2
-    row = {"engine": "faiss IndexFlatIP (exact)", "build_s": build, "memory_mb": mem, "recall@1": 1.0, "recall@10": 1.0,
-           "exact_sim_top1_mean": float(sims[:, 0].mean()), "exact_sim_top10_mean": float(sims[:, 9].mean()),
-           "single": latency(lambda q: index.search(q[None], 10), probes, single_n), "batch_qps": qps}
+    row = {
+        "engine": "faiss IndexFlatIP (exact)",
+        "build_s": build,
+        "memory_mb": mem,
+        "recall@1": 1.0,
+        "recall@10": 1.0,
+        "exact_sim_top1_mean": float(sims[:, 0].mean()),
+        "exact_sim_top10_mean": float(sims[:, 9].mean()),
+        "single": latency(lambda q: index.search(q[None], 10), probes, single_n),
+        "batch_qps": qps,
+    }
     return row, truth
 
 
@@ -233,7 +246,7 @@ def build_index(corpus: np.ndarray, params: HnswParams) -> HnswIndex:
     ids = [f"{i:032x}" for i in range(len(corpus))]
     step = 50_000
     for s in range(0, len(corpus), step):
-        idx.add(ids[s:s + step], ids[s:s + step], corpus[s:s + step])
+        idx.add(ids[s : s + step], ids[s : s + step], corpus[s : s + step])
     return idx
 
 
@@ -256,16 +269,25 @@ def bench_facesvc(corpus, probes, truth, params: HnswParams, single_n: int, ef_s
         if ef == ef0:
             auto = "" if params.ef_search else " auto"
             split = f" {segments} seg" if segments > 1 else ""
-            pca = (f" PCA {params.pca_dims}-d ({np.mean([p.kept for p in projected]):.0%}) + re-rank"
-                   if projected else "")
+            pca = f" PCA {params.pca_dims}-d ({np.mean([p.kept for p in projected]):.0%}) + re-rank" if projected else ""
             name = f"facesvc HnswIndex (hnswlib M={params.m} efC={params.ef_construction}{split}{pca} ef={ef}{auto})"
         else:
             name = f"  hnswlib ef={ef} (same graphs, sweep)"
-        rows.append({"engine": name, "build_s": build if ef == ef0 else None,
-                     "memory_mb": mem if ef == ef0 else None, "segments": segments,
-                     "projected_segments": len(projected), "pca_dims": params.pca_dims if projected else 0,
-                     "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10),
-                     "single": single, "batch_qps": qps, "ef_search": ef})
+        rows.append(
+            {
+                "engine": name,
+                "build_s": build if ef == ef0 else None,
+                "memory_mb": mem if ef == ef0 else None,
+                "segments": segments,
+                "projected_segments": len(projected),
+                "pca_dims": params.pca_dims if projected else 0,
+                "recall@1": recall(found, truth, 1),
+                "recall@10": recall(found, truth, 10),
+                "single": single,
+                "batch_qps": qps,
+                "ef_search": ef,
+            }
+        )
     idx.set_ef(None)
     rows[0]["tail"] = bench_tail(idx, probes, single_n)
     rows[0]["snapshot"] = bench_snapshot(idx, params, probes)
@@ -309,8 +331,9 @@ def bench_snapshot(idx: HnswIndex, params: HnswParams, probes: np.ndarray) -> di
     return {"write_s": write, "load_s": load, "bytes": size, "same_answers": same, "file": path.name}
 
 
-def bench_faiss_hnsw(faiss, corpus, probes, truth, params: HnswParams, single_n: int, ef_sweep: list[int],
-                     sq8: bool = False) -> list[dict]:
+def bench_faiss_hnsw(
+    faiss, corpus, probes, truth, params: HnswParams, single_n: int, ef_sweep: list[int], sq8: bool = False
+) -> list[dict]:
     """FAISS's HNSW on float vectors, or (sq8) on 8-bit scalar-quantised codes: 512 bytes a face
     instead of 2 KB, a quarter of the memory read per distance; each sq8 ef also runs with a float
     re-rank of twice the candidates (IndexRefineFlat: exact similarities, as Search returns).
@@ -333,19 +356,35 @@ def bench_faiss_hnsw(faiss, corpus, probes, truth, params: HnswParams, single_n:
     for ef in [ef0] + [e for e in ef_sweep if e != ef0]:
         variants = [(index, faiss.SearchParametersHNSW(efSearch=ef), "")]
         if refine is not None:
-            variants.append((refine, faiss.IndexRefineSearchParameters(
-                k_factor=2, base_index_params=faiss.SearchParametersHNSW(efSearch=ef)), " + float re-rank"))
+            variants.append(
+                (
+                    refine,
+                    faiss.IndexRefineSearchParameters(k_factor=2, base_index_params=faiss.SearchParametersHNSW(efSearch=ef)),
+                    " + float re-rank",
+                )
+            )
         for engine, sp, suffix in variants:
             t0 = time.perf_counter()
             _, found = engine.search(probes, 10, params=sp)
             qps = len(probes) / (time.perf_counter() - t0)
             first = ef == ef0 and not suffix
-            name = (f"faiss {kind} (M={params.m} efC={params.ef_construction} ef={ef})" if first
-                    else f"  faiss {kind} ef={ef}{suffix}")
-            rows.append({"engine": name, "build_s": build if first else None, "memory_mb": mem if first else None,
-                         "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10), "ef_search": ef,
-                         "single": latency(lambda q, e=engine, p=sp: e.search(q[None], 10, params=p), probes, single_n),
-                         "batch_qps": qps})
+            name = (
+                f"faiss {kind} (M={params.m} efC={params.ef_construction} ef={ef})"
+                if first
+                else f"  faiss {kind} ef={ef}{suffix}"
+            )
+            rows.append(
+                {
+                    "engine": name,
+                    "build_s": build if first else None,
+                    "memory_mb": mem if first else None,
+                    "recall@1": recall(found, truth, 1),
+                    "recall@10": recall(found, truth, 10),
+                    "ef_search": ef,
+                    "single": latency(lambda q, e=engine, p=sp: e.search(q[None], 10, params=p), probes, single_n),
+                    "batch_qps": qps,
+                }
+            )
     return rows
 
 
@@ -365,7 +404,7 @@ def bench_pca(corpus, probes, truth, params: HnswParams, dims: int, single_n: in
     graph.init_index(max_elements=len(corpus), M=params.m, ef_construction=params.ef_construction)
     graph.set_num_threads(os.cpu_count() or 1)
     for s in range(0, len(corpus), 100_000):
-        graph.add_items(corpus[s:s + 100_000] @ proj, np.arange(s, min(len(corpus), s + 100_000)))
+        graph.add_items(corpus[s : s + 100_000] @ proj, np.arange(s, min(len(corpus), s + 100_000)))
     build = time.perf_counter() - t0
     mem = rss_mb() - r0  # the graph; the full vectors it re-ranks with are the corpus itself (+2 KB a face)
 
@@ -384,12 +423,25 @@ def bench_pca(corpus, probes, truth, params: HnswParams, dims: int, single_n: in
         qps = len(probes) / (time.perf_counter() - t0)
         graph.set_num_threads(1)
         first = ef == ef0
-        name = (f"hnswlib PCA {dims}-d ({kept:.0%} of variance) + re-rank (ef={ef})" if first
-                else f"  hnswlib PCA {dims}-d ef={ef} + re-rank")
-        rows.append({"engine": name, "build_s": build if first else None, "memory_mb": mem if first else None,
-                     "recall@1": recall(found, truth, 1), "recall@10": recall(found, truth, 10), "ef_search": ef,
-                     "pca_dims": dims, "variance_kept": kept,
-                     "single": latency(lambda q: search(q[None]), probes, single_n), "batch_qps": qps})
+        name = (
+            f"hnswlib PCA {dims}-d ({kept:.0%} of variance) + re-rank (ef={ef})"
+            if first
+            else f"  hnswlib PCA {dims}-d ef={ef} + re-rank"
+        )
+        rows.append(
+            {
+                "engine": name,
+                "build_s": build if first else None,
+                "memory_mb": mem if first else None,
+                "recall@1": recall(found, truth, 1),
+                "recall@10": recall(found, truth, 10),
+                "ef_search": ef,
+                "pca_dims": dims,
+                "variance_kept": kept,
+                "single": latency(lambda q: search(q[None]), probes, single_n),
+                "batch_qps": qps,
+            }
+        )
     return rows
 
 
@@ -400,23 +452,31 @@ def fmt(v, spec: str) -> str:
 def print_table(corpus: str, size: int, rows: list[dict]) -> None:
     flat = rows[0]
     flat_p50 = flat["single"]["p50_ms"]
-    print(f"\n{corpus} corpus, {size:,} x {DIM}-d (exact neighbours: mean cosine {flat['exact_sim_top1_mean']:.3f} "
-          f"at rank 1, {flat['exact_sim_top10_mean']:.3f} at rank 10)")
+    print(
+        f"\n{corpus} corpus, {size:,} x {DIM}-d (exact neighbours: mean cosine {flat['exact_sim_top1_mean']:.3f} "
+        f"at rank 1, {flat['exact_sim_top10_mean']:.3f} at rank 10)"
+    )
     head = f"{'engine':58} {'build s':>8} {'mem MB':>8} {'R@1':>6} {'R@10':>6} {'p50 ms':>8} {'p99 ms':>8} {'vs flat':>8} {'batch q/s':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
         s = r["single"]
-        print(f"{r['engine'][:58]:58} {fmt(r['build_s'], '8.1f')} {fmt(r['memory_mb'], '8.0f')} {r['recall@1']:6.3f} "
-              f"{r['recall@10']:6.3f} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {flat_p50 / s['p50_ms']:7.1f}x {r['batch_qps']:10.0f}")
+        print(
+            f"{r['engine'][:58]:58} {fmt(r['build_s'], '8.1f')} {fmt(r['memory_mb'], '8.0f')} {r['recall@1']:6.3f} "
+            f"{r['recall@10']:6.3f} {s['p50_ms']:8.3f} {s['p99_ms']:8.3f} {flat_p50 / s['p50_ms']:7.1f}x {r['batch_qps']:10.0f}"
+        )
 
 
 def print_tail(row: dict) -> None:
     def pp(lat: dict) -> str:
         return f"p50 {lat['p50_ms']:.3f} / p99 {lat['p99_ms']:.3f} ms (p99/p50 {lat['p99_ms'] / lat['p50_ms']:.2f})"
+
     tail, name = row["tail"], row["engine"].split(" (")[0]
-    print(f"tail of {name} (PCA dims {row['pca_dims']}): as served {pp(row['single'])}; "
-          f"one probe repeated {pp(tail['same_probe'])}", end="")
+    print(
+        f"tail of {name} (PCA dims {row['pca_dims']}): as served {pp(row['single'])}; "
+        f"one probe repeated {pp(tail['same_probe'])}",
+        end="",
+    )
     if "slowest_segment_alone" in tail:
         print(f"; slowest of its {row['segments']} segments searched alone {pp(tail['slowest_segment_alone'])}", end="")
     print()
@@ -427,32 +487,56 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=100_000, help="vectors per corpus (100000; 1000000 for the 1 M run)")
     ap.add_argument("--queries", type=int, default=1000, help="probes per corpus")
     ap.add_argument("--single", type=int, default=1000, help="probes timed one at a time (flat: at most 200)")
-    ap.add_argument("--corpora", default="clustered,facelike,uniform",
-                    help="clustered (isotropic identity centres), facelike (spectrum measured on LFW), uniform")
+    ap.add_argument(
+        "--corpora",
+        default="clustered,facelike,uniform",
+        help="clustered (isotropic identity centres), facelike (spectrum measured on LFW), uniform",
+    )
     ap.add_argument("--calibrate", action="store_true", help="measure the facelike corpus's statistics on LFW and exit")
     ap.add_argument("--faces-per-identity", type=int, default=10)
     ap.add_argument("--noise", type=float, default=0.8, help="clustered: noise norm relative to the centre (0.8 -> cosine ~0.6)")
     ap.add_argument("--m", type=int, default=HnswParams.m)
     ap.add_argument("--ef-construction", type=int, default=HnswParams.ef_construction)
     ap.add_argument("--ef-search", type=int, default=HnswParams.ef_search, help="0 (default): the server's size-dependent ef")
-    ap.add_argument("--segment-size", type=int, default=HnswParams.segment_size,
-                    help="facesvc: most faces per graph (the server's FACESVC_HNSW_SEGMENT_SIZE)")
-    ap.add_argument("--ef-sweep", default="32,64,256",
-                    help="other ef_search values to try on the same graphs (facesvc, FAISS, PCA; '' for none)")
+    ap.add_argument(
+        "--segment-size",
+        type=int,
+        default=HnswParams.segment_size,
+        help="facesvc: most faces per graph (the server's FACESVC_HNSW_SEGMENT_SIZE)",
+    )
+    ap.add_argument(
+        "--ef-sweep",
+        default="32,64,256",
+        help="other ef_search values to try on the same graphs (facesvc, FAISS, PCA; '' for none)",
+    )
     ap.add_argument("--pca-dims", default="128,192", help="hnswlib-pca: the projections' dimensions")
-    ap.add_argument("--index-pca-dims", default=str(HnswParams.pca_dims),
-                    help="facesvc: the index's projected segments (the server's FACESVC_HNSW_PCA_DIMS); a list "
-                         "measures one index each in the same run, e.g. 0,128 (0: plain graphs)")
-    ap.add_argument("--index-pca-min-faces", type=int, default=HnswParams.pca_min_faces,
-                    help="facesvc: the segment size from which segments are projected (FACESVC_HNSW_PCA_MIN_FACES)")
-    ap.add_argument("--engines", default="facesvc,faiss-hnsw",
-                    help="besides the exact flat scan: facesvc (hnswlib, the server's class), faiss-hnsw, faiss-sq8 "
-                         "(FAISS HNSW on 8-bit codes, with and without a float re-rank), hnswlib-pca (hnswlib on a "
-                         "PCA projection, candidates re-ranked on the full vectors)")
+    ap.add_argument(
+        "--index-pca-dims",
+        default=str(HnswParams.pca_dims),
+        help="facesvc: the index's projected segments (the server's FACESVC_HNSW_PCA_DIMS); a list "
+        "measures one index each in the same run, e.g. 0,128 (0: plain graphs)",
+    )
+    ap.add_argument(
+        "--index-pca-min-faces",
+        type=int,
+        default=HnswParams.pca_min_faces,
+        help="facesvc: the segment size from which segments are projected (FACESVC_HNSW_PCA_MIN_FACES)",
+    )
+    ap.add_argument(
+        "--engines",
+        default="facesvc,faiss-hnsw",
+        help="besides the exact flat scan: facesvc (hnswlib, the server's class), faiss-hnsw, faiss-sq8 "
+        "(FAISS HNSW on 8-bit codes, with and without a float re-rank), hnswlib-pca (hnswlib on a "
+        "PCA projection, candidates re-ranked on the full vectors)",
+    )
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--huge-pages", default="on", choices=("on", "off"),
-                    help="on: run as the server does, on transparent huge pages (re-executes itself with "
-                         "GLIBC_TUNABLES=glibc.malloc.hugetlb=1, server/hugepages.py); off: 4 KB pages")
+    ap.add_argument(
+        "--huge-pages",
+        default="on",
+        choices=("on", "off"),
+        help="on: run as the server does, on transparent huge pages (re-executes itself with "
+        "GLIBC_TUNABLES=glibc.malloc.hugetlb=1, server/hugepages.py); off: 4 KB pages",
+    )
     ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_search.json"))
     args = ap.parse_args()
     hugepages.ensure(args.huge_pages == "on")
@@ -465,15 +549,23 @@ def main() -> int:
         print("faiss is not installed: .venv/bin/pip install -e '.[bench]' (or pip install faiss-cpu)", file=sys.stderr)
         return 2
     faiss.omp_set_num_threads(os.cpu_count() or 1)
-    params = HnswParams(m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search,
-                        segment_size=args.segment_size)
+    params = HnswParams(m=args.m, ef_construction=args.ef_construction, ef_search=args.ef_search, segment_size=args.segment_size)
     sweep = [int(x) for x in args.ef_sweep.split(",") if x.strip()]
     engines = {e.strip() for e in args.engines.split(",") if e.strip()}
     if engines - set(ENGINES):
         raise SystemExit(f"unknown engines {sorted(engines - set(ENGINES))} (known: {', '.join(ENGINES)})")
-    result = {"size": args.size, "dim": DIM, "queries": args.queries, "cpus": os.cpu_count(), "machine": platform.platform(),
-              "python": platform.python_version(), "faiss": faiss.__version__, "huge_pages": hugepages.status(),
-              "params": vars(args), "corpora": {}}
+    result = {
+        "size": args.size,
+        "dim": DIM,
+        "queries": args.queries,
+        "cpus": os.cpu_count(),
+        "machine": platform.platform(),
+        "python": platform.python_version(),
+        "faiss": faiss.__version__,
+        "huge_pages": hugepages.status(),
+        "params": vars(args),
+        "corpora": {},
+    }
     for kind in [c.strip() for c in args.corpora.split(",") if c.strip()]:
         t0 = time.perf_counter()
         corpus, probes = make_corpus(kind, args.size, args.queries, args.faces_per_identity, args.noise, args.seed)
@@ -483,8 +575,14 @@ def main() -> int:
         rows = [flat]
         if "facesvc" in engines:
             for dims in [int(x) for x in args.index_pca_dims.split(",") if x.strip()]:
-                rows += bench_facesvc(corpus, probes, truth, dataclasses.replace(
-                    params, pca_dims=dims, pca_min_faces=args.index_pca_min_faces), args.single, sweep)
+                rows += bench_facesvc(
+                    corpus,
+                    probes,
+                    truth,
+                    dataclasses.replace(params, pca_dims=dims, pca_min_faces=args.index_pca_min_faces),
+                    args.single,
+                    sweep,
+                )
                 print(f"[{kind}] facesvc/hnswlib (index PCA dims {dims}) done", flush=True)
         if "faiss-hnsw" in engines:
             rows += bench_faiss_hnsw(faiss, corpus, probes, truth, params, args.single, sweep)
@@ -499,10 +597,12 @@ def main() -> int:
                 print_tail(row)
             if "snapshot" in row:
                 snap = row["snapshot"]
-                print(f"snapshot of {row['engine'].split(' (')[0]} (PCA dims {row['pca_dims']}): "
-                      f"{snap['bytes'] / 2**20:.0f} MB, written in {snap['write_s']:.1f}s, loaded + verified in "
-                      f"{snap['load_s']:.1f}s (rebuild: {row['build_s']:.0f}s); same answers after loading: "
-                      f"{snap['same_answers']}")
+                print(
+                    f"snapshot of {row['engine'].split(' (')[0]} (PCA dims {row['pca_dims']}): "
+                    f"{snap['bytes'] / 2**20:.0f} MB, written in {snap['write_s']:.1f}s, loaded + verified in "
+                    f"{snap['load_s']:.1f}s (rebuild: {row['build_s']:.0f}s); same answers after loading: "
+                    f"{snap['same_answers']}"
+                )
         result["corpora"][kind] = rows
         del corpus, probes, truth
         gc.collect()

@@ -14,14 +14,11 @@ detection + identity (the person of the clip enrolled) at 30 fps.
 
 Prints a table and writes JSON (default .bench/bench_stream.json).
 """
+
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -29,15 +26,15 @@ import time
 from pathlib import Path
 
 import cv2
-import grpc
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import pct, write_json  # noqa: E402
+from bench.launcher import ServerProcess  # noqa: E402
 from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc  # noqa: E402
-from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 
 VIDEO = ROOT.parent / "shared" / "faces" / "video" / "single_closeup_720p.mp4"
 
@@ -53,47 +50,21 @@ def load_clip(path: Path, size=(640, 480)) -> list[np.ndarray]:
         h, w = f.shape[:2]
         cw = min(w, h * 4 // 3)
         x0 = (w - cw) // 2
-        frames.append(cv2.resize(f[:, x0:x0 + cw], size, interpolation=cv2.INTER_AREA))
+        frames.append(cv2.resize(f[:, x0 : x0 + cw], size, interpolation=cv2.INTER_AREA))
     cap.release()
     if not frames:
         raise SystemExit(f"cannot read {path}")
     return frames
 
 
-class Server:
+class Server(ServerProcess):
+    """The server as the benchmarks run it: auth off, its data under `workdir`."""
+
     def __init__(self, workdir: Path):
-        self.log = open(workdir / "server.log", "w+")
-        env = {**os.environ, "FACESVC_DATA_DIR": str(workdir / "data")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", "--auth=false", "--host", "127.0.0.1", "--port", "0"],
-                                     cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + 120
-        port = None
-        while port is None:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise SystemExit("server did not start:\n" + Path(self.log.name).read_text())
-            m = re.search(r"listening on [\d.]+:(\d+)", Path(self.log.name).read_text())
-            port = int(m.group(1)) if m else None
-            time.sleep(0.05)
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}", [("grpc.max_send_message_length", 32 << 20)])
-        health = health_pb2_grpc.HealthStub(self.channel)
-        while True:
-            try:
-                if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-        self.stub = pb_grpc.FaceServiceStub(self.channel)
-
-    def rss_mb(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.proc.terminate()
-        self.proc.wait(30)
-        self.log.close()
+        super().__init__(
+            "--auth=false", log_path=workdir / "server.log", api_key=None, env={"FACESVC_DATA_DIR": str(workdir / "data")}
+        )
+        self.face = pb_grpc.FaceServiceStub(self.channel)
 
 
 def encode(frame: np.ndarray, jpeg: bool) -> pb.Image:
@@ -124,22 +95,32 @@ def run_row(srv: Server, clip, fps: float, seconds: float, config: pb.StreamConf
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    e2e, server_ms, dropped, processed = [], [], 0, 0
+    e2e, server_s, dropped, processed = [], [], 0, 0
     t_start = time.monotonic()
-    for a in srv.stub.StreamFrames(requests(), timeout=seconds * 4 + 60):
+    for a in srv.face.StreamFrames(requests(), timeout=seconds * 4 + 60):
         now = time.monotonic()
         processed += 1
         dropped += len(a.skipped_frame_ids)
-        e2e.append((now - sent_at[a.frame_id]) * 1000)
-        server_ms.append(a.latency_ms)
+        e2e.append(now - sent_at[a.frame_id])
+        server_s.append(a.latency_ms / 1000)
     elapsed = time.monotonic() - t_start
     stop.set()
     sampler.join()
-    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else 0.0  # noqa: E731
-    return {"fps_in": fps, "sent": n, "processed": processed, "dropped": dropped, "processed_fps": processed / elapsed,
-            "e2e_p50_ms": pct(e2e, 50), "e2e_p95_ms": pct(e2e, 95), "server_p50_ms": pct(server_ms, 50),
-            "server_p95_ms": pct(server_ms, 95), "rss_start_mb": rss[0], "rss_end_mb": rss[-1], "rss_max_mb": max(rss),
-            "rss_samples_mb": [round(r, 1) for r in rss]}
+    return {
+        "fps_in": fps,
+        "sent": n,
+        "processed": processed,
+        "dropped": dropped,
+        "processed_fps": processed / elapsed,
+        "e2e_p50_ms": pct(e2e, 50),
+        "e2e_p95_ms": pct(e2e, 95),
+        "server_p50_ms": pct(server_s, 50),
+        "server_p95_ms": pct(server_s, 95),
+        "rss_start_mb": rss[0],
+        "rss_end_mb": rss[-1],
+        "rss_max_mb": max(rss),
+        "rss_samples_mb": [round(r, 1) for r in rss],
+    }
 
 
 def main() -> int:
@@ -154,31 +135,38 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         srv = Server(Path(d))
         try:
-            srv.stub.CreateCollection(pb.CreateCollectionRequest(collection="bench",
-                                                                 liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
-            srv.stub.Register(pb.RegisterRequest(collection="bench", subject_id="clip-person", image=encode(clip[0], True),
-                                                 skip_liveness=True))
+            srv.face.CreateCollection(pb.CreateCollectionRequest(collection="bench", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
+            srv.face.Register(
+                pb.RegisterRequest(collection="bench", subject_id="clip-person", image=encode(clip[0], True), skip_liveness=True)
+            )
             rows = []
             for fps in [float(r) for r in args.rates.split(",")]:
                 rows.append({"mode": "detect", **run_row(srv, clip, fps, args.seconds, pb.StreamConfig(), args.jpeg)})
-            rows.append({"mode": "detect+identify", **run_row(srv, clip, 30.0, args.seconds,
-                                                              pb.StreamConfig(collection="bench", identify=True), args.jpeg)})
+            rows.append(
+                {
+                    "mode": "detect+identify",
+                    **run_row(srv, clip, 30.0, args.seconds, pb.StreamConfig(collection="bench", identify=True), args.jpeg),
+                }
+            )
         finally:
             srv.stop()
-    head = (f"{'mode':16} {'fps in':>6} {'sent':>5} {'done':>5} {'dropped':>7} {'done fps':>8} {'e2e p50':>8} "
-            f"{'e2e p95':>8} {'srv p50':>8} {'srv p95':>8} {'RSS start/end/max MB':>21}")
-    print(f"\n{Path(args.video).name}, 640x480 {'JPEG' if args.jpeg else 'raw BGR'} frames, {args.seconds:.0f} s per row, "
-          f"{os.cpu_count()} cores")
+    head = (
+        f"{'mode':16} {'fps in':>6} {'sent':>5} {'done':>5} {'dropped':>7} {'done fps':>8} {'e2e p50':>8} "
+        f"{'e2e p95':>8} {'srv p50':>8} {'srv p95':>8} {'RSS start/end/max MB':>21}"
+    )
+    print(
+        f"\n{Path(args.video).name}, 640x480 {'JPEG' if args.jpeg else 'raw BGR'} frames, {args.seconds:.0f} s per row, "
+        f"{os.cpu_count()} cores"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['mode']:16} {r['fps_in']:6.0f} {r['sent']:5d} {r['processed']:5d} {r['dropped']:7d} {r['processed_fps']:8.1f} "
-              f"{r['e2e_p50_ms']:8.1f} {r['e2e_p95_ms']:8.1f} {r['server_p50_ms']:8.1f} {r['server_p95_ms']:8.1f} "
-              f"{r['rss_start_mb']:7.0f}/{r['rss_end_mb']:.0f}/{r['rss_max_mb']:.0f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"video": args.video, "seconds": args.seconds, "jpeg": args.jpeg, "cpus": os.cpu_count(),
-                               "machine": platform.platform(), "rows": rows}, indent=2))
+        print(
+            f"{r['mode']:16} {r['fps_in']:6.0f} {r['sent']:5d} {r['processed']:5d} {r['dropped']:7d} {r['processed_fps']:8.1f} "
+            f"{r['e2e_p50_ms']:8.1f} {r['e2e_p95_ms']:8.1f} {r['server_p50_ms']:8.1f} {r['server_p95_ms']:8.1f} "
+            f"{r['rss_start_mb']:7.0f}/{r['rss_end_mb']:.0f}/{r['rss_max_mb']:.0f}"
+        )
+    out = write_json(args.out, {"video": args.video, "seconds": args.seconds, "jpeg": args.jpeg, "rows": rows})
     print(f"\nwrote {out}")
     return 0
 

@@ -15,6 +15,7 @@ models/manifest.json.
     .venv/bin/python scripts/eval_verification.py
     .venv/bin/python scripts/eval_verification.py --detectors scrfd_500m,yunet --flip both
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,8 +50,13 @@ def roc_metrics(genuine: np.ndarray, impostor: np.ndarray) -> dict:
     cand = np.unique(scores)
     accs = [((genuine >= t).sum() + (impostor < t).sum()) / len(scores) for t in cand]
     best = int(np.argmax(accs))
-    out = {"auc": float(auc), "accuracy": float(accs[best]), "best_threshold": float(cand[best]),
-           "genuine": int(len(genuine)), "impostor": int(len(impostor))}
+    out = {
+        "auc": float(auc),
+        "accuracy": float(accs[best]),
+        "best_threshold": float(cand[best]),
+        "genuine": int(len(genuine)),
+        "impostor": int(len(impostor)),
+    }
     imp_sorted = np.sort(impostor)[::-1]
     for far in (1e-2, 1e-3, 1e-4):
         k = int(np.floor(far * len(impostor)))
@@ -140,8 +146,11 @@ def main() -> int:
             r = evaluate(pipeline)
             r.update(detector=det, recognizer=settings.recognizer, flip=flip)
             results.append(r)
-            print(f"evaluated detector={det} flip={flip}: {r['photos']} photos, {r['ms_per_photo']:.1f} ms/photo, "
-                  f"no face in {len(r['no_face'])}", file=sys.stderr)
+            print(
+                f"evaluated detector={det} flip={flip}: {r['photos']} photos, {r['ms_per_photo']:.1f} ms/photo, "
+                f"no face in {len(r['no_face'])}",
+                file=sys.stderr,
+            )
 
     hdr = f"{'detector':<11} {'flip':<5} {'set':<14} {'AUC':>6} {'acc':>6} {'thr_acc':>7} {'TAR@1e-2':>8} {'TAR@1e-3':>8} {'thr@1e-3':>8}"
     print(hdr)
@@ -149,16 +158,25 @@ def main() -> int:
     for r in results:
         for s in ("lfw_pairs", "lfw_all_pairs", "dev_master"):
             m = r[s]
-            print(f"{r['detector']:<11} {str(r['flip']):<5} {s:<14} {fmt(m['auc'])} {fmt(m['accuracy'])} {m['best_threshold']:7.4f} "
-                  f"{fmt(m['tar@far0.01']):>8} {fmt(m['tar@far0.001']):>8} {fmt(m['thr@far0.001']):>8}")
-    default = next(r for r in results if r["detector"] == base.detector and r["flip"] == base.recognizer_flip) if any(
-        r["detector"] == base.detector and r["flip"] == base.recognizer_flip for r in results) else results[0]
+            print(
+                f"{r['detector']:<11} {str(r['flip']):<5} {s:<14} {fmt(m['auc'])} {fmt(m['accuracy'])} {m['best_threshold']:7.4f} "
+                f"{fmt(m['tar@far0.01']):>8} {fmt(m['tar@far0.001']):>8} {fmt(m['thr@far0.001']):>8}"
+            )
+    default = (
+        next(r for r in results if r["detector"] == base.detector and r["flip"] == base.recognizer_flip)
+        if any(r["detector"] == base.detector and r["flip"] == base.recognizer_flip for r in results)
+        else results[0]
+    )
     recommended = round(default["lfw_all_pairs"]["thr@far0.001"], 3)
     search_thr = round(default["lfw_all_pairs"]["thr@far0.0001"], 3)
-    print(f"\nrecommended match threshold for {default['recognizer']} (detector={default['detector']}, flip={default['flip']}): "
-          f"{recommended}  (FAR 1e-3 on LFW all-pairs)")
-    print(f"recommended 1:N search threshold: {search_thr}  (FAR 1e-4 on LFW all-pairs, TAR "
-          f"{default['lfw_all_pairs']['tar@far0.0001']:.3f}: a gallery of N faces multiplies the per-pair FAR by ~N)")
+    print(
+        f"\nrecommended match threshold for {default['recognizer']} (detector={default['detector']}, flip={default['flip']}): "
+        f"{recommended}  (FAR 1e-3 on LFW all-pairs)"
+    )
+    print(
+        f"recommended 1:N search threshold: {search_thr}  (FAR 1e-4 on LFW all-pairs, TAR "
+        f"{default['lfw_all_pairs']['tar@far0.0001']:.3f}: a gallery of N faces multiplies the per-pair FAR by ~N)"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"results": results, "recommended_threshold": recommended}, indent=2))
     print(f"wrote {args.json}")
@@ -168,8 +186,10 @@ def main() -> int:
         entry = manifest["models"][default["recognizer"]]
         entry["params"]["match_threshold"] = recommended
         entry["params"]["search_threshold"] = search_thr
-        entry["threshold_source"] = (f"scripts/eval_verification.py: match at FAR 1e-3, search at FAR 1e-4 on LFW "
-                                      f"all-pairs (detector={default['detector']}, flip={default['flip']})")
+        entry["threshold_source"] = (
+            f"scripts/eval_verification.py: match at FAR 1e-3, search at FAR 1e-4 on LFW "
+            f"all-pairs (detector={default['detector']}, flip={default['flip']})"
+        )
         path.write_text(json.dumps(manifest, indent=2) + "\n")
         print(f"stored match_threshold={recommended} for {default['recognizer']} in {path}")
     return 0

@@ -12,6 +12,7 @@ between the first and last quarter, and the error count. JSON goes to
 
     .venv/bin/python scripts/soak.py [--minutes 10] [--rate 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
 from scripts.bench_stream import VIDEO, Server, encode, load_clip  # noqa: E402
 
 DEV = ROOT.parent / "shared" / "faces" / "dev"
-PEOPLE = {"person_01": ["img1.jpg", "img2.jpg", "img6.jpg", "img7.jpg"], "person_04": ["img13.jpg", "img14.jpg", "img15.jpg"],
-          "person_07": ["img20.jpg", "img21.jpg"], "person_09": ["img24.jpg", "img25.jpg"]}
+PEOPLE = {
+    "person_01": ["img1.jpg", "img2.jpg", "img6.jpg", "img7.jpg"],
+    "person_04": ["img13.jpg", "img14.jpg", "img15.jpg"],
+    "person_07": ["img20.jpg", "img21.jpg"],
+    "person_09": ["img24.jpg", "img25.jpg"],
+}
 
 
 def fds(pid: int) -> int:
@@ -73,18 +78,33 @@ def main() -> int:
                 calls.append((t0, rpc, time.monotonic() - t0, err))
 
         def register(p: str):
-            r = stub.Register(pb.RegisterRequest(collection="soak", subject_id=p, image=random.choice(photos[p]),
-                                                 add_face=True, skip_liveness=True), timeout=30)
+            r = stub.Register(
+                pb.RegisterRequest(
+                    collection="soak", subject_id=p, image=random.choice(photos[p]), add_face=True, skip_liveness=True
+                ),
+                timeout=30,
+            )
             faces = stub.GetSubject(pb.GetSubjectRequest(collection="soak", subject_id=p), timeout=10).subject.faces
             for f in faces[1:-1]:  # keep the first and the newest: the face limit never bites
                 stub.DeleteFace(pb.DeleteFaceRequest(collection="soak", face_id=f.face_id), timeout=10)
             assert r.face.face_id
 
-        mix = [("Verify", lambda p: stub.Verify(pb.VerifyRequest(collection="soak", subject_id=p, image=random.choice(photos[p]),
-                                                                 skip_liveness=True), timeout=30)),
-               ("Search", lambda p: stub.Search(pb.SearchRequest(collection="soak", image=random.choice(photos[p]),
-                                                                 skip_liveness=True), timeout=30)),
-               ("Register", register)]
+        mix = [
+            (
+                "Verify",
+                lambda p: stub.Verify(
+                    pb.VerifyRequest(collection="soak", subject_id=p, image=random.choice(photos[p]), skip_liveness=True),
+                    timeout=30,
+                ),
+            ),
+            (
+                "Search",
+                lambda p: stub.Search(
+                    pb.SearchRequest(collection="soak", image=random.choice(photos[p]), skip_liveness=True), timeout=30
+                ),
+            ),
+            ("Register", register),
+        ]
 
         def unary_load():
             n, t0 = 0, time.monotonic()
@@ -102,6 +122,7 @@ def main() -> int:
 
         def stream_load():
             while not stop.is_set():
+
                 def frames():
                     yield pb.StreamFramesRequest(config=pb.StreamConfig(collection="soak", identify=True))
                     for i in range(int(args.stream_fps * 20)):  # a new stream every 20 s
@@ -109,6 +130,7 @@ def main() -> int:
                             return
                         time.sleep(1 / args.stream_fps)
                         yield pb.StreamFramesRequest(frame=pb.Frame(frame_id=i + 1, image=clip[i % len(clip)]))
+
                 record("StreamFrames", lambda: list(stub.StreamFrames(frames(), timeout=60)))
 
         threads = [threading.Thread(target=unary_load), threading.Thread(target=stream_load)]
@@ -128,24 +150,51 @@ def main() -> int:
     for t, rss, nfd in samples:
         window = [c for c in calls if prev <= c[0] - start < t]
         lat = np.array([c[2] for c in window]) * 1000 if window else np.zeros(1)
-        rows.append({"t_s": round(t), "calls": len(window), "errors": sum(1 for c in window if c[3]),
-                     "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)), "rss_mb": rss, "fds": nfd})
+        rows.append(
+            {
+                "t_s": round(t),
+                "calls": len(window),
+                "errors": sum(1 for c in window if c[3]),
+                "p50_ms": float(np.percentile(lat, 50)),
+                "p95_ms": float(np.percentile(lat, 95)),
+                "rss_mb": rss,
+                "fds": nfd,
+            }
+        )
         prev = t
     q = max(1, len(rows) // 4)
-    drift = {"rss_mb": np.mean([r["rss_mb"] for r in rows[-q:]]) - np.mean([r["rss_mb"] for r in rows[:q]]),
-             "fds": np.mean([r["fds"] for r in rows[-q:]]) - np.mean([r["fds"] for r in rows[:q]])}
+    drift = {
+        "rss_mb": np.mean([r["rss_mb"] for r in rows[-q:]]) - np.mean([r["rss_mb"] for r in rows[:q]]),
+        "fds": np.mean([r["fds"] for r in rows[-q:]]) - np.mean([r["fds"] for r in rows[:q]]),
+    }
     errors = [c for c in calls if c[3]]
-    print(f"\nsoak: {args.minutes:g} min, {args.rate:g} unary calls/s (Verify/Search/Register) + a {args.stream_fps:g} fps stream")
+    print(
+        f"\nsoak: {args.minutes:g} min, {args.rate:g} unary calls/s (Verify/Search/Register) + a {args.stream_fps:g} fps stream"
+    )
     print(f"{'t s':>6} {'calls':>6} {'errors':>6} {'p50 ms':>8} {'p95 ms':>8} {'RSS MB':>8} {'fds':>5}")
     for r in rows:
-        print(f"{r['t_s']:6d} {r['calls']:6d} {r['errors']:6d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['rss_mb']:8.1f} {r['fds']:5d}")
-    print(f"drift (last quarter - first quarter): RSS {drift['rss_mb']:+.1f} MB, fds {drift['fds']:+.1f}; "
-          f"calls {len(calls)}, errors {len(errors)}" + (f" (first: {errors[0][1]} {errors[0][3]})" if errors else ""))
+        print(
+            f"{r['t_s']:6d} {r['calls']:6d} {r['errors']:6d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['rss_mb']:8.1f} {r['fds']:5d}"
+        )
+    print(
+        f"drift (last quarter - first quarter): RSS {drift['rss_mb']:+.1f} MB, fds {drift['fds']:+.1f}; "
+        f"calls {len(calls)}, errors {len(errors)}" + (f" (first: {errors[0][1]} {errors[0][3]})" if errors else "")
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows, "drift": drift, "calls": len(calls), "errors": len(errors),
-                               "by_rpc": {k: sum(1 for c in calls if c[1] == k) for k in ("Verify", "Search", "Register",
-                                                                                         "StreamFrames")}}, indent=2))
+    out.write_text(
+        json.dumps(
+            {
+                "args": vars(args),
+                "rows": rows,
+                "drift": drift,
+                "calls": len(calls),
+                "errors": len(errors),
+                "by_rpc": {k: sum(1 for c in calls if c[1] == k) for k in ("Verify", "Search", "Register", "StreamFrames")},
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {out}")
     return 1 if errors else 0
 

@@ -4,6 +4,7 @@ Start-up order: the port opens with health NOT_SERVING (so orchestrators can
 probe at once), models load (FaceService answers UNAVAILABLE/MODELS_LOADING
 meanwhile), then health flips to SERVING.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,33 +18,33 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server import errors
-from server.rpc import reflection
-from server.rpc.auth import SERVICE_PREFIX, AuthInterceptor, Authenticator
-from server.rpc.limits import ConcurrencyLimiter, LimitInterceptor
 from server.config import Settings
-from server.storage.crypto import CropCipher
+from server.domain.collections import CollectionService
 from server.domain.identity import EnrolmentPolicy, IdentityService
+from server.domain.search import SearchService
 from server.index import HnswEngine, HnswParams, IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import ChangeNotifier, IndexSync
-from server.vision.models.manifest import load_manifest
-from server.rpc.observability import ObservabilityInterceptor
-from server.telemetry import ServiceCollector, serve_metrics
-from server.vision.models.registry import ModelLoader
-from server.vision.models.runtime import RuntimeOptions, choose_providers
-from server.vision.pipeline import FacePipeline
-from server.domain.search import SearchService
-from server.domain.collections import CollectionService
+from server.rpc import reflection
+from server.rpc.auth import SERVICE_PREFIX, Authenticator, AuthInterceptor
 from server.rpc.handlers.identity import IdentityHandlers
 from server.rpc.handlers.management import ManagementHandlers
 from server.rpc.handlers.search import SearchHandlers
 from server.rpc.handlers.stateless import StatelessHandlers
 from server.rpc.handlers.streams import StreamHandlers
+from server.rpc.limits import ConcurrencyLimiter, LimitInterceptor
+from server.rpc.observability import ObservabilityInterceptor
 from server.rpc.requests import Defaults, RequestParser
 from server.rpc.servicer import FaceServicer
-from server.vision.imaging import ImageLimits
-from server.storage.staging import open_cache
+from server.storage.crypto import CropCipher
 from server.storage.sql import open_store
+from server.storage.staging import open_cache
+from server.telemetry import ServiceCollector, serve_metrics
+from server.vision.imaging import ImageLimits
+from server.vision.models.manifest import load_manifest
+from server.vision.models.registry import ModelLoader
+from server.vision.models.runtime import RuntimeOptions, choose_providers
+from server.vision.pipeline import FacePipeline
 
 log = logging.getLogger("facesvc")
 
@@ -65,8 +66,9 @@ def build_pipeline(settings: Settings) -> FacePipeline:
         raise ValueError("at least one liveness model is required (FACESVC_LIVENESS)")
     return FacePipeline(
         detector=loader.build(settings.detector, "detector"),
-        recognizer=loader.build(settings.recognizer, "recognizer", flip=settings.recognizer_flip,
-                                micro_batch=settings.embed_micro_batch),
+        recognizer=loader.build(
+            settings.recognizer, "recognizer", flip=settings.recognizer_flip, micro_batch=settings.embed_micro_batch
+        ),
         liveness=liveness,
         age=loader.build(settings.age_model, "age"),
         gender=loader.build(settings.gender_model, "gender"),
@@ -91,21 +93,30 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
     ca = _read(settings.tls_client_ca, "client CA") if settings.tls_client_ca else None
     return grpc.ssl_server_credentials(
         [(_read(settings.tls_key, "TLS key"), _read(settings.tls_cert, "TLS certificate"))],
-        root_certificates=ca, require_client_auth=ca is not None)
+        root_certificates=ca,
+        require_client_auth=ca is not None,
+    )
 
 
 def build_authenticator(settings: Settings, store) -> Authenticator | None:
     if not settings.auth:
-        for line in ("*" * 72, "AUTH IS DISABLED: every caller may read, change and delete every collection.",
-                     "Use this only on a developer machine. Set FACESVC_AUTH=true and FACESVC_ADMIN_API_KEY",
-                     "for anything reachable by others.", "*" * 72):
+        for line in (
+            "*" * 72,
+            "AUTH IS DISABLED: every caller may read, change and delete every collection.",
+            "Use this only on a developer machine. Set FACESVC_AUTH=true and FACESVC_ADMIN_API_KEY",
+            "for anything reachable by others.",
+            "*" * 72,
+        ):
             log.warning(line)
         return None
     if len(settings.admin_api_key) < 16:
-        raise ValueError("auth is on but FACESVC_ADMIN_API_KEY is missing or shorter than 16 characters: "
-                         "set one (e.g. `openssl rand -hex 32`), or run with --auth=false on a developer machine")
-    return Authenticator(store, settings.admin_api_key, settings.auth_cache_seconds,
-                         lookups_per_second=settings.auth_lookups_per_second)
+        raise ValueError(
+            "auth is on but FACESVC_ADMIN_API_KEY is missing or shorter than 16 characters: "
+            "set one (e.g. `openssl rand -hex 32`), or run with --auth=false on a developer machine"
+        )
+    return Authenticator(
+        store, settings.admin_api_key, settings.auth_cache_seconds, lookups_per_second=settings.auth_lookups_per_second
+    )
 
 
 class FaceServer:
@@ -121,8 +132,12 @@ class FaceServer:
         creds = server_credentials(settings)
         self.store = open_store(settings.db_url, settings.data_dir, settings.db_pool_size)
         log.info("store: %s", self.store.describe())
-        self.cache = open_cache(settings.redis_url, prefix=settings.redis_prefix, max_entries=settings.staging_max_entries,
-                                per_collection=settings.staging_max_per_collection)
+        self.cache = open_cache(
+            settings.redis_url,
+            prefix=settings.redis_prefix,
+            max_entries=settings.staging_max_entries,
+            per_collection=settings.staging_max_per_collection,
+        )
         if hasattr(self.cache, "ping"):
             self.cache.ping()
         log.info("staging cache: %s, TTL %ds", self.cache.describe(), settings.staging_ttl_seconds)
@@ -131,15 +146,23 @@ class FaceServer:
         authenticator = build_authenticator(settings, self.store)
         max_bytes = settings.max_message_mb * 1024 * 1024
         half = max(1, settings.workers // 2)
-        streams = ConcurrencyLimiter(settings.max_streams_per_key, settings.max_streams or half,
-                                     errors.STREAM_LIMIT_REACHED, "streams (max_streams_per_key / max_streams)")
-        calls = ConcurrencyLimiter(settings.max_calls_per_key or half, 0, errors.CALL_LIMIT_REACHED,
-                                   "calls (max_calls_per_key)") if authenticator else None
+        streams = ConcurrencyLimiter(
+            settings.max_streams_per_key,
+            settings.max_streams or half,
+            errors.STREAM_LIMIT_REACHED,
+            "streams (max_streams_per_key / max_streams)",
+        )
+        calls = (
+            ConcurrencyLimiter(settings.max_calls_per_key or half, 0, errors.CALL_LIMIT_REACHED, "calls (max_calls_per_key)")
+            if authenticator
+            else None
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
             # observability outermost, so it also sees (and times) calls the auth check refuses; the
             # limits after auth, so they count calls by the key that was checked
-            interceptors=[ObservabilityInterceptor(SERVICE_PREFIX)] + ([AuthInterceptor(authenticator)] if authenticator else [])
+            interceptors=[ObservabilityInterceptor(SERVICE_PREFIX)]
+            + ([AuthInterceptor(authenticator)] if authenticator else [])
             + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
@@ -168,48 +191,103 @@ class FaceServer:
         if s.metrics_port:
             collector = ServiceCollector(lambda: self.indexes.sizes() if self.indexes else {}, self.streams.active)
             serve_metrics(s.metrics_port, s.metrics_host, collector, s.metrics_token)
-            log.info("Prometheus metrics on http://%s:%d/metrics%s", s.metrics_host, s.metrics_port,
-                     " (bearer token required)" if s.metrics_token else "")
-        log.info("listening on %s:%d%s (health NOT_SERVING until models are loaded)", self.settings.host, self.port,
-                 " with TLS" + (" + client certificates" if self.settings.tls_client_ca else "") if self.settings.tls_cert else "")
+            log.info(
+                "Prometheus metrics on http://%s:%d/metrics%s",
+                s.metrics_host,
+                s.metrics_port,
+                " (bearer token required)" if s.metrics_token else "",
+            )
+        log.info(
+            "listening on %s:%d%s (health NOT_SERVING until models are loaded)",
+            self.settings.host,
+            self.port,
+            " with TLS" + (" + client certificates" if self.settings.tls_client_ca else "") if self.settings.tls_cert else "",
+        )
 
     def servicer_limits(self) -> ImageLimits:
         s = self.settings
-        return ImageLimits(max_bytes=int(s.max_image_mb * 1024 * 1024), max_pixels=s.max_image_pixels,
-                           max_jpeg_scans=s.max_jpeg_scans, max_request_pixels=s.max_request_pixels)
+        return ImageLimits(
+            max_bytes=int(s.max_image_mb * 1024 * 1024),
+            max_pixels=s.max_image_pixels,
+            max_jpeg_scans=s.max_jpeg_scans,
+            max_request_pixels=s.max_request_pixels,
+        )
 
     def load_models(self) -> None:
         pipeline = build_pipeline(self.settings)
         s = self.settings
-        policy = EnrolmentPolicy(staging_ttl_s=s.staging_ttl_seconds, max_faces_per_subject=s.max_faces_per_subject,
-                                 min_face_size=s.enrol_min_face_size, min_quality=s.enrol_min_quality)
+        policy = EnrolmentPolicy(
+            staging_ttl_s=s.staging_ttl_seconds,
+            max_faces_per_subject=s.max_faces_per_subject,
+            min_face_size=s.enrol_min_face_size,
+            min_quality=s.enrol_min_quality,
+        )
         rec = pipeline.recognizer
         retention_s = s.change_log_retention_hours * 3600
         snapshots = SnapshotStore(s.index_dir or Path(s.data_dir) / "index") if s.index_snapshots else None
-        engine = HnswEngine(HnswParams(m=s.hnsw_m, ef_construction=s.hnsw_ef_construction, ef_search=s.hnsw_ef_search,
-                                       segment_size=s.hnsw_segment_size, search_threads=s.hnsw_search_threads,
-                                       pca_dims=s.hnsw_pca_dims, pca_min_faces=s.hnsw_pca_min_faces), snapshots)
+        engine = HnswEngine(
+            HnswParams(
+                m=s.hnsw_m,
+                ef_construction=s.hnsw_ef_construction,
+                ef_search=s.hnsw_ef_search,
+                segment_size=s.hnsw_segment_size,
+                search_threads=s.hnsw_search_threads,
+                pca_dims=s.hnsw_pca_dims,
+                pca_min_faces=s.hnsw_pca_min_faces,
+            ),
+            snapshots,
+        )
         indexes = IndexRegistry(self.store, rec.model_id, rec.embedding_dim, engine, retention_s=retention_s)
         notifier = ChangeNotifier(s.redis_url, s.redis_prefix + "index-changes") if s.redis_url else None
-        self.index_sync = IndexSync(indexes, self.store, sync_interval_s=s.index_sync_seconds,
-                                    snapshot_interval_s=s.index_snapshot_seconds, retention_s=retention_s,
-                                    warmup=s.index_warmup, notifier=notifier)
+        self.index_sync = IndexSync(
+            indexes,
+            self.store,
+            sync_interval_s=s.index_sync_seconds,
+            snapshot_interval_s=s.index_snapshot_seconds,
+            retention_s=retention_s,
+            warmup=s.index_warmup,
+            notifier=notifier,
+        )
         identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher, indexes)
-        collections = CollectionService(self.store, self.store, self.cache, indexes,
-                                        on_keys_revoked=self.authenticator.forget if self.authenticator else lambda: None)
+        collections = CollectionService(
+            self.store,
+            self.store,
+            self.cache,
+            indexes,
+            on_keys_revoked=self.authenticator.forget if self.authenticator else lambda: None,
+        )
         searcher = SearchService(identity, indexes, s.max_faces_per_subject)
-        requests = RequestParser(self.servicer_limits(), Defaults(
-            min_face_size=s.min_face_size, max_faces=s.max_faces,
-            match_threshold=s.match_threshold or rec.match_threshold, search_threshold=s.search_threshold or rec.search_threshold,
-            match_floor=s.match_threshold_floor, liveness_threshold=s.liveness_threshold,
-            max_analyzed_faces=s.max_analyzed_faces))
+        requests = RequestParser(
+            self.servicer_limits(),
+            Defaults(
+                min_face_size=s.min_face_size,
+                max_faces=s.max_faces,
+                match_threshold=s.match_threshold or rec.match_threshold,
+                search_threshold=s.search_threshold or rec.search_threshold,
+                match_floor=s.match_threshold_floor,
+                liveness_threshold=s.liveness_threshold,
+                max_analyzed_faces=s.max_analyzed_faces,
+            ),
+        )
         identity_rpcs = IdentityHandlers(identity, requests)
         self.indexes = indexes
         self.servicer.attach(
-            StatelessHandlers(pipeline, requests), identity_rpcs, ManagementHandlers(collections),
+            StatelessHandlers(pipeline, requests),
+            identity_rpcs,
+            ManagementHandlers(collections),
             SearchHandlers(searcher, requests),
-            StreamHandlers(pipeline, identity_rpcs, collections, indexes, requests, self.authenticator,
-                           s.stream_first_message_seconds, s.stream_idle_seconds, s.max_faces_per_subject))
+            StreamHandlers(
+                pipeline,
+                identity_rpcs,
+                collections,
+                indexes,
+                requests,
+                self.authenticator,
+                s.stream_first_message_seconds,
+                s.stream_idle_seconds,
+                s.max_faces_per_subject,
+            ),
+        )
         self.index_sync.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

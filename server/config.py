@@ -6,6 +6,7 @@ start-up, the start-up printout and the configuration table in
 docs/configuration.md (`python -m server.config --markdown`, checked by a
 test) all come from that one declaration.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,160 +30,221 @@ GROUPS = {
 def setting(default, group: str, help: str, *, low=None, high=None, choices: tuple = (), secret: bool = False):
     """One setting's declaration: its default and what the docs, the parser and the validation need."""
     assert group in GROUPS, group
-    return field(default=default, metadata={"group": group, "help": help, "low": low, "high": high,
-                                            "choices": choices, "secret": secret})
+    return field(
+        default=default, metadata={"group": group, "help": help, "low": low, "high": high, "choices": choices, "secret": secret}
+    )
 
 
 @dataclass(frozen=True)
 class Settings:
     # -- server ------------------------------------------------------------------------------------
-    host: str = setting('0.0.0.0', "server",
-        "bind address")
-    port: int = setting(50_051, "server",
-        "gRPC port", low=0, high=65535)
-    workers: int = setting(8, "server",
-        "gRPC worker threads (concurrent RPCs)", low=2, high=1024)
-    max_message_mb: int = setting(32, "server",
-        "largest gRPC message accepted or sent, MiB", low=1, high=2047)
-    grace_seconds: float = setting(10.0, "server",
-        "on SIGTERM/SIGINT, seconds in-flight calls get to finish", low=0, high=3600)
-    log_level: str = setting('INFO', "server",
-        "DEBUG, INFO, WARNING or ERROR", choices=('DEBUG', 'INFO', 'WARNING', 'ERROR'))
-    log_format: str = setting('text', "server",
-        "text, or json (one object per line: ts, level, logger, request_id, msg)", choices=('text', 'json'))
-    metrics_port: int = setting(0, "server",
-        "serve Prometheus metrics on this HTTP port (bound to metrics_host); 0 = off", low=0, high=65535)
-    tls_cert: str = setting('', "server",
-        "PEM server certificate chain; set with tls_key to serve TLS")
-    tls_key: str = setting('', "server",
-        "PEM private key of tls_cert")
-    tls_client_ca: str = setting('', "server",
-        "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")
-    metrics_host: str = setting('127.0.0.1', "server",
-        "bind address of the metrics endpoint (loopback by default: it lists collection ids)")
-    metrics_token: str = setting('', "server",
-        "when set, /metrics needs `Authorization: Bearer <token>`", secret=True)
+    host: str = setting("0.0.0.0", "server", "bind address")
+    port: int = setting(50_051, "server", "gRPC port", low=0, high=65535)
+    workers: int = setting(8, "server", "gRPC worker threads (concurrent RPCs)", low=2, high=1024)
+    max_message_mb: int = setting(32, "server", "largest gRPC message accepted or sent, MiB", low=1, high=2047)
+    grace_seconds: float = setting(10.0, "server", "on SIGTERM/SIGINT, seconds in-flight calls get to finish", low=0, high=3600)
+    log_level: str = setting("INFO", "server", "DEBUG, INFO, WARNING or ERROR", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = setting(
+        "text", "server", "text, or json (one object per line: ts, level, logger, request_id, msg)", choices=("text", "json")
+    )
+    metrics_port: int = setting(
+        0, "server", "serve Prometheus metrics on this HTTP port (bound to metrics_host); 0 = off", low=0, high=65535
+    )
+    tls_cert: str = setting("", "server", "PEM server certificate chain; set with tls_key to serve TLS")
+    tls_key: str = setting("", "server", "PEM private key of tls_cert")
+    tls_client_ca: str = setting("", "server", "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)")
+    metrics_host: str = setting(
+        "127.0.0.1", "server", "bind address of the metrics endpoint (loopback by default: it lists collection ids)"
+    )
+    metrics_token: str = setting("", "server", "when set, /metrics needs `Authorization: Bearer <token>`", secret=True)
     # -- auth --------------------------------------------------------------------------------------
-    auth: bool = setting(True, "auth",
-        "require API keys (x-api-key); false = open server for local use only")
-    admin_api_key: str = setting('', "auth",
-        "admin API key (at least 16 characters); required when auth is on", secret=True)
-    auth_cache_seconds: float = setting(10.0, "auth",
-        "how long a key lookup is cached; a key revoked elsewhere works at most this long", low=0, high=3600)
-    auth_lookups_per_second: float = setting(200.0, "auth",
-        "database lookups of API keys never seen before, per second; beyond, RATE_LIMITED", low=1, high=1000000.0)
+    auth: bool = setting(True, "auth", "require API keys (x-api-key); false = open server for local use only")
+    admin_api_key: str = setting("", "auth", "admin API key (at least 16 characters); required when auth is on", secret=True)
+    auth_cache_seconds: float = setting(
+        10.0, "auth", "how long a key lookup is cached; a key revoked elsewhere works at most this long", low=0, high=3600
+    )
+    auth_lookups_per_second: float = setting(
+        200.0, "auth", "database lookups of API keys never seen before, per second; beyond, RATE_LIMITED", low=1, high=1000000.0
+    )
     # -- models ------------------------------------------------------------------------------------
-    device: str = setting('auto', "models",
-        "auto (CUDA if onnxruntime-gpu sees a GPU, else CPU), cpu or cuda", choices=('auto', 'cpu', 'cuda'))
-    ort_threads: int = setting(0, "models",
-        "onnxruntime intra-op threads per model; 0 = one per core", low=0, high=256)
-    model_dir: str = setting(str(DEFAULT_MODEL_DIR), "models",
-        "directory holding the fetched ONNX files")
-    model_manifest: str = setting(str(DEFAULT_MANIFEST), "models",
-        "model manifest (names, files, sha256, params)")
-    detector: str = setting('scrfd_500m', "models",
-        "detector model name: scrfd_500m, scrfd_2.5g or yunet")
-    recognizer: str = setting('w600k_mbf', "models",
-        "recognizer model name: w600k_mbf, w600k_mbf_int8 or mobilefacenet_128")
-    recognizer_flip: bool = setting(False, "models",
-        "average each face's embedding with its mirror image's (test-time augmentation)")
-    embed_micro_batch: bool = setting(False, "models",
-        "embed concurrent requests' faces in one recognizer call (no added wait); pays on GPUs, where a batch costs little more than one face")
-    liveness: str = setting('minifasnet_pair', "models",
-        "comma-separated liveness models, fused by mean: minifasnet_pair, minifasnet_se128")
-    age_model: str = setting('age_dlib', "models",
-        "age model name")
-    gender_model: str = setting('gender_dlib', "models",
-        "gender model name")
-    match_threshold: float = setting(0.0, "models",
-        "cosine match threshold; 0 = the recognizer's calibrated value from the manifest", low=0, high=0.999)
-    liveness_threshold: float = setting(0.5, "models",
-        "P(live) threshold", low=0.001, high=0.999)
-    detect_max_side: int = setting(640, "models",
-        "detection runs on a copy downscaled to this long side, px", low=160, high=4096)
-    min_face_size: int = setting(20, "models",
-        "default minimum face size, px (FaceOptions.min_face_size = 0)", low=1, high=4096)
-    max_faces: int = setting(20, "models",
-        "default maximum faces per image (FaceOptions.max_faces = 0)", low=1, high=100)
-    match_threshold_floor: float = setting(0.15, "models",
-        "lowest per-request Verify threshold accepted", low=-1, high=0.999)
-    search_threshold: float = setting(0.0, "models",
-        "default Search min_similarity; 0 = the recognizer's calibrated 1:N value from the manifest", low=0, high=0.999)
+    device: str = setting(
+        "auto", "models", "auto (CUDA if onnxruntime-gpu sees a GPU, else CPU), cpu or cuda", choices=("auto", "cpu", "cuda")
+    )
+    ort_threads: int = setting(0, "models", "onnxruntime intra-op threads per model; 0 = one per core", low=0, high=256)
+    model_dir: str = setting(str(DEFAULT_MODEL_DIR), "models", "directory holding the fetched ONNX files")
+    model_manifest: str = setting(str(DEFAULT_MANIFEST), "models", "model manifest (names, files, sha256, params)")
+    detector: str = setting("scrfd_500m", "models", "detector model name: scrfd_500m, scrfd_2.5g or yunet")
+    recognizer: str = setting("w600k_mbf", "models", "recognizer model name: w600k_mbf, w600k_mbf_int8 or mobilefacenet_128")
+    recognizer_flip: bool = setting(
+        False, "models", "average each face's embedding with its mirror image's (test-time augmentation)"
+    )
+    embed_micro_batch: bool = setting(
+        False,
+        "models",
+        "embed concurrent requests' faces in one recognizer call (no added wait); pays on GPUs, where a batch costs little more than one face",
+    )
+    liveness: str = setting(
+        "minifasnet_pair", "models", "comma-separated liveness models, fused by mean: minifasnet_pair, minifasnet_se128"
+    )
+    age_model: str = setting("age_dlib", "models", "age model name")
+    gender_model: str = setting("gender_dlib", "models", "gender model name")
+    match_threshold: float = setting(
+        0.0, "models", "cosine match threshold; 0 = the recognizer's calibrated value from the manifest", low=0, high=0.999
+    )
+    liveness_threshold: float = setting(0.5, "models", "P(live) threshold", low=0.001, high=0.999)
+    detect_max_side: int = setting(640, "models", "detection runs on a copy downscaled to this long side, px", low=160, high=4096)
+    min_face_size: int = setting(20, "models", "default minimum face size, px (FaceOptions.min_face_size = 0)", low=1, high=4096)
+    max_faces: int = setting(20, "models", "default maximum faces per image (FaceOptions.max_faces = 0)", low=1, high=100)
+    match_threshold_floor: float = setting(0.15, "models", "lowest per-request Verify threshold accepted", low=-1, high=0.999)
+    search_threshold: float = setting(
+        0.0,
+        "models",
+        "default Search min_similarity; 0 = the recognizer's calibrated 1:N value from the manifest",
+        low=0,
+        high=0.999,
+    )
     # -- storage -----------------------------------------------------------------------------------
-    data_dir: str = setting('data', "storage",
-        "directory for the embedded database (when db_url is empty)")
-    db_url: str = setting('', "storage",
-        "subjects/faces database: sqlite:///path/to.db or mysql://user:pass@host:port/db; empty = data_dir/facesvc.db")
-    db_pool_size: int = setting(8, "storage",
-        "database connections per server process", low=1, high=256)
-    redis_url: str = setting('', "storage",
-        "staging cache: redis://host:port/db; empty = in-process (one replica only)")
-    redis_prefix: str = setting('facesvc:', "storage",
-        "prefix of every Redis key this server writes")
-    staging_ttl_seconds: int = setting(600, "storage",
-        "how long a face staged by Process waits for Register", low=1, high=86400)
-    staging_max_entries: int = setting(10_000, "storage",
-        "in-process staging cache bound (the oldest entry is evicted when full)", low=1, high=10000000)
-    max_faces_per_subject: int = setting(10, "storage",
-        "most faces one subject may hold", low=1, high=1000)
-    enrol_min_face_size: int = setting(48, "storage",
-        "smallest enrolment face (shorter box side), px", low=1, high=4096)
-    enrol_min_quality: float = setting(0.3, "storage",
-        "lowest enrolment face quality score (size x sharpness x pose)", low=0, high=1)
-    change_log_retention_hours: float = setting(168.0, "storage",
-        "how long change-log rows are kept; older snapshots are not used", low=0.01, high=100000)
-    crop_key: str = setting('', "storage",
-        "base64 AES-256 key; when set, an encrypted aligned crop of each registered face is stored for re-embedding", secret=True)
-    staging_max_per_collection: int = setting(1000, "storage",
-        "faces one collection may hold staged at once (Process); more are refused with STAGING_LIMIT_REACHED", low=1, high=10000000)
+    data_dir: str = setting("data", "storage", "directory for the embedded database (when db_url is empty)")
+    db_url: str = setting(
+        "",
+        "storage",
+        "subjects/faces database: sqlite:///path/to.db or mysql://user:pass@host:port/db; empty = data_dir/facesvc.db",
+    )
+    db_pool_size: int = setting(8, "storage", "database connections per server process", low=1, high=256)
+    redis_url: str = setting("", "storage", "staging cache: redis://host:port/db; empty = in-process (one replica only)")
+    redis_prefix: str = setting("facesvc:", "storage", "prefix of every Redis key this server writes")
+    staging_ttl_seconds: int = setting(600, "storage", "how long a face staged by Process waits for Register", low=1, high=86400)
+    staging_max_entries: int = setting(
+        10_000, "storage", "in-process staging cache bound (the oldest entry is evicted when full)", low=1, high=10000000
+    )
+    max_faces_per_subject: int = setting(10, "storage", "most faces one subject may hold", low=1, high=1000)
+    enrol_min_face_size: int = setting(48, "storage", "smallest enrolment face (shorter box side), px", low=1, high=4096)
+    enrol_min_quality: float = setting(
+        0.3, "storage", "lowest enrolment face quality score (size x sharpness x pose)", low=0, high=1
+    )
+    change_log_retention_hours: float = setting(
+        168.0, "storage", "how long change-log rows are kept; older snapshots are not used", low=0.01, high=100000
+    )
+    crop_key: str = setting(
+        "",
+        "storage",
+        "base64 AES-256 key; when set, an encrypted aligned crop of each registered face is stored for re-embedding",
+        secret=True,
+    )
+    staging_max_per_collection: int = setting(
+        1000,
+        "storage",
+        "faces one collection may hold staged at once (Process); more are refused with STAGING_LIMIT_REACHED",
+        low=1,
+        high=10000000,
+    )
     # -- index -------------------------------------------------------------------------------------
-    hnsw_m: int = setting(32, "index",
-        "search index: HNSW links per node", low=2, high=128)
-    hnsw_ef_construction: int = setting(200, "index",
-        "search index: HNSW build-time candidate list", low=10, high=4096)
-    hnsw_ef_search: int = setting(0, "index",
-        "search index: HNSW query-time candidate list; 0 = grow with each graph's size (docs/search.md); a query uses at least top_k x faces per subject", low=0, high=8192)
-    hnsw_segment_size: int = setting(500_000, "index",
-        "search index: most faces in one HNSW graph; a larger collection gets more graphs, searched side by side and merged", low=64, high=100000000)
-    hnsw_search_threads: int = setting(0, "index",
-        "search index: threads searching a collection's graphs side by side; 0 = one per CPU", low=0, high=256)
-    hnsw_pca_dims: int = setting(0, "index",
-        "search index: a large graph walks a PCA projection of the faces to this many dimensions and re-ranks its candidates on the full vectors (faster rebuilds, exact similarities, more memory; docs/search.md); 0 = full vectors in every graph", low=0, high=4096)
-    hnsw_pca_min_faces: int = setting(300_000, "index",
-        "search index: with hnsw_pca_dims set, a graph is projected when built for this many faces (a rebuild from the database) or started in a collection that holds them", low=1, high=100000000)
-    huge_pages: bool = setting(True, "index",
-        "back the search graphs with transparent huge pages (Linux, glibc 2.35+, THP madvise): the server restarts itself once at start-up with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (false: without it); fewer TLB misses, faster searches")
-    index_dir: str = setting('', "index",
-        "where index snapshots are written; empty = data_dir/index (one directory per server process)")
-    index_snapshots: bool = setting(True, "index",
-        "write index snapshots and start from them (false = always rebuild from the database)")
-    index_snapshot_seconds: float = setting(300.0, "index",
-        "how often changed indexes are snapshotted (and once more on shutdown)", low=1, high=86400)
-    index_sync_seconds: float = setting(1.0, "index",
-        "how often the change log is polled for other replicas' changes (the bound on their delay)", low=0.05, high=3600)
-    index_warmup: bool = setting(True, "index",
-        "load every collection's index at start-up instead of on its first search")
+    hnsw_m: int = setting(32, "index", "search index: HNSW links per node", low=2, high=128)
+    hnsw_ef_construction: int = setting(200, "index", "search index: HNSW build-time candidate list", low=10, high=4096)
+    hnsw_ef_search: int = setting(
+        0,
+        "index",
+        "search index: HNSW query-time candidate list; 0 = grow with each graph's size (docs/search.md); a query uses at least top_k x faces per subject",
+        low=0,
+        high=8192,
+    )
+    hnsw_segment_size: int = setting(
+        500_000,
+        "index",
+        "search index: most faces in one HNSW graph; a larger collection gets more graphs, searched side by side and merged",
+        low=64,
+        high=100000000,
+    )
+    hnsw_search_threads: int = setting(
+        0, "index", "search index: threads searching a collection's graphs side by side; 0 = one per CPU", low=0, high=256
+    )
+    hnsw_pca_dims: int = setting(
+        0,
+        "index",
+        "search index: a large graph walks a PCA projection of the faces to this many dimensions and re-ranks its candidates on the full vectors (faster rebuilds, exact similarities, more memory; docs/search.md); 0 = full vectors in every graph",
+        low=0,
+        high=4096,
+    )
+    hnsw_pca_min_faces: int = setting(
+        300_000,
+        "index",
+        "search index: with hnsw_pca_dims set, a graph is projected when built for this many faces (a rebuild from the database) or started in a collection that holds them",
+        low=1,
+        high=100000000,
+    )
+    huge_pages: bool = setting(
+        True,
+        "index",
+        "back the search graphs with transparent huge pages (Linux, glibc 2.35+, THP madvise): the server restarts itself once at start-up with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 (false: without it); fewer TLB misses, faster searches",
+    )
+    index_dir: str = setting(
+        "", "index", "where index snapshots are written; empty = data_dir/index (one directory per server process)"
+    )
+    index_snapshots: bool = setting(
+        True, "index", "write index snapshots and start from them (false = always rebuild from the database)"
+    )
+    index_snapshot_seconds: float = setting(
+        300.0, "index", "how often changed indexes are snapshotted (and once more on shutdown)", low=1, high=86400
+    )
+    index_sync_seconds: float = setting(
+        1.0,
+        "index",
+        "how often the change log is polled for other replicas' changes (the bound on their delay)",
+        low=0.05,
+        high=3600,
+    )
+    index_warmup: bool = setting(True, "index", "load every collection's index at start-up instead of on its first search")
     # -- limits ------------------------------------------------------------------------------------
-    max_image_mb: float = setting(20.0, "limits",
-        "largest encoded image accepted, MiB", low=0.01, high=2047)
-    max_image_pixels: int = setting(40_000_000, "limits",
-        "largest decoded image accepted, pixels", low=1, high=268435456)
-    max_streams_per_key: int = setting(2, "limits",
-        "open streams (StreamFrames, ProcessBatch, RegisterBatch) one API key (or, without auth, one peer) may hold, counted from the moment a stream opens", low=1, high=1024)
-    max_streams: int = setting(0, "limits",
-        "open streams in all; 0 = half the workers (each holds a worker thread; the rest stay for unary calls and health)", low=0, high=1024)
-    max_calls_per_key: int = setting(0, "limits",
-        "concurrent calls (unary and streams) one collection key may hold; 0 = half the workers; the admin key is not limited", low=0, high=1024)
-    stream_first_message_seconds: float = setting(5.0, "limits",
-        "a stream that sends no first message within this time is closed (STREAM_IDLE)", low=0.1, high=3600)
-    stream_idle_seconds: float = setting(30.0, "limits",
-        "a stream that sends nothing for this long is closed (STREAM_IDLE)", low=0.1, high=86400)
-    max_request_pixels: int = setting(48_000_000, "limits",
-        "decoded pixels one request may cost in all (a DetectBatch sums its photos), at least this and 16 per byte sent", low=1, high=4000000000)
-    max_analyzed_faces: int = setting(20, "limits",
-        "most faces per request (and per stream frame) that per-face models run on: Embed, Analyze, Search with all_faces, StreamFrames; Detect may list more", low=1, high=100)
-    max_jpeg_scans: int = setting(32, "limits",
-        "most scans a JPEG may have (cameras write 1, progressive encoders about 10); a large image gets fewer", low=10, high=1000)
+    max_image_mb: float = setting(20.0, "limits", "largest encoded image accepted, MiB", low=0.01, high=2047)
+    max_image_pixels: int = setting(40_000_000, "limits", "largest decoded image accepted, pixels", low=1, high=268435456)
+    max_streams_per_key: int = setting(
+        2,
+        "limits",
+        "open streams (StreamFrames, ProcessBatch, RegisterBatch) one API key (or, without auth, one peer) may hold, counted from the moment a stream opens",
+        low=1,
+        high=1024,
+    )
+    max_streams: int = setting(
+        0,
+        "limits",
+        "open streams in all; 0 = half the workers (each holds a worker thread; the rest stay for unary calls and health)",
+        low=0,
+        high=1024,
+    )
+    max_calls_per_key: int = setting(
+        0,
+        "limits",
+        "concurrent calls (unary and streams) one collection key may hold; 0 = half the workers; the admin key is not limited",
+        low=0,
+        high=1024,
+    )
+    stream_first_message_seconds: float = setting(
+        5.0, "limits", "a stream that sends no first message within this time is closed (STREAM_IDLE)", low=0.1, high=3600
+    )
+    stream_idle_seconds: float = setting(
+        30.0, "limits", "a stream that sends nothing for this long is closed (STREAM_IDLE)", low=0.1, high=86400
+    )
+    max_request_pixels: int = setting(
+        48_000_000,
+        "limits",
+        "decoded pixels one request may cost in all (a DetectBatch sums its photos), at least this and 16 per byte sent",
+        low=1,
+        high=4000000000,
+    )
+    max_analyzed_faces: int = setting(
+        20,
+        "limits",
+        "most faces per request (and per stream frame) that per-face models run on: Embed, Analyze, Search with all_faces, StreamFrames; Detect may list more",
+        low=1,
+        high=100,
+    )
+    max_jpeg_scans: int = setting(
+        32,
+        "limits",
+        "most scans a JPEG may have (cameras write 1, progressive encoders about 10); a large image gets fewer",
+        low=10,
+        high=1000,
+    )
 
 
 class SettingsError(ValueError):
@@ -226,8 +288,9 @@ def validate(s: Settings) -> Settings:
         if m["high"] is not None and v > m["high"]:
             raise SettingsError(f"{where} must be at most {m['high']}, not {v}")
     if s.match_threshold and s.match_threshold < s.match_threshold_floor:
-        raise SettingsError(f"FACESVC_MATCH_THRESHOLD ({s.match_threshold}) is below FACESVC_MATCH_THRESHOLD_FLOOR "
-                            f"({s.match_threshold_floor})")
+        raise SettingsError(
+            f"FACESVC_MATCH_THRESHOLD ({s.match_threshold}) is below FACESVC_MATCH_THRESHOLD_FLOOR ({s.match_threshold_floor})"
+        )
     return s
 
 
@@ -244,8 +307,12 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
                 raise SystemExit(f"invalid {env_name(f.name)}={raw!r}: {exc}") from None
     parser = argparse.ArgumentParser(prog="python -m server", description="facesvc gRPC server")
     for f in fields(Settings):
-        parser.add_argument(flag_name(f.name), type=_bool if _type(f) is bool else _type(f), default=None,
-                            help=f"{f.metadata['help']} (env {env_name(f.name)}, default {_default(f)})")
+        parser.add_argument(
+            flag_name(f.name),
+            type=_bool if _type(f) is bool else _type(f),
+            default=None,
+            help=f"{f.metadata['help']} (env {env_name(f.name)}, default {_default(f)})",
+        )
     args = parser.parse_args(argv)
     for f in fields(Settings):
         v = getattr(args, f.name)
@@ -286,10 +353,10 @@ def markdown() -> str:
             d = _default(f)
             if f.name in ("model_dir", "model_manifest"):
                 d = "models/" + ("weights" if f.name == "model_dir" else "manifest.json")
-            rng = " / ".join(m["choices"]) if m["choices"] else (
-                f"{m['low']} – {m['high']}" if m["low"] is not None else "")
-            out.append(f"| `{env_name(f.name)}` | `{flag_name(f.name)}` | {f'`{d}`' if d != '' else '(empty)'} | {rng} | "
-                       f"{m['help']} |")
+            rng = " / ".join(m["choices"]) if m["choices"] else (f"{m['low']} – {m['high']}" if m["low"] is not None else "")
+            out.append(
+                f"| `{env_name(f.name)}` | `{flag_name(f.name)}` | {f'`{d}`' if d != '' else '(empty)'} | {rng} | {m['help']} |"
+            )
         out.append("")
     return "\n".join(out)
 

@@ -4,6 +4,7 @@ Set by the RPC layer (server/rpc/observability.py) around every FaceService call
 by the layers below without importing gRPC glue: model runs and commits check
 `ensure_call_alive()` so no work goes on for a call whose caller has gone.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +32,8 @@ def ensure_call_alive() -> None:
     remaining = ctx.time_remaining()
     code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
     raise errors.FaceServiceError(code, errors.CALL_ENDED, "the call ended (deadline or cancel); its work was stopped")
+
+
 class InFlight:
     """How many FaceService calls are being served right now (streams for their whole life)."""
 

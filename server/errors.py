@@ -4,6 +4,7 @@ The core raises `FaceServiceError(code, reason, message, **metadata)`; the
 servicer's `rpc_errors` wrapper turns it into a status with a
 `google.rpc.ErrorInfo` detail (AIP-193) so clients can branch on `reason`.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -69,7 +70,11 @@ def no_face(message: str = "no face detected in the image", **metadata: object) 
 
 def multiple_faces(count: int, **metadata: object) -> FaceServiceError:
     return FaceServiceError(
-        grpc.StatusCode.INVALID_ARGUMENT, MULTIPLE_FACES, f"exactly one face required, found {count}", face_count=count, **metadata
+        grpc.StatusCode.INVALID_ARGUMENT,
+        MULTIPLE_FACES,
+        f"exactly one face required, found {count}",
+        face_count=count,
+        **metadata,
     )
 
 

@@ -12,6 +12,7 @@ are read once, when the process starts, so the server re-executes itself with it
 Measured with scripts/bench_hugepages.py (README "Search (1:N)"): the same graph, loaded from
 the same snapshot, answers about 1.3x faster with huge pages (200 k and 1 M faces).
 """
+
 from __future__ import annotations
 
 import os

@@ -2,14 +2,15 @@
 
 No SQL, no protobuf: the store fills them, convert.py turns them into messages.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
 
-LIVENESS_REQUIRED = "required"   # every enrolment and probe photo must pass liveness
-LIVENESS_OPTIONAL = "optional"   # a request may set skip_liveness (trusted sources, bulk imports)
+LIVENESS_REQUIRED = "required"  # every enrolment and probe photo must pass liveness
+LIVENESS_OPTIONAL = "optional"  # a request may set skip_liveness (trusted sources, bulk imports)
 # A subject's metadata: entries (after merging), key and value lengths. The store enforces the entry
 # count on the merged result too, so no sequence of requests walks around it.
 MAX_METADATA_ENTRIES, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 256

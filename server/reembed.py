@@ -16,6 +16,7 @@ Settings (model dir, recognizer, database, key) come from the same FACESVC_*
 environment as the server. Faces without a crop cannot be re-embedded; they
 are counted and must be enrolled again.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -9,6 +9,7 @@ process metrics: RSS, open fds, CPU):
   facesvc_index_faces{collection}                 searchable faces per loaded index
   facesvc_streams_active                          open streams (StreamFrames and the streaming batches)
 """
+
 from __future__ import annotations
 
 import hmac
@@ -24,12 +25,21 @@ from prometheus_client.core import REGISTRY, GaugeMetricFamily
 from server.context import request_id
 
 RPCS = Counter("facesvc_rpc_total", "Finished FaceService RPCs by method and gRPC status code", ["method", "code"])
-ERRORS = Counter("facesvc_rpc_errors_total", "Failed RPCs, batch items and stream frames by method and ErrorInfo reason",
-                 ["method", "reason"])
-LATENCY = Histogram("facesvc_rpc_duration_seconds", "FaceService RPC latency (streams: the whole call)", ["method"],
-                    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-INFERENCE = Histogram("facesvc_model_inference_seconds", "One ONNX Runtime session.run, by model file", ["model"],
-                      buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1))
+ERRORS = Counter(
+    "facesvc_rpc_errors_total", "Failed RPCs, batch items and stream frames by method and ErrorInfo reason", ["method", "reason"]
+)
+LATENCY = Histogram(
+    "facesvc_rpc_duration_seconds",
+    "FaceService RPC latency (streams: the whole call)",
+    ["method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+INFERENCE = Histogram(
+    "facesvc_model_inference_seconds",
+    "One ONNX Runtime session.run, by model file",
+    ["model"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+)
 
 
 class ServiceCollector:
@@ -43,8 +53,9 @@ class ServiceCollector:
         for collection, size in sorted(self.index_sizes().items()):
             faces.add_metric([collection], size)
         yield faces
-        yield GaugeMetricFamily("facesvc_streams_active", "Open streams (StreamFrames, ProcessBatch, RegisterBatch)",
-                                value=self.open_streams())
+        yield GaugeMetricFamily(
+            "facesvc_streams_active", "Open streams (StreamFrames, ProcessBatch, RegisterBatch)", value=self.open_streams()
+        )
 
 
 def serve_metrics(port: int, host: str, collector: ServiceCollector, token: str = "") -> None:
@@ -61,15 +72,15 @@ def serve_metrics(port: int, host: str, collector: ServiceCollector, token: str 
                 start_response("401 Unauthorized", [("Content-Type", "text/plain"), ("WWW-Authenticate", "Bearer")])
                 return [b"metrics need Authorization: Bearer <metrics_token>\n"]
             return app(environ, start_response)
+
         _serve_wsgi(guarded, host, port)
     else:
         _serve_wsgi(app, host, port)
 
 
 def _serve_wsgi(app, host: str, port: int) -> None:
-    from wsgiref.simple_server import WSGIRequestHandler, make_server
     from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIServer
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
@@ -92,8 +103,13 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, request_id, msg (+ exc)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z", "level": record.levelname,
-               "logger": record.name, "request_id": getattr(record, "request_id", "-"), "msg": record.getMessage()}
+        doc = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "request_id": getattr(record, "request_id", "-"),
+            "msg": record.getMessage(),
+        }
         if record.exc_info:
             doc["exc"] = self.formatException(record.exc_info)
         return json.dumps(doc, ensure_ascii=False)

@@ -1,4 +1,5 @@
 """Shared fixtures: the real photos, an in-process pipeline, and a real server subprocess."""
+
 from __future__ import annotations
 
 import os
@@ -94,8 +95,9 @@ def backend_unreachable(what: str, exc: Exception):
 @pytest.fixture(scope="session")
 def mysql_url():
     """A private database on the shared MariaDB, dropped at the end of the session."""
-    import pymysql
     from urllib.parse import urlsplit
+
+    import pymysql
 
     u = urlsplit(MYSQL_SERVER)
     params = dict(host=u.hostname, port=u.port or 3306, user=u.username or "root", password=u.password or "")

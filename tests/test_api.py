@@ -1,4 +1,5 @@
 """FaceService over gRPC against `python -m server`: real models, real photos, real errors."""
+
 from __future__ import annotations
 
 import csv
@@ -23,8 +24,13 @@ def test_detect_portrait(stub):
     assert resp.detector == "scrfd_500m"
     (face,) = resp.faces
     b = face.box
-    for p in (face.landmarks.left_eye, face.landmarks.right_eye, face.landmarks.nose,
-              face.landmarks.mouth_left, face.landmarks.mouth_right):
+    for p in (
+        face.landmarks.left_eye,
+        face.landmarks.right_eye,
+        face.landmarks.nose,
+        face.landmarks.mouth_left,
+        face.landmarks.mouth_right,
+    ):
         assert b.x <= p.x <= b.x + b.width and b.y <= p.y <= b.y + b.height
     assert face.detection_score > 0.5
     assert 0 < face.quality.score <= 1 and face.quality.face_size == pytest.approx(min(b.width, b.height), rel=1e-3)
@@ -40,12 +46,17 @@ def test_detect_face_options(stub):
     group = image("dev/group_t1.jpg")
     two = stub.Detect(pb.DetectRequest(image=group, face_options=pb.FaceOptions(max_faces=2)), timeout=30).faces
     assert len(two) == 2
-    by_score = stub.Detect(pb.DetectRequest(
-        image=group, face_options=pb.FaceOptions(selection=pb.FACE_SELECTION_HIGHEST_SCORE)), timeout=30).faces
+    by_score = stub.Detect(
+        pb.DetectRequest(image=group, face_options=pb.FaceOptions(selection=pb.FACE_SELECTION_HIGHEST_SCORE)), timeout=30
+    ).faces
     scores = [f.detection_score for f in by_score]
     assert scores == sorted(scores, reverse=True)
-    expect_error(stub.Detect, pb.DetectRequest(
-        image=group, face_options=pb.FaceOptions(selection=pb.FACE_SELECTION_REQUIRE_SINGLE)), INVALID, "MULTIPLE_FACES")
+    expect_error(
+        stub.Detect,
+        pb.DetectRequest(image=group, face_options=pb.FaceOptions(selection=pb.FACE_SELECTION_REQUIRE_SINGLE)),
+        INVALID,
+        "MULTIPLE_FACES",
+    )
     none = stub.Detect(pb.DetectRequest(image=group, face_options=pb.FaceOptions(min_face_size=5000)), timeout=30)
     assert len(none.faces) == 0
 
@@ -102,8 +113,12 @@ def test_compare_threshold_override_and_errors(stub):
     req.threshold = 1.5
     info = expect_error(stub.Compare, req, INVALID, "VALIDATION_FAILED")
     assert info.metadata["field"] == "threshold"
-    info = expect_error(stub.Compare, pb.CompareRequest(source=image("dev/img1.jpg"), target=image("dev/noface_coffee.jpg")),
-                        INVALID, "NO_FACE_DETECTED")
+    info = expect_error(
+        stub.Compare,
+        pb.CompareRequest(source=image("dev/img1.jpg"), target=image("dev/noface_coffee.jpg")),
+        INVALID,
+        "NO_FACE_DETECTED",
+    )
     assert info.metadata["image"] == "target"
     info = expect_error(stub.Compare, pb.CompareRequest(source=image("dev/img1.jpg")), INVALID, "VALIDATION_FAILED")
     assert info.metadata["field"] == "target"
@@ -114,8 +129,12 @@ def test_compare_requiring_liveness(stub):
     ok = stub.Compare(pb.CompareRequest(source=real, target=real, require_liveness=True), timeout=60)
     assert ok.match and ok.source_liveness.is_live and ok.target_liveness.is_live
     spoof = image("liveness/spoof_replay_01_minivision_F2.jpg")
-    info = expect_error(stub.Compare, pb.CompareRequest(source=real, target=spoof, require_liveness=True),
-                        grpc.StatusCode.FAILED_PRECONDITION, "SPOOF_DETECTED")
+    info = expect_error(
+        stub.Compare,
+        pb.CompareRequest(source=real, target=spoof, require_liveness=True),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SPOOF_DETECTED",
+    )
     assert info.metadata["image"] == "target" and float(info.metadata["liveness_score"]) < 0.5
     # Without require_liveness the same photos are compared as data.
     assert stub.Compare(pb.CompareRequest(source=real, target=spoof), timeout=60).similarity > -1
@@ -145,7 +164,9 @@ def test_check_liveness(stub, path):
 
 def test_check_liveness_errors(stub):
     expect_error(stub.CheckLiveness, pb.CheckLivenessRequest(image=image("dev/noface_rocket.jpg")), INVALID, "NO_FACE_DETECTED")
-    expect_error(stub.CheckLiveness, pb.CheckLivenessRequest(image=image("dev/img5.jpg"), threshold=2.0), INVALID, "VALIDATION_FAILED")
+    expect_error(
+        stub.CheckLiveness, pb.CheckLivenessRequest(image=image("dev/img5.jpg"), threshold=2.0), INVALID, "VALIDATION_FAILED"
+    )
 
 
 def test_analyze(stub):
@@ -166,8 +187,12 @@ def _png_chunk(kind: bytes, body: bytes) -> bytes:
 def _png_header(width: int, height: int) -> bytes:
     """A well-formed, tiny PNG whose header claims width x height (a decompression bomb's shape)."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", zlib.compress(bytes(1024), 9))
-            + _png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", ihdr)
+        + _png_chunk(b"IDAT", zlib.compress(bytes(1024), 9))
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def _bmp_header(width: int, height: int) -> bytes:
@@ -183,8 +208,11 @@ BAD_IMAGES = {
     "png_30000x30000": (_png_header(30_000, 30_000), "IMAGE_TOO_LARGE"),
     "bmp_30000x30000": (_bmp_header(30_000, 30_000), "IMAGE_TOO_LARGE"),
     "png_1x70000": (_png_header(1, 70_000), "IMAGE_TOO_LARGE"),
-    "gif": (b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,"
-            b"\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;", "INVALID_IMAGE"),
+    "gif": (
+        b"GIF89a\x01\x00\x01\x00\x80\x00\x00\x00\x00\x00\xff\xff\xff!\xf9\x04\x01\x00\x00\x00\x00,"
+        b"\x00\x00\x00\x00\x01\x00\x01\x00\x00\x02\x02D\x01\x00;",
+        "INVALID_IMAGE",
+    ),
     "empty": (b"", "VALIDATION_FAILED"),
 }
 
@@ -197,30 +225,47 @@ def test_bad_images_are_invalid_argument(stub, name):
         data = jpeg[:600]
     elif name == "jpeg_header_only":
         data = jpeg[:2]
-    for call, req in ((stub.Detect, pb.DetectRequest(image=pb.Image(encoded=data))),
-                      (stub.Analyze, pb.AnalyzeRequest(image=pb.Image(encoded=data)))):
+    for call, req in (
+        (stub.Detect, pb.DetectRequest(image=pb.Image(encoded=data))),
+        (stub.Analyze, pb.AnalyzeRequest(image=pb.Image(encoded=data))),
+    ):
         expect_error(call, req, INVALID, reason)
 
 
 def test_missing_image_and_bad_options(stub):
     info = expect_error(stub.Detect, pb.DetectRequest(), INVALID, "VALIDATION_FAILED")
     assert info.metadata["field"] == "image"
-    info = expect_error(stub.Detect, pb.DetectRequest(image=image("dev/img5.jpg"), face_options=pb.FaceOptions(max_faces=1000)),
-                        INVALID, "VALIDATION_FAILED")
+    info = expect_error(
+        stub.Detect,
+        pb.DetectRequest(image=image("dev/img5.jpg"), face_options=pb.FaceOptions(max_faces=1000)),
+        INVALID,
+        "VALIDATION_FAILED",
+    )
     assert info.metadata["field"] == "face_options.max_faces"
-    expect_error(stub.Detect, pb.DetectRequest(image=image("dev/img5.jpg"), face_options=pb.FaceOptions(selection=99)),
-                 INVALID, "VALIDATION_FAILED")
-    expect_error(stub.Detect, pb.DetectRequest(image=image("dev/img5.jpg"),
-                 face_options=pb.FaceOptions(min_detection_score=float("nan"))), INVALID, "VALIDATION_FAILED")
+    expect_error(
+        stub.Detect,
+        pb.DetectRequest(image=image("dev/img5.jpg"), face_options=pb.FaceOptions(selection=99)),
+        INVALID,
+        "VALIDATION_FAILED",
+    )
+    expect_error(
+        stub.Detect,
+        pb.DetectRequest(image=image("dev/img5.jpg"), face_options=pb.FaceOptions(min_detection_score=float("nan"))),
+        INVALID,
+        "VALIDATION_FAILED",
+    )
 
 
-@pytest.mark.parametrize("width,height,fmt,length,reason", [
-    (100, 100, pb.PIXEL_FORMAT_BGR, 100 * 100 * 3 - 1, "INVALID_IMAGE"),
-    (100, 100, pb.PIXEL_FORMAT_GRAY, 100 * 100 * 3, "INVALID_IMAGE"),
-    (100, 100, pb.PIXEL_FORMAT_UNSPECIFIED, 100 * 100 * 3, "VALIDATION_FAILED"),
-    (0, 100, pb.PIXEL_FORMAT_BGR, 0, "VALIDATION_FAILED"),
-    (30_000, 30_000, pb.PIXEL_FORMAT_GRAY, 16, "IMAGE_TOO_LARGE"),
-])
+@pytest.mark.parametrize(
+    "width,height,fmt,length,reason",
+    [
+        (100, 100, pb.PIXEL_FORMAT_BGR, 100 * 100 * 3 - 1, "INVALID_IMAGE"),
+        (100, 100, pb.PIXEL_FORMAT_GRAY, 100 * 100 * 3, "INVALID_IMAGE"),
+        (100, 100, pb.PIXEL_FORMAT_UNSPECIFIED, 100 * 100 * 3, "VALIDATION_FAILED"),
+        (0, 100, pb.PIXEL_FORMAT_BGR, 0, "VALIDATION_FAILED"),
+        (30_000, 30_000, pb.PIXEL_FORMAT_GRAY, 16, "IMAGE_TOO_LARGE"),
+    ],
+)
 def test_bad_raw_frames(stub, width, height, fmt, length, reason):
     frame = pb.RawFrame(width=width, height=height, format=fmt, data=bytes(length))
     expect_error(stub.Detect, pb.DetectRequest(image=pb.Image(raw=frame)), INVALID, reason)

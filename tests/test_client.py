@@ -1,4 +1,5 @@
 """The Python client (clients/python) and the `facesvc` CLI, end to end against a live server."""
+
 from __future__ import annotations
 
 import base64
@@ -36,8 +37,9 @@ def client(srv):
 
 def cli(srv, *args, key: str | None = ADMIN_KEY, check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "FACESVC_TARGET": srv.target, "FACESVC_API_KEY": key or ""}
-    p = subprocess.run([sys.executable, "-m", "facesvc_client.cli", *args], capture_output=True, text=True, env=env,
-                       timeout=300, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "facesvc_client.cli", *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT
+    )
     if check:
         assert p.returncode == 0, f"facesvc {' '.join(args)} -> {p.returncode}\n{p.stdout}\n{p.stderr}"
     return p
@@ -47,8 +49,14 @@ def test_every_image_form_gives_the_same_faces(client):
     path = face_path("dev/img1.jpg")
     raw = path.read_bytes()
     frame = cv2.imread(str(path))
-    forms = {"path": path, "str path": str(path), "bytes": raw, "base64": base64.b64encode(raw).decode(),
-             "data url": "data:image/jpeg;base64," + base64.b64encode(raw).decode(), "numpy": frame}
+    forms = {
+        "path": path,
+        "str path": str(path),
+        "bytes": raw,
+        "base64": base64.b64encode(raw).decode(),
+        "data url": "data:image/jpeg;base64," + base64.b64encode(raw).decode(),
+        "numpy": frame,
+    }
     boxes = {name: client.detect(v).faces[0].box for name, v in forms.items()}
     ref = boxes["path"]
     for name, box in boxes.items():
@@ -150,8 +158,12 @@ def test_cli_enroll_a_folder_with_a_corrupt_file_and_a_no_face_photo(srv, tmp_pa
     coll = "enroll-" + uuid.uuid4().hex[:6]
     cli(srv, "collections", "create", coll)
     tree = tmp_path / "people"
-    for person, photos in {"person_01": ["img1.jpg", "img2.jpg"], "person_04": ["img13.jpg"], "person_07": ["img20.jpg"],
-                           "rocket": ["noface_rocket.jpg"]}.items():
+    for person, photos in {
+        "person_01": ["img1.jpg", "img2.jpg"],
+        "person_04": ["img13.jpg"],
+        "person_07": ["img20.jpg"],
+        "rocket": ["noface_rocket.jpg"],
+    }.items():
         (tree / person).mkdir(parents=True)
         for p in photos:
             shutil.copy(face_path(f"dev/{p}"), tree / person / p)
@@ -185,10 +197,15 @@ def test_the_readme_cli_flow_runs(srv):
     """The README's CLI block, verbatim, with the venv's `facesvc` and jq on the PATH."""
     block = re.search(r"<!-- cli-flow:begin -->\s*```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert block, "README lost its CLI block"
-    env = {**os.environ, "FACESVC_TARGET": srv.target, "FACESVC_API_KEY": ADMIN_KEY,
-           "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    p = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", block.group(1)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=600)
+    env = {
+        **os.environ,
+        "FACESVC_TARGET": srv.target,
+        "FACESVC_API_KEY": ADMIN_KEY,
+        "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}",
+    }
+    p = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", block.group(1)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     lines = p.stdout.splitlines()
     assert lines[0] == "SERVING" and lines[1] == "6" and lines[2] == "true"

@@ -1,5 +1,6 @@
 """Backends going away and coming back during traffic, on private instances started by the test
 (the shared Redis/MariaDB on the default ports stay up for the rest of the suite)."""
+
 from __future__ import annotations
 
 import shutil
@@ -37,8 +38,23 @@ class PrivateRedis:
         exe = shutil.which("redis-server")
         if exe is None:
             backend_unreachable("redis-server binary", FileNotFoundError("redis-server"))
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                                      "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -58,13 +74,16 @@ class PrivateRedis:
 def test_redis_down_and_back_during_traffic(tmp_path):
     redis = PrivateRedis(free_port(), tmp_path)
     redis.start()
-    srv = ServerProcess(log_path=tmp_path / "server.log",
-                        env={"FACESVC_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0", "FACESVC_REDIS_PREFIX": "fault:"})
+    srv = ServerProcess(
+        log_path=tmp_path / "server.log",
+        env={"FACESVC_REDIS_URL": f"redis://127.0.0.1:{redis.port}/0", "FACESVC_REDIS_PREFIX": "fault:"},
+    )
     try:
         stub = pb_grpc.FaceServiceStub(srv.channel)
         coll = "faults-" + uuid.uuid4().hex[:6]
-        stub.CreateCollection(pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
-                              timeout=10)
+        stub.CreateCollection(
+            pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10
+        )
         stub.Register(pb.RegisterRequest(collection=coll, subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
         process = pb.ProcessRequest(collection=coll, subject_id="bob", image=image("dev/img13.jpg"))
         assert stub.Process(process, timeout=30).staging_token
@@ -107,15 +126,38 @@ class PrivateMariaDB:
         exe = shutil.which("mariadb-install-db")
         if exe is None or shutil.which("mariadbd", path="/usr/sbin:/usr/bin") is None:
             backend_unreachable("mariadbd / mariadb-install-db", FileNotFoundError("mariadbd"))
-        subprocess.run([exe, "--no-defaults", f"--datadir={self.dir}", "--auth-root-authentication-method=normal",
-                        "--skip-test-db", "--user=root"], check=True, capture_output=True, timeout=120)
+        subprocess.run(
+            [
+                exe,
+                "--no-defaults",
+                f"--datadir={self.dir}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--user=root",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
 
     def start(self) -> None:
         exe = shutil.which("mariadbd", path="/usr/sbin:/usr/bin")
         self.log = open(self.dir.parent / "mariadbd.log", "a")
-        self.proc = subprocess.Popen([exe, "--no-defaults", f"--datadir={self.dir}", f"--port={self.port}",
-                                      "--bind-address=127.0.0.1", f"--socket={self.dir.parent / 'mysqld.sock'}", "--user=root",
-                                      "--skip-log-bin", "--innodb-buffer-pool-size=32M"], stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen(
+            [
+                exe,
+                "--no-defaults",
+                f"--datadir={self.dir}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                f"--socket={self.dir.parent / 'mysqld.sock'}",
+                "--user=root",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=32M",
+            ],
+            stdout=self.log,
+            stderr=self.log,
+        )
         import pymysql
 
         deadline = time.monotonic() + 60
@@ -140,20 +182,22 @@ class PrivateMariaDB:
 def test_mysql_down_and_back_during_traffic(tmp_path):
     db = PrivateMariaDB(free_port(), tmp_path)
     db.start()
-    srv = ServerProcess(log_path=tmp_path / "server.log",
-                        env={"FACESVC_DB_URL": f"mysql://root@127.0.0.1:{db.port}/facesvc"})
+    srv = ServerProcess(log_path=tmp_path / "server.log", env={"FACESVC_DB_URL": f"mysql://root@127.0.0.1:{db.port}/facesvc"})
     try:
         stub = pb_grpc.FaceServiceStub(srv.channel)
-        stub.CreateCollection(pb.CreateCollectionRequest(collection="faults", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
-                              timeout=10)
+        stub.CreateCollection(
+            pb.CreateCollectionRequest(collection="faults", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10
+        )
         stub.Register(pb.RegisterRequest(collection="faults", subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
         verify = pb.VerifyRequest(collection="faults", subject_id="alice", image=image("dev/img2.jpg"))
         assert stub.Verify(verify, timeout=30).match
 
         db.stop()
-        for call, req in ((stub.Register, pb.RegisterRequest(collection="faults", subject_id="bob", image=image("dev/img13.jpg"))),
-                          (stub.Verify, verify),
-                          (stub.ListSubjects, pb.ListSubjectsRequest(collection="faults"))):
+        for call, req in (
+            (stub.Register, pb.RegisterRequest(collection="faults", subject_id="bob", image=image("dev/img13.jpg"))),
+            (stub.Verify, verify),
+            (stub.ListSubjects, pb.ListSubjectsRequest(collection="faults")),
+        ):
             t0 = time.monotonic()
             with pytest.raises(grpc.RpcError) as e:
                 call(req, timeout=30)

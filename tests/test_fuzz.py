@@ -7,6 +7,7 @@ metadata, page tokens and face options. Over gRPC: generated junk requests to
 a live server all get INVALID_ARGUMENT with a reason, and the server keeps
 answering real requests. A hang fails the example (per-example deadline).
 """
+
 from __future__ import annotations
 
 import struct
@@ -22,8 +23,7 @@ from hypothesis import strategies as st
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server import errors
-from server.rpc import convert
-from server.rpc import validate
+from server.rpc import convert, validate
 from server.vision.imaging import ImageLimits
 from tests.conftest import error_info, face_path
 
@@ -55,7 +55,7 @@ def mutated(draw) -> bytes:
         elif op == "insert":
             data[i:i] = draw(st.binary(min_size=1, max_size=64))
         elif data:
-            data[i:i + 16] = bytes(len(data[i:i + 16]))
+            data[i : i + 16] = bytes(len(data[i : i + 16]))
     return bytes(data)
 
 
@@ -63,12 +63,17 @@ encoded_images = st.one_of(
     st.binary(max_size=4096),
     mutated(),
     st.builds(png_claiming, st.integers(0, 2**31 - 1), st.integers(0, 2**31 - 1)),
-    st.sampled_from([b"", b"\xff\xd8", b"\xff\xd8\xff\xe0" + b"\0" * 32, b"GIF89a", b"RIFF\0\0\0\0WEBPVP8 ", b"BM" + b"\xff" * 60]),
+    st.sampled_from(
+        [b"", b"\xff\xd8", b"\xff\xd8\xff\xe0" + b"\0" * 32, b"GIF89a", b"RIFF\0\0\0\0WEBPVP8 ", b"BM" + b"\xff" * 60]
+    ),
 ).map(lambda b: pb.Image(encoded=b))
 
 raw_images = st.builds(
     lambda w, h, fmt, stride, n: pb.Image(raw=pb.RawFrame(width=w, height=h, format=fmt, row_stride=stride, data=b"\x80" * n)),
-    st.integers(0, 3000), st.integers(0, 3000), st.integers(0, 6), st.integers(0, 10000),
+    st.integers(0, 3000),
+    st.integers(0, 3000),
+    st.integers(0, 6),
+    st.integers(0, 10000),
     st.one_of(st.integers(0, 4096), st.sampled_from([0, 1, 12, 300, 3 * 16 * 16, 16 * 16])),
 )
 
@@ -104,8 +109,12 @@ def expect_validation(fn, *args) -> None:
         assert exc.metadata.get("field")
 
 
-@given(st.text(max_size=300), st.dictionaries(st.text(max_size=80), st.text(max_size=600), max_size=24),
-       st.text(max_size=200), st.integers(-10, 10**6))
+@given(
+    st.text(max_size=300),
+    st.dictionaries(st.text(max_size=80), st.text(max_size=600), max_size=24),
+    st.text(max_size=200),
+    st.integers(-10, 10**6),
+)
 @settings(FAST, max_examples=2500)
 def test_fuzz_request_validation(text, meta, token, size):
     for fn in (validate.collection_id, validate.subject_id, validate.face_id, validate.key_id):
@@ -115,13 +124,18 @@ def test_fuzz_request_validation(text, meta, token, size):
     expect_validation(validate.page_size, size)
 
 
-@given(st.integers(-(2**31), 2**31 - 1), st.integers(-(2**31), 2**31 - 1), st.integers(-5, 10),
-       st.floats(allow_nan=True, allow_infinity=True, width=32))
+@given(
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(-5, 10),
+    st.floats(allow_nan=True, allow_infinity=True, width=32),
+)
 @settings(FAST, max_examples=1500)
 def test_fuzz_face_options(min_size, max_faces, selection, score):
     try:
-        msg = pb.FaceOptions(min_face_size=max(0, min_size), max_faces=max(0, max_faces), selection=selection,
-                             min_detection_score=score)
+        msg = pb.FaceOptions(
+            min_face_size=max(0, min_size), max_faces=max(0, max_faces), selection=selection, min_detection_score=score
+        )
     except ValueError:
         return  # the message itself refuses the value (e.g. a negative uint)
     expect_validation(convert.detect_options, msg, 20, 20)

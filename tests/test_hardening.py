@@ -1,5 +1,6 @@
 """A hostile tenant with one valid collection key: each finding of the hardening review, replayed
 against a real server (crafted inputs built in memory), with the safe outcome it must now get."""
+
 from __future__ import annotations
 
 import base64
@@ -39,8 +40,14 @@ def cpu_seconds(pid: int) -> float:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hardening")
-    s = ServerProcess("--metrics-port", str(free_port()), "--metrics-token", "scrape-secret", log_path=tmp / "server.log",
-                      env={"FACESVC_STREAM_FIRST_MESSAGE_SECONDS": str(FIRST_MESSAGE_S), "FACESVC_AUTH_CACHE_SECONDS": "30"})
+    s = ServerProcess(
+        "--metrics-port",
+        str(free_port()),
+        "--metrics-token",
+        "scrape-secret",
+        log_path=tmp / "server.log",
+        env={"FACESVC_STREAM_FIRST_MESSAGE_SECONDS": str(FIRST_MESSAGE_S), "FACESVC_AUTH_CACHE_SECONDS": "30"},
+    )
     yield s
     s.stop()
 
@@ -91,6 +98,7 @@ def test_one_key_at_its_limits_leaves_health_and_other_keys_served(srv, admin):
                 a.Detect(photo, timeout=10)
             except grpc.RpcError as exc:
                 refused.append(error_info(exc).reason)
+
     threads = [threading.Thread(target=hammer) for _ in range(8)]
     for t in threads:
         t.start()
@@ -117,9 +125,17 @@ def test_one_key_at_its_limits_leaves_health_and_other_keys_served(srv, admin):
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and error_info(e.value).reason == "STREAM_IDLE", e.value
     stop.set()
     # and its slots come back
-    answers = list(a.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig()),
-                                         pb.StreamFramesRequest(frame=pb.Frame(frame_id=1, image=image("dev/img5.jpg")))]),
-                                  timeout=30))
+    answers = list(
+        a.StreamFrames(
+            iter(
+                [
+                    pb.StreamFramesRequest(config=pb.StreamConfig()),
+                    pb.StreamFramesRequest(frame=pb.Frame(frame_id=1, image=image("dev/img5.jpg"))),
+                ]
+            ),
+            timeout=30,
+        )
+    )
     assert answers[-1].frame_id == 1 and len(answers[-1].faces) == 1
 
 
@@ -130,7 +146,7 @@ def progressive_bomb(side: int = 4000, repeats: int = 1500) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(flat).save(buf, "JPEG", progressive=True, quality=30)
     data = buf.getvalue()
-    last = data[data.rfind(b"\xff\xda"):-2]
+    last = data[data.rfind(b"\xff\xda") : -2]
     return data[:-2] + last * repeats + b"\xff\xd9"
 
 
@@ -183,26 +199,35 @@ def test_a_request_cannot_lower_the_policy_thresholds(srv, admin):
     spoof = image(SPOOF)
     low = 1e-4
     for call, req in (
-            (t.Verify, pb.VerifyRequest(collection=cid, subject_id="victim", image=spoof, liveness_threshold=low)),
-            (t.Register, pb.RegisterRequest(collection=cid, subject_id="mallory", image=spoof, liveness_threshold=low)),
-            (t.Process, pb.ProcessRequest(collection=cid, subject_id="mallory", image=spoof, liveness_threshold=low)),
-            (t.Search, pb.SearchRequest(collection=cid, image=spoof, liveness_threshold=low)),
-            (t.CheckLiveness, pb.CheckLivenessRequest(image=spoof, threshold=low)),
-            (t.Verify, pb.VerifyRequest(collection=cid, subject_id="victim", image=image("dev/img2.jpg"), threshold=0.01)),
-            (t.Compare, pb.CompareRequest(source=image("dev/img1.jpg"), target=image("dev/img13.jpg"), threshold=0.01)),
-            (t.Search, pb.SearchRequest(collection=cid, image=image("dev/img2.jpg"), min_similarity=-0.5)),
-            (t.SearchByEmbedding, pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512, min_similarity=0.01))):
+        (t.Verify, pb.VerifyRequest(collection=cid, subject_id="victim", image=spoof, liveness_threshold=low)),
+        (t.Register, pb.RegisterRequest(collection=cid, subject_id="mallory", image=spoof, liveness_threshold=low)),
+        (t.Process, pb.ProcessRequest(collection=cid, subject_id="mallory", image=spoof, liveness_threshold=low)),
+        (t.Search, pb.SearchRequest(collection=cid, image=spoof, liveness_threshold=low)),
+        (t.CheckLiveness, pb.CheckLivenessRequest(image=spoof, threshold=low)),
+        (t.Verify, pb.VerifyRequest(collection=cid, subject_id="victim", image=image("dev/img2.jpg"), threshold=0.01)),
+        (t.Compare, pb.CompareRequest(source=image("dev/img1.jpg"), target=image("dev/img13.jpg"), threshold=0.01)),
+        (t.Search, pb.SearchRequest(collection=cid, image=image("dev/img2.jpg"), min_similarity=-0.5)),
+        (t.SearchByEmbedding, pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512, min_similarity=0.01)),
+    ):
         info = expect_error(call, req, INVALID, "VALIDATION_FAILED")
         assert "floor" in info.metadata
     # without the override the spoof is what it is
-    expect_error(t.Verify, pb.VerifyRequest(collection=cid, subject_id="victim", image=spoof),
-                 grpc.StatusCode.FAILED_PRECONDITION, "SPOOF_DETECTED")
+    expect_error(
+        t.Verify,
+        pb.VerifyRequest(collection=cid, subject_id="victim", image=spoof),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "SPOOF_DETECTED",
+    )
     # a stricter request is allowed
-    v = t.Verify(pb.VerifyRequest(collection=cid, subject_id="victim", image=image("dev/img2.jpg"), threshold=0.3,
-                                  liveness_threshold=0.6), timeout=30)
+    v = t.Verify(
+        pb.VerifyRequest(collection=cid, subject_id="victim", image=image("dev/img2.jpg"), threshold=0.3, liveness_threshold=0.6),
+        timeout=30,
+    )
     assert v.threshold == pytest.approx(0.3) and v.liveness.threshold == pytest.approx(0.6)
-    for cfg in (pb.StreamConfig(identify=True, collection=cid, liveness_threshold=low),
-                pb.StreamConfig(identify=True, collection=cid, min_similarity=0.01)):
+    for cfg in (
+        pb.StreamConfig(identify=True, collection=cid, liveness_threshold=low),
+        pb.StreamConfig(identify=True, collection=cid, min_similarity=0.01),
+    ):
         with pytest.raises(grpc.RpcError) as e:
             list(t.StreamFrames(iter([pb.StreamFramesRequest(config=cfg)]), timeout=30))
         assert error_info(e.value).reason == "VALIDATION_FAILED"
@@ -280,8 +305,11 @@ def test_revoking_a_key_ends_its_open_batch(srv, admin):
     cid, key = tenant(admin)
     q: queue.Queue = queue.Queue()
     call = srv.stub(key).RegisterBatch(iter(q.get, None), timeout=60)
-    q.put(pb.RegisterBatchRequest(item_id="1", register=pb.RegisterRequest(collection=cid, subject_id="a",
-                                                                            image=image("dev/img1.jpg"))))
+    q.put(
+        pb.RegisterBatchRequest(
+            item_id="1", register=pb.RegisterRequest(collection=cid, subject_id="a", image=image("dev/img1.jpg"))
+        )
+    )
     assert next(call).HasField("result")
     key_id = admin.ListApiKeys(pb.ListApiKeysRequest(collection=cid), timeout=10).keys[0].key_id
     admin.DeleteApiKey(pb.DeleteApiKeyRequest(collection=cid, key_id=key_id), timeout=10)
@@ -335,19 +363,25 @@ def test_malformed_page_tokens_are_validation_errors(srv, admin):
 
 
 def test_one_tenants_staging_never_evicts_anothers(tmp_path):
-    s = ServerProcess(log_path=tmp_path / "server.log", env={"FACESVC_STAGING_MAX_PER_COLLECTION": "2",
-                                                              "FACESVC_STAGING_MAX_ENTRIES": "3"})
+    s = ServerProcess(
+        log_path=tmp_path / "server.log", env={"FACESVC_STAGING_MAX_PER_COLLECTION": "2", "FACESVC_STAGING_MAX_ENTRIES": "3"}
+    )
     try:
         a = pb_grpc.FaceServiceStub(s.channel)
         victim, _ = tenant(a)
         attacker, key = tenant(a)
-        token = a.Process(pb.ProcessRequest(collection=victim, subject_id="v", image=image("dev/img1.jpg")),
-                          timeout=30).staging_token
+        token = a.Process(
+            pb.ProcessRequest(collection=victim, subject_id="v", image=image("dev/img1.jpg")), timeout=30
+        ).staging_token
         t = s.stub(key)
         for i in range(2):
             t.Process(pb.ProcessRequest(collection=attacker, subject_id=f"s{i}", image=image("dev/img13.jpg")), timeout=30)
-        expect_error(t.Process, pb.ProcessRequest(collection=attacker, subject_id="s9", image=image("dev/img13.jpg")),
-                     grpc.StatusCode.RESOURCE_EXHAUSTED, "STAGING_LIMIT_REACHED")
+        expect_error(
+            t.Process,
+            pb.ProcessRequest(collection=attacker, subject_id="s9", image=image("dev/img13.jpg")),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "STAGING_LIMIT_REACHED",
+        )
         assert a.Register(pb.RegisterRequest(collection=victim, subject_id="v", staging_token=token), timeout=30).subject_created
     finally:
         s.stop()
@@ -355,9 +389,25 @@ def test_one_tenants_staging_never_evicts_anothers(tmp_path):
 
 # -- 7. start-up ---------------------------------------------------------------------------------------------
 def test_a_refused_database_login_is_one_line(tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "server", "--host", "127.0.0.1", "--port", "0", "--auth=false",
-                           "--db-url", "mysql://root:wrong-password@127.0.0.1:3306/test"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={"FACESVC_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            PYTHON,
+            "-m",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--auth=false",
+            "--db-url",
+            "mysql://root:wrong-password@127.0.0.1:3306/test",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"FACESVC_DATA_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "cannot reach the database" in proc.stderr and "Traceback" not in proc.stderr
     assert "wrong-password" not in proc.stderr
@@ -375,10 +425,10 @@ class CountingStore:
 
 
 def test_a_flood_of_unknown_keys_costs_few_lookups(tmp_path):
-    from server.rpc.auth import Authenticator, hash_key, new_api_key
-    from server.records import LIVENESS_OPTIONAL
-    from server.storage.sql import open_store
     from server import errors
+    from server.records import LIVENESS_OPTIONAL
+    from server.rpc.auth import Authenticator, hash_key, new_api_key
+    from server.storage.sql import open_store
 
     real = open_store(f"sqlite:///{tmp_path}/keys.db", str(tmp_path))
     real.create_collection("c", "", LIVENESS_OPTIONAL)
@@ -430,8 +480,9 @@ def test_silent_reflection_streams_cannot_starve_the_server(srv, admin):
     stop = threading.Event()
     anonymous = [grpc.insecure_channel(srv.target) for _ in range(3)]
     try:
-        calls = [reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(idle_requests(stop), timeout=60)
-                 for ch in anonymous]
+        calls = [
+            reflection_pb2_grpc.ServerReflectionStub(ch).ServerReflectionInfo(idle_requests(stop), timeout=60) for ch in anonymous
+        ]
         time.sleep(0.5)
         health = health_pb2_grpc.HealthStub(anonymous[0])
         for _ in range(3):
@@ -447,7 +498,8 @@ def test_silent_reflection_streams_cannot_starve_the_server(srv, admin):
         assert grpc.StatusCode.RESOURCE_EXHAUSTED in ends and grpc.StatusCode.CANCELLED in ends, ends
         # grpcurl's reflection still works afterwards
         ok = reflection_pb2_grpc.ServerReflectionStub(anonymous[0]).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         assert "facesvc.v1.FaceService" in str(next(iter(ok)))
     finally:
         stop.set()
@@ -461,7 +513,7 @@ def scans_hidden_behind_stuffing(side: int = 2000, repeats: int = 2000) -> bytes
     buf = io.BytesIO()
     Image.fromarray(np.full((side, side), 128, np.uint8)).save(buf, "JPEG", progressive=True, quality=90)
     data = buf.getvalue()[:-2]
-    last = data[data.rfind(b"\xff\xda"):]
+    last = data[data.rfind(b"\xff\xda") :]
     out, per = data + b"\xff\xfe\x00\x04ok", 60_000 // len(last)
     for k in range(0, repeats, per):
         chunk = last * min(per, repeats - k)
@@ -481,9 +533,12 @@ def test_scans_hidden_from_the_marker_walk_are_still_counted(srv, admin):
 def test_a_stream_of_tiny_bombs_has_one_budget(srv, admin):
     cid, key = tenant(admin)
     bomb = cv2.imencode(".webp", np.zeros((6000, 6000, 3), np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
-    items = [pb.ProcessBatchRequest(item_id=str(i), process=pb.ProcessRequest(collection=cid, subject_id=f"s{i}",
-                                                                            image=pb.Image(encoded=bomb)))
-             for i in range(8)]
+    items = [
+        pb.ProcessBatchRequest(
+            item_id=str(i), process=pb.ProcessRequest(collection=cid, subject_id=f"s{i}", image=pb.Image(encoded=bomb))
+        )
+        for i in range(8)
+    ]
     before = cpu_seconds(srv.proc.pid)
     answers = list(srv.stub(key).ProcessBatch(iter(items), timeout=60))
     spent = cpu_seconds(srv.proc.pid) - before
@@ -497,8 +552,12 @@ def test_search_by_embedding_quotes_its_model_and_keeps_the_liveness_policy(srv,
     with pytest.raises(grpc.RpcError) as e:
         t.SearchByEmbedding(pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512, model="M" * 5000), timeout=10)
     assert e.value.code() == INVALID and len(e.value.details()) < 400
-    expect_error(t.SearchByEmbedding, pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512),
-                 grpc.StatusCode.FAILED_PRECONDITION, "LIVENESS_REQUIRED")
+    expect_error(
+        t.SearchByEmbedding,
+        pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LIVENESS_REQUIRED",
+    )
     assert admin.SearchByEmbedding(pb.SearchByEmbeddingRequest(collection=cid, embedding=[0.1] * 512), timeout=10) is not None
 
 
@@ -527,8 +586,10 @@ def test_a_tracks_identity_follows_the_index(srv, admin):
 def test_per_face_models_run_on_a_bounded_number_of_faces(srv, admin):
     many = pb.FaceOptions(max_faces=100)
     group = image("dev/group_t1.jpg")
-    for call, req in ((admin.Embed, pb.EmbedRequest(image=group, face_options=many)),
-                      (admin.Analyze, pb.AnalyzeRequest(image=group, face_options=many))):
+    for call, req in (
+        (admin.Embed, pb.EmbedRequest(image=group, face_options=many)),
+        (admin.Analyze, pb.AnalyzeRequest(image=group, face_options=many)),
+    ):
         info = expect_error(call, req, INVALID, "VALIDATION_FAILED")
         assert info.metadata["limit"] == "20"
     assert len(admin.Detect(pb.DetectRequest(image=group, face_options=many), timeout=30).faces) == 6  # Detect may list more
@@ -542,6 +603,7 @@ def png_header_only(width: int, height: int, depth: int, colour: int, interlace:
 
     def chunk(kind, data):
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, depth, colour, 0, 0, interlace)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
 
@@ -577,9 +639,12 @@ def test_animated_images_are_refused(srv, admin):
 def test_failing_batch_items_do_not_flood_the_log(srv, admin):
     cid, key = tenant(admin)
     lines_before = srv.output().count("\n")
-    items = [pb.ProcessBatchRequest(item_id=str(i), process=pb.ProcessRequest(collection=cid, subject_id="s",
-                                                                            image=pb.Image(encoded=b"x")))
-             for i in range(300)]
+    items = [
+        pb.ProcessBatchRequest(
+            item_id=str(i), process=pb.ProcessRequest(collection=cid, subject_id="s", image=pb.Image(encoded=b"x"))
+        )
+        for i in range(300)
+    ]
     answers = list(srv.stub(key).ProcessBatch(iter(items), timeout=60))
     assert [a.error.reason for a in answers] == ["INVALID_IMAGE"] * 300
     assert srv.output().count("\n") - lines_before < 30
@@ -587,10 +652,25 @@ def test_failing_batch_items_do_not_flood_the_log(srv, admin):
 
 def test_item_ids_are_bounded(srv, admin):
     long_id = "i" * 200_000
-    expect_error(admin.DetectBatch, pb.DetectBatchRequest(items=[pb.BatchImage(item_id=long_id, image=image("dev/img5.jpg"))]),
-                 INVALID, "VALIDATION_FAILED")
+    expect_error(
+        admin.DetectBatch,
+        pb.DetectBatchRequest(items=[pb.BatchImage(item_id=long_id, image=image("dev/img5.jpg"))]),
+        INVALID,
+        "VALIDATION_FAILED",
+    )
     cid, _ = tenant(admin)
     with pytest.raises(grpc.RpcError) as e:
-        list(admin.RegisterBatch(iter([pb.RegisterBatchRequest(item_id=long_id, register=pb.RegisterRequest(
-            collection=cid, subject_id="a", image=image("dev/img1.jpg")))]), timeout=30))
+        list(
+            admin.RegisterBatch(
+                iter(
+                    [
+                        pb.RegisterBatchRequest(
+                            item_id=long_id,
+                            register=pb.RegisterRequest(collection=cid, subject_id="a", image=image("dev/img1.jpg")),
+                        )
+                    ]
+                ),
+                timeout=30,
+            )
+        )
     assert e.value.code() == INVALID and len(e.value.details()) < 400

@@ -5,6 +5,7 @@ here the rules themselves are checked, and that the index applies them as it gro
 restart. Segments are tested small (a few hundred faces per graph), with ef high enough that
 each graph's answer is exact, so the merged answer must equal a brute-force one.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,7 +33,7 @@ def filled(params: HnswParams, n: int, seed: int = 0) -> tuple[HnswIndex, np.nda
     ids = [f"f{i:05d}" for i in range(n)]
     idx = HnswIndex(DIM, "test", params)
     for s in range(0, n, 100):
-        idx.add(ids[s:s + 100], [f"s{i:05d}" for i in range(s, min(n, s + 100))], vecs[s:s + 100])
+        idx.add(ids[s : s + 100], [f"s{i:05d}" for i in range(s, min(n, s + 100))], vecs[s : s + 100])
     return idx, vecs, ids
 
 
@@ -46,11 +47,11 @@ def test_auto_ef_follows_the_measured_points_and_grows_monotonically():
     p = HnswParams()
     assert p.ef_search == 0
     assert p.ef_for(0) == p.ef_for(1_000) == p.ef_for(200_000) == 64
-    assert p.ef_for(500_000) == 96 and p.ef_for(1_000_000) == 256   # the measured points
-    assert p.ef_for(350_000) == 80           # halfway between the first two, linearly
-    assert p.ef_for(750_000) == 176          # halfway between the last two
-    assert p.ef_for(1_500_000) == 416        # on at the last slope
-    assert p.ef_for(p.segment_size) == 96    # the most any graph of the default segment size gets
+    assert p.ef_for(500_000) == 96 and p.ef_for(1_000_000) == 256  # the measured points
+    assert p.ef_for(350_000) == 80  # halfway between the first two, linearly
+    assert p.ef_for(750_000) == 176  # halfway between the last two
+    assert p.ef_for(1_500_000) == 416  # on at the last slope
+    assert p.ef_for(p.segment_size) == 96  # the most any graph of the default segment size gets
     sizes = [0, 10_000, 200_001, 350_000, 500_001, 600_000, 750_000, 1_000_000, 1_200_000, 2_000_000, 10**9]
     efs = [p.ef_for(n) for n in sizes]
     assert efs == sorted(efs) and all(e % 16 == 0 for e in efs)
@@ -74,8 +75,7 @@ def test_the_index_raises_ef_as_it_grows_and_keeps_it_across_a_snapshot(monkeypa
 
     snaps = SnapshotStore(tmp_path)
     snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})
-    loaded, _ = snaps.load("c", params, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
-                                         "min_written_ms": 0})
+    loaded, _ = snaps.load("c", params, {"model": "test", "dimension": DIM, "collection_created_ms": 0, "min_written_ms": 0})
     assert ef_of(loaded) == 256 and loaded.stats().params["ef_search"] == 256
     for q in vecs[:20]:
         assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
@@ -120,7 +120,7 @@ def test_a_large_collection_is_split_into_segments_and_answers_as_one_graph():
     ids = [f"f{i:04d}" for i in range(350)]
     subjects = [f"s{i % 120:03d}" for i in range(350)]  # most subjects have faces in two or three segments
     idx = HnswIndex(DIM, "test", SEGMENTED)
-    idx.add(ids[:30], subjects[:30], vecs[:30])       # grows the first graph by doubling
+    idx.add(ids[:30], subjects[:30], vecs[:30])  # grows the first graph by doubling
     idx.add(ids[30:350], subjects[30:350], vecs[30:350])  # fills it and opens three more in one call
     st = idx.stats()
     assert st.params["segments"] == 4 and [s.nodes for s in idx._segments] == [100, 100, 100, 50]
@@ -165,8 +165,7 @@ def test_segments_survive_a_snapshot_and_grow_on_after_it(tmp_path):
     snaps = SnapshotStore(tmp_path)
     snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})
     assert len(list(tmp_path.glob("c.*.graph"))) == 3
-    loaded, doc = snaps.load("c", SEGMENTED, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
-                                              "min_written_ms": 0})
+    loaded, doc = snaps.load("c", SEGMENTED, {"model": "test", "dimension": DIM, "collection_created_ms": 0, "min_written_ms": 0})
     assert doc["format"] == 3 and [s.live for s in loaded._segments] == [99, 99, 50]
     for q in vecs[:30]:
         assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
@@ -193,8 +192,7 @@ def test_a_snapshot_of_format_1_loads_as_one_segment(tmp_path):
     path.write_bytes(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
     # a server with a smaller segment size: the old graph stays whole, new faces go to a new one
     params = HnswParams(m=16, ef_construction=100, segment_size=100)
-    loaded, _ = snaps.load("c", params, {"model": "test", "dimension": DIM, "collection_created_ms": 0,
-                                         "min_written_ms": 0})
+    loaded, _ = snaps.load("c", params, {"model": "test", "dimension": DIM, "collection_created_ms": 0, "min_written_ms": 0})
     assert loaded.stats().params["segments"] == 1 and len(loaded) == 150
     for q in vecs[:20]:
         assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
@@ -238,11 +236,12 @@ def test_searches_run_while_faces_are_added_across_segment_boundaries():
                 assert len(hits) == 5
             except Exception as exc:  # noqa: BLE001 - collected for the assertion below
                 errors.append(exc)
+
     threads = [threading.Thread(target=searcher) for _ in range(4)]
     for t in threads:
         t.start()
     for s in range(64, 1200, 37):
-        idx.add(ids[s:s + 37], ids[s:s + 37], vecs[s:s + 37])
+        idx.add(ids[s : s + 37], ids[s : s + 37], vecs[s : s + 37])
     stop.set()
     for t in threads:
         t.join(10)
@@ -252,8 +251,9 @@ def test_searches_run_while_faces_are_added_across_segment_boundaries():
 
 # projected segments: 16 of the 64 dimensions. ef 200 covers a whole segment, so the re-rank sees every
 # live face of it and the merged answer must equal a brute-force one, as for the plain graphs above
-PROJECTED = HnswParams(m=16, ef_construction=100, ef_search=200, initial_capacity=16, segment_size=200,
-                       pca_dims=16, pca_min_faces=150)
+PROJECTED = HnswParams(
+    m=16, ef_construction=100, ef_search=200, initial_capacity=16, segment_size=200, pca_dims=16, pca_min_faces=150
+)
 
 
 def low_rank(rng, n: int, rank: int = 12, noise: float = 0.15) -> np.ndarray:
@@ -284,8 +284,8 @@ def test_projected_segments_are_made_for_large_collections_and_answer_exactly():
     idx = HnswIndex(DIM, "test", PROJECTED)
     idx.add(ids[:40], subjects[:40], vecs[:40])  # a small collection: a plain graph, grown by doubling
     assert [s.projection for s in idx._segments] == [None]
-    for s in range(40, 520, 60):                 # past pca_min_faces the next segments are projected
-        idx.add(ids[s:s + 60], subjects[s:s + 60], vecs[s:s + 60])
+    for s in range(40, 520, 60):  # past pca_min_faces the next segments are projected
+        idx.add(ids[s : s + 60], subjects[s : s + 60], vecs[s : s + 60])
     segs = idx._segments
     assert [s.projection is not None for s in segs] == [False, True, True] and [s.nodes for s in segs] == [200, 200, 120]
     assert segs[1].graph.dim == 16 and segs[1].vectors.shape[1] == DIM
@@ -321,8 +321,11 @@ def test_a_build_from_the_database_projects_its_first_segment_and_plain_paramete
     built.add(ids, ids, vecs)
     assert [s.projection is not None for s in built._segments] == [True, True]
     assert built._segments[0].projection.kept > 0.8
-    for p in (HnswParams(m=16, segment_size=200), dataclasses.replace(PROJECTED, pca_dims=0),
-              dataclasses.replace(PROJECTED, pca_min_faces=10**6)):
+    for p in (
+        HnswParams(m=16, segment_size=200),
+        dataclasses.replace(PROJECTED, pca_dims=0),
+        dataclasses.replace(PROJECTED, pca_min_faces=10**6),
+    ):
         idx = HnswIndex(DIM, "test", dataclasses.replace(p, initial_capacity=200))
         idx.add(ids, ids, vecs)
         assert [s.projection for s in idx._segments] == [None, None]
@@ -340,7 +343,7 @@ def test_projected_segments_survive_a_snapshot_and_a_damaged_dense_file_is_refus
     ids = [f"f{i}" for i in range(450)]
     idx = HnswIndex(DIM, "test", PROJECTED)
     for s in range(0, 400, 50):
-        idx.add(ids[s:s + 50], ids[s:s + 50], vecs[s:s + 50])
+        idx.add(ids[s : s + 50], ids[s : s + 50], vecs[s : s + 50])
     idx.apply({}, [ids[7], ids[260]])
     snaps = SnapshotStore(tmp_path)
     path = snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})

@@ -6,10 +6,10 @@ is under test is that the index holds exactly the faces the database holds,
 across snapshots, restarts, corruption and replicas (recognition itself is
 tested on the LFW photos in test_search.py).
 """
+
 from __future__ import annotations
 
 import dataclasses
-
 import uuid
 
 import numpy as np
@@ -143,7 +143,9 @@ def test_a_damaged_snapshot_is_refused_and_the_index_rebuilt(store, tmp_path, da
 
 def test_a_snapshot_for_other_parameters_or_an_earlier_collection_is_refused(store, tmp_path):
     cid, _, _ = snapshotted(store, tmp_path, 50)
-    other_m = IndexRegistry(store, MODEL, DIM, HnswEngine(HnswParams(m=8, ef_construction=100), SnapshotStore(tmp_path / "index-a")))
+    other_m = IndexRegistry(
+        store, MODEL, DIM, HnswEngine(HnswParams(m=8, ef_construction=100), SnapshotStore(tmp_path / "index-a"))
+    )
     assert other_m.get(cid).loaded_from == "database"
     # the collection deleted and created again under the same id while this server was down
     store.delete_collection(cid)
@@ -221,7 +223,7 @@ def test_the_feed_waits_for_a_late_commit_below_its_high_water_mark(mysql_store)
     try:
         with slow.cursor() as cur:  # takes seq N, does not commit yet
             cur.execute("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES ('late', 'a', 'add', 0)")
-        with store._tx() as q:      # seq N+1 commits first
+        with store._tx() as q:  # seq N+1 commits first
             q("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES ('late', 'b', 'add', 0)")
         first = feed.poll()
         feed.advance(first)
@@ -258,7 +260,6 @@ def test_the_feed_gives_up_on_a_rolled_back_sequence_number(mysql_store):
     assert not feed.gaps and feed.low_water() == store.last_change_seq()
 
 
-
 def test_a_projected_index_is_built_from_the_database_and_restarts_from_its_snapshot(store, tmp_path):
     """With pca_dims set and a collection past pca_min_faces, the build projects its graph (fitted on the
     first read) and re-ranks on the full vectors: the answers are the exact ones (ef covers every face),
@@ -271,6 +272,7 @@ def test_a_projected_index_is_built_from_the_database_and_restarts_from_its_snap
 
     def reg(name):
         return IndexRegistry(store, MODEL, DIM, HnswEngine(params, SnapshotStore(tmp_path / f"index-{name}")), batch=50)
+
     a = reg("a")
     idx = a.get(cid)
     assert idx.loaded_from == "database" and idx.stats().params["projected_segments"] == 1 and len(idx) == 260

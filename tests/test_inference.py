@@ -1,4 +1,5 @@
 """Micro-batching of embeddings: concurrent callers share recognizer calls and each gets its own rows back."""
+
 from __future__ import annotations
 
 import threading
@@ -9,9 +10,9 @@ import grpc
 import numpy as np
 
 from server import errors
+from server.context import current_call
 from server.vision.models.batching import MicroBatcher
 from server.vision.models.recognizer import ArcFaceRecognizer
-from server.context import current_call
 from server.vision.pipeline import DetectOptions
 from tests.conftest import FACES, face_path
 
@@ -31,6 +32,7 @@ def slow_double(log: list[int]):
         log.append(len(rows))
         time.sleep(0.05)
         return rows * 2
+
     return fn
 
 
@@ -44,6 +46,7 @@ def run_threads(batcher, inputs, before=None):
             out[i] = batcher(inputs[i])
         except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
             out[i] = exc
+
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(inputs))]
     for t in threads:
         t.start()
@@ -121,8 +124,8 @@ def test_real_recognizer_batched_under_threads_equals_one_by_one(pipeline):
 def test_cpu_models_run_spinning_alone_and_quiet_beside_others(pipeline):
     """Each CPU model has a spinning session for a run that has the CPU alone, a quiet one otherwise;
     both give the same answer."""
-    from server.vision.models.runtime import RUNS, CpuSessionPair
     from server.context import IN_FLIGHT, serving
+    from server.vision.models.runtime import RUNS, CpuSessionPair
 
     pair = pipeline.recognizer.session._session
     assert isinstance(pair, CpuSessionPair) and pair.spinning is not pair.quiet

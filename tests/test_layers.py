@@ -1,4 +1,5 @@
 """The layers of server/ (see server/__init__.py) import only downwards, and FaceService is served whole."""
+
 from __future__ import annotations
 
 import ast
@@ -12,11 +13,21 @@ from server.rpc.servicer import SERVICE, FaceServicer
 ROOT = Path(__file__).resolve().parents[1]
 # lower numbers are lower layers; a module may import its own layer and those below
 LAYERS = {
-    "server.errors": 0, "server.records": 0, "server.context": 0, "server.telemetry": 0, "server.hugepages": 0,
-    "server.vision": 1, "server.storage": 1, "server.index": 1,
+    "server.errors": 0,
+    "server.records": 0,
+    "server.context": 0,
+    "server.telemetry": 0,
+    "server.hugepages": 0,
+    "server.vision": 1,
+    "server.storage": 1,
+    "server.index": 1,
     "server.domain": 2,
     "server.rpc": 3,
-    "server.config": 4, "server.app": 4, "server.reembed": 5, "server.__main__": 5, "server": 5,
+    "server.config": 4,
+    "server.app": 4,
+    "server.reembed": 5,
+    "server.__main__": 5,
+    "server": 5,
 }
 
 

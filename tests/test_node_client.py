@@ -1,4 +1,5 @@
 """The Node.js client (clients/node: @grpc/grpc-js + @grpc/proto-loader on protos/) against a live server."""
+
 from __future__ import annotations
 
 import json
@@ -36,10 +37,17 @@ def test_node_client_detects_and_verifies(node_client, tmp_path):
         coll = "node-" + uuid.uuid4().hex[:6]
         stub.CreateCollection(pb.CreateCollectionRequest(collection=coll), timeout=10)
         stub.Register(pb.RegisterRequest(collection=coll, subject_id="person_01", image=image("dev/img1.jpg")), timeout=60)
-        env = {**os.environ, "FACESVC_TARGET": srv.target, "FACESVC_API_KEY": ADMIN_KEY, "FACESVC_COLLECTION": coll,
-               "FACESVC_SUBJECT": "person_01", "PHOTO_SAME": str(face_path("dev/img2.jpg")),
-               "PHOTO_OTHER": str(face_path("dev/img13.jpg")), "PHOTO_GROUP": str(face_path("dev/group_t1.jpg")),
-               "PHOTO_NOFACE": str(face_path("dev/noface_coffee.jpg"))}
+        env = {
+            **os.environ,
+            "FACESVC_TARGET": srv.target,
+            "FACESVC_API_KEY": ADMIN_KEY,
+            "FACESVC_COLLECTION": coll,
+            "FACESVC_SUBJECT": "person_01",
+            "PHOTO_SAME": str(face_path("dev/img2.jpg")),
+            "PHOTO_OTHER": str(face_path("dev/img13.jpg")),
+            "PHOTO_GROUP": str(face_path("dev/group_t1.jpg")),
+            "PHOTO_NOFACE": str(face_path("dev/noface_coffee.jpg")),
+        }
         p = subprocess.run([node_client, "smoke.js"], cwd=NODE_DIR, env=env, capture_output=True, text=True, timeout=120)
         assert p.returncode == 0, p.stdout + p.stderr
         lines = [json.loads(ln) for ln in p.stdout.splitlines()]

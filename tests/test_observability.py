@@ -1,4 +1,5 @@
 """Prometheus metrics on their own port, request ids on answers and log lines, JSON logs."""
+
 from __future__ import annotations
 
 import json
@@ -34,8 +35,10 @@ def scrape(port: int) -> dict[str, float]:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     port = free_port()
-    s = ServerProcess(log_path=tmp_path_factory.mktemp("obs") / "server.log",
-                      env={"FACESVC_METRICS_PORT": str(port), "FACESVC_LOG_FORMAT": "json"})
+    s = ServerProcess(
+        log_path=tmp_path_factory.mktemp("obs") / "server.log",
+        env={"FACESVC_METRICS_PORT": str(port), "FACESVC_LOG_FORMAT": "json"},
+    )
     s.metrics_port = port
     yield s
     s.stop()
@@ -49,10 +52,10 @@ def test_metrics_count_calls_errors_inference_and_index(srv):
         stub.Compare(pb.CompareRequest(source=image("dev/noface_rocket.jpg"), target=image("dev/img1.jpg")), timeout=30)
     with pytest.raises(grpc.RpcError):
         srv.stub(None).Detect(pb.DetectRequest(image=image("dev/img1.jpg")), timeout=30)
-    stub.CreateCollection(pb.CreateCollectionRequest(collection="obs", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
-                          timeout=10)
-    stub.Register(pb.RegisterRequest(collection="obs", subject_id="p1", image=image("dev/img1.jpg"), skip_liveness=True),
-                  timeout=30)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection="obs", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10)
+    stub.Register(
+        pb.RegisterRequest(collection="obs", subject_id="p1", image=image("dev/img1.jpg"), skip_liveness=True), timeout=30
+    )
     stub.GetIndexStats(pb.GetIndexStatsRequest(collection="obs"), timeout=10)
     m = scrape(srv.metrics_port)
     assert m['facesvc_rpc_total{code="OK",method="Detect"}'] == 3
@@ -71,8 +74,11 @@ def test_metrics_count_calls_errors_inference_and_index(srv):
 def test_request_id_is_echoed_and_on_the_log_lines(srv):
     stub = pb_grpc.FaceServiceStub(srv.channel)
     with pytest.raises(grpc.RpcError) as e:
-        stub.Compare(pb.CompareRequest(source=image("dev/noface_rocket.jpg"), target=image("dev/img1.jpg")),
-                     metadata=(("x-request-id", "trace-4711"),), timeout=30)
+        stub.Compare(
+            pb.CompareRequest(source=image("dev/noface_rocket.jpg"), target=image("dev/img1.jpg")),
+            metadata=(("x-request-id", "trace-4711"),),
+            timeout=30,
+        )
     assert ("x-request-id", "trace-4711") in e.value.initial_metadata()
     _, call = stub.Detect.with_call(pb.DetectRequest(image=image("dev/img1.jpg")), timeout=30)
     generated = dict(call.initial_metadata())["x-request-id"]
@@ -105,8 +111,7 @@ def test_a_call_past_its_deadline_stops_its_work_and_writes_nothing(srv):
     assert "CALL_ENDED" in srv.output()
     # a Register whose deadline passes while it works commits nothing
     with pytest.raises(grpc.RpcError) as e:
-        stub.Register(pb.RegisterRequest(collection="obs", subject_id="late", image=big[0], skip_liveness=True),
-                      timeout=0.04)
+        stub.Register(pb.RegisterRequest(collection="obs", subject_id="late", image=big[0], skip_liveness=True), timeout=0.04)
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     time.sleep(1.5)
     with pytest.raises(grpc.RpcError) as e:

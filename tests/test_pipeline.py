@@ -1,4 +1,5 @@
 """The model pipeline in-process: every detector, the recognizer, liveness and age/gender on real photos."""
+
 from __future__ import annotations
 
 from dataclasses import replace
@@ -124,12 +125,15 @@ def test_liveness_fusion_with_second_model_agrees():
         assert r.is_live == path.name.startswith("real_"), (path.name, r)
 
 
-@pytest.mark.parametrize("rel,male", [
-    ("lfw/Anthony_Fauci/Anthony_Fauci_0002.jpg", True),
-    ("lfw/Antonio_Banderas/Antonio_Banderas_0001.jpg", True),
-    ("lfw/Ann_Godbehere/Ann_Godbehere_0001.jpg", False),
-    ("dev/img1.jpg", False),
-])
+@pytest.mark.parametrize(
+    "rel,male",
+    [
+        ("lfw/Anthony_Fauci/Anthony_Fauci_0002.jpg", True),
+        ("lfw/Antonio_Banderas/Antonio_Banderas_0001.jpg", True),
+        ("lfw/Ann_Godbehere/Ann_Godbehere_0001.jpg", False),
+        ("dev/img1.jpg", False),
+    ],
+)
 def test_age_gender_plausible(pipeline, rel, male):
     img = read(rel)
     faces = pipeline.detect(img, OPTS)[:1]  # LFW crops can hold a second, partial face: use the main one

@@ -1,5 +1,6 @@
 """1:N search on the hnswlib index, end to end: the 150 LFW identities registered through a real
 server, then searched with other photos of them and with the 50 never-registered people."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -40,15 +41,18 @@ def gallery(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("search")
     srv = ServerProcess(log_path=tmp / "server.log", env=CANDIDATES)
     stub = pb_grpc.FaceServiceStub(srv.channel)
-    stub.CreateCollection(pb.CreateCollectionRequest(collection=COLL, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
-                          timeout=10)
+    stub.CreateCollection(pb.CreateCollectionRequest(collection=COLL, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10)
     multi, single = lfw_people()
     probes, refused = {}, []
     for person, photos in multi.items():
         for i, photo in enumerate(photos):  # the first photo that passes the enrolment gate; the others probe
             try:
-                stub.Register(pb.RegisterRequest(collection=COLL, subject_id=person, image=image(photo),
-                                                 skip_liveness=True, face_options=CENTRED), timeout=60)
+                stub.Register(
+                    pb.RegisterRequest(
+                        collection=COLL, subject_id=person, image=image(photo), skip_liveness=True, face_options=CENTRED
+                    ),
+                    timeout=60,
+                )
                 probes[person] = [p for j, p in enumerate(photos) if j != i]
                 break
             except grpc.RpcError as exc:
@@ -119,27 +123,36 @@ def test_search_by_embedding_and_its_validation(gallery):
     _, stub, probes, _, _ = gallery
     person, photos = next(iter(probes.items()))
     emb = stub.Embed(pb.EmbedRequest(image=image(photos[0])), timeout=60)
-    resp = stub.SearchByEmbedding(pb.SearchByEmbeddingRequest(collection=COLL, embedding=list(emb.faces[0].embedding),
-                                                              model=emb.model), timeout=10)
+    resp = stub.SearchByEmbedding(
+        pb.SearchByEmbeddingRequest(collection=COLL, embedding=list(emb.faces[0].embedding), model=emb.model), timeout=10
+    )
     assert resp.matches[0].subject_id == person
-    bad = [pb.SearchByEmbeddingRequest(collection=COLL, embedding=[0.1] * 128),
-           pb.SearchByEmbeddingRequest(collection=COLL, embedding=list(emb.faces[0].embedding), model="mobilefacenet_128"),
-           pb.SearchByEmbeddingRequest(collection=COLL, embedding=[0.0] * 512),
-           pb.SearchByEmbeddingRequest(collection=COLL, embedding=[0.1] * 512, top_k=1000)]
+    bad = [
+        pb.SearchByEmbeddingRequest(collection=COLL, embedding=[0.1] * 128),
+        pb.SearchByEmbeddingRequest(collection=COLL, embedding=list(emb.faces[0].embedding), model="mobilefacenet_128"),
+        pb.SearchByEmbeddingRequest(collection=COLL, embedding=[0.0] * 512),
+        pb.SearchByEmbeddingRequest(collection=COLL, embedding=[0.1] * 512, top_k=1000),
+    ]
     for req in bad:
         expect_error(stub.SearchByEmbedding, req, grpc.StatusCode.INVALID_ARGUMENT, "VALIDATION_FAILED")
-    expect_error(stub.SearchByEmbedding, pb.SearchByEmbeddingRequest(collection="nope", embedding=[0.1] * 512),
-                 grpc.StatusCode.NOT_FOUND, "COLLECTION_NOT_FOUND")
+    expect_error(
+        stub.SearchByEmbedding,
+        pb.SearchByEmbeddingRequest(collection="nope", embedding=[0.1] * 512),
+        grpc.StatusCode.NOT_FOUND,
+        "COLLECTION_NOT_FOUND",
+    )
 
 
 def test_all_faces_and_spoofs(gallery):
     _, stub, _, _, _ = gallery
-    group = stub.Search(pb.SearchRequest(collection=COLL, image=image("dev/group_t1.jpg"), all_faces=True,
-                                         skip_liveness=True), timeout=60)
+    group = stub.Search(
+        pb.SearchRequest(collection=COLL, image=image("dev/group_t1.jpg"), all_faces=True, skip_liveness=True), timeout=60
+    )
     assert len(group.results) == 6
     spoof = "liveness/spoof_replay_01_minivision_F2.jpg"
-    expect_error(stub.Search, pb.SearchRequest(collection=COLL, image=image(spoof)),
-                 grpc.StatusCode.FAILED_PRECONDITION, "SPOOF_DETECTED")
+    expect_error(
+        stub.Search, pb.SearchRequest(collection=COLL, image=image(spoof)), grpc.StatusCode.FAILED_PRECONDITION, "SPOOF_DETECTED"
+    )
     many = stub.Search(pb.SearchRequest(collection=COLL, image=image(spoof), all_faces=True), timeout=60)
     assert not many.results[0].liveness.is_live and not many.results[0].matches
 
@@ -162,8 +175,17 @@ def test_concurrent_search_and_register_lose_nothing(gallery):
         t.start()
     try:
         for i, person in enumerate(people):  # a second face for six people while searches run
-            stub.Register(pb.RegisterRequest(collection=COLL, subject_id=person, image=image(probes[person][-1]),
-                                             add_face=True, skip_liveness=True, face_options=CENTRED), timeout=60)
+            stub.Register(
+                pb.RegisterRequest(
+                    collection=COLL,
+                    subject_id=person,
+                    image=image(probes[person][-1]),
+                    add_face=True,
+                    skip_liveness=True,
+                    face_options=CENTRED,
+                ),
+                timeout=60,
+            )
     finally:
         stop.set()
         for t in threads:
@@ -172,19 +194,27 @@ def test_concurrent_search_and_register_lose_nothing(gallery):
     stats = stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
     subjects = stub.GetCollection(pb.GetCollectionRequest(collection=COLL), timeout=10).collection
     assert stats.size == subjects.face_count  # no face lost between the database and the index
-    assert stats.dimension == 512 and stats.model == "w600k_mbf" and stats.engine == "hnsw" and stats.engine_params["m"] == "32" and stats.memory_bytes > 0
+    assert (
+        stats.dimension == 512
+        and stats.model == "w600k_mbf"
+        and stats.engine == "hnsw"
+        and stats.engine_params["m"] == "32"
+        and stats.memory_bytes > 0
+    )
 
 
 def test_deleted_subject_is_never_returned_also_after_restart(gallery):
     srv, stub, probes, _, tmp = gallery
+
     def top(stub_, p):
         m = search(stub_, probes[p][0]).results[0].matches
         return m[0].subject_id if m else None
 
     person = next(p for p in reversed(list(probes)) if top(stub, p) == p)
     stub.DeleteSubject(pb.DeleteSubjectRequest(collection=COLL, subject_id=person), timeout=10)
-    assert person not in [m.subject_id for m in search(stub, probes[person][0], min_similarity=-0.99,
-                                                       top_k=100).results[0].matches]
+    assert person not in [
+        m.subject_id for m in search(stub, probes[person][0], min_similarity=-0.99, top_k=100).results[0].matches
+    ]
     # a second server on the same database rebuilds its index from it
     other = ServerProcess(log_path=tmp / "restart.log", env=same_database(tmp, "restart"))
     try:
@@ -244,7 +274,7 @@ def test_restart_from_snapshot_or_database_gives_the_same_results(gallery):
         b.stop()
     graph = next((tmp / "index-snap").glob(f"{COLL}.*.graph"))
     raw = bytearray(graph.read_bytes())
-    raw[len(raw) // 3: len(raw) // 3 + 64] = bytes(64)  # a damaged block in the middle
+    raw[len(raw) // 3 : len(raw) // 3 + 64] = bytes(64)  # a damaged block in the middle
     graph.write_bytes(bytes(raw))
     b, stub_b = start("snap-3")
     try:
@@ -262,13 +292,22 @@ def test_a_server_with_projected_graphs_answers_as_the_plain_one(gallery):
     the same (exact) similarities."""
     _, stub, probes, _, tmp = gallery
     people = list(probes)[60:100]
-    env = {**same_database(tmp, "pca"), "FACESVC_HNSW_SEGMENT_SIZE": "80", "FACESVC_HNSW_PCA_DIMS": "32",
-           "FACESVC_HNSW_PCA_MIN_FACES": "80"}
+    env = {
+        **same_database(tmp, "pca"),
+        "FACESVC_HNSW_SEGMENT_SIZE": "80",
+        "FACESVC_HNSW_PCA_DIMS": "32",
+        "FACESVC_HNSW_PCA_MIN_FACES": "80",
+    }
 
     def answers(stub_):
-        return [[(m.subject_id, m.face_id, m.similarity)
-                 for m in search(stub_, probes[p][0], top_k=5, min_similarity=-0.99).results[0].matches]
-                for p in people]
+        return [
+            [
+                (m.subject_id, m.face_id, m.similarity)
+                for m in search(stub_, probes[p][0], top_k=5, min_similarity=-0.99).results[0].matches
+            ]
+            for p in people
+        ]
+
     reference = answers(stub)
     b = ServerProcess(log_path=tmp / "pca.log", env=env)
     try:
@@ -292,20 +331,27 @@ def test_two_replicas_on_mysql_and_redis_see_each_others_changes(mysql_url, redi
 
     The second replica polls the change log only every 30 s here, so seeing the change within
     a few seconds shows the Redis pub/sub wake-up; test_index.py covers the poll itself."""
-    base = {"FACESVC_DB_URL": mysql_url, "FACESVC_REDIS_URL": "redis://127.0.0.1:6379/0",
-            "FACESVC_REDIS_PREFIX": redis_prefix + "replicas:"}
+    base = {
+        "FACESVC_DB_URL": mysql_url,
+        "FACESVC_REDIS_URL": "redis://127.0.0.1:6379/0",
+        "FACESVC_REDIS_PREFIX": redis_prefix + "replicas:",
+    }
     a = ServerProcess(log_path=tmp_path / "a.log", env={**base, "FACESVC_DATA_DIR": str(tmp_path / "a")})
-    b = ServerProcess(log_path=tmp_path / "b.log", env={**base, "FACESVC_DATA_DIR": str(tmp_path / "b"),
-                                                         "FACESVC_INDEX_SYNC_SECONDS": "30"})
+    b = ServerProcess(
+        log_path=tmp_path / "b.log", env={**base, "FACESVC_DATA_DIR": str(tmp_path / "b"), "FACESVC_INDEX_SYNC_SECONDS": "30"}
+    )
     coll = "replicas-" + uuid.uuid4().hex[:6]
     try:
         stub_a, stub_b = pb_grpc.FaceServiceStub(a.channel), pb_grpc.FaceServiceStub(b.channel)
-        stub_a.CreateCollection(pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL),
-                                timeout=10)
+        stub_a.CreateCollection(
+            pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10
+        )
         probe = pb.SearchRequest(collection=coll, image=image("dev/img2.jpg"), skip_liveness=True)
         assert not stub_b.Search(probe, timeout=30).results[0].matches  # B has loaded the (empty) index
-        stub_a.Register(pb.RegisterRequest(collection=coll, subject_id="person_01", image=image("dev/img1.jpg"),
-                                           skip_liveness=True), timeout=60)
+        stub_a.Register(
+            pb.RegisterRequest(collection=coll, subject_id="person_01", image=image("dev/img1.jpg"), skip_liveness=True),
+            timeout=60,
+        )
         assert stub_a.Search(probe, timeout=30).results[0].matches[0].subject_id == "person_01"  # read-your-writes
 
         def delay(until) -> float:

@@ -1,4 +1,5 @@
 """Server lifecycle, configuration and the model fetch step."""
+
 from __future__ import annotations
 
 import hashlib
@@ -41,7 +42,9 @@ def test_health_is_not_serving_until_models_load(tmp_path):
                 status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
                 assert status == health_pb2.HealthCheckResponse.NOT_SERVING
             stub = pb_grpc.FaceServiceStub(ch)
-            expect_error(stub.Detect, pb.DetectRequest(image=image("dev/img5.jpg")), grpc.StatusCode.UNAVAILABLE, "MODELS_LOADING")
+            expect_error(
+                stub.Detect, pb.DetectRequest(image=image("dev/img5.jpg")), grpc.StatusCode.UNAVAILABLE, "MODELS_LOADING"
+            )
             srv.load_models()
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
             assert len(stub.Detect(pb.DetectRequest(image=image("dev/img5.jpg")), timeout=30).faces) == 1
@@ -76,15 +79,27 @@ def test_tampered_weights_are_refused(tmp_path):
     data = bytearray((WEIGHTS / "det_500m.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (models / "det_500m.onnx").write_bytes(data)
-    proc = subprocess.run([PYTHON, "-m", "server", "--port", "0", "--host", "127.0.0.1"], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, **open_env(tmp_path), "FACESVC_MODEL_DIR": str(models)})
+    proc = subprocess.run(
+        [PYTHON, "-m", "server", "--port", "0", "--host", "127.0.0.1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **open_env(tmp_path), "FACESVC_MODEL_DIR": str(models)},
+    )
     assert proc.returncode == 1
     assert "does not match the manifest" in proc.stderr
 
 
 def test_unknown_model_name_is_a_clear_startup_error(tmp_path):
-    proc = subprocess.run([PYTHON, "-m", "server", "--port", "0", "--detector", "w600k_mbf"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **open_env(tmp_path)})
+    proc = subprocess.run(
+        [PYTHON, "-m", "server", "--port", "0", "--detector", "w600k_mbf"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **open_env(tmp_path)},
+    )
     assert proc.returncode == 1 and "is a recognizer, not a detector" in proc.stderr
 
 
@@ -108,11 +123,13 @@ def test_every_setting_is_documented_and_the_table_is_current():
 
 
 def test_settings_are_validated_with_one_line():
-    for argv, env, words in ((["--workers", "-3"], {}, "FACESVC_WORKERS / --workers must be at least 2"),
-                             (["--port", "99999"], {}, "at most 65535"),
-                             (["--liveness-threshold", "7"], {}, "FACESVC_LIVENESS_THRESHOLD"),
-                             ([], {"FACESVC_LOG_FORMAT": "xml"}, "must be one of text, json"),
-                             (["--match-threshold", "0.1", "--match-threshold-floor", "0.2"], {}, "below")):
+    for argv, env, words in (
+        (["--workers", "-3"], {}, "FACESVC_WORKERS / --workers must be at least 2"),
+        (["--port", "99999"], {}, "at most 65535"),
+        (["--liveness-threshold", "7"], {}, "FACESVC_LIVENESS_THRESHOLD"),
+        ([], {"FACESVC_LOG_FORMAT": "xml"}, "must be one of text, json"),
+        (["--match-threshold", "0.1", "--match-threshold-floor", "0.2"], {}, "below"),
+    ):
         with pytest.raises(SystemExit) as e:
             config.load(argv, environ=env)
         assert words in str(e.value) and "\n" not in str(e.value), e.value
@@ -137,20 +154,30 @@ def test_server_runs_on_huge_pages(server):
     assert server.output().count("facesvc starting") == 1  # the re-exec came before anything was logged
 
 
-@pytest.mark.parametrize("env, expect", [
-    ({"FACESVC_HUGE_PAGES": "false"}, "huge pages: off"),
-    ({"FACESVC_HUGE_PAGES": "false", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "huge pages: off"),
-    ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "huge pages: off (GLIBC_TUNABLES glibc.malloc.hugetlb=0)"),
-    ({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, "huge pages: on (THP madvise, GLIBC_TUNABLES glibc.malloc.hugetlb=1)"),
-])
+@pytest.mark.parametrize(
+    "env, expect",
+    [
+        ({"FACESVC_HUGE_PAGES": "false"}, "huge pages: off"),
+        ({"FACESVC_HUGE_PAGES": "false", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}, "huge pages: off"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "huge pages: off (GLIBC_TUNABLES glibc.malloc.hugetlb=0)"),
+        ({"GLIBC_TUNABLES": "glibc.malloc.check=0"}, "huge pages: on (THP madvise, GLIBC_TUNABLES glibc.malloc.hugetlb=1)"),
+    ],
+)
 def test_huge_pages_can_be_turned_off(tmp_path, env, expect):
     """FACESVC_HUGE_PAGES=false keeps 4 KB pages (restarting without the tunable if an image set it),
     and so does the tunable set to 0 by the operator; other tunables the operator set survive the re-exec. The unknown detector name stops the
     server right after the line this test reads."""
     if not huge_pages_expected():
         pytest.skip(f"THP mode {hugepages.thp_mode()}, glibc {hugepages.glibc_version()}: no re-exec here")
-    proc = subprocess.run([PYTHON, "-m", "server", "--port", "0", "--detector", "w600k_mbf"], cwd=ROOT, check=False,
-                          capture_output=True, text=True, timeout=120, env={**os.environ, **open_env(tmp_path), **env})
+    proc = subprocess.run(
+        [PYTHON, "-m", "server", "--port", "0", "--detector", "w600k_mbf"],
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **open_env(tmp_path), **env},
+    )
     assert proc.returncode == 1 and expect in proc.stderr, proc.stderr
 
 

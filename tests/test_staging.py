@@ -1,4 +1,5 @@
 """The staging cache on both real backends (in-process and Redis), and sealed face crops."""
+
 from __future__ import annotations
 
 import time
@@ -27,9 +28,19 @@ def cache(request):
 
 def staged(subject: str = "alice") -> StagedFace:
     v = np.random.default_rng(0).standard_normal(512).astype(np.float32)
-    return StagedFace(collection_id="c", subject_id=subject, face_id="f" * 32, model_id="w600k_mbf",
-                      embedding=v / np.linalg.norm(v), quality=0.8, liveness_score=0.97, add_face=False,
-                      created_ms=1, expires_ms=2, crop=b"\x00sealed\xff")
+    return StagedFace(
+        collection_id="c",
+        subject_id=subject,
+        face_id="f" * 32,
+        model_id="w600k_mbf",
+        embedding=v / np.linalg.norm(v),
+        quality=0.8,
+        liveness_score=0.97,
+        add_face=False,
+        created_ms=1,
+        expires_ms=2,
+        crop=b"\x00sealed\xff",
+    )
 
 
 def test_put_get_delete_roundtrip(cache):
@@ -109,8 +120,10 @@ def test_sealed_crop_roundtrip_and_binding():
 
 def test_each_collection_has_its_own_bound_and_dies_with_its_collection(request):
     """One tenant at its bound is refused; it never pushes out another tenant's staged faces."""
-    caches = [MemoryStagingCache(max_entries=100, per_collection=3),
-              RedisStagingCache(REDIS_URL, prefix=request.getfixturevalue("redis_prefix") + "bound:", per_collection=3)]
+    caches = [
+        MemoryStagingCache(max_entries=100, per_collection=3),
+        RedisStagingCache(REDIS_URL, prefix=request.getfixturevalue("redis_prefix") + "bound:", per_collection=3),
+    ]
     for cache in caches:
         victim = new_token()
         s = staged()

@@ -1,4 +1,5 @@
 """The face store on both real backends: SQLite file and MySQL (MariaDB), same tests."""
+
 from __future__ import annotations
 
 import uuid
@@ -102,8 +103,11 @@ def test_ids_are_case_sensitive_on_both_backends(store):
 def test_unknown_subject_and_face(store):
     cid = coll(store)
     assert store.subject_face_count(cid, "nobody") is None
-    for call in (lambda: store.get_subject(cid, "nobody"), lambda: store.delete_subject(cid, "nobody"),
-                 lambda: store.update_subject_metadata(cid, "nobody", {})):
+    for call in (
+        lambda: store.get_subject(cid, "nobody"),
+        lambda: store.delete_subject(cid, "nobody"),
+        lambda: store.update_subject_metadata(cid, "nobody", {}),
+    ):
         with pytest.raises(errors.FaceServiceError) as e:
             call()
         assert e.value.code == grpc.StatusCode.NOT_FOUND and reason(e) == errors.SUBJECT_NOT_FOUND
@@ -173,9 +177,9 @@ def test_concurrent_add_faces_respect_the_limit(store):
 
 _TRIGGER = {
     "sqlite": "CREATE TRIGGER facesvc_test_fail BEFORE INSERT ON faces WHEN NEW.subject_id = 'doomed' "
-              "BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
+    "BEGIN SELECT RAISE(ABORT, 'injected failure'); END",
     "mysql": "CREATE TRIGGER facesvc_test_fail BEFORE INSERT ON faces FOR EACH ROW BEGIN "
-             "IF NEW.subject_id = 'doomed' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END",
+    "IF NEW.subject_id = 'doomed' THEN SIGNAL SQLSTATE '45000' SET MESSAGE_TEXT = 'injected failure'; END IF; END",
 }
 
 

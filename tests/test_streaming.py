@@ -1,4 +1,5 @@
 """StreamFrames and the batch RPCs against a real server, on real video frames and photos."""
+
 from __future__ import annotations
 
 import queue
@@ -55,8 +56,7 @@ def rss_kb(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    s = ServerProcess(log_path=tmp_path_factory.mktemp("streaming") / "server.log",
-                      env={"FACESVC_MAX_STREAMS_PER_KEY": "2"})
+    s = ServerProcess(log_path=tmp_path_factory.mktemp("streaming") / "server.log", env={"FACESVC_MAX_STREAMS_PER_KEY": "2"})
     yield s
     s.stop()
 
@@ -72,8 +72,9 @@ def enrolled(stub):
     coll = "stream-" + uuid.uuid4().hex[:6]
     stub.CreateCollection(pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10)
     first = video_frames(n=1, size=(1280, 720))[0]
-    stub.Register(pb.RegisterRequest(collection=coll, subject_id="closeup-woman", image=jpeg(first), skip_liveness=True),
-                  timeout=60)
+    stub.Register(
+        pb.RegisterRequest(collection=coll, subject_id="closeup-woman", image=jpeg(first), skip_liveness=True), timeout=60
+    )
     return coll
 
 
@@ -112,6 +113,7 @@ def test_tracks_are_stable_and_identity_runs_once_per_track(stub, enrolled):
 
 def test_detection_only_with_jpeg_frames_and_capture_times_echoed(stub):
     frames = video_frames(n=10)
+
     def reqs():
         yield pb.StreamFramesRequest(config=pb.StreamConfig())
         for i, f in enumerate(frames):
@@ -119,6 +121,7 @@ def test_detection_only_with_jpeg_frames_and_capture_times_echoed(stub):
             ts.capture_time.FromMilliseconds(1_700_000_000_000 + 33 * i)
             yield pb.StreamFramesRequest(frame=ts)
             time.sleep(0.05)
+
     answers = list(stub.StreamFrames(reqs(), timeout=60))
     assert answers and all(a.faces and not a.faces[0].HasField("identity") for a in answers)
     assert all(a.capture_time.ToMilliseconds() == 1_700_000_000_000 + 33 * (a.frame_id - 100) for a in answers)
@@ -133,20 +136,23 @@ def test_a_client_far_faster_than_real_time_gets_drops_in_order_and_bounded_memo
     after = rss_kb(srv.proc.pid)
     processed = [a.frame_id for a in answers]
     skipped = [s for a in answers for s in a.skipped_frame_ids]
-    print(f"\nfast client: {n} frames sent, {len(processed)} processed, {len(skipped)} dropped; "
-          f"server RSS {before / 1024:.0f} -> {after / 1024:.0f} MB")
+    print(
+        f"\nfast client: {n} frames sent, {len(processed)} processed, {len(skipped)} dropped; "
+        f"server RSS {before / 1024:.0f} -> {after / 1024:.0f} MB"
+    )
     assert processed == sorted(processed) and len(set(processed)) == len(processed)
     assert sorted(processed + skipped) == list(range(1, n + 1))
     assert len(skipped) > n // 3  # the server could not keep up, so it dropped
-    assert processed[-1] == n     # the newest frame is always processed
+    assert processed[-1] == n  # the newest frame is always processed
     assert after - before < 80 * 1024  # 300 frames = 210 MB had they queued
 
 
 def test_max_fps_paces_processing(stub):
     frames = video_frames(n=10)
     t0 = time.monotonic()
-    answers = list(stub.StreamFrames(requests(pb.StreamConfig(max_fps=4), [frames[i % 10] for i in range(40)], pause=0.025),
-                                     timeout=60))
+    answers = list(
+        stub.StreamFrames(requests(pb.StreamConfig(max_fps=4), [frames[i % 10] for i in range(40)], pause=0.025), timeout=60)
+    )
     elapsed = time.monotonic() - t0
     assert len(answers) <= 4 * elapsed + 2
     assert sum(len(a.skipped_frame_ids) for a in answers) + len(answers) == 40
@@ -188,12 +194,25 @@ def test_protocol_errors_and_a_corrupt_frame(stub):
         list(stub.StreamFrames(iter([frame]), timeout=30))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and error_info(e.value).reason == "STREAM_PROTOCOL"
     with pytest.raises(grpc.RpcError) as e:
-        list(stub.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig(identify=True, collection="nope"))]),
-                               timeout=30))
+        list(
+            stub.StreamFrames(
+                iter([pb.StreamFramesRequest(config=pb.StreamConfig(identify=True, collection="nope"))]), timeout=30
+            )
+        )
     assert error_info(e.value).reason == "COLLECTION_NOT_FOUND"
     good = video_frames(n=1)[0]
-    answers = list(stub.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig()), frame,
-                                           pb.StreamFramesRequest(frame=pb.Frame(frame_id=2, image=raw(good)))]), timeout=30))
+    answers = list(
+        stub.StreamFrames(
+            iter(
+                [
+                    pb.StreamFramesRequest(config=pb.StreamConfig()),
+                    frame,
+                    pb.StreamFramesRequest(frame=pb.Frame(frame_id=2, image=raw(good))),
+                ]
+            ),
+            timeout=30,
+        )
+    )
     by_id = {a.frame_id: a for a in answers}
     if 1 in by_id:  # (frame 1 may have been replaced by frame 2 before it was processed)
         assert by_id[1].error.reason == "INVALID_IMAGE" and not by_id[1].faces
@@ -212,13 +231,29 @@ def test_a_collection_key_streams_only_its_own_collection(srv, stub, enrolled):
     with pytest.raises(grpc.RpcError) as e:
         list(srv.stub(None).StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig())]), timeout=30))
     assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    ok = list(keyed.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig(collection=other, identify=True)),
-                                       pb.StreamFramesRequest(frame=pb.Frame(frame_id=7, image=raw(video_frames(n=1)[0])))]),
-                                 timeout=60))
+    ok = list(
+        keyed.StreamFrames(
+            iter(
+                [
+                    pb.StreamFramesRequest(config=pb.StreamConfig(collection=other, identify=True)),
+                    pb.StreamFramesRequest(frame=pb.Frame(frame_id=7, image=raw(video_frames(n=1)[0]))),
+                ]
+            ),
+            timeout=60,
+        )
+    )
     assert ok[-1].frame_id == 7 and ok[-1].faces and not ok[-1].faces[0].HasField("identity")  # nobody enrolled there
-    detect_only = list(keyed.StreamFrames(iter([pb.StreamFramesRequest(config=pb.StreamConfig(liveness=True)),
-                                                pb.StreamFramesRequest(frame=pb.Frame(frame_id=1, image=raw(video_frames(n=1)[0])))]),
-                                          timeout=60))
+    detect_only = list(
+        keyed.StreamFrames(
+            iter(
+                [
+                    pb.StreamFramesRequest(config=pb.StreamConfig(liveness=True)),
+                    pb.StreamFramesRequest(frame=pb.Frame(frame_id=1, image=raw(video_frames(n=1)[0]))),
+                ]
+            ),
+            timeout=60,
+        )
+    )
     assert detect_only[-1].faces[0].HasField("liveness")  # stateless streams need no collection
 
 
@@ -235,31 +270,48 @@ def test_register_batch_enrols_the_good_items_and_reports_each_failure(stub):
         "poster/spoof.jpg": ("poster", image("liveness/spoof_print_01_minivision_F1.jpg")),
         "intruder/img1.jpg": ("person_01", image("dev/img2.jpg")),  # already registered by the first item
     }
-    reqs = (pb.RegisterBatchRequest(item_id=k, register=pb.RegisterRequest(collection=coll, subject_id=s, image=img))
-            for k, (s, img) in items.items())
+    reqs = (
+        pb.RegisterBatchRequest(item_id=k, register=pb.RegisterRequest(collection=coll, subject_id=s, image=img))
+        for k, (s, img) in items.items()
+    )
     results = {r.item_id: r for r in stub.RegisterBatch(reqs, timeout=300)}
     assert list(results) == list(items)  # one answer per item, in order
     ok = [k for k, r in results.items() if r.HasField("result")]
     assert ok == ["person_01/img1.jpg", "person_04/img13.jpg", "person_07/img20.jpg"]
     reasons = {k: r.error.reason for k, r in results.items() if r.HasField("error")}
-    assert reasons == {"broken/file.jpg": "INVALID_IMAGE", "rocket/noface.jpg": "NO_FACE_DETECTED",
-                       "poster/spoof.jpg": "SPOOF_DETECTED", "intruder/img1.jpg": "ALREADY_REGISTERED"}
+    assert reasons == {
+        "broken/file.jpg": "INVALID_IMAGE",
+        "rocket/noface.jpg": "NO_FACE_DETECTED",
+        "poster/spoof.jpg": "SPOOF_DETECTED",
+        "intruder/img1.jpg": "ALREADY_REGISTERED",
+    }
     assert results["broken/file.jpg"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     listed = stub.ListSubjects(pb.ListSubjectsRequest(collection=coll), timeout=10).subjects
     assert sorted(s.subject_id for s in listed) == ["person_01", "person_04", "person_07"]
 
 
 def test_process_batch_and_detect_batch(stub, enrolled):
-    reqs = [pb.ProcessBatchRequest(item_id="a", process=pb.ProcessRequest(collection=enrolled, subject_id="p1",
-                                                                          image=image("dev/img6.jpg"), skip_liveness=True)),
-            pb.ProcessBatchRequest(item_id="b", process=pb.ProcessRequest(collection=enrolled, subject_id="bad id!",
-                                                                          image=image("dev/img6.jpg")))]
+    reqs = [
+        pb.ProcessBatchRequest(
+            item_id="a",
+            process=pb.ProcessRequest(collection=enrolled, subject_id="p1", image=image("dev/img6.jpg"), skip_liveness=True),
+        ),
+        pb.ProcessBatchRequest(
+            item_id="b", process=pb.ProcessRequest(collection=enrolled, subject_id="bad id!", image=image("dev/img6.jpg"))
+        ),
+    ]
     out = list(stub.ProcessBatch(iter(reqs), timeout=60))
     assert out[0].result.staging_token and out[1].error.reason == "VALIDATION_FAILED"
-    det = stub.DetectBatch(pb.DetectBatchRequest(items=[
-        pb.BatchImage(item_id="group", image=image("dev/group_t1.jpg")),
-        pb.BatchImage(item_id="junk", image=pb.Image(encoded=b"junk")),
-        pb.BatchImage(item_id="empty", image=image("dev/noface_coffee.jpg"))]), timeout=60)
+    det = stub.DetectBatch(
+        pb.DetectBatchRequest(
+            items=[
+                pb.BatchImage(item_id="group", image=image("dev/group_t1.jpg")),
+                pb.BatchImage(item_id="junk", image=pb.Image(encoded=b"junk")),
+                pb.BatchImage(item_id="empty", image=image("dev/noface_coffee.jpg")),
+            ]
+        ),
+        timeout=60,
+    )
     by = {r.item_id: r for r in det.results}
     assert len(by["group"].faces) == 6 and by["junk"].error.reason == "INVALID_IMAGE" and not by["empty"].faces
     expect_error(stub.DetectBatch, pb.DetectBatchRequest(), grpc.StatusCode.INVALID_ARGUMENT, "VALIDATION_FAILED")

@@ -6,6 +6,7 @@ transaction, then forgets its index and its staged faces; revoking a key
 tells the authenticator (`on_keys_revoked`) so this replica stops
 accepting it at once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,8 +21,14 @@ log = logging.getLogger("facesvc.collections")
 
 
 class CollectionService:
-    def __init__(self, store: CollectionStore, keys: KeyStore, cache: StagingCache, indexes=None,
-                 on_keys_revoked: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        store: CollectionStore,
+        keys: KeyStore,
+        cache: StagingCache,
+        indexes=None,
+        on_keys_revoked: Callable[[], None] = lambda: None,
+    ):
         self.store, self.keys, self.cache, self.indexes = store, keys, cache, indexes
         self.on_keys_revoked = on_keys_revoked
 

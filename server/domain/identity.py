@@ -4,6 +4,7 @@ Plain Python: a pipeline, a store, a staging cache and an optional crop
 cipher in; records out. The servicer turns these into protobuf. Cheap checks
 (collection, subject state) run before any model does.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,14 +15,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from server import errors
-from server.storage.crypto import CropCipher
 from server.context import ensure_call_alive
-from server.vision.faces import Face, LivenessResult
-from server.vision.pipeline import DEFAULT, DetectOptions, FacePipeline
 from server.records import LIVENESS_OPTIONAL, FaceRecord, NewFace, Subject
+from server.storage.crypto import CropCipher
+from server.storage.interfaces import SubjectStore
 from server.storage.staging import StagedFace, StagingCache
 from server.storage.staging.base import face_id_for_token, new_token
-from server.storage.interfaces import SubjectStore
+from server.vision.faces import Face, LivenessResult
+from server.vision.pipeline import DEFAULT, DetectOptions, FacePipeline
 
 log = logging.getLogger("facesvc.identity")
 
@@ -30,9 +31,9 @@ log = logging.getLogger("facesvc.identity")
 class EnrolmentPolicy:
     staging_ttl_s: int = 600
     max_faces_per_subject: int = 10
-    min_face_size: float = 48.0     # px, shorter side of the enrolment face box
-    min_quality: float = 0.3        # Quality.score
-    ambiguity_ratio: float = 0.8    # another usable face at least this large (relative) -> MULTIPLE_FACES
+    min_face_size: float = 48.0  # px, shorter side of the enrolment face box
+    min_quality: float = 0.3  # Quality.score
+    ambiguity_ratio: float = 0.8  # another usable face at least this large (relative) -> MULTIPLE_FACES
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Processed:
 @dataclass
 class Screened:
     """An enrolment photo that passed every check; what is left is its embedding (batched by the caller)."""
+
     collection: str
     subject_id: str
     face: Face
@@ -79,8 +81,15 @@ def _now_ms() -> int:
 
 
 class IdentityService:
-    def __init__(self, pipeline: FacePipeline, store: SubjectStore, cache: StagingCache,
-                 policy: EnrolmentPolicy = EnrolmentPolicy(), cipher: CropCipher | None = None, indexes=None):
+    def __init__(
+        self,
+        pipeline: FacePipeline,
+        store: SubjectStore,
+        cache: StagingCache,
+        policy: EnrolmentPolicy = EnrolmentPolicy(),
+        cipher: CropCipher | None = None,
+        indexes=None,
+    ):
         self.pipeline = pipeline
         self.store = store
         self.cache = cache
@@ -92,9 +101,11 @@ class IdentityService:
     def allow_skip_liveness(self, collection: str) -> None:
         """skip_liveness is only for collections whose policy is OPTIONAL."""
         if self.store.get_collection_policy(collection) != LIVENESS_OPTIONAL:
-            raise errors.precondition(errors.LIVENESS_REQUIRED,
-                                      f"collection {collection!r} requires liveness; skip_liveness is not allowed",
-                                      collection=collection)
+            raise errors.precondition(
+                errors.LIVENESS_REQUIRED,
+                f"collection {collection!r} requires liveness; skip_liveness is not allowed",
+                collection=collection,
+            )
 
     def _liveness(self, collection: str, img, face: Face, skip: bool, threshold: float | None) -> LivenessResult | None:
         if skip:
@@ -110,15 +121,24 @@ class IdentityService:
         face, p = faces[0], self.policy
         q = face.quality
         if q.face_size < p.min_face_size:
-            raise errors.low_quality(f"face is {q.face_size:.0f} px, enrolment needs at least {p.min_face_size:.0f} px",
-                                     face_size=f"{q.face_size:.0f}", min_face_size=f"{p.min_face_size:.0f}")
+            raise errors.low_quality(
+                f"face is {q.face_size:.0f} px, enrolment needs at least {p.min_face_size:.0f} px",
+                face_size=f"{q.face_size:.0f}",
+                min_face_size=f"{p.min_face_size:.0f}",
+            )
         if q.score < p.min_quality:
             raise errors.low_quality(
                 f"face quality {q.score:.2f} is below {p.min_quality:.2f} (sharpness {q.sharpness:.2f}, "
-                f"yaw {q.yaw:.0f}°, pitch {q.pitch:.0f}°)", quality=f"{q.score:.3f}", min_quality=f"{p.min_quality:.3f}")
+                f"yaw {q.yaw:.0f}°, pitch {q.pitch:.0f}°)",
+                quality=f"{q.score:.3f}",
+                min_quality=f"{p.min_quality:.3f}",
+            )
         if opts.selection == DEFAULT:  # a caller who chose a selection has said which face is meant
-            rivals = [f for f in faces[1:] if f.quality.face_size >= p.ambiguity_ratio * q.face_size
-                      and f.quality.score >= p.min_quality]
+            rivals = [
+                f
+                for f in faces[1:]
+                if f.quality.face_size >= p.ambiguity_ratio * q.face_size and f.quality.score >= p.min_quality
+            ]
             if rivals:
                 raise errors.multiple_faces(1 + len(rivals), hint="crop the photo to the person being enrolled")
         return face, len(faces)
@@ -128,16 +148,30 @@ class IdentityService:
         if count is None:
             return
         if not add_face:
-            raise errors.already_exists(errors.ALREADY_REGISTERED,
-                                        f"subject {subject_id!r} is already registered in {collection!r}; "
-                                        "set add_face to add another face to it", collection=collection, subject_id=subject_id)
+            raise errors.already_exists(
+                errors.ALREADY_REGISTERED,
+                f"subject {subject_id!r} is already registered in {collection!r}; set add_face to add another face to it",
+                collection=collection,
+                subject_id=subject_id,
+            )
         if count >= self.policy.max_faces_per_subject:
-            raise errors.precondition(errors.FACE_LIMIT_REACHED,
-                                      f"subject {subject_id!r} already holds {count} faces "
-                                      f"(limit {self.policy.max_faces_per_subject})", limit=self.policy.max_faces_per_subject)
+            raise errors.precondition(
+                errors.FACE_LIMIT_REACHED,
+                f"subject {subject_id!r} already holds {count} faces (limit {self.policy.max_faces_per_subject})",
+                limit=self.policy.max_faces_per_subject,
+            )
 
-    def screen(self, collection: str, subject_id: str, img, opts: DetectOptions, *, add_face: bool = False,
-               skip_liveness: bool = False, liveness_threshold: float | None = None) -> Screened:
+    def screen(
+        self,
+        collection: str,
+        subject_id: str,
+        img,
+        opts: DetectOptions,
+        *,
+        add_face: bool = False,
+        skip_liveness: bool = False,
+        liveness_threshold: float | None = None,
+    ) -> Screened:
         """Every enrolment check, cheapest first: subject state, the one usable face, liveness."""
         self._check_subject(collection, subject_id, add_face)
         face, n = self._enrolment_face(img, opts)
@@ -147,9 +181,15 @@ class IdentityService:
     def _stage(self, s: Screened, embedding: np.ndarray, face_id: str, collection_created_ms: int = 0) -> Processed:
         now = _now_ms()
         staged = StagedFace(
-            collection_id=s.collection, subject_id=s.subject_id, face_id=face_id, model_id=self.pipeline.recognizer.model_id,
-            embedding=embedding, quality=s.face.quality.score,
-            liveness_score=-1.0 if s.liveness is None else s.liveness.score, add_face=s.add_face, created_ms=now,
+            collection_id=s.collection,
+            subject_id=s.subject_id,
+            face_id=face_id,
+            model_id=self.pipeline.recognizer.model_id,
+            embedding=embedding,
+            quality=s.face.quality.score,
+            liveness_score=-1.0 if s.liveness is None else s.liveness.score,
+            add_face=s.add_face,
+            created_ms=now,
             expires_ms=now + self.policy.staging_ttl_s * 1000,
             crop=self.cipher.seal(s.face.aligned, face_id) if self.cipher else None,
             collection_created_ms=collection_created_ms,
@@ -159,8 +199,14 @@ class IdentityService:
     def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool]:
         ensure_call_alive()  # a caller already told DEADLINE_EXCEEDED must not find the face registered
         face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
-        record, created = self.store.add_face(staged.collection_id, staged.subject_id, face, allow_existing=staged.add_face,
-                                              max_faces=self.policy.max_faces_per_subject, metadata=metadata)
+        record, created = self.store.add_face(
+            staged.collection_id,
+            staged.subject_id,
+            face,
+            allow_existing=staged.add_face,
+            max_faces=self.policy.max_faces_per_subject,
+            metadata=metadata,
+        )
         if self.indexes is not None:  # read-your-writes on this replica; the others follow the change log
             self.indexes.local_change(staged.collection_id, [record.face_id])
         return record, created
@@ -171,8 +217,9 @@ class IdentityService:
         token = new_token()
         created = self.store.collection_created_ms(s.collection)
         if created is None:
-            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {s.collection!r} does not exist",
-                                   collection=s.collection)
+            raise errors.not_found(
+                errors.COLLECTION_NOT_FOUND, f"collection {s.collection!r} does not exist", collection=s.collection
+            )
         result = self._stage(s, embedding, face_id_for_token(token), created)
         result.token = token
         self.cache.put(token, result.staged, self.policy.staging_ttl_s)
@@ -197,7 +244,9 @@ class IdentityService:
         if staged.subject_id != subject_id:
             raise errors.precondition(errors.STAGING_MISMATCH, "the staging token was issued for another subject")
         if staged.model_id != self.pipeline.recognizer.model_id:
-            raise errors.not_found(errors.STAGING_EXPIRED, "the staged face was embedded by another recognizer; call Process again")
+            raise errors.not_found(
+                errors.STAGING_EXPIRED, "the staged face was embedded by another recognizer; call Process again"
+            )
         record, created = self._commit(staged, metadata)
         self.cache.delete(token, collection)  # only after the commit: a failed commit can be retried with the same token
         return Registered(record, self.store.get_subject(collection, subject_id), created)
@@ -208,8 +257,17 @@ class IdentityService:
         record, created = self._commit(result.staged, metadata)
         return Registered(record, self.store.get_subject(s.collection, s.subject_id), created, processed=result)
 
-    def verify(self, collection: str, subject_id: str, img, opts: DetectOptions, threshold: float, *,
-               skip_liveness: bool = False, liveness_threshold: float | None = None) -> Verification:
+    def verify(
+        self,
+        collection: str,
+        subject_id: str,
+        img,
+        opts: DetectOptions,
+        threshold: float,
+        *,
+        skip_liveness: bool = False,
+        liveness_threshold: float | None = None,
+    ) -> Verification:
         subject = self.store.get_subject(collection, subject_id, with_embeddings=True)
         model = self.pipeline.recognizer.model_id
         gallery = [f for f in subject.faces if f.model_id == model]
@@ -217,7 +275,10 @@ class IdentityService:
             raise errors.precondition(
                 errors.NO_COMPARABLE_FACES,
                 f"subject {subject_id!r} has no face embedded by {model} ({len(subject.faces)} faces by other models or none); "
-                "register a face or run scripts/reembed.py", faces=len(subject.faces), model=model)
+                "register a face or run scripts/reembed.py",
+                faces=len(subject.faces),
+                model=model,
+            )
         face = self.pipeline.detect_one(img, opts)
         liveness = self._liveness(collection, img, face, skip_liveness, liveness_threshold)
         (probe,) = self.pipeline.embed([face])
@@ -226,8 +287,12 @@ class IdentityService:
         best = int(order[0])
         similarity = float(sims[best])
         return Verification(
-            match=similarity >= threshold, similarity=similarity, matched_face_id=gallery[best].face_id,
-            threshold=threshold, liveness=liveness, face=face,
+            match=similarity >= threshold,
+            similarity=similarity,
+            matched_face_id=gallery[best].face_id,
+            threshold=threshold,
+            liveness=liveness,
+            face=face,
             similarities=[(gallery[i].face_id, float(sims[i])) for i in order],
         )
 
@@ -238,8 +303,9 @@ class IdentityService:
     def list_subjects(self, collection: str, after: str, limit: int) -> list[Subject]:
         return self.store.list_subjects(collection, after, limit)
 
-    def update_subject(self, collection: str, subject_id: str, metadata: dict[str, str],
-                       keys: list[str] | None = None) -> Subject:
+    def update_subject(
+        self, collection: str, subject_id: str, metadata: dict[str, str], keys: list[str] | None = None
+    ) -> Subject:
         """Replace the metadata, or (keys) change only those keys."""
         return self.store.update_subject_metadata(collection, subject_id, metadata, keys)
 
@@ -255,4 +321,3 @@ class IdentityService:
         if self.indexes is not None:
             self.indexes.local_change(collection, [face_id])
         return face
-

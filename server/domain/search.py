@@ -3,6 +3,7 @@
 Plain Python like identity.py: pipeline, identity (for the liveness policy)
 and the index registry in; per-face matches out.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,10 +11,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from server import errors
-from server.records import LIVENESS_REQUIRED
-from server.vision.faces import Face, LivenessResult
 from server.index import IndexRegistry
 from server.index.base import Hit
+from server.records import LIVENESS_REQUIRED
+from server.vision.faces import Face, LivenessResult
 from server.vision.pipeline import DetectOptions
 
 
@@ -32,9 +33,18 @@ class SearchService:
         self.indexes = indexes
         self.max_faces_per_subject = max_faces_per_subject
 
-    def search(self, collection: str, img, opts: DetectOptions, top_k: int, min_similarity: float, *,
-               all_faces: bool = False, skip_liveness: bool = False, liveness_threshold: float | None = None
-               ) -> list[ProbeMatches]:
+    def search(
+        self,
+        collection: str,
+        img,
+        opts: DetectOptions,
+        top_k: int,
+        min_similarity: float,
+        *,
+        all_faces: bool = False,
+        skip_liveness: bool = False,
+        liveness_threshold: float | None = None,
+    ) -> list[ProbeMatches]:
         if skip_liveness:
             self.identity.allow_skip_liveness(collection)  # also COLLECTION_NOT_FOUND
         else:
@@ -57,14 +67,16 @@ class SearchService:
                 r.hits = index.search(emb, top_k, min_similarity, self.max_faces_per_subject)
         return results
 
-    def search_embedding(self, collection: str, embedding: np.ndarray, model: str, top_k: int,
-                         min_similarity: float, *, trusted: bool = True) -> list[Hit]:
+    def search_embedding(
+        self, collection: str, embedding: np.ndarray, model: str, top_k: int, min_similarity: float, *, trusted: bool = True
+    ) -> list[Hit]:
         """`trusted`: the caller may search without a photo (the admin key). An embedding carries no
         liveness evidence, so in a collection whose policy is REQUIRED an untrusted caller may not."""
         rec = self.pipeline.recognizer
         if model and model != rec.model_id:
-            raise errors.validation("model", f"embeddings of {errors.quote(model)} cannot be searched in an index of "
-                                    f"{rec.model_id!r}")
+            raise errors.validation(
+                "model", f"embeddings of {errors.quote(model)} cannot be searched in an index of {rec.model_id!r}"
+            )
         if embedding.shape != (rec.embedding_dim,):
             raise errors.validation("embedding", f"expected {rec.embedding_dim} values, got {embedding.size}")
         norm = float(np.linalg.norm(embedding))
@@ -72,9 +84,11 @@ class SearchService:
             raise errors.validation("embedding", "must be finite and non-zero")
         policy = self.store.get_collection_policy(collection)  # COLLECTION_NOT_FOUND
         if policy == LIVENESS_REQUIRED and not trusted:
-            raise errors.precondition(errors.LIVENESS_REQUIRED,
-                                      f"collection {collection!r} requires liveness, and an embedding brings none: "
-                                      "search with a photo (Search)", collection=collection)
+            raise errors.precondition(
+                errors.LIVENESS_REQUIRED,
+                f"collection {collection!r} requires liveness, and an embedding brings none: search with a photo (Search)",
+                collection=collection,
+            )
         return self.indexes.get(collection).search(embedding / norm, top_k, min_similarity, self.max_faces_per_subject)
 
     def stats(self, collection: str) -> dict:

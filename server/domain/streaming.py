@@ -4,18 +4,18 @@ Plain Python (the gRPC glue is in stream_rpcs.py). A stream holds at most one
 unprocessed frame, one frame in processing, and its tracks: its memory does
 not depend on how fast the client sends.
 """
+
 from __future__ import annotations
 
 import threading
 import time
 from dataclasses import dataclass
 
-
-from server.vision.pipeline import DetectOptions, FacePipeline
 from server.domain.tracking import FaceTracker, Track
+from server.vision.pipeline import DetectOptions, FacePipeline
 
 MAX_LISTED_SKIPS = 4096  # skipped frame ids listed in one answer (they are dropped either way)
-QUALITY_GAIN = 0.15      # a track is evaluated again when its face quality rises by this much
+QUALITY_GAIN = 0.15  # a track is evaluated again when its face quality rises by this much
 # ... and at least this often: a track follows a box, and the face in the box can change (a printed
 # face held up where a live one was) or leave the index (its subject deleted) while the box stays.
 REEVALUATE_S = 1.0
@@ -49,10 +49,10 @@ class FrameInbox:
 
     def __init__(self, max_fps: float = 0.0, clock=time.monotonic):
         self._cond = threading.Condition()
-        self._pending = None          # (frame, received_at)
+        self._pending = None  # (frame, received_at)
         self._skipped: list[int] = []
-        self._done = False            # the client half-closed: process what is pending, then stop
-        self._cancelled = False       # the call ended: stop now
+        self._done = False  # the client half-closed: process what is pending, then stop
+        self._cancelled = False  # the call ended: stop now
         self._error: BaseException | None = None
         self._interval = 1.0 / max_fps if max_fps > 0 else 0.0
         self._next_at = 0.0
@@ -152,10 +152,16 @@ class StreamSession:
         faces = self.pipeline.detect(img, self.s.detect)
         tracks = self.tracker.update([f.box for f in faces])
         now = self.clock()
-        due = [i for i, (f, t) in enumerate(zip(faces, tracks))
-               if (self.s.liveness or self.s.identify)
-               and (t.evaluated_quality < 0 or f.quality.score >= t.evaluated_quality + QUALITY_GAIN
-                    or now - t.evaluated_at >= REEVALUATE_S)]
+        due = [
+            i
+            for i, (f, t) in enumerate(zip(faces, tracks))
+            if (self.s.liveness or self.s.identify)
+            and (
+                t.evaluated_quality < 0
+                or f.quality.score >= t.evaluated_quality + QUALITY_GAIN
+                or now - t.evaluated_at >= REEVALUATE_S
+            )
+        ]
         if self.s.liveness:
             for i in due:
                 tracks[i].liveness = self.pipeline.check_liveness(img, faces[i], self.s.liveness_threshold)

@@ -6,6 +6,7 @@ and a track unseen for `max_missed` processed frames ends. A track carries
 what the stream learned about its face (liveness, identity) so that those
 run once per track, not once per frame.
 """
+
 from __future__ import annotations
 
 import time
@@ -21,10 +22,10 @@ class Track:
     frames: int = 1
     missed: int = 0
     last_seen: float = 0.0
-    evaluated_quality: float = -1.0   # face quality when liveness/identity last ran; -1 = never
-    evaluated_at: float = 0.0         # when they last ran (clock of the tracker)
-    liveness: object = None           # LivenessResult of the last check
-    identity: object = None           # index Hit of the last check (None: nobody, or not live)
+    evaluated_quality: float = -1.0  # face quality when liveness/identity last ran; -1 = never
+    evaluated_at: float = 0.0  # when they last ran (clock of the tracker)
+    liveness: object = None  # LivenessResult of the last check
+    identity: object = None  # index Hit of the last check (None: nobody, or not live)
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:

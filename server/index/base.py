@@ -8,6 +8,7 @@ distributed one such as Milvus would keep its collections itself and say
 so with `saves_indexes = False`), and the registry, the change log and the RPCs
 stay as they are.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import numpy as np
 @dataclass
 class Hit:
     """One subject found by a search: its best face and that face's cosine similarity."""
+
     face_id: str
     subject_id: str
     similarity: float
@@ -26,16 +28,16 @@ class Hit:
 
 @dataclass(frozen=True)
 class IndexStats:
-    engine: str           # e.g. "hnsw"
-    size: int             # searchable faces
-    deleted: int          # faces removed but still taking room (reclaimed by a rebuild)
+    engine: str  # e.g. "hnsw"
+    size: int  # searchable faces
+    deleted: int  # faces removed but still taking room (reclaimed by a rebuild)
     dimension: int
     model: str
-    memory_bytes: int     # estimate of what the index holds in this process
-    capacity: int         # faces it has room for before it grows
-    built_at: float       # unix time it was built or loaded
-    loaded_from: str      # "database" or "snapshot"
-    snapshot_at: float    # unix time of its last snapshot; 0 when none
+    memory_bytes: int  # estimate of what the index holds in this process
+    capacity: int  # faces it has room for before it grows
+    built_at: float  # unix time it was built or loaded
+    loaded_from: str  # "database" or "snapshot"
+    snapshot_at: float  # unix time of its last snapshot; 0 when none
     params: dict = field(default_factory=dict)  # the engine's own parameters, by name
 
 

@@ -11,6 +11,7 @@ that long).
 poll() does not move the feed: the caller applies the rows and then calls
 advance(), so rows whose application failed (database down) are read again.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,9 @@ class Batch:
 
 
 class ChangeFeed:
-    def __init__(self, store, start: int, gap_timeout_s: float = 120.0, batch: int = 2000, max_gaps: int = 20_000,
-                 clock=time.monotonic):
+    def __init__(
+        self, store, start: int, gap_timeout_s: float = 120.0, batch: int = 2000, max_gaps: int = 20_000, clock=time.monotonic
+    ):
         self.store, self.high, self.gap_timeout_s, self.batch, self.max_gaps = store, start, gap_timeout_s, batch, max_gaps
         self.gaps: dict[int, float] = {}  # seq -> when it was first missed
         self.clock = clock
@@ -53,7 +55,7 @@ class ChangeFeed:
         late = []
         waiting = sorted(gaps)
         for s in range(0, len(waiting), 500):
-            late += self.store.changes_at(waiting[s:s + 500])
+            late += self.store.changes_at(waiting[s : s + 500])
         for row in late:
             gaps.pop(row[0], None)
         new = self.store.changes_after(self.high, self.batch)

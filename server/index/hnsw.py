@@ -19,6 +19,7 @@ so each distance the walk computes costs a quarter), and the candidates it
 finds are re-ranked with the full vectors, kept beside the graph: the
 similarities a search returns are the exact ones either way.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -42,17 +43,19 @@ from server.index.base import Hit, IndexStats
 class HnswParams:
     m: int = 32
     ef_construction: int = 200
-    ef_search: int = 0   # 0: grow with the segment (ef_for); any other value is used at every size
+    ef_search: int = 0  # 0: grow with the segment (ef_for); any other value is used at every size
     initial_capacity: int = 1024
     segment_size: int = 500_000  # nodes per graph; a collection past it gets another graph
-    search_threads: int = 0      # threads searching segments side by side; 0: one per CPU
-    pca_dims: int = 0            # a projected segment's dimensions; 0: every graph holds the full vectors
+    search_threads: int = 0  # threads searching segments side by side; 0: one per CPU
+    pca_dims: int = 0  # a projected segment's dimensions; 0: every graph holds the full vectors
     pca_min_faces: int = 300_000  # a segment is projected when made for this many faces, or when the index holds them
 
     def __post_init__(self):
         if self.segment_size < 1 or self.search_threads < 0 or self.pca_dims < 0:
-            raise ValueError(f"segment_size must be >= 1, search_threads and pca_dims >= 0, not {self.segment_size}, "
-                             f"{self.search_threads}, {self.pca_dims}")
+            raise ValueError(
+                f"segment_size must be >= 1, search_threads and pca_dims >= 0, not {self.segment_size}, "
+                f"{self.search_threads}, {self.pca_dims}"
+            )
 
     def sized_for(self, faces: int) -> HnswParams:
         """These parameters with a first graph that has room for `faces` (up to a segment) from the
@@ -98,8 +101,9 @@ PCA_SAMPLE = 20_000  # faces a projection is fitted on
 class Projection:
     """An uncentred PCA: the top principal axes of a sample of unit vectors. Uncentred because the
     inner product, not the distance to the mean, is what the projected graph must preserve."""
-    axes: np.ndarray      # (dim, dims) float32
-    kept: float           # share of the sample's energy the axes keep
+
+    axes: np.ndarray  # (dim, dims) float32
+    kept: float  # share of the sample's energy the axes keep
 
     @classmethod
     def fit(cls, sample: np.ndarray, dims: int) -> Projection:
@@ -167,18 +171,24 @@ class _Segment:
     Projected (projection set): the graph holds the projected faces in inner-product space and
     `vectors` their full unit vectors, row = label - start, for the re-rank."""
 
-    def __init__(self, graph: hnswlib.Index, start: int, live: int = 0, projection: Projection | None = None,
-                 vectors: np.ndarray | None = None):
+    def __init__(
+        self,
+        graph: hnswlib.Index,
+        start: int,
+        live: int = 0,
+        projection: Projection | None = None,
+        vectors: np.ndarray | None = None,
+    ):
         self.graph, self.start, self.live = graph, start, live
         self.projection, self.vectors = projection, vectors
 
     @classmethod
-    def new(cls, dim: int, params: HnswParams, start: int, capacity: int,
-            projection: Projection | None = None) -> _Segment:
+    def new(cls, dim: int, params: HnswParams, start: int, capacity: int, projection: Projection | None = None) -> _Segment:
         graph = hnswlib.Index(space="cosine", dim=dim) if projection is None else hnswlib.Index(space="ip", dim=projection.dims)
         graph.init_index(max_elements=capacity, M=params.m, ef_construction=params.ef_construction)
-        return cls(graph, start, projection=projection,
-                   vectors=None if projection is None else np.empty((capacity, dim), np.float32))
+        return cls(
+            graph, start, projection=projection, vectors=None if projection is None else np.empty((capacity, dim), np.float32)
+        )
 
     @property
     def nodes(self) -> int:
@@ -196,7 +206,7 @@ class _Segment:
         self.graph.resize_index(capacity)
         if self.vectors is not None and len(self.vectors) < capacity:
             grown = np.empty((capacity, self.vectors.shape[1]), np.float32)
-            grown[:self.nodes] = self.vectors[:self.nodes]
+            grown[: self.nodes] = self.vectors[: self.nodes]
             self.vectors = grown
 
     def full_vectors(self, labels: np.ndarray) -> np.ndarray:
@@ -248,14 +258,14 @@ class HnswIndex:
         self.dim, self.model_id, self.params = dim, model_id, params
         self._segments: list[_Segment] = []  # the first comes with the first faces
         self._lock = RWLock()
-        self._label_of: dict[str, int] = {}          # face id -> label (live faces)
+        self._label_of: dict[str, int] = {}  # face id -> label (live faces)
         self._face_of: dict[int, tuple[str, str]] = {}  # label -> (face id, subject id), live faces
         self._next_label = 0
         self._tune_ef()
         self.deleted = 0
-        self.built_at = time.time()   # when the graph was built from the database (kept by snapshots)
+        self.built_at = time.time()  # when the graph was built from the database (kept by snapshots)
         self.loaded_from = "database"  # or "snapshot"
-        self.snapshot_at = 0.0         # last snapshot written or loaded, epoch seconds
+        self.snapshot_at = 0.0  # last snapshot written or loaded, epoch seconds
 
     # -- snapshots (server/index/snapshot.py owns the file format) ------------
     def save_graphs(self, path_of) -> dict:
@@ -269,19 +279,37 @@ class HnswIndex:
             segments = []
             for i, seg in enumerate(self._segments):
                 seg.graph.save_index(str(path_of(i, "graph")))
-                segments.append({"start": seg.start, "nodes": seg.nodes, "capacity": seg.graph.get_max_elements(),
-                                 "projected": seg.projection is not None})
+                segments.append(
+                    {
+                        "start": seg.start,
+                        "nodes": seg.nodes,
+                        "capacity": seg.graph.get_max_elements(),
+                        "projected": seg.projection is not None,
+                    }
+                )
                 if seg.projection is not None:
                     with open(path_of(i, "dense"), "wb") as f:
                         np.save(f, seg.projection.axes)
                         np.save(f, np.float64(seg.projection.kept))
-                        np.save(f, seg.vectors[:seg.nodes])
-            return {"faces": [[label, f, s] for label, (f, s) in self._face_of.items()], "next_label": self._next_label,
-                    "deleted": self.deleted, "segments": segments, "built_at": self.built_at}
+                        np.save(f, seg.vectors[: seg.nodes])
+            return {
+                "faces": [[label, f, s] for label, (f, s) in self._face_of.items()],
+                "next_label": self._next_label,
+                "deleted": self.deleted,
+                "segments": segments,
+                "built_at": self.built_at,
+            }
 
     @classmethod
-    def from_saved(cls, dim: int, model_id: str, params: HnswParams, graph_paths: list[str], state: dict,
-                   dense_paths: list[str | None] | None = None) -> HnswIndex:
+    def from_saved(
+        cls,
+        dim: int,
+        model_id: str,
+        params: HnswParams,
+        graph_paths: list[str],
+        state: dict,
+        dense_paths: list[str | None] | None = None,
+    ) -> HnswIndex:
         """The inverse of save_graphs. The caller has checked the files' checksums (hnswlib trusts its input).
         dense_paths: per segment, its projection and vectors file (None for a plain one).
 
@@ -302,13 +330,19 @@ class HnswIndex:
                     axes, kept, vectors = (np.load(f, allow_pickle=False) for _ in range(3))
                 projection = Projection(axes, float(kept))
                 if axes.shape[0] != dim or vectors.shape != (seg["nodes"], dim):
-                    raise ValueError(f"{dense}: projection {axes.shape} and vectors {vectors.shape} for "
-                                     f"{seg['nodes']} faces of {dim} dimensions")
-            graph = hnswlib.Index(space="cosine", dim=dim) if projection is None else hnswlib.Index(space="ip", dim=projection.dims)
+                    raise ValueError(
+                        f"{dense}: projection {axes.shape} and vectors {vectors.shape} for "
+                        f"{seg['nodes']} faces of {dim} dimensions"
+                    )
+            graph = (
+                hnswlib.Index(space="cosine", dim=dim) if projection is None else hnswlib.Index(space="ip", dim=projection.dims)
+            )
             graph.load_index(str(path), max_elements=int(seg["capacity"]))
             if graph.element_count != seg["nodes"] or graph.M != params.m or seg["start"] != expect_start:
-                raise ValueError(f"graph holds {graph.element_count} elements with M={graph.M} from label "
-                                 f"{seg['start']}, the label map {seg['nodes']} with M={params.m} from {expect_start}")
+                raise ValueError(
+                    f"graph holds {graph.element_count} elements with M={graph.M} from label "
+                    f"{seg['start']}, the label map {seg['nodes']} with M={params.m} from {expect_start}"
+                )
             idx._segments.append(_Segment(graph, expect_start, projection=projection, vectors=vectors))
             expect_start += graph.element_count
         if expect_start != state["next_label"]:
@@ -316,8 +350,7 @@ class HnswIndex:
         for label, face_id, subject_id in state["faces"]:
             idx._remember(int(label), face_id, subject_id)
         starts = [seg.start for seg in idx._segments]
-        live = np.bincount(np.searchsorted(starts, np.fromiter(idx._face_of, np.int64), side="right") - 1,
-                           minlength=len(starts))
+        live = np.bincount(np.searchsorted(starts, np.fromiter(idx._face_of, np.int64), side="right") - 1, minlength=len(starts))
         for seg, n in zip(idx._segments, live.tolist()):
             seg.live = n
         idx._next_label, idx.deleted, idx.built_at = int(state["next_label"]), int(state["deleted"]), float(state["built_at"])
@@ -338,12 +371,15 @@ class HnswIndex:
             room = self.params.segment_size - self._segments[-1].nodes if self._segments else 0
             if room <= 0:  # none yet, or full: the next faces start a new graph
                 capacity = min(self.params.segment_size, max(self.params.initial_capacity, len(new) - done))
-                incoming = [i for i, _ in new[done:done + PCA_SAMPLE]]
-                self._segments.append(_Segment.new(self.dim, self.params, self._next_label, capacity,
-                                                   self._projection_for(capacity, vectors, incoming)))
+                incoming = [i for i, _ in new[done : done + PCA_SAMPLE]]
+                self._segments.append(
+                    _Segment.new(
+                        self.dim, self.params, self._next_label, capacity, self._projection_for(capacity, vectors, incoming)
+                    )
+                )
                 room = self.params.segment_size
             seg = self._segments[-1]
-            part = new[done:done + room]
+            part = new[done : done + room]
             need, cap = seg.nodes + len(part), seg.graph.get_max_elements()
             if need > cap:
                 seg.resize(min(max(need, cap * 2), self.params.segment_size))
@@ -368,8 +404,9 @@ class HnswIndex:
         sample = [unit(vectors[incoming])]
         want = PCA_SAMPLE - len(sample[0])
         if want > 0 and self._face_of:
-            labels = np.random.default_rng(self._next_label).choice(np.fromiter(self._face_of, np.int64),
-                                                                    min(want, len(self._face_of)), replace=False)
+            labels = np.random.default_rng(self._next_label).choice(
+                np.fromiter(self._face_of, np.int64), min(want, len(self._face_of)), replace=False
+            )
             labels.sort()
             for seg in self._segments:
                 mine = labels[(labels >= seg.start) & (labels < seg.start + seg.nodes)]
@@ -481,14 +518,24 @@ class HnswIndex:
     def stats(self) -> IndexStats:
         with self._lock.read():
             return IndexStats(
-                engine="hnsw", size=len(self._label_of), deleted=self.deleted, dimension=self.dim, model=self.model_id,
-                memory_bytes=self._memory_estimate(), capacity=self._capacity(), built_at=self.built_at,
-                loaded_from=self.loaded_from, snapshot_at=self.snapshot_at,
-                params={"m": self.params.m, "ef_construction": self.params.ef_construction,
-                        "ef_search": max((s.graph.ef for s in self._segments), default=self.params.ef_for(0)),
-                        "segments": len(self._segments),
-                        "projected_segments": sum(s.projection is not None for s in self._segments),
-                        "projected_dimension": max((s.projection.dims for s in self._segments if s.projection), default=0)},
+                engine="hnsw",
+                size=len(self._label_of),
+                deleted=self.deleted,
+                dimension=self.dim,
+                model=self.model_id,
+                memory_bytes=self._memory_estimate(),
+                capacity=self._capacity(),
+                built_at=self.built_at,
+                loaded_from=self.loaded_from,
+                snapshot_at=self.snapshot_at,
+                params={
+                    "m": self.params.m,
+                    "ef_construction": self.params.ef_construction,
+                    "ef_search": max((s.graph.ef for s in self._segments), default=self.params.ef_for(0)),
+                    "segments": len(self._segments),
+                    "projected_segments": sum(s.projection is not None for s in self._segments),
+                    "projected_dimension": max((s.projection.dims for s in self._segments if s.projection), default=0),
+                },
             )
 
     def _memory_estimate(self) -> int:

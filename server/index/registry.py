@@ -14,6 +14,7 @@ plus the change-log rows after it, checked against the database's face
 count; otherwise a build from the faces table. A build and a change of the
 same collection are serialised by the collection's lock.
 """
+
 from __future__ import annotations
 
 import logging
@@ -28,16 +29,17 @@ log = logging.getLogger("facesvc.index")
 
 
 class IndexRegistry:
-    def __init__(self, store: IndexSource, model_id: str, dim: int, engine: IndexEngine,
-                 retention_s: float = 7 * 86400, batch: int = 5000):
+    def __init__(
+        self, store: IndexSource, model_id: str, dim: int, engine: IndexEngine, retention_s: float = 7 * 86400, batch: int = 5000
+    ):
         self.store, self.model_id, self.dim, self.engine, self.batch = store, model_id, dim, engine, batch
         self.retention_s = retention_s
         self._indexes: dict[str, FaceIndex] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._dirty: set[str] = set()  # changed since their last snapshot
-        self.change_seq = 0            # the change log position applied (set by IndexSync)
-        self.on_local_change = None    # called after this server's own commits (e.g. a Redis publish)
+        self.change_seq = 0  # the change log position applied (set by IndexSync)
+        self.on_local_change = None  # called after this server's own commits (e.g. a Redis publish)
 
     def _lock(self, collection: str) -> threading.Lock:
         with self._guard:
@@ -64,15 +66,20 @@ class IndexRegistry:
 
     def _load(self, collection: str) -> FaceIndex:
         if self.store.collection_created_ms(collection) is None:  # deleted (by anyone): build nothing for it
-            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist",
-                                   collection=collection)
+            raise errors.not_found(
+                errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist", collection=collection
+            )
         if self.engine.saves_indexes:
             t0 = time.perf_counter()
             try:
                 idx = self._from_snapshot(collection)
                 if idx is not None:
-                    log.info("index %s: loaded from its snapshot with %d faces in %.2fs", collection, len(idx),
-                             time.perf_counter() - t0)
+                    log.info(
+                        "index %s: loaded from its snapshot with %d faces in %.2fs",
+                        collection,
+                        len(idx),
+                        time.perf_counter() - t0,
+                    )
                     return idx
             except IndexLoadError as exc:
                 log.warning("index %s: snapshot refused (%s); rebuilding from the database", collection, exc)
@@ -99,8 +106,12 @@ class IndexRegistry:
         created = self.store.collection_created_ms(collection)
         if created is None:
             return None
-        expect = {"model": self.model_id, "dimension": self.dim, "collection_created_ms": created,
-                  "min_written_ms": int((time.time() - self.retention_s) * 1000)}
+        expect = {
+            "model": self.model_id,
+            "dimension": self.dim,
+            "collection_created_ms": created,
+            "min_written_ms": int((time.time() - self.retention_s) * 1000),
+        }
         loaded = self.engine.load(collection, expect)
         if loaded is None:
             return None

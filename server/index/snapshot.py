@@ -21,6 +21,7 @@ segments) and format 2 (no projected segments) are still read. Any failed check 
 caller rebuilds from the database; a snapshot is never the only copy of
 anything. One index directory belongs to one server process.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -78,15 +79,25 @@ class SnapshotStore:
 
         def described(kind: str) -> list[dict]:
             return [{"name": p.name, "bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files if p.suffix == kind]
+
         try:
             state = index.save_graphs(file_path)
             for path in files:
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
-            doc = {"format": FORMAT, "collection": collection, "model": index.model_id, "dimension": index.dim,
-                   "m": index.params.m, "ef_construction": index.params.ef_construction, **meta,
-                   "graphs": described(".graph"), "dense": described(".dense"),
-                   "written_ms": int(time.time() * 1000), **state}
+            doc = {
+                "format": FORMAT,
+                "collection": collection,
+                "model": index.model_id,
+                "dimension": index.dim,
+                "m": index.params.m,
+                "ef_construction": index.params.ef_construction,
+                **meta,
+                "graphs": described(".graph"),
+                "dense": described(".dense"),
+                "written_ms": int(time.time() * 1000),
+                **state,
+            }
             body = json.dumps(doc, separators=(",", ":")).encode()
             with open(tmp, "wb") as f:
                 f.write(hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
@@ -160,13 +171,21 @@ class SnapshotStore:
             if doc.get(key) != expect[key]:
                 raise SnapshotError(f"made for {key} {doc.get(key)!r}, now {expect[key]!r}")
         if (doc["m"], doc["ef_construction"]) != (params.m, params.ef_construction):
-            raise SnapshotError(f"built with M={doc['m']} ef_construction={doc['ef_construction']}, "
-                                f"now M={params.m} ef_construction={params.ef_construction}")
+            raise SnapshotError(
+                f"built with M={doc['m']} ef_construction={doc['ef_construction']}, "
+                f"now M={params.m} ef_construction={params.ef_construction}"
+            )
         if doc["written_ms"] < expect["min_written_ms"]:
             raise SnapshotError("older than the change log's retention")
         try:
-            index = HnswIndex.from_saved(doc["dimension"], doc["model"], params, [str(g) for g in graphs], doc,
-                                         [None if d is None else str(d) for d in dense])
+            index = HnswIndex.from_saved(
+                doc["dimension"],
+                doc["model"],
+                params,
+                [str(g) for g in graphs],
+                doc,
+                [None if d is None else str(d) for d in dense],
+            )
         except (RuntimeError, ValueError, KeyError, TypeError, EOFError) as exc:
             raise SnapshotError(f"{collection}.snapshot: {exc}") from None
         index.snapshot_at = doc["written_ms"] / 1000

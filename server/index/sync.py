@@ -17,6 +17,7 @@ Consistency (what a caller can rely on):
 One thread owns the feed, so the change-log position written into a snapshot
 is always one whose changes are all in the indexes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -74,9 +75,17 @@ class ChangeNotifier:
 
 
 class IndexSync:
-    def __init__(self, registry: IndexRegistry, store, *, sync_interval_s: float = 1.0,
-                 snapshot_interval_s: float = 300.0, retention_s: float = 7 * 86400, warmup: bool = True,
-                 notifier: ChangeNotifier | None = None):
+    def __init__(
+        self,
+        registry: IndexRegistry,
+        store,
+        *,
+        sync_interval_s: float = 1.0,
+        snapshot_interval_s: float = 300.0,
+        retention_s: float = 7 * 86400,
+        warmup: bool = True,
+        notifier: ChangeNotifier | None = None,
+    ):
         self.registry, self.store = registry, store
         self.sync_interval_s, self.snapshot_interval_s, self.retention_s = sync_interval_s, snapshot_interval_s, retention_s
         self.warmup, self.notifier = warmup, notifier
@@ -92,16 +101,20 @@ class IndexSync:
     def start(self) -> None:
         self._threads = [threading.Thread(target=self._run, name="index-sync", daemon=True)]
         if self.notifier is not None:
-            self._threads.append(threading.Thread(target=self.notifier.listen, args=(self._wake.set, self._stop),
-                                                  name="index-notify", daemon=True))
+            self._threads.append(
+                threading.Thread(target=self.notifier.listen, args=(self._wake.set, self._stop), name="index-notify", daemon=True)
+            )
         for t in self._threads:
             t.start()
 
-    def stop(self, final_snapshot: bool = True) -> None:
+    def stop(self, final_snapshot: bool = True, timeout_s: float = 5.0) -> None:
+        """Stops the threads (waiting at most `timeout_s` in all: they are daemons, and a step caught in
+        a slow database call must not hold the shutdown), then writes the last snapshots."""
         self._stop.set()
         self._wake.set()
+        deadline = time.monotonic() + timeout_s
         for t in self._threads:
-            t.join(timeout=30)
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
         if final_snapshot:
             self.registry.write_snapshots(self.feed.low_water())
         if self.notifier is not None:

@@ -15,6 +15,7 @@ string that is not shaped like a collection key is refused without a
 lookup, an unknown key is remembered as unknown (a bounded LRU), and
 lookups of keys never seen before are rate-limited (`auth_lookups_per_second`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,15 +34,14 @@ import grpc
 
 from server import errors
 from server.rpc.observability import rewrap
-from server.telemetry import ERRORS
 from server.rpc.status import to_status
+from server.telemetry import ERRORS
 
 log = logging.getLogger("facesvc.auth")
 
 HEADER = "x-api-key"
 SERVICE_PREFIX = "/facesvc.v1.FaceService/"
-ADMIN_ONLY = frozenset({"CreateCollection", "ListCollections", "DeleteCollection", "CreateApiKey", "ListApiKeys",
-                        "DeleteApiKey"})
+ADMIN_ONLY = frozenset({"CreateCollection", "ListCollections", "DeleteCollection", "CreateApiKey", "ListApiKeys", "DeleteApiKey"})
 
 
 KEY_SHAPE = re.compile(r"fsk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")  # what new_api_key() makes
@@ -100,8 +100,7 @@ class TokenBucket:
 
 
 class Authenticator:
-    def __init__(self, store, admin_key: str, cache_s: float = 10.0, clock=time.monotonic,
-                 lookups_per_second: float = 200.0):
+    def __init__(self, store, admin_key: str, cache_s: float = 10.0, clock=time.monotonic, lookups_per_second: float = 200.0):
         self.store = store
         self._admin_hash = hash_key(admin_key)
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
@@ -130,8 +129,9 @@ class Authenticator:
 
     def principal(self, secret: str) -> Principal:
         if not secret:
-            raise errors.FaceServiceError(grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_MISSING,
-                                          f"send an API key in the `{HEADER}` metadata header")
+            raise errors.FaceServiceError(
+                grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_MISSING, f"send an API key in the `{HEADER}` metadata header"
+            )
         digest = hash_key(secret)
         if hmac.compare_digest(digest, self._admin_hash):
             return Principal(admin=True)
@@ -161,21 +161,25 @@ class Authenticator:
         if self.store.find_api_key(digest) is None:
             with self._lock:
                 self._cache.pop(digest, None)
-            raise errors.FaceServiceError(grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_INVALID,
-                                          "the API key was revoked; the stream is closed")
+            raise errors.FaceServiceError(
+                grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_INVALID, "the API key was revoked; the stream is closed"
+            )
 
     @staticmethod
     def authorize(p: Principal, rpc: str, request) -> None:
         if p.admin:
             return
         if rpc in ADMIN_ONLY:
-            raise errors.FaceServiceError(grpc.StatusCode.PERMISSION_DENIED, errors.PERMISSION_DENIED,
-                                          f"{rpc} needs the admin key", rpc=rpc)
+            raise errors.FaceServiceError(
+                grpc.StatusCode.PERMISSION_DENIED, errors.PERMISSION_DENIED, f"{rpc} needs the admin key", rpc=rpc
+            )
         if "collection" in type(request).DESCRIPTOR.fields_by_name and request.collection != p.collection:
             raise errors.FaceServiceError(
-                grpc.StatusCode.PERMISSION_DENIED, errors.PERMISSION_DENIED,
+                grpc.StatusCode.PERMISSION_DENIED,
+                errors.PERMISSION_DENIED,
                 f"this key belongs to collection {p.collection!r}, not {errors.quote(request.collection)}",
-                key_collection=p.collection)
+                key_collection=p.collection,
+            )
 
 
 class AuthInterceptor(grpc.ServerInterceptor):
@@ -204,12 +208,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         method = handler_call_details.method
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        rpc = method[len(SERVICE_PREFIX):]
+        rpc = method[len(SERVICE_PREFIX) :]
 
         def make(inner, kind):
             streaming_request = kind.startswith("stream")
 
             if kind.endswith("unary"):
+
                 def checked(request, context):
                     token = self._check(rpc, None if streaming_request else request, context)
                     try:
@@ -217,6 +222,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     finally:
                         current_principal.reset(token)
             else:
+
                 def checked(request, context):
                     token = self._check(rpc, None if streaming_request else request, context)
                     try:
@@ -224,6 +230,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                     finally:
                         with contextlib.suppress(ValueError):  # a generator closed from another context
                             current_principal.reset(token)
+
             return checked
 
         return rewrap(handler, make)

@@ -1,18 +1,18 @@
 """Protobuf <-> domain conversions, so the servicer reads as orchestration."""
+
 from __future__ import annotations
 
 import math
 
 import numpy as np
-
 from google.protobuf import timestamp_pb2
 
 from facesvc.v1 import face_service_pb2 as pb
 from server import errors
+from server.records import LIVENESS_OPTIONAL, LIVENESS_REQUIRED, ApiKey, Collection, FaceRecord, Subject
 from server.vision import pipeline
 from server.vision.faces import AgeGender, Face, LivenessResult
 from server.vision.imaging import ImageLimits, PixelBudget, decode_encoded, decode_raw
-from server.records import LIVENESS_OPTIONAL, LIVENESS_REQUIRED, ApiKey, Collection, FaceRecord, Subject
 
 MAX_FACES_LIMIT = 100
 
@@ -35,8 +35,9 @@ def image_from_proto(msg: pb.Image, field: str, limits: ImageLimits, budget: Pix
             raise errors.validation(f"{field}.encoded", "empty image")
         return decode_encoded(msg.encoded, limits, budget, field)
     raw = msg.raw
-    return decode_raw(raw.width, raw.height, _PIXEL_FORMAT.get(raw.format, "UNSPECIFIED"), raw.data, raw.row_stride, limits,
-                      field, budget)
+    return decode_raw(
+        raw.width, raw.height, _PIXEL_FORMAT.get(raw.format, "UNSPECIFIED"), raw.data, raw.row_stride, limits, field, budget
+    )
 
 
 def _finite(value: float, field: str, low: float, high: float) -> float:
@@ -45,7 +46,9 @@ def _finite(value: float, field: str, low: float, high: float) -> float:
     return value
 
 
-def detect_options(msg: pb.FaceOptions, default_min_size: int, default_max_faces: int, field: str = "face_options") -> pipeline.DetectOptions:
+def detect_options(
+    msg: pb.FaceOptions, default_min_size: int, default_max_faces: int, field: str = "face_options"
+) -> pipeline.DetectOptions:
     if msg.max_faces > MAX_FACES_LIMIT:
         raise errors.validation(f"{field}.max_faces", f"at most {MAX_FACES_LIMIT}, got {msg.max_faces}")
     if msg.selection not in _SELECTION:
@@ -76,25 +79,44 @@ def face_to_proto(f: Face) -> pb.Face:
     q = f.quality
     return pb.Face(
         box=pb.BoundingBox(x=x1, y=y1, width=x2 - x1, height=y2 - y1),
-        landmarks=pb.Landmarks(left_eye=_point(lm[0]), right_eye=_point(lm[1]), nose=_point(lm[2]),
-                               mouth_left=_point(lm[3]), mouth_right=_point(lm[4])),
+        landmarks=pb.Landmarks(
+            left_eye=_point(lm[0]),
+            right_eye=_point(lm[1]),
+            nose=_point(lm[2]),
+            mouth_left=_point(lm[3]),
+            mouth_right=_point(lm[4]),
+        ),
         detection_score=f.score,
-        quality=pb.Quality(score=q.score, face_size=q.face_size, sharpness=q.sharpness, brightness=q.brightness,
-                           yaw=q.yaw, pitch=q.pitch, roll=q.roll) if q else None,
+        quality=pb.Quality(
+            score=q.score,
+            face_size=q.face_size,
+            sharpness=q.sharpness,
+            brightness=q.brightness,
+            yaw=q.yaw,
+            pitch=q.pitch,
+            roll=q.roll,
+        )
+        if q
+        else None,
     )
 
 
 def liveness_to_proto(r: LivenessResult) -> pb.Liveness:
     return pb.Liveness(
-        is_live=r.is_live, score=r.score, threshold=r.threshold,
+        is_live=r.is_live,
+        score=r.score,
+        threshold=r.threshold,
         model_scores=[pb.ModelScore(model=k, score=v) for k, v in r.model_scores.items()],
     )
 
 
 def analysis_to_proto(f: Face, a: AgeGender) -> pb.FaceAnalysis:
     return pb.FaceAnalysis(
-        face=face_to_proto(f), age=a.age, age_range=pb.AgeRange(low=a.age_low, high=a.age_high),
-        gender=pb.GENDER_MALE if a.is_male else pb.GENDER_FEMALE, gender_confidence=a.gender_confidence,
+        face=face_to_proto(f),
+        age=a.age,
+        age_range=pb.AgeRange(low=a.age_low, high=a.age_high),
+        gender=pb.GENDER_MALE if a.is_male else pb.GENDER_FEMALE,
+        gender_confidence=a.gender_confidence,
     )
 
 
@@ -120,21 +142,37 @@ def timestamp(ms: int) -> timestamp_pb2.Timestamp:
 
 
 def collection_to_proto(c: Collection) -> pb.Collection:
-    return pb.Collection(collection=c.collection_id, display_name=c.display_name,
-                         liveness_policy=_POLICY_TO_PROTO[c.liveness_policy], create_time=timestamp(c.created_ms),
-                         subject_count=c.subject_count, face_count=c.face_count)
+    return pb.Collection(
+        collection=c.collection_id,
+        display_name=c.display_name,
+        liveness_policy=_POLICY_TO_PROTO[c.liveness_policy],
+        create_time=timestamp(c.created_ms),
+        subject_count=c.subject_count,
+        face_count=c.face_count,
+    )
 
 
 def stored_face_to_proto(f: FaceRecord) -> pb.StoredFace:
-    return pb.StoredFace(face_id=f.face_id, subject_id=f.subject_id, model=f.model_id, quality=f.quality,
-                         has_crop=f.has_crop, create_time=timestamp(f.created_ms))
+    return pb.StoredFace(
+        face_id=f.face_id,
+        subject_id=f.subject_id,
+        model=f.model_id,
+        quality=f.quality,
+        has_crop=f.has_crop,
+        create_time=timestamp(f.created_ms),
+    )
 
 
 def subject_to_proto(s: Subject) -> pb.Subject:
-    return pb.Subject(subject_id=s.subject_id, metadata=s.metadata, faces=[stored_face_to_proto(f) for f in s.faces],
-                      face_count=s.face_count, create_time=timestamp(s.created_ms), update_time=timestamp(s.updated_ms))
+    return pb.Subject(
+        subject_id=s.subject_id,
+        metadata=s.metadata,
+        faces=[stored_face_to_proto(f) for f in s.faces],
+        face_count=s.face_count,
+        create_time=timestamp(s.created_ms),
+        update_time=timestamp(s.updated_ms),
+    )
 
 
 def api_key_to_proto(k: ApiKey) -> pb.ApiKey:
-    return pb.ApiKey(key_id=k.key_id, collection=k.collection_id, description=k.description,
-                     create_time=timestamp(k.created_ms))
+    return pb.ApiKey(key_id=k.key_id, collection=k.collection_id, description=k.description, create_time=timestamp(k.created_ms))

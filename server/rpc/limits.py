@@ -20,6 +20,7 @@ A caller at a limit is refused at once with RESOURCE_EXHAUSTED (never
 queued), so at least half the workers stay free for other keys, health
 checks and reflection, whatever one key does.
 """
+
 from __future__ import annotations
 
 import threading
@@ -30,8 +31,8 @@ import grpc
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, current_principal, hash_key
 from server.rpc.observability import rewrap
-from server.telemetry import ERRORS
 from server.rpc.status import to_status
+from server.telemetry import ERRORS
 
 
 class ConcurrencyLimiter:
@@ -50,11 +51,11 @@ class ConcurrencyLimiter:
     def acquire(self, owner: str) -> None:
         with self._lock:
             if self.per_owner and self._open.get(owner, 0) >= self.per_owner:
-                raise errors.exhausted(self.reason, f"this key already holds {self.per_owner} open {self.what}",
-                                       limit=self.per_owner)
+                raise errors.exhausted(
+                    self.reason, f"this key already holds {self.per_owner} open {self.what}", limit=self.per_owner
+                )
             if self.total and self._count >= self.total:
-                raise errors.exhausted(self.reason, f"the server already holds {self.total} open {self.what}",
-                                       limit=self.total)
+                raise errors.exhausted(self.reason, f"the server already holds {self.total} open {self.what}", limit=self.total)
             self._open[owner] = self._open.get(owner, 0) + 1
             self._count += 1
 
@@ -109,11 +110,13 @@ class LimitInterceptor(grpc.ServerInterceptor):
     """Takes the stream and per-key call slots of a FaceService call before its handler runs, and
     bounds the reflection streams every caller may open."""
 
-    def __init__(self, streams: ConcurrencyLimiter, calls: ConcurrencyLimiter | None,
-                 first_message_s: float = 5.0, idle_s: float = 30.0):
+    def __init__(
+        self, streams: ConcurrencyLimiter, calls: ConcurrencyLimiter | None, first_message_s: float = 5.0, idle_s: float = 30.0
+    ):
         self.streams, self.calls = streams, calls
-        self.reflection = ConcurrencyLimiter(REFLECTION_PER_PEER, REFLECTION_TOTAL, errors.STREAM_LIMIT_REACHED,
-                                             "reflection streams")
+        self.reflection = ConcurrencyLimiter(
+            REFLECTION_PER_PEER, REFLECTION_TOTAL, errors.STREAM_LIMIT_REACHED, "reflection streams"
+        )
         self.first_message_s, self.idle_s = first_message_s, idle_s
 
     def _limiters(self, streaming_request: bool) -> list[ConcurrencyLimiter]:
@@ -151,6 +154,7 @@ class LimitInterceptor(grpc.ServerInterceptor):
                 finally:
                     watchdog.stop()
                     self.reflection.release(owner)
+
             return limited
 
         return rewrap(handler, make)
@@ -162,12 +166,13 @@ class LimitInterceptor(grpc.ServerInterceptor):
             return self._reflection(handler, method)
         if handler is None or not method.startswith(SERVICE_PREFIX):
             return handler
-        rpc = method[len(SERVICE_PREFIX):]
+        rpc = method[len(SERVICE_PREFIX) :]
 
         def make(inner, kind):
             streaming_request = kind.startswith("stream")
 
             if kind.endswith("unary"):
+
                 def limited(request, context):
                     owner = call_owner(context)
                     taken = self._enter(rpc, owner, self._limiters(streaming_request), context)
@@ -177,6 +182,7 @@ class LimitInterceptor(grpc.ServerInterceptor):
                         for limiter in taken:
                             limiter.release(owner)
             else:
+
                 def limited(request, context):
                     owner = call_owner(context)
                     taken = self._enter(rpc, owner, self._limiters(streaming_request), context)
@@ -185,6 +191,7 @@ class LimitInterceptor(grpc.ServerInterceptor):
                     finally:
                         for limiter in taken:
                             limiter.release(owner)
+
             return limited
 
         return rewrap(handler, make)

@@ -5,6 +5,7 @@ Every FaceService call gets a request id: the caller's `x-request-id` metadata
 metadata, put on every log line written while the call runs, and used as the
 id in INTERNAL error messages.
 """
+
 from __future__ import annotations
 
 import time
@@ -16,8 +17,10 @@ from server.context import _SANE_ID, IN_FLIGHT, REQUEST_ID_HEADER, current_call,
 from server.telemetry import LATENCY, RPCS
 
 _HANDLER_FACTORIES = {
-    "unary_unary": grpc.unary_unary_rpc_method_handler, "unary_stream": grpc.unary_stream_rpc_method_handler,
-    "stream_unary": grpc.stream_unary_rpc_method_handler, "stream_stream": grpc.stream_stream_rpc_method_handler,
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
 }
 
 
@@ -25,8 +28,11 @@ def rewrap(handler: grpc.RpcMethodHandler, make):
     """The same handler with its behaviour replaced by make(behaviour, kind), where kind is
     "unary_unary", "unary_stream", "stream_unary" or "stream_stream" (what the server interceptors share)."""
     kind = next(k for k in _HANDLER_FACTORIES if getattr(handler, k) is not None)
-    return _HANDLER_FACTORIES[kind](make(getattr(handler, kind), kind), request_deserializer=handler.request_deserializer,
-                                    response_serializer=handler.response_serializer)
+    return _HANDLER_FACTORIES[kind](
+        make(getattr(handler, kind), kind),
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
 
 
 class ObservabilityInterceptor(grpc.ServerInterceptor):
@@ -39,7 +45,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(self.prefix):
             return handler
-        method = handler_call_details.method[len(self.prefix):]
+        method = handler_call_details.method[len(self.prefix) :]
         incoming = dict(handler_call_details.invocation_metadata or ()).get(REQUEST_ID_HEADER, "")
 
         def start(context):
@@ -60,6 +66,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
         def make(inner, kind):
             if kind.endswith("unary"):  # one response
+
                 def wrapped(request, context):
                     token, t0 = start(context)
                     exc = None
@@ -71,6 +78,7 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     finally:
                         finish(context, token, t0, exc)
             else:  # a response stream: the call lasts as long as the iteration
+
                 def wrapped(request, context):
                     token, t0 = start(context)
                     exc = None

@@ -5,6 +5,7 @@ embedded descriptors. `make gen` also writes a descriptor set built with
 `--include_source_info`; this servicer answers reflection requests for our own
 files from it and for everything else exactly as grpc's reference servicer.
 """
+
 from __future__ import annotations
 
 import logging

@@ -1,5 +1,6 @@
 """Turning request fields into checked values, shared by every handler group: images (with their
 CPU budget), detection options, and thresholds that a request may raise but never lower."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,12 +16,13 @@ from server.vision.pipeline import DetectOptions
 @dataclass(frozen=True)
 class Defaults:
     """The server's defaults and floors for what a request leaves at 0."""
+
     min_face_size: int
     max_faces: int
-    match_threshold: float        # 1:1 (Compare, Verify)
-    search_threshold: float       # 1:N (Search, SearchByEmbedding, StreamFrames identify)
-    match_floor: float            # no request's match threshold or min_similarity below this
-    liveness_threshold: float     # also the floor of every request's liveness threshold
+    match_threshold: float  # 1:1 (Compare, Verify)
+    search_threshold: float  # 1:N (Search, SearchByEmbedding, StreamFrames identify)
+    match_floor: float  # no request's match threshold or min_similarity below this
+    liveness_threshold: float  # also the floor of every request's liveness threshold
     max_analyzed_faces: int = 20  # faces per request that per-face models (embedding, liveness, age) run on
 
 
@@ -39,8 +41,12 @@ class RequestParser:
         if not analyzed:
             return convert.detect_options(msg, d.min_face_size, d.max_faces, field)
         if msg.max_faces > d.max_analyzed_faces:
-            raise errors.validation(f"{field}.max_faces", f"at most {d.max_analyzed_faces} for RPCs that embed or analyze "
-                                    f"every face (max_analyzed_faces), got {msg.max_faces}", limit=d.max_analyzed_faces)
+            raise errors.validation(
+                f"{field}.max_faces",
+                f"at most {d.max_analyzed_faces} for RPCs that embed or analyze "
+                f"every face (max_analyzed_faces), got {msg.max_faces}",
+                limit=d.max_analyzed_faces,
+            )
         return convert.detect_options(msg, d.min_face_size, min(d.max_faces, d.max_analyzed_faces), field)
 
     # A request may raise a threshold, never lower it below the server's: a collection key must not
@@ -49,16 +55,16 @@ class RequestParser:
         t = convert.optional_threshold(requested, field, 0.0, 1.0)
         floor = self.defaults.liveness_threshold
         if t is not None and t < floor:
-            raise errors.validation(field, f"may raise the server's liveness threshold {floor}, not lower it; got {t}",
-                                    floor=floor)
+            raise errors.validation(
+                field, f"may raise the server's liveness threshold {floor}, not lower it; got {t}", floor=floor
+            )
         return t
 
     def _floored(self, requested: float, field: str) -> float | None:
         t = convert.optional_threshold(requested, field, -1.0, 1.0)
         floor = self.defaults.match_floor
         if t is not None and t < floor:
-            raise errors.validation(field, f"must be at least {floor} (the server's match_threshold_floor), got {t}",
-                                    floor=floor)
+            raise errors.validation(field, f"must be at least {floor} (the server's match_threshold_floor), got {t}", floor=floor)
         return t
 
     def match_threshold(self, requested: float, field: str = "threshold") -> float:

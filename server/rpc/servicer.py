@@ -4,6 +4,7 @@ The port opens before the models are loaded (so health probes answer at
 once); until `attach()` hands over the handler groups, every FaceService call
 is answered here, in one place, with UNAVAILABLE / MODELS_LOADING.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -38,17 +39,25 @@ class FaceServicer(pb_grpc.FaceServiceServicer):
     def _handler(self, name: str, context):
         handler = self._routes.get(name)
         if handler is None:
-            context.abort_with_status(to_status(errors.FaceServiceError(
-                grpc.StatusCode.UNAVAILABLE, errors.MODELS_LOADING, "models are still loading; retry shortly")))
+            context.abort_with_status(
+                to_status(
+                    errors.FaceServiceError(
+                        grpc.StatusCode.UNAVAILABLE, errors.MODELS_LOADING, "models are still loading; retry shortly"
+                    )
+                )
+            )
         return handler
 
     def _route(self, method):
         name = method.name
         if method.server_streaming:
+
             def call(request, context):
                 yield from self._handler(name, context)(request, context)
         else:
+
             def call(request, context):
                 return self._handler(name, context)(request, context)
+
         call.__name__ = name
         return call

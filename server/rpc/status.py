@@ -1,4 +1,5 @@
 """Map FaceServiceError (and anything unexpected) to a gRPC status with ErrorInfo, in one place."""
+
 from __future__ import annotations
 
 import functools
@@ -29,16 +30,16 @@ def failure(name: str, exc: BaseException, item: bool = False) -> errors.FaceSer
     `item`: one item of a batch or one frame of a stream, logged at DEBUG (the call logs a summary),
     so a stream of failing items does not grow the log by a line each."""
     if isinstance(exc, errors.FaceServiceError):
-        log.log(logging.DEBUG if item else logging.INFO, "rpc=%s code=%s reason=%s msg=%s", name, exc.code.name,
-                exc.reason, exc)
+        log.log(logging.DEBUG if item else logging.INFO, "rpc=%s code=%s reason=%s msg=%s", name, exc.code.name, exc.reason, exc)
         ERRORS.labels(name, exc.reason).inc()
         return exc
     rid = request_id.get()
     rid = uuid.uuid4().hex[:16] if rid == "-" else rid
     log.error("rpc=%s request_id=%s internal error", name, rid, exc_info=exc)
     ERRORS.labels(name, errors.INTERNAL).inc()
-    return errors.FaceServiceError(grpc.StatusCode.INTERNAL, errors.INTERNAL, f"internal error (request id {rid})",
-                                   request_id=rid)
+    return errors.FaceServiceError(
+        grpc.StatusCode.INTERNAL, errors.INTERNAL, f"internal error (request id {rid})", request_id=rid
+    )
 
 
 def rpc(method):

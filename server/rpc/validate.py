@@ -1,4 +1,5 @@
 """Request validation for identifiers, metadata and pagination (AIP-158 page tokens)."""
+
 from __future__ import annotations
 
 import base64
@@ -77,7 +78,7 @@ def metadata_mask(paths, metadata: dict[str, str], field: str = "update_mask") -
         return None
     keys = []
     for path in paths:
-        key = path[len("metadata."):] if path.startswith("metadata.") else ""
+        key = path[len("metadata.") :] if path.startswith("metadata.") else ""
         if not key or len(key) > MAX_METADATA_KEY:
             raise errors.validation(field, f'paths are "metadata" or "metadata.<key>", not {errors.quote(path, 80)}')
         keys.append(key)

@@ -6,6 +6,7 @@ bytes in base64); without one no image is kept at all. A sealed crop is
 face id is the associated data, so a ciphertext copied onto another face row
 does not decrypt.
 """
+
 from __future__ import annotations
 
 import base64
@@ -31,7 +32,9 @@ class CropCipher:
         try:
             key = base64.b64decode(key_b64, validate=True)
         except (binascii.Error, ValueError):
-            raise ValueError("crop key must be base64 (python -c 'from server.storage.crypto import generate_key; print(generate_key())')") from None
+            raise ValueError(
+                "crop key must be base64 (python -c 'from server.storage.crypto import generate_key; print(generate_key())')"
+            ) from None
         if len(key) != 32:
             raise ValueError(f"crop key must be 32 bytes (AES-256), got {len(key)}")
         self._aead = AESGCM(key)

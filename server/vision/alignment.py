@@ -1,4 +1,5 @@
 """Similarity-transform face alignment from the 5 detector landmarks."""
+
 from __future__ import annotations
 
 import cv2

@@ -1,4 +1,5 @@
 """Plain data types shared by the models, the pipeline and the servicer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

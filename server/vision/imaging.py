@@ -10,6 +10,7 @@ file with more than any encoder writes is refused; and every decode charges
 its pixels to the request's `PixelBudget`, so a batch of small decompression
 bombs cannot add up to seconds of work.
 """
+
 from __future__ import annotations
 
 import io
@@ -83,7 +84,9 @@ class PixelBudget:
                 raise errors.image_too_large(
                     f"{field}: the request's images add up to more than {self.limit} decoded pixels "
                     "(max_request_pixels); send fewer or smaller images per request",
-                    field=field, max_request_pixels=self.limit)
+                    field=field,
+                    max_request_pixels=self.limit,
+                )
             self.spent += pixels
 
 
@@ -110,7 +113,7 @@ def jpeg_scans(data: bytes, stop_after: int) -> int:
         if 0xD0 <= marker <= 0xD7 or marker in (0x00, 0x01, 0xD8):  # FF 00 between segments is junk to libjpeg
             i += 2
             continue
-        length = int.from_bytes(data[i + 2:i + 4], "big")
+        length = int.from_bytes(data[i + 2 : i + 4], "big")
         if marker == 0xDA:
             n += 1
             if n > stop_after:
@@ -144,7 +147,8 @@ def _check_jpeg_scans(data: bytes, width: int, height: int, limits: ImageLimits)
     if scans > allowed:
         raise errors.invalid_image(
             f"the JPEG has more than {allowed} scans; no camera or encoder writes that many for a {width}x{height} image",
-            max_scans=allowed)
+            max_scans=allowed,
+        )
 
 
 def _check_dims(width: int, height: int, limits: ImageLimits) -> None:
@@ -184,7 +188,11 @@ def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None 
         if cost > limits.max_pixels:
             raise errors.image_too_large(
                 f"a {width}x{height} PNG with 16-bit, alpha or interlaced pixels costs as much to decode as {cost} "
-                f"pixels; the limit is {limits.max_pixels}", width=width, height=height, max_pixels=limits.max_pixels)
+                f"pixels; the limit is {limits.max_pixels}",
+                width=width,
+                height=height,
+                max_pixels=limits.max_pixels,
+            )
     _check_dims(width, height, limits)
     if fmt in ("JPEG", "MPO"):
         _check_jpeg_scans(data, width, height, limits)
@@ -200,8 +208,16 @@ def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None 
     return img
 
 
-def decode_raw(width: int, height: int, pixel_format: str, data: bytes, row_stride: int, limits: ImageLimits,
-               field: str = "image", budget: PixelBudget | None = None) -> np.ndarray:
+def decode_raw(
+    width: int,
+    height: int,
+    pixel_format: str,
+    data: bytes,
+    row_stride: int,
+    limits: ImageLimits,
+    field: str = "image",
+    budget: PixelBudget | None = None,
+) -> np.ndarray:
     """Wrap a raw frame's bytes as a BGR array (copying only when needed)."""
     if pixel_format not in CHANNELS:
         raise errors.validation(f"{field}.raw.format", f"pixel format must be BGR, RGB or GRAY, not {pixel_format}")

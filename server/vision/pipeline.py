@@ -3,6 +3,7 @@
 No protobuf and no gRPC here: plain arrays and dataclasses in, results out.
 Every model object is created once at start-up and shared by all threads.
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,9 @@ class DetectOptions:
 
 
 class FacePipeline:
-    def __init__(self, detector, recognizer, liveness: list, age, gender, *,
-                 detect_max_side: int = 640, liveness_threshold: float = 0.5):
+    def __init__(
+        self, detector, recognizer, liveness: list, age, gender, *, detect_max_side: int = 640, liveness_threshold: float = 0.5
+    ):
         self.detector = detector
         self.recognizer = recognizer
         self.liveness_models = liveness

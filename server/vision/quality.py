@@ -4,6 +4,7 @@ Cheap (a few hundred microseconds on the aligned crop) and explainable; not a
 learned quality model. The overall score is the product of a size factor, a
 sharpness factor and a pose factor, each in [0, 1].
 """
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,9 @@ import numpy as np
 
 from server.vision.faces import Quality
 
-FULL_QUALITY_SIZE = 80.0      # px: faces at least this large get size factor 1
-SHARPNESS_HALF = 100.0        # Laplacian variance that maps to sharpness 0.5
-_TEMPLATE_NOSE_T = 0.494      # nose position between eye line (0) and mouth line (1) on a frontal face
+FULL_QUALITY_SIZE = 80.0  # px: faces at least this large get size factor 1
+SHARPNESS_HALF = 100.0  # Laplacian variance that maps to sharpness 0.5
+_TEMPLATE_NOSE_T = 0.494  # nose position between eye line (0) and mouth line (1) on a frontal face
 
 
 def estimate_pose(landmarks: np.ndarray) -> tuple[float, float, float]:

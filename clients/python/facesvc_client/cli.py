@@ -6,6 +6,7 @@ The target and key also come from FACESVC_TARGET and FACESVC_API_KEY. Results
 print as JSON (proto field names); errors print `error: CODE REASON: message`
 on stderr with exit status 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,15 @@ def _read(path: str | None) -> bytes | None:
 
 
 def client_from(args) -> FaceClient:
-    return FaceClient(args.target, api_key=args.api_key or None, tls=args.tls, root_certificates=_read(args.ca),
-                      client_certificate=_read(args.cert), client_key=_read(args.key), timeout=args.timeout)
+    return FaceClient(
+        args.target,
+        api_key=args.api_key or None,
+        tls=args.tls,
+        root_certificates=_read(args.ca),
+        client_certificate=_read(args.cert),
+        client_key=_read(args.key),
+        timeout=args.timeout,
+    )
 
 
 # -- bulk enrolment ---------------------------------------------------------------------
@@ -62,8 +70,9 @@ class Progress:
         width = 30
         filled = int(width * self.done / max(1, self.total))
         rate = self.done / max(1e-6, time.monotonic() - self.t0)
-        self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
-                          f"failed {self.failed}  {rate:.1f} photos/s")
+        self.stream.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} failed {self.failed}  {rate:.1f} photos/s"
+        )
         self.stream.flush()
 
     def finish(self) -> None:
@@ -80,8 +89,9 @@ def enroll(c: FaceClient, args) -> int:
 
     def requests():
         for subject, photo in items:
-            req = pb.RegisterRequest(collection=args.collection, subject_id=subject, add_face=True,
-                                     skip_liveness=args.skip_liveness)
+            req = pb.RegisterRequest(
+                collection=args.collection, subject_id=subject, add_face=True, skip_liveness=args.skip_liveness
+            )
             try:
                 req.image.encoded = photo.read_bytes()
             except OSError as exc:  # unreadable locally: the server would say INVALID_IMAGE anyway
@@ -115,7 +125,7 @@ def stream(c: FaceClient, args) -> int:
         return 1
     fps = cap.get(cv2.CAP_PROP_FPS) or 30.0
     pace = isinstance(source, str) and not args.no_pace  # a file plays at its own rate, like a camera
-    recent: OrderedDict[int, object] = OrderedDict()    # the frames an answer may still refer to (for --annotate)
+    recent: OrderedDict[int, object] = OrderedDict()  # the frames an answer may still refer to (for --annotate)
     writer = None
 
     def frames():
@@ -139,8 +149,9 @@ def stream(c: FaceClient, args) -> int:
     processed = skipped = 0
     latencies = []
     try:
-        for a in c.stream_frames(frames(), collection=args.collection, identify=args.identify, liveness=args.liveness,
-                                 max_fps=args.max_fps):
+        for a in c.stream_frames(
+            frames(), collection=args.collection, identify=args.identify, liveness=args.liveness, max_fps=args.max_fps
+        ):
             processed += 1
             skipped += len(a.skipped_frame_ids)
             latencies.append(a.latency_ms)
@@ -148,12 +159,18 @@ def stream(c: FaceClient, args) -> int:
                 print(json_format.MessageToJson(a, preserving_proto_field_name=True, indent=None), flush=True)
             else:
                 faces = "  ".join(
-                    f"[track {f.track_id}" + (f" {f.identity.subject_id} {f.identity.similarity:.2f}" if f.HasField("identity") else "")
-                    + (f" {'live' if f.liveness.is_live else 'SPOOF'}" if f.HasField("liveness") else "") + "]"
-                    for f in a.faces)
+                    f"[track {f.track_id}"
+                    + (f" {f.identity.subject_id} {f.identity.similarity:.2f}" if f.HasField("identity") else "")
+                    + (f" {'live' if f.liveness.is_live else 'SPOOF'}" if f.HasField("liveness") else "")
+                    + "]"
+                    for f in a.faces
+                )
                 err = f"  error {a.error.reason}" if a.HasField("error") else ""
-                print(f"frame {a.frame_id:5d}  faces {len(a.faces)}  {faces}  skipped {len(a.skipped_frame_ids)}  "
-                      f"{a.latency_ms:.1f} ms{err}", flush=True)
+                print(
+                    f"frame {a.frame_id:5d}  faces {len(a.faces)}  {faces}  skipped {len(a.skipped_frame_ids)}  "
+                    f"{a.latency_ms:.1f} ms{err}",
+                    flush=True,
+                )
             if args.annotate and a.frame_id in recent:
                 img = recent[a.frame_id].copy()
                 for f in a.faces:
@@ -222,8 +239,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-pace", action="store_true", help="send a file's frames as fast as possible")
     p.add_argument("--annotate", metavar="OUT.mp4", help="write the answered frames with boxes and identities")
     p.add_argument("--json", action="store_true", help="one JSON answer per line")
-    for group, actions in (("collections", ("list", "create", "get", "delete")), ("subjects", ("list", "get", "delete")),
-                           ("keys", ("create", "list", "delete"))):
+    for group, actions in (
+        ("collections", ("list", "create", "get", "delete")),
+        ("subjects", ("list", "get", "delete")),
+        ("keys", ("create", "list", "delete")),
+    ):
         g = sub.add_parser(group, help=f"manage {group}").add_subparsers(dest="action", required=True)
         for action in actions:
             p = g.add_parser(action)
@@ -261,8 +281,17 @@ def run(c: FaceClient, args) -> int:
         if bool(a.token) == bool(a.image):
             raise SystemExit("register: give exactly one of --token and --image")
         meta = dict(kv.split("=", 1) for kv in a.metadata)
-        show(c.register(a.collection, a.subject, staging_token=a.token, image=a.image, add_face=a.add_face,
-                        skip_liveness=a.skip_liveness, metadata=meta))
+        show(
+            c.register(
+                a.collection,
+                a.subject,
+                staging_token=a.token,
+                image=a.image,
+                add_face=a.add_face,
+                skip_liveness=a.skip_liveness,
+                metadata=meta,
+            )
+        )
     elif cmd == "verify":
         show(c.verify(a.collection, a.subject, a.image))
     elif cmd == "search":

@@ -10,6 +10,7 @@
 - Errors: a typed FaceServiceError subclass with the server's ErrorInfo reason.
 - Images: anything `images.to_image` takes (path, bytes, base64/data URL, numpy).
 """
+
 from __future__ import annotations
 
 import random
@@ -34,12 +35,25 @@ def _face_options(selection: str = "", min_face_size: int = 0, max_faces: int = 
 
 
 class FaceClient:
-    def __init__(self, target: str = "localhost:50051", *, api_key: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, client_certificate: bytes | None = None,
-                 client_key: bytes | None = None, timeout: float = 30.0, retries: int = 4, backoff: float = 0.2,
-                 max_message_mb: int = 32, channel: grpc.Channel | None = None):
-        options = [("grpc.max_receive_message_length", max_message_mb << 20),
-                   ("grpc.max_send_message_length", max_message_mb << 20)]
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        *,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        client_certificate: bytes | None = None,
+        client_key: bytes | None = None,
+        timeout: float = 30.0,
+        retries: int = 4,
+        backoff: float = 0.2,
+        max_message_mb: int = 32,
+        channel: grpc.Channel | None = None,
+    ):
+        options = [
+            ("grpc.max_receive_message_length", max_message_mb << 20),
+            ("grpc.max_send_message_length", max_message_mb << 20),
+        ]
         if channel is None:
             if tls or root_certificates or client_certificate:
                 creds = grpc.ssl_channel_credentials(root_certificates, client_key, client_certificate)
@@ -69,9 +83,13 @@ class FaceClient:
             try:
                 return method(request, timeout=max(0.001, deadline - time.monotonic()), metadata=self.metadata)
             except grpc.RpcError as err:
-                pause = self.backoff * (2 ** attempt) * random.uniform(0.5, 1.5)
-                if (not retry or err.code() != grpc.StatusCode.UNAVAILABLE or attempt >= self.retries
-                        or time.monotonic() + pause >= deadline):
+                pause = self.backoff * (2**attempt) * random.uniform(0.5, 1.5)
+                if (
+                    not retry
+                    or err.code() != grpc.StatusCode.UNAVAILABLE
+                    or attempt >= self.retries
+                    or time.monotonic() + pause >= deadline
+                ):
                     raise from_rpc_error(err) from None
                 attempt += 1
                 time.sleep(pause)
@@ -88,20 +106,30 @@ class FaceClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
     # -- stateless -------------------------------------------------------------------
-    def detect(self, image, *, selection: str = "", min_face_size: int = 0, max_faces: int = 0,
-               timeout: float | None = None) -> pb.DetectResponse:
-        return self._call(self.stub.Detect, pb.DetectRequest(image=to_image(image), face_options=_face_options(
-            selection, min_face_size, max_faces)), timeout=timeout)
+    def detect(
+        self, image, *, selection: str = "", min_face_size: int = 0, max_faces: int = 0, timeout: float | None = None
+    ) -> pb.DetectResponse:
+        return self._call(
+            self.stub.Detect,
+            pb.DetectRequest(image=to_image(image), face_options=_face_options(selection, min_face_size, max_faces)),
+            timeout=timeout,
+        )
 
     def check_liveness(self, image, *, threshold: float = 0.0, timeout: float | None = None) -> pb.CheckLivenessResponse:
-        return self._call(self.stub.CheckLiveness, pb.CheckLivenessRequest(image=to_image(image), threshold=threshold),
-                          timeout=timeout)
+        return self._call(
+            self.stub.CheckLiveness, pb.CheckLivenessRequest(image=to_image(image), threshold=threshold), timeout=timeout
+        )
 
-    def compare(self, source, target, *, threshold: float = 0.0, require_liveness: bool = False,
-                timeout: float | None = None) -> pb.CompareResponse:
-        return self._call(self.stub.Compare, pb.CompareRequest(source=to_image(source), target=to_image(target),
-                                                              threshold=threshold, require_liveness=require_liveness),
-                          timeout=timeout)
+    def compare(
+        self, source, target, *, threshold: float = 0.0, require_liveness: bool = False, timeout: float | None = None
+    ) -> pb.CompareResponse:
+        return self._call(
+            self.stub.Compare,
+            pb.CompareRequest(
+                source=to_image(source), target=to_image(target), threshold=threshold, require_liveness=require_liveness
+            ),
+            timeout=timeout,
+        )
 
     def embed(self, image, *, timeout: float | None = None) -> pb.EmbedResponse:
         return self._call(self.stub.Embed, pb.EmbedRequest(image=to_image(image)), timeout=timeout)
@@ -110,41 +138,125 @@ class FaceClient:
         return self._call(self.stub.Analyze, pb.AnalyzeRequest(image=to_image(image)), timeout=timeout)
 
     # -- enrolment, 1:1 and 1:N ----------------------------------------------------------
-    def process(self, collection: str, subject_id: str, image, *, add_face: bool = False, skip_liveness: bool = False,
-                selection: str = "", timeout: float | None = None) -> pb.ProcessResponse:
-        return self._call(self.stub.Process, pb.ProcessRequest(
-            collection=collection, subject_id=subject_id, image=to_image(image), add_face=add_face,
-            skip_liveness=skip_liveness, face_options=_face_options(selection)), timeout=timeout)
+    def process(
+        self,
+        collection: str,
+        subject_id: str,
+        image,
+        *,
+        add_face: bool = False,
+        skip_liveness: bool = False,
+        selection: str = "",
+        timeout: float | None = None,
+    ) -> pb.ProcessResponse:
+        return self._call(
+            self.stub.Process,
+            pb.ProcessRequest(
+                collection=collection,
+                subject_id=subject_id,
+                image=to_image(image),
+                add_face=add_face,
+                skip_liveness=skip_liveness,
+                face_options=_face_options(selection),
+            ),
+            timeout=timeout,
+        )
 
-    def register(self, collection: str, subject_id: str, *, image=None, staging_token: str = "", add_face: bool = False,
-                 skip_liveness: bool = False, metadata: dict[str, str] | None = None, selection: str = "",
-                 timeout: float | None = None) -> pb.RegisterResponse:
+    def register(
+        self,
+        collection: str,
+        subject_id: str,
+        *,
+        image=None,
+        staging_token: str = "",
+        add_face: bool = False,
+        skip_liveness: bool = False,
+        metadata: dict[str, str] | None = None,
+        selection: str = "",
+        timeout: float | None = None,
+    ) -> pb.RegisterResponse:
         """Commit a staged face (staging_token from process()) or enrol a photo in one call (image)."""
-        req = pb.RegisterRequest(collection=collection, subject_id=subject_id, add_face=add_face,
-                                 skip_liveness=skip_liveness, metadata=metadata or {}, face_options=_face_options(selection))
+        req = pb.RegisterRequest(
+            collection=collection,
+            subject_id=subject_id,
+            add_face=add_face,
+            skip_liveness=skip_liveness,
+            metadata=metadata or {},
+            face_options=_face_options(selection),
+        )
         if staging_token:
             req.staging_token = staging_token
         elif image is not None:
             req.image.CopyFrom(to_image(image))
         return self._call(self.stub.Register, req, timeout=timeout, retry=bool(staging_token))
 
-    def verify(self, collection: str, subject_id: str, image, *, threshold: float = 0.0, skip_liveness: bool = False,
-               timeout: float | None = None) -> pb.VerifyResponse:
-        return self._call(self.stub.Verify, pb.VerifyRequest(collection=collection, subject_id=subject_id,
-                                                            image=to_image(image), threshold=threshold,
-                                                            skip_liveness=skip_liveness), timeout=timeout)
+    def verify(
+        self,
+        collection: str,
+        subject_id: str,
+        image,
+        *,
+        threshold: float = 0.0,
+        skip_liveness: bool = False,
+        timeout: float | None = None,
+    ) -> pb.VerifyResponse:
+        return self._call(
+            self.stub.Verify,
+            pb.VerifyRequest(
+                collection=collection,
+                subject_id=subject_id,
+                image=to_image(image),
+                threshold=threshold,
+                skip_liveness=skip_liveness,
+            ),
+            timeout=timeout,
+        )
 
-    def search(self, collection: str, image, *, top_k: int = 5, min_similarity: float = 0.0, all_faces: bool = False,
-               skip_liveness: bool = False, timeout: float | None = None) -> pb.SearchResponse:
-        return self._call(self.stub.Search, pb.SearchRequest(
-            collection=collection, image=to_image(image), top_k=top_k, min_similarity=min_similarity,
-            all_faces=all_faces, skip_liveness=skip_liveness), timeout=timeout)
+    def search(
+        self,
+        collection: str,
+        image,
+        *,
+        top_k: int = 5,
+        min_similarity: float = 0.0,
+        all_faces: bool = False,
+        skip_liveness: bool = False,
+        timeout: float | None = None,
+    ) -> pb.SearchResponse:
+        return self._call(
+            self.stub.Search,
+            pb.SearchRequest(
+                collection=collection,
+                image=to_image(image),
+                top_k=top_k,
+                min_similarity=min_similarity,
+                all_faces=all_faces,
+                skip_liveness=skip_liveness,
+            ),
+            timeout=timeout,
+        )
 
-    def search_by_embedding(self, collection: str, embedding, *, model: str = "", top_k: int = 5,
-                            min_similarity: float = 0.0, timeout: float | None = None) -> pb.SearchByEmbeddingResponse:
-        return self._call(self.stub.SearchByEmbedding, pb.SearchByEmbeddingRequest(
-            collection=collection, embedding=list(map(float, embedding)), model=model, top_k=top_k,
-            min_similarity=min_similarity), timeout=timeout)
+    def search_by_embedding(
+        self,
+        collection: str,
+        embedding,
+        *,
+        model: str = "",
+        top_k: int = 5,
+        min_similarity: float = 0.0,
+        timeout: float | None = None,
+    ) -> pb.SearchByEmbeddingResponse:
+        return self._call(
+            self.stub.SearchByEmbedding,
+            pb.SearchByEmbeddingRequest(
+                collection=collection,
+                embedding=list(map(float, embedding)),
+                model=model,
+                top_k=top_k,
+                min_similarity=min_similarity,
+            ),
+            timeout=timeout,
+        )
 
     def index_stats(self, collection: str) -> pb.GetIndexStatsResponse:
         return self._call(self.stub.GetIndexStats, pb.GetIndexStatsRequest(collection=collection))
@@ -157,33 +269,41 @@ class FaceClient:
         """Every subject, fetching pages as the caller iterates."""
         token = ""
         while True:
-            page = self._call(self.stub.ListSubjects, pb.ListSubjectsRequest(collection=collection, page_size=page_size,
-                                                                             page_token=token))
+            page = self._call(
+                self.stub.ListSubjects, pb.ListSubjectsRequest(collection=collection, page_size=page_size, page_token=token)
+            )
             yield from page.subjects
             token = page.next_page_token
             if not token:
                 return
 
-    def update_subject(self, collection: str, subject_id: str, metadata: dict[str, str], *,
-                       keys: Iterable[str] | None = None) -> pb.Subject:
+    def update_subject(
+        self, collection: str, subject_id: str, metadata: dict[str, str], *, keys: Iterable[str] | None = None
+    ) -> pb.Subject:
         """Replaces the subject's metadata; with `keys`, changes only those keys (set from `metadata`,
         removed when `metadata` lacks them)."""
         mask = field_mask_pb2.FieldMask(paths=[f"metadata.{k}" for k in keys]) if keys is not None else None
-        return self._call(self.stub.UpdateSubject, pb.UpdateSubjectRequest(collection=collection, subject_id=subject_id,
-                                                                           metadata=metadata, update_mask=mask)).subject
+        return self._call(
+            self.stub.UpdateSubject,
+            pb.UpdateSubjectRequest(collection=collection, subject_id=subject_id, metadata=metadata, update_mask=mask),
+        ).subject
 
     def delete_subject(self, collection: str, subject_id: str) -> int:
         """Returns how many faces were deleted with the subject."""
-        return self._call(self.stub.DeleteSubject, pb.DeleteSubjectRequest(collection=collection,
-                                                                           subject_id=subject_id)).deleted_faces
+        return self._call(
+            self.stub.DeleteSubject, pb.DeleteSubjectRequest(collection=collection, subject_id=subject_id)
+        ).deleted_faces
 
     def delete_face(self, collection: str, face_id: str) -> None:
         self._call(self.stub.DeleteFace, pb.DeleteFaceRequest(collection=collection, face_id=face_id))
 
     def create_collection(self, collection: str, *, display_name: str = "", liveness_optional: bool = False) -> pb.Collection:
         policy = pb.LIVENESS_POLICY_OPTIONAL if liveness_optional else pb.LIVENESS_POLICY_REQUIRED
-        return self._call(self.stub.CreateCollection, pb.CreateCollectionRequest(
-            collection=collection, display_name=display_name, liveness_policy=policy), retry=False).collection
+        return self._call(
+            self.stub.CreateCollection,
+            pb.CreateCollectionRequest(collection=collection, display_name=display_name, liveness_policy=policy),
+            retry=False,
+        ).collection
 
     def get_collection(self, collection: str) -> pb.Collection:
         return self._call(self.stub.GetCollection, pb.GetCollectionRequest(collection=collection)).collection
@@ -201,14 +321,16 @@ class FaceClient:
         return self._call(self.stub.DeleteCollection, pb.DeleteCollectionRequest(collection=collection))
 
     def create_api_key(self, collection: str, description: str = "") -> pb.CreateApiKeyResponse:
-        return self._call(self.stub.CreateApiKey, pb.CreateApiKeyRequest(collection=collection, description=description),
-                          retry=False)
+        return self._call(
+            self.stub.CreateApiKey, pb.CreateApiKeyRequest(collection=collection, description=description), retry=False
+        )
 
     def list_api_keys(self, collection: str, *, page_size: int = 100) -> Iterator[pb.ApiKey]:
         token = ""
         while True:
-            page = self._call(self.stub.ListApiKeys, pb.ListApiKeysRequest(collection=collection, page_size=page_size,
-                                                                           page_token=token))
+            page = self._call(
+                self.stub.ListApiKeys, pb.ListApiKeysRequest(collection=collection, page_size=page_size, page_token=token)
+            )
             yield from page.keys
             token = page.next_page_token
             if not token:
@@ -218,32 +340,53 @@ class FaceClient:
         self._call(self.stub.DeleteApiKey, pb.DeleteApiKeyRequest(collection=collection, key_id=key_id))
 
     # -- batches and streams --------------------------------------------------------------
-    def detect_batch(self, items: dict[str, object] | Iterable[tuple[str, object]], *,
-                     timeout: float | None = None) -> pb.DetectBatchResponse:
+    def detect_batch(
+        self, items: dict[str, object] | Iterable[tuple[str, object]], *, timeout: float | None = None
+    ) -> pb.DetectBatchResponse:
         pairs = items.items() if isinstance(items, dict) else items
-        return self._call(self.stub.DetectBatch, pb.DetectBatchRequest(
-            items=[pb.BatchImage(item_id=k, image=to_image(v)) for k, v in pairs]), timeout=timeout)
+        return self._call(
+            self.stub.DetectBatch,
+            pb.DetectBatchRequest(items=[pb.BatchImage(item_id=k, image=to_image(v)) for k, v in pairs]),
+            timeout=timeout,
+        )
 
-    def register_batch(self, items: Iterable[tuple[str, pb.RegisterRequest]], *,
-                       timeout: float | None = None) -> Iterator[pb.RegisterBatchResponse]:
+    def register_batch(
+        self, items: Iterable[tuple[str, pb.RegisterRequest]], *, timeout: float | None = None
+    ) -> Iterator[pb.RegisterBatchResponse]:
         """(item id, RegisterRequest) pairs in; one RegisterBatchResponse per item out, in order."""
         requests = (pb.RegisterBatchRequest(item_id=k, register=r) for k, r in items)
         return self._stream(self.stub.RegisterBatch, requests, timeout)
 
-    def process_batch(self, items: Iterable[tuple[str, pb.ProcessRequest]], *,
-                      timeout: float | None = None) -> Iterator[pb.ProcessBatchResponse]:
+    def process_batch(
+        self, items: Iterable[tuple[str, pb.ProcessRequest]], *, timeout: float | None = None
+    ) -> Iterator[pb.ProcessBatchResponse]:
         requests = (pb.ProcessBatchRequest(item_id=k, process=r) for k, r in items)
         return self._stream(self.stub.ProcessBatch, requests, timeout)
 
-    def stream_frames(self, frames: Iterable, *, collection: str = "", identify: bool = False, liveness: bool = False,
-                      max_fps: float = 0.0, min_similarity: float = 0.0, min_face_size: int = 0,
-                      timeout: float | None = None) -> Iterator[pb.StreamFramesResponse]:
+    def stream_frames(
+        self,
+        frames: Iterable,
+        *,
+        collection: str = "",
+        identify: bool = False,
+        liveness: bool = False,
+        max_fps: float = 0.0,
+        min_similarity: float = 0.0,
+        min_face_size: int = 0,
+        timeout: float | None = None,
+    ) -> Iterator[pb.StreamFramesResponse]:
         """Frames in (numpy arrays, images, or (frame_id, image) pairs); an answer per processed frame out.
 
         The server drops frames it cannot keep up with (see skipped_frame_ids), so a
         caller may send at the camera's rate without pacing."""
-        config = pb.StreamConfig(collection=collection, identify=identify, liveness=liveness, max_fps=max_fps,
-                                 min_similarity=min_similarity, face_options=_face_options(min_face_size=min_face_size))
+        config = pb.StreamConfig(
+            collection=collection,
+            identify=identify,
+            liveness=liveness,
+            max_fps=max_fps,
+            min_similarity=min_similarity,
+            face_options=_face_options(min_face_size=min_face_size),
+        )
 
         def requests():
             yield pb.StreamFramesRequest(config=config)

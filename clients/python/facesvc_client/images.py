@@ -5,6 +5,7 @@ base64 string or a data URL ("data:image/jpeg;base64,..." as browsers and the
 older web clients send), a numpy array (H x W x 3 BGR as OpenCV gives, or
 H x W gray; sent raw, no encoding), or an Image message as it is.
 """
+
 from __future__ import annotations
 
 import base64
@@ -29,8 +30,9 @@ def to_image(value, *, pixel_format: str = "bgr") -> pb.Image:
         return pb.Image(encoded=_str_bytes(value))
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return _raw(value, pixel_format)
-    raise TypeError(f"cannot send {type(value).__name__} as an image: pass a path, bytes, a base64 string, "
-                    "a data URL or a numpy array")
+    raise TypeError(
+        f"cannot send {type(value).__name__} as an image: pass a path, bytes, a base64 string, a data URL or a numpy array"
+    )
 
 
 def _str_bytes(s: str) -> bytes:

@@ -1,4 +1,5 @@
 """The identity lifecycle (Process -> Register -> Verify) and the subject RPCs, over IdentityService."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from server.rpc.status import rpc
 @dataclass
 class Pending:
     """A request checked up to its embedding: `face` to embed (None when it needs none), then `finish`."""
+
     face: object
     finish: Callable
 
@@ -39,8 +41,9 @@ class IdentityHandlers:
         opts = r.options(request.face_options)
         lthr = r.liveness_threshold(request.liveness_threshold)
         img = r.image(request.image, "image", budget)
-        return self.identity.screen(coll, subject, img, opts, add_face=request.add_face,
-                                    skip_liveness=request.skip_liveness, liveness_threshold=lthr)
+        return self.identity.screen(
+            coll, subject, img, opts, add_face=request.add_face, skip_liveness=request.skip_liveness, liveness_threshold=lthr
+        )
 
     # -- enrolment and verification --------------------------------------------
     def prepare_process(self, request: pb.ProcessRequest, budget=None) -> Pending:
@@ -50,10 +53,14 @@ class IdentityHandlers:
         def finish(embedding) -> pb.ProcessResponse:
             r = self.identity.process_screened(screened, embedding)
             return pb.ProcessResponse(
-                staging_token=r.token, expire_time=convert.timestamp(r.staged.expires_ms), face=convert.face_to_proto(r.face),
-                liveness=convert.liveness_to_proto(r.liveness) if r.liveness else None, faces_detected=r.faces_detected,
+                staging_token=r.token,
+                expire_time=convert.timestamp(r.staged.expires_ms),
+                face=convert.face_to_proto(r.face),
+                liveness=convert.liveness_to_proto(r.liveness) if r.liveness else None,
+                faces_detected=r.faces_detected,
                 model=r.staged.model_id,
             )
+
         return Pending(screened.face, finish)
 
     def prepare_register(self, request: pb.RegisterRequest, budget=None) -> Pending:
@@ -65,11 +72,15 @@ class IdentityHandlers:
         if which == "staging_token":
             if not request.staging_token:
                 raise errors.validation("staging_token", "required")
-            return Pending(None, lambda _: self._register_response(
-                self.identity.register_staged(coll, subject, request.staging_token, metadata)))
+            return Pending(
+                None,
+                lambda _: self._register_response(self.identity.register_staged(coll, subject, request.staging_token, metadata)),
+            )
         screened = self._screen(request, coll, subject, budget)
-        return Pending(screened.face, lambda embedding: self._register_response(
-            self.identity.register_screened(screened, embedding, metadata)))
+        return Pending(
+            screened.face,
+            lambda embedding: self._register_response(self.identity.register_screened(screened, embedding, metadata)),
+        )
 
     @rpc
     def Process(self, request: pb.ProcessRequest, context) -> pb.ProcessResponse:
@@ -81,8 +92,9 @@ class IdentityHandlers:
 
     @staticmethod
     def _register_response(r) -> pb.RegisterResponse:
-        resp = pb.RegisterResponse(subject=convert.subject_to_proto(r.subject), face=convert.stored_face_to_proto(r.face),
-                                   subject_created=r.created)
+        resp = pb.RegisterResponse(
+            subject=convert.subject_to_proto(r.subject), face=convert.stored_face_to_proto(r.face), subject_created=r.created
+        )
         if r.processed is not None:
             resp.detected_face.CopyFrom(convert.face_to_proto(r.processed.face))
             if r.processed.liveness:
@@ -97,11 +109,16 @@ class IdentityHandlers:
         threshold = r.match_threshold(request.threshold)
         lthr = r.liveness_threshold(request.liveness_threshold)
         img = r.image(request.image, "image")
-        v = self.identity.verify(coll, subject, img, opts, threshold, skip_liveness=request.skip_liveness,
-                                 liveness_threshold=lthr)
+        v = self.identity.verify(
+            coll, subject, img, opts, threshold, skip_liveness=request.skip_liveness, liveness_threshold=lthr
+        )
         return pb.VerifyResponse(
-            match=v.match, similarity=v.similarity, matched_face_id=v.matched_face_id, threshold=v.threshold,
-            liveness=convert.liveness_to_proto(v.liveness) if v.liveness else None, face=convert.face_to_proto(v.face),
+            match=v.match,
+            similarity=v.similarity,
+            matched_face_id=v.matched_face_id,
+            threshold=v.threshold,
+            liveness=convert.liveness_to_proto(v.liveness) if v.liveness else None,
+            face=convert.face_to_proto(v.face),
             model=self.identity.pipeline.recognizer.model_id,
             face_similarities=[pb.FaceSimilarity(face_id=f, similarity=s) for f, s in v.similarities],
         )
@@ -115,8 +132,13 @@ class IdentityHandlers:
     @rpc
     def ListSubjects(self, request: pb.ListSubjectsRequest, context) -> pb.ListSubjectsResponse:
         coll = validate.collection_id(request.collection)
-        rows, token = validate.page(request.page_size, request.page_token, f"subjects:{coll}",
-                                    lambda after, limit: self.identity.list_subjects(coll, after, limit), lambda s: s.subject_id)
+        rows, token = validate.page(
+            request.page_size,
+            request.page_token,
+            f"subjects:{coll}",
+            lambda after, limit: self.identity.list_subjects(coll, after, limit),
+            lambda s: s.subject_id,
+        )
         return pb.ListSubjectsResponse(subjects=[convert.subject_to_proto(s) for s in rows], next_page_token=token)
 
     @rpc
@@ -124,8 +146,9 @@ class IdentityHandlers:
         coll, subject = self._ids(request)
         metadata = validate.metadata(request.metadata)
         keys = validate.metadata_mask(request.update_mask.paths, metadata)
-        return pb.UpdateSubjectResponse(subject=convert.subject_to_proto(
-            self.identity.update_subject(coll, subject, metadata, keys)))
+        return pb.UpdateSubjectResponse(
+            subject=convert.subject_to_proto(self.identity.update_subject(coll, subject, metadata, keys))
+        )
 
     @rpc
     def DeleteSubject(self, request: pb.DeleteSubjectRequest, context) -> pb.DeleteSubjectResponse:

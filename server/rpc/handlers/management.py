@@ -1,4 +1,5 @@
 """Collections and API keys (admin key only: enforced by server/rpc/auth.py), over CollectionService."""
+
 from __future__ import annotations
 
 from facesvc.v1 import face_service_pb2 as pb
@@ -9,17 +10,26 @@ from server.rpc.status import rpc
 
 
 class ManagementHandlers:
-    RPCS = ("CreateCollection", "GetCollection", "ListCollections", "DeleteCollection", "CreateApiKey", "ListApiKeys",
-            "DeleteApiKey")
+    RPCS = (
+        "CreateCollection",
+        "GetCollection",
+        "ListCollections",
+        "DeleteCollection",
+        "CreateApiKey",
+        "ListApiKeys",
+        "DeleteApiKey",
+    )
 
     def __init__(self, collections: CollectionService):
         self.collections = collections
 
     @rpc
     def CreateCollection(self, request: pb.CreateCollectionRequest, context) -> pb.CreateCollectionResponse:
-        c = self.collections.create(validate.collection_id(request.collection),
-                                    validate.text(request.display_name, "display_name"),
-                                    convert.liveness_policy(request.liveness_policy))
+        c = self.collections.create(
+            validate.collection_id(request.collection),
+            validate.text(request.display_name, "display_name"),
+            convert.liveness_policy(request.liveness_policy),
+        )
         return pb.CreateCollectionResponse(collection=convert.collection_to_proto(c))
 
     @rpc
@@ -29,8 +39,9 @@ class ManagementHandlers:
 
     @rpc
     def ListCollections(self, request: pb.ListCollectionsRequest, context) -> pb.ListCollectionsResponse:
-        rows, token = validate.page(request.page_size, request.page_token, "collections", self.collections.list,
-                                    lambda c: c.collection_id)
+        rows, token = validate.page(
+            request.page_size, request.page_token, "collections", self.collections.list, lambda c: c.collection_id
+        )
         return pb.ListCollectionsResponse(collections=[convert.collection_to_proto(c) for c in rows], next_page_token=token)
 
     @rpc
@@ -48,8 +59,13 @@ class ManagementHandlers:
     @rpc
     def ListApiKeys(self, request: pb.ListApiKeysRequest, context) -> pb.ListApiKeysResponse:
         coll = validate.collection_id(request.collection)
-        rows, token = validate.page(request.page_size, request.page_token, f"keys:{coll}",
-                                    lambda after, limit: self.collections.list_keys(coll, after, limit), lambda k: k.key_id)
+        rows, token = validate.page(
+            request.page_size,
+            request.page_token,
+            f"keys:{coll}",
+            lambda after, limit: self.collections.list_keys(coll, after, limit),
+            lambda k: k.key_id,
+        )
         return pb.ListApiKeysResponse(keys=[convert.api_key_to_proto(k) for k in rows], next_page_token=token)
 
     @rpc

@@ -1,4 +1,5 @@
 """1:N search RPCs over SearchService."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -38,21 +39,36 @@ class SearchHandlers:
         opts = r.options(request.face_options, analyzed=request.all_faces)
         lthr = r.liveness_threshold(request.liveness_threshold)
         img = r.image(request.image, "image")
-        results = self.searcher.search(coll, img, opts, top_k, min_sim, all_faces=request.all_faces,
-                                       skip_liveness=request.skip_liveness, liveness_threshold=lthr)
+        results = self.searcher.search(
+            coll,
+            img,
+            opts,
+            top_k,
+            min_sim,
+            all_faces=request.all_faces,
+            skip_liveness=request.skip_liveness,
+            liveness_threshold=lthr,
+        )
         return pb.SearchResponse(
-            results=[pb.FaceSearchResult(face=convert.face_to_proto(x.face), matches=_matches(x.hits),
-                                         liveness=convert.liveness_to_proto(x.liveness) if x.liveness else None)
-                     for x in results],
-            model=self.searcher.pipeline.recognizer.model_id, min_similarity=min_sim,
+            results=[
+                pb.FaceSearchResult(
+                    face=convert.face_to_proto(x.face),
+                    matches=_matches(x.hits),
+                    liveness=convert.liveness_to_proto(x.liveness) if x.liveness else None,
+                )
+                for x in results
+            ],
+            model=self.searcher.pipeline.recognizer.model_id,
+            min_similarity=min_sim,
         )
 
     @rpc
     def SearchByEmbedding(self, request: pb.SearchByEmbeddingRequest, context) -> pb.SearchByEmbeddingResponse:
         coll = validate.collection_id(request.collection)
         top_k, min_sim = _top_k(request.top_k), self.requests.min_similarity(request.min_similarity)
-        hits = self.searcher.search_embedding(coll, np.asarray(request.embedding, dtype=np.float32), request.model, top_k,
-                                              min_sim, trusted=admin_or_open())
+        hits = self.searcher.search_embedding(
+            coll, np.asarray(request.embedding, dtype=np.float32), request.model, top_k, min_sim, trusted=admin_or_open()
+        )
         return pb.SearchByEmbeddingResponse(matches=_matches(hits), min_similarity=min_sim)
 
     @rpc
@@ -60,8 +76,14 @@ class SearchHandlers:
         coll = validate.collection_id(request.collection)
         st = self.searcher.stats(coll)
         return pb.GetIndexStatsResponse(
-            engine=st.engine, size=st.size, deleted=st.deleted, dimension=st.dimension, model=st.model,
-            memory_bytes=st.memory_bytes, capacity=st.capacity, loaded_from=st.loaded_from,
+            engine=st.engine,
+            size=st.size,
+            deleted=st.deleted,
+            dimension=st.dimension,
+            model=st.model,
+            memory_bytes=st.memory_bytes,
+            capacity=st.capacity,
+            loaded_from=st.loaded_from,
             last_rebuild_time=convert.timestamp(int(st.built_at * 1000)),
             snapshot_time=convert.timestamp(int(st.snapshot_at * 1000)) if st.snapshot_at else None,
             engine_params={k: str(v) for k, v in st.params.items()},

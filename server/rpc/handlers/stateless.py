@@ -1,4 +1,5 @@
 """The stateless RPCs: a photo in, faces (and their liveness, embeddings, age/gender, similarity) out."""
+
 from __future__ import annotations
 
 from facesvc.v1 import face_service_pb2 as pb
@@ -32,8 +33,11 @@ class StatelessHandlers:
     def Detect(self, request: pb.DetectRequest, context) -> pb.DetectResponse:
         img, faces = self._detect_all(request)
         h, w = img.shape[:2]
-        return pb.DetectResponse(faces=[convert.face_to_proto(f) for f in faces], image=pb.ImageInfo(width=w, height=h),
-                                 detector=self.pipeline.detector.name)
+        return pb.DetectResponse(
+            faces=[convert.face_to_proto(f) for f in faces],
+            image=pb.ImageInfo(width=w, height=h),
+            detector=self.pipeline.detector.name,
+        )
 
     @rpc
     def CheckLiveness(self, request: pb.CheckLivenessRequest, context) -> pb.CheckLivenessResponse:
@@ -42,8 +46,9 @@ class StatelessHandlers:
         threshold = r.liveness_threshold(request.threshold, "threshold")
         img = r.image(request.image, "image")
         face = p.detect_one(img, opts)
-        return pb.CheckLivenessResponse(face=convert.face_to_proto(face),
-                                        liveness=convert.liveness_to_proto(p.check_liveness(img, face, threshold)))
+        return pb.CheckLivenessResponse(
+            face=convert.face_to_proto(face), liveness=convert.liveness_to_proto(p.check_liveness(img, face, threshold))
+        )
 
     @rpc
     def Compare(self, request: pb.CompareRequest, context) -> pb.CompareResponse:
@@ -61,8 +66,11 @@ class StatelessHandlers:
         src_emb, tgt_emb = p.embed(faces)
         similarity = p.similarity(src_emb, tgt_emb)
         resp = pb.CompareResponse(
-            similarity=similarity, match=similarity >= threshold, threshold=threshold,
-            source_face=convert.face_to_proto(faces[0]), target_face=convert.face_to_proto(faces[1]),
+            similarity=similarity,
+            match=similarity >= threshold,
+            threshold=threshold,
+            source_face=convert.face_to_proto(faces[0]),
+            target_face=convert.face_to_proto(faces[1]),
             model=p.recognizer.model_id,
         )
         if live:
@@ -76,14 +84,16 @@ class StatelessHandlers:
         _, faces = self._detect_all(request, analyzed=True)
         return pb.EmbedResponse(
             faces=[pb.FaceEmbedding(face=convert.face_to_proto(f), embedding=e.tolist()) for f, e in zip(faces, p.embed(faces))],
-            model=p.recognizer.model_id, dimension=p.recognizer.embedding_dim,
+            model=p.recognizer.model_id,
+            dimension=p.recognizer.embedding_dim,
         )
 
     @rpc
     def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
         img, faces = self._detect_all(request, analyzed=True)
-        return pb.AnalyzeResponse(faces=[convert.analysis_to_proto(f, a)
-                                         for f, a in zip(faces, self.pipeline.analyze(img, faces))])
+        return pb.AnalyzeResponse(
+            faces=[convert.analysis_to_proto(f, a) for f, a in zip(faces, self.pipeline.analyze(img, faces))]
+        )
 
     @rpc
     def DetectBatch(self, request: pb.DetectBatchRequest, context) -> pb.DetectBatchResponse:
@@ -100,8 +110,15 @@ class StatelessHandlers:
             try:
                 img = r.image(item.image, f"items[{n}].image", budget)
                 h, w = img.shape[:2]
-                results.append(pb.DetectBatchResult(item_id=item.item_id, faces=[convert.face_to_proto(f) for f in p.detect(img, opts)],
-                                                     image=pb.ImageInfo(width=w, height=h)))
+                results.append(
+                    pb.DetectBatchResult(
+                        item_id=item.item_id,
+                        faces=[convert.face_to_proto(f) for f in p.detect(img, opts)],
+                        image=pb.ImageInfo(width=w, height=h),
+                    )
+                )
             except Exception as exc:  # noqa: BLE001 - one bad photo never fails the batch
-                results.append(pb.DetectBatchResult(item_id=item.item_id, error=item_error(failure("DetectBatch", exc, item=True))))
+                results.append(
+                    pb.DetectBatchResult(item_id=item.item_id, error=item_error(failure("DetectBatch", exc, item=True)))
+                )
         return pb.DetectBatchResponse(results=results, detector=p.detector.name)

@@ -7,6 +7,7 @@ key and collection about once a second, and charges one pixel budget for the
 whole call. Batch items fail one by one: each gets the status and reason its
 single-item RPC would have answered with, and the call goes on.
 """
+
 from __future__ import annotations
 
 import queue
@@ -87,8 +88,12 @@ class RequestReader:
 
 
 def stream_idle(seconds: float) -> errors.FaceServiceError:
-    return errors.FaceServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, errors.STREAM_IDLE,
-                                   f"no message for {seconds:g} s: the stream was closed", idle_seconds=f"{seconds:g}")
+    return errors.FaceServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        errors.STREAM_IDLE,
+        f"no message for {seconds:g} s: the stream was closed",
+        idle_seconds=f"{seconds:g}",
+    )
 
 
 def _groups(reader: RequestReader, size: int, first_s: float, idle_s: float, recheck):
@@ -115,9 +120,18 @@ def _groups(reader: RequestReader, size: int, first_s: float, idle_s: float, rec
 class StreamHandlers:
     RPCS = ("StreamFrames", "ProcessBatch", "RegisterBatch")
 
-    def __init__(self, pipeline: FacePipeline, identity: IdentityHandlers, collections: CollectionService, indexes,
-                 requests: RequestParser, authenticator: Authenticator | None, first_message_s: float, idle_s: float,
-                 max_faces_per_subject: int):
+    def __init__(
+        self,
+        pipeline: FacePipeline,
+        identity: IdentityHandlers,
+        collections: CollectionService,
+        indexes,
+        requests: RequestParser,
+        authenticator: Authenticator | None,
+        first_message_s: float,
+        idle_s: float,
+        max_faces_per_subject: int,
+    ):
         self.pipeline, self.identity, self.collections, self.indexes = pipeline, identity, collections, indexes
         self.requests, self.authenticator = requests, authenticator
         self.first_message_s, self.idle_s, self.max_faces_per_subject = first_message_s, idle_s, max_faces_per_subject
@@ -135,8 +149,10 @@ class StreamHandlers:
 
             def same_collection():
                 if self.collections.created_ms(collection) != created:
-                    raise errors.not_found(errors.COLLECTION_NOT_FOUND, "the collection was deleted; the stream is closed",
-                                           collection=collection)
+                    raise errors.not_found(
+                        errors.COLLECTION_NOT_FOUND, "the collection was deleted; the stream is closed", collection=collection
+                    )
+
             checks.append(same_collection)
         return Recheck(checks, RECHECK_S)
 
@@ -185,13 +201,15 @@ class StreamHandlers:
 
     @stream_rpc
     def ProcessBatch(self, request_iterator, context):
-        yield from self._batch(request_iterator, context, "Process", "process", self.identity.prepare_process,
-                               pb.ProcessBatchResponse)
+        yield from self._batch(
+            request_iterator, context, "Process", "process", self.identity.prepare_process, pb.ProcessBatchResponse
+        )
 
     @stream_rpc
     def RegisterBatch(self, request_iterator, context):
-        yield from self._batch(request_iterator, context, "Register", "register", self.identity.prepare_register,
-                               pb.RegisterBatchResponse)
+        yield from self._batch(
+            request_iterator, context, "Register", "register", self.identity.prepare_register, pb.RegisterBatchResponse
+        )
 
     # -- live frames -------------------------------------------------------------
     def _stream_settings(self, cfg: pb.StreamConfig) -> StreamSettings:
@@ -204,8 +222,11 @@ class StreamHandlers:
             if self.collections.policy(collection) == LIVENESS_REQUIRED:
                 liveness = True  # identification honours the collection's liveness policy, as Search does
         return StreamSettings(
-            detect=r.options(cfg.face_options, "config.face_options", analyzed=cfg.liveness or cfg.identify), liveness=liveness, identify=cfg.identify,
-            collection=collection, min_similarity=r.min_similarity(cfg.min_similarity, "config.min_similarity"),
+            detect=r.options(cfg.face_options, "config.face_options", analyzed=cfg.liveness or cfg.identify),
+            liveness=liveness,
+            identify=cfg.identify,
+            collection=collection,
+            min_similarity=r.min_similarity(cfg.min_similarity, "config.min_similarity"),
             liveness_threshold=r.liveness_threshold(cfg.liveness_threshold, "config.liveness_threshold"),
             max_faces_per_subject=self.max_faces_per_subject,
         )
@@ -221,8 +242,13 @@ class StreamHandlers:
                 return
             for req in request_iterator:
                 if req.WhichOneof("message") != "frame":
-                    inbox.fail(errors.FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, errors.STREAM_PROTOCOL,
-                                                       "only the first message may be a StreamConfig; then send frames"))
+                    inbox.fail(
+                        errors.FaceServiceError(
+                            grpc.StatusCode.INVALID_ARGUMENT,
+                            errors.STREAM_PROTOCOL,
+                            "only the first message may be a StreamConfig; then send frames",
+                        )
+                    )
                     return
                 inbox.put(req.frame)
             inbox.close()
@@ -234,8 +260,9 @@ class StreamHandlers:
     def StreamFrames(self, request_iterator, context):
         inbox, first_q, go = FrameInbox(), queue.Queue(maxsize=2), threading.Event()
         context.add_callback(inbox.cancel)  # a cancelled or finished call frees the stream at once
-        threading.Thread(target=self._read_frames, args=(request_iterator, first_q, go, inbox), name="stream-reader",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._read_frames, args=(request_iterator, first_q, go, inbox), name="stream-reader", daemon=True
+        ).start()
         try:
             yield from self._stream_frames(context, inbox, first_q, go)
         finally:
@@ -251,8 +278,11 @@ class StreamHandlers:
         if first is None:
             return
         if first.WhichOneof("message") != "config":
-            raise errors.FaceServiceError(grpc.StatusCode.INVALID_ARGUMENT, errors.STREAM_PROTOCOL,
-                                          "the first message of StreamFrames must be a StreamConfig")
+            raise errors.FaceServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                errors.STREAM_PROTOCOL,
+                "the first message of StreamFrames must be a StreamConfig",
+            )
         if first.config.identify:  # detection/liveness alone are stateless: any valid key may stream them
             self._authorize(context, "StreamFrames", first.config)
         cfg = self._stream_settings(first.config)
@@ -278,12 +308,22 @@ class StreamHandlers:
                 img = self.requests.image(frame.image, "frame.image", budget)
                 resp.image.CopyFrom(pb.ImageInfo(width=img.shape[1], height=img.shape[0]))
                 for r in session.process(img):
-                    resp.faces.append(pb.TrackedFace(
-                        track_id=r.track.track_id, face=convert.face_to_proto(r.face), frames_tracked=r.track.frames,
-                        evaluated=r.evaluated,
-                        liveness=convert.liveness_to_proto(r.track.liveness) if r.track.liveness else None,
-                        identity=pb.TrackIdentity(subject_id=r.track.identity.subject_id, face_id=r.track.identity.face_id,
-                                                  similarity=r.track.identity.similarity) if r.track.identity else None))
+                    resp.faces.append(
+                        pb.TrackedFace(
+                            track_id=r.track.track_id,
+                            face=convert.face_to_proto(r.face),
+                            frames_tracked=r.track.frames,
+                            evaluated=r.evaluated,
+                            liveness=convert.liveness_to_proto(r.track.liveness) if r.track.liveness else None,
+                            identity=pb.TrackIdentity(
+                                subject_id=r.track.identity.subject_id,
+                                face_id=r.track.identity.face_id,
+                                similarity=r.track.identity.similarity,
+                            )
+                            if r.track.identity
+                            else None,
+                        )
+                    )
             except errors.FaceServiceError as exc:  # one bad frame does not end the stream
                 if exc.reason in STREAM_ENDING:
                     raise

@@ -1,4 +1,5 @@
 """The face store: subjects, faces and API keys in SQLite (embedded default) or MySQL."""
+
 from __future__ import annotations
 
 from server.storage.sql.dialects import dialect_for

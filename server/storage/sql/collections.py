@@ -1,4 +1,5 @@
 """Collections (tenants) in SQL: the CollectionStore role."""
+
 from __future__ import annotations
 
 from server import errors
@@ -15,19 +16,26 @@ class SqlCollections(SqlDatabase):
         created = now_ms()
         try:
             with self._tx() as q:
-                q("INSERT INTO collections (collection_id, display_name, liveness_policy, created_ms) VALUES (?, ?, ?, ?)",
-                  collection_id, display_name, liveness_policy, created)
+                q(
+                    "INSERT INTO collections (collection_id, display_name, liveness_policy, created_ms) VALUES (?, ?, ?, ?)",
+                    collection_id,
+                    display_name,
+                    liveness_policy,
+                    created,
+                )
         except self.d.integrity_errors:
-            raise errors.already_exists(errors.COLLECTION_EXISTS, f"collection {collection_id!r} already exists",
-                                        collection=collection_id) from None
+            raise errors.already_exists(
+                errors.COLLECTION_EXISTS, f"collection {collection_id!r} already exists", collection=collection_id
+            ) from None
         return Collection(collection_id, display_name, liveness_policy, created)
 
     def get_collection(self, collection_id: str) -> Collection:
         with self._tx(write=False) as q:
             row = q(f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.collection_id = ?", collection_id).fetchone()
         if row is None:
-            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection_id!r} does not exist",
-                                   collection=collection_id)
+            raise errors.not_found(
+                errors.COLLECTION_NOT_FOUND, f"collection {collection_id!r} does not exist", collection=collection_id
+            )
         return Collection(*row)
 
     def get_collection_policy(self, collection_id: str) -> str:
@@ -37,8 +45,12 @@ class SqlCollections(SqlDatabase):
 
     def list_collections(self, after: str, limit: int) -> list[Collection]:
         with self._tx(write=False) as q:
-            rows = q(f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.collection_id > ? "
-                     "ORDER BY c.collection_id LIMIT ?", after, limit).fetchall()
+            rows = q(
+                f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.collection_id > ? "
+                "ORDER BY c.collection_id LIMIT ?",
+                after,
+                limit,
+            ).fetchall()
         return [Collection(*r) for r in rows]
 
     def delete_collection(self, collection_id: str) -> tuple[int, int]:

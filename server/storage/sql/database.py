@@ -11,6 +11,7 @@ a row to `face_changes` in the same transaction (`_log`: op add / delete /
 update, or drop for a whole collection). Each server replica follows that log
 to keep its in-memory indexes current (server/index/sync.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -119,8 +120,11 @@ class SqlDatabase:
                 raise
             log.warning("database unavailable: %s", exc)
             # the driver's text names hosts, ports and users: it goes to the log, the caller gets the reason
-            raise errors.unavailable(errors.STORE_UNAVAILABLE, "the database is unavailable; nothing was written; retry",
-                                     detail=f"{type(exc).__name__}: {exc}") from exc
+            raise errors.unavailable(
+                errors.STORE_UNAVAILABLE,
+                "the database is unavailable; nothing was written; retry",
+                detail=f"{type(exc).__name__}: {exc}",
+            ) from exc
 
     def _retrying(self, fn, attempts: int = 3):
         """Run a write transaction again after a deadlock / lock timeout (MySQL)."""
@@ -149,12 +153,15 @@ class SqlDatabase:
                     current = row[0] or 0
                     if current > target:
                         raise RuntimeError(
-                            f"database schema version {current} is newer than this server understands ({target}); upgrade the server")
+                            f"database schema version {current} is newer than this server understands ({target}); upgrade the server"
+                        )
                     for version in range(current + 1, target + 1):
                         log.info("migrating %s schema to version %d", self.d.name, version)
                         for stmt in self.d.schema[version - 1]:
                             self.d.execute(conn, stmt)
-                        self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
+                        self.d.execute(
+                            conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms())
+                        )
                         if self.d.name == "sqlite":
                             conn.commit()
         except RuntimeError:
@@ -167,11 +174,17 @@ class SqlDatabase:
     def _collection_row(self, q, collection_id: str):
         row = q("SELECT collection_id, liveness_policy FROM collections WHERE collection_id = ?", collection_id).fetchone()
         if row is None:
-            raise errors.not_found(errors.COLLECTION_NOT_FOUND, f"collection {collection_id!r} does not exist",
-                                   collection=collection_id)
+            raise errors.not_found(
+                errors.COLLECTION_NOT_FOUND, f"collection {collection_id!r} does not exist", collection=collection_id
+            )
         return row
 
     @staticmethod
     def _log(q, collection_id: str, face_id: str | None, op: str) -> None:
-        q("INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES (?, ?, ?, ?)",
-          collection_id, face_id, op, now_ms())
+        q(
+            "INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES (?, ?, ?, ?)",
+            collection_id,
+            face_id,
+            op,
+            now_ms(),
+        )

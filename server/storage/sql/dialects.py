@@ -4,6 +4,7 @@
 `MySqlDialect` talks to MySQL/MariaDB through pymysql. Everything else (the
 queries, the transactions, the migrations) lives in `sql_store.py` once.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -125,7 +126,8 @@ class SqliteDialect:
         """Busy/locked after the busy timeout, or the file went away: worth a retry, not a bug."""
         msg = str(exc).lower()
         return isinstance(exc, sqlite3.OperationalError) and any(
-            w in msg for w in ("locked", "busy", "disk i/o", "unable to open", "readonly"))
+            w in msg for w in ("locked", "busy", "disk i/o", "unable to open", "readonly")
+        )
 
     def __init__(self, path: str):
         self.path = path
@@ -191,8 +193,11 @@ class MySqlDialect:
         if not u.path.strip("/"):
             raise ValueError(f"{url!r}: the MySQL URL needs a database name (mysql://user:pass@host:port/db)")
         self.params = dict(
-            host=u.hostname or "127.0.0.1", port=u.port or 3306, user=unquote(u.username or "root"),
-            password=unquote(u.password or ""), database=u.path.strip("/"),
+            host=u.hostname or "127.0.0.1",
+            port=u.port or 3306,
+            user=unquote(u.username or "root"),
+            password=unquote(u.password or ""),
+            database=u.path.strip("/"),
         )
         self.connect_timeout = connect_timeout
 
@@ -202,8 +207,12 @@ class MySqlDialect:
 
     def connect(self):
         return pymysql.connect(
-            **self.params, charset="utf8mb4", autocommit=True, connect_timeout=self.connect_timeout,
-            read_timeout=30, write_timeout=30,
+            **self.params,
+            charset="utf8mb4",
+            autocommit=True,
+            connect_timeout=self.connect_timeout,
+            read_timeout=30,
+            write_timeout=30,
             # No gap locks: concurrent first registrations of one subject queue on its primary key
             # instead of deadlocking; every read sees the latest committed rows.
             init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
@@ -233,7 +242,9 @@ class MySqlDialect:
         return _MySqlLock(self, conn)
 
     def create_version_table(self, conn) -> None:
-        self.execute(conn, f"CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL, applied_ms BIGINT NOT NULL) {_MYSQL_TABLE}")
+        self.execute(
+            conn, f"CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL, applied_ms BIGINT NOT NULL) {_MYSQL_TABLE}"
+        )
 
     @staticmethod
     def error_code(exc: Exception) -> int | None:
@@ -252,7 +263,7 @@ def dialect_for(url: str, data_dir: str):
     scheme = url.split(":", 1)[0].lower()
     if scheme == "sqlite":
         # SQLAlchemy's convention: sqlite:///relative/path.db, sqlite:////absolute/path.db
-        path = url[len("sqlite:///"):] if url.startswith("sqlite:///") else ""
+        path = url[len("sqlite:///") :] if url.startswith("sqlite:///") else ""
         if not path:
             raise ValueError(f"{url!r}: no database path (sqlite:///data/facesvc.db)")
         return SqliteDialect(path)

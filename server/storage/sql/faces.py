@@ -1,4 +1,5 @@
 """Subjects and faces in SQL: the SubjectStore role (and what re-embedding and index builds read)."""
+
 from __future__ import annotations
 
 import json
@@ -15,13 +16,25 @@ class SqlFaces(SqlDatabase):
         """Faces the subject holds, or None if there is no such subject (the collection must exist)."""
         with self._tx(write=False) as q:
             self._collection_row(q, collection_id)
-            if q("SELECT 1 FROM subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).fetchone() is None:
+            if (
+                q("SELECT 1 FROM subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).fetchone()
+                is None
+            ):
                 return None
-            return q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?",
-                     collection_id, subject_id).fetchone()[0]
+            return q(
+                "SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id
+            ).fetchone()[0]
 
-    def add_face(self, collection_id: str, subject_id: str, face: NewFace, *, allow_existing: bool,
-                 max_faces: int, metadata: dict[str, str] | None = None) -> tuple[FaceRecord, bool]:
+    def add_face(
+        self,
+        collection_id: str,
+        subject_id: str,
+        face: NewFace,
+        *,
+        allow_existing: bool,
+        max_faces: int,
+        metadata: dict[str, str] | None = None,
+    ) -> tuple[FaceRecord, bool]:
         """Commit `face` to the subject, creating the subject if needed; returns (face, subject_created).
 
         - subject exists and not `allow_existing` -> ALREADY_REGISTERED (two concurrent first
@@ -30,13 +43,15 @@ class SqlFaces(SqlDatabase):
         - the same face id again (a retried Register) -> the committed face, nothing new.
         """
         try:
-            return self._retrying(lambda: self._add_face_tx(collection_id, subject_id, face, allow_existing,
-                                                            max_faces, metadata or {}))
+            return self._retrying(
+                lambda: self._add_face_tx(collection_id, subject_id, face, allow_existing, max_faces, metadata or {})
+            )
         except _Duplicate:
             existing = self.get_face(collection_id, face.face_id)
             if existing.subject_id != subject_id:
-                raise errors.precondition(errors.STAGING_MISMATCH, "this face is already registered to another subject",
-                                          face_id=face.face_id) from None
+                raise errors.precondition(
+                    errors.STAGING_MISMATCH, "this face is already registered to another subject", face_id=face.face_id
+                ) from None
             return existing, False
 
     def _add_face_tx(self, collection_id, subject_id, face: NewFace, allow_existing, max_faces, metadata):
@@ -46,13 +61,22 @@ class SqlFaces(SqlDatabase):
             if q("SELECT 1 FROM faces WHERE face_id = ?", face.face_id).fetchone():
                 raise _Duplicate()
             # Lock the subject row first (one X lock per subject, so concurrent adds queue instead of deadlocking).
-            row = q(f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
-                    collection_id, subject_id).fetchone()
+            row = q(
+                f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
+                collection_id,
+                subject_id,
+            ).fetchone()
             created = row is None
             if created:
                 try:
-                    q("INSERT INTO subjects (collection_id, subject_id, metadata, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?)",
-                      collection_id, subject_id, json.dumps(metadata, sort_keys=True), ts, ts)
+                    q(
+                        "INSERT INTO subjects (collection_id, subject_id, metadata, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?)",
+                        collection_id,
+                        subject_id,
+                        json.dumps(metadata, sort_keys=True),
+                        ts,
+                        ts,
+                    )
                 except self.d.integrity_errors:
                     if not self._exists(q, "subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id):
                         raise  # some other constraint: not "already registered"
@@ -66,35 +90,66 @@ class SqlFaces(SqlDatabase):
                     if self._exists(q, "faces WHERE face_id = ?", face.face_id):
                         raise _Duplicate()  # a concurrent Register of the same token committed it
                     raise self._already_registered(collection_id, subject_id)
-                count = q("SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?",
-                          collection_id, subject_id).fetchone()[0]
+                count = q(
+                    "SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id
+                ).fetchone()[0]
                 if count >= max_faces:
                     raise errors.precondition(
-                        errors.FACE_LIMIT_REACHED, f"subject {subject_id!r} already holds {count} faces (limit {max_faces})",
-                        limit=max_faces)
+                        errors.FACE_LIMIT_REACHED,
+                        f"subject {subject_id!r} already holds {count} faces (limit {max_faces})",
+                        limit=max_faces,
+                    )
                 merged = {**json.loads(row[0]), **metadata}
                 if len(merged) > MAX_METADATA_ENTRIES:  # the limit holds however the entries arrive
-                    raise errors.validation("metadata", f"the subject would hold {len(merged)} metadata entries; "
-                                            f"at most {MAX_METADATA_ENTRIES}", limit=MAX_METADATA_ENTRIES)
-                q("UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
-                  json.dumps(merged, sort_keys=True), ts, collection_id, subject_id)
+                    raise errors.validation(
+                        "metadata",
+                        f"the subject would hold {len(merged)} metadata entries; at most {MAX_METADATA_ENTRIES}",
+                        limit=MAX_METADATA_ENTRIES,
+                    )
+                q(
+                    "UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
+                    json.dumps(merged, sort_keys=True),
+                    ts,
+                    collection_id,
+                    subject_id,
+                )
             try:
-                q("INSERT INTO faces (face_id, collection_id, subject_id, model_id, embedding, quality, crop, created_ms) "
-                  "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", face.face_id, collection_id, subject_id, face.model_id,
-                  _emb_bytes(face.embedding), float(face.quality), face.crop, ts)
+                q(
+                    "INSERT INTO faces (face_id, collection_id, subject_id, model_id, embedding, quality, crop, created_ms) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    face.face_id,
+                    collection_id,
+                    subject_id,
+                    face.model_id,
+                    _emb_bytes(face.embedding),
+                    float(face.quality),
+                    face.crop,
+                    ts,
+                )
             except self.d.integrity_errors:
                 if not self._exists(q, "faces WHERE face_id = ?", face.face_id):
                     raise
                 raise _Duplicate() from None  # a concurrent retry of the same Register committed first
             self._log(q, collection_id, face.face_id, "add")
-        return FaceRecord(face.face_id, collection_id, subject_id, face.model_id, float(face.quality), ts,
-                          embedding=face.embedding, crop=face.crop), created
+        return FaceRecord(
+            face.face_id,
+            collection_id,
+            subject_id,
+            face.model_id,
+            float(face.quality),
+            ts,
+            embedding=face.embedding,
+            crop=face.crop,
+        ), created
 
     @staticmethod
     def _already_registered(collection_id: str, subject_id: str) -> errors.FaceServiceError:
         return errors.already_exists(
-            errors.ALREADY_REGISTERED, f"subject {subject_id!r} is already registered in {collection_id!r}; "
-            "set add_face to add another face to it", collection=collection_id, subject_id=subject_id)
+            errors.ALREADY_REGISTERED,
+            f"subject {subject_id!r} is already registered in {collection_id!r}; set add_face to add another face to it",
+            collection=collection_id,
+            subject_id=subject_id,
+        )
 
     @staticmethod
     def _exists(q, where: str, *params) -> bool:
@@ -113,23 +168,35 @@ class SqlFaces(SqlDatabase):
 
     def get_face(self, collection_id: str, face_id: str) -> FaceRecord:
         with self._tx(write=False) as q:
-            row = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND face_id = ?",
-                    collection_id, face_id).fetchone()
+            row = q(
+                f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND face_id = ?", collection_id, face_id
+            ).fetchone()
         if row is None:
-            raise errors.not_found(errors.FACE_NOT_FOUND, f"face {face_id!r} does not exist in {collection_id!r}",
-                                   face_id=face_id)
+            raise errors.not_found(
+                errors.FACE_NOT_FOUND, f"face {face_id!r} does not exist in {collection_id!r}", face_id=face_id
+            )
         return self._face(row, True)
 
     def get_subject(self, collection_id: str, subject_id: str, with_embeddings: bool = False) -> Subject:
         with self._tx(write=False) as q:
             self._collection_row(q, collection_id)
-            row = q("SELECT metadata, created_ms, updated_ms FROM subjects WHERE collection_id = ? AND subject_id = ?",
-                    collection_id, subject_id).fetchone()
+            row = q(
+                "SELECT metadata, created_ms, updated_ms FROM subjects WHERE collection_id = ? AND subject_id = ?",
+                collection_id,
+                subject_id,
+            ).fetchone()
             if row is None:
-                raise errors.not_found(errors.SUBJECT_NOT_FOUND, f"subject {subject_id!r} is not registered in {collection_id!r}",
-                                       collection=collection_id, subject_id=subject_id)
-            faces = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND subject_id = ? "
-                      "ORDER BY created_ms, face_id", collection_id, subject_id).fetchall()
+                raise errors.not_found(
+                    errors.SUBJECT_NOT_FOUND,
+                    f"subject {subject_id!r} is not registered in {collection_id!r}",
+                    collection=collection_id,
+                    subject_id=subject_id,
+                )
+            faces = q(
+                f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND subject_id = ? ORDER BY created_ms, face_id",
+                collection_id,
+                subject_id,
+            ).fetchall()
         recs = [self._face(f, with_embeddings) for f in faces]
         return Subject(collection_id, subject_id, json.loads(row[0]), row[1], row[2], recs, len(recs))
 
@@ -137,23 +204,35 @@ class SqlFaces(SqlDatabase):
         """Subjects ordered by id, strictly after `after` (keyset pagination), with face counts."""
         with self._tx(write=False) as q:
             self._collection_row(q, collection_id)
-            rows = q("SELECT s.subject_id, s.metadata, s.created_ms, s.updated_ms, "
-                     "(SELECT COUNT(*) FROM faces f WHERE f.collection_id = s.collection_id AND f.subject_id = s.subject_id) "
-                     "FROM subjects s WHERE s.collection_id = ? AND s.subject_id > ? ORDER BY s.subject_id LIMIT ?",
-                     collection_id, after, limit).fetchall()
+            rows = q(
+                "SELECT s.subject_id, s.metadata, s.created_ms, s.updated_ms, "
+                "(SELECT COUNT(*) FROM faces f WHERE f.collection_id = s.collection_id AND f.subject_id = s.subject_id) "
+                "FROM subjects s WHERE s.collection_id = ? AND s.subject_id > ? ORDER BY s.subject_id LIMIT ?",
+                collection_id,
+                after,
+                limit,
+            ).fetchall()
         return [Subject(collection_id, r[0], json.loads(r[1]), r[2], r[3], [], r[4]) for r in rows]
 
-    def update_subject_metadata(self, collection_id: str, subject_id: str, metadata: dict[str, str],
-                                keys: list[str] | None = None) -> Subject:
+    def update_subject_metadata(
+        self, collection_id: str, subject_id: str, metadata: dict[str, str], keys: list[str] | None = None
+    ) -> Subject:
         """Replaces the subject's metadata, or with `keys` changes only those: each set from `metadata`,
         or removed when `metadata` lacks it. The entry limit holds on the result."""
         with self._tx() as q:
             self._collection_row(q, collection_id)
-            row = q(f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
-                    collection_id, subject_id).fetchone()
+            row = q(
+                f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
+                collection_id,
+                subject_id,
+            ).fetchone()
             if row is None:
-                raise errors.not_found(errors.SUBJECT_NOT_FOUND, f"subject {subject_id!r} is not registered in {collection_id!r}",
-                                       collection=collection_id, subject_id=subject_id)
+                raise errors.not_found(
+                    errors.SUBJECT_NOT_FOUND,
+                    f"subject {subject_id!r} is not registered in {collection_id!r}",
+                    collection=collection_id,
+                    subject_id=subject_id,
+                )
             merged = dict(metadata) if keys is None else json.loads(row[0])
             for k in keys or ():
                 if k in metadata:
@@ -161,22 +240,40 @@ class SqlFaces(SqlDatabase):
                 else:
                     merged.pop(k, None)
             if len(merged) > MAX_METADATA_ENTRIES:
-                raise errors.validation("metadata", f"the subject would hold {len(merged)} metadata entries; "
-                                        f"at most {MAX_METADATA_ENTRIES}", limit=MAX_METADATA_ENTRIES)
-            q("UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
-              json.dumps(merged, sort_keys=True), now_ms(), collection_id, subject_id)
+                raise errors.validation(
+                    "metadata",
+                    f"the subject would hold {len(merged)} metadata entries; at most {MAX_METADATA_ENTRIES}",
+                    limit=MAX_METADATA_ENTRIES,
+                )
+            q(
+                "UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
+                json.dumps(merged, sort_keys=True),
+                now_ms(),
+                collection_id,
+                subject_id,
+            )
         return self.get_subject(collection_id, subject_id)
 
     def delete_subject(self, collection_id: str, subject_id: str) -> list[str]:
         """Deletes the subject and all its faces; returns the ids of the faces that went."""
         with self._tx() as q:
             self._collection_row(q, collection_id)
-            faces = [r[0] for r in q(f"SELECT face_id FROM faces WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
-                                     collection_id, subject_id).fetchall()]
+            faces = [
+                r[0]
+                for r in q(
+                    f"SELECT face_id FROM faces WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
+                    collection_id,
+                    subject_id,
+                ).fetchall()
+            ]
             n = q("DELETE FROM subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).rowcount
             if n == 0:
-                raise errors.not_found(errors.SUBJECT_NOT_FOUND, f"subject {subject_id!r} is not registered in {collection_id!r}",
-                                       collection=collection_id, subject_id=subject_id)
+                raise errors.not_found(
+                    errors.SUBJECT_NOT_FOUND,
+                    f"subject {subject_id!r} is not registered in {collection_id!r}",
+                    collection=collection_id,
+                    subject_id=subject_id,
+                )
             for face_id in faces:
                 self._log(q, collection_id, face_id, "delete")
         return faces
@@ -184,11 +281,13 @@ class SqlFaces(SqlDatabase):
     def delete_face(self, collection_id: str, face_id: str) -> FaceRecord:
         with self._tx() as q:
             self._collection_row(q, collection_id)
-            row = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND face_id = ?",
-                    collection_id, face_id).fetchone()
+            row = q(
+                f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND face_id = ?", collection_id, face_id
+            ).fetchone()
             if row is None:
-                raise errors.not_found(errors.FACE_NOT_FOUND, f"face {face_id!r} does not exist in {collection_id!r}",
-                                       face_id=face_id)
+                raise errors.not_found(
+                    errors.FACE_NOT_FOUND, f"face {face_id!r} does not exist in {collection_id!r}", face_id=face_id
+                )
             q("DELETE FROM faces WHERE face_id = ?", face_id)
             self._log(q, collection_id, face_id, "delete")
             q("UPDATE subjects SET updated_ms = ? WHERE collection_id = ? AND subject_id = ?", now_ms(), collection_id, row[2])
@@ -210,4 +309,3 @@ class SqlFaces(SqlDatabase):
                 return  # deleted meanwhile
             q("UPDATE faces SET model_id = ?, embedding = ? WHERE face_id = ?", model_id, _emb_bytes(embedding), face_id)
             self._log(q, row[0], face_id, "update")
-

@@ -1,4 +1,5 @@
 """API keys in SQL (stored as SHA-256 hashes): the KeyStore role."""
+
 from __future__ import annotations
 
 from server import errors
@@ -11,8 +12,14 @@ class SqlKeys(SqlDatabase):
         created = now_ms()
         with self._tx() as q:
             self._collection_row(q, collection_id)
-            q("INSERT INTO api_keys (key_id, collection_id, key_hash, description, created_ms) VALUES (?, ?, ?, ?, ?)",
-              key_id, collection_id, key_hash, description, created)
+            q(
+                "INSERT INTO api_keys (key_id, collection_id, key_hash, description, created_ms) VALUES (?, ?, ?, ?, ?)",
+                key_id,
+                collection_id,
+                key_hash,
+                description,
+                created,
+            )
         return ApiKey(key_id, collection_id, description, created)
 
     def find_api_key(self, key_hash: str) -> ApiKey | None:
@@ -24,8 +31,13 @@ class SqlKeys(SqlDatabase):
         """The collection's keys in key id order after `after` (a keyset page)."""
         with self._tx(write=False) as q:
             self._collection_row(q, collection_id)
-            rows = q("SELECT key_id, collection_id, description, created_ms FROM api_keys WHERE collection_id = ? "
-                     "AND key_id > ? ORDER BY key_id LIMIT ?", collection_id, after, limit).fetchall()
+            rows = q(
+                "SELECT key_id, collection_id, description, created_ms FROM api_keys WHERE collection_id = ? "
+                "AND key_id > ? ORDER BY key_id LIMIT ?",
+                collection_id,
+                after,
+                limit,
+            ).fetchall()
         return [ApiKey(*r) for r in rows]
 
     def delete_api_key(self, collection_id: str, key_id: str) -> None:

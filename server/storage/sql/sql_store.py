@@ -3,6 +3,7 @@
 The services never see this class: each takes the role it needs
 (server/storage/interfaces.py), and this one object plays them all.
 """
+
 from __future__ import annotations
 
 from server.storage.sql.changes import SqlChangeFeed

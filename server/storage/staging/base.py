@@ -1,4 +1,5 @@
 """What a staged face is, how it is serialised (versioned), and the cache interface."""
+
 from __future__ import annotations
 
 import base64
@@ -72,9 +73,11 @@ class StagedFace:
 
 
 def staging_full(limit: int) -> errors.FaceServiceError:
-    return errors.exhausted(errors.STAGING_LIMIT_REACHED,
-                            f"the collection already holds {limit} staged faces (staging_max_per_collection); "
-                            "register them or let them expire", limit=limit)
+    return errors.exhausted(
+        errors.STAGING_LIMIT_REACHED,
+        f"the collection already holds {limit} staged faces (staging_max_per_collection); register them or let them expire",
+        limit=limit,
+    )
 
 
 class StagingCache:

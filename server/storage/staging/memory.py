@@ -1,4 +1,5 @@
 """In-process staging cache: TTL, a bound per collection and one in all. For a single replica (the embedded default)."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Redis staging cache (production): SET with EX, values versioned, shared by every replica."""
+
 from __future__ import annotations
 
 import time
@@ -7,7 +8,6 @@ import redis
 
 from server import errors
 from server.storage.staging.base import StagedFace, StagingCache, staging_full, token_key
-
 
 # KEYS: entry, members. ARGV: now ms, expires ms, ttl s, per-collection bound, value. 1 = stored, 0 = full.
 _PUT = """
@@ -50,8 +50,10 @@ class RedisStagingCache(StagingCache):
         self._drop = self.client.register_script(_DROP)
 
     def describe(self) -> str:
-        return f"redis {self.client.connection_pool.connection_kwargs.get('host')}:" \
-               f"{self.client.connection_pool.connection_kwargs.get('port')} prefix {self.prefix!r}"
+        return (
+            f"redis {self.client.connection_pool.connection_kwargs.get('host')}:"
+            f"{self.client.connection_pool.connection_kwargs.get('port')} prefix {self.prefix!r}"
+        )
 
     def _key(self, token: str) -> str:
         return f"{self.prefix}staging:{token_key(token)}"
@@ -60,8 +62,11 @@ class RedisStagingCache(StagingCache):
         try:
             return fn(*args, **kw)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
-            raise errors.unavailable(errors.CACHE_UNAVAILABLE, "the staging cache is unavailable; retry",
-                                     detail=f"staging cache (Redis) unavailable: {type(exc).__name__}: {exc}") from exc
+            raise errors.unavailable(
+                errors.CACHE_UNAVAILABLE,
+                "the staging cache is unavailable; retry",
+                detail=f"staging cache (Redis) unavailable: {type(exc).__name__}: {exc}",
+            ) from exc
 
     def ping(self) -> None:
         self._call(self.client.ping)
@@ -73,8 +78,11 @@ class RedisStagingCache(StagingCache):
     def put(self, token: str, staged: StagedFace, ttl_s: int) -> None:
         ttl = max(1, int(ttl_s))
         now_ms = int(time.time() * 1000)
-        ok = self._call(self._put, keys=[self._key(token), self._members(staged.collection_id)],
-                        args=[now_ms, now_ms + ttl * 1000, ttl, self.per_collection, staged.to_bytes()])
+        ok = self._call(
+            self._put,
+            keys=[self._key(token), self._members(staged.collection_id)],
+            args=[now_ms, now_ms + ttl * 1000, ttl, self.per_collection, staged.to_bytes()],
+        )
         if not ok:
             raise staging_full(self.per_collection)
 

@@ -1,4 +1,5 @@
 """dlib age (81-class distribution) and gender (2-class) models on dlib-style face chips."""
+
 from __future__ import annotations
 
 import numpy as np

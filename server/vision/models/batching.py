@@ -10,6 +10,7 @@ Each request's call liveness is checked before its rows join a batch (a dead cal
 rows are dropped, its caller gets CALL_ENDED), and the batch itself runs outside
 any one caller's call, so one caller's deadline never fails the others.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -42,8 +43,8 @@ class MicroBatcher:
         self._lock = threading.Lock()
         self._queue: deque[_Job] = deque()
         self._busy = False
-        self.calls = 0          # model calls made (for tests and the benchmark)
-        self.rows = 0           # rows through them
+        self.calls = 0  # model calls made (for tests and the benchmark)
+        self.rows = 0  # rows through them
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         if len(rows) >= self._max:  # already a full batch: nothing to gain from waiting for company
@@ -86,7 +87,7 @@ class MicroBatcher:
                 out = contextvars.Context().run(self._run, np.concatenate([j.rows for j in live]))
                 at = 0
                 for job in live:
-                    job.result = out[at:at + len(job.rows)]
+                    job.result = out[at : at + len(job.rows)]
                     at += len(job.rows)
             except BaseException as exc:  # noqa: BLE001 - every member of the batch gets the error
                 for job in live:

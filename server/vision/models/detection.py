@@ -1,4 +1,5 @@
 """What every face detector shares: letterboxing into the network input and NMS."""
+
 from __future__ import annotations
 
 import cv2
@@ -47,7 +48,7 @@ def finalize(boxes: np.ndarray, kps: np.ndarray, scores: np.ndarray, nms_thresho
 
 def cell_grid(height: int, width: int, stride: int) -> np.ndarray:
     """(col, row) of every cell of a stride-`stride` feature map over a height x width input, row-major."""
-    return np.stack(np.mgrid[:height // stride, :width // stride][::-1], axis=-1).reshape(-1, 2).astype(np.float32)
+    return np.stack(np.mgrid[: height // stride, : width // stride][::-1], axis=-1).reshape(-1, 2).astype(np.float32)
 
 
 class GridFaceDetector:

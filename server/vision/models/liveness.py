@@ -1,4 +1,5 @@
 """Passive liveness (anti-spoofing) models. Each returns P(live) for a face box."""
+
 from __future__ import annotations
 
 import cv2

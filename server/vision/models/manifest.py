@@ -1,4 +1,5 @@
 """The model manifest (models/manifest.json): where each logical model lives and how it is checked."""
+
 from __future__ import annotations
 
 import hashlib

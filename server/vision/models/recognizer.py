@@ -1,4 +1,5 @@
 """ArcFace-style recognizers (w600k_mbf 512-d, MobileFaceNet 128-d): aligned crop -> unit embedding."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,8 +14,17 @@ class ArcFaceRecognizer:
     its mirror image's embeddings (test-time augmentation).
     """
 
-    def __init__(self, session, name: str, embedding_dim: int, match_threshold: float, max_batch: int = 32,
-                 flip: bool = False, search_threshold: float | None = None, micro_batch: bool = False):
+    def __init__(
+        self,
+        session,
+        name: str,
+        embedding_dim: int,
+        match_threshold: float,
+        max_batch: int = 32,
+        flip: bool = False,
+        search_threshold: float | None = None,
+        micro_batch: bool = False,
+    ):
         self.session = session
         self.name = name
         self.embedding_dim = embedding_dim

@@ -3,6 +3,7 @@
 Each manifest entry names an `arch`; `ARCHS` maps it to the wrapper class and
 the manifest's `params` become its keyword arguments.
 """
+
 from __future__ import annotations
 
 import logging
@@ -54,8 +55,14 @@ class ModelLoader:
         t0 = time.perf_counter()
         session = create_session(str(verified_path(spec, self.model_dir)), self.runtime, self.providers, name)
         model = ARCHS[spec.arch](session, name, **{**spec.params, **overrides})
-        log.info("loaded model=%s kind=%s file=%s providers=%s in %.0f ms", name, kind, spec.file,
-                 session.get_providers()[0], (time.perf_counter() - t0) * 1000)
+        log.info(
+            "loaded model=%s kind=%s file=%s providers=%s in %.0f ms",
+            name,
+            kind,
+            spec.file,
+            session.get_providers()[0],
+            (time.perf_counter() - t0) * 1000,
+        )
         return model
 
     def build_liveness(self, name: str):

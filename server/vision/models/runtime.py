@@ -14,13 +14,13 @@ picks one (scripts/bench_compare.py; the README's performance section has the fi
     50 -> 37 per second with spinning everywhere).
 On CUDA there is one session: the GPU queues its own work.
 """
-from __future__ import annotations
 
-import time
+from __future__ import annotations
 
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +42,8 @@ def cpu_cores() -> int:
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    device: str = "auto"          # auto | cpu | cuda
-    intra_op_threads: int = 0     # 0 = onnxruntime default (one per physical core)
+    device: str = "auto"  # auto | cpu | cuda
+    intra_op_threads: int = 0  # 0 = onnxruntime default (one per physical core)
     inter_op_threads: int = 1
 
 

@@ -1,4 +1,5 @@
 """SCRFD face detector (insightface det_500m / det_2.5g): box + 5 landmarks."""
+
 from __future__ import annotations
 
 import cv2

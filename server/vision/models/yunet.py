@@ -1,4 +1,5 @@
 """YuNet face detector (OpenCV Zoo, 2023mar): box + 5 landmarks, fixed 640x640 input."""
+
 from __future__ import annotations
 
 import numpy as np

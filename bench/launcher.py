@@ -1,0 +1,141 @@
+"""A real server process for benchmarks and tests: `python -m server` on a free loopback port,
+started the way a user starts it, with channels that send an API key on every call."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+ADMIN_KEY = "bench-admin-key-" + os.urandom(8).hex()
+
+
+class _ApiKey(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `x-api-key` to every call, as a real client would."""
+
+    def __init__(self, key: str):
+        self.key = key
+
+    def _add(self, details):
+        return details._replace(metadata=list(details.metadata or []) + [("x-api-key", self.key)])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._add(details), request)
+
+    intercept_unary_stream = intercept_unary_unary
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._add(details), request_iterator)
+
+    intercept_stream_stream = intercept_stream_unary
+
+
+def keyed_channel(target: str, key: str | None, credentials: grpc.ChannelCredentials | None = None) -> grpc.Channel:
+    ch = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
+    return grpc.intercept_channel(ch, _ApiKey(key)) if key else ch
+
+
+class ServerProcess:
+    """`python -m server` on a free port, started the way a user starts it.
+
+    Auth is on with ADMIN_KEY unless the args say otherwise; `channel` sends
+    `api_key` (the admin key by default). The embedded database goes to a
+    data dir next to the log unless the args name another store.
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_path: Path,
+        api_key: str | None = ADMIN_KEY,
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
+        self.log_path = log_path
+        self.log = open(log_path, "w+")
+        env = {"FACESVC_ADMIN_API_KEY": ADMIN_KEY, "FACESVC_DATA_DIR": str(log_path.parent / "data"), **(env or {})}
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "server", "--host", "127.0.0.1", "--port", "0", *args],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **env},
+        )
+        self.port = self._wait_for_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.credentials = credentials
+        self.channel = keyed_channel(self.target, api_key, credentials)
+        self.wait_serving()
+
+    def rss_mb(self) -> float:
+        """The server process's resident memory, MB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def _wait_for_port(self, timeout: float = 60) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(r"listening on [\d.]+:(\d+)", self.output())
+            if m:
+                return int(m.group(1))
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            time.sleep(0.05)
+        raise RuntimeError(f"server did not open a port in {timeout}s:\n{self.output()}")
+
+    def stub(self, api_key: str | None = None) -> pb_grpc.FaceServiceStub:
+        """A stub on a new channel that sends `api_key` (None: no key at all)."""
+        ch = keyed_channel(self.target, api_key, self.credentials)
+        self._extra_channels = getattr(self, "_extra_channels", []) + [ch]
+        return pb_grpc.FaceServiceStub(ch)
+
+    def health(self, service: str = "") -> int:
+        stub = health_pb2_grpc.HealthStub(self.channel)
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def wait_serving(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.health() == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not SERVING after {timeout}s:\n{self.output()}")
+
+    def stop(self, timeout: float = 30) -> int:
+        self.channel.close()
+        for ch in getattr(self, "_extra_channels", []):
+            ch.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
