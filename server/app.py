@@ -70,8 +70,7 @@ def build_pipeline(settings: Settings) -> FacePipeline:
             settings.recognizer, "recognizer", flip=settings.recognizer_flip, micro_batch=settings.embed_micro_batch
         ),
         liveness=liveness,
-        age=loader.build(settings.age_model, "age"),
-        gender=loader.build(settings.gender_model, "gender"),
+        attribute_models=[loader.build(n.strip(), ("age", "gender")) for n in settings.attribute_models.split(",") if n.strip()],
         detect_max_side=settings.detect_max_side,
         liveness_threshold=settings.liveness_threshold,
     )

@@ -86,8 +86,9 @@ class Settings:
     liveness: str = setting(
         "minifasnet_pair", "models", "comma-separated liveness models, fused by mean: minifasnet_pair, minifasnet_se128"
     )
-    age_model: str = setting("age_dlib", "models", "age model name")
-    gender_model: str = setting("gender_dlib", "models", "gender model name")
+    attribute_models: str = setting(
+        "age_dlib,gender_dlib", "models", "comma-separated per-face models Analyze runs, each adding its attribute to every face"
+    )
     match_threshold: float = setting(
         0.0, "models", "cosine match threshold; 0 = the recognizer's calibrated value from the manifest", low=0, high=0.999
     )

@@ -9,8 +9,8 @@ block it maps when the process starts with GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 are read once, when the process starts, so the server re-executes itself with it set
 (same pid, same arguments) before it allocates anything large.
 
-Measured with scripts/bench_hugepages.py (README "Search (1:N)"): the same graph, loaded from
-the same snapshot, answers about 1.3x faster with huge pages (200 k and 1 M faces).
+scripts/bench_hugepages.py loads the same snapshot on both kinds of pages, in fresh processes;
+its figures are in docs/search.md.
 """
 
 from __future__ import annotations

@@ -62,6 +62,17 @@ def test_every_rpc_is_served_by_exactly_one_handler_group():
         FaceServicer().attach(Group(), Group())
 
 
+def test_every_rpc_has_an_access_scope():
+    from facesvc.v1 import face_service_pb2 as pb
+    from server.rpc.auth import COLLECTION, SCOPES
+
+    assert set(SCOPES) == {m.name for m in SERVICE.methods}
+    for method in SERVICE.methods:
+        if SCOPES[method.name] == COLLECTION:
+            request = getattr(pb, method.input_type.name)
+            assert "collection" in request.DESCRIPTOR.fields_by_name, method.name
+
+
 def test_every_reason_the_server_uses_is_in_the_contract():
     used = {v for k, v in vars(errors).items() if k.isupper() and isinstance(v, str) and k not in ("DOMAIN",)}
     assert used <= errors.REASONS and errors.REASONS - used == set(), sorted(errors.REASONS ^ used)

@@ -4,8 +4,8 @@ The faces live in segments: graphs of at most `segment_size` nodes each, filled
 one after the other. A query asks every segment for its k best and merges them;
 the segments are searched at the same time on the search pool's threads (hnswlib
 releases the GIL), so a large collection answers in about the time of one
-segment. Smaller graphs also need a shorter candidate list for the same recall:
-measured on 1 M facelike faces (scripts/bench_search.py, README "Search (1:N)").
+segment. Smaller graphs also need a shorter candidate list for the same recall
+(scripts/bench_search.py; the figures are in docs/search.md).
 
 hnswlib's add_items and mark_deleted are not safe against a concurrent
 knn_query, so searches share a read lock and changes take the write lock.
@@ -66,18 +66,15 @@ class HnswParams:
     def ef_for(self, nodes: int, projected: bool = False) -> int:
         """The query-time candidate list for a graph of `nodes` elements (deleted ones included).
 
-        A graph needs a longer list as it grows to keep the same recall. Measured on the facelike
-        corpus with M 32 (scripts/bench_search.py, README "Search (1:N)"): recall@10 is 0.995 at
-        200 k faces with ef 64; a 500 k graph needs 96 (0.992 over two such segments of a 1 M
-        collection; 64 gave 0.983 there, 0.990 on a 500 k corpus of its own); a 1 M graph 256
-        (0.992; 128 gave 0.980). So: the first point's ef up to its size, then linear through the
-        measured points and on at the last slope, rounded up to a multiple of 16 and capped at
-        AUTO_EF_MAX. With the default segment size no graph grows past 500 k.
+        A graph needs a longer list as it grows to keep the same recall. AUTO_EF_POINTS are the
+        (size, ef) pairs where scripts/bench_search.py found recall@10 of at least 0.99 with M 32
+        (docs/search.md): the first point's ef up to its size, then linear through the points and
+        on at the last slope, rounded up to a multiple of 16 and capped at AUTO_EF_MAX. With the
+        default segment size no graph grows past the middle point.
 
-        A projected graph (`projected`) needs more candidates for the same recall after its
-        re-rank: PCA_EF_FACTOR times as many, measured at 500 k (ef 160 against 96). On two 500 k
-        segments of 1 M faces that gave recall@10 0.995 at 192 dimensions, 0.9896 at 128, where
-        no ef gets past 0.990 (README, "Fewer dimensions")."""
+        A projected graph (`projected`) loses some recall to its projection and wins it back with
+        a longer list before its re-rank: PCA_EF_FACTOR times as many (docs/search.md, "Fewer
+        dimensions")."""
         if self.ef_search:
             return self.ef_search
         if projected:

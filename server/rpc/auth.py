@@ -41,7 +41,35 @@ log = logging.getLogger("facesvc.auth")
 
 HEADER = "x-api-key"
 SERVICE_PREFIX = "/facesvc.v1.FaceService/"
-ADMIN_ONLY = frozenset({"CreateCollection", "ListCollections", "DeleteCollection", "CreateApiKey", "ListApiKeys", "DeleteApiKey"})
+# Who may call each RPC, declared once (tests/test_layers.py checks that every RPC of the service has an
+# entry, and that every COLLECTION one names its collection in a `collection` field).
+ADMIN, COLLECTION, ANY_KEY = "admin", "collection", "any key"
+SCOPES = {
+    **dict.fromkeys(("Detect", "CheckLiveness", "Compare", "Embed", "Analyze", "DetectBatch"), ANY_KEY),
+    # StreamFrames is stateless unless its config asks to identify; the batches carry a collection per item:
+    # their messages are authorized one by one (server/rpc/handlers/streams.py)
+    **dict.fromkeys(("StreamFrames", "ProcessBatch", "RegisterBatch"), ANY_KEY),
+    **dict.fromkeys(
+        (
+            "Process",
+            "Register",
+            "Verify",
+            "GetSubject",
+            "ListSubjects",
+            "UpdateSubject",
+            "DeleteSubject",
+            "DeleteFace",
+            "Search",
+            "SearchByEmbedding",
+            "GetIndexStats",
+            "GetCollection",
+        ),
+        COLLECTION,
+    ),
+    **dict.fromkeys(
+        ("CreateCollection", "ListCollections", "DeleteCollection", "CreateApiKey", "ListApiKeys", "DeleteApiKey"), ADMIN
+    ),
+}
 
 
 KEY_SHAPE = re.compile(r"fsk_[0-9a-f]{16}_[A-Za-z0-9_-]{43}")  # what new_api_key() makes
@@ -167,17 +195,25 @@ class Authenticator:
 
     @staticmethod
     def authorize(p: Principal, rpc: str, request) -> None:
+        """`rpc`'s scope (SCOPES) for this principal; COLLECTION scope compares the request's `collection`."""
         if p.admin:
             return
-        if rpc in ADMIN_ONLY:
+        scope = SCOPES[rpc]
+        if scope == ADMIN:
             raise errors.FaceServiceError(
                 grpc.StatusCode.PERMISSION_DENIED, errors.PERMISSION_DENIED, f"{rpc} needs the admin key", rpc=rpc
             )
-        if "collection" in type(request).DESCRIPTOR.fields_by_name and request.collection != p.collection:
+        if scope == COLLECTION:
+            Authenticator.authorize_collection(p, request.collection)
+
+    @staticmethod
+    def authorize_collection(p: Principal, collection: str) -> None:
+        """A collection key acts on its own collection only."""
+        if not p.admin and collection != p.collection:
             raise errors.FaceServiceError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 errors.PERMISSION_DENIED,
-                f"this key belongs to collection {p.collection!r}, not {errors.quote(request.collection)}",
+                f"this key belongs to collection {p.collection!r}, not {errors.quote(collection)}",
                 key_collection=p.collection,
             )
 

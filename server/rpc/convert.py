@@ -11,7 +11,7 @@ from facesvc.v1 import face_service_pb2 as pb
 from server import errors
 from server.records import LIVENESS_OPTIONAL, LIVENESS_REQUIRED, ApiKey, Collection, FaceRecord, Subject
 from server.vision import pipeline
-from server.vision.faces import AgeGender, Face, LivenessResult
+from server.vision.faces import Face, LivenessResult
 from server.vision.imaging import ImageLimits, PixelBudget, decode_encoded, decode_raw
 
 MAX_FACES_LIMIT = 100
@@ -110,14 +110,17 @@ def liveness_to_proto(r: LivenessResult) -> pb.Liveness:
     )
 
 
-def analysis_to_proto(f: Face, a: AgeGender) -> pb.FaceAnalysis:
-    return pb.FaceAnalysis(
-        face=face_to_proto(f),
-        age=a.age,
-        age_range=pb.AgeRange(low=a.age_low, high=a.age_high),
-        gender=pb.GENDER_MALE if a.is_male else pb.GENDER_FEMALE,
-        gender_confidence=a.gender_confidence,
-    )
+def analysis_to_proto(f: Face) -> pb.FaceAnalysis:
+    """The attributes the pipeline's per-face models added (those configured)."""
+    out = pb.FaceAnalysis(face=face_to_proto(f))
+    age = f.attributes.get("age")
+    if age is not None:
+        out.age, out.age_range.low, out.age_range.high = age.age, age.low, age.high
+    p_male = f.attributes.get("gender")
+    if p_male is not None:
+        out.gender = pb.GENDER_MALE if p_male >= 0.5 else pb.GENDER_FEMALE
+        out.gender_confidence = max(p_male, 1 - p_male)
+    return out
 
 
 # -- identity records ----------------------------------------------------------

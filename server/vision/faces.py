@@ -35,6 +35,7 @@ class Face:
     quality: Quality | None = None
     aligned: np.ndarray | None = field(default=None, repr=False)  # 112x112 BGR crop
     embedding: np.ndarray | None = field(default=None, repr=False)
+    attributes: dict = field(default_factory=dict)  # per-face models' results by attribute name (age, gender, ...)
 
     @property
     def width(self) -> float:
@@ -57,12 +58,3 @@ class LivenessResult:
     score: float
     threshold: float
     model_scores: dict[str, float]
-
-
-@dataclass
-class AgeGender:
-    age: float
-    age_low: float
-    age_high: float
-    is_male: bool
-    gender_confidence: float

@@ -13,7 +13,7 @@ import numpy as np
 
 from server import errors
 from server.vision.alignment import arcface_crop
-from server.vision.faces import AgeGender, Face, LivenessResult
+from server.vision.faces import Face, LivenessResult
 from server.vision.imaging import resize_long_side
 from server.vision.quality import assess
 
@@ -33,13 +33,21 @@ class DetectOptions:
 
 class FacePipeline:
     def __init__(
-        self, detector, recognizer, liveness: list, age, gender, *, detect_max_side: int = 640, liveness_threshold: float = 0.5
+        self,
+        detector,
+        recognizer,
+        liveness: list,
+        attribute_models: list,
+        *,
+        detect_max_side: int = 640,
+        liveness_threshold: float = 0.5,
     ):
+        """attribute_models: per-face models Analyze loops over; each has `annotate(img, faces)`, which puts
+        its result in face.attributes[model.attribute] (insightface's FaceAnalysis pattern)."""
         self.detector = detector
         self.recognizer = recognizer
         self.liveness_models = liveness
-        self.age = age
-        self.gender = gender
+        self.attribute_models = attribute_models
         self.detect_max_side = detect_max_side
         self.liveness_threshold = liveness_threshold
 
@@ -102,14 +110,11 @@ class FacePipeline:
             raise errors.spoof(result.score, result.threshold, **where)
         return result
 
-    def analyze(self, img: np.ndarray, faces: list[Face]) -> list[AgeGender]:
-        lms = [f.landmarks for f in faces]
-        ages = self.age.estimate(img, lms)
-        males = self.gender.classify(img, lms)
-        return [
-            AgeGender(age=a, age_low=lo, age_high=hi, is_male=pm >= 0.5, gender_confidence=max(pm, 1 - pm))
-            for (a, lo, hi), pm in zip(ages, males)
-        ]
+    def analyze(self, img: np.ndarray, faces: list[Face]) -> list[Face]:
+        """Every attribute model adds its result to every face; returns the faces."""
+        for model in self.attribute_models:
+            model.annotate(img, faces)
+        return faces
 
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> float:

@@ -91,9 +91,7 @@ class StatelessHandlers:
     @rpc
     def Analyze(self, request: pb.AnalyzeRequest, context) -> pb.AnalyzeResponse:
         img, faces = self._detect_all(request, analyzed=True)
-        return pb.AnalyzeResponse(
-            faces=[convert.analysis_to_proto(f, a) for f, a in zip(faces, self.pipeline.analyze(img, faces))]
-        )
+        return pb.AnalyzeResponse(faces=[convert.analysis_to_proto(f) for f in self.pipeline.analyze(img, faces)])
 
     @rpc
     def DetectBatch(self, request: pb.DetectBatchRequest, context) -> pb.DetectBatchResponse:

@@ -156,12 +156,15 @@ class StreamHandlers:
             checks.append(same_collection)
         return Recheck(checks, RECHECK_S)
 
-    def _authorize(self, context, rpc_name: str, message) -> None:
-        """Per-message authorization inside a stream (the interceptor checked the key at the start)."""
-        if self.authenticator is None:
-            return
+    def _principal(self, context):
         secret = dict(context.invocation_metadata()).get(HEADER, "")
-        self.authenticator.authorize(self.authenticator.principal(secret), rpc_name, message)
+        return self.authenticator.principal(secret)
+
+    def _authorize(self, context, rpc_name: str, message) -> None:
+        """Per-message authorization inside a stream (the interceptor checked the key at the start):
+        a batch item as its single-item RPC would be."""
+        if self.authenticator is not None:
+            self.authenticator.authorize(self._principal(context), rpc_name, message)
 
     # -- batches ---------------------------------------------------------------
     def _batch(self, request_iterator, context, rpc_name: str, field: str, prepare, response_type):
@@ -283,8 +286,8 @@ class StreamHandlers:
                 errors.STREAM_PROTOCOL,
                 "the first message of StreamFrames must be a StreamConfig",
             )
-        if first.config.identify:  # detection/liveness alone are stateless: any valid key may stream them
-            self._authorize(context, "StreamFrames", first.config)
+        if first.config.identify and self.authenticator is not None:  # detection/liveness alone are stateless
+            self.authenticator.authorize_collection(self._principal(context), first.config.collection)
         cfg = self._stream_settings(first.config)
         if cfg.identify:
             recheck = self._recheck(context, cfg.collection)

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from server.vision.alignment import dlib_chip
 
 _MEAN_RGB = np.array([122.782, 117.001, 104.298], dtype=np.float32)
 AGE_BINS = np.array([0.25] + list(range(1, 81)), dtype=np.float32)  # 81 classes
+
+
+@dataclass(frozen=True)
+class AgeEstimate:
+    age: float  # expected value, years
+    low: float  # 10th percentile
+    high: float  # 90th percentile
 
 
 def _chips(img_bgr: np.ndarray, landmarks: list[np.ndarray], size: int, padding: float) -> np.ndarray:
@@ -17,6 +26,13 @@ def _chips(img_bgr: np.ndarray, landmarks: list[np.ndarray], size: int, padding:
 
 
 class AgeEstimator:
+    attribute = "age"  # what annotate() adds to each Face: AgeEstimate
+
+    def annotate(self, img_bgr: np.ndarray, faces: list) -> None:
+        """The pipeline's per-face model call: each face gets its age estimate."""
+        for face, (age, low, high) in zip(faces, self.estimate(img_bgr, [f.landmarks for f in faces])):
+            face.attributes[self.attribute] = AgeEstimate(age, low, high)
+
     def __init__(self, session, name: str, input_size: int = 64, chip_padding: float = 0.2):
         self.session, self.name, self.input_size, self.padding = session, name, input_size, chip_padding
         self.input_name = session.get_inputs()[0].name
@@ -40,6 +56,12 @@ class AgeEstimator:
 class GenderClassifier:
     # Output columns of the dlib gender network are [female, male] (checked on labelled photos; see tests).
     MALE_INDEX = 1
+    attribute = "gender"  # what annotate() adds to each Face: P(male)
+
+    def annotate(self, img_bgr: np.ndarray, faces: list) -> None:
+        """The pipeline's per-face model call: each face gets P(male)."""
+        for face, p_male in zip(faces, self.classify(img_bgr, [f.landmarks for f in faces])):
+            face.attributes[self.attribute] = p_male
 
     def __init__(self, session, name: str, input_size: int = 32, chip_padding: float = 0.2):
         self.session, self.name, self.input_size, self.padding = session, name, input_size, chip_padding

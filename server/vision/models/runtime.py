@@ -4,14 +4,12 @@
 every gRPC worker thread calls them concurrently.
 
 On CPU each model has two sessions with one intra-op thread per core, and each run
-picks one (scripts/bench_compare.py; the README's performance section has the figures):
+picks one (docs/benchmarks.md has the figures, from scripts/bench_compare.py):
   - alone (no other model run, no other gRPC call in flight): the spinning session,
     whose workers spin between the many small ops of one run instead of sleeping and
-    being woken (w600k_mbf 11.8 -> 9.9 ms on 2 cores; Verify p50 25.4 -> 24.1 ms),
-    and stop spinning at the end of the run;
+    being woken, and stop spinning at the end of the run;
   - otherwise the quiet session (no spinning): spinning workers of concurrent runs
-    burn the cores the other requests need (8 concurrent in-process Verify pipelines:
-    50 -> 37 per second with spinning everywhere).
+    burn the cores the other requests need.
 On CUDA there is one session: the GPU queues its own work.
 """
 
@@ -106,7 +104,7 @@ def _session(path: str, providers: list[str], threads: int, inter: int, spin: bo
     so.inter_op_num_threads = inter
     so.log_severity_level = 3  # errors only: keep start-up logs readable
     # Left spinning after a run, workers steal the cores from the next model and from other
-    # requests (in-process Verify+liveness p50 32 -> 58 ms): spin during a run, stop at its end.
+    # requests: spin during a run, stop at its end.
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if spin:
         so.add_session_config_entry("session.force_spinning_stop", "1")
