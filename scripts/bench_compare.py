@@ -33,16 +33,15 @@ import cv2
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import pct, write_json
+from facesvc.v1 import face_service_pb2 as pb
+from scripts.bench_stream import Server
+from server import config
+from server.app import build_pipeline
+from server.context import serving
+from server.rpc import convert
 
-from bench.common import pct, write_json  # noqa: E402
-from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
-from scripts.bench_stream import Server  # noqa: E402
-from server import config  # noqa: E402
-from server.app import build_pipeline  # noqa: E402
-from server.context import serving  # noqa: E402
-from server.rpc import convert  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEV = ROOT.parent / "shared" / "faces" / "dev"
 WEIGHTS = ROOT / "models" / "weights"

@@ -28,10 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench_search import (  # noqa: E402
+from scripts.bench_search import (
     SNAPSHOT_EXPECT,
     SNAPSHOT_META,
     build_index,
@@ -40,10 +37,11 @@ from bench_search import (  # noqa: E402
     recall,
     write_result,
 )
+from server import hugepages
+from server.index.hnsw import HnswParams
+from server.index.snapshot import SnapshotStore
 
-from server import hugepages  # noqa: E402
-from server.index.hnsw import HnswParams  # noqa: E402
-from server.index.snapshot import SnapshotStore  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def exact_top10(corpus: np.ndarray, probes: np.ndarray) -> np.ndarray:

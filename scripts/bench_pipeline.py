@@ -31,20 +31,18 @@ from dataclasses import replace
 from pathlib import Path
 
 import cv2
+import grpc
 import numpy as np
 
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from server import config
+from server.app import FaceServer
+from server.vision.alignment import arcface_crop
+from server.vision.imaging import ImageLimits, decode_encoded, resize_long_side
+from server.vision.quality import assess
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import grpc  # noqa: E402
-
-from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
-from facesvc.v1 import face_service_pb2_grpc as pb_grpc  # noqa: E402
-from server import config  # noqa: E402
-from server.app import FaceServer  # noqa: E402
-from server.vision.alignment import arcface_crop  # noqa: E402
-from server.vision.imaging import ImageLimits, decode_encoded, resize_long_side  # noqa: E402
-from server.vision.quality import assess  # noqa: E402
 
 DEV = ROOT.parent / "shared" / "faces" / "dev"
 

@@ -51,13 +51,12 @@ from pathlib import Path
 import hnswlib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import percentiles
+from server import hugepages
+from server.index.hnsw import HnswIndex, HnswParams
+from server.index.snapshot import SnapshotStore
 
-from bench.common import percentiles  # noqa: E402
-from server import hugepages  # noqa: E402
-from server.index.hnsw import HnswIndex, HnswParams  # noqa: E402
-from server.index.snapshot import SnapshotStore  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DIM = 512
 ENGINES = ("facesvc", "faiss-hnsw", "faiss-sq8", "hnswlib-pca")  # besides the exact flat scan, which always runs

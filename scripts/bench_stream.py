@@ -28,13 +28,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import pct, write_json
+from bench.launcher import ServerProcess
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 
-from bench.common import pct, write_json  # noqa: E402
-from bench.launcher import ServerProcess  # noqa: E402
-from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
-from facesvc.v1 import face_service_pb2_grpc as pb_grpc  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 VIDEO = ROOT.parent / "shared" / "faces" / "video" / "single_closeup_720p.mp4"
 

@@ -29,12 +29,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from server import config
+from server.app import build_pipeline
+from server.vision.pipeline import DetectOptions
 
-from server import config  # noqa: E402
-from server.app import build_pipeline  # noqa: E402
-from server.vision.pipeline import DetectOptions  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 FACES = ROOT.parent / "shared" / "faces"
 

@@ -28,11 +28,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from facesvc.v1 import face_service_pb2 as pb
+from scripts.bench_stream import VIDEO, Server, encode, load_clip
 
-from facesvc.v1 import face_service_pb2 as pb  # noqa: E402
-from scripts.bench_stream import VIDEO, Server, encode, load_clip  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 DEV = ROOT.parent / "shared" / "faces" / "dev"
 PEOPLE = {
