@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from server import errors
-from server.rpc.observability import rewrap
+from server.rpc.observability import around
 from server.rpc.status import to_status
 from server.telemetry import ERRORS
 
@@ -246,27 +246,11 @@ class AuthInterceptor(grpc.ServerInterceptor):
             return handler
         rpc = method[len(SERVICE_PREFIX) :]
 
-        def make(inner, kind):
-            streaming_request = kind.startswith("stream")
+        def enter(request, context, kind):
+            return self._check(rpc, None if kind.startswith("stream") else request, context)
 
-            if kind.endswith("unary"):
+        def leave(token):
+            with contextlib.suppress(ValueError):  # a stream's generator closed from another context
+                current_principal.reset(token)
 
-                def checked(request, context):
-                    token = self._check(rpc, None if streaming_request else request, context)
-                    try:
-                        return inner(request, context)
-                    finally:
-                        current_principal.reset(token)
-            else:
-
-                def checked(request, context):
-                    token = self._check(rpc, None if streaming_request else request, context)
-                    try:
-                        yield from inner(request, context)
-                    finally:
-                        with contextlib.suppress(ValueError):  # a generator closed from another context
-                            current_principal.reset(token)
-
-            return checked
-
-        return rewrap(handler, make)
+        return around(handler, enter, leave)

@@ -30,7 +30,7 @@ import grpc
 
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, current_principal, hash_key
-from server.rpc.observability import rewrap
+from server.rpc.observability import around, rewrap
 from server.rpc.status import to_status
 from server.telemetry import ERRORS
 
@@ -168,30 +168,13 @@ class LimitInterceptor(grpc.ServerInterceptor):
             return handler
         rpc = method[len(SERVICE_PREFIX) :]
 
-        def make(inner, kind):
-            streaming_request = kind.startswith("stream")
+        def enter(request, context, kind):
+            owner = call_owner(context)
+            return owner, self._enter(rpc, owner, self._limiters(kind.startswith("stream")), context)
 
-            if kind.endswith("unary"):
+        def leave(state):
+            owner, taken = state
+            for limiter in taken:
+                limiter.release(owner)
 
-                def limited(request, context):
-                    owner = call_owner(context)
-                    taken = self._enter(rpc, owner, self._limiters(streaming_request), context)
-                    try:
-                        return inner(request, context)
-                    finally:
-                        for limiter in taken:
-                            limiter.release(owner)
-            else:
-
-                def limited(request, context):
-                    owner = call_owner(context)
-                    taken = self._enter(rpc, owner, self._limiters(streaming_request), context)
-                    try:
-                        yield from inner(request, context)
-                    finally:
-                        for limiter in taken:
-                            limiter.release(owner)
-
-            return limited
-
-        return rewrap(handler, make)
+        return around(handler, enter, leave)

@@ -35,6 +35,33 @@ def rewrap(handler: grpc.RpcMethodHandler, make):
     )
 
 
+def around(handler: grpc.RpcMethodHandler, enter, leave):
+    """The same handler with `state = enter(request, context, kind)` before it and `leave(state)` after
+    it, whether it answers once or streams (then the call lasts as long as the iteration)."""
+
+    def make(inner, kind):
+        if kind.endswith("unary"):
+
+            def wrapped(request, context):
+                state = enter(request, context, kind)
+                try:
+                    return inner(request, context)
+                finally:
+                    leave(state)
+        else:
+
+            def wrapped(request, context):
+                state = enter(request, context, kind)
+                try:
+                    yield from inner(request, context)
+                finally:
+                    leave(state)
+
+        return wrapped
+
+    return rewrap(handler, make)
+
+
 class ObservabilityInterceptor(grpc.ServerInterceptor):
     """Request id, latency, status counts for every FaceService call (the outermost interceptor)."""
 
