@@ -228,7 +228,7 @@ class Settings:
     max_request_pixels: int = setting(
         48_000_000,
         "limits",
-        "decoded pixels one request may cost in all (a DetectBatch sums its photos), at least this and 16 per byte sent",
+        "decoded pixels one request may cost in all (a DetectBatch sums its photos), at least this and 48 per byte sent; each image also costs a detection (2 M)",
         low=1,
         high=4000000000,
     )

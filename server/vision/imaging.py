@@ -38,7 +38,7 @@ CHANNELS = {"BGR": 3, "RGB": 3, "GRAY": 1}
 # no JPEG's scans cost more than this many pixel-scans (40 Mpix keeps the 10 of libjpeg's progression).
 JPEG_SCAN_WORK = 400_000_000
 MIN_JPEG_SCANS = 10
-PIXELS_PER_BYTE = 64  # a request's pixel budget grows with what it sent: real photos stay far below this
+PIXELS_PER_BYTE = 48  # a request's pixel budget grows with what it sent: real photos stay far below this
 # What one detection costs, in decoded pixels of equal CPU: every image is detected at the
 # detector's own size however small it was sent, so a batch of tiny images is not free.
 DETECT_COST_PIXELS = 2_000_000
