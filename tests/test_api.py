@@ -325,3 +325,23 @@ def test_exif_orientation_is_applied(stub):
     assert lm.left_eye.y < lm.nose.y < lm.mouth_left.y, "upright after orientation"
     upright = stub.Detect(pb.DetectRequest(image=image("dev/img5.jpg")), timeout=30).faces[0]
     assert face.box.x == pytest.approx(upright.box.x, abs=6) and face.box.y == pytest.approx(upright.box.y, abs=6)
+
+
+def test_an_upside_down_scan_is_found_and_the_answer_says_how_it_was_turned(stub):
+    """A photo without its EXIF orientation: the face is found, its box and landmarks are in the image
+    as sent, and `image.orientation` says the turn that stood it upright."""
+    import cv2
+    import numpy as np
+
+    from tests.conftest import face_path
+
+    photo = cv2.imread(str(face_path("lfw/Abel_Aguilar/Abel_Aguilar_0001.jpg")))
+    upright = stub.Detect(pb.DetectRequest(image=pb.Image(encoded=cv2.imencode(".png", photo)[1].tobytes())), timeout=30)
+    assert upright.image.orientation == 0
+    turned = np.ascontiguousarray(np.rot90(photo, 2))
+    resp = stub.Detect(pb.DetectRequest(image=pb.Image(encoded=cv2.imencode(".png", turned)[1].tobytes())), timeout=30)
+    assert resp.faces and resp.image.orientation == 180
+    b, ub = resp.faces[0].box, upright.faces[0].box
+    # the same face, its box mirrored through the centre of the 250 x 250 photo
+    assert abs((b.x + b.width / 2) - (250 - (ub.x + ub.width / 2))) < 8
+    assert resp.faces[0].landmarks.left_eye.y > resp.faces[0].landmarks.mouth_left.y  # upside down, as sent

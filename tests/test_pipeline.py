@@ -141,3 +141,78 @@ def test_age_gender_plausible(pipeline, rel, male):
     age, p_male = face.attributes["age"], face.attributes["gender"]
     assert (p_male >= 0.5) == male and max(p_male, 1 - p_male) > 0.8
     assert 20 <= age.age <= 75 and age.low <= age.age <= age.high
+
+
+# -- real-world inputs: close-ups, small faces in large frames, sideways photos ---------------------------
+def lfw_sample(n: int = 12) -> list:
+    files = sorted((FACES / "lfw").rglob("*.jpg"))
+    return [cv2.imread(str(f)) for f in files[:: max(1, len(files) // n)][:n]]
+
+
+def test_faces_that_fill_or_overflow_the_frame_are_found(pipeline):
+    from scripts.bench_inputs import centre_crop
+
+    found, total = {}, 0
+    for img in lfw_sample():
+        upright = pipeline.detect(img, OPTS)
+        if not upright:
+            continue
+        total += 1
+        for ratio in (1.0, 0.9, 0.8):
+            crop = centre_crop(img, upright[0].box, ratio)
+            faces = pipeline.detect(crop, OPTS)
+            found[ratio] = found.get(ratio, 0) + bool(faces)
+            if faces:  # landmarks map back into the crop, eyes above the mouth
+                lm = faces[0].landmarks
+                assert lm[:2, 1].max() < lm[3:, 1].min() and faces[0].orientation == 0
+    assert total >= 10 and all(v >= total - 1 for v in found.values()), (found, total)
+
+
+def test_a_small_face_in_a_4k_frame_is_found(pipeline):
+    from scripts.bench_inputs import pasted
+
+    hits = 0
+    imgs = [i for i in lfw_sample(8) if pipeline.detect(i, OPTS)]
+    for img in imgs:
+        frame = pasted(img, pipeline.detect(img, OPTS)[0].box, 3840, 2160)
+        faces = pipeline.detect(frame, OPTS)
+        hits += bool(faces) and faces[0].box[0] > 1800  # where it was pasted, in 4K pixels
+    assert hits == len(imgs)
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_sideways_and_upside_down_photos_are_found_and_say_how_they_were_turned(pipeline, turns):
+    img = read("dev/img1.jpg")
+    upright = pipeline.detect(img, OPTS)[0]
+    turned = np.ascontiguousarray(np.rot90(img, turns))
+    faces = pipeline.detect(turned, OPTS)
+    # turned `turns` quarter turns counter-clockwise: found as sent (the detector sees some sideways
+    # faces), or after (4 - turns) more quarter turns, which the answer then says
+    assert faces and faces[0].orientation in (0, 90 * ((4 - turns) % 4))
+    # the embedding of the turned photo's face is the upright one's: alignment turns it upright
+    (a, b) = pipeline.embed([upright, faces[0]])
+    assert float(a @ b) > 0.9
+
+
+def test_orientation_is_reported_when_a_turn_found_the_face(pipeline):
+    turned_found = 0
+    for img in lfw_sample(12):
+        for turns in (1, 2, 3):
+            faces = pipeline.detect(np.ascontiguousarray(np.rot90(img, turns)), OPTS)
+            assert faces, "a turned photo without a face found"
+            if faces[0].orientation:
+                assert faces[0].orientation == 90 * ((4 - turns) % 4)
+                turned_found += 1
+    assert turned_found >= 12  # most turned LFW photos need the turn: the rescue is what finds them
+
+
+def test_turning_back_maps_points_exactly():
+    from server.vision.finder import turn_points
+
+    h, w = 30, 50
+    img = np.zeros((h, w), np.uint8)
+    img[7, 11] = 255  # (x=11, y=7)
+    for k in (1, 2, 3):
+        turned = np.rot90(img, k)
+        y, x = np.argwhere(turned == 255)[0]
+        assert tuple(turn_points(np.array([[x, y]], np.float32), k, w, h)[0]) == (11, 7)

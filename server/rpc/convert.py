@@ -69,6 +69,12 @@ def optional_threshold(value: float, field: str, low: float, high: float) -> flo
     return None if value == 0 else _finite(value, field, low, high)
 
 
+def image_info(img: np.ndarray, faces) -> pb.ImageInfo:
+    """Size of the image as sent, and the turn under which its faces were found."""
+    h, w = img.shape[:2]
+    return pb.ImageInfo(width=w, height=h, orientation=faces[0].orientation if faces else 0)
+
+
 def _point(p: np.ndarray) -> pb.Point:
     return pb.Point(x=float(p[0]), y=float(p[1]))
 

@@ -14,7 +14,7 @@ import numpy as np
 from server import errors
 from server.vision.alignment import arcface_crop
 from server.vision.faces import Face, LivenessResult
-from server.vision.imaging import resize_long_side
+from server.vision.finder import FaceFinder
 from server.vision.quality import assess
 
 log = logging.getLogger(__name__)
@@ -49,20 +49,23 @@ class FacePipeline:
         self.liveness_models = liveness
         self.attribute_models = attribute_models
         self.detect_max_side = detect_max_side
+        self.finder = FaceFinder(detector, detect_max_side)
         self.liveness_threshold = liveness_threshold
 
     # -- detection ---------------------------------------------------------
     def detect(self, img: np.ndarray, opts: DetectOptions) -> list[Face]:
         """All faces passing the filters, ordered by `opts.selection`, with quality and aligned crops."""
-        small, scale = resize_long_side(img, self.detect_max_side)
-        boxes, kps, scores = self.detector.detect(small, opts.min_score)
-        boxes, kps = boxes / scale, kps / scale
+        found = self.finder.find(img, opts.min_score)
         h, w = img.shape[:2]
         faces = []
-        for box, lm, score in zip(boxes, kps, scores):
+        for box, lm, score in zip(found.boxes, found.landmarks, found.scores):
             if min(box[2] - box[0], box[3] - box[1]) < opts.min_face_size:
                 continue
-            faces.append(Face(box=box.astype(np.float32), landmarks=lm.astype(np.float32), score=float(score)))
+            faces.append(
+                Face(
+                    box=box.astype(np.float32), landmarks=lm.astype(np.float32), score=float(score), orientation=found.orientation
+                )
+            )
         faces = self._order(faces, opts.selection, w, h)
         if opts.selection == REQUIRE_SINGLE and len(faces) > 1:
             raise errors.multiple_faces(len(faces))

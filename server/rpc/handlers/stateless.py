@@ -32,10 +32,9 @@ class StatelessHandlers:
     @rpc
     def Detect(self, request: pb.DetectRequest, context) -> pb.DetectResponse:
         img, faces = self._detect_all(request)
-        h, w = img.shape[:2]
         return pb.DetectResponse(
             faces=[convert.face_to_proto(f) for f in faces],
-            image=pb.ImageInfo(width=w, height=h),
+            image=convert.image_info(img, faces),
             detector=self.pipeline.detector.name,
         )
 
@@ -107,12 +106,12 @@ class StatelessHandlers:
             ensure_call_alive()  # a dead call's remaining items are not decoded
             try:
                 img = r.image(item.image, f"items[{n}].image", budget)
-                h, w = img.shape[:2]
+                faces = p.detect(img, opts)
                 results.append(
                     pb.DetectBatchResult(
                         item_id=item.item_id,
-                        faces=[convert.face_to_proto(f) for f in p.detect(img, opts)],
-                        image=pb.ImageInfo(width=w, height=h),
+                        faces=[convert.face_to_proto(f) for f in faces],
+                        image=convert.image_info(img, faces),
                     )
                 )
             except Exception as exc:  # noqa: BLE001 - one bad photo never fails the batch

@@ -309,8 +309,9 @@ class StreamHandlers:
             try:
                 budget.received(frame.ByteSize())
                 img = self.requests.image(frame.image, "frame.image", budget)
-                resp.image.CopyFrom(pb.ImageInfo(width=img.shape[1], height=img.shape[0]))
-                for r in session.process(img):
+                results = session.process(img)
+                resp.image.CopyFrom(convert.image_info(img, [r.face for r in results]))
+                for r in results:
                     resp.faces.append(
                         pb.TrackedFace(
                             track_id=r.track.track_id,

@@ -70,10 +70,11 @@ class GridFaceDetector:
         self.nms_threshold = nms_threshold
         self.input_name = session.get_inputs()[0].name
 
-    def detect(self, img_bgr: np.ndarray, score_threshold: float | None = None):
-        """Return (boxes [N,4] x1y1x2y2, landmarks [N,5,2], scores [N]) in `img_bgr` pixels."""
+    def detect(self, img_bgr: np.ndarray, score_threshold: float | None = None, input_size: int | None = None):
+        """Return (boxes [N,4] x1y1x2y2, landmarks [N,5,2], scores [N]) in `img_bgr` pixels.
+        `input_size`: the network's input side for this call (default: the model's own)."""
         thr = self.score_threshold if score_threshold is None else score_threshold
-        canvas, scale = letterbox(img_bgr, self.input_size, self.tight_input)
+        canvas, scale = letterbox(img_bgr, input_size or self.input_size, self.tight_input)
         outputs = self._run(canvas)
         parts = [p for p in (self._decode(outputs, s, thr) for s in self.strides) if p[2].size]
         if not parts:

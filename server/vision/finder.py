@@ -1,0 +1,186 @@
+"""Finding faces at every scale and orientation, with extra detector passes only where the first fails.
+
+The detector runs on a copy of the frame downscaled to `max_side` (640 px). That one pass finds
+the faces of ordinary photos, and it is all an ordinary photo costs. Three kinds of input need
+more, and each gets one bounded extra pass only when the first pass shows the need:
+
+- **A face that fills the frame** (a selfie, an ID crop, the face crops other systems store).
+  SCRFD was trained on faces with context around them and misses these; on a copy with a border
+  as wide as the frame on every side, the face is a third as large, has context, and is found. Run
+  when the first pass finds nothing, or its largest face is large and touches the frame's edge.
+- **A small face in a large frame** (a 4K camera). Downscaled to 640 px, a 100 px face becomes
+  17 px, below what the detector sees. Run when the first passes find nothing in a frame over
+  twice `max_side`: one pass at three times `max_side`.
+- **A sideways or upside-down photo** without EXIF orientation (scans, stripped metadata). Run when
+  nothing is found upright: the frame turned by 90, 180 and 270 degrees, each with its padded
+  pass (which also confirms a weak detection); the turn whose face scores best wins. A face the
+  first pass finds lying on its side, or weak enough to be upside down, gets the same. Landmarks are mapped back to the frame as
+  sent, so alignment turns the face upright; the turn is reported so clients can fix their
+  pipeline.
+
+Worst case (nothing anywhere, a large frame): 1 + 1 + 1 + 3 x 2 = 9 detector runs on small copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from server.vision.imaging import resize_long_side
+from server.vision.models.detection import nms
+
+PAD = 1.0  # border added on every side for the close-up pass, as a share of the frame's side
+EDGE = 0.02  # a box this close to the frame's edge (share of the side) touches it
+LARGE = 0.5  # a face this large (share of the shorter side) that touches the edge may be cut off
+FINE = 3  # the small-face pass runs at FINE x max_side
+SURE = 0.7  # a turned frame's detection at least this sure needs no second view
+
+
+@dataclass
+class Found:
+    boxes: np.ndarray  # (N, 4) x1 y1 x2 y2 in the frame as sent
+    landmarks: np.ndarray  # (N, 5, 2)
+    scores: np.ndarray  # (N,)
+    orientation: int = 0  # degrees the frame was turned counter-clockwise for these faces to stand upright
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+
+def _empty() -> Found:
+    return Found(np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32))
+
+
+def turn_points(pts: np.ndarray, k: int, w: int, h: int) -> np.ndarray:
+    """Points of np.rot90(frame, k) (a w x h frame turned k x 90 degrees counter-clockwise) back
+    in the frame's own coordinates."""
+    x, y = pts[..., 0], pts[..., 1]
+    if k == 1:  # the turned frame is h wide: (x', y') = (y, w - 1 - x)
+        back = (w - 1 - y, x)
+    elif k == 2:
+        back = (w - 1 - x, h - 1 - y)
+    elif k == 3:  # (x', y') = (h - 1 - y, x)
+        back = (y, h - 1 - x)
+    else:
+        back = (x, y)
+    return np.stack(back, axis=-1)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return float(inter / union) if union > 0 else 0.0
+
+
+class FaceFinder:
+    def __init__(self, detector, max_side: int = 640):
+        self.detector, self.max_side = detector, max_side
+
+    def find(self, img: np.ndarray, min_score: float | None = None) -> Found:
+        h, w = img.shape[:2]
+        small, scale = resize_long_side(img, self.max_side)
+        found = self._scaled(self._run(small, min_score), scale)
+        if self._cut_off(found, w, h):
+            found = self._merge(found, self._scaled(self._padded(small, min_score), scale))
+        if not len(found) and max(h, w) > 2 * self.max_side:
+            fine, fine_scale = resize_long_side(img, FINE * self.max_side)
+            found = self._scaled(self._run(fine, min_score, FINE * self.max_side), fine_scale)
+        if len(found):
+            if self._quarter_turns(found) or self._doubtful(found, w, h):
+                # lying on its side, or weak and perhaps upside down: its landmarks are the detector's
+                # guesses; the turn under which the face scores best stands it upright
+                turned = self._best_turn(small, min_score)
+                if len(turned) and turned.scores.max() > found.scores.max():
+                    return self._scaled(turned, scale)
+            return found
+        return self._scaled(self._best_turn(small, min_score), scale)
+
+    def _best_turn(self, small: np.ndarray, min_score) -> Found:
+        """Of the three turns, the one whose best face scores highest (empty when none finds one):
+        a face also passes, more weakly, for one lying on its side or upside down."""
+        best = _empty()
+        for k in (1, 2, 3):
+            f = self._turn(small, k, min_score)
+            if len(f) and (not len(best) or f.scores.max() > best.scores.max()):
+                best = f
+        return best
+
+    def _turn(self, small: np.ndarray, k: int, min_score) -> Found:
+        """The faces of `small` turned k quarter turns counter-clockwise, mapped back into `small`."""
+        sh, sw = small.shape[:2]
+        f = self._turned(np.ascontiguousarray(np.rot90(small, k)), min_score)
+        corners = turn_points(f.boxes.reshape(-1, 2, 2), k, sw, sh)
+        boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1).reshape(-1, 4)
+        return Found(boxes, turn_points(f.landmarks, k, sw, sh), f.scores, orientation=90 * k if len(f) else 0)
+
+    @staticmethod
+    def _quarter_turns(f: Found) -> int:
+        """How many quarter turns counter-clockwise would stand the largest face upright (0: it is),
+        from the direction its mouth-to-eyes line points (up, in an upright face)."""
+        sizes = (f.boxes[:, 2] - f.boxes[:, 0]) * (f.boxes[:, 3] - f.boxes[:, 1])
+        lm = f.landmarks[int(np.argmax(sizes))]
+        up = lm[:2].mean(axis=0) - lm[3:].mean(axis=0)
+        tilt = np.degrees(np.arctan2(up[1], up[0])) + 90  # 0 when the eyes are straight above the mouth
+        return int(round(tilt / 90)) % 4
+
+    # -- passes ----------------------------------------------------------------------
+    def _turned(self, turned: np.ndarray, min_score) -> Found:
+        """Faces of a turned frame. Turning gives the detector three more chances at a photo with no
+        face, so a weak detection counts only when the close-up pass sees it too (a false one
+        rarely survives the change of scale); a close-up pass alone counts when the plain one saw nothing."""
+        plain, close = self._run(turned, min_score), self._padded(turned, min_score)
+        if not len(plain):
+            return close
+        keep = [
+            i
+            for i, (box, score) in enumerate(zip(plain.boxes, plain.scores))
+            if score >= SURE or any(_iou(box, b) > 0.3 for b in close.boxes)
+        ]
+        return Found(plain.boxes[keep], plain.landmarks[keep], plain.scores[keep])
+
+    def _run(self, frame: np.ndarray, min_score, input_size: int | None = None) -> Found:
+        boxes, kps, scores = self.detector.detect(frame, min_score, input_size=input_size)
+        return Found(boxes.astype(np.float32), kps.astype(np.float32), scores.astype(np.float32))
+
+    def _padded(self, small: np.ndarray, min_score) -> Found:
+        """The close-up pass: the frame at a third of the size in the middle of a black border."""
+        half, s = resize_long_side(small, max(1, int(self.max_side / (1 + 2 * PAD))))
+        hh, hw = half.shape[:2]
+        py, px = int(PAD * hh), int(PAD * hw)
+        canvas = cv2.copyMakeBorder(half, py, py, px, px, cv2.BORDER_CONSTANT, value=(0, 0, 0))
+        f = self._run(canvas, min_score)
+        offset = np.array([px, py], np.float32)
+        boxes = (f.boxes.reshape(-1, 2, 2) - offset).reshape(-1, 4) / s
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, small.shape[1] - 1)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, small.shape[0] - 1)
+        return Found(boxes, (f.landmarks - offset) / s, f.scores)
+
+    @staticmethod
+    def _scaled(f: Found, scale: float) -> Found:
+        return Found(f.boxes / scale, f.landmarks / scale, f.scores, f.orientation)
+
+    @staticmethod
+    def _doubtful(f: Found, w: int, h: int) -> bool:
+        """One weak, large face: what an upside-down portrait looks like to an upright detector."""
+        size = min(f.boxes[0, 2] - f.boxes[0, 0], f.boxes[0, 3] - f.boxes[0, 1])
+        return len(f) == 1 and f.scores[0] < SURE and size >= 0.2 * min(w, h)
+
+    @staticmethod
+    def _cut_off(f: Found, w: int, h: int) -> bool:
+        """Nothing found, or the largest face is large and runs into the frame's edge."""
+        if not len(f):
+            return True
+        sizes = np.minimum(f.boxes[:, 2] - f.boxes[:, 0], f.boxes[:, 3] - f.boxes[:, 1])
+        x1, y1, x2, y2 = f.boxes[int(np.argmax(sizes))]
+        touches = x1 <= EDGE * w or y1 <= EDGE * h or x2 >= (1 - EDGE) * w or y2 >= (1 - EDGE) * h
+        return bool(touches and sizes.max() >= LARGE * min(w, h))
+
+    def _merge(self, a: Found, b: Found) -> Found:
+        if not len(b):
+            return a
+        boxes, kps, scores = (np.concatenate(x) for x in ((a.boxes, b.boxes), (a.landmarks, b.landmarks), (a.scores, b.scores)))
+        keep = nms(boxes, scores, self.detector.nms_threshold)
+        return Found(boxes[keep], kps[keep], scores[keep])
