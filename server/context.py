@@ -20,6 +20,15 @@ REQUEST_ID_HEADER = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 current_call: contextvars.ContextVar[object] = contextvars.ContextVar("current_call", default=None)
+# The CPU budget of the call this thread works for (a vision.imaging.PixelBudget; None: unbounded),
+# set by the handler that made it, so the passes the vision layer adds on its own are paid from it too.
+work_budget: contextvars.ContextVar[object] = contextvars.ContextVar("work_budget", default=None)
+
+
+def spend(units: int) -> bool:
+    """Charge optional work to the call's budget; False when it cannot pay (then skip the work)."""
+    budget = work_budget.get()
+    return True if budget is None else budget.try_charge(units)
 
 
 def ensure_call_alive() -> None:

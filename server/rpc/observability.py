@@ -13,7 +13,7 @@ import uuid
 
 import grpc
 
-from server.context import _SANE_ID, IN_FLIGHT, REQUEST_ID_HEADER, current_call, request_id
+from server.context import _SANE_ID, IN_FLIGHT, REQUEST_ID_HEADER, current_call, request_id, work_budget
 from server.telemetry import LATENCY, RPCS
 
 _HANDLER_FACTORIES = {
@@ -79,12 +79,13 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             rid = incoming if _SANE_ID.fullmatch(incoming or "") else uuid.uuid4().hex[:16]
             context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
             IN_FLIGHT.add(1)
-            return (request_id.set(rid), current_call.set(context)), time.perf_counter()
+            return (request_id.set(rid), current_call.set(context), work_budget.set(None)), time.perf_counter()
 
         def finish(context, token, t0, exc: BaseException | None) -> None:
             IN_FLIGHT.add(-1)
             request_id.reset(token[0])
             current_call.reset(token[1])
+            work_budget.reset(token[2])
             code = context.code() if hasattr(context, "code") else None
             if code is None:
                 code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from facesvc.v1 import face_service_pb2 as pb
 from server import errors
-from server.context import ensure_call_alive
+from server.context import ensure_call_alive, work_budget
 from server.rpc import convert
 from server.vision.imaging import ImageLimits, PixelBudget
 from server.vision.pipeline import DetectOptions
@@ -32,6 +32,9 @@ class RequestParser:
 
     def image(self, msg: pb.Image, field: str, budget: PixelBudget | None = None):
         ensure_call_alive()  # before each decode: a batch stops at its deadline, not after its last item
+        if budget is None:  # a single image: a budget of its own, as large as its bytes allow
+            budget = self.limits.budget(msg.ByteSize())
+        work_budget.set(budget)  # the vision layer's extra passes are paid from it too
         return convert.image_from_proto(msg, field, self.limits, budget)
 
     def options(self, msg: pb.FaceOptions, field: str = "face_options", analyzed: bool = False) -> DetectOptions:

@@ -10,7 +10,7 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
   when the first pass finds nothing, or its largest face is large and touches the frame's edge.
 - **A small face in a large frame** (a 4K camera). Downscaled to 640 px, a 100 px face becomes
   17 px, below what the detector sees. Run when the first passes find nothing in a frame over
-  twice `max_side`: one pass at three times `max_side`.
+  twice `max_side`: one pass at twice `max_side`.
 - **A sideways or upside-down photo** without EXIF orientation (scans, stripped metadata). Run when
   nothing is found upright: the frame turned by 90, 180 and 270 degrees, each with its padded
   pass (which also confirms a weak detection); the turn whose face scores best wins. A face the
@@ -19,6 +19,9 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
   pipeline.
 
 Worst case (nothing anywhere, a large frame): 1 + 1 + 1 + 3 x 2 = 9 detector runs on small copies.
+Every pass after the first is paid from the call's budget (server/context.py `spend`), in the
+pixels a decode of equal cost would be charged; a call that cannot pay gets the first pass only,
+so a batch of blank images costs what its bytes allow, not nine passes each.
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from server.vision.imaging import resize_long_side
+from server.context import spend
+from server.vision.imaging import DETECT_COST_PIXELS, resize_long_side
 from server.vision.models.detection import nms
 
 PAD = 1.0  # border added on every side for the close-up pass, as a share of the frame's side
 EDGE = 0.02  # a box this close to the frame's edge (share of the side) touches it
 LARGE = 0.5  # a face this large (share of the shorter side) that touches the edge may be cut off
-FINE = 3  # the small-face pass runs at FINE x max_side
+FINE = 2  # the small-face pass runs at FINE x max_side
 SURE = 0.7  # a turned frame's detection at least this sure needs no second view
 
 
@@ -83,9 +87,9 @@ class FaceFinder:
         h, w = img.shape[:2]
         small, scale = resize_long_side(img, self.max_side)
         found = self._scaled(self._run(small, min_score), scale)
-        if self._cut_off(found, w, h):
+        if self._cut_off(found, w, h) and spend(DETECT_COST_PIXELS):
             found = self._merge(found, self._scaled(self._padded(small, min_score), scale))
-        if not len(found) and max(h, w) > 2 * self.max_side:
+        if not len(found) and max(h, w) > 2 * self.max_side and spend(FINE * FINE * DETECT_COST_PIXELS + h * w // 2):
             fine, fine_scale = resize_long_side(img, FINE * self.max_side)
             found = self._scaled(self._run(fine, min_score, FINE * self.max_side), fine_scale)
         if len(found):
@@ -103,6 +107,8 @@ class FaceFinder:
         a face also passes, more weakly, for one lying on its side or upside down."""
         best = _empty()
         for k in (1, 2, 3):
+            if not spend(2 * DETECT_COST_PIXELS):
+                break
             f = self._turn(small, k, min_score)
             if len(f) and (not len(best) or f.scores.max() > best.scores.max()):
                 best = f

@@ -41,7 +41,7 @@ MIN_JPEG_SCANS = 10
 PIXELS_PER_BYTE = 48  # a request's pixel budget grows with what it sent: real photos stay far below this
 # What one detection costs, in decoded pixels of equal CPU: every image is detected at the
 # detector's own size however small it was sent, so a batch of tiny images is not free.
-DETECT_COST_PIXELS = 2_000_000
+DETECT_COST_PIXELS = 3_000_000
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
 
 
@@ -57,10 +57,11 @@ class ImageLimits:
         """A unary request's: what it may decode is fixed by what it sent."""
         return PixelBudget(max(self.max_request_pixels, PIXELS_PER_BYTE * request_bytes))
 
-    def stream_budget(self) -> "PixelBudget":
-        """A stream's or a batch's, for the whole call: it grows with the bytes received and refills
-        at max_request_pixels a second, so a camera's frames pass and a trickle of tiny bombs does not."""
-        return PixelBudget(self.max_request_pixels, refill_per_s=self.max_request_pixels)
+    def stream_budget(self, live: bool = False) -> "PixelBudget":
+        """A batch's or a stream's, for the whole call: it grows with the bytes received. A live stream
+        (`live`: a camera that sends for as long as it runs) also refills at two thirds of
+        max_request_pixels a second, so its frames pass and a trickle of tiny bombs does not."""
+        return PixelBudget(self.max_request_pixels, refill_per_s=self.max_request_pixels * 2 // 3 if live else 0)
 
 
 class PixelBudget:
@@ -76,6 +77,15 @@ class PixelBudget:
         """A stream's message arrived: the bytes it carried raise the budget."""
         with self._lock:
             self.limit += PIXELS_PER_BYTE * nbytes
+
+    def try_charge(self, pixels: int) -> bool:
+        """Charge optional work (an extra detector pass): False, and nothing charged, when it would overdraw."""
+        with self._lock:
+            refilled = self.refill_per_s * (self._clock() - self._start)
+            if self.spent + pixels > self.limit + refilled:
+                return False
+            self.spent += pixels
+            return True
 
     def charge(self, pixels: int, field: str) -> None:
         with self._lock:

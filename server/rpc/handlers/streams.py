@@ -172,7 +172,7 @@ class StreamHandlers:
         together (up to BATCH_GROUP) are checked one by one, then their faces embedded in one call.
         The call itself ends when its key is revoked, its client goes idle or its deadline passes."""
         recheck = self._recheck(context)
-        budget = self.requests.limits.stream_budget()
+        budget = self.requests.limits.stream_budget(live=False)
         reader = RequestReader(request_iterator, 2 * BATCH_GROUP)
         context.add_callback(reader.stop)
         for group in _groups(reader, BATCH_GROUP, self.first_message_s, self.idle_s, recheck):
@@ -295,7 +295,7 @@ class StreamHandlers:
         go.set()
         session = StreamSession(self.pipeline, self.indexes if cfg.identify else None, cfg)
         idle_s = self.idle_s
-        budget = self.requests.limits.stream_budget()
+        budget = self.requests.limits.stream_budget(live=True)
         while (item := inbox.take(timeout=RECHECK_S)) is not None:
             recheck()
             if item is WAITING:
