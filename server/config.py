@@ -228,7 +228,7 @@ class Settings:
     max_request_pixels: int = setting(
         48_000_000,
         "limits",
-        "decoded pixels one request may cost in all (a DetectBatch sums its photos), at least this and 48 per byte sent; each detector pass also costs 3 M",
+        "decoded pixels one request may cost in all (a DetectBatch sums its photos), at least this and 48 per byte sent; each detector pass also counts 1.5 M (docs/security.md)",
         low=1,
         high=4000000000,
     )

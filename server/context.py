@@ -25,10 +25,11 @@ current_call: contextvars.ContextVar[object] = contextvars.ContextVar("current_c
 work_budget: contextvars.ContextVar[object] = contextvars.ContextVar("work_budget", default=None)
 
 
-def spend(units: int) -> bool:
-    """Charge optional work to the call's budget; False when it cannot pay (then skip the work)."""
+def spend(passes: int, pixels: int = 0) -> bool:
+    """Charge optional work (detector passes, pixels resized) to the call's budget; False when it
+    cannot pay (then skip the work)."""
     budget = work_budget.get()
-    return True if budget is None else budget.try_charge(units)
+    return True if budget is None else budget.try_charge(pixels, passes)
 
 
 def ensure_call_alive() -> None:

@@ -19,9 +19,9 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
   pipeline.
 
 Worst case (nothing anywhere, a large frame): 1 + 1 + 1 + 3 x 2 = 9 detector runs on small copies.
-Every pass after the first is paid from the call's budget (server/context.py `spend`), in the
-pixels a decode of equal cost would be charged; a call that cannot pay gets the first pass only,
-so a batch of blank images costs what its bytes allow, not nine passes each.
+Every pass after the first is paid from the call's budget of detector passes (server/context.py
+`spend`); a call that cannot pay gets the first pass only, so a batch of blank images costs what
+its bytes allow, not nine passes each.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from server.context import spend
-from server.vision.imaging import DETECT_COST_PIXELS, resize_long_side
+from server.vision.imaging import resize_long_side
 from server.vision.models.detection import nms
 
 PAD = 1.0  # border added on every side for the close-up pass, as a share of the frame's side
@@ -87,9 +87,9 @@ class FaceFinder:
         h, w = img.shape[:2]
         small, scale = resize_long_side(img, self.max_side)
         found = self._scaled(self._run(small, min_score), scale)
-        if self._cut_off(found, w, h) and spend(DETECT_COST_PIXELS):
+        if self._cut_off(found, w, h) and spend(1):
             found = self._merge(found, self._scaled(self._padded(small, min_score), scale))
-        if not len(found) and max(h, w) > 2 * self.max_side and spend(FINE * FINE * DETECT_COST_PIXELS + h * w // 2):
+        if not len(found) and max(h, w) > 2 * self.max_side and spend(FINE * FINE, h * w):
             fine, fine_scale = resize_long_side(img, FINE * self.max_side)
             found = self._scaled(self._run(fine, min_score, FINE * self.max_side), fine_scale)
         if len(found):
@@ -107,7 +107,7 @@ class FaceFinder:
         a face also passes, more weakly, for one lying on its side or upside down."""
         best = _empty()
         for k in (1, 2, 3):
-            if not spend(2 * DETECT_COST_PIXELS):
+            if not spend(2):
                 break
             f = self._turn(small, k, min_score)
             if len(f) and (not len(best) or f.scores.max() > best.scores.max()):

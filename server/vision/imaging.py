@@ -39,9 +39,11 @@ CHANNELS = {"BGR": 3, "RGB": 3, "GRAY": 1}
 JPEG_SCAN_WORK = 400_000_000
 MIN_JPEG_SCANS = 10
 PIXELS_PER_BYTE = 48  # a request's pixel budget grows with what it sent: real photos stay far below this
-# What one detection costs, in decoded pixels of equal CPU: every image is detected at the
-# detector's own size however small it was sent, so a batch of tiny images is not free.
-DETECT_COST_PIXELS = 3_000_000
+# Detector passes are the other cost: every image is detected at the detector's own size however
+# small it was sent, so a request may run at least MIN_PASSES of them, and one more per
+# BYTES_PER_PASS it sent (real photos are larger than that; a 60-byte blank WebP is not).
+MIN_PASSES, BYTES_PER_PASS = 16, 25 * 1024
+PASS_PIXELS = 1_500_000  # a detector pass also costs about as much CPU as decoding this many pixels
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
 
 
@@ -54,50 +56,59 @@ class ImageLimits:
     max_request_pixels: int = 48_000_000
 
     def budget(self, request_bytes: int = 0) -> "PixelBudget":
-        """A unary request's: what it may decode is fixed by what it sent."""
-        return PixelBudget(max(self.max_request_pixels, PIXELS_PER_BYTE * request_bytes))
+        """A unary request's: what it may decode and detect is fixed by what it sent."""
+        return PixelBudget(self.max_request_pixels, MIN_PASSES).received(request_bytes)
 
-    def stream_budget(self, live: bool = False) -> "PixelBudget":
-        """A batch's or a stream's, for the whole call: it grows with the bytes received. A live stream
-        (`live`: a camera that sends for as long as it runs) also refills at two thirds of
-        max_request_pixels a second, so its frames pass and a trickle of tiny bombs does not."""
-        return PixelBudget(self.max_request_pixels, refill_per_s=self.max_request_pixels * 2 // 3 if live else 0)
+    def stream_budget(self) -> "PixelBudget":
+        """A StreamFrames call's, for its whole life: it grows with the bytes received and refills, two
+        thirds of the floor a second, so a camera's frames pass and a trickle of tiny bombs does not.
+        (A batch item is a request of its own, with a request's budget.)"""
+        return PixelBudget(self.max_request_pixels, MIN_PASSES, refill=2 / 3)
 
 
 class PixelBudget:
-    """Decoded pixels one request (or one stream) may still cost; each decode is charged before it runs."""
+    """What one request (or one stream) may still cost: decoded pixels and detector passes. Each
+    decode is charged before it runs, with its first pass; extra passes are paid as they come."""
 
-    def __init__(self, limit: int, refill_per_s: float = 0.0, clock=time.monotonic):
-        self.limit, self.spent, self.refill_per_s = limit, 0, refill_per_s
-        self._clock = clock
-        self._start = clock()
+    def __init__(self, pixels: int, passes: int, refill: float = 0.0, clock=time.monotonic):
+        self.floor_pixels, self.floor_passes = pixels, passes
+        self.bytes = self.spent_pixels = self.spent_passes = 0
+        self.refill = refill  # share of the floors given back each second
+        self._clock, self._start = clock, clock()
         self._lock = threading.Lock()
 
-    def received(self, nbytes: int) -> None:
-        """A stream's message arrived: the bytes it carried raise the budget."""
+    def received(self, nbytes: int) -> "PixelBudget":
+        """A message arrived: the bytes it carried raise both limits."""
         with self._lock:
-            self.limit += PIXELS_PER_BYTE * nbytes
+            self.bytes += nbytes
+        return self
 
-    def try_charge(self, pixels: int) -> bool:
+    def _fits(self, pixels: int, passes: int) -> bool:
+        grown = self.refill * (self._clock() - self._start)
+        pixel_limit = max(self.floor_pixels, PIXELS_PER_BYTE * self.bytes) + grown * self.floor_pixels
+        pass_limit = max(self.floor_passes, self.bytes // BYTES_PER_PASS) + grown * self.floor_passes
+        return self.spent_pixels + pixels <= pixel_limit and self.spent_passes + passes <= pass_limit
+
+    def try_charge(self, pixels: int = 0, passes: int = 1) -> bool:
         """Charge optional work (an extra detector pass): False, and nothing charged, when it would overdraw."""
+        pixels += passes * PASS_PIXELS
         with self._lock:
-            refilled = self.refill_per_s * (self._clock() - self._start)
-            if self.spent + pixels > self.limit + refilled:
+            if not self._fits(pixels, passes):
                 return False
-            self.spent += pixels
+            self.spent_pixels += pixels
+            self.spent_passes += passes
             return True
 
     def charge(self, pixels: int, field: str) -> None:
-        with self._lock:
-            refilled = self.refill_per_s * (self._clock() - self._start)
-            if self.spent + pixels > self.limit + refilled:
-                raise errors.image_too_large(
-                    f"{field}: the request's images add up to more than {self.limit} decoded pixels "
-                    "(max_request_pixels); send fewer or smaller images per request",
-                    field=field,
-                    max_request_pixels=self.limit,
-                )
-            self.spent += pixels
+        """Charge a decode and its first detector pass, or refuse the image (IMAGE_TOO_LARGE)."""
+        if not self.try_charge(pixels, 1):
+            raise errors.image_too_large(
+                f"{field}: the request's images need more decoding and detection than its bytes pay for "
+                f"(at least {self.floor_pixels} pixels, {self.floor_passes} detector passes; max_request_pixels); "
+                "send fewer or smaller images per request",
+                field=field,
+                max_request_pixels=self.floor_pixels,
+            )
 
 
 _NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # a marker, not stuffing, a restart or fill
@@ -207,7 +218,7 @@ def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None 
     if fmt in ("JPEG", "MPO"):
         _check_jpeg_scans(data, width, height, limits)
     if budget is not None:
-        budget.charge(cost + DETECT_COST_PIXELS, field)
+        budget.charge(cost, field)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
@@ -247,7 +258,7 @@ def decode_raw(
             actual_bytes=len(data),
         )
     if budget is not None:
-        budget.charge(width * height + DETECT_COST_PIXELS, field)
+        budget.charge(width * height, field)
     arr = np.frombuffer(data, dtype=np.uint8).reshape(height, stride)[:, :packed]
     if pixel_format == "GRAY":
         return cv2.cvtColor(np.ascontiguousarray(arr), cv2.COLOR_GRAY2BGR)

@@ -172,7 +172,6 @@ class StreamHandlers:
         together (up to BATCH_GROUP) are checked one by one, then their faces embedded in one call.
         The call itself ends when its key is revoked, its client goes idle or its deadline passes."""
         recheck = self._recheck(context)
-        budget = self.requests.limits.stream_budget(live=False)
         reader = RequestReader(request_iterator, 2 * BATCH_GROUP)
         context.add_callback(reader.stop)
         for group in _groups(reader, BATCH_GROUP, self.first_message_s, self.idle_s, recheck):
@@ -181,11 +180,10 @@ class StreamHandlers:
                 recheck()
                 ensure_call_alive()
                 validate.item_id(item.item_id)  # a protocol error: it ends the call
-                budget.received(item.ByteSize())
                 try:
                     request = getattr(item, field)
                     self._authorize(context, rpc_name, request)
-                    pending.append(prepare(request, budget))
+                    pending.append(prepare(request, self.requests.limits.budget(item.ByteSize())))  # an item is a request
                 except Exception as exc:  # noqa: BLE001 - one bad item never fails the batch
                     pending.append(exc)
             faces = [p.face for p in pending if not isinstance(p, Exception) and p.face is not None]
@@ -295,7 +293,7 @@ class StreamHandlers:
         go.set()
         session = StreamSession(self.pipeline, self.indexes if cfg.identify else None, cfg)
         idle_s = self.idle_s
-        budget = self.requests.limits.stream_budget(live=True)
+        budget = self.requests.limits.stream_budget()
         while (item := inbox.take(timeout=RECHECK_S)) is not None:
             recheck()
             if item is WAITING:
