@@ -116,6 +116,9 @@ CALL_LIMIT_REACHED = _reason("CALL_LIMIT_REACHED")
 STREAM_IDLE = _reason("STREAM_IDLE")
 STAGING_LIMIT_REACHED = _reason("STAGING_LIMIT_REACHED")
 RATE_LIMITED = _reason("RATE_LIMITED")
+# Liveness that cannot judge (vision/pipeline.py): the photo, not the face, is the problem.
+FACE_TOO_CLOSE = _reason("FACE_TOO_CLOSE")
+FACE_TOO_SMALL = _reason("FACE_TOO_SMALL")
 
 QUOTE_LIMIT = 128  # characters of caller input quoted back in a message or a log line
 

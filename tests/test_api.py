@@ -345,3 +345,30 @@ def test_an_upside_down_scan_is_found_and_the_answer_says_how_it_was_turned(stub
     # the same face, its box mirrored through the centre of the 250 x 250 photo
     assert abs((b.x + b.width / 2) - (250 - (ub.x + ub.width / 2))) < 8
     assert resp.faces[0].landmarks.left_eye.y > resp.faces[0].landmarks.mouth_left.y  # upside down, as sent
+
+
+def test_liveness_says_when_it_cannot_judge_a_face_that_fills_the_frame(stub):
+    """A face crop leaves the models none of the context they judge from: no confident score, a reason."""
+    import cv2
+
+    from scripts.bench_inputs import centre_crop
+    from tests.conftest import face_path
+
+    photo = cv2.imread(str(face_path("dev/img1.jpg")))
+    whole = stub.CheckLiveness(
+        pb.CheckLivenessRequest(image=pb.Image(encoded=cv2.imencode(".jpg", photo)[1].tobytes())), timeout=30
+    )
+    assert whole.liveness.is_live and whole.liveness.reason == ""
+    box = whole.face.box
+    crop = centre_crop(photo, np.array([box.x, box.y, box.x + box.width, box.y + box.height]), 1.0)
+    close = pb.Image(encoded=cv2.imencode(".jpg", crop)[1].tobytes())
+    resp = stub.CheckLiveness(pb.CheckLivenessRequest(image=close), timeout=30)
+    assert not resp.liveness.is_live and resp.liveness.reason == "FACE_TOO_CLOSE" and resp.liveness.hint
+    assert resp.liveness.score == 0 and not resp.liveness.model_scores
+    info = expect_error(
+        stub.Compare,
+        pb.CompareRequest(source=close, target=image("dev/img2.jpg"), require_liveness=True),
+        INVALID,
+        "FACE_TOO_CLOSE",
+    )
+    assert info.metadata["hint"]

@@ -113,6 +113,8 @@ def liveness_to_proto(r: LivenessResult) -> pb.Liveness:
         score=r.score,
         threshold=r.threshold,
         model_scores=[pb.ModelScore(model=k, score=v) for k, v in r.model_scores.items()],
+        reason=r.reason,
+        hint=r.hint,
     )
 
 

@@ -59,3 +59,5 @@ class LivenessResult:
     score: float
     threshold: float
     model_scores: dict[str, float]
+    reason: str = ""  # FACE_TOO_CLOSE / FACE_TOO_SMALL when the models could not judge (then is_live is False)
+    hint: str = ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import grpc
 import numpy as np
 
 from server import errors
@@ -20,6 +21,10 @@ from server.vision.quality import assess
 log = logging.getLogger(__name__)
 
 LARGEST, MOST_CENTRAL, HIGHEST_SCORE, REQUIRE_SINGLE = "largest", "most_central", "highest_score", "require_single"
+# Liveness needs context and pixels: the face at least this wide (px), and the frame holding at least
+# this share of the widest model's context crop (the Silent-Face pair judges from 4 face widths).
+MIN_LIVENESS_FACE = 32
+MIN_LIVENESS_CONTEXT = 0.4
 DEFAULT = "default"  # the caller did not choose: ordered as LARGEST; enrolment also refuses ambiguous photos
 
 
@@ -103,12 +108,39 @@ class FacePipeline:
 
     def check_liveness(self, img: np.ndarray, face: Face, threshold: float | None = None) -> LivenessResult:
         thr = self.liveness_threshold if not threshold else threshold
+        unjudgeable = self._unjudgeable(img, face)
+        if unjudgeable is not None:  # a confident score from a model without what it needs would be a guess
+            reason, hint = unjudgeable
+            return LivenessResult(is_live=False, score=0.0, threshold=thr, model_scores={}, reason=reason, hint=hint)
         scores = {m.name: m.score(img, face.box) for m in self.liveness_models}
         fused = float(np.mean(list(scores.values())))
         return LivenessResult(is_live=fused >= thr, score=fused, threshold=thr, model_scores=scores)
 
+    def _unjudgeable(self, img: np.ndarray, face: Face) -> tuple[str, str] | None:
+        """Why the liveness models cannot judge this face, or None. They judge from the face and its
+        surroundings (a paper's edge, a screen's border, the scene): a face that fills the frame leaves
+        them a fraction of the context they were trained on, and a tiny one too few pixels."""
+        h, w = img.shape[:2]
+        side = max(1.0, float(face.box[2] - face.box[0]))
+        if side < MIN_LIVENESS_FACE:
+            return errors.FACE_TOO_SMALL, "move closer, or send a larger image of the face"
+        widest = max(m.context_scale for m in self.liveness_models)
+        # liveness boxes are squares of the face's width (models/liveness.py)
+        context = min((h - 1) / side, (w - 1) / side, widest) / widest
+        if context < MIN_LIVENESS_CONTEXT:
+            return errors.FACE_TOO_CLOSE, "hold the camera further away, or send the whole photo rather than a face crop"
+        return None
+
     def require_live(self, img: np.ndarray, face: Face, threshold: float | None = None, **where: object) -> LivenessResult:
         result = self.check_liveness(img, face, threshold)
+        if result.reason:
+            raise errors.FaceServiceError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                result.reason,
+                f"liveness cannot be judged on this photo: {result.hint}",
+                hint=result.hint,
+                **where,
+            )
         if not result.is_live:
             raise errors.spoof(result.score, result.threshold, **where)
         return result

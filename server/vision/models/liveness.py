@@ -18,6 +18,7 @@ class MiniFasNet:
         self.session = session
         self.name = name
         self.scale = scale
+        self.context_scale = scale  # how many face widths of the frame the model judges from
         self.input_size = input_size
         self.input_name = session.get_inputs()[0].name
 
@@ -61,6 +62,7 @@ class MiniFasNetSE128:
         self.name = name
         self.input_size = input_size
         self.crop_scale = crop_scale
+        self.context_scale = crop_scale
         self.input_name = session.get_inputs()[0].name
 
     def crop(self, img: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -106,6 +108,7 @@ class MiniFasNetPair:
     def __init__(self, v2: MiniFasNet, v1se: MiniFasNet, name: str = "minifasnet_pair"):
         self.models = (v2, v1se)
         self.name = name
+        self.context_scale = max(v2.context_scale, v1se.context_scale)
 
     def score(self, img_bgr: np.ndarray, box: np.ndarray) -> float:
         b = liveness_box(box)
