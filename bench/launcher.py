@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -52,6 +53,13 @@ def keyed_channel(target: str, key: str | None, credentials: grpc.ChannelCredent
     return grpc.intercept_channel(ch, _ApiKey(key)) if key else ch
 
 
+def free_port() -> int:
+    """A loopback port free right now (another process may take it before it is used: see with_metrics)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class ServerProcess:
     """`python -m server` on a free port, started the way a user starts it.
 
@@ -83,6 +91,22 @@ class ServerProcess:
         self.credentials = credentials
         self.channel = keyed_channel(self.target, api_key, credentials)
         self.wait_serving()
+
+    @classmethod
+    def with_metrics(cls, *args: str, tries: int = 5, **kw) -> "ServerProcess":
+        """A server with a metrics port (`.metrics_port`). A port found free can be taken by another
+        socket before the server binds it (an outgoing connection's ephemeral port): then another."""
+        for attempt in range(tries):
+            port = free_port()
+            try:
+                server = cls(*args, "--metrics-port", str(port), **kw)
+            except RuntimeError as exc:
+                if "Address already in use" not in str(exc) or attempt == tries - 1:
+                    raise
+                continue
+            server.metrics_port = port
+            return server
+        raise AssertionError("unreachable")
 
     def rss_mb(self) -> float:
         """The server process's resident memory, MB."""

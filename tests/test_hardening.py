@@ -24,7 +24,6 @@ from PIL import Image
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from tests.conftest import PYTHON, ROOT, ServerProcess, error_info, expect_error, image
-from tests.test_faults import free_port
 
 INVALID, DENIED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
 FIRST_MESSAGE_S = 4
@@ -40,9 +39,7 @@ def cpu_seconds(pid: int) -> float:
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hardening")
-    s = ServerProcess(
-        "--metrics-port",
-        str(free_port()),
+    s = ServerProcess.with_metrics(
         "--metrics-token",
         "scrape-secret",
         log_path=tmp / "server.log",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import time
 import urllib.request
 
@@ -14,12 +13,6 @@ import pytest
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, image
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -34,12 +27,7 @@ def scrape(port: int) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    port = free_port()
-    s = ServerProcess(
-        log_path=tmp_path_factory.mktemp("obs") / "server.log",
-        env={"FACESVC_METRICS_PORT": str(port), "FACESVC_LOG_FORMAT": "json"},
-    )
-    s.metrics_port = port
+    s = ServerProcess.with_metrics(log_path=tmp_path_factory.mktemp("obs") / "server.log", env={"FACESVC_LOG_FORMAT": "json"})
     yield s
     s.stop()
 
