@@ -315,3 +315,11 @@ def test_process_batch_and_detect_batch(stub, enrolled):
     by = {r.item_id: r for r in det.results}
     assert len(by["group"].faces) == 6 and by["junk"].error.reason == "INVALID_IMAGE" and not by["empty"].faces
     expect_error(stub.DetectBatch, pb.DetectBatchRequest(), grpc.StatusCode.INVALID_ARGUMENT, "VALIDATION_FAILED")
+
+
+def test_a_tracks_liveness_is_the_median_of_its_frames(stub):
+    frames = video_frames(n=10)
+    answers = list(stub.StreamFrames(requests(pb.StreamConfig(liveness=True), frames, pause=0.1), timeout=60))
+    counts = [a.faces[0].liveness_frames for a in answers if a.faces and a.faces[0].track_id == answers[0].faces[0].track_id]
+    assert counts == sorted(counts) and 3 <= counts[-1] <= 5, counts  # one check per frame, the last 5 kept
+    assert all(a.faces[0].HasField("liveness") for a in answers if a.faces)

@@ -11,7 +11,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from server.domain.tracking import FaceTracker, Track
+from server.vision.faces import LivenessResult
 from server.vision.pipeline import DetectOptions, FacePipeline
 
 MAX_LISTED_SKIPS = 4096  # skipped frame ids listed in one answer (they are dropped either way)
@@ -19,6 +22,7 @@ QUALITY_GAIN = 0.15  # a track is evaluated again when its face quality rises by
 # ... and at least this often: a track follows a box, and the face in the box can change (a printed
 # face held up where a live one was) or leave the index (its subject deleted) while the box stays.
 REEVALUATE_S = 1.0
+LIVENESS_FRAMES = 5  # a track's liveness verdict is the median of its last this many frames' checks
 
 
 WAITING = object()  # FrameInbox.take: nothing due yet (the caller's chance to run its periodic checks)
@@ -148,6 +152,21 @@ class StreamSession:
         self.pipeline, self.indexes, self.s, self.clock = pipeline, indexes, settings, clock
         self.tracker = FaceTracker(clock=clock)
 
+    def _check_live(self, img, face, track) -> None:
+        """One more liveness check for the track; its verdict is the median of the last few, so a
+        single odd frame (motion blur, a reflection) decides nothing."""
+        r = self.pipeline.check_liveness(img, face, self.s.liveness_threshold)
+        if r.reason:  # cannot be judged on this frame (too close, too small): say so, keep nothing
+            track.liveness, track.liveness_scores = r, []
+        else:
+            track.liveness_scores = (track.liveness_scores + [r.score])[-LIVENESS_FRAMES:]
+            median = float(np.median(track.liveness_scores))
+            track.liveness = LivenessResult(
+                is_live=median >= r.threshold, score=median, threshold=r.threshold, model_scores=r.model_scores
+            )
+        if not track.liveness.is_live:
+            track.identity = None  # a spoof is nobody
+
     def process(self, img) -> list[TrackedFaceResult]:
         faces = self.pipeline.detect(img, self.s.detect)
         tracks = self.tracker.update([f.box for f in faces])
@@ -163,10 +182,8 @@ class StreamSession:
             )
         ]
         if self.s.liveness:
-            for i in due:
-                tracks[i].liveness = self.pipeline.check_liveness(img, faces[i], self.s.liveness_threshold)
-                if not tracks[i].liveness.is_live:
-                    tracks[i].identity = None  # a spoof is nobody
+            for face, track in zip(faces, tracks):  # every frame: the verdict is a median over frames
+                self._check_live(img, face, track)
         search = [i for i in due if self.s.identify and (not self.s.liveness or tracks[i].liveness.is_live)]
         if search:
             index = self.indexes.get(self.s.collection)

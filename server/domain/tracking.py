@@ -10,7 +10,7 @@ run once per track, not once per frame.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -24,7 +24,8 @@ class Track:
     last_seen: float = 0.0
     evaluated_quality: float = -1.0  # face quality when liveness/identity last ran; -1 = never
     evaluated_at: float = 0.0  # when they last ran (clock of the tracker)
-    liveness: object = None  # LivenessResult of the last check
+    liveness: object = None  # LivenessResult: the median of liveness_scores
+    liveness_scores: list = field(default_factory=list)  # P(live) of the track's last few frames
     identity: object = None  # index Hit of the last check (None: nobody, or not live)
 
 

@@ -316,6 +316,7 @@ class StreamHandlers:
                             face=convert.face_to_proto(r.face),
                             frames_tracked=r.track.frames,
                             evaluated=r.evaluated,
+                            liveness_frames=len(r.track.liveness_scores),
                             liveness=convert.liveness_to_proto(r.track.liveness) if r.track.liveness else None,
                             identity=pb.TrackIdentity(
                                 subject_id=r.track.identity.subject_id,
