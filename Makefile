@@ -44,8 +44,9 @@ facesvc/.stamp-gen: $(PROTOS) scripts/gen_protos.sh $(VENV)/.stamp-install
 models: $(VENV)/.stamp-install
 	$(PY) models/fetch.py
 
+# Auth is off under `make run`, so it listens on loopback only: nobody else can reach an open server.
 run: setup
-	$(PY) -m server --auth=false $(ARGS)
+	$(PY) -m server --auth=false --host 127.0.0.1 $(ARGS)
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
