@@ -212,3 +212,15 @@ def test_the_readme_cli_flow_runs(srv):
     assert "alice" in lines and "enrolled" in p.stdout and "frame" in p.stdout
     subjects = [int(ln) for ln in lines[3:] if ln.isdigit()][-1]  # `subjects list | jq length`
     assert subjects > 100  # alice + the LFW people enrolled by `enroll`
+
+
+def test_a_stream_error_is_reported_without_a_crash(srv):
+    """`facesvc stream VIDEO --identify` on a collection that does not exist: the server's error, exit 1,
+    never an abort from the video decoder racing the capture's release (it did, 5 times in 9)."""
+    video = str(FACES / "video" / "single_closeup_720p.mp4")
+    for _ in range(4):
+        p = cli(
+            srv, "stream", video, "--frames", "60", "--no-pace", "--collection", "no-such-collection", "--identify", check=False
+        )
+        assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
+        assert "COLLECTION_NOT_FOUND" in p.stderr

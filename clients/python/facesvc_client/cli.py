@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from collections import Counter, OrderedDict
 from pathlib import Path
@@ -127,11 +128,24 @@ def stream(c: FaceClient, args) -> int:
     pace = isinstance(source, str) and not args.no_pace  # a file plays at its own rate, like a camera
     recent: OrderedDict[int, object] = OrderedDict()  # the frames an answer may still refer to (for --annotate)
     writer = None
+    # gRPC reads the frames on its own thread; when the call fails early (a bad collection), the main
+    # thread releases the capture while that thread may be inside cap.read(), and libavcodec aborts
+    # the process. The lock keeps a read and the release apart; `closed` stops the reader.
+    capture_lock, closed, reader_done = threading.Lock(), threading.Event(), threading.Event()
 
     def frames():
+        try:
+            yield from read_frames()
+        finally:
+            reader_done.set()
+
+    def read_frames():
         n, t0 = 0, time.monotonic()
         while args.frames == 0 or n < args.frames:
-            ok, frame = cap.read()
+            with capture_lock:
+                if closed.is_set():
+                    return
+                ok, frame = cap.read()
             if not ok:
                 return
             h, w = frame.shape[:2]
@@ -182,7 +196,10 @@ def stream(c: FaceClient, args) -> int:
                     writer = cv2.VideoWriter(args.annotate, cv2.VideoWriter_fourcc(*"mp4v"), fps, (img.shape[1], img.shape[0]))
                 writer.write(img)
     finally:
-        cap.release()
+        closed.set()
+        reader_done.wait(0.5)  # gRPC's reading thread, if it is still in the generator, leaves it first
+        with capture_lock:
+            cap.release()
         if writer is not None:
             writer.release()
     lat = sorted(latencies) or [0.0]

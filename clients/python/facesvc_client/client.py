@@ -95,10 +95,13 @@ class FaceClient:
                 time.sleep(pause)
 
     def _stream(self, method, requests: Iterator, timeout: float | None) -> Iterator:
+        call = method(requests, timeout=timeout, metadata=self.metadata)
         try:
-            yield from method(requests, timeout=timeout, metadata=self.metadata)
+            yield from call
         except grpc.RpcError as err:
             raise from_rpc_error(err) from None
+        finally:
+            call.cancel()  # a stream left early (an error, a break) stops reading its requests
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... of the standard grpc.health.v1 service."""
