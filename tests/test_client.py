@@ -224,3 +224,19 @@ def test_a_stream_error_is_reported_without_a_crash(srv):
         )
         assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
         assert "COLLECTION_NOT_FOUND" in p.stderr
+
+
+def test_every_cli_option_has_help():
+    import argparse
+
+    from facesvc_client.cli import build_parser
+
+    missing, parsers = [], [("facesvc", build_parser())]
+    while parsers:
+        name, parser = parsers.pop()
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers += [(f"{name} {n}", p) for n, p in action.choices.items()]
+            elif not isinstance(action, argparse._HelpAction) and not action.help:
+                missing.append(f"{name} {action.dest}")
+    assert not missing, missing

@@ -208,10 +208,30 @@ def stream(c: FaceClient, args) -> int:
 
 
 # -- the parser -------------------------------------------------------------------------
+POSITIONAL_HELP = {
+    "image": "photo file (JPEG, PNG, WebP or BMP)",
+    "first": "first photo file",
+    "second": "second photo file",
+    "collection": "collection id",
+    "subject": "subject id",
+    "dir": "folder with one sub-folder of photos per subject",
+    "source": "video file, or a camera's device number",
+    "key_id": "key id (from `keys list`)",
+}
+ADD_FACE = "add another face to an existing subject"
+SKIP_LIVENESS = "skip the liveness check (only in collections whose policy is OPTIONAL)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="facesvc", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default=os.environ.get("FACESVC_TARGET", "localhost:50051"))
-    ap.add_argument("--api-key", default=os.environ.get("FACESVC_API_KEY", ""))
+    ap.add_argument(
+        "--target",
+        default=os.environ.get("FACESVC_TARGET", "localhost:50051"),
+        help="server address host:port (env FACESVC_TARGET)",
+    )
+    ap.add_argument(
+        "--api-key", default=os.environ.get("FACESVC_API_KEY", ""), help="API key sent as x-api-key (env FACESVC_API_KEY)"
+    )
     ap.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
     ap.add_argument("--ca", help="PEM CA bundle that signed the server's certificate")
     ap.add_argument("--cert", help="client certificate (mTLS)")
@@ -222,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     def cmd(name, help_, *args):
         p = sub.add_parser(name, help=help_)
         for a in args:
-            p.add_argument(a)
+            p.add_argument(a, help=POSITIONAL_HELP[a])
         return p
 
     cmd("health", "the server's health (grpc.health.v1)")
@@ -231,26 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     cmd("compare", "similarity of the faces of two photos", "first", "second")
     cmd("analyze", "age and gender of each face", "image")
     p = cmd("process", "check and stage an enrolment photo (then: register --token)", "collection", "subject", "image")
-    p.add_argument("--add-face", action="store_true")
-    p.add_argument("--skip-liveness", action="store_true")
+    p.add_argument("--add-face", action="store_true", help=ADD_FACE)
+    p.add_argument("--skip-liveness", action="store_true", help=SKIP_LIVENESS)
     p = cmd("register", "commit a staged face (--token) or enrol a photo (--image)", "collection", "subject")
-    p.add_argument("--token", default="")
-    p.add_argument("--image")
-    p.add_argument("--add-face", action="store_true")
-    p.add_argument("--skip-liveness", action="store_true")
-    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--token", default="", help="the staging token from `process`")
+    p.add_argument("--image", help="enrol this photo in one call instead of a staged face")
+    p.add_argument("--add-face", action="store_true", help=ADD_FACE)
+    p.add_argument("--skip-liveness", action="store_true", help=SKIP_LIVENESS)
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE", help="subject metadata; repeat for more")
     cmd("verify", "is this the registered subject? (1:1)", "collection", "subject", "image")
     p = cmd("search", "who is this? (1:N)", "collection", "image")
-    p.add_argument("--top-k", type=int, default=5)
-    p.add_argument("--min-similarity", type=float, default=0.0)
-    p.add_argument("--all-faces", action="store_true")
+    p.add_argument("--top-k", type=int, default=5, help="most subjects to answer (1-100)")
+    p.add_argument(
+        "--min-similarity",
+        type=float,
+        default=0.0,
+        help="lowest similarity of a match; 0 = the server's 1:N threshold (never below its floor)",
+    )
+    p.add_argument("--all-faces", action="store_true", help="search every face of the photo, not only the largest")
     p = cmd("enroll", "bulk enrolment of DIR/<subject id>/<photos> through RegisterBatch", "collection", "dir")
     p.add_argument("--skip-liveness", action="store_true", help="for trusted photos in a LIVENESS_POLICY_OPTIONAL collection")
     p = cmd("stream", "stream a video file or camera (device number) and print each answer", "source")
-    p.add_argument("--collection", default="")
-    p.add_argument("--identify", action="store_true")
-    p.add_argument("--liveness", action="store_true")
-    p.add_argument("--max-fps", type=float, default=0.0)
+    p.add_argument("--collection", default="", help="collection to identify faces in (with --identify)")
+    p.add_argument("--identify", action="store_true", help="search each track's face in --collection")
+    p.add_argument("--liveness", action="store_true", help="check each track's liveness")
+    p.add_argument("--max-fps", type=float, default=0.0, help="frames the server processes a second; 0 = as many as it can")
     p.add_argument("--frames", type=int, default=0, help="stop after this many frames (0 = all)")
     p.add_argument("--width", type=int, default=640, help="downscale frames to this width before sending")
     p.add_argument("--no-pace", action="store_true", help="send a file's frames as fast as possible")
@@ -263,20 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         g = sub.add_parser(group, help=f"manage {group}").add_subparsers(dest="action", required=True)
         for action in actions:
-            p = g.add_parser(action)
-            if group == "collections" and action != "list":
-                p.add_argument("collection")
-            if group in ("subjects", "keys"):
-                p.add_argument("collection")
+            p = g.add_parser(action, help=f"{action} {group}")
+            if group == "collections" and action != "list" or group in ("subjects", "keys"):
+                p.add_argument("collection", help=POSITIONAL_HELP["collection"])
             if (group, action) in (("subjects", "get"), ("subjects", "delete")):
-                p.add_argument("subject")
+                p.add_argument("subject", help=POSITIONAL_HELP["subject"])
             if (group, action) == ("keys", "delete"):
-                p.add_argument("key_id")
+                p.add_argument("key_id", help=POSITIONAL_HELP["key_id"])
             if (group, action) == ("collections", "create"):
-                p.add_argument("--display-name", default="")
-                p.add_argument("--liveness-optional", action="store_true")
+                p.add_argument("--display-name", default="", help="a name for people")
+                p.add_argument(
+                    "--liveness-optional",
+                    action="store_true",
+                    help="let requests skip liveness (trusted bulk imports); default: liveness REQUIRED",
+                )
             if (group, action) == ("keys", "create"):
-                p.add_argument("--description", default="")
+                p.add_argument("--description", default="", help="what the key is for (shown in `keys list`)")
     return ap
 
 
