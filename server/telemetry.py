@@ -73,9 +73,7 @@ def serve_metrics(port: int, host: str, collector: ServiceCollector, token: str 
                 return [b"metrics need Authorization: Bearer <metrics_token>\n"]
             return app(environ, start_response)
 
-        _serve_wsgi(guarded, host, port)
-    else:
-        _serve_wsgi(app, host, port)
+    _serve_wsgi(guarded if token else app, host, port)
 
 
 def _serve_wsgi(app, host: str, port: int) -> None:

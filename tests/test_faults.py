@@ -12,6 +12,7 @@ import uuid
 import grpc
 import pytest
 
+from bench.launcher import free_port
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from tests.conftest import ServerProcess, backend_unreachable, error_info, image
@@ -22,12 +23,6 @@ def assert_no_backend_detail(err: grpc.RpcError, port: int) -> None:
     text = err.details() + str(error_info(err))
     for leak in (str(port), "127.0.0.1", "Errno", "pymysql", "Connection", "Error "):
         assert leak not in text, f"{leak!r} reached the client: {text}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PrivateRedis:

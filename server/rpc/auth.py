@@ -108,6 +108,14 @@ def _invalid() -> errors.FaceServiceError:
     return errors.FaceServiceError(grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_INVALID, "unknown or revoked API key")
 
 
+def _lru_put(entries: OrderedDict, key, value) -> None:
+    """Put as the newest entry, dropping the oldest past CACHE_ENTRIES."""
+    entries[key] = value
+    entries.move_to_end(key)
+    while len(entries) > CACHE_ENTRIES:
+        entries.popitem(last=False)
+
+
 class TokenBucket:
     """`rate` events a second on average, `burst` at once."""
 
@@ -145,15 +153,9 @@ class Authenticator:
 
     def _remember(self, digest: str, expires: float, p: Principal | None) -> None:
         with self._lock:
-            self._cache[digest] = (expires, p)
-            self._cache.move_to_end(digest)
-            while len(self._cache) > CACHE_ENTRIES:
-                self._cache.popitem(last=False)
+            _lru_put(self._cache, digest, (expires, p))
             if p is not None:
-                self._known[digest] = None
-                self._known.move_to_end(digest)
-                while len(self._known) > CACHE_ENTRIES:
-                    self._known.popitem(last=False)
+                _lru_put(self._known, digest, None)
 
     def principal(self, secret: str) -> Principal:
         if not secret:

@@ -33,7 +33,7 @@ import numpy as np
 
 from server.context import spend
 from server.vision.imaging import resize_long_side
-from server.vision.models.detection import nms
+from server.vision.models.detection import iou, nms
 
 PAD = 1.0  # border added on every side for the close-up pass, as a share of the frame's side
 EDGE = 0.02  # a box this close to the frame's edge (share of the side) touches it
@@ -70,13 +70,6 @@ def turn_points(pts: np.ndarray, k: int, w: int, h: int) -> np.ndarray:
     else:
         back = (x, y)
     return np.stack(back, axis=-1)
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> float:
-    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return float(inter / union) if union > 0 else 0.0
 
 
 class FaceFinder:
@@ -140,11 +133,8 @@ class FaceFinder:
         plain, close = self._run(turned, min_score), self._padded(turned, min_score)
         if not len(plain):
             return close
-        keep = [
-            i
-            for i, (box, score) in enumerate(zip(plain.boxes, plain.scores))
-            if score >= SURE or any(_iou(box, b) > 0.3 for b in close.boxes)
-        ]
+        seen_twice = (iou(plain.boxes, close.boxes) > 0.3).any(axis=1) if len(close) else np.zeros(len(plain), bool)
+        keep = np.flatnonzero((plain.scores >= SURE) | seen_twice)
         return Found(plain.boxes[keep], plain.landmarks[keep], plain.scores[keep])
 
     def _run(self, frame: np.ndarray, min_score, input_size: int | None = None) -> Found:
