@@ -217,10 +217,10 @@ def test_a_request_cannot_lower_the_policy_thresholds(srv, admin):
     )
     # a stricter request is allowed
     v = t.Verify(
-        pb.VerifyRequest(collection=cid, subject_id="victim", image=image("dev/img2.jpg"), threshold=0.3, liveness_threshold=0.6),
+        pb.VerifyRequest(collection=cid, subject_id="victim", image=image("dev/img2.jpg"), threshold=0.3, liveness_threshold=0.9),
         timeout=30,
     )
-    assert v.threshold == pytest.approx(0.3) and v.liveness.threshold == pytest.approx(0.6)
+    assert v.threshold == pytest.approx(0.3) and v.liveness.threshold == pytest.approx(0.9)
     for cfg in (
         pb.StreamConfig(identify=True, collection=cid, liveness_threshold=low),
         pb.StreamConfig(identify=True, collection=cid, min_similarity=0.01),
