@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """facesvc against the peer pipeline, same models, same photos, same machine, same run.
 
-A. detect + embed in process: facesvc's FacePipeline vs insightface's
-   FaceAnalysis loading the very same det_500m.onnx and w600k_mbf ONNX files
-   from a local directory (offline). Both get the same decoded BGR photos (the
-   dev portraits): single-image latency p50/p95 (one thread; the engines take
-   turns pass by pass), and throughput (images/s) with 1 and 2 threads sharing
-   one instance (the median of `--repeat` rounds, the engines taking turns).
-B. end to end through gRPC (a server subprocess, embedded storage, auth off):
-   Verify of one 640x480 JPEG probe against a registered subject, p50/p95 over
-   sequential calls (with and without liveness), then throughput and errors
-   with 1, 8 and 64 concurrent clients.
+A. detect + embed in process: facesvc's FacePipeline on each runtime (OpenVINO, the
+   CPU default, and onnxruntime, the baseline) vs insightface's FaceAnalysis loading
+   the very same det_500m.onnx and w600k_mbf ONNX files from a local directory
+   (offline). All get the same decoded BGR photos (the dev portraits): single-image
+   latency p50/p95 (one thread; the engines take turns pass by pass), and throughput
+   (images/s) with 1 and 2 threads sharing one instance (the median of `--repeat`
+   rounds, the engines taking turns).
+B. end to end through gRPC (a server subprocess per runtime, embedded storage, auth
+   off): Verify of one 640x480 JPEG probe against a registered subject, p50/p95 over
+   sequential calls (with and without liveness), then throughput and errors with 1,
+   8 and 64 concurrent clients.
 
     .venv/bin/pip install -e '.[bench]'   # insightface (the peer) and faiss
     .venv/bin/python scripts/bench_compare.py [--repeat 3] [--seconds 10]
@@ -84,20 +85,36 @@ def peer_app(tmp: Path):
     return app
 
 
-def part_a(repeat: int) -> list[dict]:
-    images = [cv2.imread(str(p)) for p in sorted(DEV.glob("img*.jpg"))]
-    pipeline = build_pipeline(config.load([], environ={}))
+RUNTIMES = {"openvino": "facesvc (OpenVINO)", "onnxruntime": "facesvc (onnxruntime)"}
+# part B's servers: the default (OpenVINO, latency hint), its throughput hint (parallel streams for
+# concurrent calls), concurrent calls' faces embedded in one batch, and the onnxruntime baseline
+SERVERS = {
+    "openvino": {"FACESVC_RUNTIME": "openvino"},
+    "openvino throughput hint": {"FACESVC_RUNTIME": "openvino", "FACESVC_OPENVINO_HINT": "throughput"},
+    "openvino micro-batch": {"FACESVC_RUNTIME": "openvino", "FACESVC_EMBED_MICRO_BATCH": "true"},
+    "onnxruntime": {"FACESVC_RUNTIME": "onnxruntime"},
+}
+PEER = "insightface FaceAnalysis (peer)"
+
+
+def facesvc_engine(runtime: str):
+    pipeline = build_pipeline(config.load([], environ={"FACESVC_RUNTIME": runtime}))
     opts = convert.detect_options(pb.FaceOptions(), 20, 20)
 
     def facesvc(img):
-        with serving():  # one request, as the server's interceptor counts it (see server/models/runtime.py)
+        with serving():  # one request, as the server's interceptor counts it (see server/vision/models/runtime.py)
             faces = pipeline.detect(img, opts)
             return pipeline.embed(faces) if faces else []
 
+    return facesvc
+
+
+def part_a(repeat: int) -> list[dict]:
+    images = [cv2.imread(str(p)) for p in sorted(DEV.glob("img*.jpg"))]
     with tempfile.TemporaryDirectory() as d:
         app = peer_app(Path(d))
         peer = lambda img: [f.normed_embedding for f in app.get(img)]  # noqa: E731
-        engines = {"facesvc FacePipeline": facesvc, "insightface FaceAnalysis (peer)": peer}
+        engines = {label: facesvc_engine(rt) for rt, label in RUNTIMES.items()} | {PEER: peer}
         for fn in engines.values():  # warm-up
             for img in images[:3]:
                 fn(img)
@@ -105,7 +122,7 @@ def part_a(repeat: int) -> list[dict]:
         counts = {name: sum(len(fn(img)) for img in images) for name, fn in engines.items()}
         lat = timed_runs(engines, images, repeat)
         # throughput: `repeat` alternating rounds of one pass each, the median round per engine
-        rates = {(name, t): [] for name in engines for t in (1, 2)}
+        rates: dict[tuple[str, int], list[float]] = {(name, t): [] for name in engines for t in (1, 2)}
         for _ in range(repeat):
             for threads in (1, 2):
                 for name, fn in engines.items():
@@ -138,10 +155,10 @@ def probe_jpeg() -> bytes:
     return cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
 
 
-def part_b(calls: int, seconds: float) -> dict:
+def part_b(calls: int, seconds: float, env: dict[str, str]) -> dict:
     probe = pb.Image(encoded=probe_jpeg())
     with tempfile.TemporaryDirectory() as d:
-        srv = Server(Path(d))
+        srv = Server(Path(d), env=env)
         try:
             s = srv.face
             s.CreateCollection(pb.CreateCollectionRequest(collection="bench", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
@@ -222,23 +239,35 @@ def main() -> int:
         print(
             f"{r['engine']:34} {r['faces']:5d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f} {r['imgs_per_s_1']:11.1f} {r['imgs_per_s_2']:11.1f}"
         )
-    f, p = a
-    ratios = {
-        "p50": p["p50_ms"] / f["p50_ms"],
-        "throughput_1": f["imgs_per_s_1"] / p["imgs_per_s_1"],
-        "throughput_2": f["imgs_per_s_2"] / p["imgs_per_s_2"],
-    }
-    print(
-        f"facesvc vs peer: p50 {ratios['p50']:.2f}x lower, throughput {ratios['throughput_1']:.2f}x (1 thread), "
-        f"{ratios['throughput_2']:.2f}x (2 threads)"
-    )
-    b = part_b(args.calls, args.seconds)
+    rows = {r["engine"]: r for r in a}
+    p = rows[PEER]
+    ratios = {}
+    for rt, label in RUNTIMES.items():
+        f = rows[label]
+        ratios[rt] = {
+            "p50": p["p50_ms"] / f["p50_ms"],
+            "throughput_1": f["imgs_per_s_1"] / p["imgs_per_s_1"],
+            "throughput_2": f["imgs_per_s_2"] / p["imgs_per_s_2"],
+        }
+        r = ratios[rt]
+        print(
+            f"{label} vs peer: p50 {r['p50']:.2f}x lower, throughput {r['throughput_1']:.2f}x (1 thread), "
+            f"{r['throughput_2']:.2f}x (2 threads)"
+        )
+    b = {name: part_b(args.calls, args.seconds, env) for name, env in SERVERS.items()}
     print("\nB. gRPC end to end, one 640x480 JPEG probe")
-    for label, r in b["sequential"].items():
-        print(f"{label:24} p50 {r['p50_ms']:6.1f} ms   p95 {r['p95_ms']:6.1f} ms")
-    print(f"{'clients':>8} {'calls/s':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8}")
-    for r in b["concurrent"]:
-        print(f"{r['clients']:8d} {r['calls_per_s']:8.1f} {r['errors']:7d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f}")
+    for rt, res in b.items():
+        for label, r in res["sequential"].items():
+            print(f"{rt:26} {label:24} p50 {r['p50_ms']:6.1f} ms   p95 {r['p95_ms']:6.1f} ms")
+    print(f"{'server':26} {'clients':>8} {'calls/s':>8} {'errors':>7} {'p50 ms':>8} {'p95 ms':>8}")
+    for rt, res in b.items():
+        for r in res["concurrent"]:
+            print(f"{rt:26} {r['clients']:8d} {r['calls_per_s']:8.1f} {r['errors']:7d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f}")
+    verify = "Verify (no liveness)"
+    ratios["verify_p50_openvino_vs_onnxruntime"] = (
+        b["openvino"]["sequential"][verify]["p50_ms"] / b["onnxruntime"]["sequential"][verify]["p50_ms"]
+    )
+    print(f"Verify p50, OpenVINO / onnxruntime: {ratios['verify_p50_openvino_vs_onnxruntime']:.2f}")
     out = write_json(args.out, {"in_process": a, "ratios": ratios, "grpc": b})
     print(f"\nwrote {out}")
     return 0

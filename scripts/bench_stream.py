@@ -59,9 +59,12 @@ def load_clip(path: Path, size=(640, 480)) -> list[np.ndarray]:
 class Server(ServerProcess):
     """The server as the benchmarks run it: auth off, its data under `workdir`."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, env: dict[str, str] | None = None):
         super().__init__(
-            "--auth=false", log_path=workdir / "server.log", api_key=None, env={"FACESVC_DATA_DIR": str(workdir / "data")}
+            "--auth=false",
+            log_path=workdir / "server.log",
+            api_key=None,
+            env={"FACESVC_DATA_DIR": str(workdir / "data"), **(env or {})},
         )
         self.face = pb_grpc.FaceServiceStub(self.channel)
 

@@ -39,7 +39,7 @@ from server.rpc.servicer import FaceServicer
 from server.storage.crypto import CropCipher
 from server.storage.sql import open_store
 from server.storage.staging import open_cache
-from server.telemetry import ServiceCollector, serve_metrics
+from server.telemetry import MODEL_INFO, ServiceCollector, serve_metrics
 from server.vision.imaging import ImageLimits
 from server.vision.models.manifest import LivenessDefaults, load_liveness_defaults, load_manifest
 from server.vision.models.registry import ModelLoader
@@ -54,7 +54,13 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FaceService"].full_name
 def model_loader(settings: Settings) -> ModelLoader:
     providers = choose_providers(settings.device)
     log.info("execution providers: %s", providers)
-    runtime = RuntimeOptions(device=settings.device, intra_op_threads=settings.ort_threads)
+    runtime = RuntimeOptions(
+        device=settings.device,
+        intra_op_threads=settings.ort_threads,
+        runtime=settings.runtime,
+        precision=settings.precision,
+        hint=settings.openvino_hint,
+    )
     return ModelLoader(load_manifest(Path(settings.model_manifest)), Path(settings.model_dir), runtime, providers)
 
 
@@ -86,6 +92,7 @@ def build_pipeline(settings: Settings) -> FacePipeline:
         detect_max_side=settings.detect_max_side,
         liveness_threshold=live.threshold,
         min_liveness_face=live.min_face_px,
+        runtimes=loader.loaded,
     )
 
 
@@ -227,6 +234,8 @@ class FaceServer:
 
     def load_models(self) -> None:
         pipeline = build_pipeline(self.settings)
+        for where in pipeline.runtimes:
+            MODEL_INFO.labels(**where).set(1)
         s = self.settings
         policy = EnrolmentPolicy(
             staging_ttl_s=s.staging_ttl_seconds,
@@ -287,7 +296,7 @@ class FaceServer:
             StatelessHandlers(pipeline, requests),
             identity_rpcs,
             ManagementHandlers(collections),
-            SearchHandlers(searcher, requests),
+            SearchHandlers(searcher, requests, pipeline.runtimes),
             StreamHandlers(
                 pipeline,
                 identity_rpcs,

@@ -70,7 +70,28 @@ class Settings:
     device: str = setting(
         "auto", "models", "auto (CUDA if onnxruntime-gpu sees a GPU, else CPU), cpu or cuda", choices=("auto", "cpu", "cuda")
     )
-    ort_threads: int = setting(0, "models", "onnxruntime intra-op threads per model; 0 = one per core", low=0, high=256)
+    runtime: str = setting(
+        "auto",
+        "models",
+        "what runs the models: auto (OpenVINO on CPU where installed, onnxruntime-gpu on CUDA, else onnxruntime), "
+        "openvino or onnxruntime",
+        choices=("auto", "openvino", "onnxruntime"),
+    )
+    precision: str = setting(
+        "auto",
+        "models",
+        "OpenVINO inference precision: auto (bf16 where the CPU computes it natively, else f32), f32 or bf16",
+        choices=("auto", "f32", "bf16"),
+    )
+    openvino_hint: str = setting(
+        "latency",
+        "models",
+        "OpenVINO performance hint: latency (each call uses every core) or throughput (parallel streams for concurrent calls)",
+        choices=("latency", "throughput"),
+    )
+    ort_threads: int = setting(
+        0, "models", "inference threads per model (onnxruntime intra-op, OpenVINO); 0 = one per core", low=0, high=256
+    )
     model_dir: str = setting(str(DEFAULT_MODEL_DIR), "models", "directory holding the fetched ONNX files")
     model_manifest: str = setting(str(DEFAULT_MANIFEST), "models", "model manifest (names, files, sha256, params)")
     detector: str = setting("scrfd_500m", "models", "detector model name: scrfd_500m, scrfd_2.5g or yunet")

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from prometheus_client import Counter, Histogram, make_wsgi_app
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import REGISTRY, GaugeMetricFamily
 
 from server.context import request_id
@@ -36,9 +36,14 @@ LATENCY = Histogram(
 )
 INFERENCE = Histogram(
     "facesvc_model_inference_seconds",
-    "One ONNX Runtime session.run, by model file",
+    "One model run (OpenVINO or onnxruntime), by model name",
     ["model"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+)
+MODEL_INFO = Gauge(
+    "facesvc_model_info",
+    "1 for each loaded model, labelled with what runs it",
+    ["model", "kind", "runtime", "precision", "device"],
 )
 
 

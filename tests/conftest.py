@@ -76,6 +76,15 @@ def pipeline():
     return build_pipeline(config.load([], environ={}))
 
 
+@pytest.fixture(scope="session")
+def ort_pipeline():
+    """The same models on onnxruntime, the fallback runtime (the default is OpenVINO on CPU)."""
+    from server import config
+    from server.app import build_pipeline
+
+    return build_pipeline(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
+
+
 # -- real backends: MariaDB/MySQL and Redis -----------------------------------
 # Started on every machine and in CI (127.0.0.1:3306 root/no password, 127.0.0.1:6379).
 # Each run gets its own database and key prefix and removes them afterwards.

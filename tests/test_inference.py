@@ -121,12 +121,13 @@ def test_real_recognizer_batched_under_threads_equals_one_by_one(pipeline):
     assert rec.batcher.calls - before < len(crops) * 4  # some calls were shared
 
 
-def test_cpu_models_run_spinning_alone_and_quiet_beside_others(pipeline):
-    """Each CPU model has a spinning session for a run that has the CPU alone, a quiet one otherwise;
-    both give the same answer."""
+def test_cpu_models_run_spinning_alone_and_quiet_beside_others(ort_pipeline):
+    """On onnxruntime each CPU model has a spinning session for a run that has the CPU alone, a quiet
+    one otherwise; both give the same answer."""
     from server.context import IN_FLIGHT, serving
     from server.vision.models.runtime import RUNS, CpuSessionPair
 
+    pipeline = ort_pipeline
     pair = pipeline.recognizer.session._session
     assert isinstance(pair, CpuSessionPair) and pair.spinning is not pair.quiet
     used = []

@@ -44,8 +44,14 @@ def test_metrics_count_calls_errors_inference_and_index(srv):
     stub.Register(
         pb.RegisterRequest(collection="obs", subject_id="p1", image=image("dev/img1.jpg"), skip_liveness=True), timeout=30
     )
-    stub.GetIndexStats(pb.GetIndexStatsRequest(collection="obs"), timeout=10)
+    stats = stub.GetIndexStats(pb.GetIndexStatsRequest(collection="obs"), timeout=10)
+    # which runtime runs each model, in the answer and in the metrics
+    runs = {m.model: (m.kind, m.runtime, m.precision, m.device) for m in stats.models}
+    assert runs["scrfd_500m"][:2] == ("detector", "openvino") and runs["w600k_mbf"][0] == "recognizer"
     m = scrape(srv.metrics_port)
+    for name, (kind, runtime, precision, device) in runs.items():
+        labels = f'device="{device}",kind="{kind}",model="{name}",precision="{precision}",runtime="{runtime}"'
+        assert m[f"facesvc_model_info{{{labels}}}"] == 1
     assert m['facesvc_rpc_total{code="OK",method="Detect"}'] == 3
     assert m['facesvc_rpc_total{code="INVALID_ARGUMENT",method="Compare"}'] == 1
     assert m['facesvc_rpc_errors_total{method="Compare",reason="NO_FACE_DETECTED"}'] == 1
@@ -90,7 +96,7 @@ def test_a_call_past_its_deadline_stops_its_work_and_writes_nothing(srv):
     before = inferences(srv.metrics_port)
     stub.Compare(req, timeout=30)
     full = inferences(srv.metrics_port) - before
-    assert full == 7  # per photo: detect + the liveness pair; then one embed call for both faces
+    assert full == 9  # per photo: detect + the liveness ensemble (the pair + SE-128); then one embed call for both faces
     before = inferences(srv.metrics_port)
     with pytest.raises(grpc.RpcError) as e:
         stub.Compare(req, timeout=0.04)

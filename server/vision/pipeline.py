@@ -47,6 +47,7 @@ class FacePipeline:
         detect_max_side: int = 640,
         liveness_threshold: float = 0.5,
         min_liveness_face: int = 32,
+        runtimes: list[dict[str, str]] | None = None,
     ):
         """attribute_models: per-face models Analyze loops over; each has `annotate(img, faces)`, which puts
         its result in face.attributes[model.attribute] (insightface's FaceAnalysis pattern)."""
@@ -58,6 +59,7 @@ class FacePipeline:
         self.finder = FaceFinder(detector, detect_max_side)
         self.liveness_threshold = liveness_threshold
         self.min_liveness_face = min_liveness_face
+        self.runtimes = runtimes or []  # where each model runs: model, kind, runtime, precision, device
 
     # -- detection ---------------------------------------------------------
     def detect(self, img: np.ndarray, opts: DetectOptions) -> list[Face]:

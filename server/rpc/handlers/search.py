@@ -28,8 +28,9 @@ def _matches(hits) -> list[pb.SearchMatch]:
 class SearchHandlers:
     RPCS = ("Search", "SearchByEmbedding", "GetIndexStats")
 
-    def __init__(self, searcher: SearchService, requests: RequestParser):
+    def __init__(self, searcher: SearchService, requests: RequestParser, runtimes: list[dict[str, str]] = ()):
         self.searcher, self.requests = searcher, requests
+        self.models = [pb.ModelRuntime(**r) for r in runtimes]  # where each model runs, for GetIndexStats
 
     @rpc
     def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
@@ -89,4 +90,5 @@ class SearchHandlers:
             engine_params={k: str(v) for k, v in st.params.items()},
             # the change-log position moves with every tenant's writes: the admin's to see
             change_seq=self.searcher.indexes.change_seq if admin_or_open() else 0,
+            models=self.models,
         )

@@ -40,6 +40,7 @@ class ModelLoader:
         self.model_dir = Path(model_dir)
         self.runtime = runtime
         self.providers = providers
+        self.loaded: list[dict[str, str]] = []  # where each model runs, for the start-up log, metrics and GetIndexStats
 
     def spec(self, name: str, kind: str | tuple[str, ...]) -> ModelSpec:
         kinds = (kind,) if isinstance(kind, str) else kind
@@ -55,12 +56,16 @@ class ModelLoader:
         t0 = time.perf_counter()
         session = create_session(str(verified_path(spec, self.model_dir)), self.runtime, self.providers, name)
         model = ARCHS[spec.arch](session, name, **{**spec.params, **overrides})
+        where = {"model": name, "kind": spec.kind, "runtime": session.runtime, "precision": session.precision}
+        self.loaded.append(where | {"device": session.device})
         log.info(
-            "loaded model=%s kind=%s file=%s providers=%s in %.0f ms",
+            "loaded model=%s kind=%s file=%s runtime=%s precision=%s device=%s in %.0f ms",
             name,
-            kind,
+            spec.kind,
             spec.file,
-            session.get_providers()[0],
+            session.runtime,
+            session.precision,
+            session.device,
             (time.perf_counter() - t0) * 1000,
         )
         return model

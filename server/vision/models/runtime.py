@@ -1,9 +1,20 @@
-"""ONNX Runtime sessions: execution provider chosen once at start-up, shared by all threads.
+"""The runtime a model runs on, behind one small session interface, chosen once at start-up.
 
-`InferenceSession.run` is thread-safe, so each model holds its sessions once and
-every gRPC worker thread calls them concurrently.
+Every model class (scrfd.py, recognizer.py, ...) sees the same few calls of onnxruntime's
+InferenceSession: `get_inputs()` / `get_outputs()` (ports with a `.name`) and
+`run(output_names | None, {input name: array}) -> [arrays]`, so a model is written once:
+  - OpenVINO on CPU (the default where it is installed, which the default install does):
+    its CPU plugin runs these small convolutional models about twice as fast as onnxruntime
+    (docs/benchmarks.md). Each thread has its own infer request (a request is not thread-safe;
+    a compiled model is). Networks that take any input size (SCRFD) get a model compiled for
+    each frame shape they meet, up to a bound, as a shape-specialised graph runs faster than a
+    dynamic one; further shapes run on the dynamic graph, so no caller can make the server
+    compile without end.
+  - onnxruntime on CPU, the fallback (FACESVC_RUNTIME=onnxruntime, or no OpenVINO);
+  - onnxruntime-gpu with CUDA on GPUs.
 
-On CPU each model has two sessions with one intra-op thread per core, and each run
+onnxruntime's `InferenceSession.run` is thread-safe, so each model holds its sessions once and
+every gRPC worker thread calls them concurrently. On CPU each model has two sessions with one intra-op thread per core, and each run
 picks one (docs/benchmarks.md has the figures, from scripts/bench_compare.py):
   - alone (no other model run, no other gRPC call in flight): the spinning session,
     whose workers spin between the many small ops of one run instead of sleeping and
@@ -41,8 +52,32 @@ def cpu_cores() -> int:
 @dataclass(frozen=True)
 class RuntimeOptions:
     device: str = "auto"  # auto | cpu | cuda
-    intra_op_threads: int = 0  # 0 = onnxruntime default (one per physical core)
+    intra_op_threads: int = 0  # 0 = the runtime's default (one per core)
     inter_op_threads: int = 1
+    runtime: str = "auto"  # auto | openvino | onnxruntime
+    precision: str = "auto"  # auto | f32 | bf16 (OpenVINO; bf16 only where the CPU has it natively)
+    hint: str = "latency"  # OpenVINO performance hint: latency | throughput
+
+
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_runtime(opts: RuntimeOptions, providers: list[str]) -> str:
+    """openvino or onnxruntime. CUDA stays with onnxruntime-gpu; on CPU OpenVINO when installed."""
+    if opts.runtime not in ("auto", "openvino", "onnxruntime"):
+        raise ValueError(f"runtime must be auto, openvino or onnxruntime, not {opts.runtime!r}")
+    if opts.runtime == "openvino":
+        if not openvino_available():
+            raise RuntimeError("runtime=openvino but the openvino package is not installed (pip install openvino)")
+        return "openvino"
+    if opts.runtime == "onnxruntime" or providers[0] != "CPUExecutionProvider":
+        return "onnxruntime"
+    return "openvino" if openvino_available() else "onnxruntime"
 
 
 def choose_providers(device: str) -> list[str]:
@@ -114,22 +149,146 @@ def _session(path: str, providers: list[str], threads: int, inter: int, spin: bo
 def create_session(path: str, opts: RuntimeOptions, providers: list[str], name: str = "") -> TimedSession:
     """The model file at `path`, ready to run; `name` (the manifest's) labels its inference metrics."""
     label = name or Path(path).stem
+    if choose_runtime(opts, providers) == "openvino":
+        ov = OpenVinoSession(path, opts)
+        return TimedSession(ov, label, "openvino", ov.precision, "CPU")
     threads = opts.intra_op_threads
     quiet = _session(path, providers, threads, opts.inter_op_threads, spin=False)
     used = quiet.get_providers()
     if providers[0] not in used:
         log.warning("%s: asked for %s, running on %s", path, providers[0], used)
+    device = "CUDA" if used[0] == "CUDAExecutionProvider" else "CPU"
     if used[0] != "CPUExecutionProvider" or threads == 1 or (threads == 0 and cpu_cores() == 1):
-        return TimedSession(quiet, label)  # nothing to spin for
+        return TimedSession(quiet, label, "onnxruntime", "f32", device)  # nothing to spin for
     spinning = _session(path, providers, threads, opts.inter_op_threads, spin=True)
-    return TimedSession(CpuSessionPair(spinning, quiet), label)
+    return TimedSession(CpuSessionPair(spinning, quiet), label, "onnxruntime", "f32", device)
+
+
+@dataclass(frozen=True)
+class Port:
+    """An input or output of a model, as onnxruntime's NodeArg shows it."""
+
+    name: str
+    shape: list
+
+
+_CORE = None
+_CORE_LOCK = threading.Lock()
+
+
+def ov_core():
+    """One OpenVINO Core per process: it owns the CPU plugin and its thread pool."""
+    global _CORE
+    with _CORE_LOCK:
+        if _CORE is None:
+            import openvino as ov
+
+            _CORE = ov.Core()
+        return _CORE
+
+
+def native_bf16() -> bool:
+    """True where the CPU computes bf16 in hardware (AVX512-BF16, AMX); elsewhere bf16 is emulated and slower."""
+    return "BF16" in ov_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def resolve_precision(asked: str) -> str:
+    if asked not in ("auto", "f32", "bf16"):
+        raise ValueError(f"precision must be auto, f32 or bf16, not {asked!r}")
+    if asked == "f32":
+        return "f32"
+    if native_bf16():
+        return "bf16"
+    if asked == "bf16":
+        log.warning("precision=bf16 asked for, but this CPU has no native bf16: running f32")
+    return "f32"
+
+
+class OpenVinoSession:
+    """A model compiled by OpenVINO for the CPU, called like an onnxruntime InferenceSession."""
+
+    MAX_SHAPES = 8  # shape-specialised compilations per model; further shapes run on the dynamic graph
+
+    def __init__(self, path: str, opts: RuntimeOptions):
+        import openvino as ov
+
+        core = ov_core()
+        self._ov = ov
+        self.precision = resolve_precision(opts.precision)
+        self._config = {
+            "PERFORMANCE_HINT": "THROUGHPUT" if opts.hint == "throughput" else "LATENCY",
+            "INFERENCE_PRECISION_HINT": self.precision,
+        }
+        if opts.intra_op_threads:
+            self._config["INFERENCE_NUM_THREADS"] = opts.intra_op_threads
+        self._model = core.read_model(path)
+        self._inputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.inputs]
+        self._outputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.outputs]
+        self._index = {n: i for i, p in enumerate(self._model.outputs) for n in p.get_names()}
+        self._dynamic = core.compile_model(self._model, "CPU", self._config)
+        # only spatial dimensions are worth specialising: a batch dimension varies call by call
+        self._per_shape = any(isinstance(d, str) for p in self._inputs for d in p.shape[2:])
+        self._shaped: dict[tuple, object] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+
+    def get_inputs(self) -> list[Port]:
+        return self._inputs
+
+    def get_outputs(self) -> list[Port]:
+        return self._outputs
+
+    def _compiled(self, feed: dict):
+        """The graph compiled for this input shape when there is one; else the dynamic graph, while
+        (up to MAX_SHAPES) one for this shape is compiled in the background: a new frame size never
+        waits for a compilation."""
+        if not self._per_shape:
+            return self._dynamic
+        shape = tuple((name, tuple(a.shape)) for name, a in feed.items())
+        compiled = self._shaped.get(shape)
+        if compiled is None:
+            with self._lock:
+                if shape not in self._shaped and len(self._shaped) < self.MAX_SHAPES:
+                    self._shaped[shape] = None  # claimed: compiled once
+                    threading.Thread(target=self._specialise, args=(shape,), name="ov-compile", daemon=True).start()
+        return compiled or self._dynamic
+
+    def _specialise(self, shape: tuple) -> None:
+        try:
+            model = self._model.clone()
+            model.reshape({name: self._ov.PartialShape(list(dims)) for name, dims in shape})
+            self._shaped[shape] = ov_core().compile_model(model, "CPU", self._config)
+        except Exception:  # the dynamic graph serves this shape
+            log.exception("compiling %s for input shape %s failed", self._model.get_friendly_name(), shape)
+
+    def _request(self, compiled):
+        requests = getattr(self._local, "requests", None)
+        if requests is None:
+            requests = self._local.requests = {}
+        req = requests.get(id(compiled))
+        if req is None:
+            req = requests[id(compiled)] = compiled.create_infer_request()
+        return req
+
+    def run(self, output_names, feed: dict) -> list:
+        req = self._request(self._compiled(feed))
+        req.infer(feed)
+        wanted = range(len(self._outputs)) if output_names is None else [self._index[n] for n in output_names]
+        # the request reuses its output buffers on its next run: hand the caller its own copies
+        return [req.get_output_tensor(i).data.copy() for i in wanted]
+
+
+def _dims(shape) -> list:
+    return [d.get_length() if d.is_static else "?" for d in shape]
 
 
 class TimedSession:
-    """An onnxruntime InferenceSession whose run() is timed into INFERENCE; everything else passes through."""
+    """A model's session whose run() is timed into INFERENCE; everything else passes through.
+    `runtime`, `precision` and `device` say where the model runs (start-up log, metrics, GetIndexStats)."""
 
-    def __init__(self, session, model: str):
+    def __init__(self, session, model: str, runtime: str = "onnxruntime", precision: str = "f32", device: str = "CPU"):
         self._session, self._observe = session, INFERENCE.labels(model).observe
+        self.runtime, self.precision, self.device = runtime, precision, device
 
     def run(self, *args, **kwargs):
         ensure_call_alive()

@@ -1,0 +1,126 @@
+"""The runtimes agree: every model gives the same answers on OpenVINO (the CPU default) and on
+onnxruntime (the fallback), so the thresholds calibrated on one hold for the other."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import cv2
+import numpy as np
+import pytest
+
+from server import config
+from server.app import model_loader
+from server.vision.models.detection import iou
+from server.vision.models.runtime import RuntimeOptions, choose_runtime, native_bf16, resolve_precision
+from server.vision.pipeline import DetectOptions, upright
+from tests.conftest import FACES, face_path
+
+OPTS = DetectOptions(min_face_size=10)
+PHOTOS = [
+    "dev/img1.jpg",
+    "dev/img3.jpg",
+    "dev/group_t1.jpg",
+    "lfw/Anthony_Fauci/Anthony_Fauci_0002.jpg",
+    "lfw/Ann_Godbehere/Ann_Godbehere_0001.jpg",
+    *(str(p.relative_to(FACES)) for p in sorted((FACES / "liveness").glob("*.jpg"))),
+]
+
+
+def read(rel: str) -> np.ndarray:
+    img = cv2.imread(str(face_path(rel)))
+    assert img is not None, rel
+    return img
+
+
+def test_the_cpu_default_is_openvino_and_cuda_stays_with_onnxruntime(pipeline, ort_pipeline):
+    assert {r["runtime"] for r in pipeline.runtimes} == {"openvino"}
+    assert {r["runtime"] for r in ort_pipeline.runtimes} == {"onnxruntime"}
+    cpu, cuda = ["CPUExecutionProvider"], ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert choose_runtime(RuntimeOptions(), cpu) == "openvino"
+    assert choose_runtime(RuntimeOptions(), cuda) == "onnxruntime"
+    assert choose_runtime(RuntimeOptions(runtime="onnxruntime"), cpu) == "onnxruntime"
+    with pytest.raises(ValueError):
+        choose_runtime(RuntimeOptions(runtime="tensorrt"), cpu)
+
+
+def test_bf16_only_where_the_cpu_has_it():
+    native = native_bf16()
+    assert resolve_precision("auto") == ("bf16" if native else "f32")
+    assert resolve_precision("bf16") == ("bf16" if native else "f32")  # never emulated
+    assert resolve_precision("f32") == "f32"
+
+
+@pytest.mark.parametrize("rel", PHOTOS)
+def test_boxes_landmarks_embeddings_liveness_and_attributes_agree(pipeline, ort_pipeline, rel):
+    img = read(rel)
+    ov_faces, ort_faces = pipeline.detect(img, OPTS), ort_pipeline.detect(img, OPTS)
+    assert len(ov_faces) == len(ort_faces) > 0
+    for a, b in zip(ov_faces, ort_faces):
+        assert np.abs(a.box - b.box).max() <= 1.0, (a.box, b.box)
+        assert np.abs(a.landmarks - b.landmarks).max() <= 1.0
+        assert abs(a.score - b.score) < 0.01
+    # the same crops into both recognizers: the recognizer, not the detector, is under test here
+    crops = [f.aligned for f in ov_faces]
+    cos = np.sum(pipeline.recognizer.embed(crops) * ort_pipeline.recognizer.embed(crops), axis=1)
+    assert cos.min() >= 0.999, cos
+    face = ov_faces[0]
+    turned, up = upright(img, face)
+    for m_ov, m_ort in zip(pipeline.liveness_models, ort_pipeline.liveness_models):
+        assert abs(m_ov.score(turned, up.box) - m_ort.score(turned, up.box)) <= 0.01, m_ov.name
+    pipeline.analyze(img, ov_faces[:1])
+    ort_pipeline.analyze(img, ort_faces[:1])
+    age_a, age_b = ov_faces[0].attributes["age"].age, ort_faces[0].attributes["age"].age
+    assert abs(age_a - age_b) < 0.5
+    assert abs(ov_faces[0].attributes["gender"] - ort_faces[0].attributes["gender"]) < 0.01
+
+
+def test_a_frame_shape_gets_its_own_graph_with_the_same_answers():
+    """SCRFD runs on each frame's own shape: the first call of a shape runs the dynamic graph while
+    one for that shape compiles in the background; both give the same boxes. The number of shapes
+    compiled is bounded, so no caller can make the server compile (and hold memory) without end."""
+    det = model_loader(config.load([], environ={})).build("scrfd_500m", "detector")
+    session = det.session._session
+    img = cv2.resize(read("dev/img1.jpg"), (640, 416))  # a shape no other test sends
+    first = det.detect(img)
+    key = ((det.input_name, (1, 3, 416, 640)),)
+    deadline = time.monotonic() + 60
+    while session._shaped.get(key) is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session._shaped.get(key) is not None, list(session._shaped)
+    second = det.detect(img)
+    assert len(first[0]) == len(second[0]) > 0
+    assert np.abs(first[0] - second[0]).max() <= 1.0
+    for side in range(320, 640 + 32 * session.MAX_SHAPES, 32):  # more shapes than the bound
+        det.detect(np.zeros((side, 640, 3), np.uint8))
+    assert len(session._shaped) == session.MAX_SHAPES
+
+
+def test_threads_each_get_their_own_answers(pipeline):
+    """An OpenVINO infer request is not thread-safe: every thread has its own, so concurrent
+    callers never see each other's outputs."""
+    faces = pipeline.detect(read("dev/group_t1.jpg"), OPTS)
+    crops = [f.aligned for f in faces]
+    alone = pipeline.recognizer.embed(crops)
+    out: dict[int, np.ndarray] = {}
+
+    def work(i: int) -> None:
+        for _ in range(5):
+            out[i] = pipeline.recognizer.embed([crops[i % len(crops)]])[0]
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, e in out.items():
+        assert float(e @ alone[i % len(crops)]) > 0.9999, i
+
+
+def test_boxes_from_both_runtimes_overlap_on_every_face_of_the_group(pipeline, ort_pipeline):
+    img = read("dev/group_t1.jpg")
+    a = np.stack([f.box for f in pipeline.detect(img, OPTS)])
+    b = np.stack([f.box for f in ort_pipeline.detect(img, OPTS)])
+    assert len(a) == len(b) == 6
+    assert (iou(a, b).max(axis=1) > 0.98).all()
