@@ -126,8 +126,9 @@ def main() -> int:
     ap.add_argument("--out", default=".bench/eval_liveness.json")
     ap.add_argument("--write-manifest", action="store_true", help="store the chosen ensemble, threshold and minimum face width")
     ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="the manifest --write-manifest updates")
+    ap.add_argument("--runtime", default="auto", help="auto, openvino or onnxruntime: what runs the models")
     args = ap.parse_args()
-    settings = config.load([], environ={})
+    settings = config.load([], environ={"FACESVC_RUNTIME": args.runtime})
     pipeline = build_pipeline(settings)
     score = Scorer(settings)
     results, pooled_scores, pooled_labels, judged = {}, [], [], []
@@ -169,7 +170,9 @@ def main() -> int:
         f"of ../shared/faces/liveness and liveness-dev ({len(pooled_labels)} photos, ACER {full:.3f}); "
         f"min_face_px: the smallest face width whose ACER stays within {SIZE_SLACK} of full size",
     }
-    print(f"\nchosen: {choice['ensemble']} at P(live) >= {threshold}; faces narrower than {min_face} px cannot be judged")
+    where = {f"{m['runtime']} {m['precision']}" for m in pipeline.runtimes}
+    print(f"\nmodels ran on: {', '.join(sorted(where))}")
+    print(f"chosen: {choice['ensemble']} at P(live) >= {threshold}; faces narrower than {min_face} px cannot be judged")
     out = write_json(args.out, {"sets": results, "size_sweep": sweep, "choice": choice})
     print(f"wrote {out}")
     if args.write_manifest:

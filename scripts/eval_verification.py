@@ -161,6 +161,12 @@ def main() -> int:
     ap.add_argument("--detectors", default="scrfd_500m,yunet")
     ap.add_argument("--recognizer", default=None, help="recognizer model name (default: the server default)")
     ap.add_argument("--flip", choices=["off", "on", "both"], default="both")
+    ap.add_argument(
+        "--runtimes",
+        default="auto",
+        help="comma-separated runtimes to evaluate each configuration on (auto, openvino, onnxruntime): "
+        "the stored threshold must hold for every runtime a replica may run",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / ".bench" / "eval_verification.json")
     ap.add_argument("--write-manifest", action="store_true", help="store the recommended threshold in models/manifest.json")
     args = ap.parse_args()
@@ -170,21 +176,23 @@ def main() -> int:
         base = replace(base, recognizer=args.recognizer)
     flips = {"off": [False], "on": [True], "both": [False, True]}[args.flip]
     results = []
-    for det in args.detectors.split(","):
-        for flip in flips:
-            settings = replace(base, detector=det, recognizer_flip=flip)
-            pipeline = build_pipeline(settings)
-            r = evaluate(pipeline)
-            r.update(detector=det, recognizer=settings.recognizer, flip=flip)
-            results.append(r)
-            print(
-                f"evaluated detector={det} flip={flip}: {r['photos']} photos, {r['ms_per_photo']:.1f} ms/photo, "
-                f"no face in {len(r['no_face'])}",
-                file=sys.stderr,
-            )
+    for runtime in args.runtimes.split(","):
+        for det in args.detectors.split(","):
+            for flip in flips:
+                settings = replace(base, detector=det, recognizer_flip=flip, runtime=runtime)
+                pipeline = build_pipeline(settings)
+                r = evaluate(pipeline)
+                rec = next(m for m in pipeline.runtimes if m["kind"] == "recognizer")
+                r.update(detector=det, recognizer=settings.recognizer, flip=flip, runtime=f"{rec['runtime']} {rec['precision']}")
+                results.append(r)
+                print(
+                    f"evaluated runtime={r['runtime']} detector={det} flip={flip}: {r['photos']} photos, "
+                    f"{r['ms_per_photo']:.1f} ms/photo, no face in {len(r['no_face'])}",
+                    file=sys.stderr,
+                )
 
     hdr = (
-        f"{'detector':<11} {'flip':<5} {'set':<14} {'AUC':>6} {'acc':>6} {'thr_acc':>7} {'TAR@1e-2':>8} {'TAR@1e-3':>8} "
+        f"{'runtime':<16} {'detector':<11} {'flip':<5} {'set':<14} {'AUC':>6} {'acc':>6} {'thr_acc':>7} {'TAR@1e-2':>8} {'TAR@1e-3':>8} "
         f"{'thr@1e-3':>8} {'acc@cal':>7}"
     )
     print(hdr)
@@ -193,7 +201,7 @@ def main() -> int:
         for s in ("lfw_pairs", "lfw_pairs_crop", "lfw_all_pairs", "dev_master"):
             m = r[s]
             print(
-                f"{r['detector']:<11} {str(r['flip']):<5} {s:<14} {fmt(m['auc'])} {fmt(m['accuracy'])} {m['best_threshold']:7.4f} "
+                f"{r['runtime']:<16} {r['detector']:<11} {str(r['flip']):<5} {s:<14} {fmt(m['auc'])} {fmt(m['accuracy'])} {m['best_threshold']:7.4f} "
                 f"{fmt(m['tar@far0.01']):>8} {fmt(m['tar@far0.001']):>8} {fmt(m['thr@far0.001']):>8} "
                 f"{fmt(m['acc@calibrated']) if 'acc@calibrated' in m else '':>7}"
             )

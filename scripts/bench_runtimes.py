@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""Each model on each runtime: onnxruntime (CPU) against OpenVINO (f32; bf16 where the CPU has it
+natively), one inference at a time, the same input, in the same run.
+
+The runtimes take turns call by call, so the machine's noise falls on all of them. SCRFD is also
+timed on OpenVINO's dynamic-shape graph against the graph compiled for the frame's own shape (what
+the server uses for the shapes it meets most), with the memory each holds.
+
+    .venv/bin/python scripts/bench_runtimes.py [--calls 300] [--threads 0]
+
+Prints a table and writes JSON (default .bench/bench_runtimes.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import pct, write_json
+from server.vision.models.manifest import DEFAULT_MODEL_DIR, load_manifest
+from server.vision.models.runtime import OpenVinoSession, RuntimeOptions, create_session, native_bf16
+
+ROOT = Path(__file__).resolve().parents[1]
+# model name -> its input for one call: one face, one 640x480 frame, one liveness crop
+INPUTS = {
+    "w600k_mbf": (1, 3, 112, 112),
+    "scrfd_500m": (1, 3, 480, 640),
+    "minifasnet_v2": (1, 3, 80, 80),
+    "minifasnet_se128": (1, 3, 128, 128),
+    "age_dlib": (1, 3, 64, 64),
+    "gender_dlib": (1, 3, 32, 32),
+}
+
+
+def rss_mb() -> float:
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
+
+
+def sessions(path: str, threads: int) -> dict:
+    out = {
+        "onnxruntime": create_session(
+            path, RuntimeOptions(runtime="onnxruntime", intra_op_threads=threads), ["CPUExecutionProvider"]
+        )
+    }
+    out["openvino f32"] = create_session(path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=threads), [])
+    if native_bf16():
+        out["openvino bf16"] = create_session(
+            path, RuntimeOptions(runtime="openvino", precision="bf16", intra_op_threads=threads), []
+        )
+    return out
+
+
+def time_turns(runs: dict, x: np.ndarray, name: str, calls: int) -> dict[str, list[float]]:
+    feed = {name: x}
+    for run in runs.values():  # warm-up (and, for a shaped graph, its compilation)
+        for _ in range(10):
+            run(feed)
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(calls):
+        for k, run in runs.items():
+            t0 = time.perf_counter()
+            run(feed)
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=300)
+    ap.add_argument("--threads", type=int, default=0, help="inference threads per model; 0 = one per core")
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_runtimes.json"))
+    args = ap.parse_args()
+    manifest = load_manifest()
+    rows = []
+    for model, shape in INPUTS.items():
+        path = str(DEFAULT_MODEL_DIR / manifest[model].file)
+        ss = sessions(path, args.threads)
+        name = ss["onnxruntime"].get_inputs()[0].name
+        x = (np.random.default_rng(0).random(shape, np.float32) * 255).astype(np.float32)
+        times = time_turns({k: (lambda feed, s=s: s.run(None, feed)) for k, s in ss.items()}, x, name, args.calls)
+        row = {"model": model, "input": "x".join(map(str, shape[1:]))}
+        row.update({k: pct(v, 50) for k, v in times.items()})
+        rows.append(row)
+    # SCRFD: dynamic-shape graph vs the graph compiled for 640x480, and what each holds in memory
+    path = str(DEFAULT_MODEL_DIR / manifest["scrfd_500m"].file)
+    x = np.zeros(INPUTS["scrfd_500m"], np.float32)
+    before = rss_mb()
+    dynamic = OpenVinoSession(path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=args.threads))
+    dynamic._per_shape = False  # never specialise: the dynamic graph only
+    dynamic.run(None, {"input.1": x})
+    dynamic_mb = rss_mb() - before
+    before = rss_mb()
+    shaped = OpenVinoSession(path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=args.threads))
+    shaped.run(None, {"input.1": x})
+    while shaped._shaped.get(((("input.1", x.shape),))) is None:
+        time.sleep(0.05)
+    shaped.run(None, {"input.1": x})
+    shaped_mb = rss_mb() - before  # the dynamic graph it falls back on, plus one shaped graph
+    t = time_turns(
+        {"dynamic": lambda f: dynamic.run(None, f), "per shape": lambda f: shaped.run(None, f)}, x, "input.1", args.calls
+    )
+    shapes = {"dynamic_p50_ms": pct(t["dynamic"], 50), "per_shape_p50_ms": pct(t["per shape"], 50)}
+    shapes.update(dynamic_mb=dynamic_mb, dynamic_plus_one_shape_mb=shaped_mb)
+
+    cols = [k for k in rows[0] if k not in ("model", "input")]
+    print(f"\np50 ms per inference, one call at a time ({args.calls} calls each, runtimes taking turns)")
+    print(f"{'model':18} {'input':10} " + " ".join(f"{c:>14}" for c in cols) + f" {'ort / ov f32':>13}")
+    for r in rows:
+        print(
+            f"{r['model']:18} {r['input']:10} "
+            + " ".join(f"{r[c]:14.2f}" for c in cols)
+            + f" {r['onnxruntime'] / r['openvino f32']:12.2f}x"
+        )
+    print(
+        f"\nSCRFD 640x480 on OpenVINO: dynamic graph p50 {shapes['dynamic_p50_ms']:.2f} ms ({dynamic_mb:.0f} MB), "
+        f"graph for the frame's shape p50 {shapes['per_shape_p50_ms']:.2f} ms "
+        f"(dynamic + one shape: {shaped_mb:.0f} MB)"
+    )
+    out = write_json(args.out, {"models": rows, "scrfd_shapes": shapes, "native_bf16": native_bf16()})
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
