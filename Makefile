@@ -29,7 +29,7 @@ setup: $(VENV)/.stamp-install facesvc/.stamp-gen models
 $(VENV)/.stamp-install: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[dev,models]' --config-settings editable_mode=compat
 	$(PY) -m pip install --quiet -e 'clients/python[video]' --config-settings editable_mode=compat
 	touch $@
 
@@ -39,8 +39,8 @@ facesvc/.stamp-gen: $(PROTOS) scripts/gen_protos.sh $(VENV)/.stamp-install
 	scripts/gen_protos.sh $(PY)
 	touch $@
 
-# Model weights: copied from FACESVC_MODEL_MIRROR (default ../shared/models)
-# or downloaded, sha256-checked against models/manifest.json.
+# Model weights: copied from FACESVC_MODEL_MIRROR (default ../shared/models),
+# derived (models/derive.py) or downloaded, sha256-checked against models/manifest.json.
 models: $(VENV)/.stamp-install
 	$(PY) models/fetch.py
 

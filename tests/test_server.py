@@ -225,15 +225,66 @@ def test_fetch_refuses_sha_mismatch_and_leaves_nothing(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_fetch_without_mirror_or_url_explains(tmp_path):
-    manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
-    manifest["models"] = {"w600k_mbf": manifest["models"]["w600k_mbf"]}
+MODELS = json.loads((ROOT / "models" / "manifest.json").read_text())["models"]
+SHARED_MODELS = Path(os.environ.get("FACESVC_MODEL_MIRROR", ROOT.parent / "shared" / "models"))
+
+
+def test_fetch_empty_mirror_offline_names_every_origin(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _fetch(tmp_path, empty, "--offline")
+    assert r.returncode == 1
+    for name, spec in MODELS.items():
+        assert f"{name:<18} FAILED" in r.stderr
+        assert spec["origin"] in r.stderr, f"{name}'s origin is not named"
+        if spec.get("url"):
+            assert spec["url"] in r.stderr
+    assert r.stderr.count("FACESVC_MODEL_MIRROR") == len(MODELS)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_fetch_derives_the_recognizer_from_upstream_artifacts_and_serves(tmp_path):
+    """A mirror with only what upstream publishes: the default float recognizer is derived
+    from the int8 file (same bytes as the mirror's copy, sha256-checked) and the server
+    answers a Verify with the result."""
+    derived = {spec["file"] for spec in MODELS.values() if spec.get("derive")}
+    assert derived == {"w600k_mbf_deq.onnx"}
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for spec in MODELS.values():
+        if spec["file"] not in derived:
+            (mirror / spec["file"]).symlink_to(SHARED_MODELS / spec["file"])
+    r = _fetch(tmp_path, mirror, "--offline")
+    assert r.returncode == 0, r.stderr
+    assert "derived (dequantize) from w600k_mbf_int8.onnx" in r.stdout
+    out = tmp_path / "out"
+    assert hashlib.sha256((out / "w600k_mbf_deq.onnx").read_bytes()).hexdigest() == MODELS["w600k_mbf"]["sha256"]
+
+    server = ServerProcess(env={"FACESVC_MODEL_DIR": str(out)}, log_path=tmp_path / "server.log")
+    try:
+        stub = pb_grpc.FaceServiceStub(server.channel)
+        stub.CreateCollection(
+            pb.CreateCollectionRequest(collection="derived", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10
+        )
+        stub.Register(pb.RegisterRequest(collection="derived", subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
+        assert stub.Verify(
+            pb.VerifyRequest(collection="derived", subject_id="alice", image=image("dev/img2.jpg")), timeout=30
+        ).match
+        assert not stub.Verify(
+            pb.VerifyRequest(collection="derived", subject_id="alice", image=image("dev/img13.jpg")), timeout=30
+        ).match
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+
+
+def test_fetch_derivation_names_a_missing_source(tmp_path):
+    manifest = {"models": {"w600k_mbf": MODELS["w600k_mbf"]}}
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = _fetch(tmp_path, empty, manifest=path)
-    assert r.returncode == 1 and "FACESVC_MODEL_MIRROR" in r.stderr
+    r = _fetch(tmp_path, empty, "--offline", manifest=path)
+    assert r.returncode == 1 and "which the manifest does not list" in r.stderr and "FACESVC_MODEL_MIRROR" in r.stderr
 
 
 def test_weights_are_not_tracked_by_git():
