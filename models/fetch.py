@@ -52,9 +52,11 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def _download(url: str, member: str | None, timeout: float) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (manifest URLs)
-        data = resp.read()
+def _download(url: str, member: str | None, timeout: float, cache: dict[str, bytes]) -> bytes:
+    if url not in cache:  # one archive serves several models (the age/gender wheel)
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (manifest URLs)
+            cache[url] = resp.read()
+    data = cache[url]
     if member:
         with zipfile.ZipFile(io.BytesIO(data)) as zf:
             names = [n for n in zf.namelist() if n == member or n.endswith("/" + member)]
@@ -96,6 +98,7 @@ class Fetcher:
         self.models, self.target, self.mirror = models, target, mirror
         self.timeout, self.offline = timeout, offline
         self.done: dict[str, str] = {}
+        self.downloads: dict[str, bytes] = {}
 
     def fetch(self, name: str) -> str:
         if name not in self.done:
@@ -135,7 +138,7 @@ class Fetcher:
             url = spec.get("url")
             if url and not self.offline:
                 try:
-                    tmp.write_bytes(_download(url, spec.get("archive_member"), self.timeout))
+                    tmp.write_bytes(_download(url, spec.get("archive_member"), self.timeout, self.downloads))
                 except (OSError, zipfile.BadZipFile) as exc:
                     tried.append(f"download of {url} failed: {exc}")
                 else:
