@@ -217,6 +217,19 @@ def test_the_readme_cli_flow_runs(srv):
     assert subjects > 100  # alice + the LFW people enrolled by `enroll`
 
 
+def test_the_readme_python_snippet_runs(srv):
+    """The README's Python block, verbatim, from the repository's root (it reads ../shared/faces)."""
+    block = re.search(r"<!-- python-snippet:begin -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README lost its Python block"
+    if FACES.resolve() != (ROOT.parent / "shared" / "faces").resolve():
+        pytest.skip("the snippet reads ../shared/faces; FACESVC_FACES_DIR points elsewhere")
+    env = {**os.environ, "FACESVC_TARGET": srv.target, "FACESVC_API_KEY": ADMIN_KEY}
+    p = subprocess.run([sys.executable, "-c", block.group(1)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[:2] == ["True", "['alice']"] and lines[2].startswith("True {"), lines
+
+
 def test_a_stream_error_is_reported_without_a_crash(srv):
     """`facesvc stream VIDEO --identify` on a collection that does not exist: the server's error, exit 1,
     never an abort from the video decoder racing the capture's release (it did, 5 times in 9)."""
