@@ -88,3 +88,22 @@ def test_the_dependency_layer_installs_what_the_pyprojects_declare():
     assert set(server["dependencies"]) <= set(cpu) and "opencv-python-headless>=4.9" in cpu
     gpu = deps("pyproject.toml:gpu", "--without", "onnxruntime")
     assert not [r for r in gpu if re.match(r"onnxruntime\b(?!-)", r)] and any(r.startswith("onnxruntime-gpu") for r in gpu)
+
+
+def test_make_run_installs_no_test_tools_and_the_licence_is_spdx():
+    """`make run` installs the server's runtime (grpcurl's x86-64-only wheel stays in `dev`, which
+    only `make setup`/`make test` install); the licence is an SPDX expression with its files."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    assert [e for e, reqs in extras.items() if any(r.startswith("grpcurl") for r in reqs)] == ["dev"]
+    makefile = (ROOT / "Makefile").read_text()
+    run_prereqs = re.search(r"^run: (.*)$", makefile, re.M).group(1).split()
+    assert "setup" not in run_prereqs and "$(VENV)/.stamp-install" not in run_prereqs
+    runtime = re.search(r"^\$\(VENV\)/\.stamp-runtime:.*?\n((?:\t.*\n)+)", makefile, re.M).group(1)
+    installed = re.findall(r"pip install --quiet -e '([^']+)'", runtime)
+    assert installed == [".[codegen,models]", "clients/python[video]"]
+    assert "editable_mode=compat" not in makefile
+    assert project["license"] == "Apache-2.0" and project["license-files"] == ["LICENSE", "NOTICE"]
+    assert all((ROOT / f).is_file() for f in project["license-files"])
+    build = tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]
+    assert build == ["setuptools>=77"]  # the first setuptools that reads an SPDX `license` string
