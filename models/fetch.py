@@ -80,7 +80,10 @@ def _derive(step: str, source: Path, out: Path) -> None:
         from derive import STEPS  # imports onnx only when a file must be derived
     except ImportError as exc:
         raise FetchError(f"deriving needs the onnx package ({exc}): pip install -e '.[models]'") from exc
-    STEPS[step](source, out)
+    try:
+        STEPS[step](source, out)
+    except Exception as exc:  # a malformed source model: report it with the others, not as a traceback
+        raise FetchError(f"{step} of {source.name} failed: {exc}") from exc
 
 
 def origin_of(name: str, models: dict) -> str:
