@@ -1,43 +1,90 @@
+# syntax=docker/dockerfile:1.7
 # facesvc server image.
-#   CPU (default):  docker build --build-context models=../shared/models -t facesvc .
-#   CUDA:           docker build --build-context models=../shared/models \
-#                     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 --build-arg GPU=1 -t facesvc:gpu .
-# Weights come from the `models` build context (a directory of ONNX files) and
-# are sha256-checked against models/manifest.json; without that context the
-# fetch step downloads each model's upstream URL (mirror-only files then fail
-# the build, loudly). Weights are never part of the repository.
-ARG BASE_IMAGE=python:3.11-slim-bookworm
+#
+# Needs BuildKit (named build contexts, RUN --mount, the syntax line above): the default builder
+# from Docker 23 on (`docker build` = `docker buildx build`); with older Docker, DOCKER_BUILDKIT=1.
+#
+#   CPU (default):
+#     docker build --build-context models=../shared/models -t facesvc .
+#   CUDA (the GPU variant: an NVIDIA CUDA/cuDNN base, onnxruntime-gpu instead of onnxruntime;
+#   run it with `--gpus all -e FACESVC_DEVICE=cuda`):
+#     docker build --build-context models=../shared/models \
+#       --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 --build-arg GPU=1 -t facesvc:gpu .
+#
+# Layers, slowest-changing first: the dependencies (from the pyproject files alone), the model
+# weights (from models/manifest.json, fetch.py and derive.py alone), then the code, once, as
+# wheels installed into the virtual environment: editing the code reinstalls no dependency and
+# fetches no weight. Weights come from the `models` build context (a directory of ONNX files,
+# sha256-checked against the manifest); without it, fetch.py derives or downloads each one and
+# fails the build naming the origin of any it cannot get (docs/models.md). Never put a key in the
+# environment: every secret setting has a *_FILE twin (FACESVC_ADMIN_API_KEY_FILE=/run/secrets/…).
+#
+# Pin the base by digest for reproducible builds:
+#   --build-arg BASE_IMAGE=python:3.11.14-slim-bookworm@sha256:<digest from `docker buildx imagetools inspect`>
+ARG BASE_IMAGE=python:3.11.14-slim-bookworm
+ARG PIP_VERSION=26.3
+
+# The default `models` context is empty: fetch.py then downloads (or derives) every file.
 FROM scratch AS models
-FROM ${BASE_IMAGE}
-ARG GPU=0
+
+FROM ${BASE_IMAGE} AS base
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-RUN if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip && rm -rf /var/lib/apt/lists/*; \
+# CUDA base images have no Python; the python images skip this.
+RUN if ! python3 -m venv --help >/dev/null 2>&1; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip \
+      && rm -rf /var/lib/apt/lists/*; \
     fi
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY protos ./protos
-COPY server ./server
-COPY models/manifest.json models/fetch.py ./models/
-COPY scripts/gen_protos.sh ./scripts/
-RUN python3 -m venv /venv && /venv/bin/pip install --upgrade pip \
- && /venv/bin/pip install grpcio-tools \
- && scripts/gen_protos.sh /venv/bin/python \
- && /venv/bin/pip install . \
- && if [ "$GPU" = "1" ]; then /venv/bin/pip uninstall -y onnxruntime && /venv/bin/pip install "onnxruntime-gpu>=1.18"; fi \
- && /venv/bin/pip uninstall -y grpcio-tools
+
+# -- dependencies: only the pyproject files come in, so this layer survives code edits ----------
+FROM base AS deps
+ARG PIP_VERSION
+ARG GPU=0
+WORKDIR /src
+COPY pyproject.toml ./
+COPY clients/python/pyproject.toml clients/python/
+COPY scripts/pyproject_deps.py scripts/
+RUN python3 -m venv /venv && /venv/bin/pip install "pip==${PIP_VERSION}" \
+ && if [ "$GPU" = "1" ]; then server="pyproject.toml:gpu --without onnxruntime"; else server=pyproject.toml; fi \
+ && /venv/bin/python scripts/pyproject_deps.py $server clients/python/pyproject.toml:video > /tmp/requirements.txt \
+ && /venv/bin/pip install -r /tmp/requirements.txt
+
+# -- weights: their own venv with onnx (for the derivation), kept out of the final image ---------
+FROM base AS weights
+ARG PIP_VERSION
+RUN python3 -m venv /fetch && /fetch/bin/pip install "pip==${PIP_VERSION}" "onnx==1.23.2"
+COPY models/manifest.json models/fetch.py models/derive.py /src/models/
 RUN --mount=type=bind,from=models,target=/mirror \
-    FACESVC_MODEL_MIRROR=/mirror /venv/bin/python models/fetch.py --target /app/models/weights \
- && rm -rf /root/.cache
+    /fetch/bin/python /src/models/fetch.py --mirror /mirror --target /weights
+
+# -- the code, as wheels: the generated stubs, the server, the CLI ------------------------------
+FROM deps AS build
+RUN /venv/bin/pip install "grpcio-tools>=1.66,<2"
+COPY README.md LICENSE NOTICE ./
+COPY protos ./protos
+COPY scripts/gen_protos.sh ./scripts/
+COPY server ./server
+COPY clients/python ./clients/python
+RUN scripts/gen_protos.sh /venv/bin/python \
+ && /venv/bin/pip wheel --no-deps --wheel-dir /wheels . ./clients/python
+
+FROM base
+COPY --from=deps /venv /venv
+# Installed from a bind mount: the wheels themselves never become a layer.
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels /venv/bin/pip install --no-deps /wheels/*.whl
+COPY --from=weights /weights /app/models/weights
+COPY models/manifest.json /app/models/manifest.json
 # The embedded SQLite database (when FACESVC_DB_URL is empty) lives on a volume.
 RUN mkdir -p /data && chown 65534:65534 /data
 # Search graphs on transparent huge pages (server/hugepages.py): set here, the server need not
 # restart itself to get them. FACESVC_HUGE_PAGES=false turns it off (the server restarts without it).
-ENV FACESVC_MODEL_DIR=/app/models/weights FACESVC_MODEL_MANIFEST=/app/models/manifest.json \
+# The operator tools are on PATH: facesvc-server, facesvc (the CLI), facesvc-reembed.
+ENV PATH=/venv/bin:$PATH \
+    FACESVC_MODEL_DIR=/app/models/weights FACESVC_MODEL_MANIFEST=/app/models/manifest.json \
     FACESVC_HOST=0.0.0.0 FACESVC_PORT=50051 FACESVC_DATA_DIR=/data GLIBC_TUNABLES=glibc.malloc.hugetlb=1
+WORKDIR /app
 VOLUME /data
 EXPOSE 50051
 USER 65534:65534
-HEALTHCHECK --interval=10s --timeout=3s --start-period=30s \
-  CMD /venv/bin/python -c "import grpc,sys;from grpc_health.v1 import health_pb2 as h,health_pb2_grpc as g;sys.exit(0 if g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(),timeout=2).status==1 else 1)"
+# Follows FACESVC_PORT / FACESVC_HOST as the server reads them (server/healthcheck.py).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s CMD ["/venv/bin/python", "-m", "server.healthcheck"]
 ENTRYPOINT ["/venv/bin/facesvc-server"]

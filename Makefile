@@ -24,28 +24,36 @@ help:
 
 setup: $(VENV)/.stamp-install facesvc/.stamp-gen models
 
-# Dependencies. `compat` editable mode puts the repo root on sys.path, so the
-# generated `facesvc` package and later regenerations are importable as-is.
-$(VENV)/.stamp-install: pyproject.toml clients/python/pyproject.toml
+# What the server needs to run (`make run`): its dependencies, the stub generator, onnx for the
+# weights' derivation, and the `facesvc` CLI (no dependency beyond the server's). A .pth file puts
+# the checkout's root on sys.path: the generated `facesvc` stubs (written after this install),
+# bench/ and scripts/ import from it, under `python scripts/x.py` as under pytest.
+$(VENV)/.stamp-runtime: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
-	$(PY) -m pip install --quiet -e 'clients/python[video]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[codegen,models]'
+	$(PY) -m pip install --quiet -e 'clients/python[video]'
+	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/facesvc-checkout.pth", "w").write("$(CURDIR)\n")'
+	touch $@
+
+# Everything `make test` needs besides: pytest, ruff, hypothesis, grpcurl.
+$(VENV)/.stamp-install: $(VENV)/.stamp-runtime
+	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
 # Generated protobuf + gRPC stubs (build outputs, git-ignored).
 gen: facesvc/.stamp-gen
-facesvc/.stamp-gen: $(PROTOS) scripts/gen_protos.sh $(VENV)/.stamp-install
+facesvc/.stamp-gen: $(PROTOS) scripts/gen_protos.sh $(VENV)/.stamp-runtime
 	scripts/gen_protos.sh $(PY)
 	touch $@
 
-# Model weights: copied from FACESVC_MODEL_MIRROR (default ../shared/models)
-# or downloaded, sha256-checked against models/manifest.json.
-models: $(VENV)/.stamp-install
+# Model weights: copied from FACESVC_MODEL_MIRROR (default ../shared/models),
+# derived (models/derive.py) or downloaded, sha256-checked against models/manifest.json.
+models: $(VENV)/.stamp-runtime
 	$(PY) models/fetch.py
 
 # Auth is off under `make run`, so it listens on loopback only: nobody else can reach an open server.
-run: setup
+run: $(VENV)/.stamp-runtime facesvc/.stamp-gen models
 	$(PY) -m server --auth=false --host 127.0.0.1 $(ARGS)
 
 $(BUF):
@@ -66,7 +74,7 @@ bench: setup
 	$(PY) scripts/bench_pipeline.py $(ARGS)
 
 bench-search: setup
-	$(PY) -m pip install --quiet -e '.[bench,dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[bench,dev]'
 	$(PY) scripts/bench_search.py $(ARGS)
 
 eval: setup
@@ -74,7 +82,7 @@ eval: setup
 
 install-gpu: setup
 	$(PY) -m pip uninstall --quiet -y onnxruntime
-	$(PY) -m pip install --quiet -e '.[gpu,dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[gpu,dev]'
 
 clean:
 	rm -rf $(VENV) .tools facesvc models/weights .pytest_cache

@@ -1,6 +1,8 @@
 """facesvc server: a gRPC face-recognition service, in layers (each imports only those below it).
 
     app.py, __main__.py   the composition root: settings -> stores, models, services, gRPC server
+    reembed.py, healthcheck.py
+                          operator tools over it: re-embedding, the image's health probe
     rpc/                  gRPC glue: handlers per RPC group, proto conversion, validation, auth,
                           limits, reflection, status mapping, the request-id/metrics interceptor
     domain/               identity lifecycle, collections and keys, 1:N search, live streams, tracking

@@ -27,12 +27,25 @@ GROUPS = {
 }
 
 
-def setting(default, group: str, help: str, *, low=None, high=None, choices: tuple = (), secret: bool = False):
-    """One setting's declaration: its default and what the docs, the parser and the validation need."""
+def setting(
+    default,
+    group: str,
+    help: str,
+    *,
+    low=None,
+    high=None,
+    choices: tuple = (),
+    secret: bool = False,
+    from_file: bool | None = None,
+):
+    """One setting's declaration: its default and what the docs, the parser and the validation need.
+
+    `secret` redacts it in the start-up log. `from_file` (default: secret) lets FACESVC_<NAME>_FILE
+    name a file holding the value (a Docker or Kubernetes secret), so the value itself never sits
+    in the environment, where `docker inspect` and /proc/<pid>/environ show it."""
     assert group in GROUPS, group
-    return field(
-        default=default, metadata={"group": group, "help": help, "low": low, "high": high, "choices": choices, "secret": secret}
-    )
+    meta = {"group": group, "help": help, "low": low, "high": high, "choices": choices, "secret": secret}
+    return field(default=default, metadata={**meta, "from_file": secret if from_file is None else from_file})
 
 
 @dataclass(frozen=True)
@@ -136,9 +149,12 @@ class Settings:
         "",
         "storage",
         "subjects/faces database: sqlite:///path/to.db or mysql://user:pass@host:port/db; empty = data_dir/facesvc.db",
+        from_file=True,  # it may carry a password
     )
     db_pool_size: int = setting(8, "storage", "database connections per server process", low=1, high=256)
-    redis_url: str = setting("", "storage", "staging cache: redis://host:port/db; empty = in-process (one replica only)")
+    redis_url: str = setting(
+        "", "storage", "staging cache: redis://host:port/db; empty = in-process (one replica only)", from_file=True
+    )
     redis_prefix: str = setting("facesvc:", "storage", "prefix of every Redis key this server writes")
     staging_ttl_seconds: int = setting(600, "storage", "how long a face staged by Process waits for Register", low=1, high=86400)
     staging_max_entries: int = setting(
@@ -290,6 +306,23 @@ def env_name(name: str) -> str:
     return "FACESVC_" + name.upper()
 
 
+def _raw_from_environ(f, environ) -> str | None:
+    """FACESVC_<NAME>, or for a `from_file` setting the contents of the file FACESVC_<NAME>_FILE
+    names (one trailing newline dropped, as `echo key > file` writes it); both at once is an error."""
+    name = env_name(f.name)
+    raw = environ.get(name)
+    path = environ.get(name + "_FILE") if f.metadata["from_file"] else None
+    if not path:
+        return raw
+    if raw:
+        raise SystemExit(f"both {name} and {name}_FILE are set: use one")
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise SystemExit(f"{name}_FILE: cannot read {path}: {exc.strerror}") from None
+    return text.removesuffix("\n").removesuffix("\r")
+
+
 def flag_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -326,7 +359,7 @@ def load(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     environ = os.environ if environ is None else environ
     values = {}
     for f in fields(Settings):
-        raw = environ.get(env_name(f.name))
+        raw = _raw_from_environ(f, environ)
         if raw is not None and raw != "":
             try:
                 values[f.name] = _parse(f, raw)
@@ -381,9 +414,8 @@ def markdown() -> str:
             if f.name in ("model_dir", "model_manifest"):
                 d = "models/" + ("weights" if f.name == "model_dir" else "manifest.json")
             rng = " / ".join(m["choices"]) if m["choices"] else (f"{m['low']} – {m['high']}" if m["low"] is not None else "")
-            out.append(
-                f"| `{env_name(f.name)}` | `{flag_name(f.name)}` | {f'`{d}`' if d != '' else '(empty)'} | {rng} | {m['help']} |"
-            )
+            env = f"`{env_name(f.name)}`" + (f" (or `{env_name(f.name)}_FILE`)" if m["from_file"] else "")
+            out.append(f"| {env} | `{flag_name(f.name)}` | {f'`{d}`' if d != '' else '(empty)'} | {rng} | {m['help']} |")
         out.append("")
     return "\n".join(out)
 

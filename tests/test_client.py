@@ -129,19 +129,22 @@ def test_cli_commands_end_to_end(srv, tmp_path):
     det = json.loads(cli(srv, "detect", str(face_path("dev/group_t1.jpg"))).stdout)
     assert len(det["faces"]) == 6
     live = json.loads(cli(srv, "liveness", str(face_path("liveness/spoof_replay_01_minivision_F2.jpg"))).stdout)
-    assert live["liveness"].get("is_live", False) is False
+    assert live["liveness"].get("isLive", False) is False
     cmp_ = json.loads(cli(srv, "compare", str(face_path("dev/img1.jpg")), str(face_path("dev/img2.jpg"))).stdout)
     assert cmp_["match"] is True
     coll = "cli-" + uuid.uuid4().hex[:6]
     assert json.loads(cli(srv, "collections", "create", coll, "--liveness-optional").stdout)["collection"] == coll
-    token = json.loads(cli(srv, "process", coll, "person_01", str(face_path("dev/img1.jpg"))).stdout)["staging_token"]
+    token = json.loads(cli(srv, "process", coll, "person_01", str(face_path("dev/img1.jpg"))).stdout)["stagingToken"]
     reg = json.loads(cli(srv, "register", coll, "person_01", "--token", token, "--metadata", "site=hq").stdout)
     assert reg["subject"]["metadata"] == {"site": "hq"}
     assert json.loads(cli(srv, "verify", coll, "person_01", str(face_path("dev/img2.jpg"))).stdout)["match"] is True
     found = json.loads(cli(srv, "search", coll, str(face_path("dev/img6.jpg"))).stdout)
-    assert found["results"][0]["matches"][0]["subject_id"] == "person_01"
-    assert [s["subject_id"] for s in json.loads(cli(srv, "subjects", "list", coll).stdout)] == ["person_01"]
-    assert json.loads(cli(srv, "subjects", "get", coll, "person_01").stdout)["face_count"] == 1
+    assert found["results"][0]["matches"][0]["subjectId"] == "person_01"
+    assert [s["subjectId"] for s in json.loads(cli(srv, "subjects", "list", coll).stdout)] == ["person_01"]
+    # the proto3 JSON mapping (grpcurl's names) by default; --proto-names keeps the .proto names
+    assert json.loads(cli(srv, "subjects", "get", coll, "person_01").stdout)["faceCount"] == 1
+    snake = json.loads(cli(srv, "--proto-names", "subjects", "get", coll, "person_01").stdout)
+    assert snake["face_count"] == 1 and snake["subject_id"] == "person_01" and "faceCount" not in snake
     keys = json.loads(cli(srv, "keys", "create", coll, "--description", "cli").stdout)
     assert keys["secret"].startswith("fsk_")
     assert coll in [c["collection"] for c in json.loads(cli(srv, "collections", "list").stdout)]
@@ -150,7 +153,7 @@ def test_cli_commands_end_to_end(srv, tmp_path):
     assert cli(srv, "health", key=None).returncode == 0  # health needs no key
     denied = cli(srv, "detect", str(face_path("dev/img1.jpg")), key=None, check=False)
     assert denied.returncode == 1 and "API_KEY_MISSING" in denied.stderr
-    assert json.loads(cli(srv, "subjects", "delete", coll, "person_01").stdout)["deleted_faces"] == 1
+    assert json.loads(cli(srv, "subjects", "delete", coll, "person_01").stdout)["deletedFaces"] == 1
     cli(srv, "collections", "delete", coll)
 
 
@@ -174,7 +177,7 @@ def test_cli_enroll_a_folder_with_a_corrupt_file_and_a_no_face_photo(srv, tmp_pa
     assert "enrolled 4 of 6 photos: 3 subjects" in p.stdout
     assert "person_04/broken.jpg: INVALID_IMAGE" in p.stdout and "rocket/noface_rocket.jpg: NO_FACE_DETECTED" in p.stdout
     assert "6/6" in p.stderr  # the progress bar reached the end
-    subjects = {s["subject_id"]: s["face_count"] for s in json.loads(cli(srv, "subjects", "list", coll).stdout)}
+    subjects = {s["subjectId"]: s["faceCount"] for s in json.loads(cli(srv, "subjects", "list", coll).stdout)}
     assert subjects == {"person_01": 2, "person_04": 1, "person_07": 1}
 
 
@@ -190,7 +193,7 @@ def test_cli_stream_a_video_file(srv, tmp_path):
     cap.release()
     js = cli(srv, "stream", str(FACES / "video" / "single_closeup_720p.mp4"), "--frames", "5", "--json", "--no-pace")
     answers = [json.loads(ln) for ln in js.stdout.splitlines()]
-    assert answers and answers[-1]["frame_id"] == "5"
+    assert answers and answers[-1]["frameId"] == "5"
 
 
 def test_the_readme_cli_flow_runs(srv):
@@ -212,6 +215,19 @@ def test_the_readme_cli_flow_runs(srv):
     assert "alice" in lines and "enrolled" in p.stdout and "frame" in p.stdout
     subjects = [int(ln) for ln in lines[3:] if ln.isdigit()][-1]  # `subjects list | jq length`
     assert subjects > 100  # alice + the LFW people enrolled by `enroll`
+
+
+def test_the_readme_python_snippet_runs(srv):
+    """The README's Python block, verbatim, from the repository's root (it reads ../shared/faces)."""
+    block = re.search(r"<!-- python-snippet:begin -->\s*```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert block, "README lost its Python block"
+    if FACES.resolve() != (ROOT.parent / "shared" / "faces").resolve():
+        pytest.skip("the snippet reads ../shared/faces; FACESVC_FACES_DIR points elsewhere")
+    env = {**os.environ, "FACESVC_TARGET": srv.target, "FACESVC_API_KEY": ADMIN_KEY}
+    p = subprocess.run([sys.executable, "-c", block.group(1)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    assert lines[:2] == ["True", "['alice']"] and lines[2].startswith("True {"), lines
 
 
 def test_a_stream_error_is_reported_without_a_crash(srv):

@@ -113,6 +113,49 @@ def test_config_precedence_env_then_flags():
     assert "0.0.0.0" in config.describe(s)
 
 
+def test_secret_settings_come_from_files(tmp_path):
+    """Every secret setting (and each URL that may carry a password) has a FACESVC_<NAME>_FILE twin."""
+    from dataclasses import fields
+
+    file_settings = {f.name for f in fields(config.Settings) if f.metadata["from_file"]}
+    secrets = {f.name for f in fields(config.Settings) if f.metadata["secret"]}
+    assert secrets <= file_settings and {"admin_api_key", "db_url", "redis_url"} <= file_settings
+    env = {}
+    for i, name in enumerate(sorted(file_settings)):
+        path = tmp_path / name
+        path.write_text(f"value-{i}-from-a-file-0123456789\n")  # `echo value > file` adds the newline
+        env[config.env_name(name) + "_FILE"] = str(path)
+    s = config.load([], environ=env)
+    for i, name in enumerate(sorted(file_settings)):
+        assert getattr(s, name) == f"value-{i}-from-a-file-0123456789"
+    assert config.load(["--admin-api-key", "from-the-flag-0123456789"], environ=env).admin_api_key == "from-the-flag-0123456789"
+    for environ, words in (
+        ({"FACESVC_ADMIN_API_KEY": "x" * 16, "FACESVC_ADMIN_API_KEY_FILE": env["FACESVC_ADMIN_API_KEY_FILE"]}, "use one"),
+        ({"FACESVC_ADMIN_API_KEY_FILE": str(tmp_path / "missing")}, "cannot read"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            config.load([], environ=environ)
+        assert "FACESVC_ADMIN_API_KEY" in str(e.value) and words in str(e.value)
+    # a setting that is not secret has no file twin: the variable is ignored, not read
+    assert config.load([], environ={"FACESVC_PORT_FILE": str(tmp_path / "missing")}).port == 50051
+
+
+def test_server_takes_the_admin_key_from_a_file(tmp_path):
+    """The key never enters the server's environment (what `docker inspect` shows)."""
+    from tests.conftest import ADMIN_KEY
+
+    key_file = tmp_path / "admin_key"
+    key_file.write_text(ADMIN_KEY + "\n")
+    env = {"FACESVC_ADMIN_API_KEY": "", "FACESVC_ADMIN_API_KEY_FILE": str(key_file)}
+    server = ServerProcess(env=env, log_path=tmp_path / "server.log")
+    try:
+        assert ADMIN_KEY.encode() not in Path(f"/proc/{server.proc.pid}/environ").read_bytes()
+        stub = pb_grpc.FaceServiceStub(server.channel)
+        stub.CreateCollection(pb.CreateCollectionRequest(collection="keyfile"), timeout=10)  # an admin-only call
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+
+
 def test_every_setting_is_documented_and_the_table_is_current():
     """docs/configuration.md holds exactly the table server/config.py generates."""
     doc = (ROOT / "docs" / "configuration.md").read_text()
@@ -225,15 +268,66 @@ def test_fetch_refuses_sha_mismatch_and_leaves_nothing(tmp_path):
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_fetch_without_mirror_or_url_explains(tmp_path):
-    manifest = json.loads((ROOT / "models" / "manifest.json").read_text())
-    manifest["models"] = {"w600k_mbf": manifest["models"]["w600k_mbf"]}
+MODELS = json.loads((ROOT / "models" / "manifest.json").read_text())["models"]
+SHARED_MODELS = Path(os.environ.get("FACESVC_MODEL_MIRROR", ROOT.parent / "shared" / "models"))
+
+
+def test_fetch_empty_mirror_offline_names_every_origin(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = _fetch(tmp_path, empty, "--offline")
+    assert r.returncode == 1
+    for name, spec in MODELS.items():
+        assert f"{name:<18} FAILED" in r.stderr
+        assert spec["origin"] in r.stderr, f"{name}'s origin is not named"
+        if spec.get("url"):
+            assert spec["url"] in r.stderr
+    assert r.stderr.count("FACESVC_MODEL_MIRROR") == len(MODELS)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_fetch_derives_the_recognizer_from_upstream_artifacts_and_serves(tmp_path):
+    """A mirror with only what upstream publishes: the default float recognizer is derived
+    from the int8 file (same bytes as the mirror's copy, sha256-checked) and the server
+    answers a Verify with the result."""
+    derived = {spec["file"] for spec in MODELS.values() if spec.get("derive")}
+    assert derived == {"w600k_mbf_deq.onnx"}
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    for spec in MODELS.values():
+        if spec["file"] not in derived:
+            (mirror / spec["file"]).symlink_to(SHARED_MODELS / spec["file"])
+    r = _fetch(tmp_path, mirror, "--offline")
+    assert r.returncode == 0, r.stderr
+    assert "derived (dequantize) from w600k_mbf_int8.onnx" in r.stdout
+    out = tmp_path / "out"
+    assert hashlib.sha256((out / "w600k_mbf_deq.onnx").read_bytes()).hexdigest() == MODELS["w600k_mbf"]["sha256"]
+
+    server = ServerProcess(env={"FACESVC_MODEL_DIR": str(out)}, log_path=tmp_path / "server.log")
+    try:
+        stub = pb_grpc.FaceServiceStub(server.channel)
+        stub.CreateCollection(
+            pb.CreateCollectionRequest(collection="derived", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10
+        )
+        stub.Register(pb.RegisterRequest(collection="derived", subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
+        assert stub.Verify(
+            pb.VerifyRequest(collection="derived", subject_id="alice", image=image("dev/img2.jpg")), timeout=30
+        ).match
+        assert not stub.Verify(
+            pb.VerifyRequest(collection="derived", subject_id="alice", image=image("dev/img13.jpg")), timeout=30
+        ).match
+    finally:
+        assert server.stop() == 0, server.output()[-3000:]
+
+
+def test_fetch_derivation_names_a_missing_source(tmp_path):
+    manifest = {"models": {"w600k_mbf": MODELS["w600k_mbf"]}}
     path = tmp_path / "manifest.json"
     path.write_text(json.dumps(manifest))
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = _fetch(tmp_path, empty, manifest=path)
-    assert r.returncode == 1 and "FACESVC_MODEL_MIRROR" in r.stderr
+    r = _fetch(tmp_path, empty, "--offline", manifest=path)
+    assert r.returncode == 1 and "which the manifest does not list" in r.stderr and "FACESVC_MODEL_MIRROR" in r.stderr
 
 
 def test_weights_are_not_tracked_by_git():
@@ -241,3 +335,17 @@ def test_weights_are_not_tracked_by_git():
     if not tracked:
         pytest.skip("not a git checkout")
     assert not [t for t in tracked if t.endswith((".onnx", ".jpg", ".jpeg", ".png"))]
+
+
+def test_healthcheck_follows_the_configured_port(server):
+    """The image's HEALTHCHECK (`python -m server.healthcheck`) reads FACESVC_PORT, not a fixed number."""
+    from bench.launcher import free_port
+
+    def check(port: int) -> subprocess.CompletedProcess:
+        env = {**os.environ, "FACESVC_PORT": str(port), "FACESVC_HOST": "0.0.0.0"}
+        return subprocess.run([PYTHON, "-m", "server.healthcheck"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+
+    r = check(server.port)
+    assert r.returncode == 0 and "SERVING" in r.stdout, r.stderr
+    r = check(free_port())
+    assert r.returncode == 1 and "UNAVAILABLE" in r.stderr

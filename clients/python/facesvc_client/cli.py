@@ -3,8 +3,10 @@
     facesvc [--target HOST:PORT] [--api-key KEY] [--tls --ca CA.pem ...] COMMAND ...
 
 The target and key also come from FACESVC_TARGET and FACESVC_API_KEY. Results
-print as JSON (proto field names); errors print `error: CODE REASON: message`
-on stderr with exit status 1.
+print as JSON in the proto3 JSON mapping, as grpcurl prints them (lowerCamelCase
+names: `stagingToken`, `subjectId`; 64-bit integers as strings); `--proto-names`
+keeps the .proto field names (`staging_token`). Errors print
+`error: CODE REASON: message` on stderr with exit status 1.
 """
 
 from __future__ import annotations
@@ -27,11 +29,26 @@ from facesvc_client.errors import FaceServiceError, from_item_error
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
-def show(msg) -> None:
+# Set by main() from --proto-names: the JSON mapping's lowerCamelCase names (grpcurl's) unless set.
+PROTO_NAMES = False
+
+
+def as_json(msg, indent: int | None = 2) -> str:
     if isinstance(msg, list):
-        print(json.dumps([json_format.MessageToDict(m, preserving_proto_field_name=True) for m in msg], indent=2))
-    else:
-        print(json_format.MessageToJson(msg, preserving_proto_field_name=True, indent=2))
+        return json.dumps([json_format.MessageToDict(m, preserving_proto_field_name=PROTO_NAMES) for m in msg], indent=indent)
+    return json_format.MessageToJson(msg, preserving_proto_field_name=PROTO_NAMES, indent=indent)
+
+
+def field_name(name: str) -> str:
+    """A snake_case name as the output spells it (for the few answers the CLI composes itself)."""
+    if PROTO_NAMES:
+        return name
+    head, *rest = name.split("_")
+    return head + "".join(w.capitalize() for w in rest)
+
+
+def show(msg) -> None:
+    print(as_json(msg))
 
 
 def _read(path: str | None) -> bytes | None:
@@ -170,7 +187,7 @@ def stream(c: FaceClient, args) -> int:
             skipped += len(a.skipped_frame_ids)
             latencies.append(a.latency_ms)
             if args.json:
-                print(json_format.MessageToJson(a, preserving_proto_field_name=True, indent=None), flush=True)
+                print(as_json(a, indent=None), flush=True)
             else:
                 faces = "  ".join(
                     f"[track {f.track_id}"
@@ -237,6 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cert", help="client certificate (mTLS)")
     ap.add_argument("--key", help="client private key (mTLS)")
     ap.add_argument("--timeout", type=float, default=30.0, help="deadline of each call, seconds")
+    ap.add_argument(
+        "--proto-names",
+        action="store_true",
+        help="print JSON with the .proto field names (staging_token) instead of the JSON mapping's (stagingToken, as grpcurl)",
+    )
     sub = ap.add_subparsers(dest="command", required=True)
 
     def cmd(name, help_, *args):
@@ -359,7 +381,7 @@ def run(c: FaceClient, args) -> int:
         elif a.action == "get":
             show(c.get_subject(a.collection, a.subject))
         else:
-            print(json.dumps({"deleted_faces": c.delete_subject(a.collection, a.subject)}))
+            print(json.dumps({field_name("deleted_faces"): c.delete_subject(a.collection, a.subject)}))
     elif cmd == "keys":
         if a.action == "create":
             show(c.create_api_key(a.collection, a.description))
@@ -372,7 +394,9 @@ def run(c: FaceClient, args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global PROTO_NAMES
     args = build_parser().parse_args(argv)
+    PROTO_NAMES = args.proto_names
     try:
         with client_from(args) as c:
             return run(c, args)
