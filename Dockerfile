@@ -21,11 +21,11 @@ COPY server ./server
 COPY models/manifest.json models/fetch.py ./models/
 COPY scripts/gen_protos.sh ./scripts/
 RUN python3 -m venv /venv && /venv/bin/pip install --upgrade pip \
- && /venv/bin/pip install grpcio-tools \
+ && /venv/bin/pip install grpcio-tools protoc-gen-connectrpc \
  && scripts/gen_protos.sh /venv/bin/python \
  && /venv/bin/pip install . \
  && if [ "$GPU" = "1" ]; then /venv/bin/pip uninstall -y onnxruntime && /venv/bin/pip install "onnxruntime-gpu>=1.18"; fi \
- && /venv/bin/pip uninstall -y grpcio-tools
+ && /venv/bin/pip uninstall -y grpcio-tools protoc-gen-connectrpc
 RUN --mount=type=bind,from=models,target=/mirror \
     FACESVC_MODEL_MIRROR=/mirror /venv/bin/python models/fetch.py --target /app/models/weights \
  && rm -rf /root/.cache

@@ -46,7 +46,7 @@ models: $(VENV)/.stamp-install
 
 # Auth is off under `make run`, so it listens on loopback only: nobody else can reach an open server.
 run: setup
-	$(PY) -m server --auth=false --host 127.0.0.1 $(ARGS)
+	$(PY) -m server --auth=false --host 127.0.0.1 --http-port 8080 $(ARGS)
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)

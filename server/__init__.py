@@ -3,6 +3,8 @@
     app.py, __main__.py   the composition root: settings -> stores, models, services, gRPC server
     rpc/                  gRPC glue: handlers per RPC group, proto conversion, validation, auth,
                           limits, reflection, status mapping, the request-id/metrics interceptor
+    web/                  the HTTP port: the same servicer and interceptors as Connect, gRPC-Web and
+                          JSON (hypercorn, WSGI), the web console's files, CORS
     domain/               identity lifecycle, collections and keys, 1:N search, live streams, tracking
     vision/ storage/ index/
                           the vision pipeline and its models; the SQL store and the staging cache;
