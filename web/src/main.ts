@@ -14,7 +14,9 @@ const resultLine = $("result");
 const errorBox = $("error");
 const collectionInput = $<HTMLInputElement>("collection");
 const subjectInput = $<HTMLInputElement>("subject");
+const hidePhoto = $<HTMLInputElement>("hide-photo");
 const PAGE_SIZE = 5;
+const HIDDEN_PHOTO = "#3a3d44"; // the background the faces are drawn on when the photo is hidden
 
 apiKey.value = localStorage.getItem("facesvc.apiKey") ?? "";
 apiKey.addEventListener("change", () => localStorage.setItem("facesvc.apiKey", apiKey.value));
@@ -105,12 +107,21 @@ $("capture").addEventListener("click", () =>
 const image = () => ({ source: { case: "encoded" as const, value: photo! } });
 
 // -- faces drawn: boxes, landmarks, quality, liveness ------------------------------------------
+let drawn: [Face[], Map<number, Liveness>] = [[], new Map()];
+hidePhoto.addEventListener("change", () => draw(...drawn));
+
 function draw(faces: Face[], liveness: Map<number, Liveness>) {
   if (!bitmap) return;
+  drawn = [faces, liveness];
   canvas.width = bitmap.width;
   canvas.height = bitmap.height;
   const g = canvas.getContext("2d")!;
-  g.drawImage(bitmap, 0, 0);
+  if (hidePhoto.checked) {
+    g.fillStyle = HIDDEN_PHOTO;
+    g.fillRect(0, 0, canvas.width, canvas.height);
+  } else {
+    g.drawImage(bitmap, 0, 0);
+  }
   const line = Math.max(2, Math.round(bitmap.width / 400));
   g.font = `${8 * line}px system-ui, sans-serif`;
   faces.forEach((f, i) => {
