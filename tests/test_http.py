@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
 import urllib.error
 import urllib.request
 
@@ -18,7 +23,8 @@ from google.rpc import error_details_pb2
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from facesvc.v1.face_service_connect import FaceServiceClientSync
-from tests.conftest import ADMIN_KEY, ServerProcess, face_path, image
+from tests.conftest import ADMIN_KEY, ROOT, ServerProcess, face_path, image
+from tests.test_security import pki  # noqa: F401  (the test CA, server and client certificates)
 
 ORIGIN = "https://console.example"
 
@@ -35,7 +41,7 @@ def srv(tmp_path_factory):
     assert s.stop() == 0
 
 
-def post(srv, rpc: str, body, headers=None, key: str | None = ADMIN_KEY) -> tuple[int, dict, dict]:
+def post(srv, rpc: str, body, headers=None, key: str | None = ADMIN_KEY, context=None) -> tuple[int, dict, dict]:
     """A plain HTTP POST of JSON, as curl sends it: (status, response headers, JSON body)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     req = urllib.request.Request(
@@ -44,7 +50,7 @@ def post(srv, rpc: str, body, headers=None, key: str | None = ADMIN_KEY) -> tupl
         headers={"content-type": "application/json", **({"x-api-key": key} if key else {}), **(headers or {})},
     )
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
             return resp.status, dict(resp.headers), json.loads(resp.read())
     except urllib.error.HTTPError as err:
         return err.code, dict(err.headers), json.loads(err.read())
@@ -195,3 +201,55 @@ def test_models_loading_and_grpc_errors_map_to_connect_codes():
     for code in grpc.StatusCode:
         if code is not grpc.StatusCode.OK:
             assert connect_code(code).value.replace("canceled", "cancelled") == code.name.lower()
+
+
+def readme_curl() -> list[tuple[str, str]]:
+    """The README's curl block: (command, the output its trailing comment promises)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- curl-examples:begin -->\s*```sh\n(.*?)```", text, re.S)
+    assert block, "README lost its curl example block"
+    return [tuple(part.strip() for part in line.rsplit("    # ", 1)) for line in block.group(1).splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("cmd,expected", readme_curl())
+def test_readme_curl_example(srv, cmd, expected):
+    assert shutil.which("curl") and shutil.which("jq"), "the README's curl examples need curl and jq"
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd.replace("http://localhost:8080", srv.http_url)],
+        cwd=ROOT,
+        env={**os.environ, "FACESVC_API_KEY": ADMIN_KEY},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
+
+
+def test_tls_and_client_certificates_on_the_http_port(pki, tmp_path):  # noqa: F811
+    """The HTTP port serves TLS with the gRPC side's certificate, and asks for a client certificate too."""
+    ca = pki / "ca.pem"
+    s = ServerProcess(
+        "--http-port",
+        "0",
+        "--tls-cert",
+        str(pki / "server.pem"),
+        "--tls-key",
+        str(pki / "server.key"),
+        "--tls-client-ca",
+        str(ca),
+        log_path=tmp_path / "server.log",
+        credentials=grpc.ssl_channel_credentials(
+            ca.read_bytes(), (pki / "client.key").read_bytes(), (pki / "client.pem").read_bytes()
+        ),
+    )
+    try:
+        assert s.http_url.startswith("https://127.0.0.1:")
+        with_cert = ssl.create_default_context(cafile=str(ca))
+        with_cert.load_cert_chain(pki / "client.pem", pki / "client.key")
+        status, _, doc = post(s, "Detect", {"image": {"encoded": b64("dev/img5.jpg")}}, context=with_cert)
+        assert status == 200 and len(doc["faces"]) == 1
+        with pytest.raises(OSError):  # no client certificate: the handshake (or the first read) fails
+            post(s, "Detect", {"image": {"encoded": b64("dev/img5.jpg")}}, context=ssl.create_default_context(cafile=str(ca)))
+    finally:
+        assert s.stop() == 0
