@@ -17,6 +17,8 @@ help:
 	@echo "make run        set everything up and start the server on embedded defaults"
 	@echo "make test       set everything up, lint (buf lint + buf breaking, ruff) and run the whole test suite"
 	@echo "make setup      venv, dependencies, generated stubs, model weights, the web console"
+	@echo "make web        build the web console (npm ci, buf generate, vite build into web/dist)"
+	@echo "make browser    install Debian's chromium for the browser test when it is missing (root)"
 	@echo "make bench      scripts/bench_pipeline.py (per-stage and end-to-end latency)"
 	@echo "make bench-http scripts/bench_http.py (Verify over JSON/HTTP vs gRPC, same server, same run)"
 	@echo "make bench-search  scripts/bench_search.py (hnswlib vs FAISS flat / HNSW; ARGS=--size 1000000 for 1 M)"
