@@ -58,7 +58,7 @@ RUN --mount=type=bind,from=models,target=/mirror \
 
 # -- the code, as wheels: the generated stubs, the server, the CLI ------------------------------
 FROM deps AS build
-RUN /venv/bin/pip install "grpcio-tools>=1.66,<2"
+RUN /venv/bin/pip install "grpcio-tools>=1.66,<2" "protoc-gen-connectrpc>=0.13,<0.14"
 COPY README.md LICENSE NOTICE ./
 COPY protos ./protos
 COPY scripts/gen_protos.sh ./scripts/

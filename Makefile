@@ -11,18 +11,21 @@ PROTOS := $(wildcard protos/facesvc/v1/*.proto)
 CONTRACT_BASELINE := contract/v0.2.0
 ARGS   ?=
 
-.PHONY: help setup run test lint lint-proto gen models install-gpu bench bench-search eval clean
+.PHONY: help setup run test lint lint-proto gen models web browser install-gpu bench bench-search eval bench-http clean
 
 help:
 	@echo "make run        set everything up and start the server on embedded defaults"
 	@echo "make test       set everything up, lint (buf lint + buf breaking, ruff) and run the whole test suite"
-	@echo "make setup      venv, dependencies, generated stubs, model weights"
+	@echo "make setup      venv, dependencies, generated stubs, model weights, the web console"
+	@echo "make web        build the web console (npm ci, buf generate, vite build into web/dist)"
+	@echo "make browser    install Debian's chromium for the browser test when it is missing (root)"
 	@echo "make bench      scripts/bench_pipeline.py (per-stage and end-to-end latency)"
+	@echo "make bench-http scripts/bench_http.py (Verify over JSON/HTTP vs gRPC, same server, same run)"
 	@echo "make bench-search  scripts/bench_search.py (hnswlib vs FAISS flat / HNSW; ARGS=--size 1000000 for 1 M)"
 	@echo "make eval       scripts/eval_verification.py (threshold calibration on labelled pairs)"
 	@echo "make install-gpu  swap CPU onnxruntime for onnxruntime-gpu in the venv"
 
-setup: $(VENV)/.stamp-install facesvc/.stamp-gen models
+setup: $(VENV)/.stamp-install facesvc/.stamp-gen models web
 
 # What the server needs to run (`make run`): its dependencies, the stub generator, onnx for the
 # weights' derivation, and the `facesvc` CLI (no dependency beyond the server's). A .pth file puts
@@ -52,9 +55,23 @@ facesvc/.stamp-gen: $(PROTOS) scripts/gen_protos.sh $(VENV)/.stamp-runtime
 models: $(VENV)/.stamp-runtime
 	$(PY) models/fetch.py
 
+# The web console the HTTP port serves at /: npm ci from the committed lock file, protobuf-es code
+# generated from protos/ by buf, bundled by vite into web/dist (nothing is fetched at run time).
+WEB_SRC := $(wildcard web/src/*.ts web/src/*.css) web/index.html web/vite.config.ts web/buf.gen.yaml web/package.json web/package-lock.json
+web: web/dist/index.html
+web/dist/index.html: $(WEB_SRC) $(PROTOS) $(BUF)
+	cd web && npm ci --silent --no-audit --no-fund
+	rm -rf web/src/gen && cd web && ../$(BUF) generate
+	cd web && npx --no-install vite build --logLevel warn
+
+# Headless Chromium for tests/test_console.py: Debian's package, installed (as root) when missing.
+browser:
+	@test -x /usr/bin/chromium || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium)
+
 # Auth is off under `make run`, so it listens on loopback only: nobody else can reach an open server.
-run: $(VENV)/.stamp-runtime facesvc/.stamp-gen models
-	$(PY) -m server --auth=false --host 127.0.0.1 $(ARGS)
+# The HTTP port (Connect, gRPC-Web, JSON and the web console) is http://127.0.0.1:8080.
+run: $(VENV)/.stamp-runtime facesvc/.stamp-gen models web
+	$(PY) -m server --auth=false --host 127.0.0.1 --http-port 8080 $(ARGS)
 
 $(BUF):
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
@@ -67,7 +84,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup lint-proto lint
+test: setup browser lint-proto lint
 	$(PY) -m pytest $(ARGS)
 
 bench: setup
@@ -77,6 +94,9 @@ bench-search: setup
 	$(PY) -m pip install --quiet -e '.[bench,dev]'
 	$(PY) scripts/bench_search.py $(ARGS)
 
+bench-http: setup
+	$(PY) scripts/bench_http.py $(ARGS)
+
 eval: setup
 	$(PY) scripts/eval_verification.py $(ARGS)
 
@@ -85,4 +105,4 @@ install-gpu: setup
 	$(PY) -m pip install --quiet -e '.[gpu,dev]'
 
 clean:
-	rm -rf $(VENV) .tools facesvc models/weights .pytest_cache
+	rm -rf $(VENV) .tools facesvc models/weights .pytest_cache web/node_modules web/src/gen web/dist

@@ -108,6 +108,14 @@ class ServerProcess:
             return server
         raise AssertionError("unreachable")
 
+    @property
+    def http_url(self) -> str:
+        """The base URL of the HTTP port (a server started with --http-port)."""
+        m = re.search(r"HTTP on (https?://\S+?):? ", self.output())
+        if not m:
+            raise RuntimeError(f"the server has no HTTP port:\n{self.output()}")
+        return m.group(1)
+
     def rss_mb(self) -> float:
         """The server process's resident memory, MB."""
         with open(f"/proc/{self.proc.pid}/status") as f:

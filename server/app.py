@@ -176,13 +176,17 @@ class FaceServer:
             if authenticator
             else None
         )
+        # observability outermost, so it also sees (and times) calls the auth check refuses; the
+        # limits after auth, so they count calls by the key that was checked. The HTTP port runs the
+        # same instances (server/web), so a key's limits count its calls on both.
+        self.interceptors = (
+            [ObservabilityInterceptor(SERVICE_PREFIX)]
+            + ([AuthInterceptor(authenticator)] if authenticator else [])
+            + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)]
+        )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-            # observability outermost, so it also sees (and times) calls the auth check refuses; the
-            # limits after auth, so they count calls by the key that was checked
-            interceptors=[ObservabilityInterceptor(SERVICE_PREFIX)]
-            + ([AuthInterceptor(authenticator)] if authenticator else [])
-            + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)],
+            interceptors=self.interceptors,
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -201,12 +205,24 @@ class FaceServer:
         self.port = self.server.add_secure_port(addr, creds) if creds else self.server.add_insecure_port(addr)
         if self.port == 0:
             raise RuntimeError(f"cannot bind {settings.host}:{settings.port}")
+        self.http = None
+        if settings.http_port >= 0:
+            from server.web.app import HttpServer  # only servers with an HTTP port import the HTTP stack
+
+            self.http = HttpServer(settings, self.servicer, self.interceptors)
         self._stopped = threading.Event()
         self.index_sync = None
 
     def start(self) -> None:
         self.server.start()
         s = self.settings
+        if self.http is not None:
+            self.http.start()
+            log.info(
+                "HTTP on %s: Connect, gRPC-Web and JSON at /facesvc.v1.FaceService/<Method>, web console at /%s",
+                self.http.url,
+                "" if self.http.app.console_dir else " (not built: make web)",
+            )
         if s.metrics_port:
             collector = ServiceCollector(lambda: self.indexes.sizes() if self.indexes else {}, self.streams.active)
             serve_metrics(s.metrics_port, s.metrics_host, collector, s.metrics_token)
@@ -322,7 +338,10 @@ class FaceServer:
         grace = self.settings.grace_seconds if grace is None else grace
         log.info("shutting down: finishing in-flight calls (grace %.1fs)", grace)
         self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        grpc_stopped = self.server.stop(grace)
+        if self.http is not None:
+            self.http.stop(grace)
+        grpc_stopped.wait()
         if self.index_sync is not None:
             self.index_sync.stop()  # and a last snapshot of every changed index
         self.store.close()

@@ -70,6 +70,21 @@ class Settings:
         "127.0.0.1", "server", "bind address of the metrics endpoint (loopback by default: it lists collection ids)"
     )
     metrics_token: str = setting("", "server", "when set, /metrics needs `Authorization: Bearer <token>`", secret=True)
+    http_port: int = setting(
+        -1,
+        "server",
+        "serve the same FaceService as Connect, gRPC-Web and JSON over HTTP, and the web console, on this port "
+        "(TLS settings shared with gRPC); -1 = off, 0 = any free port",
+        low=-1,
+        high=65535,
+    )
+    http_host: str = setting("", "server", "bind address of the HTTP port; empty = the same as host")
+    http_cors_origins: str = setting(
+        "",
+        "server",
+        "browser origins (comma-separated, e.g. https://app.example.com; * = any) allowed to call the HTTP API "
+        "from other sites; empty = same origin only",
+    )
     # -- auth --------------------------------------------------------------------------------------
     auth: bool = setting(True, "auth", "require API keys (x-api-key); false = open server for local use only")
     admin_api_key: str = setting("", "auth", "admin API key (at least 16 characters); required when auth is on", secret=True)

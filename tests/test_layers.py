@@ -23,6 +23,7 @@ LAYERS = {
     "server.index": 1,
     "server.domain": 2,
     "server.rpc": 3,
+    "server.web": 3,
     "server.config": 4,
     "server.app": 4,
     "server.reembed": 5,

@@ -1,0 +1,216 @@
+"""The HTTP port: FaceService as Connect (JSON and binary), gRPC-Web and plain JSON POST, plus the web console.
+
+Why hypercorn, serving a WSGI app: every FaceService handler is synchronous and CPU-bound (onnxruntime
+releases the GIL), exactly as grpcio runs them on its worker threads, so a WSGI app on a thread pool of
+the same size (`workers`) serves them the same way, with no async bridge. Hypercorn runs in this process
+(so the models, indexes, API-key cache and concurrency limits are the gRPC side's own), on one asyncio
+thread, speaks HTTP/1.1 and HTTP/2 (h2 over TLS by ALPN, h2c in the clear) and serves TLS with the
+server's certificate and client-CA settings. Uvicorn speaks HTTP/1.1 only and would need every handler
+wrapped for asyncio; granian is a process manager (its workers would load the models again).
+
+What the WSGI bridge cannot do: it reads a request body whole before the handler runs, so a Connect
+bidirectional stream (StreamFrames, ProcessBatch, RegisterBatch) answers once its request stream has
+ended (half-duplex), and a client that goes away is noticed at the call's deadline, not at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import mimetypes
+import socket
+import ssl
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+
+from server.rpc.auth import HEADER, SERVICE_PREFIX
+from server.web.calls import connect_app
+
+log = logging.getLogger("facesvc.http")
+
+ROOT = Path(__file__).resolve().parents[2]
+CONSOLE_DIR = ROOT / "web" / "dist"  # built by `make web` (npm ci + vite build)
+ERROR_INFO = error_details_pb2.ErrorInfo.DESCRIPTOR.full_name
+# What a browser on another origin may send and read (Connect, gRPC-Web and ours).
+CORS_REQUEST_HEADERS = (
+    "content-type, connect-protocol-version, connect-timeout-ms, connect-content-encoding, connect-accept-encoding, "
+    f"grpc-timeout, x-grpc-web, x-user-agent, {HEADER}, x-request-id"
+)
+CORS_EXPOSED_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin, x-request-id"
+
+
+def with_error_info(body: bytes) -> bytes:
+    """A Connect error body with each ErrorInfo detail also spelled out as JSON (`debug`), so a curl
+    user reads the reason without decoding the base64 `value` (Connect clients ignore `debug`)."""
+    try:
+        doc = json.loads(body)
+        for detail in doc.get("details", ()):
+            if detail.get("type") == ERROR_INFO and "debug" not in detail:
+                info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "=="))
+                detail["debug"] = json_format.MessageToDict(info)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return body
+    return json.dumps(doc, ensure_ascii=False).encode()
+
+
+class HttpApp:
+    """One WSGI app: /facesvc.v1.FaceService/* to Connect, the console's files at /, CORS for browsers."""
+
+    def __init__(self, connect, cors_origins: str, console_dir: Path | None = CONSOLE_DIR):
+        self.connect = connect
+        origins = {o.strip().rstrip("/") for o in cors_origins.split(",") if o.strip()}
+        self.any_origin = "*" in origins
+        self.origins = origins - {"*"}
+        self.console_dir = console_dir.resolve() if console_dir is not None and console_dir.is_dir() else None
+
+    def _cors(self, environ) -> list[tuple[str, str]]:
+        origin = environ.get("HTTP_ORIGIN", "")
+        if not origin or not (self.any_origin or origin in self.origins):
+            return []
+        return [
+            ("access-control-allow-origin", origin),
+            ("vary", "Origin"),
+            ("access-control-expose-headers", CORS_EXPOSED_HEADERS),
+        ]
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO") or "/"
+        cors = self._cors(environ)
+        method = environ["REQUEST_METHOD"]
+        if path.startswith(SERVICE_PREFIX):
+            if method == "OPTIONS":  # a browser's preflight
+                if not cors:
+                    start_response("403 Forbidden", [("content-type", "text/plain")])
+                    return [b"this origin may not call the API: see FACESVC_HTTP_CORS_ORIGINS\n"]
+                headers = cors + [
+                    ("access-control-allow-methods", "POST, GET"),
+                    ("access-control-allow-headers", CORS_REQUEST_HEADERS),
+                    ("access-control-max-age", "7200"),
+                ]
+                start_response("204 No Content", headers)
+                return [b""]
+            return self._rpc(environ, start_response, cors)
+        if method not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("allow", "GET, HEAD"), ("content-type", "text/plain")])
+            return [b"POST FaceService calls to /facesvc.v1.FaceService/<Method>\n"]
+        return self._static(path, environ, start_response)
+
+    def _rpc(self, environ, start_response, cors):
+        held = {}
+
+        def hold(status, headers, exc_info=None):
+            headers = list(headers) + cors
+            if status.startswith("200") or not any(k.lower() == "content-type" and "json" in v for k, v in headers):
+                return start_response(status, headers, exc_info)
+            held["status"], held["headers"] = status, headers  # a Connect error: sent below, its body rewritten
+            return lambda data: None
+
+        body = self.connect(environ, hold)
+        if not held:
+            return body
+        data = with_error_info(b"".join(body))
+        headers = [(k, v) for k, v in held["headers"] if k.lower() != "content-length"]
+        start_response(held["status"], headers + [("content-length", str(len(data)))])
+        return [data]
+
+    def _static(self, path: str, environ, start_response):
+        if self.console_dir is None:
+            start_response("404 Not Found", [("content-type", "text/plain")])
+            return [b"the web console is not built here: run `make web`\n"]
+        rel = "index.html" if path in ("", "/") else path.lstrip("/")
+        target = (self.console_dir / rel).resolve()
+        if not target.is_relative_to(self.console_dir) or not target.is_file():
+            start_response("404 Not Found", [("content-type", "text/plain")])
+            return [b"not found\n"]
+        data = target.read_bytes()
+        kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
+        # vite names its bundles by content hash: they never change; index.html must be re-read
+        cache = "public, max-age=31536000, immutable" if rel.startswith("assets/") else "no-cache"
+        start_response(
+            "200 OK",
+            [
+                ("content-type", kind),
+                ("content-length", str(len(data))),
+                ("cache-control", cache),
+                ("x-content-type-options", "nosniff"),
+                # the console loads only its own files, and talks only to this origin
+                ("content-security-policy", "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:"),
+            ],
+        )
+        return [b"" if environ["REQUEST_METHOD"] == "HEAD" else data]
+
+
+class HttpServer:
+    """Hypercorn on its own thread and event loop, beside the gRPC server, until stop()."""
+
+    def __init__(self, settings, servicer, interceptors, console_dir: Path | None = CONSOLE_DIR):
+        s = settings
+        max_bytes = s.max_message_mb * 1024 * 1024
+        self.app = HttpApp(connect_app(servicer, interceptors, max_bytes), s.http_cors_origins, console_dir)
+        host = s.http_host or s.host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            self.sock.bind((host, s.http_port))
+        except OSError as exc:
+            self.sock.close()
+            raise RuntimeError(f"cannot bind HTTP {host}:{s.http_port}: {exc}") from None
+        self.sock.listen(1024)
+        self.host, self.port = host, self.sock.getsockname()[1]
+        config = Config()
+        config.bind = [f"fd://{self.sock.fileno()}"]
+        config.wsgi_max_body_size = max_bytes
+        config.graceful_timeout = s.grace_seconds
+        config.accesslog = None
+        config.errorlog = logging.getLogger("facesvc.http.server")
+        if s.tls_cert:
+            config.certfile, config.keyfile = s.tls_cert, s.tls_key
+            if s.tls_client_ca:
+                config.ca_certs, config.verify_mode = s.tls_client_ca, ssl.CERT_REQUIRED
+        self.tls = bool(s.tls_cert)
+        self.config = config
+        self.workers = s.workers
+        self._loop = asyncio.new_event_loop()
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="http", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
+
+    def _run(self) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        # hypercorn runs WSGI apps on the loop's default executor: as many threads as the gRPC side's
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="http"))
+        self._stop = asyncio.Event()
+        self._started.set()
+        try:
+            loop.run_until_complete(serve(self.app, self.config, shutdown_trigger=self._stop.wait, mode="wsgi"))
+        except Exception:  # noqa: BLE001 - logged: the gRPC side goes on serving
+            log.exception("the HTTP server failed")
+        finally:
+            loop.run_until_complete(loop.shutdown_default_executor())
+            loop.close()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait()
+
+    def stop(self, grace: float) -> None:
+        """Stop accepting, let calls in flight finish within `grace` seconds."""
+        if self._thread.is_alive() and self._stop is not None:
+            self.config.graceful_timeout = grace
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self._thread.join(grace + 5)

@@ -1,0 +1,180 @@
+"""FaceService over HTTP through the gRPC side's own servicer and interceptors.
+
+A Connect (or gRPC-Web, or JSON) call is served by the same `FaceServicer`
+methods, wrapped by the same interceptor instances (request ids, metrics and
+logs; API keys; per-key and stream limits) as a gRPC call: `HttpCall` gives
+them the part of `grpc.ServicerContext` they use (metadata, peer, deadline,
+abort, callbacks), and an abort becomes a `ConnectError` carrying the same
+`google.rpc.Status` details (the ErrorInfo reason) a gRPC client gets.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+
+import grpc
+from connectrpc.code import Code
+from connectrpc.errors import ConnectError, ErrorDetail
+from google.rpc import status_pb2
+from protobuf.wkt import Any
+
+from facesvc.v1.face_service_connect import FaceServiceWSGIApplication
+from server.rpc.auth import SERVICE_PREFIX
+from server.rpc.servicer import SERVICE
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class HttpAbort(Exception):
+    """Raised by HttpCall.abort_with_status, as grpc raises out of a handler that aborts."""
+
+    def __init__(self, status: grpc.Status):
+        super().__init__(status.details)
+        self.status = status
+
+
+def connect_code(code: grpc.StatusCode) -> Code:
+    """The Connect code of a gRPC status code (the same names, but CANCELLED is spelled `canceled`)."""
+    return Code.CANCELED if code is grpc.StatusCode.CANCELLED else Code(code.name.lower())
+
+
+def connect_error(status: grpc.Status) -> ConnectError:
+    """The ConnectError a gRPC status becomes: its code, message and every rich-status detail."""
+    details = []
+    for key, value in status.trailing_metadata or ():
+        if key == STATUS_DETAILS_KEY:
+            rich = status_pb2.Status.FromString(value)
+            details = [ErrorDetail(Any(type_url=d.type_url, value=d.value)) for d in rich.details]
+    return ConnectError(connect_code(status.code), status.details or "", details)
+
+
+class HttpCall:
+    """The `grpc.ServicerContext` of one HTTP call, as far as the servicer and interceptors use it.
+
+    A deadline comes from `connect-timeout-ms` (or gRPC-Web's `grpc-timeout`); initial metadata becomes
+    response headers. The HTTP server reads the whole request before the handler runs and gives no word
+    of a client that leaves, so a call ends by its deadline, its answer or `cancel()`."""
+
+    def __init__(self, ctx, peer: str):
+        self._ctx = ctx
+        self._metadata = tuple((k, v) for k, v in ctx.request_headers.allitems() if not k.endswith("-bin"))
+        self._peer = peer
+        remaining_ms = ctx.timeout_ms
+        self._deadline = None if remaining_ms is None else time.monotonic() + remaining_ms / 1000
+        self._lock = threading.Lock()
+        self._callbacks: list | None = []
+        self._code: grpc.StatusCode | None = None
+
+    def invocation_metadata(self):
+        return self._metadata
+
+    def peer(self) -> str:
+        return self._peer
+
+    def time_remaining(self) -> float | None:
+        return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
+
+    def is_active(self) -> bool:
+        return self._callbacks is not None and (self._deadline is None or time.monotonic() < self._deadline)
+
+    def send_initial_metadata(self, metadata) -> None:
+        for key, value in metadata:
+            self._ctx.response_headers[key] = value
+
+    def add_callback(self, callback) -> bool:
+        with self._lock:
+            if self._callbacks is None:
+                return False
+            self._callbacks.append(callback)
+            return True
+
+    def code(self) -> grpc.StatusCode | None:
+        return self._code
+
+    def abort_with_status(self, status: grpc.Status):
+        self._code = status.code
+        raise HttpAbort(status)
+
+    def cancel(self) -> None:
+        self._code = self._code or grpc.StatusCode.CANCELLED
+        self.done()
+
+    def done(self) -> None:
+        """The call has ended: its callbacks run once (as grpc runs them when an RPC terminates)."""
+        with self._lock:
+            callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
+            callback()
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+class _Details:
+    """grpc.HandlerCallDetails for the interceptors."""
+
+    def __init__(self, method: str, metadata):
+        self.method, self.invocation_metadata = method, metadata
+
+
+class FaceServiceOverHttp:
+    """The FaceServiceSync the generated Connect app calls: every method runs the gRPC servicer's
+    method through the gRPC interceptors (outermost first, as grpc.server applies them)."""
+
+    def __init__(self, servicer, interceptors):
+        self._interceptors = list(interceptors)
+        self._base: dict[str, grpc.RpcMethodHandler] = {}
+        for method in SERVICE.methods:
+            streaming = method.client_streaming or method.server_streaming
+            if streaming and not (method.client_streaming and method.server_streaming):
+                raise ValueError(f"{method.name}: only unary and bidirectional RPCs are bridged")
+            make = grpc.stream_stream_rpc_method_handler if streaming else grpc.unary_unary_rpc_method_handler
+            self._base[SERVICE_PREFIX + method.name] = make(getattr(servicer, method.name))
+            setattr(self, _snake(method.name), self._bridge(SERVICE_PREFIX + method.name, streaming))
+
+    def _handler(self, path: str, metadata) -> grpc.RpcMethodHandler:
+        def chain(i, details):
+            if i == len(self._interceptors):
+                return base
+            return self._interceptors[i].intercept_service(lambda d: chain(i + 1, d), details)
+
+        base = self._base[path]
+        return chain(0, _Details(path, metadata))
+
+    def _bridge(self, path: str, streaming: bool):
+        def begin(ctx):
+            client = ctx.client_address or "unknown:0"
+            call = HttpCall(ctx, ("ipv6:" if client.startswith("[") else "ipv4:") + client)
+            return call, self._handler(path, call.invocation_metadata())
+
+        if streaming:
+
+            def stream(requests, ctx):
+                call, handler = begin(ctx)
+                try:
+                    yield from handler.stream_stream(requests, call)
+                except HttpAbort as exc:
+                    raise connect_error(exc.status) from None
+                finally:
+                    call.done()
+
+            return stream
+
+        def unary(request, ctx):
+            call, handler = begin(ctx)
+            try:
+                return handler.unary_unary(request, call)
+            except HttpAbort as exc:
+                raise connect_error(exc.status) from None
+            finally:
+                call.done()
+
+        return unary
+
+
+def connect_app(servicer, interceptors, read_max_bytes: int) -> FaceServiceWSGIApplication:
+    """The generated Connect WSGI app (Connect JSON and binary, gRPC-Web) over the gRPC servicer."""
+    return FaceServiceWSGIApplication(FaceServiceOverHttp(servicer, interceptors), read_max_bytes=read_max_bytes)

@@ -1,0 +1,255 @@
+"""The HTTP face: the same FaceService as Connect (JSON and binary), gRPC-Web and plain JSON POST,
+from the same handlers, auth, limits, deadlines and error model as gRPC (server/web)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from connectrpc.errors import ConnectError
+from connectrpc.protocol import ProtocolType
+from google.protobuf import json_format
+from google.rpc import error_details_pb2
+
+from facesvc.v1 import face_service_pb2 as pb
+from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from facesvc.v1.face_service_connect import FaceServiceClientSync
+from tests.conftest import ADMIN_KEY, ROOT, ServerProcess, face_path, image
+from tests.test_security import pki  # noqa: F401  (the test CA, server and client certificates)
+
+ORIGIN = "https://console.example"
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    s = ServerProcess(
+        "--http-port",
+        "0",
+        env={"FACESVC_HTTP_CORS_ORIGINS": ORIGIN},
+        log_path=tmp_path_factory.mktemp("http") / "server.log",
+    )
+    yield s
+    assert s.stop() == 0
+
+
+def post(srv, rpc: str, body, headers=None, key: str | None = ADMIN_KEY, context=None) -> tuple[int, dict, dict]:
+    """A plain HTTP POST of JSON, as curl sends it: (status, response headers, JSON body)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    req = urllib.request.Request(
+        f"{srv.http_url}/facesvc.v1.FaceService/{rpc}",
+        data=data,
+        headers={"content-type": "application/json", **({"x-api-key": key} if key else {}), **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60, context=context) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), json.loads(err.read())
+
+
+def b64(rel: str) -> str:
+    return base64.b64encode(face_path(rel).read_bytes()).decode()
+
+
+def reason(doc: dict) -> str:
+    """The ErrorInfo reason of a Connect error body, read from the detail's bytes (what a Connect client
+    decodes) and checked against the JSON `debug` copy the server adds for people."""
+    (detail,) = [d for d in doc["details"] if d["type"] == "google.rpc.ErrorInfo"]
+    info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "=="))
+    assert detail["debug"]["reason"] == info.reason and info.domain == "facesvc"
+    return info.reason
+
+
+def client(srv, protocol=ProtocolType.CONNECT, key: str | None = ADMIN_KEY, **kw) -> FaceServiceClientSync:
+    c = FaceServiceClientSync(srv.http_url, protocol=protocol, **kw)
+    c.headers = {"x-api-key": key} if key else {}
+    return c
+
+
+def test_json_detect_finds_the_six_faces_of_the_group_photo(srv):
+    status, headers, doc = post(srv, "Detect", {"image": {"encoded": b64("dev/group_t1.jpg")}}, {"x-request-id": "curl-1"})
+    assert status == 200, doc
+    assert len(doc["faces"]) == 6
+    face = doc["faces"][0]
+    assert face["box"]["width"] > 0 and set(face["landmarks"]) >= {"leftEye", "rightEye", "nose"}
+    assert 0 < face["quality"]["score"] <= 1
+    assert headers["x-request-id"] == "curl-1"  # the caller's request id comes back, as on gRPC
+
+
+def test_json_errors_carry_the_errorinfo_reason(srv):
+    status, headers, doc = post(srv, "Detect", {"image": {"encoded": base64.b64encode(b"not a photo").decode()}})
+    assert (status, doc["code"]) == (400, "invalid_argument") and reason(doc) == "INVALID_IMAGE"
+    assert headers["x-request-id"]
+    status, _, doc = post(srv, "GetCollection", {"collection": "no-such-collection"})
+    assert (status, doc["code"], reason(doc)) == (404, "not_found", "COLLECTION_NOT_FOUND")
+    status, _, doc = post(srv, "Detect", b"{not json")
+    assert status == 400 and doc["code"] in ("invalid_argument", "internal")
+
+
+def test_auth_is_the_grpc_sides(srv):
+    img = {"image": {"encoded": b64("dev/img5.jpg")}}
+    status, _, doc = post(srv, "Detect", img, key=None)
+    assert (status, doc["code"], reason(doc)) == (401, "unauthenticated", "API_KEY_MISSING")
+    status, _, doc = post(srv, "Detect", img, key="fsk_0123456789abcdef_" + "x" * 43)
+    assert (status, doc["code"], reason(doc)) == (401, "unauthenticated", "API_KEY_INVALID")
+    admin = client(srv)
+    admin.create_collection(pb.CreateCollectionRequest(collection="http-auth-a"), headers=admin.headers)
+    admin.create_collection(pb.CreateCollectionRequest(collection="http-auth-b"), headers=admin.headers)
+    secret = admin.create_api_key(pb.CreateApiKeyRequest(collection="http-auth-a"), headers=admin.headers).secret
+    status, _, doc = post(srv, "GetCollection", {"collection": "http-auth-b"}, key=secret)
+    assert (status, doc["code"], reason(doc)) == (403, "permission_denied", "PERMISSION_DENIED")
+    status, _, doc = post(srv, "CreateCollection", {"collection": "http-auth-c"}, key=secret)
+    assert (status, reason(doc)) == (403, "PERMISSION_DENIED")
+    assert post(srv, "GetCollection", {"collection": "http-auth-a"}, key=secret)[0] == 200
+
+
+def test_deadline_from_connect_timeout_ms(srv):
+    status, _, doc = post(srv, "Detect", {"image": {"encoded": b64("dev/group_t1.jpg")}}, {"connect-timeout-ms": "1"})
+    assert (status, doc["code"], reason(doc)) == (504, "deadline_exceeded", "CALL_ENDED")
+
+
+def test_grpc_web_and_grpc_get_the_same_answer(srv):
+    request = pb.DetectRequest(image=image("dev/group_t1.jpg"))
+    web = client(srv, ProtocolType.GRPC_WEB)
+    over_web = web.detect(request, headers=web.headers)
+    over_grpc = pb_grpc.FaceServiceStub(srv.channel).Detect(request, timeout=60)
+    assert len(over_web.faces) == 6
+    assert json_format.MessageToDict(over_web) == json_format.MessageToDict(over_grpc)
+    with pytest.raises(ConnectError) as err:  # gRPC-Web errors carry the same rich status
+        web.detect(pb.DetectRequest(), headers=web.headers)
+    (detail,) = err.value.details
+    info = error_details_pb2.ErrorInfo.FromString(detail.message_bytes)
+    assert info.reason == "VALIDATION_FAILED" and info.metadata["field"] == "image"
+
+
+def test_enrol_over_connect_verify_over_both(srv):
+    """Process + Register over Connect (binary), then Verify over JSON and over gRPC: one store, one answer."""
+    c = client(srv)
+    cid = "http-enrol"
+    c.create_collection(pb.CreateCollectionRequest(collection=cid), headers=c.headers)
+    staged = c.process(pb.ProcessRequest(collection=cid, subject_id="erin", image=image("dev/img21.jpg")), headers=c.headers)
+    reg = c.register(pb.RegisterRequest(collection=cid, subject_id="erin", staging_token=staged.staging_token), headers=c.headers)
+    assert reg.subject.face_count == 1
+    probe = {"collection": cid, "subjectId": "erin", "image": {"encoded": b64("dev/img20.jpg")}}
+    status, _, doc = post(srv, "Verify", probe)
+    assert status == 200 and doc["match"] is True
+    over_grpc = pb_grpc.FaceServiceStub(srv.channel).Verify(json_format.ParseDict(probe, pb.VerifyRequest()), timeout=60)
+    assert over_grpc.match and abs(over_grpc.similarity - doc["similarity"]) < 1e-6
+    status, _, doc = post(srv, "ListSubjects", {"collection": cid})
+    assert [s["subjectId"] for s in doc["subjects"]] == ["erin"]
+
+
+def test_batches_stream_over_connect(srv):
+    """A bidirectional RPC as a Connect stream over HTTP/1.1 (half-duplex: the answers follow the requests)."""
+    c = client(srv)
+    items = [
+        pb.ProcessBatchRequest(
+            item_id="a", process=pb.ProcessRequest(collection="http-enrol", subject_id="x", image=image("dev/img20.jpg"))
+        ),
+        pb.ProcessBatchRequest(item_id="b", process=pb.ProcessRequest(collection="http-enrol", subject_id="y")),
+    ]
+    out = list(c.process_batch(iter(items), headers=c.headers))
+    assert [r.item_id for r in out] == ["a", "b"]
+    assert out[0].result.staging_token and out[1].error.reason == "VALIDATION_FAILED"
+
+
+def test_cors_lets_the_configured_origin_only(srv):
+    def preflight(origin):
+        req = urllib.request.Request(
+            f"{srv.http_url}/facesvc.v1.FaceService/Detect",
+            method="OPTIONS",
+            headers={"origin": origin, "access-control-request-method": "POST", "access-control-request-headers": "x-api-key"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, dict(resp.headers)
+        except urllib.error.HTTPError as err:
+            return err.code, dict(err.headers)
+
+    status, headers = preflight(ORIGIN)
+    assert status == 204 and headers["access-control-allow-origin"] == ORIGIN
+    assert "x-api-key" in headers["access-control-allow-headers"]
+    status, headers = preflight("https://elsewhere.example")
+    assert status == 403 and "access-control-allow-origin" not in headers
+    _, headers, _ = post(srv, "Detect", {}, {"origin": ORIGIN})
+    assert headers["access-control-allow-origin"] == ORIGIN and "x-request-id" in headers["access-control-expose-headers"]
+
+
+def test_http_calls_are_logged_by_the_grpc_interceptors(srv):
+    """The gRPC side's interceptors served the HTTP calls: their log lines carry request ids."""
+    post(srv, "Detect", {"image": {"encoded": "AAAA"}}, {"x-request-id": "http-log-check"})
+    assert "[http-log-check]: rpc=Detect code=INVALID_ARGUMENT reason=INVALID_IMAGE" in srv.output()
+
+
+def test_http_port_is_off_unless_set(server):
+    with pytest.raises(RuntimeError, match="no HTTP port"):
+        server.http_url  # noqa: B018
+
+
+def test_models_loading_and_grpc_errors_map_to_connect_codes():
+    from server.web.calls import connect_code
+
+    for code in grpc.StatusCode:
+        if code is not grpc.StatusCode.OK:
+            assert connect_code(code).value.replace("canceled", "cancelled") == code.name.lower()
+
+
+def readme_curl() -> list[tuple[str, str]]:
+    """The README's curl block: (command, the output its trailing comment promises)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- curl-examples:begin -->\s*```sh\n(.*?)```", text, re.S)
+    assert block, "README lost its curl example block"
+    return [tuple(part.strip() for part in line.rsplit("    # ", 1)) for line in block.group(1).splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("cmd,expected", readme_curl())
+def test_readme_curl_example(srv, cmd, expected):
+    assert shutil.which("curl") and shutil.which("jq"), "the README's curl examples need curl and jq"
+    proc = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", cmd.replace("http://localhost:8080", srv.http_url)],
+        cwd=ROOT,
+        env={**os.environ, "FACESVC_API_KEY": ADMIN_KEY},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == expected
+
+
+def test_tls_and_client_certificates_on_the_http_port(pki, tmp_path):  # noqa: F811
+    """The HTTP port serves TLS with the gRPC side's certificate, and asks for a client certificate too."""
+    ca = pki / "ca.pem"
+    s = ServerProcess(
+        "--http-port",
+        "0",
+        "--tls-cert",
+        str(pki / "server.pem"),
+        "--tls-key",
+        str(pki / "server.key"),
+        "--tls-client-ca",
+        str(ca),
+        log_path=tmp_path / "server.log",
+        credentials=grpc.ssl_channel_credentials(
+            ca.read_bytes(), (pki / "client.key").read_bytes(), (pki / "client.pem").read_bytes()
+        ),
+    )
+    try:
+        assert s.http_url.startswith("https://127.0.0.1:")
+        with_cert = ssl.create_default_context(cafile=str(ca))
+        with_cert.load_cert_chain(pki / "client.pem", pki / "client.key")
+        status, _, doc = post(s, "Detect", {"image": {"encoded": b64("dev/img5.jpg")}}, context=with_cert)
+        assert status == 200 and len(doc["faces"]) == 1
+        with pytest.raises(OSError):  # no client certificate: the handshake (or the first read) fails
+            post(s, "Detect", {"image": {"encoded": b64("dev/img5.jpg")}}, context=ssl.create_default_context(cafile=str(ca)))
+    finally:
+        assert s.stop() == 0
