@@ -339,7 +339,6 @@ def test_weights_are_not_tracked_by_git():
     assert not [t for t in photos if not (t.startswith("docs/") and t.endswith(".png"))]
 
 
-
 def test_healthcheck_follows_the_configured_port(server):
     """The image's HEALTHCHECK (`python -m server.healthcheck`) reads FACESVC_PORT, not a fixed number."""
     from bench.launcher import free_port
