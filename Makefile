@@ -29,7 +29,7 @@ setup: $(VENV)/.stamp-install facesvc/.stamp-gen models
 $(VENV)/.stamp-install: pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[dev,milvus]' --config-settings editable_mode=compat
 	$(PY) -m pip install --quiet -e 'clients/python[video]' --config-settings editable_mode=compat
 	touch $@
 
@@ -66,7 +66,7 @@ bench: setup
 	$(PY) scripts/bench_pipeline.py $(ARGS)
 
 bench-search: setup
-	$(PY) -m pip install --quiet -e '.[bench,dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[bench,dev,milvus]' --config-settings editable_mode=compat
 	$(PY) scripts/bench_search.py $(ARGS)
 
 eval: setup
@@ -74,7 +74,7 @@ eval: setup
 
 install-gpu: setup
 	$(PY) -m pip uninstall --quiet -y onnxruntime
-	$(PY) -m pip install --quiet -e '.[gpu,dev]' --config-settings editable_mode=compat
+	$(PY) -m pip install --quiet -e '.[gpu,dev,milvus]' --config-settings editable_mode=compat
 
 clean:
 	rm -rf $(VENV) .tools facesvc models/weights .pytest_cache
