@@ -50,6 +50,7 @@ CONSISTENCY_LEVELS = ("Strong", "Session", "Bounded", "Eventually")
 MAX_LIMIT = 16384  # Milvus's largest topk
 WRITE_BATCH = 1000  # rows per upsert: 1000 x 512 floats is a 2 MB message
 VERIFY_ROUNDS = 5
+LITE_FLUSH_ROWS = 1000
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ class MilvusIndex:
 
     def add(self, face_ids: list[str], subject_ids: list[str], vectors: np.ndarray) -> None:
         """A build's page: upserted (a face already there is written again with the same values)."""
-        self.engine.upsert(self.name, self._rows(face_ids, subject_ids, vectors))
+        self.engine.upsert(self.name, self._rows(face_ids, subject_ids, vectors), page=True)
 
     def apply(self, present: dict[str, tuple[str, np.ndarray]], absent: list[str], replace: set[str] = frozenset()) -> None:
         """Make Milvus agree with the database about these faces: write what differs, then check the
@@ -198,6 +199,7 @@ class MilvusEngine:
         self._client = None
         self._lock = threading.Lock()
         self._ready: set[str] = set()
+        self._unflushed = 0  # Lite: rows written since its last flush
 
     # -- the connection and the Milvus collection ---------------------------------------
     @property
@@ -208,11 +210,23 @@ class MilvusEngine:
 
                 p = self.params
                 try:
-                    self._client = MilvusClient(uri=p.uri, token=p.token, db_name=p.database, timeout=30)
+                    self._client = MilvusClient(uri=self._server_uri(), token=p.token, db_name=p.database, timeout=30)
                 except Exception as exc:  # noqa: BLE001 - pymilvus raises several kinds
                     raise _unavailable(f"cannot connect to {p.where()}", exc) from None
                 log.info("milvus: connected to %s%s", p.where(), " (Milvus Lite, in this process)" if p.lite else "")
             return self._client
+
+    def _server_uri(self) -> str:
+        """Milvus Lite: its server in this process, started on the path (pymilvus would only do so for a
+        path ending in .db); a server's URI as it is."""
+        if not self.params.lite:
+            return self.params.uri
+        from milvus_lite import server_manager_instance
+
+        uri = server_manager_instance.start_and_get_uri(self.params.uri)
+        if uri is None:
+            raise RuntimeError(f"Milvus Lite did not start on {self.params.uri} (is another process using it?)")
+        return uri
 
     def collection_name(self, model_id: str, dim: int) -> str:
         return f"{self.params.collection_prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', model_id)}_{dim}"
@@ -267,9 +281,18 @@ class MilvusEngine:
         rows = self._call("count", self.client.query, name, filter=where, output_fields=["count(*)"], consistency_level="Strong")
         return int(rows[0]["count(*)"]) if rows else 0
 
-    def upsert(self, name: str, rows: list[dict]) -> None:
+    def upsert(self, name: str, rows: list[dict], page: bool = False) -> None:
+        """`page`: a build's page. Milvus Lite searches the rows it has not flushed by brute force in
+        Python (seconds at tens of thousands of faces), so on Lite every page and every
+        LITE_FLUSH_ROWS single writes are flushed into indexed segments; a Milvus server seals and
+        indexes its segments itself (and rate-limits flushes)."""
         for s in range(0, len(rows), WRITE_BATCH):
             self._call("upsert", self.client.upsert, name, rows[s : s + WRITE_BATCH])
+        if self.params.lite:
+            self._unflushed += len(rows)
+            if page or self._unflushed >= LITE_FLUSH_ROWS:
+                self._unflushed = 0
+                self._call("flush", self.client.flush, name)
 
     def delete(self, name: str, face_ids: list[str]) -> None:
         for s in range(0, len(face_ids), WRITE_BATCH):
