@@ -2,6 +2,7 @@
 #   CPU (default):  docker build --build-context models=../shared/models -t facesvc .
 #   CUDA:           docker build --build-context models=../shared/models \
 #                     --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 --build-arg GPU=1 -t facesvc:gpu .
+#   Milvus engine:  docker build --build-context models=../shared/models --build-arg EXTRAS=milvus -t facesvc:milvus .
 # Weights come from the `models` build context (a directory of ONNX files) and
 # are sha256-checked against models/manifest.json; without that context the
 # fetch step downloads each model's upstream URL (mirror-only files then fail
@@ -10,6 +11,8 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM scratch AS models
 FROM ${BASE_IMAGE}
 ARG GPU=0
+# optional extras of pyproject.toml, e.g. EXTRAS=milvus for FACESVC_INDEX_ENGINE=milvus
+ARG EXTRAS=""
 ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN if ! command -v python3 >/dev/null || ! python3 -m venv --help >/dev/null 2>&1; then \
       apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-pip && rm -rf /var/lib/apt/lists/*; \
@@ -23,7 +26,7 @@ COPY scripts/gen_protos.sh ./scripts/
 RUN python3 -m venv /venv && /venv/bin/pip install --upgrade pip \
  && /venv/bin/pip install grpcio-tools \
  && scripts/gen_protos.sh /venv/bin/python \
- && /venv/bin/pip install . \
+ && /venv/bin/pip install ".${EXTRAS:+[$EXTRAS]}" \
  && if [ "$GPU" = "1" ]; then /venv/bin/pip uninstall -y onnxruntime && /venv/bin/pip install "onnxruntime-gpu>=1.18"; fi \
  && /venv/bin/pip uninstall -y grpcio-tools
 RUN --mount=type=bind,from=models,target=/mirror \

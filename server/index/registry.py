@@ -52,8 +52,15 @@ class IndexRegistry:
         return list(self._indexes)
 
     def sizes(self) -> dict[str, int]:
-        """{collection: searchable faces} of the indexes this server has loaded."""
-        return {c: len(idx) for c, idx in list(self._indexes.items())}
+        """{collection: searchable faces} of the indexes this server has loaded (those an engine out of
+        reach, Milvus down, cannot count are left out rather than failing the metrics scrape)."""
+        out = {}
+        for c, idx in list(self._indexes.items()):
+            try:
+                out[c] = len(idx)
+            except errors.FaceServiceError:
+                pass
+        return out
 
     def get(self, collection: str) -> FaceIndex:
         """The collection's index, loaded if this server has not loaded it yet."""
