@@ -60,6 +60,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float, log) -> int:
+    """Sends `sig`, waits up to `timeout` s (then kills), closes its log; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
+    return proc.returncode
+
+
 class ServerProcess:
     """`python -m server` on a free port, started the way a user starts it.
 
@@ -154,15 +167,7 @@ class ServerProcess:
         self.channel.close()
         for ch in getattr(self, "_extra_channels", []):
             ch.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        return stop_process(self.proc, signal.SIGTERM, timeout, self.log)
 
 
 class MilvusLiteServer:
@@ -193,12 +198,5 @@ class MilvusLiteServer:
                 time.sleep(0.1)
 
     def stop(self, timeout: float = 15) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)  # its clean shutdown (KeyboardInterrupt) closes the data directory
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+        # SIGINT: its clean shutdown (KeyboardInterrupt) closes the data directory
+        return stop_process(self.proc, signal.SIGINT, timeout, self.log)
