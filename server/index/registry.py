@@ -149,7 +149,8 @@ class IndexRegistry:
             have, want = len(idx), self.store.count_faces(collection, self.model_id)
             if have == want:
                 return idx
-            time.sleep(0.2 * attempt)  # other replicas' writes in flight (a shared engine)
+            if recent:
+                time.sleep(0.2 * attempt)  # other replicas' writes to the shared engine in flight
         raise IndexLoadError(f"{have} faces after replaying the change log, the database holds {want}")
 
     def _replay(self, collection: str, idx: FaceIndex, seq: int, recent: bool = False) -> int:
