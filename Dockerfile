@@ -10,6 +10,8 @@
 #   run it with `--gpus all -e FACESVC_DEVICE=cuda`):
 #     docker build --build-context models=../shared/models \
 #       --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 --build-arg GPU=1 -t facesvc:gpu .
+#   Milvus engine (FACESVC_INDEX_ENGINE=milvus; the pyproject extra `milvus`):
+#     docker build --build-context models=../shared/models --build-arg EXTRAS=milvus -t facesvc:milvus .
 #
 # Layers, slowest-changing first: the dependencies (from the pyproject files alone), the model
 # weights (from models/manifest.json, fetch.py and derive.py alone), then the code, once, as
@@ -39,12 +41,14 @@ RUN if ! python3 -m venv --help >/dev/null 2>&1; then \
 FROM base AS deps
 ARG PIP_VERSION
 ARG GPU=0
+# optional extras of pyproject.toml, e.g. EXTRAS=milvus for FACESVC_INDEX_ENGINE=milvus
+ARG EXTRAS=""
 WORKDIR /src
 COPY pyproject.toml ./
 COPY clients/python/pyproject.toml clients/python/
 COPY scripts/pyproject_deps.py scripts/
 RUN python3 -m venv /venv && /venv/bin/pip install "pip==${PIP_VERSION}" \
- && if [ "$GPU" = "1" ]; then server="pyproject.toml:gpu --without onnxruntime"; else server=pyproject.toml; fi \
+ && if [ "$GPU" = "1" ]; then server="pyproject.toml:gpu${EXTRAS:+,$EXTRAS} --without onnxruntime"; else server="pyproject.toml${EXTRAS:+:$EXTRAS}"; fi \
  && /venv/bin/python scripts/pyproject_deps.py $server clients/python/pyproject.toml:video > /tmp/requirements.txt \
  && /venv/bin/pip install -r /tmp/requirements.txt
 

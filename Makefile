@@ -41,7 +41,7 @@ $(VENV)/.stamp-runtime: pyproject.toml clients/python/pyproject.toml
 
 # Everything `make test` needs besides: pytest, ruff, hypothesis, grpcurl.
 $(VENV)/.stamp-install: $(VENV)/.stamp-runtime
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,milvus]'
 	touch $@
 
 # Generated protobuf + gRPC stubs (build outputs, git-ignored).
@@ -91,7 +91,7 @@ bench: setup
 	$(PY) scripts/bench_pipeline.py $(ARGS)
 
 bench-search: setup
-	$(PY) -m pip install --quiet -e '.[bench,dev]'
+	$(PY) -m pip install --quiet -e '.[bench,dev,milvus]'
 	$(PY) scripts/bench_search.py $(ARGS)
 
 bench-http: setup
@@ -102,7 +102,7 @@ eval: setup
 
 install-gpu: setup
 	$(PY) -m pip uninstall --quiet -y onnxruntime
-	$(PY) -m pip install --quiet -e '.[gpu,dev]'
+	$(PY) -m pip install --quiet -e '.[gpu,dev,milvus]'
 
 clean:
 	rm -rf $(VENV) .tools facesvc models/weights .pytest_cache web/node_modules web/src/gen web/dist

@@ -60,6 +60,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: subprocess.Popen, sig: int, timeout: float, log) -> int:
+    """Sends `sig`, waits up to `timeout` s (then kills), closes its log; its exit status."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log.close()
+    return proc.returncode
+
+
 class ServerProcess:
     """`python -m server` on a free port, started the way a user starts it.
 
@@ -162,12 +175,36 @@ class ServerProcess:
         self.channel.close()
         for ch in getattr(self, "_extra_channels", []):
             ch.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        return stop_process(self.proc, signal.SIGTERM, timeout, self.log)
+
+
+class MilvusLiteServer:
+    """`milvus-lite server` on a free loopback port: one Milvus that several server processes share
+    (a Milvus Lite file is locked by the one process that opens it). `uri` is what they are given."""
+
+    def __init__(self, data_dir: Path, log_path: Path, timeout: float = 60):
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = open(log_path, "w+")
+        self.proc = subprocess.Popen(
+            [PYTHON, "-m", "milvus_lite", "server", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", str(self.port)],
+            cwd=ROOT,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"milvus-lite server exited with {self.proc.returncode}:\n{Path(log_path).read_text()}")
             try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
-        return self.proc.returncode
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"milvus-lite server not listening after {timeout}s") from None
+                time.sleep(0.1)
+
+    def stop(self, timeout: float = 15) -> int:
+        # SIGINT: its clean shutdown (KeyboardInterrupt) closes the data directory
+        return stop_process(self.proc, signal.SIGINT, timeout, self.log)

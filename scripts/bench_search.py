@@ -26,7 +26,10 @@ costs instead of a rebuild). `--index-pca-dims 0,192` measures the facesvc index
 both plain and with projected segments (the server's FACESVC_HNSW_PCA_DIMS), one
 after the other in the same run. Engines measured beside it, not adopted: FAISS HNSW
 on 8-bit codes (faiss-sq8) and raw hnswlib over a PCA projection with a float
-re-rank (hnswlib-pca, what the projected segments grew from). Like the server, the benchmark runs on transparent huge
+re-rank (hnswlib-pca, what the projected segments grew from). `milvus-lite` measures the server's
+Milvus engine (server.index.milvus.MilvusIndex: HNSW COSINE, grouped by subject) on Milvus Lite,
+the embedded engine for development and tests, running in this process: its figures say what
+Lite costs, not what a Milvus server or cluster does. Like the server, the benchmark runs on transparent huge
 pages (`--huge-pages off` for 4 KB pages; scripts/bench_hugepages.py compares the two).
 
     .venv/bin/python scripts/bench_search.py                 # 100 k faces per corpus
@@ -59,7 +62,7 @@ from server.index.snapshot import SnapshotStore
 ROOT = Path(__file__).resolve().parents[1]
 
 DIM = 512
-ENGINES = ("facesvc", "faiss-hnsw", "faiss-sq8", "hnswlib-pca")  # besides the exact flat scan, which always runs
+ENGINES = ("facesvc", "faiss-hnsw", "faiss-sq8", "hnswlib-pca", "milvus-lite")  # besides the exact flat scan, which always runs
 
 
 def rss_mb() -> float:
@@ -387,6 +390,53 @@ def bench_faiss_hnsw(
     return rows
 
 
+def bench_milvus_lite(corpus, probes, truth, params: HnswParams, single_n: int) -> list[dict]:
+    """The server's Milvus engine on Milvus Lite in a temporary directory: the faces upserted in pages
+    of 50 000 as a rebuild does, "build" lasting until Lite reports every row indexed. One face per
+    subject, so its grouped answer is the plain top 10. Lite answers one query per call (no batch)."""
+    from server.index.milvus import MilvusEngine, MilvusIndex, MilvusParams
+
+    gc.collect()
+    (ROOT / ".bench").mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ROOT / ".bench") as d:
+        engine = MilvusEngine(
+            MilvusParams(uri=str(Path(d) / "milvus.db"), m=params.m, ef_construction=params.ef_construction, partitions=1),
+            store=None,
+        )
+        r0, t0 = rss_mb(), time.perf_counter()
+        name = engine.ensure("bench", DIM)
+        idx = MilvusIndex(engine, name, "bench", 0, DIM, "bench")
+        ids = [f"{i:032x}" for i in range(len(corpus))]
+        for s in range(0, len(corpus), 50_000):
+            idx.add(ids[s : s + 50_000], ids[s : s + 50_000], corpus[s : s + 50_000])
+        while True:
+            info = engine.client.describe_index(name, "embedding")
+            if int(info.get("indexed_rows", 0)) >= len(corpus) and not int(info.get("pending_index_rows", 0)):
+                break
+            time.sleep(0.5)
+        build = time.perf_counter() - t0
+        mem = rss_mb() - r0
+        found, times = [], []
+        for q in probes:
+            t0 = time.perf_counter()
+            hits = idx.search(q, 10, -1.0, 1)
+            times.append(time.perf_counter() - t0)
+            found.append([int(h.face_id, 16) for h in hits] + [-1] * (10 - len(hits)))
+        found = np.array(found)
+        row = {
+            "engine": f"milvus-lite (embedded; HNSW M={params.m} efC={params.ef_construction} ef=128, by subject)",
+            "build_s": build,
+            "memory_mb": mem,
+            "recall@1": recall(found, truth, 1),
+            "recall@10": recall(found, truth, 10),
+            "single": percentiles(times[:single_n]),
+            "batch_qps": len(times) / sum(times),  # no batch call: the single queries' rate
+            "milvus_lite": __import__("milvus_lite").__version__,
+        }
+        engine.close()
+    return [row]
+
+
 def bench_pca(corpus, probes, truth, params: HnswParams, dims: int, single_n: int, ef_sweep: list[int]) -> list[dict]:
     """hnswlib over a PCA projection of the faces (fewer bytes and flops per distance), its ef
     candidates re-ranked with the full 512-d vectors (exact similarities, as Search returns).
@@ -526,7 +576,8 @@ def main() -> int:
         default="facesvc,faiss-hnsw",
         help="besides the exact flat scan: facesvc (hnswlib, the server's class), faiss-hnsw, faiss-sq8 "
         "(FAISS HNSW on 8-bit codes, with and without a float re-rank), hnswlib-pca (hnswlib on a "
-        "PCA projection, candidates re-ranked on the full vectors)",
+        "PCA projection, candidates re-ranked on the full vectors), milvus-lite (the server's Milvus "
+        "engine on embedded Milvus Lite)",
     )
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument(
@@ -590,6 +641,9 @@ def main() -> int:
         if "hnswlib-pca" in engines:
             for dims in [int(x) for x in args.pca_dims.split(",") if x.strip()]:
                 rows += bench_pca(corpus, probes, truth, params, dims, args.single, sweep)
+        if "milvus-lite" in engines:
+            rows += bench_milvus_lite(corpus, probes, truth, params, args.single)
+            print(f"[{kind}] milvus-lite done", flush=True)
         print_table(kind, args.size, rows)
         for row in rows:
             if "tail" in row:

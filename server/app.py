@@ -96,6 +96,43 @@ def build_pipeline(settings: Settings) -> FacePipeline:
     )
 
 
+def index_engine(s: Settings, store):
+    """The search index engine the settings name (FACESVC_INDEX_ENGINE)."""
+    if s.index_engine == "milvus":
+        try:
+            import pymilvus  # noqa: F401
+
+            from server.index.milvus import MilvusEngine, MilvusParams
+        except ImportError:
+            raise ValueError("FACESVC_INDEX_ENGINE=milvus needs pymilvus: pip install 'facesvc[milvus]'") from None
+        params = MilvusParams(
+            uri=s.milvus_uri or str(Path(s.data_dir) / "milvus.db"),
+            token=s.milvus_token,
+            database=s.milvus_database,
+            collection_prefix=s.milvus_collection_prefix,
+            consistency=s.milvus_consistency,
+            m=s.hnsw_m,
+            ef_construction=s.hnsw_ef_construction,
+            ef_search=s.hnsw_ef_search,
+            partitions=s.milvus_partitions,
+        )
+        log.info("search index: milvus at %s (consistency %s)", params.where(), params.consistency)
+        return MilvusEngine(params, store)
+    snapshots = SnapshotStore(s.index_dir or Path(s.data_dir) / "index") if s.index_snapshots else None
+    return HnswEngine(
+        HnswParams(
+            m=s.hnsw_m,
+            ef_construction=s.hnsw_ef_construction,
+            ef_search=s.hnsw_ef_search,
+            segment_size=s.hnsw_segment_size,
+            search_threads=s.hnsw_search_threads,
+            pca_dims=s.hnsw_pca_dims,
+            pca_min_faces=s.hnsw_pca_min_faces,
+        ),
+        snapshots,
+    )
+
+
 def _read(path: str, what: str) -> bytes:
     try:
         return Path(path).read_bytes()
@@ -261,19 +298,7 @@ class FaceServer:
         )
         rec = pipeline.recognizer
         retention_s = s.change_log_retention_hours * 3600
-        snapshots = SnapshotStore(s.index_dir or Path(s.data_dir) / "index") if s.index_snapshots else None
-        engine = HnswEngine(
-            HnswParams(
-                m=s.hnsw_m,
-                ef_construction=s.hnsw_ef_construction,
-                ef_search=s.hnsw_ef_search,
-                segment_size=s.hnsw_segment_size,
-                search_threads=s.hnsw_search_threads,
-                pca_dims=s.hnsw_pca_dims,
-                pca_min_faces=s.hnsw_pca_min_faces,
-            ),
-            snapshots,
-        )
+        engine = index_engine(s, self.store)
         indexes = IndexRegistry(self.store, rec.model_id, rec.embedding_dim, engine, retention_s=retention_s)
         notifier = ChangeNotifier(s.redis_url, s.redis_prefix + "index-changes") if s.redis_url else None
         self.index_sync = IndexSync(
@@ -344,6 +369,8 @@ class FaceServer:
         grpc_stopped.wait()
         if self.index_sync is not None:
             self.index_sync.stop()  # and a last snapshot of every changed index
+            if hasattr(self.index_sync.registry.engine, "close"):
+                self.index_sync.registry.engine.close()
         self.store.close()
         self.cache.close()
         log.info("stopped")

@@ -197,8 +197,35 @@ class Settings:
         high=10000000,
     )
     # -- index -------------------------------------------------------------------------------------
-    hnsw_m: int = setting(32, "index", "search index: HNSW links per node", low=2, high=128)
-    hnsw_ef_construction: int = setting(200, "index", "search index: HNSW build-time candidate list", low=10, high=4096)
+    index_engine: str = setting(
+        "hnsw",
+        "index",
+        "search index engine: hnsw (every replica holds its own graphs in memory) or milvus (one index in Milvus shared by the replicas; `pip install facesvc[milvus]`, docs/milvus.md)",
+        choices=("hnsw", "milvus"),
+    )
+    milvus_uri: str = setting(
+        "",
+        "index",
+        "milvus engine: a file path runs Milvus Lite inside this process (development, one process only); http://host:19530 a Milvus server or cluster; empty = data_dir/milvus.db",
+    )
+    milvus_token: str = setting("", "index", "milvus engine: credentials, `user:password` or an API key", secret=True)
+    milvus_database: str = setting("", "index", "milvus engine: the Milvus database; empty = its default database")
+    milvus_collection_prefix: str = setting(
+        "facesvc_faces", "index", "milvus engine: Milvus collection name prefix (one collection per recognizer model)"
+    )
+    milvus_consistency: str = setting(
+        "Session",
+        "index",
+        "milvus engine: consistency level of searches; Session = a replica sees its own writes at once, the others' within Milvus's staleness bound; Strong = everyone's (slower)",
+        choices=("Strong", "Session", "Bounded", "Eventually"),
+    )
+    milvus_partitions: int = setting(
+        64, "index", "milvus engine: partition-key buckets of a new Milvus collection (fixed once created)", low=1, high=1024
+    )
+    hnsw_m: int = setting(32, "index", "search index: HNSW links per node (both engines)", low=2, high=128)
+    hnsw_ef_construction: int = setting(
+        200, "index", "search index: HNSW build-time candidate list (both engines)", low=10, high=4096
+    )
     hnsw_ef_search: int = setting(
         0,
         "index",

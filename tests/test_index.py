@@ -1,10 +1,11 @@
-"""The search index's durability and replication, on both real databases.
+"""The search index's contract, durability and replication, on both real databases and both engines.
 
 Unit level: a real SqlFaceStore (SQLite file / this run's MySQL database), real
-hnswlib indexes and snapshot files. The vectors are random unit vectors: what
-is under test is that the index holds exactly the faces the database holds,
-across snapshots, restarts, corruption and replicas (recognition itself is
-tested on the LFW photos in test_search.py).
+hnswlib indexes and snapshot files, and real Milvus (Milvus Lite in a temporary
+directory: the same client API as a Milvus server). The vectors are random
+unit vectors: what is under test is that the index holds exactly the faces the
+database holds, across snapshots, restarts, corruption and replicas
+(recognition itself is tested on the LFW photos in test_search.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import numpy as np
 import pymysql
 import pytest
 
+from server.index import registry as registry_module
 from server.index.changes import ChangeFeed
 from server.index.hnsw import HnswEngine, HnswParams
+from server.index.milvus import MilvusEngine, MilvusParams
 from server.index.registry import IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import IndexSync
@@ -68,8 +71,21 @@ def enrol(store, cid: str, n: int, seed: int = 0) -> dict[str, np.ndarray]:
     return faces
 
 
-def registry(store, tmp_path, name="a") -> IndexRegistry:
-    return IndexRegistry(store, MODEL, DIM, HnswEngine(PARAMS, SnapshotStore(tmp_path / f"index-{name}")))
+def registry(store, tmp_path, name="a", engine="hnsw", **kw) -> IndexRegistry:
+    """Replica `name`'s registry. hnsw: its own snapshot directory; milvus: every replica of a test
+    shares one Milvus (Milvus Lite in the test's directory), as replicas share a Milvus server."""
+    if engine == "milvus":
+        return IndexRegistry(store, MODEL, DIM, milvus_engine(store, tmp_path), **kw)
+    return IndexRegistry(store, MODEL, DIM, HnswEngine(PARAMS, SnapshotStore(tmp_path / f"index-{name}")), **kw)
+
+
+def milvus_engine(store, tmp_path) -> MilvusEngine:
+    # ef_search above the collection sizes used here, as PARAMS: the answers must be the exact ones
+    params = MilvusParams(uri=str(tmp_path / "milvus.db"), m=16, ef_construction=100, ef_search=400, partitions=4)
+    return MilvusEngine(params, store)
+
+
+ENGINES = ["hnsw", "milvus"]
 
 
 def snapshotted(store, tmp_path, n: int) -> tuple[str, dict[str, np.ndarray], IndexRegistry]:
@@ -173,18 +189,20 @@ def test_a_crash_while_writing_leaves_the_previous_snapshot(store, tmp_path):
     assert b.get(cid).loaded_from == "snapshot" and len(b.get(cid)) == 30
 
 
-def test_replicas_follow_each_other_through_the_change_log(store, tmp_path):
-    """Two registries on one database, each with its own IndexSync (as two server processes have)."""
+@pytest.mark.parametrize("engine", ENGINES)
+def test_replicas_follow_each_other_through_the_change_log(store, tmp_path, engine):
+    """Two registries on one database, each with its own IndexSync (as two server processes have).
+    On Milvus they share the one index, and B's poll finds A's write-through already there."""
     cid = new_collection(store)
     enrol(store, cid, 20)
-    a, b = registry(store, tmp_path, "a"), registry(store, tmp_path, "b")
+    a, b = registry(store, tmp_path, "a", engine), registry(store, tmp_path, "b", engine)
     sync_b = IndexSync(b, store, warmup=False)
     assert len(a.get(cid)) == len(b.get(cid)) == 20
     # replica A registers (and applies it itself at once: read-your-writes)
     added = enrol(store, cid, 3, seed=8)
     for f in added:
         a.local_change(cid, [f])
-    assert len(a.get(cid)) == 23 and len(b.get(cid)) == 20
+    assert len(a.get(cid)) == 23 and len(b.get(cid)) == (20 if engine == "hnsw" else 23)
     sync_b.step()  # one poll of the change log
     assert len(b.get(cid)) == 23
     f, v = next(iter(added.items()))
@@ -195,17 +213,21 @@ def test_replicas_follow_each_other_through_the_change_log(store, tmp_path):
     sync_b.step()
     assert not b.get(cid).search(v, 1, 0.9, 1) and len(b.get(cid)) == 22
     assert b.change_seq == store.last_change_seq()
-    # the collection deleted on A: B forgets its index and its snapshot
+    # the collection deleted on A: B forgets its index and its snapshot (on Milvus: its rows)
     b.write_snapshots(b.change_seq)
+    name = b.get(cid).name if engine == "milvus" else ""
     store.delete_collection(cid)
     sync_b.step()
     assert cid not in b.loaded() and not (tmp_path / "index-b" / f"{cid}.snapshot").exists()
+    if engine == "milvus":
+        assert b.engine.count(name, f'collection == "{cid}"') == 0
 
 
-def test_applying_a_change_twice_or_out_of_order_converges(store, tmp_path):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_applying_a_change_twice_or_out_of_order_converges(store, tmp_path, engine):
     cid = new_collection(store)
     faces = enrol(store, cid, 5)
-    a = registry(store, tmp_path)
+    a = registry(store, tmp_path, engine=engine)
     a.get(cid)
     f = next(iter(faces))
     store.delete_face(cid, f)
@@ -289,3 +311,120 @@ def test_a_projected_index_is_built_from_the_database_and_restarts_from_its_snap
     dense.write_bytes(dense.read_bytes()[:-10])
     c = IndexRegistry(store, MODEL, DIM, HnswEngine(params, SnapshotStore(tmp_path / "index-a")))
     assert c.get(cid).loaded_from == "database" and answers(c, cid, probes) == before
+
+
+# -- the contract, on both engines, and what only a shared engine (Milvus) does -------------------
+@pytest.mark.parametrize("engine", ENGINES)
+def test_search_returns_each_subjects_best_face_within_top_k_and_the_floor(store, tmp_path, engine):
+    """Several faces per subject: one hit per subject (its best face), best first, at most top_k,
+    none under min_similarity, equal to the exact scan; a deleted face is never served, a
+    re-embedded one answers with its new vector."""
+    cid = new_collection(store)
+    rng = np.random.default_rng(7)
+    faces = {}  # face id -> (subject, vector)
+    for i in range(40):
+        for _ in range(1 + i % 3):
+            f = NewFace(uuid.uuid4().hex, MODEL, unit(rng), 0.9, None)
+            store.add_face(cid, f"p{i}", f, allow_existing=True, max_faces=10)
+            faces[f.face_id] = (f"p{i}", f.embedding)
+    reg = registry(store, tmp_path, engine=engine)
+    idx = reg.get(cid)
+    assert len(idx) == len(faces) == 79 and idx.stats().engine == engine
+
+    def exact(q, k, floor):
+        best = {}
+        for f, (s, v) in faces.items():
+            sim = float(v @ q)
+            if sim >= floor and (s not in best or sim > best[s][1]):
+                best[s] = (f, sim)
+        return [f for f, _ in sorted(best.values(), key=lambda x: -x[1])[:k]]
+
+    probes = [faces[f][1] + 0.3 * unit(rng) for f in list(faces)[:12]]
+    for q in probes:
+        q = q / np.linalg.norm(q)
+        for k, floor in ((5, -1.0), (40, -1.0), (10, 0.2)):
+            hits = idx.search(q, k, floor, 10)
+            assert [h.face_id for h in hits] == exact(q, k, floor)
+            assert len({h.subject_id for h in hits}) == len(hits) and all(h.similarity >= floor for h in hits)
+            assert all(abs(h.similarity - float(faces[h.face_id][1] @ q)) < 1e-4 for h in hits)
+    # a deleted subject's faces are never served; a re-embedded face answers with its new vector
+    gone = store.delete_subject(cid, "p1")
+    reg.local_change(cid, gone)
+    for f in gone:
+        assert all(h.subject_id != "p1" for h in idx.search(faces[f][1], 40, -1.0, 10))
+    f = next(f for f, (s, _) in faces.items() if s == "p5")
+    new = unit(rng)
+    with store._tx() as q:  # what facesvc-reembed does: the same face id, a new embedding
+        q("UPDATE faces SET embedding = ? WHERE face_id = ?", new.astype("<f4").tobytes(), f)
+    reg.sync(cid, [f], replace=True)
+    top = idx.search(new, 1, -1.0, 10)[0]
+    assert top.face_id == f and top.similarity > 0.999
+
+
+def test_milvus_a_restarted_replica_attaches_to_what_milvus_holds_and_replays_the_log(store, tmp_path):
+    cid = new_collection(store)
+    faces = enrol(store, cid, 50)
+    a = registry(store, tmp_path, engine="milvus")
+    assert a.get(cid).loaded_from == "database" and len(a.get(cid)) == 50
+    # while no replica runs: a face deleted whose delete never reached Milvus (a crash after the commit)
+    gone = next(iter(faces))
+    store.delete_face(cid, gone)
+    b = registry(store, tmp_path, engine="milvus")  # a restart: nothing built, the change log replayed
+    idx = b.get(cid)
+    assert idx.loaded_from == "milvus" and len(idx) == 49
+    assert gone not in {h.face_id for h in idx.search(faces[gone], 5, -1.0, 1)}
+    st = idx.stats()
+    assert st.engine == "milvus" and st.memory_bytes == 0 and st.params["layout"] == "partition key" and st.size == 49
+
+
+def test_milvus_a_lost_collection_is_rebuilt_from_the_database_in_pages(store, tmp_path, caplog, monkeypatch):
+    cid = new_collection(store)
+    faces = enrol(store, cid, 120)
+    a = registry(store, tmp_path, engine="milvus")
+    name = a.get(cid).name
+    a.engine.client.drop_collection(name)  # Milvus lost it (a dropped collection, a wiped volume)
+    monkeypatch.setattr(registry_module, "PROGRESS_S", 0.0)
+    b = registry(store, tmp_path, engine="milvus", batch=50)
+    with caplog.at_level("INFO", logger="facesvc.index"):
+        idx = b.get(cid)
+    assert idx.loaded_from == "database" and len(idx) == 120
+    assert "building from the database: 50 of 120 faces" in caplog.text and "built from the database with 120" in caplog.text
+    f, v = next(iter(faces.items()))
+    assert idx.search(v, 1, 0.9, 1)[0].face_id == f
+    # Milvus holding other faces than the database (a count that does not match): refused and rebuilt
+    idx.add(["f" * 32], ["intruder"], [unit(np.random.default_rng(3))])
+    c = registry(store, tmp_path, engine="milvus")
+    with caplog.at_level("WARNING", logger="facesvc.index"):
+        assert c.get(cid).loaded_from == "database" and len(c.get(cid)) == 120
+    assert "milvus index refused" in caplog.text
+
+
+def test_milvus_a_stale_write_is_undone_by_the_writer_that_made_it(store, tmp_path):
+    """Replica A read a face before replica B deleted it and writes it after B's delete reached
+    Milvus: A's check of the database after its write finds the face gone and deletes it again."""
+    cid = new_collection(store)
+    faces = enrol(store, cid, 3)
+    a = registry(store, tmp_path, engine="milvus")
+    idx = a.get(cid)
+    f = next(iter(faces))
+    read_before = store.faces_by_id(cid, MODEL, [f])
+    store.delete_face(cid, f)
+    a.local_change(cid, [f])  # B's delete, applied
+    idx.apply(read_before, [], set())  # A's late write of what it had read
+    assert len(idx) == 2 and not idx.engine.fetch(idx.name, [f])
+
+
+def test_milvus_rows_of_a_deleted_collection_recreated_under_its_name_are_never_served(store, tmp_path):
+    cid = new_collection(store)
+    old = enrol(store, cid, 10)
+    a = registry(store, tmp_path, engine="milvus")
+    a.get(cid)
+    # deleted and created again while no replica ran: the old rows are still in Milvus
+    store.delete_collection(cid)
+    store.create_collection(cid, "again", LIVENESS_OPTIONAL)
+    new = enrol(store, cid, 4, seed=2)
+    b = registry(store, tmp_path, engine="milvus")
+    idx = b.get(cid)
+    assert len(idx) == 4 and idx.engine.count(idx.name, f'collection == "{cid}"') == 4
+    served = {h.face_id for v in old.values() for h in idx.search(v, 10, -1.0, 1)}
+    assert served <= set(new)

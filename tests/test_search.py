@@ -1,5 +1,9 @@
-"""1:N search on the hnswlib index, end to end: the 150 LFW identities registered through a real
-server, then searched with other photos of them and with the 50 never-registered people."""
+"""1:N search end to end, on both index engines: the 150 LFW identities registered through a real
+server, then searched with other photos of them and with the 50 never-registered people.
+
+The gallery's server uses the hnswlib engine; a second server on the same database uses the Milvus
+engine (Milvus Lite in its process, built from the database at start-up), and the search tests run
+against each."""
 
 from __future__ import annotations
 
@@ -73,42 +77,78 @@ def same_database(tmp, name: str) -> dict[str, str]:
     return {"FACESVC_DATA_DIR": str(tmp / "data"), "FACESVC_INDEX_DIR": str(tmp / f"index-{name}"), **CANDIDATES}
 
 
+@pytest.fixture(scope="module")
+def milvus_server(gallery):
+    """A server on the gallery's database with FACESVC_INDEX_ENGINE=milvus (its own Milvus Lite file)."""
+    _, _, _, _, tmp = gallery
+    env = {**same_database(tmp, "milvus"), "FACESVC_INDEX_ENGINE": "milvus", "FACESVC_MILVUS_URI": str(tmp / "milvus.db")}
+    srv = ServerProcess(log_path=tmp / "milvus.log", env=env)
+    yield srv, pb_grpc.FaceServiceStub(srv.channel)
+    srv.stop()
+
+
+@pytest.fixture(params=["hnsw", "milvus"])
+def engine_stub(request, gallery):
+    """A stub of a server searching the gallery on that engine."""
+    if request.param == "hnsw":
+        return gallery[1]
+    stub = request.getfixturevalue("milvus_server")[1]
+    assert stub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=30).engine == "milvus"
+    return stub
+
+
 def search(stub, photo, **kw) -> pb.SearchResponse:
     return stub.Search(pb.SearchRequest(collection=COLL, image=image(photo), skip_liveness=True, **kw), timeout=60)
 
 
-def test_rank1_identification_matches_exact_search(gallery):
-    srv, stub, probes, _, tmp = gallery
+_EMBEDDINGS: dict[str, list[float]] = {}  # probe photo -> its Embed answer, computed once for both engines
+
+
+def test_rank1_identification_matches_exact_search(gallery, engine_stub, request):
+    """hnsw: Search on the photo (the whole path); milvus: SearchByEmbedding on the same probe's
+    embedding (the index path, without detecting and embedding the 150 photos a second time)."""
+    srv, _, probes, _, tmp = gallery
+    stub, engine = engine_stub, request.node.callspec.params["engine_stub"]
     # the exact answer: every stored embedding against every probe's embedding (from Embed, same face choice)
     with closing(sqlite3.connect(tmp / "data" / "facesvc.db")) as conn:
         rows = conn.execute("SELECT subject_id, embedding FROM faces WHERE collection_id = ?", (COLL,)).fetchall()
     names = [r[0] for r in rows]
     matrix = np.stack([np.frombuffer(r[1], "<f4") for r in rows])
-    hnsw_right = exact_right = agree = total = 0
+    index_right = exact_right = agree = total = 0
     for person, photos in probes.items():
         photo = photos[0]
-        resp = search(stub, photo, min_similarity=-0.99, top_k=5)
-        top = resp.results[0].matches[0].subject_id
-        emb = np.asarray(stub.Embed(pb.EmbedRequest(image=image(photo)), timeout=60).faces[0].embedding, np.float32)
+        if photo not in _EMBEDDINGS:
+            _EMBEDDINGS[photo] = list(stub.Embed(pb.EmbedRequest(image=image(photo)), timeout=60).faces[0].embedding)
+        emb = np.asarray(_EMBEDDINGS[photo], np.float32)
+        if engine == "hnsw":
+            matches = search(stub, photo, min_similarity=-0.99, top_k=5).results[0].matches
+        else:
+            matches = stub.SearchByEmbedding(
+                pb.SearchByEmbeddingRequest(collection=COLL, embedding=_EMBEDDINGS[photo], min_similarity=-0.99, top_k=5),
+                timeout=60,
+            ).matches
+        top = matches[0].subject_id
         exact = names[int(np.argmax(matrix @ emb))]
         total += 1
-        hnsw_right += top == person
+        index_right += top == person
         exact_right += exact == person
         agree += top == exact
-    print(f"\nrank-1: hnsw {hnsw_right}/{total}, exact {exact_right}/{total}, hnsw == exact {agree}/{total}")
+    print(f"\nrank-1 ({engine}): index {index_right}/{total}, exact {exact_right}/{total}, index == exact {agree}/{total}")
     assert agree == total  # 150 faces: the graph search is exact here
-    assert hnsw_right >= 0.95 * total
+    assert index_right >= 0.95 * total
 
 
-def test_unregistered_people_get_no_match(gallery):
-    _, stub, _, single, _ = gallery
+def test_unregistered_people_get_no_match(gallery, engine_stub):
+    _, _, _, single, _ = gallery
+    stub = engine_stub
     matched = [photo for photo in single if search(stub, photo).results[0].matches]
     print(f"\nnever-registered people with a match above the threshold: {len(matched)}/{len(single)} {matched}")
     assert len(matched) <= 2
 
 
-def test_matches_are_one_per_subject_best_first(gallery):
-    _, stub, probes, _, _ = gallery
+def test_matches_are_one_per_subject_best_first(gallery, engine_stub):
+    _, _, probes, _, _ = gallery
+    stub = engine_stub
     person = next(iter(probes))
     resp = search(stub, probes[person][0], top_k=10, min_similarity=-0.99)
     matches = resp.results[0].matches
@@ -119,8 +159,9 @@ def test_matches_are_one_per_subject_best_first(gallery):
     assert default.min_similarity == pytest.approx(0.31) and all(m.similarity >= 0.31 for m in default.results[0].matches)
 
 
-def test_search_by_embedding_and_its_validation(gallery):
-    _, stub, probes, _, _ = gallery
+def test_search_by_embedding_and_its_validation(gallery, engine_stub):
+    _, _, probes, _, _ = gallery
+    stub = engine_stub
     person, photos = next(iter(probes.items()))
     emb = stub.Embed(pb.EmbedRequest(image=image(photos[0])), timeout=60)
     resp = stub.SearchByEmbedding(
@@ -143,8 +184,8 @@ def test_search_by_embedding_and_its_validation(gallery):
     )
 
 
-def test_all_faces_and_spoofs(gallery):
-    _, stub, _, _, _ = gallery
+def test_all_faces_and_spoofs(gallery, engine_stub):
+    stub = engine_stub
     group = stub.Search(
         pb.SearchRequest(collection=COLL, image=image("dev/group_t1.jpg"), all_faces=True, skip_liveness=True), timeout=60
     )
@@ -225,6 +266,46 @@ def test_deleted_subject_is_never_returned_also_after_restart(gallery):
         assert kept and all(top(stub2, p) == p for p in kept)  # the rebuilt index answers as the old one
     finally:
         other.stop()
+
+
+def test_milvus_deleted_subject_is_never_returned_also_after_restart(gallery, milvus_server):
+    """Deleted through the Milvus server: gone from its answers at once (its own write, Session
+    consistency), and from the hnsw server's once it polls the change log. A server started again on
+    the same Milvus Lite file attaches to what Milvus holds (no rebuild) and answers as before."""
+    srv, stub, probes, _, tmp = gallery
+    m, mstub = milvus_server
+
+    def top(stub_, p):
+        hits = search(stub_, probes[p][0]).results[0].matches
+        return hits[0].subject_id if hits else None
+
+    person = next(p for p in list(probes)[100:] if top(mstub, p) == p)
+    mstub.DeleteSubject(pb.DeleteSubjectRequest(collection=COLL, subject_id=person), timeout=10)
+    hits = search(mstub, probes[person][0], min_similarity=-0.99, top_k=100).results[0].matches
+    assert hits and person not in [h.subject_id for h in hits]
+    t0 = time.monotonic()
+    while person in [h.subject_id for h in search(stub, probes[person][0], min_similarity=-0.99, top_k=100).results[0].matches]:
+        assert time.monotonic() - t0 < 10, "the hnsw server did not see the delete"
+        time.sleep(0.1)
+    kept = [p for p in list(probes)[:20] if top(mstub, p) == p]
+    before = mstub.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=10)
+    assert before.memory_bytes == 0 and before.engine_params["layout"] == "partition key"
+    assert m.stop() == 0
+    again = ServerProcess(
+        log_path=tmp / "milvus-2.log",
+        env={**same_database(tmp, "milvus"), "FACESVC_INDEX_ENGINE": "milvus", "FACESVC_MILVUS_URI": str(tmp / "milvus.db")},
+    )
+    try:
+        stub2 = pb_grpc.FaceServiceStub(again.channel)
+        stats = stub2.GetIndexStats(pb.GetIndexStatsRequest(collection=COLL), timeout=30)
+        assert stats.loaded_from == "milvus" and stats.size == before.size
+        assert "loaded from its milvus index" in again.output()
+        assert person not in [
+            m.subject_id for m in search(stub2, probes[person][0], min_similarity=-0.99, top_k=100).results[0].matches
+        ]
+        assert kept and all(top(stub2, p) == p for p in kept)
+    finally:
+        again.stop()
 
 
 def test_restart_from_snapshot_or_database_gives_the_same_results(gallery):

@@ -3,10 +3,10 @@
 Two parts. A `FaceIndex` holds one collection's faces (add, apply, search,
 stats); an `IndexEngine` makes them and, if the engine keeps nothing itself,
 saves and loads them. The registry (registry.py) imports nothing else: an
-engine is one more module (hnsw.py is the in-process hnswlib engine; a
-distributed one such as Milvus would keep its collections itself and say
-so with `saves_indexes = False`), and the registry, the change log and the RPCs
-stay as they are.
+engine is one more module (hnsw.py is the in-process hnswlib engine, each
+replica holding its own graphs; milvus.py keeps one index for every replica
+in Milvus and says so with `shared = True`), and the registry, the change log
+and the RPCs stay as they are.
 """
 
 from __future__ import annotations
@@ -70,16 +70,21 @@ class FaceIndex(Protocol):
 class IndexEngine(Protocol):
     name: str
     saves_indexes: bool  # the registry loads and saves this engine's indexes (False: it keeps them itself, or saving is off)
+    # the engine holds the indexes outside this process, shared by the replicas (each writes every change,
+    # idempotently): load() attaches to what it holds (checked like a snapshot), a build writes into it
+    shared: bool
 
-    def create(self, dim: int, model_id: str, expected_faces: int) -> FaceIndex:
-        """An empty index with room for `expected_faces` (a build from the database knows how many)."""
+    def create(self, collection: str, dim: int, model_id: str, expected_faces: int) -> FaceIndex:
+        """An empty index for the collection with room for `expected_faces` (a build from the database
+        knows how many). A shared engine empties what it held for the collection."""
 
     def first_batch(self, batch: int) -> int:
         """How many faces a build should read first (an engine may need a larger sample to fit on)."""
 
     def load(self, collection: str, expect: dict) -> tuple[FaceIndex, dict] | None:
         """The saved index and its metadata, None when there is none; IndexLoadError when it is unusable.
-        `expect` holds what it must have been made for (model, dimension, collection_created_ms, ...)."""
+        `expect` holds what it must have been made for (model, dimension, collection_created_ms, ...).
+        The metadata's change_seq is where the change log is replayed from (None: its recent rows)."""
 
     def save(self, collection: str, index: FaceIndex, meta: dict) -> None:
         """Save the index with `meta` (collection_created_ms, change_seq); OSError when it cannot."""

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger("facesvc.index")
 
+LOOKBACK = 1000  # rows a reader starting now reads again (a seq taken before the start may commit after it)
+
 Change = tuple[int, str, "str | None", str]  # (seq, collection_id, face_id or None for the whole collection, op)
 
 
@@ -40,7 +42,7 @@ class ChangeFeed:
         self.clock = clock
 
     @classmethod
-    def from_now(cls, store, lookback: int = 1000, **kw) -> "ChangeFeed":
+    def from_now(cls, store, lookback: int = LOOKBACK, **kw) -> "ChangeFeed":
         """A feed for a server starting now: it re-reads the last `lookback` rows, so that a
         transaction that took its seq before the start but commits after it is not skipped."""
         return cls(store, max(0, store.last_change_seq() - lookback), **kw)

@@ -554,12 +554,13 @@ class HnswEngine:
     (snapshots=None: it rebuilds from the database at every start)."""
 
     name = "hnsw"
+    shared = False
 
     def __init__(self, params: HnswParams = HnswParams(), snapshots=None):
         self.params, self.snapshots = params, snapshots  # snapshots: server.index.snapshot.SnapshotStore
         self.saves_indexes = snapshots is not None
 
-    def create(self, dim: int, model_id: str, expected_faces: int) -> "HnswIndex":
+    def create(self, collection: str, dim: int, model_id: str, expected_faces: int) -> "HnswIndex":
         return HnswIndex(dim, model_id, self.params.sized_for(expected_faces))
 
     def first_batch(self, batch: int) -> int:

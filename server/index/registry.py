@@ -23,9 +23,12 @@ import time
 
 from server import errors
 from server.index.base import FaceIndex, IndexEngine, IndexLoadError
+from server.index.changes import LOOKBACK
 from server.storage.interfaces import IndexSource
 
 log = logging.getLogger("facesvc.index")
+
+PROGRESS_S = 10.0  # a build logs its progress this often
 
 
 class IndexRegistry:
@@ -49,8 +52,15 @@ class IndexRegistry:
         return list(self._indexes)
 
     def sizes(self) -> dict[str, int]:
-        """{collection: searchable faces} of the indexes this server has loaded."""
-        return {c: len(idx) for c, idx in list(self._indexes.items())}
+        """{collection: searchable faces} of the indexes this server has loaded (those an engine out of
+        reach, Milvus down, cannot count are left out rather than failing the metrics scrape)."""
+        out = {}
+        for c, idx in list(self._indexes.items()):
+            try:
+                out[c] = len(idx)
+            except errors.FaceServiceError:
+                pass
+        return out
 
     def get(self, collection: str) -> FaceIndex:
         """The collection's index, loaded if this server has not loaded it yet."""
@@ -69,28 +79,38 @@ class IndexRegistry:
             raise errors.not_found(
                 errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist", collection=collection
             )
-        if self.engine.saves_indexes:
+        shared = getattr(self.engine, "shared", False)
+        if self.engine.saves_indexes or shared:
             t0 = time.perf_counter()
+            saved = f"{self.engine.name} index" if shared else "snapshot"
             try:
                 idx = self._from_snapshot(collection)
                 if idx is not None:
                     log.info(
-                        "index %s: loaded from its snapshot with %d faces in %.2fs",
+                        "index %s: loaded from its %s with %d faces in %.2fs",
                         collection,
+                        saved,
                         len(idx),
                         time.perf_counter() - t0,
                     )
                     return idx
             except IndexLoadError as exc:
-                log.warning("index %s: snapshot refused (%s); rebuilding from the database", collection, exc)
+                log.warning("index %s: %s refused (%s); rebuilding from the database", collection, saved, exc)
         idx = self._build(collection)
         self._mark_dirty(collection)
         return idx
 
     def _build(self, collection: str) -> FaceIndex:
-        t0 = time.perf_counter()
-        idx = self.engine.create(self.dim, self.model_id, self.store.count_faces(collection, self.model_id))
-        after = ""
+        """The index from the faces table, read in pages (progress logged every PROGRESS_S).
+
+        An engine shared by the replicas (Milvus) goes on taking their changes during the build, and a
+        page read before a face was deleted may be written after the delete was applied: the change-log
+        rows committed since the build began are applied once more at its end."""
+        t0 = last = time.perf_counter()
+        since = self.store.last_change_seq() if getattr(self.engine, "shared", False) else None
+        total = self.store.count_faces(collection, self.model_id)
+        idx = self.engine.create(collection, self.dim, self.model_id, total)
+        after, done = "", 0
         batch = self.engine.first_batch(self.batch)
         while True:
             rows = self.store.collection_embeddings(collection, self.model_id, after, batch)
@@ -98,7 +118,12 @@ class IndexRegistry:
             if not rows:
                 break
             idx.add([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows])
-            after = rows[-1][0]
+            after, done = rows[-1][0], done + len(rows)
+            if time.perf_counter() - last >= PROGRESS_S:
+                last = time.perf_counter()
+                log.info("index %s: building from the database: %d of %d faces in %.0fs", collection, done, total, last - t0)
+        if since is not None:
+            self._replay(collection, idx, max(0, since - LOOKBACK), recent=True)
         log.info("index %s: built from the database with %d faces in %.2fs", collection, len(idx), time.perf_counter() - t0)
         return idx
 
@@ -116,23 +141,32 @@ class IndexRegistry:
         if loaded is None:
             return None
         idx, doc = loaded
-        seq = doc["change_seq"]
-        for _ in range(2):  # a write landing between replay and count gets one more replay
-            seq = self._replay(collection, idx, seq)
+        seq, recent = doc["change_seq"], doc["change_seq"] is None
+        if recent:  # an engine kept current by every replica: the recent log covers a crash between commit and write
+            seq = max(0, self.store.last_change_seq() - LOOKBACK)
+        for attempt in range(3):  # a write landing between replay and count gets one more replay
+            seq = self._replay(collection, idx, seq, recent)
             have, want = len(idx), self.store.count_faces(collection, self.model_id)
             if have == want:
                 return idx
+            if recent:
+                time.sleep(0.2 * attempt)  # other replicas' writes to the shared engine in flight
         raise IndexLoadError(f"{have} faces after replaying the change log, the database holds {want}")
 
-    def _replay(self, collection: str, idx: FaceIndex, seq: int) -> int:
-        """Applies the collection's change-log rows after `seq`; returns the last seq seen."""
+    def _replay(self, collection: str, idx: FaceIndex, seq: int, recent: bool = False) -> int:
+        """Applies the collection's change-log rows after `seq`; returns the last seq seen.
+        `recent`: the rows are the log's last ones, not those after a snapshot of this collection, so
+        a drop among them ended an earlier collection of this name: only the rows after it are applied."""
         while True:
             rows = self.store.changes_after(seq, self.batch, collection)
             if not rows:
                 return seq
-            if any(op == "drop" for _, _, _, op in rows):
+            drops = [i for i, (_, _, _, op) in enumerate(rows) if op == "drop"]
+            if drops and not recent:
                 raise IndexLoadError("the collection was deleted after the snapshot")
-            self._apply(collection, idx, rows)
+            live = rows[drops[-1] + 1 :] if drops else rows
+            if live:
+                self._apply(collection, idx, live)
             seq = rows[-1][0]
 
     def _apply(self, collection: str, idx: FaceIndex, rows) -> None:
