@@ -89,7 +89,7 @@ def test_a_folder_enrolled_with_the_cli_is_searchable_on_milvus_lite(tmp_path):
         coll = "cli-milvus"
         cli(srv, "collections", "create", coll, "--liveness-optional")
         p = cli(srv, "enroll", coll, str(tree), "--skip-liveness", check=False)
-        enrolled = {s["subject_id"] for s in json.loads(cli(srv, "subjects", "list", coll).stdout)}
+        enrolled = {s["subjectId"] for s in json.loads(cli(srv, "subjects", "list", coll).stdout)}
         assert len(enrolled) >= 11, p.stdout + p.stderr  # the enrolment gate may refuse one photo
         stub = pb_grpc.FaceServiceStub(srv.channel)
         right = 0
