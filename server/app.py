@@ -41,7 +41,7 @@ from server.storage.sql import open_store
 from server.storage.staging import open_cache
 from server.telemetry import ServiceCollector, serve_metrics
 from server.vision.imaging import ImageLimits
-from server.vision.models.manifest import load_manifest
+from server.vision.models.manifest import LivenessDefaults, load_liveness_defaults, load_manifest
 from server.vision.models.registry import ModelLoader
 from server.vision.models.runtime import RuntimeOptions, choose_providers
 from server.vision.pipeline import FacePipeline
@@ -58,12 +58,24 @@ def model_loader(settings: Settings) -> ModelLoader:
     return ModelLoader(load_manifest(Path(settings.model_manifest)), Path(settings.model_dir), runtime, providers)
 
 
+def liveness_defaults(settings: Settings) -> LivenessDefaults:
+    """The liveness ensemble and threshold: the operator's where set, else those chosen from data
+    (scripts/eval_liveness.py wrote them to the manifest). A threshold belongs to its ensemble, so an
+    operator who changes the ensemble without a threshold gets 0.5, not a value tuned for other models."""
+    chosen = load_liveness_defaults(Path(settings.model_manifest))
+    ensemble = settings.liveness or chosen.ensemble
+    own = settings.liveness_threshold or (chosen.threshold if ensemble == chosen.ensemble else 0.5)
+    return LivenessDefaults(ensemble, own, chosen.min_face_px)
+
+
 def build_pipeline(settings: Settings) -> FacePipeline:
     """Load every model once; the returned pipeline is shared by all worker threads."""
     loader = model_loader(settings)
-    liveness = [loader.build_liveness(n.strip()) for n in settings.liveness.split(",") if n.strip()]
+    live = liveness_defaults(settings)
+    liveness = [loader.build_liveness(n.strip()) for n in live.ensemble.split(",") if n.strip()]
     if not liveness:
         raise ValueError("at least one liveness model is required (FACESVC_LIVENESS)")
+    log.info("liveness: %s, P(live) >= %s, faces from %d px", live.ensemble, live.threshold, live.min_face_px)
     return FacePipeline(
         detector=loader.build(settings.detector, "detector"),
         recognizer=loader.build(
@@ -72,7 +84,8 @@ def build_pipeline(settings: Settings) -> FacePipeline:
         liveness=liveness,
         attribute_models=[loader.build(n.strip(), ("age", "gender")) for n in settings.attribute_models.split(",") if n.strip()],
         detect_max_side=settings.detect_max_side,
-        liveness_threshold=settings.liveness_threshold,
+        liveness_threshold=live.threshold,
+        min_liveness_face=live.min_face_px,
     )
 
 
@@ -264,7 +277,7 @@ class FaceServer:
                 match_threshold=s.match_threshold or rec.match_threshold,
                 search_threshold=s.search_threshold or rec.search_threshold,
                 match_floor=s.match_threshold_floor,
-                liveness_threshold=s.liveness_threshold,
+                liveness_threshold=pipeline.liveness_threshold,
                 max_analyzed_faces=s.max_analyzed_faces,
             ),
         )

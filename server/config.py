@@ -84,7 +84,10 @@ class Settings:
         "embed concurrent requests' faces in one recognizer call (no added wait); pays on GPUs, where a batch costs little more than one face",
     )
     liveness: str = setting(
-        "minifasnet_pair", "models", "comma-separated liveness models, fused by mean: minifasnet_pair, minifasnet_se128"
+        "",
+        "models",
+        "comma-separated liveness models, fused by mean (minifasnet_pair, minifasnet_se128); empty = the ensemble "
+        "chosen from data in the manifest",
     )
     attribute_models: str = setting(
         "age_dlib,gender_dlib", "models", "comma-separated per-face models Analyze runs, each adding its attribute to every face"
@@ -92,7 +95,9 @@ class Settings:
     match_threshold: float = setting(
         0.0, "models", "cosine match threshold; 0 = the recognizer's calibrated value from the manifest", low=0, high=0.999
     )
-    liveness_threshold: float = setting(0.5, "models", "P(live) threshold", low=0.001, high=0.999)
+    liveness_threshold: float = setting(
+        0.0, "models", "P(live) threshold; 0 = the value chosen with the manifest's ensemble", low=0, high=0.999
+    )
     detect_max_side: int = setting(640, "models", "detection runs on a copy downscaled to this long side, px", low=160, high=4096)
     min_face_size: int = setting(20, "models", "default minimum face size, px (FaceOptions.min_face_size = 0)", low=1, high=4096)
     max_faces: int = setting(20, "models", "default maximum faces per image (FaceOptions.max_faces = 0)", low=1, high=100)
