@@ -1,28 +1,20 @@
-"""Measure the liveness models on the labelled sets and choose the default ensemble and threshold.
+"""Measure the liveness models on the labelled sets: per model and fused, APCER / BPCER / ACER.
 
 Runs the server's own detection and liveness code over
   - ../shared/faces/liveness: 10 photos (4 real, 6 print / replay attacks), whole scenes, and
-  - ../shared/faces/liveness-dev: 183 photos from 18 sources, mostly face crops (MANIFEST.tsv).
-On the photos the models can judge (vision/pipeline.py answers FACE_TOO_CLOSE / FACE_TOO_SMALL for
-the others; they are counted apart), for each model and each ensemble (the mean of its members'
-P(live), as the pipeline fuses them) it prints APCER (attacks accepted), BPCER (real faces refused)
-and ACER (their mean) at 0.5 and at the threshold that minimises ACER, per set and pooled.
+  - ../shared/faces/liveness-dev: 183 photos from 18 sources, mostly face crops (MANIFEST.tsv),
+and for each model (and each fusion, the mean of its models' P(live)) prints, on the photos the
+models can judge (vision/pipeline.py's FACE_TOO_CLOSE / FACE_TOO_SMALL are counted apart):
+APCER (attacks accepted), BPCER (real faces refused) and ACER (their mean) at 0.5 and at the
+threshold that minimises ACER, with an ACER table over thresholds.
 
-The default is the ensemble with the lowest pooled ACER, at the middle of its best threshold range
-(the widest margin on both sides). A sweep then shrinks every judged photo so the face is 16-96 px
-wide and finds the smallest width at which that choice still judges as well as at full size: below
-it the pipeline answers FACE_TOO_SMALL. `--write-manifest` stores all three in models/manifest.json
-("liveness"), which the server reads as its defaults, as it reads the recognizer's thresholds.
-
-    .venv/bin/python scripts/eval_liveness.py [--out .bench/eval_liveness.json] [--write-manifest]
+    .venv/bin/python scripts/eval_liveness.py [--out .bench/eval_liveness.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import json
-from datetime import date
 from pathlib import Path
 
 import cv2
@@ -32,22 +24,11 @@ from bench.common import write_json
 from server import config
 from server.app import build_pipeline, model_loader
 from server.vision.models.liveness import liveness_box
-from server.vision.models.manifest import DEFAULT_MANIFEST
 from server.vision.pipeline import DetectOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 FACES = ROOT.parent / "shared" / "faces"
-TABLE = np.round(np.arange(0.05, 1.0, 0.05), 2)  # printed
-FINE = np.round(np.arange(0.01, 1.0, 0.01), 2)  # searched
-ENSEMBLES = {
-    "minifasnet_pair": ("minifasnet_pair",),
-    "minifasnet_se128": ("minifasnet_se128",),
-    "minifasnet_pair,minifasnet_se128": ("minifasnet_pair", "minifasnet_se128"),
-}
-# the pair's two members, reported alone though the server runs them only as the pair
-MEMBERS = {"minifasnet_v2 (pair member)": ("minifasnet_v2",), "minifasnet_v1se (pair member)": ("minifasnet_v1se",)}
-SIZES = (16, 24, 32, 48, 64, 96)
-SIZE_SLACK = 0.05  # a face width is judgeable while its ACER stays within this of the full-size ACER
+THRESHOLDS = np.round(np.arange(0.05, 1.0, 0.05), 2)
 
 
 def labelled() -> dict[str, list[tuple[Path, bool]]]:
@@ -67,72 +48,22 @@ def rates(real: np.ndarray, spoof: np.ndarray, threshold: float) -> dict:
     return {"threshold": float(threshold), "apcer": apcer, "bpcer": bpcer, "acer": (apcer + bpcer) / 2}
 
 
-def best_threshold(s: np.ndarray, y: np.ndarray) -> dict:
-    """The middle of the range of thresholds with the lowest ACER."""
-    over = [rates(s[y], s[~y], t) for t in FINE]
-    low = min(r["acer"] for r in over)
-    tied = [r["threshold"] for r in over if r["acer"] == low]
-    return rates(s[y], s[~y], float(np.round(np.median(tied), 2)))
-
-
-class Scorer:
-    """Every model's P(live) for a face, as the pipeline computes it."""
-
-    def __init__(self, settings):
-        loader = model_loader(settings)
-        self.v2, self.v1se = loader.build_liveness("minifasnet_v2"), loader.build_liveness("minifasnet_v1se")
-        self.se128 = loader.build_liveness("minifasnet_se128")
-
-    def __call__(self, img: np.ndarray, box: np.ndarray) -> dict[str, float]:
-        b = liveness_box(box)  # the pair's members are scored on the liveness box, as the pair scores them
-        v2, v1se = self.v2.score(img, b), self.v1se.score(img, b)
-        return {
-            "minifasnet_v2": v2,
-            "minifasnet_v1se": v1se,
-            "minifasnet_pair": (v2 + v1se) / 2,
-            "minifasnet_se128": self.se128.score(img, box),
-        }
-
-
-def fused(scores: list[dict[str, float]], members: tuple[str, ...]) -> np.ndarray:
-    return np.array([np.mean([s[m] for m in members]) for s in scores])
-
-
-def size_sweep(judged, score, members, threshold) -> dict[int, dict]:
-    """ACER of the chosen ensemble with every judged photo shrunk so its face is `px` wide."""
-    out = {}
-    for px in SIZES:
-        scores, labels = [], []
-        for img, box, real in judged:
-            f = px / max(1.0, float(box[2] - box[0]))
-            if f >= 1:
-                continue  # already that small: the photo says nothing about shrinking
-            small = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
-            scores.append(score(small, box * f))
-            labels.append(real)
-        y = np.array(labels, bool)
-        out[px] = rates(fused(scores, members)[y], fused(scores, members)[~y], threshold) | {"photos": len(y)}
-    return out
-
-
-def write_manifest(path: Path, choice: dict) -> None:
-    doc = json.loads(path.read_text())
-    doc["liveness"] = choice
-    path.write_text(json.dumps(doc, indent=2) + "\n")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".bench/eval_liveness.json")
-    ap.add_argument("--write-manifest", action="store_true", help="store the chosen ensemble, threshold and minimum face width")
-    ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="the manifest --write-manifest updates")
     args = ap.parse_args()
     settings = config.load([], environ={})
     pipeline = build_pipeline(settings)
-    score = Scorer(settings)
-    results, pooled_scores, pooled_labels, judged = {}, [], [], []
+    loader = model_loader(settings)
+    models = {n: loader.build_liveness(n) for n in ("minifasnet_v2", "minifasnet_v1se", "minifasnet_se128")}
+    fusions = {
+        "minifasnet_pair (default)": ("minifasnet_v2", "minifasnet_v1se"),
+        "pair + se128": ("minifasnet_v2", "minifasnet_v1se", "minifasnet_se128"),
+    }
+    results = {}
     for name, photos in labelled().items():
-        scores, labels, unjudged, no_face = [], [], {"real": 0, "spoof": 0}, 0
+        scores: dict[str, list[float]] = {m: [] for m in models}
+        labels, unjudged, no_face = [], {"real": 0, "spoof": 0}, 0
         for path, real in photos:
             img = cv2.imread(str(path))
             faces = pipeline.detect(img, DetectOptions(min_face_size=10)) if img is not None else []
@@ -142,61 +73,34 @@ def main() -> int:
             if pipeline._unjudgeable(img, faces[0]) is not None:
                 unjudged["real" if real else "spoof"] += 1
                 continue
-            scores.append(score(img, faces[0].box))
+            box = liveness_box(faces[0].box)
+            for m, model in models.items():
+                # the pair's members are scored on the liveness box, as the pair scores them
+                scores[m].append(model.score(img, box if m.startswith("minifasnet_v") else faces[0].box))
             labels.append(real)
-            judged.append((img, faces[0].box, real))
-        pooled_scores += scores
-        pooled_labels += labels
-        results[name] = report(name, scores, labels) | {"unjudged": unjudged, "no_face": no_face}
-    results["pooled"] = report("pooled (both sets)", pooled_scores, pooled_labels)
-    rows = results["pooled"]["ensembles"]
-    # lowest pooled ACER; ties go to the larger ensemble: two model families fail on different attacks
-    ensemble = min(ENSEMBLES, key=lambda e: (rows[e]["best"]["acer"], -len(ENSEMBLES[e])))
-    threshold = rows[ensemble]["best"]["threshold"]
-    sweep = size_sweep(judged, score, ENSEMBLES[ensemble], threshold)
-    full = rows[ensemble]["best"]["acer"]
-    ok = [px for px in SIZES if round(sweep[px]["acer"], 3) <= round(full + SIZE_SLACK, 3)]
-    # the smallest width from which every larger width also judges well
-    min_face = next(px for i, px in enumerate(SIZES) if all(p in ok for p in SIZES[i:])) if SIZES[-1] in ok else SIZES[-1]
-    print(f"\nface width sweep ({ensemble} at {threshold}; full size ACER {full:.3f}):")
-    for px, r in sweep.items():
-        print(f"  {px:3d} px  ACER {r['acer']:.3f}  (APCER {r['apcer']:.3f}, BPCER {r['bpcer']:.3f}, {r['photos']} photos)")
-    choice = {
-        "ensemble": ensemble,
-        "threshold": threshold,
-        "min_face_px": min_face,
-        "source": f"scripts/eval_liveness.py on {date.today().isoformat()}: lowest pooled ACER on the judgeable photos "
-        f"of ../shared/faces/liveness and liveness-dev ({len(pooled_labels)} photos, ACER {full:.3f}); "
-        f"min_face_px: the smallest face width whose ACER stays within {SIZE_SLACK} of full size",
-    }
-    print(f"\nchosen: {choice['ensemble']} at P(live) >= {threshold}; faces narrower than {min_face} px cannot be judged")
-    out = write_json(args.out, {"sets": results, "size_sweep": sweep, "choice": choice})
-    print(f"wrote {out}")
-    if args.write_manifest:
-        write_manifest(Path(args.manifest), choice)
-        print(f"wrote the choice to {args.manifest}")
-    return 0
-
-
-def report(name: str, scores: list[dict[str, float]], labels: list[bool]) -> dict:
-    y = np.array(labels, bool)
-    rows = {}
-    for e, members in (MEMBERS | ENSEMBLES).items():
-        s = fused(scores, members)
-        rows[e] = {
-            "at_0.5": rates(s[y], s[~y], 0.5),
-            "best": best_threshold(s, y),
-            "over_thresholds": [rates(s[y], s[~y], t) for t in TABLE],
+        y = np.array(labels, bool)
+        table = {m: np.array(s) for m, s in scores.items()}
+        table.update({f: np.mean([table[m] for m in members], axis=0) for f, members in fusions.items()})
+        rows = {}
+        for m, s in table.items():
+            over = [rates(s[y], s[~y], t) for t in THRESHOLDS]
+            best = min(over, key=lambda r: (r["acer"], abs(r["threshold"] - 0.5)))
+            rows[m] = {"at_0.5": rates(s[y], s[~y], 0.5), "best": best, "over_thresholds": over}
+        results[name] = {
+            "judged_real": int(y.sum()),
+            "judged_spoof": int((~y).sum()),
+            "unjudged": unjudged,
+            "no_face": no_face,
+            "models": rows,
         }
-    print(f"\n{name}: judged {int(y.sum())} real, {int((~y).sum())} attacks")
-    print(f"{'ensemble':34} {'APCER@.5':>9} {'BPCER@.5':>9} {'ACER@.5':>8} {'best thr':>9} {'APCER':>6} {'BPCER':>6} {'ACER':>6}")
-    for e, r in rows.items():
-        a, b = r["at_0.5"], r["best"]
-        print(
-            f"{e:34} {a['apcer']:9.3f} {a['bpcer']:9.3f} {a['acer']:8.3f} {b['threshold']:9.2f} "
-            f"{b['apcer']:6.3f} {b['bpcer']:6.3f} {b['acer']:6.3f}"
-        )
-    return {"judged_real": int(y.sum()), "judged_spoof": int((~y).sum()), "ensembles": rows}
+        print(f"\n{name}: judged {int(y.sum())} real, {int((~y).sum())} attacks; cannot judge {unjudged}; no face {no_face}")
+        print(f"{'model':28} {'APCER@.5':>9} {'BPCER@.5':>9} {'ACER@.5':>8} {'best thr':>9} {'ACER':>6}")
+        for m, r in rows.items():
+            a, b = r["at_0.5"], r["best"]
+            print(f"{m:28} {a['apcer']:9.3f} {a['bpcer']:9.3f} {a['acer']:8.3f} {b['threshold']:9.2f} {b['acer']:6.3f}")
+    out = write_json(args.out, {"sets": results})
+    print(f"\nwrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server import errors
 from server.config import Settings
-from server.domain.collections import CollectionService
+from server.domain.audit import AuditLog
+from server.domain.collections import CollectionService, ServerThresholds
 from server.domain.identity import EnrolmentPolicy, IdentityService
+from server.domain.retention import RetentionJob
 from server.domain.search import SearchService
 from server.index import HnswEngine, HnswParams, IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import ChangeNotifier, IndexSync
 from server.rpc import reflection
+from server.rpc.audit import AuditInterceptor, AuditRecorder
 from server.rpc.auth import SERVICE_PREFIX, Authenticator, AuthInterceptor
 from server.rpc.handlers.identity import IdentityHandlers
 from server.rpc.handlers.management import ManagementHandlers
@@ -41,7 +44,7 @@ from server.storage.sql import open_store
 from server.storage.staging import open_cache
 from server.telemetry import ServiceCollector, serve_metrics
 from server.vision.imaging import ImageLimits
-from server.vision.models.manifest import LivenessDefaults, load_liveness_defaults, load_manifest
+from server.vision.models.manifest import load_manifest
 from server.vision.models.registry import ModelLoader
 from server.vision.models.runtime import RuntimeOptions, choose_providers
 from server.vision.pipeline import FacePipeline
@@ -58,24 +61,12 @@ def model_loader(settings: Settings) -> ModelLoader:
     return ModelLoader(load_manifest(Path(settings.model_manifest)), Path(settings.model_dir), runtime, providers)
 
 
-def liveness_defaults(settings: Settings) -> LivenessDefaults:
-    """The liveness ensemble and threshold: the operator's where set, else those chosen from data
-    (scripts/eval_liveness.py wrote them to the manifest). A threshold belongs to its ensemble, so an
-    operator who changes the ensemble without a threshold gets 0.5, not a value tuned for other models."""
-    chosen = load_liveness_defaults(Path(settings.model_manifest))
-    ensemble = settings.liveness or chosen.ensemble
-    own = settings.liveness_threshold or (chosen.threshold if ensemble == chosen.ensemble else 0.5)
-    return LivenessDefaults(ensemble, own, chosen.min_face_px)
-
-
 def build_pipeline(settings: Settings) -> FacePipeline:
     """Load every model once; the returned pipeline is shared by all worker threads."""
     loader = model_loader(settings)
-    live = liveness_defaults(settings)
-    liveness = [loader.build_liveness(n.strip()) for n in live.ensemble.split(",") if n.strip()]
+    liveness = [loader.build_liveness(n.strip()) for n in settings.liveness.split(",") if n.strip()]
     if not liveness:
         raise ValueError("at least one liveness model is required (FACESVC_LIVENESS)")
-    log.info("liveness: %s, P(live) >= %s, faces from %d px", live.ensemble, live.threshold, live.min_face_px)
     return FacePipeline(
         detector=loader.build(settings.detector, "detector"),
         recognizer=loader.build(
@@ -84,8 +75,7 @@ def build_pipeline(settings: Settings) -> FacePipeline:
         liveness=liveness,
         attribute_models=[loader.build(n.strip(), ("age", "gender")) for n in settings.attribute_models.split(",") if n.strip()],
         detect_max_side=settings.detect_max_side,
-        liveness_threshold=live.threshold,
-        min_liveness_face=live.min_face_px,
+        liveness_threshold=settings.liveness_threshold,
     )
 
 
@@ -156,6 +146,9 @@ class FaceServer:
         self.cipher = CropCipher(settings.crop_key) if settings.crop_key else None
         log.info("face crops: %s", "stored, AES-256-GCM encrypted" if self.cipher else "not stored (no crop key)")
         authenticator = build_authenticator(settings, self.store)
+        self.audit = AuditLog(self.store, settings.audit_retention_days)
+        self.audit_recorder = AuditRecorder(self.audit)
+        self.retention = None
         max_bytes = settings.max_message_mb * 1024 * 1024
         half = max(1, settings.workers // 2)
         streams = ConcurrencyLimiter(
@@ -175,7 +168,9 @@ class FaceServer:
             # limits after auth, so they count calls by the key that was checked
             interceptors=[ObservabilityInterceptor(SERVICE_PREFIX)]
             + ([AuthInterceptor(authenticator)] if authenticator else [])
-            + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)],
+            + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)]
+            # innermost: records the calls that reached their handler, with the key the auth check found
+            + [AuditInterceptor(self.audit_recorder)],
             options=[
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
@@ -259,35 +254,38 @@ class FaceServer:
             retention_s=retention_s,
             warmup=s.index_warmup,
             notifier=notifier,
+            compact_deleted_share=s.index_compact_deleted_share,
         )
-        identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher, indexes)
+        defaults = Defaults(
+            min_face_size=s.min_face_size,
+            max_faces=s.max_faces,
+            match_threshold=s.match_threshold or rec.match_threshold,
+            search_threshold=s.search_threshold or rec.search_threshold,
+            match_floor=s.match_threshold_floor,
+            liveness_threshold=s.liveness_threshold,
+            max_analyzed_faces=s.max_analyzed_faces,
+        )
+        thresholds = ServerThresholds(
+            defaults.match_threshold, defaults.search_threshold, defaults.liveness_threshold, defaults.match_floor
+        )
+        identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher, indexes, thresholds)
         collections = CollectionService(
             self.store,
             self.store,
             self.cache,
             indexes,
             on_keys_revoked=self.authenticator.forget if self.authenticator else lambda: None,
+            thresholds=thresholds,
         )
         searcher = SearchService(identity, indexes, s.max_faces_per_subject)
-        requests = RequestParser(
-            self.servicer_limits(),
-            Defaults(
-                min_face_size=s.min_face_size,
-                max_faces=s.max_faces,
-                match_threshold=s.match_threshold or rec.match_threshold,
-                search_threshold=s.search_threshold or rec.search_threshold,
-                match_floor=s.match_threshold_floor,
-                liveness_threshold=pipeline.liveness_threshold,
-                max_analyzed_faces=s.max_analyzed_faces,
-            ),
-        )
+        requests = RequestParser(self.servicer_limits(), defaults)
         identity_rpcs = IdentityHandlers(identity, requests)
         self.indexes = indexes
         self.servicer.attach(
             StatelessHandlers(pipeline, requests),
             identity_rpcs,
-            ManagementHandlers(collections),
-            SearchHandlers(searcher, requests),
+            ManagementHandlers(collections, self.audit),
+            SearchHandlers(searcher, requests, s.max_group_faces),
             StreamHandlers(
                 pipeline,
                 identity_rpcs,
@@ -298,9 +296,13 @@ class FaceServer:
                 s.stream_first_message_seconds,
                 s.stream_idle_seconds,
                 s.max_faces_per_subject,
+                self.audit_recorder,
             ),
         )
+        self.retention = RetentionJob(self.store, identity, self.audit, s.retention_sweep_seconds)
         self.index_sync.start()
+        self.audit.start()
+        self.retention.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: health SERVING")
@@ -314,8 +316,11 @@ class FaceServer:
         log.info("shutting down: finishing in-flight calls (grace %.1fs)", grace)
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
+        if self.retention is not None:
+            self.retention.stop()
         if self.index_sync is not None:
             self.index_sync.stop()  # and a last snapshot of every changed index
+        self.audit.stop()  # writes what is still buffered
         self.store.close()
         self.cache.close()
         log.info("stopped")

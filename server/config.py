@@ -84,10 +84,7 @@ class Settings:
         "embed concurrent requests' faces in one recognizer call (no added wait); pays on GPUs, where a batch costs little more than one face",
     )
     liveness: str = setting(
-        "",
-        "models",
-        "comma-separated liveness models, fused by mean (minifasnet_pair, minifasnet_se128); empty = the ensemble "
-        "chosen from data in the manifest",
+        "minifasnet_pair", "models", "comma-separated liveness models, fused by mean: minifasnet_pair, minifasnet_se128"
     )
     attribute_models: str = setting(
         "age_dlib,gender_dlib", "models", "comma-separated per-face models Analyze runs, each adding its attribute to every face"
@@ -95,9 +92,7 @@ class Settings:
     match_threshold: float = setting(
         0.0, "models", "cosine match threshold; 0 = the recognizer's calibrated value from the manifest", low=0, high=0.999
     )
-    liveness_threshold: float = setting(
-        0.0, "models", "P(live) threshold; 0 = the value chosen with the manifest's ensemble", low=0, high=0.999
-    )
+    liveness_threshold: float = setting(0.5, "models", "P(live) threshold", low=0.001, high=0.999)
     detect_max_side: int = setting(640, "models", "detection runs on a copy downscaled to this long side, px", low=160, high=4096)
     min_face_size: int = setting(20, "models", "default minimum face size, px (FaceOptions.min_face_size = 0)", low=1, high=4096)
     max_faces: int = setting(20, "models", "default maximum faces per image (FaceOptions.max_faces = 0)", low=1, high=100)
@@ -124,6 +119,24 @@ class Settings:
         10_000, "storage", "in-process staging cache bound (the oldest entry is evicted when full)", low=1, high=10000000
     )
     max_faces_per_subject: int = setting(10, "storage", "most faces one subject may hold", low=1, high=1000)
+    audit_retention_days: float = setting(
+        365.0, "storage", "how long audit log events are kept (pruned hourly)", low=0.01, high=36500
+    )
+    retention_sweep_seconds: float = setting(
+        3600.0,
+        "storage",
+        "how often the retention job deletes faces older than their collection's retention_days",
+        low=1,
+        high=86400,
+    )
+    max_group_faces: int = setting(
+        5000,
+        "storage",
+        "most stored faces one GroupFaces call clusters (its similarity links cost faces squared); a larger collection "
+        "must list the faces to group",
+        low=2,
+        high=100000,
+    )
     enrol_min_face_size: int = setting(48, "storage", "smallest enrolment face (shorter box side), px", low=1, high=4096)
     enrol_min_quality: float = setting(
         0.3, "storage", "lowest enrolment face quality score (size x sharpness x pose)", low=0, high=1
@@ -191,6 +204,14 @@ class Settings:
     )
     index_snapshot_seconds: float = setting(
         300.0, "index", "how often changed indexes are snapshotted (and once more on shutdown)", low=1, high=86400
+    )
+    index_compact_deleted_share: float = setting(
+        0.2,
+        "index",
+        "rebuild an index from the database once its deleted faces are this share of its slots (0 = never); deleted "
+        "vectors are overwritten at once either way",
+        low=0,
+        high=1,
     )
     index_sync_seconds: float = setting(
         1.0,

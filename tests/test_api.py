@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from facesvc.v1 import face_service_pb2 as pb
-from server.vision.models.manifest import load_liveness_defaults
 from tests.conftest import FACES, expect_error, face_path, image
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -159,10 +158,8 @@ def test_check_liveness(stub, path):
     resp = stub.CheckLiveness(pb.CheckLivenessRequest(image=pb.Image(encoded=path.read_bytes())), timeout=30)
     live = path.name.startswith("real_")
     assert resp.liveness.is_live is live, resp.liveness
-    # the defaults chosen from data (scripts/eval_liveness.py) and stored in the manifest
-    chosen = load_liveness_defaults()
-    assert resp.liveness.threshold == pytest.approx(chosen.threshold)
-    assert [s.model for s in resp.liveness.model_scores] == chosen.ensemble.split(",")
+    assert resp.liveness.threshold == pytest.approx(0.5)
+    assert [s.model for s in resp.liveness.model_scores] == ["minifasnet_pair"]
 
 
 def test_check_liveness_errors(stub):

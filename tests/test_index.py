@@ -289,3 +289,37 @@ def test_a_projected_index_is_built_from_the_database_and_restarts_from_its_snap
     dense.write_bytes(dense.read_bytes()[:-10])
     c = IndexRegistry(store, MODEL, DIM, HnswEngine(params, SnapshotStore(tmp_path / "index-a")))
     assert c.get(cid).loaded_from == "database" and answers(c, cid, probes) == before
+
+
+def test_a_deleted_face_leaves_the_graph_and_the_snapshot_and_compaction_reclaims_its_slot(store, tmp_path):
+    """Erasure: the deleted face's stored vector is overwritten at once (not only marked deleted), so the
+    next snapshot does not hold it either; past the deleted share, compaction rebuilds without the slots."""
+    cid, faces, a = snapshotted(store, tmp_path, 50)
+    idx = a.get(cid)
+    gone = list(faces)[:12]
+    stored = {}  # the bytes hnswlib holds for each face to delete (its own normalisation of the vector)
+    for f in gone:
+        label = idx._label_of[f]
+        stored[f] = np.asarray(idx._segment_of(label).graph.get_items([label]), np.float32)[0].tobytes()
+
+    def snapshot_bytes() -> bytes:
+        return b"".join(p.read_bytes() for p in (tmp_path / "index-a").glob(f"{cid}.*.graph"))
+
+    assert all(v in snapshot_bytes() for v in stored.values())  # the snapshot before the deletions holds them
+    store.delete_subject(cid, "s0-0")  # the first face's subject, then single faces
+    for f in gone[1:]:
+        store.delete_face(cid, f)
+    a.sync(cid, gone)
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    after = snapshot_bytes()
+    assert not any(v in after for v in stored.values())
+    assert idx.stats().deleted == 12 and len(idx) == 38
+    assert a.compact(0.5) == []  # 12 of 50 slots: below that share
+    assert a.compact(0.2) == [cid]
+    compacted = a.get(cid)
+    assert compacted is not idx and compacted.stats().deleted == 0 and len(compacted) == 38
+    kept = [f for f in faces if f not in gone]
+    assert [compacted.search(faces[f], 1, 0.99, 1)[0].face_id for f in kept] == kept
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    restarted = registry(store, tmp_path).get(cid)  # the rewritten snapshot: 38 faces, no deleted slots
+    assert restarted.loaded_from == "snapshot" and (len(restarted), restarted.stats().deleted) == (38, 0)

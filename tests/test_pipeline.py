@@ -125,16 +125,6 @@ def test_liveness_fusion_with_second_model_agrees():
         assert r.is_live == path.name.startswith("real_"), (path.name, r)
 
 
-@pytest.mark.parametrize("turns", [1, 2, 3])
-def test_liveness_judges_a_turned_photo_upright(pipeline, turns):
-    """The liveness models were trained on upright faces: a sideways or upside-down photo is judged
-    as the upright one is, not on a face lying on its side."""
-    for path in sorted((FACES / "liveness").glob("*.jpg")):
-        img = np.ascontiguousarray(np.rot90(cv2.imread(str(path)), turns))
-        result = pipeline.check_liveness(img, pipeline.detect_one(img, OPTS))
-        assert result.is_live == path.name.startswith("real_"), (path.name, turns, result)
-
-
 @pytest.mark.parametrize(
     "rel,male",
     [

@@ -199,6 +199,16 @@ class _Segment:
         self.vectors[labels - self.start] = vectors
         self.graph.add_items(self.projection(vectors), labels)
 
+    def erase(self, label: int) -> None:
+        """Overwrite a deleted face's vector with zeros, in the graph and the re-rank copy: mark_deleted
+        alone leaves the embedding in memory and in every later snapshot. (hnswlib updates a marked
+        label in place; it stays deleted, and its slot is reclaimed by the next compaction.)"""
+        width = self.graph.dim
+        self.graph.add_items(np.zeros((1, width), np.float32), np.array([label]))
+        self.graph.mark_deleted(label)
+        if self.vectors is not None:
+            self.vectors[label - self.start] = 0.0
+
     def resize(self, capacity: int) -> None:
         self.graph.resize_index(capacity)
         if self.vectors is not None and len(self.vectors) < capacity:
@@ -448,6 +458,7 @@ class HnswIndex:
         del self._label_of[face_id]
         seg = self._segment_of(label)
         seg.graph.mark_deleted(label)
+        seg.erase(label)
         seg.live -= 1
         self.deleted += 1
 

@@ -193,6 +193,27 @@ class IndexRegistry:
                 self._apply(collection, idx, crows)
             self._mark_dirty(collection)
 
+    def compact(self, min_deleted_share: float) -> list[str]:
+        """Rebuild from the database every loaded index whose deleted faces are at least this share of
+        its slots (their room, and any trace an engine keeps of them, goes); returns the collections
+        rebuilt. Under the collection's lock, so no change is lost to the swap; searches go on with the
+        old index meanwhile. Their next snapshot is written without the deleted faces."""
+        done = []
+        for collection, idx in list(self._indexes.items()):
+            st = idx.stats()
+            if not st.deleted or st.deleted < min_deleted_share * (st.size + st.deleted):
+                continue
+            with self._lock(collection):
+                if self._indexes.get(collection) is not idx:  # dropped or replaced meanwhile
+                    continue
+                if self.store.collection_created_ms(collection) is None:
+                    continue  # deleted: the change log drops it
+                self._indexes[collection] = self._build(collection)
+            self._mark_dirty(collection)
+            log.info("index %s: compacted (%d deleted of %d slots)", collection, st.deleted, st.size + st.deleted)
+            done.append(collection)
+        return done
+
     # -- snapshots ----------------------------------------------------------------
     def _mark_dirty(self, collection: str) -> None:
         with self._guard:

@@ -85,8 +85,10 @@ class IndexSync:
         retention_s: float = 7 * 86400,
         warmup: bool = True,
         notifier: ChangeNotifier | None = None,
+        compact_deleted_share: float = 0.2,
     ):
         self.registry, self.store = registry, store
+        self.compact_deleted_share = compact_deleted_share
         self.sync_interval_s, self.snapshot_interval_s, self.retention_s = sync_interval_s, snapshot_interval_s, retention_s
         self.warmup, self.notifier = warmup, notifier
         self.feed = ChangeFeed.from_now(store)
@@ -161,6 +163,8 @@ class IndexSync:
             if self._failing:
                 log.info("index sync: the database is reachable again")
                 self._failing = False
+            if self.compact_deleted_share:
+                self.registry.compact(self.compact_deleted_share)
             now = time.monotonic()
             if now - self._last_snapshot >= self.snapshot_interval_s:
                 self._last_snapshot = now

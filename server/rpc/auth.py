@@ -63,11 +63,25 @@ SCOPES = {
             "SearchByEmbedding",
             "GetIndexStats",
             "GetCollection",
+            "FindSimilar",
+            "GroupFaces",
+            "CalibrateThreshold",
+            "ExportSubject",
         ),
         COLLECTION,
     ),
     **dict.fromkeys(
-        ("CreateCollection", "ListCollections", "DeleteCollection", "CreateApiKey", "ListApiKeys", "DeleteApiKey"), ADMIN
+        (
+            "CreateCollection",
+            "UpdateCollection",
+            "ListCollections",
+            "DeleteCollection",
+            "CreateApiKey",
+            "ListApiKeys",
+            "DeleteApiKey",
+            "ListAuditEvents",
+        ),
+        ADMIN,
     ),
 }
 

@@ -35,8 +35,8 @@ class Face:
     quality: Quality | None = None
     aligned: np.ndarray | None = field(default=None, repr=False)  # 112x112 BGR crop
     embedding: np.ndarray | None = field(default=None, repr=False)
-    attributes: dict = field(default_factory=dict)  # per-face models' results by attribute name (age, gender, ...)
-    orientation: int = 0  # degrees the image was turned counter-clockwise for this face to be found upright
+    attributes: dict = field(default_factory=dict)
+    orientation: int = 0  # degrees the image was turned counter-clockwise for this face to be found upright  # per-face models' results by attribute name (age, gender, ...)
 
     @property
     def width(self) -> float:

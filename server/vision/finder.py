@@ -72,14 +72,6 @@ def turn_points(pts: np.ndarray, k: int, w: int, h: int) -> np.ndarray:
     return np.stack(back, axis=-1)
 
 
-def quarter_turns(landmarks: np.ndarray) -> int:
-    """How many quarter turns counter-clockwise would stand a face upright (0: it is), from the
-    direction its mouth-to-eyes line points (up, in an upright face)."""
-    up = landmarks[:2].mean(axis=0) - landmarks[3:].mean(axis=0)
-    tilt = np.degrees(np.arctan2(up[1], up[0])) + 90  # 0 when the eyes are straight above the mouth
-    return int(round(tilt / 90)) % 4
-
-
 class FaceFinder:
     def __init__(self, detector, max_side: int = 640):
         self.detector, self.max_side = detector, max_side
@@ -125,9 +117,13 @@ class FaceFinder:
 
     @staticmethod
     def _quarter_turns(f: Found) -> int:
-        """quarter_turns of the largest face."""
+        """How many quarter turns counter-clockwise would stand the largest face upright (0: it is),
+        from the direction its mouth-to-eyes line points (up, in an upright face)."""
         sizes = (f.boxes[:, 2] - f.boxes[:, 0]) * (f.boxes[:, 3] - f.boxes[:, 1])
-        return quarter_turns(f.landmarks[int(np.argmax(sizes))])
+        lm = f.landmarks[int(np.argmax(sizes))]
+        up = lm[:2].mean(axis=0) - lm[3:].mean(axis=0)
+        tilt = np.degrees(np.arctan2(up[1], up[0])) + 90  # 0 when the eyes are straight above the mouth
+        return int(round(tilt / 90)) % 4
 
     # -- passes ----------------------------------------------------------------------
     def _turned(self, turned: np.ndarray, min_score) -> Found:

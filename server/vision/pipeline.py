@@ -15,15 +15,15 @@ import numpy as np
 from server import errors
 from server.vision.alignment import arcface_crop
 from server.vision.faces import Face, LivenessResult
-from server.vision.finder import FaceFinder, quarter_turns, turn_points
+from server.vision.finder import FaceFinder
 from server.vision.quality import assess
 
 log = logging.getLogger(__name__)
 
 LARGEST, MOST_CENTRAL, HIGHEST_SCORE, REQUIRE_SINGLE = "largest", "most_central", "highest_score", "require_single"
-# Liveness needs context: the frame holding at least this share of the widest model's context crop
-# (the Silent-Face pair judges from 4 face widths). The smallest judgeable face width is measured
-# (scripts/eval_liveness.py) and comes from the manifest.
+# Liveness needs context and pixels: the face at least this wide (px), and the frame holding at least
+# this share of the widest model's context crop (the Silent-Face pair judges from 4 face widths).
+MIN_LIVENESS_FACE = 32
 MIN_LIVENESS_CONTEXT = 0.4
 DEFAULT = "default"  # the caller did not choose: ordered as LARGEST; enrolment also refuses ambiguous photos
 
@@ -46,7 +46,6 @@ class FacePipeline:
         *,
         detect_max_side: int = 640,
         liveness_threshold: float = 0.5,
-        min_liveness_face: int = 32,
     ):
         """attribute_models: per-face models Analyze loops over; each has `annotate(img, faces)`, which puts
         its result in face.attributes[model.attribute] (insightface's FaceAnalysis pattern)."""
@@ -57,7 +56,6 @@ class FacePipeline:
         self.detect_max_side = detect_max_side
         self.finder = FaceFinder(detector, detect_max_side)
         self.liveness_threshold = liveness_threshold
-        self.min_liveness_face = min_liveness_face
 
     # -- detection ---------------------------------------------------------
     def detect(self, img: np.ndarray, opts: DetectOptions) -> list[Face]:
@@ -110,7 +108,6 @@ class FacePipeline:
 
     def check_liveness(self, img: np.ndarray, face: Face, threshold: float | None = None) -> LivenessResult:
         thr = self.liveness_threshold if not threshold else threshold
-        img, face = upright(img, face)  # the models were trained on upright faces
         unjudgeable = self._unjudgeable(img, face)
         if unjudgeable is not None:  # a confident score from a model without what it needs would be a guess
             reason, hint = unjudgeable
@@ -125,7 +122,7 @@ class FacePipeline:
         them a fraction of the context they were trained on, and a tiny one too few pixels."""
         h, w = img.shape[:2]
         side = max(1.0, float(face.box[2] - face.box[0]))
-        if side < self.min_liveness_face:
+        if side < MIN_LIVENESS_FACE:
             return errors.FACE_TOO_SMALL, "move closer, or send a larger image of the face"
         widest = max(m.context_scale for m in self.liveness_models)
         # liveness boxes are squares of the face's width (models/liveness.py)
@@ -157,18 +154,3 @@ class FacePipeline:
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.dot(a, b))
-
-
-def upright(img: np.ndarray, face: Face) -> tuple[np.ndarray, Face]:
-    """The frame turned so `face` stands upright, and the face in it. The landmarks say which way is
-    up, also for a face the detector found lying on its side without turning the frame."""
-    k = quarter_turns(face.landmarks)
-    if not k:
-        return img, face
-    turned = np.ascontiguousarray(np.rot90(img, k))
-    th, tw = turned.shape[:2]
-    # the frame as sent is `turned` turned back (4 - k) quarter turns: map its points into `turned`
-    corners = turn_points(face.box.reshape(2, 2), 4 - k, tw, th)
-    box = np.concatenate([corners.min(axis=0), corners.max(axis=0)]).astype(np.float32)
-    lm = turn_points(face.landmarks, 4 - k, tw, th).astype(np.float32)
-    return turned, Face(box=box, landmarks=lm, score=face.score, orientation=0)

@@ -35,21 +35,6 @@ def load_manifest(path: Path = DEFAULT_MANIFEST) -> dict[str, ModelSpec]:
     }
 
 
-@dataclass(frozen=True)
-class LivenessDefaults:
-    """The liveness ensemble, threshold and smallest judgeable face chosen by scripts/eval_liveness.py."""
-
-    ensemble: str = "minifasnet_pair"
-    threshold: float = 0.5
-    min_face_px: int = 32
-
-
-def load_liveness_defaults(path: Path = DEFAULT_MANIFEST) -> LivenessDefaults:
-    raw = json.loads(Path(path).read_text()).get("liveness", {})
-    keys = LivenessDefaults.__dataclass_fields__
-    return LivenessDefaults(**{k: v for k, v in raw.items() if k in keys})
-
-
 def verified_path(spec: ModelSpec, model_dir: Path) -> Path:
     """Path of the model file after checking its sha256 against the manifest."""
     path = Path(model_dir) / spec.file
