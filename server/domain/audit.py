@@ -15,6 +15,7 @@ import time
 from collections import deque
 
 from server import errors
+from server.domain.periodic import Periodic
 from server.records import AuditEvent
 from server.storage.interfaces import AuditStore
 
@@ -34,9 +35,8 @@ class AuditLog:
         self._lock = threading.Lock()
         self._flushing = threading.Lock()  # one flush at a time: the thread's, or flush() called by a test or stop()
         self._dropped = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._last_prune = 0.0
+        self._thread = Periodic("audit-log", flush_s, self._step, log)
 
     def record(self, key_id: str, action: str, collection: str, subject_id: str, face_id: str, outcome: str) -> None:
         event = AuditEvent(key_id, action, collection, subject_id, face_id, outcome, _now_ms())
@@ -75,23 +75,16 @@ class AuditLog:
 
     # -- the thread ------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="audit-log", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._thread.stop(timeout_s)
         self.flush()
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.flush_s):
-            try:
-                self.flush()
-                if time.monotonic() - self._last_prune >= 3600:
-                    self._last_prune = time.monotonic()
-                    n = self.prune()
-                    if n:
-                        log.info("audit log: pruned %d events older than %g days", n, self.retention_days)
-            except Exception:  # noqa: BLE001 - the thread must survive anything, and say so
-                log.exception("audit log step failed; retrying")
+    def _step(self) -> None:
+        self.flush()
+        if time.monotonic() - self._last_prune >= 3600:
+            self._last_prune = time.monotonic()
+            n = self.prune()
+            if n:
+                log.info("audit log: pruned %d events older than %g days", n, self.retention_days)

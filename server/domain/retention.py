@@ -8,10 +8,10 @@ A subject whose faces all age out stays, with its metadata, until it is deleted.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from server import errors
+from server.domain.periodic import Periodic
 
 log = logging.getLogger("facesvc.retention")
 
@@ -20,9 +20,8 @@ BATCH = 500
 
 class RetentionJob:
     def __init__(self, store, identity, audit=None, interval_s: float = 3600.0):
-        self.store, self.identity, self.audit, self.interval_s = store, identity, audit, interval_s
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.store, self.identity, self.audit = store, identity, audit
+        self._thread = Periodic("retention", interval_s, self._step, log)
 
     def sweep(self, now_ms: int | None = None) -> int:
         """Delete every face past its collection's retention; returns how many went."""
@@ -30,7 +29,7 @@ class RetentionJob:
         deleted = 0
         for c in self.store.collections_with_retention():
             cutoff = now_ms - c.retention_days * 86_400_000
-            while not self._stop.is_set():
+            while not self._thread.stopping.is_set():
                 faces = self.store.faces_created_before(c.collection_id, cutoff, BATCH)
                 for f in faces:
                     outcome = "OK"
@@ -50,19 +49,13 @@ class RetentionJob:
         return deleted
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="retention", daemon=True)
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        self._thread.stop(timeout_s)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sweep()
-            except errors.FaceServiceError as exc:
-                log.warning("retention sweep paused (%s); retrying in %.0fs", exc, self.interval_s)
-            except Exception:  # noqa: BLE001 - the thread must survive anything, and say so
-                log.exception("retention sweep failed; retrying")
+    def _step(self) -> None:
+        try:
+            self.sweep()
+        except errors.FaceServiceError as exc:
+            log.warning("retention sweep paused (%s); retrying in %.0fs", exc, self._thread.interval_s)

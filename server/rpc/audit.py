@@ -14,7 +14,7 @@ import grpc
 
 from server.context import call_outcome
 from server.rpc.auth import SERVICE_PREFIX, current_principal
-from server.rpc.observability import around
+from server.rpc.observability import around, rpc_name
 
 # Enrolment, identification, reads of personal data, deletions, key and collection changes.
 AUDITED = frozenset(
@@ -69,10 +69,7 @@ class AuditInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
-            return handler
-        rpc = method[len(SERVICE_PREFIX) :]
+        rpc = rpc_name(handler, handler_call_details.method, SERVICE_PREFIX)
         if rpc not in AUDITED or handler.request_streaming or handler.response_streaming:
             return handler
 
