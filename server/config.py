@@ -208,8 +208,8 @@ class Settings:
     index_compact_deleted_share: float = setting(
         0.2,
         "index",
-        "rebuild an index from the database once its deleted faces are this share of its slots (0 = never); deleted "
-        "vectors are overwritten at once either way",
+        "rebuild an index from the database once its deleted faces are this share of its slots (0 = never); snapshots "
+        "never hold deleted vectors either way",
         low=0,
         high=1,
     )

@@ -292,8 +292,9 @@ def test_a_projected_index_is_built_from_the_database_and_restarts_from_its_snap
 
 
 def test_a_deleted_face_leaves_the_graph_and_the_snapshot_and_compaction_reclaims_its_slot(store, tmp_path):
-    """Erasure: the deleted face's stored vector is overwritten at once (not only marked deleted), so the
-    next snapshot does not hold it either; past the deleted share, compaction rebuilds without the slots."""
+    """Erasure: hnswlib's mark_deleted keeps a deleted face's vector; the snapshot written after the
+    deletion holds it no more (and loads and answers as the index does); past the deleted share,
+    compaction rebuilds the index without the slots."""
     cid, faces, a = snapshotted(store, tmp_path, 50)
     idx = a.get(cid)
     gone = list(faces)[:12]
@@ -314,12 +315,24 @@ def test_a_deleted_face_leaves_the_graph_and_the_snapshot_and_compaction_reclaim
     after = snapshot_bytes()
     assert not any(v in after for v in stored.values())
     assert idx.stats().deleted == 12 and len(idx) == 38
+    kept = [f for f in faces if f not in gone]
+    reloaded = registry(store, tmp_path).get(cid)  # a restart from the erased snapshot
+    assert reloaded.loaded_from == "snapshot" and (len(reloaded), reloaded.stats().deleted) == (38, 12)
+    assert [reloaded.search(faces[f], 1, 0.99, 1)[0].face_id for f in kept] == kept
     assert a.compact(0.5) == []  # 12 of 50 slots: below that share
+    build, late = a._build, {}
+
+    def build_then_register(collection):  # a Register committed while the rebuild reads the database
+        fresh = build(collection)
+        late.update(enrol(store, cid, 1, seed=7))
+        return fresh
+
+    a._build = build_then_register
     assert a.compact(0.2) == [cid]
     compacted = a.get(cid)
-    assert compacted is not idx and compacted.stats().deleted == 0 and len(compacted) == 38
-    kept = [f for f in faces if f not in gone]
-    assert [compacted.search(faces[f], 1, 0.99, 1)[0].face_id for f in kept] == kept
+    assert compacted is not idx and compacted.stats().deleted == 0 and len(compacted) == 39
+    kept += list(late)
+    assert [compacted.search({**faces, **late}[f], 1, 0.99, 1)[0].face_id for f in kept] == kept
     assert a.write_snapshots(store.last_change_seq()) == 1
-    restarted = registry(store, tmp_path).get(cid)  # the rewritten snapshot: 38 faces, no deleted slots
-    assert restarted.loaded_from == "snapshot" and (len(restarted), restarted.stats().deleted) == (38, 0)
+    restarted = registry(store, tmp_path).get(cid)  # the rewritten snapshot: 39 faces, no deleted slots
+    assert restarted.loaded_from == "snapshot" and (len(restarted), restarted.stats().deleted) == (39, 0)
