@@ -32,43 +32,12 @@ import numpy as np
 from scripts.bench_inputs import centre_crop
 from server import config
 from server.app import build_pipeline
+from server.domain.calibration import roc_metrics
 from server.vision.pipeline import DetectOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 
 FACES = ROOT.parent / "shared" / "faces"
-
-
-def roc_metrics(genuine: np.ndarray, impostor: np.ndarray) -> dict:
-    scores = np.concatenate([genuine, impostor])
-    labels = np.concatenate([np.ones(len(genuine)), np.zeros(len(impostor))])
-    order = scores.argsort(kind="mergesort")
-    ranks = np.empty(len(scores))
-    ranks[order] = np.arange(1, len(scores) + 1)
-    auc = (ranks[labels == 1].sum() - len(genuine) * (len(genuine) + 1) / 2) / (len(genuine) * len(impostor))
-    # best accuracy over all candidate thresholds (balanced classes would bias nothing here: report raw)
-    cand = np.unique(scores)
-    accs = [((genuine >= t).sum() + (impostor < t).sum()) / len(scores) for t in cand]
-    best = int(np.argmax(accs))
-    out = {
-        "auc": float(auc),
-        "accuracy": float(accs[best]),
-        "best_threshold": float(cand[best]),
-        "genuine": int(len(genuine)),
-        "impostor": int(len(impostor)),
-    }
-    imp_sorted = np.sort(impostor)[::-1]
-    for far in (1e-2, 1e-3, 1e-4):
-        k = int(np.floor(far * len(impostor)))
-        if len(impostor) < 1 / far:
-            out[f"tar@far{far:g}"] = None
-            out[f"thr@far{far:g}"] = None
-            continue
-        # smallest threshold with at most k impostors at or above it
-        thr = float(np.nextafter(imp_sorted[k], np.inf)) if k < len(imp_sorted) else float(imp_sorted[-1])
-        out[f"tar@far{far:g}"] = float((genuine >= thr).mean())
-        out[f"thr@far{far:g}"] = thr
-    return out
 
 
 def embed_all(pipeline, paths: list[Path]) -> dict[str, np.ndarray | None]:

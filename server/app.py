@@ -19,13 +19,16 @@ from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server import errors
 from server.config import Settings
-from server.domain.collections import CollectionService
+from server.domain.audit import AuditLog
+from server.domain.collections import CollectionService, ServerThresholds
 from server.domain.identity import EnrolmentPolicy, IdentityService
+from server.domain.retention import RetentionJob
 from server.domain.search import SearchService
 from server.index import HnswEngine, HnswParams, IndexRegistry
 from server.index.snapshot import SnapshotStore
 from server.index.sync import ChangeNotifier, IndexSync
 from server.rpc import reflection
+from server.rpc.audit import AuditInterceptor, AuditRecorder
 from server.rpc.auth import SERVICE_PREFIX, Authenticator, AuthInterceptor
 from server.rpc.handlers.identity import IdentityHandlers
 from server.rpc.handlers.management import ManagementHandlers
@@ -200,6 +203,9 @@ class FaceServer:
         self.cipher = CropCipher(settings.crop_key) if settings.crop_key else None
         log.info("face crops: %s", "stored, AES-256-GCM encrypted" if self.cipher else "not stored (no crop key)")
         authenticator = build_authenticator(settings, self.store)
+        self.audit = AuditLog(self.store, settings.audit_retention_days)
+        self.audit_recorder = AuditRecorder(self.audit)
+        self.retention = None
         max_bytes = settings.max_message_mb * 1024 * 1024
         half = max(1, settings.workers // 2)
         streams = ConcurrencyLimiter(
@@ -220,6 +226,8 @@ class FaceServer:
             [ObservabilityInterceptor(SERVICE_PREFIX)]
             + ([AuthInterceptor(authenticator)] if authenticator else [])
             + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)]
+            # innermost: records the calls that reached their handler, with the key the auth check found
+            + [AuditInterceptor(self.audit_recorder)]
         )
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
@@ -309,35 +317,38 @@ class FaceServer:
             retention_s=retention_s,
             warmup=s.index_warmup,
             notifier=notifier,
+            compact_deleted_share=s.index_compact_deleted_share,
         )
-        identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher, indexes)
+        defaults = Defaults(
+            min_face_size=s.min_face_size,
+            max_faces=s.max_faces,
+            match_threshold=s.match_threshold or rec.match_threshold,
+            search_threshold=s.search_threshold or rec.search_threshold,
+            match_floor=s.match_threshold_floor,
+            liveness_threshold=pipeline.liveness_threshold,
+            max_analyzed_faces=s.max_analyzed_faces,
+        )
+        thresholds = ServerThresholds(
+            defaults.match_threshold, defaults.search_threshold, defaults.liveness_threshold, defaults.match_floor
+        )
+        identity = IdentityService(pipeline, self.store, self.cache, policy, self.cipher, indexes, thresholds)
         collections = CollectionService(
             self.store,
             self.store,
             self.cache,
             indexes,
             on_keys_revoked=self.authenticator.forget if self.authenticator else lambda: None,
+            thresholds=thresholds,
         )
         searcher = SearchService(identity, indexes, s.max_faces_per_subject)
-        requests = RequestParser(
-            self.servicer_limits(),
-            Defaults(
-                min_face_size=s.min_face_size,
-                max_faces=s.max_faces,
-                match_threshold=s.match_threshold or rec.match_threshold,
-                search_threshold=s.search_threshold or rec.search_threshold,
-                match_floor=s.match_threshold_floor,
-                liveness_threshold=pipeline.liveness_threshold,
-                max_analyzed_faces=s.max_analyzed_faces,
-            ),
-        )
+        requests = RequestParser(self.servicer_limits(), defaults)
         identity_rpcs = IdentityHandlers(identity, requests)
         self.indexes = indexes
         self.servicer.attach(
             StatelessHandlers(pipeline, requests),
             identity_rpcs,
-            ManagementHandlers(collections),
-            SearchHandlers(searcher, requests, pipeline.runtimes),
+            ManagementHandlers(collections, self.audit),
+            SearchHandlers(searcher, requests, s.max_group_faces, pipeline.runtimes),
             StreamHandlers(
                 pipeline,
                 identity_rpcs,
@@ -348,9 +359,13 @@ class FaceServer:
                 s.stream_first_message_seconds,
                 s.stream_idle_seconds,
                 s.max_faces_per_subject,
+                self.audit_recorder,
             ),
         )
+        self.retention = RetentionJob(self.store, identity, self.audit, s.retention_sweep_seconds)
         self.index_sync.start()
+        self.audit.start()
+        self.retention.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("ready: health SERVING")
@@ -367,10 +382,13 @@ class FaceServer:
         if self.http is not None:
             self.http.stop(grace)
         grpc_stopped.wait()
+        if self.retention is not None:
+            self.retention.stop()
         if self.index_sync is not None:
             self.index_sync.stop()  # and a last snapshot of every changed index
             if hasattr(self.index_sync.registry.engine, "close"):
                 self.index_sync.registry.engine.close()
+        self.audit.stop()  # writes what is still buffered
         self.store.close()
         self.cache.close()
         log.info("stopped")

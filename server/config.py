@@ -176,6 +176,24 @@ class Settings:
         10_000, "storage", "in-process staging cache bound (the oldest entry is evicted when full)", low=1, high=10000000
     )
     max_faces_per_subject: int = setting(10, "storage", "most faces one subject may hold", low=1, high=1000)
+    audit_retention_days: float = setting(
+        365.0, "storage", "how long audit log events are kept (pruned hourly)", low=0.01, high=36500
+    )
+    retention_sweep_seconds: float = setting(
+        3600.0,
+        "storage",
+        "how often the retention job deletes faces older than their collection's retention_days",
+        low=1,
+        high=86400,
+    )
+    max_group_faces: int = setting(
+        5000,
+        "storage",
+        "most stored faces one GroupFaces call clusters (its similarity links cost faces squared); a larger collection "
+        "must list the faces to group",
+        low=2,
+        high=100000,
+    )
     enrol_min_face_size: int = setting(48, "storage", "smallest enrolment face (shorter box side), px", low=1, high=4096)
     enrol_min_quality: float = setting(
         0.3, "storage", "lowest enrolment face quality score (size x sharpness x pose)", low=0, high=1
@@ -270,6 +288,14 @@ class Settings:
     )
     index_snapshot_seconds: float = setting(
         300.0, "index", "how often changed indexes are snapshotted (and once more on shutdown)", low=1, high=86400
+    )
+    index_compact_deleted_share: float = setting(
+        0.2,
+        "index",
+        "rebuild an index from the database once its deleted faces are this share of its slots (0 = never); snapshots "
+        "never hold deleted vectors either way",
+        low=0,
+        high=1,
     )
     index_sync_seconds: float = setting(
         1.0,

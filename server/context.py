@@ -23,6 +23,9 @@ current_call: contextvars.ContextVar[object] = contextvars.ContextVar("current_c
 # The CPU budget of the call this thread works for (a vision.imaging.PixelBudget; None: unbounded),
 # set by the handler that made it, so the passes the vision layer adds on its own are paid from it too.
 work_budget: contextvars.ContextVar[object] = contextvars.ContextVar("work_budget", default=None)
+# How the unary call this thread serves failed ("<status code> <reason>"), set where errors become
+# statuses (server/rpc/status.py) for the audit log to read as the call ends; None: it succeeded.
+call_outcome: contextvars.ContextVar[str | None] = contextvars.ContextVar("call_outcome", default=None)
 
 
 def spend(passes: int, pixels: int = 0) -> bool:

@@ -16,6 +16,21 @@ LIVENESS_OPTIONAL = "optional"  # a request may set skip_liveness (trusted sourc
 MAX_METADATA_ENTRIES, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 256
 
 
+DUPLICATE_REJECT = "reject"  # an enrolment face matching another subject is refused (DUPLICATE_FACE)
+DUPLICATE_WARN = "warn"  # registered, and the match reported in the response
+DUPLICATE_OFF = "off"  # no duplicate check
+DUPLICATE_POLICIES = (DUPLICATE_REJECT, DUPLICATE_WARN, DUPLICATE_OFF)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """A collection's own thresholds; 0 = the server's default."""
+
+    match: float = 0.0  # 1:1 (Verify)
+    search: float = 0.0  # 1:N (Search, FindSimilar, GroupFaces, the duplicate check)
+    liveness: float = 0.0
+
+
 @dataclass
 class Collection:
     collection_id: str
@@ -24,6 +39,23 @@ class Collection:
     created_ms: int
     subject_count: int = 0
     face_count: int = 0
+    duplicate_policy: str = DUPLICATE_REJECT
+    thresholds: Thresholds = field(default_factory=Thresholds)
+    retention_days: int = 0  # faces older than this are deleted by the retention job; 0 = kept
+
+
+@dataclass
+class AuditEvent:
+    """One audited call: who (key id), what (the RPC), on what, when, and how it ended."""
+
+    key_id: str
+    action: str
+    collection_id: str
+    subject_id: str
+    face_id: str
+    outcome: str  # "OK" or "<status code> <reason>"
+    created_ms: int
+    seq: int = 0  # given by the store
 
 
 @dataclass

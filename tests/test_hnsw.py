@@ -377,3 +377,27 @@ def test_projected_segments_survive_a_snapshot_and_a_damaged_dense_file_is_refus
     assert len(list(tmp_path.glob("c.*.dense"))) == 2 and path.exists()
     snaps.remove("c")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_saved_graph_keeps_no_deleted_vector_and_a_projected_one_no_deleted_row(tmp_path):
+    """mark_deleted keeps the vector in hnswlib's memory; the saved graph (and a projected segment's
+    dense file) must not hold it: erase_deleted_vectors zeroes it in the file hnswlib wrote."""
+    from server.index.hnsw import erase_deleted_vectors
+
+    for params in (HnswParams(m=16, ef_construction=64), HnswParams(m=16, ef_construction=64, pca_dims=16, pca_min_faces=1)):
+        idx, vectors, ids = filled(params, 300)
+        seg = idx._segments[0]
+        assert (seg.projection is not None) == bool(params.pca_dims)
+        stored = np.asarray(seg.graph.get_items([7]), np.float32)[0].tobytes()
+        idx.apply({}, [ids[7], ids[8]])
+        files = {}
+        state = idx.save_graphs(lambda i, kind: files.setdefault(kind, tmp_path / f"{params.pca_dims}.{i}.{kind}"))
+        saved = b"".join(p.read_bytes() for p in files.values())
+        assert stored not in saved and vectors[7].tobytes() not in saved
+        assert np.asarray(seg.graph.get_items([9]), np.float32)[0].tobytes() in files["graph"].read_bytes()
+        assert erase_deleted_vectors(str(files["graph"]), 300) == 2  # already zero: the same two, again
+        loaded = HnswIndex.from_saved(
+            DIM, "test", params, [str(files["graph"])], state, [str(files["dense"]) if "dense" in files else None]
+        )
+        assert [loaded.search(vectors[i], 1, 0.99, 1)[0].face_id for i in (0, 9, 299)] == [ids[0], ids[9], ids[299]]
+        assert not loaded.search(vectors[7], 1, 0.99, 1)

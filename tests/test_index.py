@@ -428,3 +428,50 @@ def test_milvus_rows_of_a_deleted_collection_recreated_under_its_name_are_never_
     assert len(idx) == 4 and idx.engine.count(idx.name, f'collection == "{cid}"') == 4
     served = {h.face_id for v in old.values() for h in idx.search(v, 10, -1.0, 1)}
     assert served <= set(new)
+
+
+def test_a_deleted_face_leaves_the_graph_and_the_snapshot_and_compaction_reclaims_its_slot(store, tmp_path):
+    """Erasure: hnswlib's mark_deleted keeps a deleted face's vector; the snapshot written after the
+    deletion holds it no more (and loads and answers as the index does); past the deleted share,
+    compaction rebuilds the index without the slots."""
+    cid, faces, a = snapshotted(store, tmp_path, 50)
+    idx = a.get(cid)
+    gone = list(faces)[:12]
+    stored = {}  # the bytes hnswlib holds for each face to delete (its own normalisation of the vector)
+    for f in gone:
+        label = idx._label_of[f]
+        stored[f] = np.asarray(idx._segment_of(label).graph.get_items([label]), np.float32)[0].tobytes()
+
+    def snapshot_bytes() -> bytes:
+        return b"".join(p.read_bytes() for p in (tmp_path / "index-a").glob(f"{cid}.*.graph"))
+
+    assert all(v in snapshot_bytes() for v in stored.values())  # the snapshot before the deletions holds them
+    store.delete_subject(cid, "s0-0")  # the first face's subject, then single faces
+    for f in gone[1:]:
+        store.delete_face(cid, f)
+    a.sync(cid, gone)
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    after = snapshot_bytes()
+    assert not any(v in after for v in stored.values())
+    assert idx.stats().deleted == 12 and len(idx) == 38
+    kept = [f for f in faces if f not in gone]
+    reloaded = registry(store, tmp_path).get(cid)  # a restart from the erased snapshot
+    assert reloaded.loaded_from == "snapshot" and (len(reloaded), reloaded.stats().deleted) == (38, 12)
+    assert [reloaded.search(faces[f], 1, 0.99, 1)[0].face_id for f in kept] == kept
+    assert a.compact(0.5) == []  # 12 of 50 slots: below that share
+    build, late = a._build, {}
+
+    def build_then_register(collection):  # a Register committed while the rebuild reads the database
+        fresh = build(collection)
+        late.update(enrol(store, cid, 1, seed=7))
+        return fresh
+
+    a._build = build_then_register
+    assert a.compact(0.2) == [cid]
+    compacted = a.get(cid)
+    assert compacted is not idx and compacted.stats().deleted == 0 and len(compacted) == 39
+    kept += list(late)
+    assert [compacted.search({**faces, **late}[f], 1, 0.99, 1)[0].face_id for f in kept] == kept
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    restarted = registry(store, tmp_path).get(cid)  # the rewritten snapshot: 39 faces, no deleted slots
+    assert restarted.loaded_from == "snapshot" and (len(restarted), restarted.stats().deleted) == (39, 0)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from server import errors
-from server.records import LIVENESS_REQUIRED, NewFace
-from server.storage.sql import open_store
+from server.records import DUPLICATE_REJECT, DUPLICATE_WARN, LIVENESS_REQUIRED, NewFace, Thresholds
+from server.storage.sql import SqlFaceStore, open_store
 from server.storage.sql.dialects import dialect_for
 from tests.conftest import race
 
@@ -49,6 +49,48 @@ def test_migrate_is_idempotent_and_refuses_a_newer_schema(store):
     finally:
         with store._tx() as q:
             q("DELETE FROM schema_version WHERE version = ?", 999)
+
+
+@pytest.fixture
+def empty_db_url(db_url, tmp_path):
+    """A database with no tables yet: a new SQLite file, or a scratch MySQL database dropped afterwards."""
+    if db_url.startswith("sqlite"):
+        yield f"sqlite:///{tmp_path}/upgrade.db"
+        return
+    import pymysql
+
+    params = dialect_for(db_url, "").params
+    name = params["database"] + "_up"
+    conn = pymysql.connect(**{**params, "database": None}, autocommit=True)
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE `{name}` CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")
+    yield db_url.rsplit("/", 1)[0] + "/" + name
+    with conn.cursor() as cur:
+        cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+def test_a_version_2_database_upgrades_with_its_collections(empty_db_url, tmp_path):
+    """A database of the previous release (schema 2) gains the collection settings, with the defaults."""
+    old = SqlFaceStore(dialect_for(empty_db_url, str(tmp_path)))
+    old.d.schema = old.d.schema[:2]  # what the previous release created
+    try:
+        assert old.migrate() == 2
+        with old._tx() as q:
+            q(
+                "INSERT INTO collections (collection_id, display_name, liveness_policy, created_ms) VALUES ('v2', '', 'required', 1)"
+            )
+    finally:
+        old.close()
+    new = open_store(empty_db_url, str(tmp_path))
+    try:
+        got = new.get_collection("v2")
+        assert (got.duplicate_policy, got.thresholds, got.liveness_policy) == (DUPLICATE_REJECT, Thresholds(), "required")
+        changed = new.update_collection("v2", {"duplicate_policy": DUPLICATE_WARN, "thresholds.search": 0.5})
+        assert changed.duplicate_policy == DUPLICATE_WARN and changed.thresholds == Thresholds(0.0, 0.5, 0.0)
+        assert new.get_collection_settings("v2").thresholds.search == 0.5
+    finally:
+        new.close()
 
 
 def test_collections(store):
@@ -252,3 +294,36 @@ def test_unreachable_mysql_is_unavailable_not_a_crash(tmp_path):
     # port 9 (discard) is closed: the connection is refused at once
     with pytest.raises(RuntimeError, match="cannot reach the database"):
         open_store("mysql://root@127.0.0.1:9/none", str(tmp_path))
+
+
+def test_audit_events_are_listed_newest_first_by_collection_and_pruned_by_age(store):
+    from server.records import AuditEvent
+
+    a, b = coll(store), coll(store)
+    store.append_audit(
+        [
+            AuditEvent("admin", "Register", a, "s1", "", "OK", 1_000),
+            AuditEvent("k1", "Verify", a, "s1", "", "OK", 2_000),
+            AuditEvent("k2", "Search", b, "", "", "FAILED_PRECONDITION SPOOF_DETECTED", 3_000),
+            AuditEvent("admin", "DeleteFace", a, "s2", "f" * 32, "OK", 10**13),
+        ]
+    )
+    mine = store.list_audit(0, 10, a)
+    assert [(e.action, e.subject_id) for e in mine] == [("DeleteFace", "s2"), ("Verify", "s1"), ("Register", "s1")]
+    assert [e.action for e in store.list_audit(mine[0].seq, 10, a)] == ["Verify", "Register"]  # the next page
+    assert [e.action for e in store.list_audit(0, 10, a, "s1")] == ["Verify", "Register"]
+    assert [e.outcome for e in store.list_audit(0, 10, b)] == ["FAILED_PRECONDITION SPOOF_DETECTED"]
+    assert store.prune_audit(5_000) >= 3
+    assert [e.action for e in store.list_audit(0, 10, a)] == ["DeleteFace"] and not store.list_audit(0, 10, b)
+
+
+def test_faces_past_a_retention_are_found_oldest_first(store):
+    cid = coll(store)
+    store.update_collection(cid, {"retention_days": 7})
+    assert cid in [c.collection_id for c in store.collections_with_retention()]
+    faces = [store.add_face(cid, f"s{i}", face(i), allow_existing=False, max_faces=5)[0] for i in range(3)]
+    with store._tx() as q:
+        for age, f in zip((3, 2), faces):
+            q("UPDATE faces SET created_ms = ? WHERE face_id = ?", age, f.face_id)
+    assert [f.face_id for f in store.faces_created_before(cid, 10, 10)] == [faces[1].face_id, faces[0].face_id]
+    assert store.faces_created_before(cid, 10, 1)[0].face_id == faces[1].face_id

@@ -9,15 +9,53 @@ accepting it at once.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from server import errors
-from server.records import ApiKey, Collection
+from server.records import DUPLICATE_REJECT, ApiKey, Collection, Thresholds
 from server.storage.interfaces import CollectionStore, KeyStore
 from server.storage.staging import StagingCache
 
 log = logging.getLogger("facesvc.collections")
+
+
+@dataclass(frozen=True)
+class ServerThresholds:
+    """The server's defaults and floors, which a collection's own thresholds stand in for when set."""
+
+    match: float  # 1:1 default
+    search: float  # 1:N default
+    liveness: float  # default, and the floor of every collection's and request's liveness threshold
+    floor: float  # match_threshold_floor: no similarity threshold below it
+
+    def check(self, t: Thresholds, field: str = "thresholds") -> None:
+        """A collection's thresholds: each 0 (the server's) or within the server's floors."""
+        for name, value in (("match_threshold", t.match), ("search_threshold", t.search)):
+            if value and not self.floor <= value < 1:
+                raise errors.validation(
+                    f"{field}.{name}",
+                    f"must be 0 (the server's) or in [{self.floor}, 1) (match_threshold_floor), got {value}",
+                    floor=self.floor,
+                )
+        if t.liveness and not self.liveness <= t.liveness < 1:
+            raise errors.validation(
+                f"{field}.liveness_threshold",
+                f"must be 0 (the server's) or in [{self.liveness}, 1): a collection may raise the server's "
+                f"liveness threshold, not lower it; got {t.liveness}",
+                floor=self.liveness,
+            )
+
+    def effective(self, c: Collection) -> Thresholds:
+        """The thresholds in force in a collection: its own where set (never below a floor raised since), else the server's."""
+        t = c.thresholds
+        return Thresholds(
+            max(t.match, self.floor) if t.match else self.match,
+            max(t.search, self.floor) if t.search else self.search,
+            max(t.liveness, self.liveness),
+        )
 
 
 class CollectionService:
@@ -28,13 +66,36 @@ class CollectionService:
         cache: StagingCache,
         indexes=None,
         on_keys_revoked: Callable[[], None] = lambda: None,
+        thresholds: ServerThresholds | None = None,
     ):
         self.store, self.keys, self.cache, self.indexes = store, keys, cache, indexes
         self.on_keys_revoked = on_keys_revoked
+        self.thresholds = thresholds
 
     # -- collections ---------------------------------------------------------
-    def create(self, collection_id: str, display_name: str, liveness_policy: str) -> Collection:
-        return self.store.create_collection(collection_id, display_name, liveness_policy)
+    def create(
+        self,
+        collection_id: str,
+        display_name: str,
+        liveness_policy: str,
+        duplicate_policy: str = DUPLICATE_REJECT,
+        thresholds: Thresholds = Thresholds(),
+        retention_days: int = 0,
+    ) -> Collection:
+        if self.thresholds is not None:
+            self.thresholds.check(thresholds)
+        return self.store.create_collection(
+            collection_id, display_name, liveness_policy, duplicate_policy, thresholds, retention_days
+        )
+
+    def update(self, collection_id: str, changes: dict) -> Collection:
+        """Set the fields named in `changes` (display_name, liveness_policy, duplicate_policy,
+        thresholds.match / .search / .liveness, retention_days); the thresholds are checked as they will be."""
+        limits = {k.split(".", 1)[1]: v for k, v in changes.items() if k.startswith("thresholds.")}
+        if limits and self.thresholds is not None:
+            current = self.store.get_collection_settings(collection_id).thresholds
+            self.thresholds.check(dataclasses.replace(current, **limits))
+        return self.store.update_collection(collection_id, changes)
 
     def get(self, collection_id: str) -> Collection:
         return self.store.get_collection(collection_id)

@@ -8,15 +8,28 @@ cipher in; records out. The servicer turns these into protobuf. Cheap checks
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
+import zlib
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from server import errors
 from server.context import ensure_call_alive
-from server.records import LIVENESS_OPTIONAL, FaceRecord, NewFace, Subject
+from server.domain.collections import ServerThresholds
+from server.records import (
+    DUPLICATE_OFF,
+    DUPLICATE_REJECT,
+    LIVENESS_OPTIONAL,
+    Collection,
+    FaceRecord,
+    NewFace,
+    Subject,
+    Thresholds,
+)
 from server.storage.crypto import CropCipher
 from server.storage.interfaces import SubjectStore
 from server.storage.staging import StagedFace, StagingCache
@@ -36,6 +49,16 @@ class EnrolmentPolicy:
     ambiguity_ratio: float = 0.8  # another usable face at least this large (relative) -> MULTIPLE_FACES
 
 
+@dataclass(frozen=True)
+class Duplicate:
+    """The face of another subject an enrolment face matched (reported under the WARN policy)."""
+
+    subject_id: str
+    face_id: str
+    similarity: float
+    threshold: float
+
+
 @dataclass
 class Processed:
     token: str
@@ -43,6 +66,7 @@ class Processed:
     face: Face
     liveness: LivenessResult | None
     faces_detected: int
+    duplicate: Duplicate | None = None
 
 
 @dataclass
@@ -63,6 +87,7 @@ class Registered:
     subject: Subject
     created: bool
     processed: Processed | None = None  # set when Register ran on an image
+    duplicate: Duplicate | None = None
 
 
 @dataclass
@@ -89,6 +114,7 @@ class IdentityService:
         policy: EnrolmentPolicy = EnrolmentPolicy(),
         cipher: CropCipher | None = None,
         indexes=None,
+        thresholds: ServerThresholds | None = None,
     ):
         self.pipeline = pipeline
         self.store = store
@@ -96,6 +122,42 @@ class IdentityService:
         self.policy = policy
         self.cipher = cipher
         self.indexes = indexes  # IndexRegistry: told about every committed change
+        self.thresholds = thresholds  # the server's; None: the duplicate check has no 1:N threshold to use
+        # Check and commit of one collection's enrolments run one at a time on this replica, so two
+        # photos of one person enrolled at once as two subjects cannot both pass the duplicate check.
+        self._commit_locks = [threading.Lock() for _ in range(64)]
+
+    # -- a collection's settings ------------------------------------------------
+    def settings(self, collection: str) -> tuple[Collection, Thresholds]:
+        """The collection's policies and the thresholds in force in it (COLLECTION_NOT_FOUND)."""
+        c = self.store.get_collection_settings(collection)
+        if self.thresholds is None:
+            return c, c.thresholds
+        return c, self.thresholds.effective(c)
+
+    def find_duplicate(self, collection: str, subject_id: str, embedding: np.ndarray) -> Duplicate | None:
+        """The best face of another subject at or above the collection's 1:N threshold, under its
+        duplicate policy: REJECT raises DUPLICATE_FACE, WARN returns it, OFF looks for nothing."""
+        c, t = self.settings(collection)
+        if c.duplicate_policy == DUPLICATE_OFF or self.indexes is None or not t.search:
+            return None
+        # Only when another subject is the best match: a face added to its own subject that also
+        # resembles a look-alike is that subject's face, not a duplicate.
+        hits = self.indexes.get(collection).search(embedding, 1, t.search, self.policy.max_faces_per_subject)
+        if not hits or hits[0].subject_id == subject_id:
+            return None
+        hit = hits[0]
+        if c.duplicate_policy == DUPLICATE_REJECT:
+            raise errors.precondition(
+                errors.DUPLICATE_FACE,
+                f"this face matches subject {hit.subject_id!r} (similarity {hit.similarity:.3f} >= the collection's "
+                f"1:N threshold {t.search:.3f}); add it to that subject with add_face, or change the collection's duplicate policy",
+                subject_id=hit.subject_id,
+                face_id=hit.face_id,
+                similarity=f"{hit.similarity:.4f}",
+                threshold=f"{t.search:.4f}",
+            )
+        return Duplicate(hit.subject_id, hit.face_id, hit.similarity, t.search)
 
     # -- shared steps --------------------------------------------------------
     def allow_skip_liveness(self, collection: str) -> None:
@@ -196,20 +258,25 @@ class IdentityService:
         )
         return Processed("", staged, s.face, s.liveness, s.faces_detected)
 
-    def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool]:
-        ensure_call_alive()  # a caller already told DEADLINE_EXCEEDED must not find the face registered
-        face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
-        record, created = self.store.add_face(
-            staged.collection_id,
-            staged.subject_id,
-            face,
-            allow_existing=staged.add_face,
-            max_faces=self.policy.max_faces_per_subject,
-            metadata=metadata,
-        )
-        if self.indexes is not None:  # read-your-writes on this replica; the others follow the change log
-            self.indexes.local_change(staged.collection_id, [record.face_id])
-        return record, created
+    def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool, Duplicate | None]:
+        """The duplicate check, then the commit, under the collection's lock (the check must see every
+        earlier commit of this replica, a batch's earlier items included)."""
+        lock = self._commit_locks[zlib.crc32(staged.collection_id.encode()) % len(self._commit_locks)]
+        with lock:
+            duplicate = self.find_duplicate(staged.collection_id, staged.subject_id, staged.embedding)
+            ensure_call_alive()  # a caller already told DEADLINE_EXCEEDED must not find the face registered
+            face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
+            record, created = self.store.add_face(
+                staged.collection_id,
+                staged.subject_id,
+                face,
+                allow_existing=staged.add_face,
+                max_faces=self.policy.max_faces_per_subject,
+                metadata=metadata,
+            )
+            if self.indexes is not None:  # read-your-writes on this replica; the others follow the change log
+                self.indexes.local_change(staged.collection_id, [record.face_id])
+        return record, created, duplicate
 
     # -- the RPCs ------------------------------------------------------------
     def process_screened(self, s: Screened, embedding: np.ndarray) -> Processed:
@@ -220,8 +287,10 @@ class IdentityService:
             raise errors.not_found(
                 errors.COLLECTION_NOT_FOUND, f"collection {s.collection!r} does not exist", collection=s.collection
             )
+        duplicate = self.find_duplicate(s.collection, s.subject_id, embedding)  # told now, checked again at Register
         result = self._stage(s, embedding, face_id_for_token(token), created)
         result.token = token
+        result.duplicate = duplicate
         self.cache.put(token, result.staged, self.policy.staging_ttl_s)
         return result
 
@@ -247,15 +316,17 @@ class IdentityService:
             raise errors.not_found(
                 errors.STAGING_EXPIRED, "the staged face was embedded by another recognizer; call Process again"
             )
-        record, created = self._commit(staged, metadata)
+        record, created, duplicate = self._commit(staged, metadata)
         self.cache.delete(token, collection)  # only after the commit: a failed commit can be retried with the same token
-        return Registered(record, self.store.get_subject(collection, subject_id), created)
+        return Registered(record, self.store.get_subject(collection, subject_id), created, duplicate=duplicate)
 
     def register_screened(self, s: Screened, embedding: np.ndarray, metadata: dict[str, str]) -> Registered:
         """Register with an image, once the face is screened and embedded: commit it."""
         result = self._stage(s, embedding, uuid.uuid4().hex)
-        record, created = self._commit(result.staged, metadata)
-        return Registered(record, self.store.get_subject(s.collection, s.subject_id), created, processed=result)
+        record, created, duplicate = self._commit(result.staged, metadata)
+        return Registered(
+            record, self.store.get_subject(s.collection, s.subject_id), created, processed=result, duplicate=duplicate
+        )
 
     def verify(
         self,
@@ -308,6 +379,19 @@ class IdentityService:
     ) -> Subject:
         """Replace the metadata, or (keys) change only those keys."""
         return self.store.update_subject_metadata(collection, subject_id, metadata, keys)
+
+    def export_subject(self, collection: str, subject_id: str) -> tuple[Subject, list[tuple[str, bytes]]]:
+        """The subject with its faces, and each stored crop as PNG (face id, bytes): a data subject's
+        access request. Crops are decrypted only when this server holds the crop key."""
+        subject = self.store.get_subject(collection, subject_id)
+        crops = []
+        if self.cipher is not None:
+            for f in subject.faces:
+                if f.crop is not None:
+                    ok, png = cv2.imencode(".png", self.cipher.open(f.crop, f.face_id))
+                    if ok:
+                        crops.append((f.face_id, png.tobytes()))
+        return subject, crops
 
     # -- deletions (the store first, then the index) ---------------------------
     def delete_subject(self, collection: str, subject_id: str) -> int:

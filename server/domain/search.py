@@ -18,6 +18,16 @@ from server.vision.faces import Face, LivenessResult
 from server.vision.pipeline import DetectOptions
 
 
+def unit_embedding(embedding: np.ndarray, dim: int, field: str = "embedding") -> np.ndarray:
+    """A caller's embedding, checked (dimension, finite, non-zero) and scaled to length 1."""
+    if embedding.shape != (dim,):
+        raise errors.validation(field, f"expected {dim} values, got {embedding.size}")
+    norm = float(np.linalg.norm(embedding))
+    if not np.isfinite(norm) or norm < 1e-6:
+        raise errors.validation(field, "must be finite and non-zero")
+    return embedding / norm
+
+
 @dataclass
 class ProbeMatches:
     face: Face
@@ -77,11 +87,7 @@ class SearchService:
             raise errors.validation(
                 "model", f"embeddings of {errors.quote(model)} cannot be searched in an index of {rec.model_id!r}"
             )
-        if embedding.shape != (rec.embedding_dim,):
-            raise errors.validation("embedding", f"expected {rec.embedding_dim} values, got {embedding.size}")
-        norm = float(np.linalg.norm(embedding))
-        if not np.isfinite(norm) or norm < 1e-6:
-            raise errors.validation("embedding", "must be finite and non-zero")
+        probe = unit_embedding(embedding, rec.embedding_dim)
         policy = self.store.get_collection_policy(collection)  # COLLECTION_NOT_FOUND
         if policy == LIVENESS_REQUIRED and not trusted:
             raise errors.precondition(
@@ -89,7 +95,43 @@ class SearchService:
                 f"collection {collection!r} requires liveness, and an embedding brings none: search with a photo (Search)",
                 collection=collection,
             )
-        return self.indexes.get(collection).search(embedding / norm, top_k, min_similarity, self.max_faces_per_subject)
+        return self.indexes.get(collection).search(probe, top_k, min_similarity, self.max_faces_per_subject)
+
+    def find_similar(self, collection: str, face_id: str, top_k: int, min_similarity: float) -> tuple[str, list[Hit]]:
+        """(the face's subject, the other subjects most like the stored face): a search with the face as
+        the probe, its own subject left out (it would be the first hit, at similarity 1)."""
+        face = self.store.get_face(collection, face_id)  # FACE_NOT_FOUND
+        model = self.pipeline.recognizer.model_id
+        if face.model_id != model:
+            raise errors.precondition(
+                errors.NO_COMPARABLE_FACES,
+                f"face {face_id!r} was embedded by {face.model_id}, the index holds {model}; re-embed it (facesvc-reembed)",
+                model=model,
+            )
+        hits = self.indexes.get(collection).search(face.embedding, top_k + 1, min_similarity, self.max_faces_per_subject)
+        return face.subject_id, [h for h in hits if h.subject_id != face.subject_id][:top_k]
+
+    def stored_faces(self, collection: str, face_ids: list[str], limit: int) -> list:
+        """Stored faces of the current recognizer, with embeddings, to group: the listed ones (each must
+        exist: FACE_NOT_FOUND), or all of them when there are at most `limit` (VALIDATION_FAILED beyond)."""
+        model = self.pipeline.recognizer.model_id
+        faces = self.store.face_embeddings(collection, face_ids, model, len(face_ids) if face_ids else limit + 1)
+        if face_ids:
+            missing = set(face_ids) - {f.face_id for f in faces}
+            if missing:
+                first = sorted(missing)[0]
+                raise errors.not_found(
+                    errors.FACE_NOT_FOUND,
+                    f"face {first!r} does not exist in {collection!r} (or was embedded by another recognizer than {model})",
+                    face_id=first,
+                )
+        elif len(faces) > limit:
+            raise errors.validation(
+                "face_ids",
+                f"the collection holds more than {limit} faces (max_group_faces): list the faces to group",
+                limit=limit,
+            )
+        return faces
 
     def stats(self, collection: str) -> dict:
         """The collection's index statistics (COLLECTION_NOT_FOUND first: nothing is loaded for a missing one)."""

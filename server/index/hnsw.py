@@ -27,6 +27,7 @@ import dataclasses
 import itertools
 import math
 import os
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -199,6 +200,14 @@ class _Segment:
         self.vectors[labels - self.start] = vectors
         self.graph.add_items(self.projection(vectors), labels)
 
+    def erase(self, label: int) -> None:
+        """Zero a deleted face's full vector in the re-rank copy. The graph keeps its own copy in memory
+        until the index is compacted: hnswlib overwrites an element's vector only by re-linking it,
+        which costs more than an insertion, under the write lock that searches wait for. Snapshots
+        never hold it (erase_deleted_vectors)."""
+        if self.vectors is not None:
+            self.vectors[label - self.start] = 0.0
+
     def resize(self, capacity: int) -> None:
         self.graph.resize_index(capacity)
         if self.vectors is not None and len(self.vectors) < capacity:
@@ -230,6 +239,32 @@ class _Segment:
             except RuntimeError:  # the graph yielded fewer than k live elements (many deletions): ask for fewer
                 k //= 2
         return no_neighbours(len(q))
+
+
+# hnswlib's saveIndex header (0.8): offsetLevel0, max_elements, cur_element_count, size_data_per_element,
+# label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0, M, mult, ef_construction; then the
+# level-0 block of each element: its link list (whose third byte holds the deleted mark), vector, label.
+_HNSW_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+_DELETE_MARK = 0x01
+
+
+def erase_deleted_vectors(path: str, elements: int) -> int:
+    """Zero, in a graph file hnswlib just saved, the vector of every element marked deleted: mark_deleted
+    keeps the embedding, and a snapshot must not. Returns how many were erased; ValueError when the
+    file is not laid out as expected (an hnswlib with another format: the snapshot is not written)."""
+    with open(path, "r+b") as f:
+        fields = _HNSW_HEADER.unpack(f.read(_HNSW_HEADER.size))
+        count, size, label_at, data_at = fields[2], fields[3], fields[4], fields[5]
+        if count != elements or not 0 < data_at < label_at <= size - 8:
+            raise ValueError(f"{path}: unexpected hnswlib layout ({count} elements of {size} bytes, data {data_at}-{label_at})")
+        if not count:
+            return 0
+        blocks = np.memmap(f, dtype=np.uint8, mode="r+", offset=_HNSW_HEADER.size, shape=(count, size))
+        deleted = np.flatnonzero(blocks[:, 2] & _DELETE_MARK)
+        blocks[deleted, data_at:label_at] = 0
+        blocks.flush()
+        del blocks
+    return len(deleted)
 
 
 def no_neighbours(rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -275,7 +310,11 @@ class HnswIndex:
         with self._lock.read():
             segments = []
             for i, seg in enumerate(self._segments):
-                seg.graph.save_index(str(path_of(i, "graph")))
+                graph_path = str(path_of(i, "graph"))
+                seg.graph.save_index(graph_path)
+                erased = erase_deleted_vectors(graph_path, seg.nodes)
+                if erased != seg.nodes - seg.live:
+                    raise ValueError(f"{graph_path}: {erased} deleted elements, the label map {seg.nodes - seg.live}")
                 segments.append(
                     {
                         "start": seg.start,
@@ -448,6 +487,7 @@ class HnswIndex:
         del self._label_of[face_id]
         seg = self._segment_of(label)
         seg.graph.mark_deleted(label)
+        seg.erase(label)
         seg.live -= 1
         self.deleted += 1
 

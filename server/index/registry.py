@@ -227,6 +227,39 @@ class IndexRegistry:
                 self._apply(collection, idx, crows)
             self._mark_dirty(collection)
 
+    def compact(self, min_deleted_share: float) -> list[str]:
+        """Rebuild from the database every loaded index whose deleted faces are at least this share of
+        its slots (their room, and the vectors an engine keeps of them, go); returns the collections
+        rebuilt. The build runs outside the collection's lock (searches and changes go on with the
+        old index); the changes logged meanwhile are replayed into the new one under the lock, and it
+        replaces the old one only when it holds what the database holds. Its next snapshot is
+        written without the deleted faces."""
+        done = []
+        for collection, idx in list(self._indexes.items()):
+            st = idx.stats()
+            if not st.deleted or st.deleted < min_deleted_share * (st.size + st.deleted):
+                continue
+            if self.store.collection_created_ms(collection) is None:
+                continue  # deleted: the change log drops it
+            seq = self.store.last_change_seq()
+            fresh = self._build(collection)
+            with self._lock(collection):
+                if self._indexes.get(collection) is not idx:  # dropped or replaced meanwhile
+                    continue
+                try:
+                    self._replay(collection, fresh, seq)
+                except IndexLoadError:
+                    continue  # the collection was dropped meanwhile
+                have, want = len(fresh), self.store.count_faces(collection, self.model_id)
+                if have != want:  # a late commit the replay missed: keep the old index, try again later
+                    log.info("index %s: compaction skipped (%d faces built, the database holds %d)", collection, have, want)
+                    continue
+                self._indexes[collection] = fresh
+            self._mark_dirty(collection)
+            log.info("index %s: compacted (%d deleted of %d slots)", collection, st.deleted, st.size + st.deleted)
+            done.append(collection)
+        return done
+
     # -- snapshots ----------------------------------------------------------------
     def _mark_dirty(self, collection: str) -> None:
         with self._guard:

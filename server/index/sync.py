@@ -85,8 +85,11 @@ class IndexSync:
         retention_s: float = 7 * 86400,
         warmup: bool = True,
         notifier: ChangeNotifier | None = None,
+        compact_deleted_share: float = 0.2,
     ):
         self.registry, self.store = registry, store
+        self.compact_deleted_share = compact_deleted_share
+        self._compactor: threading.Thread | None = None
         self.sync_interval_s, self.snapshot_interval_s, self.retention_s = sync_interval_s, snapshot_interval_s, retention_s
         self.warmup, self.notifier = warmup, notifier
         self.feed = ChangeFeed.from_now(store)
@@ -147,6 +150,23 @@ class IndexSync:
         except errors.FaceServiceError as exc:
             log.warning("index warm-up stopped (%s); the remaining collections load on first use", exc)
 
+    def _compact_in_background(self) -> None:
+        """Compaction (a rebuild from the database) on a thread of its own, one at a time: a large
+        collection's build takes minutes, and the change log must go on being applied meanwhile."""
+        if not self.compact_deleted_share or (self._compactor is not None and self._compactor.is_alive()):
+            return
+
+        def run():
+            try:
+                self.registry.compact(self.compact_deleted_share)
+            except errors.FaceServiceError as exc:
+                log.warning("index compaction paused (%s)", exc)
+            except Exception:  # noqa: BLE001 - the thread must say what failed
+                log.exception("index compaction failed")
+
+        self._compactor = threading.Thread(target=run, name="index-compact", daemon=True)
+        self._compactor.start()
+
     def step(self) -> None:
         """One poll of the change log (repeated while batches come back full), then housekeeping."""
         try:
@@ -161,6 +181,7 @@ class IndexSync:
             if self._failing:
                 log.info("index sync: the database is reachable again")
                 self._failing = False
+            self._compact_in_background()
             now = time.monotonic()
             if now - self._last_snapshot >= self.snapshot_interval_s:
                 self._last_snapshot = now

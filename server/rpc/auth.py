@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from server import errors
-from server.rpc.observability import around
+from server.rpc.observability import around, rpc_name
 from server.rpc.status import to_status
 from server.telemetry import ERRORS
 
@@ -63,11 +63,25 @@ SCOPES = {
             "SearchByEmbedding",
             "GetIndexStats",
             "GetCollection",
+            "FindSimilar",
+            "GroupFaces",
+            "CalibrateThreshold",
+            "ExportSubject",
         ),
         COLLECTION,
     ),
     **dict.fromkeys(
-        ("CreateCollection", "ListCollections", "DeleteCollection", "CreateApiKey", "ListApiKeys", "DeleteApiKey"), ADMIN
+        (
+            "CreateCollection",
+            "UpdateCollection",
+            "ListCollections",
+            "DeleteCollection",
+            "CreateApiKey",
+            "ListApiKeys",
+            "DeleteApiKey",
+            "ListAuditEvents",
+        ),
+        ADMIN,
     ),
 }
 
@@ -243,10 +257,9 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or not method.startswith(SERVICE_PREFIX):
+        rpc = rpc_name(handler, handler_call_details.method, SERVICE_PREFIX)
+        if rpc is None:
             return handler
-        rpc = method[len(SERVICE_PREFIX) :]
 
         def enter(request, context, kind):
             return self._check(rpc, None if kind.startswith("stream") else request, context)

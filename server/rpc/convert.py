@@ -9,7 +9,20 @@ from google.protobuf import timestamp_pb2
 
 from facesvc.v1 import face_service_pb2 as pb
 from server import errors
-from server.records import LIVENESS_OPTIONAL, LIVENESS_REQUIRED, ApiKey, Collection, FaceRecord, Subject
+from server.domain.identity import Duplicate
+from server.records import (
+    DUPLICATE_OFF,
+    DUPLICATE_REJECT,
+    DUPLICATE_WARN,
+    LIVENESS_OPTIONAL,
+    LIVENESS_REQUIRED,
+    ApiKey,
+    AuditEvent,
+    Collection,
+    FaceRecord,
+    Subject,
+    Thresholds,
+)
 from server.vision import pipeline
 from server.vision.faces import Face, LivenessResult
 from server.vision.imaging import ImageLimits, PixelBudget, decode_encoded, decode_raw
@@ -152,7 +165,42 @@ def timestamp(ms: int) -> timestamp_pb2.Timestamp:
     return ts
 
 
+_DUPLICATE_FROM_PROTO = {
+    pb.DUPLICATE_POLICY_UNSPECIFIED: DUPLICATE_REJECT,
+    pb.DUPLICATE_POLICY_REJECT: DUPLICATE_REJECT,
+    pb.DUPLICATE_POLICY_WARN: DUPLICATE_WARN,
+    pb.DUPLICATE_POLICY_OFF: DUPLICATE_OFF,
+}
+_DUPLICATE_TO_PROTO = {
+    DUPLICATE_REJECT: pb.DUPLICATE_POLICY_REJECT,
+    DUPLICATE_WARN: pb.DUPLICATE_POLICY_WARN,
+    DUPLICATE_OFF: pb.DUPLICATE_POLICY_OFF,
+}
+
+
+def duplicate_policy(value: int, field: str = "duplicate_policy") -> str:
+    if value not in _DUPLICATE_FROM_PROTO:
+        raise errors.validation(field, f"unknown value {value}")
+    return _DUPLICATE_FROM_PROTO[value]
+
+
+def thresholds(msg: pb.CollectionThresholds, field: str = "thresholds") -> Thresholds:
+    """A collection's thresholds as sent (0 = the server's); their floors are the domain's to check."""
+    return Thresholds(
+        optional_threshold(msg.match_threshold, f"{field}.match_threshold", -1.0, 1.0) or 0.0,
+        optional_threshold(msg.search_threshold, f"{field}.search_threshold", -1.0, 1.0) or 0.0,
+        optional_threshold(msg.liveness_threshold, f"{field}.liveness_threshold", 0.0, 1.0) or 0.0,
+    )
+
+
+def duplicate_to_proto(d: Duplicate | None) -> pb.DuplicateMatch | None:
+    if d is None:
+        return None
+    return pb.DuplicateMatch(subject_id=d.subject_id, face_id=d.face_id, similarity=d.similarity, threshold=d.threshold)
+
+
 def collection_to_proto(c: Collection) -> pb.Collection:
+    t = c.thresholds
     return pb.Collection(
         collection=c.collection_id,
         display_name=c.display_name,
@@ -160,6 +208,22 @@ def collection_to_proto(c: Collection) -> pb.Collection:
         create_time=timestamp(c.created_ms),
         subject_count=c.subject_count,
         face_count=c.face_count,
+        duplicate_policy=_DUPLICATE_TO_PROTO[c.duplicate_policy],
+        thresholds=pb.CollectionThresholds(match_threshold=t.match, search_threshold=t.search, liveness_threshold=t.liveness),
+        retention_days=c.retention_days,
+    )
+
+
+def audit_event_to_proto(e: AuditEvent) -> pb.AuditEvent:
+    return pb.AuditEvent(
+        seq=e.seq,
+        time=timestamp(e.created_ms),
+        key_id=e.key_id,
+        action=e.action,
+        collection=e.collection_id,
+        subject_id=e.subject_id,
+        face_id=e.face_id,
+        outcome=e.outcome,
     )
 
 

@@ -35,6 +35,13 @@ def rewrap(handler: grpc.RpcMethodHandler, make):
     )
 
 
+def rpc_name(handler, method: str, prefix: str) -> str | None:
+    """The RPC's name when `method` is one of the service's (`prefix`) and has a handler; else None."""
+    if handler is None or not method.startswith(prefix):
+        return None
+    return method[len(prefix) :]
+
+
 def around(handler: grpc.RpcMethodHandler, enter, leave):
     """The same handler with `state = enter(request, context, kind)` before it and `leave(state)` after
     it, whether it answers once or streams (then the call lasts as long as the iteration)."""

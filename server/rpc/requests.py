@@ -52,15 +52,20 @@ class RequestParser:
             )
         return convert.detect_options(msg, d.min_face_size, min(d.max_faces, d.max_analyzed_faces), field)
 
-    # A request may raise a threshold, never lower it below the server's: a collection key must not
-    # be able to undo the policy its operator set (a spoof verifying at liveness_threshold=1e-4).
-    def liveness_threshold(self, requested: float, field: str = "liveness_threshold") -> float | None:
+    # A request may raise a threshold, never lower it below the server's (or its collection's): a
+    # collection key must not be able to undo the policy its operator set (a spoof verifying at
+    # liveness_threshold=1e-4).
+    def liveness_threshold(self, requested: float, field: str = "liveness_threshold", floor: float = 0.0) -> float | None:
+        """The request's liveness threshold, or with none the collection's (`floor`, when it raised the
+        server's); None: the server's default."""
         t = convert.optional_threshold(requested, field, 0.0, 1.0)
-        floor = self.defaults.liveness_threshold
+        floor = max(floor, self.defaults.liveness_threshold)
         if t is not None and t < floor:
             raise errors.validation(
-                field, f"may raise the server's liveness threshold {floor}, not lower it; got {t}", floor=floor
+                field, f"may raise the liveness threshold in force ({floor}), not lower it; got {t}", floor=floor
             )
+        if t is None and floor > self.defaults.liveness_threshold:
+            return floor
         return t
 
     def _floored(self, requested: float, field: str) -> float | None:
@@ -70,10 +75,12 @@ class RequestParser:
             raise errors.validation(field, f"must be at least {floor} (the server's match_threshold_floor), got {t}", floor=floor)
         return t
 
-    def match_threshold(self, requested: float, field: str = "threshold") -> float:
+    def match_threshold(self, requested: float, field: str = "threshold", default: float = 0.0) -> float:
+        """The request's 1:1 threshold, or `default` (the collection's), or the server's."""
         t = self._floored(requested, field)
-        return self.defaults.match_threshold if t is None else t
+        return (default or self.defaults.match_threshold) if t is None else t
 
-    def min_similarity(self, requested: float, field: str = "min_similarity") -> float:
+    def min_similarity(self, requested: float, field: str = "min_similarity", default: float = 0.0) -> float:
+        """The request's 1:N threshold, or `default` (the collection's), or the server's."""
         t = self._floored(requested, field)
-        return self.defaults.search_threshold if t is None else t
+        return (default or self.defaults.search_threshold) if t is None else t

@@ -12,7 +12,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from server import errors
-from server.context import request_id
+from server.context import call_outcome, request_id
 from server.telemetry import ERRORS
 
 log = logging.getLogger("facesvc.rpc")
@@ -42,6 +42,11 @@ def failure(name: str, exc: BaseException, item: bool = False) -> errors.FaceSer
     )
 
 
+def outcome(exc: errors.FaceServiceError) -> str:
+    """How a call or an item ended, for the audit log: "<status code> <reason>"."""
+    return f"{exc.code.name} {exc.reason}"
+
+
 def rpc(method):
     """Decorate a unary servicer method: domain errors become statuses, bugs become INTERNAL."""
 
@@ -50,7 +55,9 @@ def rpc(method):
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - the boundary: never let a bug kill the call without a status
-            context.abort_with_status(to_status(failure(method.__name__, exc)))
+            err = failure(method.__name__, exc)
+            call_outcome.set(outcome(err))
+            context.abort_with_status(to_status(err))
 
     return wrapper
 

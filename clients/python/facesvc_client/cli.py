@@ -12,6 +12,7 @@ keeps the .proto field names (`staging_token`). Errors print
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import sys
@@ -132,6 +133,38 @@ def enroll(c: FaceClient, args) -> int:
     return 1 if failures else 0
 
 
+def calibrate(c: FaceClient, args) -> int:
+    """CalibrateThreshold on a CSV of photo pairs; with --apply, set the result on the collection."""
+    root = Path(args.pairs).parent
+    with open(args.pairs, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or not {"file_a", "file_b", "same"} <= set(rows[0]):
+        print(f"error: {args.pairs}: expected the columns file_a,file_b,same", file=sys.stderr)
+        return 1
+    # Each photo is embedded once here (Embed), and the pairs go as embeddings: a CSV may name far
+    # more pairs than one request could carry as photos.
+    embedded: dict[Path, list[float] | None] = {}
+    for r in rows:
+        for name in (r["file_a"], r["file_b"]):
+            path = root / name
+            if path not in embedded:
+                faces = c.embed(path).faces
+                embedded[path] = list(faces[0].embedding) if faces else None
+    pairs = [
+        (embedded[root / r["file_a"]], embedded[root / r["file_b"]], r["same"].strip() in ("1", "true", "yes")) for r in rows
+    ]
+    usable = [p for p in pairs if p[0] is not None and p[1] is not None]
+    r = c.calibrate_threshold(args.collection, usable, args.far, timeout=None)
+    r.skipped_pairs += len(pairs) - len(usable)
+    show(r)
+    if args.apply:
+        if r.below_floor:
+            print("error: the threshold is below the server's floor; not applied", file=sys.stderr)
+            return 1
+        show(c.update_collection(args.collection, **{f"{args.apply}_threshold": r.threshold}))
+    return 0
+
+
 # -- live streams -----------------------------------------------------------------------
 def stream(c: FaceClient, args) -> int:
     import cv2
@@ -234,6 +267,8 @@ POSITIONAL_HELP = {
     "dir": "folder with one sub-folder of photos per subject",
     "source": "video file, or a camera's device number",
     "key_id": "key id (from `keys list`)",
+    "pairs": "CSV of labelled pairs: file_a,file_b,same (1/0), paths relative to the CSV (LFW's pairs.csv format)",
+    "face_id": "face id (from `subjects get`)",
 }
 ADD_FACE = "add another face to an existing subject"
 SKIP_LIVENESS = "skip the liveness check (only in collections whose policy is OPTIONAL)"
@@ -293,6 +328,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all-faces", action="store_true", help="search every face of the photo, not only the largest")
     p = cmd("enroll", "bulk enrolment of DIR/<subject id>/<photos> through RegisterBatch", "collection", "dir")
     p.add_argument("--skip-liveness", action="store_true", help="for trusted photos in a LIVENESS_POLICY_OPTIONAL collection")
+    p = cmd(
+        "calibrate",
+        "threshold at a target FAR from labelled pairs of a collection's population (CSV: file_a,file_b,same)",
+        "collection",
+        "pairs",
+    )
+    p.add_argument("--far", type=float, default=1e-3, help="target false accept rate, e.g. 0.001")
+    p.add_argument(
+        "--apply",
+        choices=("match", "search"),
+        help="set the result as the collection's 1:1 (match) or 1:N (search) threshold (admin key)",
+    )
+    p = cmd("similar", "other subjects that look like a stored face (find-similar)", "collection", "face_id")
+    p.add_argument("--top-k", type=int, default=5, help="most subjects to answer (1-100)")
+    p = cmd("group", "cluster photos (or, with none, the collection's faces) into people", "collection")
+    p.add_argument("photos", nargs="*", help="photos to group; none = the collection's stored faces")
+    p.add_argument("--min-similarity", type=float, default=0.0, help="link threshold; 0 = the collection's 1:N threshold")
     p = cmd("stream", "stream a video file or camera (device number) and print each answer", "source")
     p.add_argument("--collection", default="", help="collection to identify faces in (with --identify)")
     p.add_argument("--identify", action="store_true", help="search each track's face in --collection")
@@ -304,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--annotate", metavar="OUT.mp4", help="write the answered frames with boxes and identities")
     p.add_argument("--json", action="store_true", help="one JSON answer per line")
     for group, actions in (
-        ("collections", ("list", "create", "get", "delete")),
+        ("collections", ("list", "create", "get", "update", "delete")),
         ("subjects", ("list", "get", "delete")),
         ("keys", ("create", "list", "delete")),
     ):
@@ -324,6 +376,14 @@ def build_parser() -> argparse.ArgumentParser:
                     action="store_true",
                     help="let requests skip liveness (trusted bulk imports); default: liveness REQUIRED",
                 )
+            if (group, action) == ("collections", "update"):
+                p.add_argument(
+                    "--duplicate-policy", choices=("reject", "warn", "off"), help="what enrolling a duplicate face does"
+                )
+                for name in ("match", "search", "liveness"):
+                    p.add_argument(
+                        f"--{name}-threshold", type=float, help=f"the collection's {name} threshold; 0 = the server's default"
+                    )
             if (group, action) == ("keys", "create"):
                 p.add_argument("--description", default="", help="what the key is for (shown in `keys list`)")
     return ap
@@ -364,6 +424,13 @@ def run(c: FaceClient, args) -> int:
         show(c.search(a.collection, a.image, top_k=a.top_k, min_similarity=a.min_similarity, all_faces=a.all_faces))
     elif cmd == "enroll":
         return enroll(c, a)
+    elif cmd == "calibrate":
+        return calibrate(c, a)
+    elif cmd == "similar":
+        show(c.find_similar(a.collection, a.face_id, top_k=a.top_k))
+    elif cmd == "group":
+        photos = {p: Path(p) for p in a.photos}
+        show(c.group_faces(a.collection, photos, min_similarity=a.min_similarity, timeout=None))
     elif cmd == "stream":
         return stream(c, a)
     elif cmd == "collections":
@@ -373,6 +440,16 @@ def run(c: FaceClient, args) -> int:
             show(c.create_collection(a.collection, display_name=a.display_name, liveness_optional=a.liveness_optional))
         elif a.action == "get":
             show(c.get_collection(a.collection))
+        elif a.action == "update":
+            show(
+                c.update_collection(
+                    a.collection,
+                    duplicate_policy=a.duplicate_policy,
+                    match_threshold=a.match_threshold,
+                    search_threshold=a.search_threshold,
+                    liveness_threshold=a.liveness_threshold,
+                )
+            )
         else:
             show(c.delete_collection(a.collection))
     elif cmd == "subjects":

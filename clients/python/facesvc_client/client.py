@@ -308,6 +308,70 @@ class FaceClient:
             retry=False,
         ).collection
 
+    def update_collection(
+        self,
+        collection: str,
+        *,
+        display_name: str | None = None,
+        duplicate_policy: str | None = None,
+        match_threshold: float | None = None,
+        search_threshold: float | None = None,
+        liveness_threshold: float | None = None,
+    ) -> pb.Collection:
+        """Change the settings given (not None); a threshold of 0 goes back to the server's default.
+        duplicate_policy: "reject", "warn" or "off"."""
+        req = pb.UpdateCollectionRequest(collection=collection)
+        if display_name is not None:
+            req.display_name = display_name
+            req.update_mask.paths.append("display_name")
+        if duplicate_policy is not None:
+            req.duplicate_policy = pb.DuplicatePolicy.Value(f"DUPLICATE_POLICY_{duplicate_policy.upper()}")
+            req.update_mask.paths.append("duplicate_policy")
+        for name, value in (
+            ("match_threshold", match_threshold),
+            ("search_threshold", search_threshold),
+            ("liveness_threshold", liveness_threshold),
+        ):
+            if value is not None:
+                setattr(req.thresholds, name, value)
+                req.update_mask.paths.append(f"thresholds.{name}")
+        return self._call(self.stub.UpdateCollection, req).collection
+
+    def calibrate_threshold(
+        self, collection: str, pairs, target_far: float, *, timeout: float | None = None
+    ) -> pb.CalibrateThresholdResponse:
+        """pairs: (first, second, same_person), each side a photo (path, bytes, array) or an embedding
+        (a sequence of floats)."""
+
+        def member(x) -> pb.PairMember:
+            if isinstance(x, (list, tuple)) or getattr(x, "ndim", 0) == 1:
+                return pb.PairMember(embedding=list(map(float, x)))
+            return pb.PairMember(image=to_image(x))
+
+        req = pb.CalibrateThresholdRequest(
+            collection=collection,
+            target_far=target_far,
+            pairs=[pb.LabelledPair(first=member(a), second=member(b), same_person=bool(same)) for a, b, same in pairs],
+        )
+        return self._call(self.stub.CalibrateThreshold, req, timeout=timeout)
+
+    def find_similar(
+        self, collection: str, face_id: str, *, top_k: int = 5, min_similarity: float = 0.0
+    ) -> pb.FindSimilarResponse:
+        return self._call(
+            self.stub.FindSimilar,
+            pb.FindSimilarRequest(collection=collection, face_id=face_id, top_k=top_k, min_similarity=min_similarity),
+        )
+
+    def group_faces(
+        self, collection: str, images=None, *, face_ids=(), min_similarity: float = 0.0, timeout: float | None = None
+    ) -> pb.GroupFacesResponse:
+        """images: {item id: photo} to group, or none to group the collection's faces (face_ids, or all)."""
+        req = pb.GroupFacesRequest(collection=collection, face_ids=list(face_ids), min_similarity=min_similarity)
+        for item_id, img in (images or {}).items():
+            req.images.add(item_id=item_id, image=to_image(img))
+        return self._call(self.stub.GroupFaces, req, timeout=timeout)
+
     def get_collection(self, collection: str) -> pb.Collection:
         return self._call(self.stub.GetCollection, pb.GetCollectionRequest(collection=collection)).collection
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,7 +23,17 @@ class Pending:
 
 
 class IdentityHandlers:
-    RPCS = ("Process", "Register", "Verify", "GetSubject", "ListSubjects", "UpdateSubject", "DeleteSubject", "DeleteFace")
+    RPCS = (
+        "Process",
+        "Register",
+        "Verify",
+        "GetSubject",
+        "ListSubjects",
+        "UpdateSubject",
+        "DeleteSubject",
+        "DeleteFace",
+        "ExportSubject",
+    )
 
     def __init__(self, identity: IdentityService, requests: RequestParser):
         self.identity, self.requests = identity, requests
@@ -39,7 +50,7 @@ class IdentityHandlers:
     def _screen(self, request, coll: str, subject: str, budget):
         r = self.requests
         opts = r.options(request.face_options)
-        lthr = r.liveness_threshold(request.liveness_threshold)
+        lthr = r.liveness_threshold(request.liveness_threshold, floor=self.identity.settings(coll)[1].liveness)
         img = r.image(request.image, "image", budget)
         return self.identity.screen(
             coll, subject, img, opts, add_face=request.add_face, skip_liveness=request.skip_liveness, liveness_threshold=lthr
@@ -59,6 +70,7 @@ class IdentityHandlers:
                 liveness=convert.liveness_to_proto(r.liveness) if r.liveness else None,
                 faces_detected=r.faces_detected,
                 model=r.staged.model_id,
+                duplicate=convert.duplicate_to_proto(r.duplicate),
             )
 
         return Pending(screened.face, finish)
@@ -93,7 +105,10 @@ class IdentityHandlers:
     @staticmethod
     def _register_response(r) -> pb.RegisterResponse:
         resp = pb.RegisterResponse(
-            subject=convert.subject_to_proto(r.subject), face=convert.stored_face_to_proto(r.face), subject_created=r.created
+            subject=convert.subject_to_proto(r.subject),
+            face=convert.stored_face_to_proto(r.face),
+            subject_created=r.created,
+            duplicate=convert.duplicate_to_proto(r.duplicate),
         )
         if r.processed is not None:
             resp.detected_face.CopyFrom(convert.face_to_proto(r.processed.face))
@@ -106,8 +121,9 @@ class IdentityHandlers:
         r = self.requests
         coll, subject = self._ids(request)
         opts = r.options(request.face_options)
-        threshold = r.match_threshold(request.threshold)
-        lthr = r.liveness_threshold(request.liveness_threshold)
+        limits = self.identity.settings(coll)[1]
+        threshold = r.match_threshold(request.threshold, default=limits.match)
+        lthr = r.liveness_threshold(request.liveness_threshold, floor=limits.liveness)
         img = r.image(request.image, "image")
         v = self.identity.verify(
             coll, subject, img, opts, threshold, skip_liveness=request.skip_liveness, liveness_threshold=lthr
@@ -160,3 +176,14 @@ class IdentityHandlers:
         coll = validate.collection_id(request.collection)
         face = self.identity.delete_face(coll, validate.face_id(request.face_id))
         return pb.DeleteFaceResponse(face=convert.stored_face_to_proto(face))
+
+    @rpc
+    def ExportSubject(self, request: pb.ExportSubjectRequest, context) -> pb.ExportSubjectResponse:
+        coll, subject = self._ids(request)
+        s, crops = self.identity.export_subject(coll, subject)
+        return pb.ExportSubjectResponse(
+            subject=convert.subject_to_proto(s),
+            crops=[pb.FaceCrop(face_id=f, png=png) for f, png in crops],
+            collection=coll,
+            export_time=convert.timestamp(int(time.time() * 1000)),
+        )

@@ -28,6 +28,7 @@ from server.rpc.handlers.identity import IdentityHandlers
 from server.rpc.handlers.stateless import item_error
 from server.rpc.requests import RequestParser
 from server.rpc.status import failure, stream_rpc
+from server.rpc.status import outcome as status_outcome
 from server.vision.pipeline import FacePipeline
 
 MAX_FPS = 240.0
@@ -131,7 +132,9 @@ class StreamHandlers:
         first_message_s: float,
         idle_s: float,
         max_faces_per_subject: int,
+        audit=None,
     ):
+        self.audit = audit  # server.rpc.audit.AuditRecorder: each batch item is recorded as its single-item RPC
         self.pipeline, self.identity, self.collections, self.indexes = pipeline, identity, collections, indexes
         self.requests, self.authenticator = requests, authenticator
         self.first_message_s, self.idle_s, self.max_faces_per_subject = first_message_s, idle_s, max_faces_per_subject
@@ -196,9 +199,16 @@ class StreamHandlers:
                 try:
                     if isinstance(p, Exception):
                         raise p
-                    yield response_type(item_id=item.item_id, result=p.finish(next(embeddings) if p.face is not None else None))
+                    answer = response_type(
+                        item_id=item.item_id, result=p.finish(next(embeddings) if p.face is not None else None)
+                    )
+                    outcome = "OK"
                 except Exception as exc:  # noqa: BLE001
-                    yield response_type(item_id=item.item_id, error=item_error(failure(f"{rpc_name}Batch", exc, item=True)))
+                    err = failure(f"{rpc_name}Batch", exc, item=True)
+                    answer, outcome = response_type(item_id=item.item_id, error=item_error(err)), status_outcome(err)
+                if self.audit is not None:
+                    self.audit.record_item(rpc_name, getattr(item, field), outcome)
+                yield answer
 
     @stream_rpc
     def ProcessBatch(self, request_iterator, context):
@@ -217,18 +227,21 @@ class StreamHandlers:
         r = self.requests
         if not 0 <= cfg.max_fps <= MAX_FPS:
             raise errors.validation("config.max_fps", f"must be in [0, {MAX_FPS:.0f}], got {cfg.max_fps}")
-        liveness, collection = cfg.liveness, ""
+        liveness, collection, limits = cfg.liveness, "", self.identity.identity.settings
+        search_default = liveness_floor = 0.0
         if cfg.identify:
             collection = validate.collection_id(cfg.collection, "config.collection")
-            if self.collections.policy(collection) == LIVENESS_REQUIRED:
+            c, t = limits(collection)
+            if c.liveness_policy == LIVENESS_REQUIRED:
                 liveness = True  # identification honours the collection's liveness policy, as Search does
+            search_default, liveness_floor = t.search, t.liveness  # and its thresholds
         return StreamSettings(
             detect=r.options(cfg.face_options, "config.face_options", analyzed=cfg.liveness or cfg.identify),
             liveness=liveness,
             identify=cfg.identify,
             collection=collection,
-            min_similarity=r.min_similarity(cfg.min_similarity, "config.min_similarity"),
-            liveness_threshold=r.liveness_threshold(cfg.liveness_threshold, "config.liveness_threshold"),
+            min_similarity=r.min_similarity(cfg.min_similarity, "config.min_similarity", default=search_default),
+            liveness_threshold=r.liveness_threshold(cfg.liveness_threshold, "config.liveness_threshold", floor=liveness_floor),
             max_faces_per_subject=self.max_faces_per_subject,
         )
 

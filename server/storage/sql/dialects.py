@@ -59,6 +59,26 @@ _SQLITE_SCHEMA: list[list[str]] = [
         "CREATE INDEX face_changes_by_time ON face_changes(created_ms)",
         "CREATE INDEX faces_for_index ON faces(collection_id, model_id, face_id)",
     ],
+    [  # v3: per-collection duplicate policy, thresholds (0 = the server's default) and face retention
+        # (0 = none); the audit log; an index for the retention job's scan
+        "ALTER TABLE collections ADD COLUMN duplicate_policy TEXT NOT NULL DEFAULT 'reject'",
+        "ALTER TABLE collections ADD COLUMN match_threshold REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE collections ADD COLUMN search_threshold REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE collections ADD COLUMN liveness_threshold REAL NOT NULL DEFAULT 0",
+        "ALTER TABLE collections ADD COLUMN retention_days INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE audit_log (
+            seq           INTEGER PRIMARY KEY AUTOINCREMENT,
+            created_ms    INTEGER NOT NULL,
+            key_id        TEXT NOT NULL,
+            action        TEXT NOT NULL,
+            collection_id TEXT NOT NULL,
+            subject_id    TEXT NOT NULL,
+            face_id       TEXT NOT NULL,
+            outcome       TEXT NOT NULL)""",
+        "CREATE INDEX audit_log_by_time ON audit_log(created_ms)",
+        "CREATE INDEX audit_log_by_collection ON audit_log(collection_id, subject_id, seq)",
+        "CREATE INDEX faces_by_age ON faces(collection_id, created_ms)",
+    ],
 ]
 
 _MYSQL_TABLE = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
@@ -106,6 +126,23 @@ _MYSQL_SCHEMA: list[list[str]] = [
             created_ms    BIGINT NOT NULL,
             INDEX face_changes_by_time (created_ms)) {_MYSQL_TABLE}""",
         "CREATE INDEX faces_for_index ON faces (collection_id, model_id, face_id)",
+    ],
+    [  # v3: see the SQLite schema
+        "ALTER TABLE collections ADD COLUMN duplicate_policy VARCHAR(16) NOT NULL DEFAULT 'reject', "
+        "ADD COLUMN match_threshold DOUBLE NOT NULL DEFAULT 0, ADD COLUMN search_threshold DOUBLE NOT NULL DEFAULT 0, "
+        "ADD COLUMN liveness_threshold DOUBLE NOT NULL DEFAULT 0, ADD COLUMN retention_days INT NOT NULL DEFAULT 0",
+        f"""CREATE TABLE audit_log (
+            seq           BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+            created_ms    BIGINT NOT NULL,
+            key_id        VARCHAR(32) NOT NULL,
+            action        VARCHAR(32) NOT NULL,
+            collection_id VARCHAR(64) NOT NULL,
+            subject_id    VARCHAR(128) NOT NULL,
+            face_id       VARCHAR(32) NOT NULL,
+            outcome       VARCHAR(64) NOT NULL,
+            INDEX audit_log_by_time (created_ms),
+            INDEX audit_log_by_collection (collection_id, subject_id, seq)) {_MYSQL_TABLE}""",
+        "CREATE INDEX faces_by_age ON faces (collection_id, created_ms)",
     ],
 ]
 

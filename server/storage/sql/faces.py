@@ -293,6 +293,29 @@ class SqlFaces(SqlDatabase):
             q("UPDATE subjects SET updated_ms = ? WHERE collection_id = ? AND subject_id = ?", now_ms(), collection_id, row[2])
         return self._face(row, False)
 
+    def face_embeddings(self, collection_id: str, face_ids: list[str], model_id: str, limit: int) -> list[FaceRecord]:
+        """Faces of the collection embedded by `model_id`, with their embeddings, in face id order: the
+        listed ones (unknown ids are left out), or with no ids the first `limit` of all of them."""
+        where, params = "collection_id = ? AND model_id = ?", [collection_id, model_id]
+        if face_ids:
+            where += f" AND face_id IN ({', '.join('?' * len(face_ids))})"
+            params += face_ids
+        with self._tx(write=False) as q:
+            self._collection_row(q, collection_id)
+            rows = q(f"SELECT {self._FACE_COLUMNS} FROM faces WHERE {where} ORDER BY face_id LIMIT ?", *params, limit).fetchall()
+        return [self._face(r, True) for r in rows]
+
+    def faces_created_before(self, collection_id: str, before_ms: int, limit: int) -> list[FaceRecord]:
+        """The collection's oldest faces registered before `before_ms` (the retention job), without embeddings."""
+        with self._tx(write=False) as q:
+            rows = q(
+                f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND created_ms < ? ORDER BY created_ms LIMIT ?",
+                collection_id,
+                before_ms,
+                limit,
+            ).fetchall()
+        return [self._face(r, False) for r in rows]
+
     # -- re-embedding (scripts/reembed.py) -----------------------------------
     def faces_with_crops(self, after_face_id: str, limit: int, collection_id: str = "") -> list[FaceRecord]:
         """Faces that have a stored crop, in face id order (all collections when collection_id is empty)."""

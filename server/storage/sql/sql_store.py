@@ -6,11 +6,12 @@ The services never see this class: each takes the role it needs
 
 from __future__ import annotations
 
+from server.storage.sql.audit import SqlAudit
 from server.storage.sql.changes import SqlChangeFeed
 from server.storage.sql.collections import SqlCollections
 from server.storage.sql.faces import SqlFaces
 from server.storage.sql.keys import SqlKeys
 
 
-class SqlFaceStore(SqlCollections, SqlFaces, SqlKeys, SqlChangeFeed):
-    """Collections, subjects and faces, API keys and the change log in one database."""
+class SqlFaceStore(SqlCollections, SqlFaces, SqlKeys, SqlChangeFeed, SqlAudit):
+    """Collections, subjects and faces, API keys, the change log and the audit log in one database."""

@@ -1,0 +1,90 @@
+"""The audit log: which key did what, on which collection and subject, when, with what outcome.
+
+Calls are recorded as they finish (`record`, from the RPC layer) into a bounded buffer that a
+background thread writes to the store in one transaction a second, so an audited Verify does not
+wait for a database commit of its own. A crash loses at most the last second's events; a store
+outage keeps them buffered (up to MAX_BUFFER, then the oldest are dropped and counted in the log).
+The same thread prunes events older than the audit retention once an hour.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+from server import errors
+from server.domain.periodic import Periodic
+from server.records import AuditEvent
+from server.storage.interfaces import AuditStore
+
+log = logging.getLogger("facesvc.audit")
+
+MAX_BUFFER = 100_000
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class AuditLog:
+    def __init__(self, store: AuditStore, retention_days: float = 365, flush_s: float = 1.0):
+        self.store, self.retention_days, self.flush_s = store, retention_days, flush_s
+        self._buffer: deque[AuditEvent] = deque()
+        self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # one flush at a time: the thread's, or flush() called by a test or stop()
+        self._dropped = 0
+        self._last_prune = 0.0
+        self._thread = Periodic("audit-log", flush_s, self._step, log)
+
+    def record(self, key_id: str, action: str, collection: str, subject_id: str, face_id: str, outcome: str) -> None:
+        event = AuditEvent(key_id, action, collection, subject_id, face_id, outcome, _now_ms())
+        with self._lock:
+            if len(self._buffer) >= MAX_BUFFER:
+                self._buffer.popleft()
+                self._dropped += 1
+            self._buffer.append(event)
+
+    def flush(self) -> int:
+        """Write what is buffered; on a store outage it stays buffered for the next try. Returns events written."""
+        with self._flushing:
+            with self._lock:
+                batch, dropped = list(self._buffer), self._dropped
+                self._dropped = 0
+            if dropped:
+                log.warning("audit log: %d events dropped (buffer full while the database was unreachable)", dropped)
+            if not batch:
+                return 0
+            try:
+                self.store.append_audit(batch)
+            except errors.FaceServiceError as exc:
+                log.warning("audit log: %d events not written yet (%s); retrying", len(batch), exc)
+                return 0
+            with self._lock:
+                for _ in batch:
+                    self._buffer.popleft()
+            return len(batch)
+
+    def list(self, before_seq: int, limit: int, collection: str = "", subject_id: str = "") -> list[AuditEvent]:
+        self.flush()  # what was recorded before the listing is in it
+        return self.store.list_audit(before_seq, limit, collection, subject_id)
+
+    def prune(self) -> int:
+        return self.store.prune_audit(_now_ms() - int(self.retention_days * 86_400_000))
+
+    # -- the thread ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._thread.stop(timeout_s)
+        self.flush()
+
+    def _step(self) -> None:
+        self.flush()
+        if time.monotonic() - self._last_prune >= 3600:
+            self._last_prune = time.monotonic()
+            n = self.prune()
+            if n:
+                log.info("audit log: pruned %d events older than %g days", n, self.retention_days)
