@@ -273,22 +273,22 @@ def test_cli_calibrate_update_similar_and_group(srv, tmp_path):
         w.writerows([FACES / "lfw" / r["file_a"], FACES / "lfw" / r["file_b"], r["same"]] for r in picked)
     p = cli(srv, "calibrate", coll, str(pairs), "--far", "0.1", "--apply", "search", check=False)
     r = json.loads(p.stdout[: p.stdout.index("\n}") + 2])
-    assert r["genuine_pairs"] + r["impostor_pairs"] + r.get("skipped_pairs", 0) == 16 and r["far"] <= 0.1
-    if r.get("below_floor"):  # LFW impostors at FAR 0.1 may sit below the server's floor: then nothing is applied
+    assert r["genuinePairs"] + r["impostorPairs"] + r.get("skippedPairs", 0) == 16 and r["far"] <= 0.1
+    if r.get("belowFloor"):  # LFW impostors at FAR 0.1 may sit below the server's floor: then nothing is applied
         assert p.returncode == 1 and "below the server's floor" in p.stderr
     else:
         assert p.returncode == 0
         applied = json.loads(cli(srv, "collections", "get", coll).stdout)
-        assert applied["thresholds"]["search_threshold"] == pytest.approx(r["threshold"], abs=1e-6)
+        assert applied["thresholds"]["searchThreshold"] == pytest.approx(r["threshold"], abs=1e-6)
     updated = json.loads(cli(srv, "collections", "update", coll, "--duplicate-policy", "off", "--search-threshold", "0").stdout)
-    assert updated["duplicate_policy"] == "DUPLICATE_POLICY_OFF" and "search_threshold" not in updated.get("thresholds", {})
-    face = json.loads(cli(srv, "register", coll, "a", "--image", str(face_path("dev/img1.jpg"))).stdout)["face"]["face_id"]
+    assert updated["duplicatePolicy"] == "DUPLICATE_POLICY_OFF" and "searchThreshold" not in updated.get("thresholds", {})
+    face = json.loads(cli(srv, "register", coll, "a", "--image", str(face_path("dev/img1.jpg"))).stdout)["face"]["faceId"]
     cli(srv, "register", coll, "b", "--image", str(face_path("dev/img2.jpg")))  # the same person: duplicate policy off
     similar = json.loads(cli(srv, "similar", coll, face).stdout)
-    assert [m["subject_id"] for m in similar["matches"]] == ["b"]
+    assert [m["subjectId"] for m in similar["matches"]] == ["b"]
     groups = json.loads(cli(srv, "group", coll).stdout)["groups"]
-    assert [sorted(m["subject_id"] for m in g["members"]) for g in groups] == [["a", "b"]]
+    assert [sorted(m["subjectId"] for m in g["members"]) for g in groups] == [["a", "b"]]
     photos = [str(face_path(f"dev/{n}")) for n in ("img1.jpg", "img2.jpg", "img13.jpg")]
     grouped = json.loads(cli(srv, "group", coll, *photos).stdout)
-    assert [[m["item_id"] for m in g["members"]] for g in grouped["groups"]] == [photos[:2]]
-    assert [m["item_id"] for m in grouped["singletons"]] == photos[2:]
+    assert [[m["itemId"] for m in g["members"]] for g in grouped["groups"]] == [photos[:2]]
+    assert [m["itemId"] for m in grouped["singletons"]] == photos[2:]

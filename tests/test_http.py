@@ -153,7 +153,7 @@ def test_batches_stream_over_connect(srv):
     c = client(srv)
     items = [
         pb.ProcessBatchRequest(
-            item_id="a", process=pb.ProcessRequest(collection="http-enrol", subject_id="x", image=image("dev/img20.jpg"))
+            item_id="a", process=pb.ProcessRequest(collection="http-enrol", subject_id="x", image=image("dev/img13.jpg"))
         ),
         pb.ProcessBatchRequest(item_id="b", process=pb.ProcessRequest(collection="http-enrol", subject_id="y")),
     ]
