@@ -323,3 +323,45 @@ def test_a_tracks_liveness_is_the_median_of_its_frames(stub):
     counts = [a.faces[0].liveness_frames for a in answers if a.faces and a.faces[0].track_id == answers[0].faces[0].track_id]
     assert counts == sorted(counts) and 3 <= counts[-1] <= 5, counts  # one check per frame, the last 5 kept
     assert all(a.faces[0].HasField("liveness") for a in answers if a.faces)
+
+
+def test_a_sideways_camera_is_found_every_frame_without_turning_every_frame(pipeline):
+    """A stream remembers the orientation that found its faces and tries the turned passes at most
+    once a second: a sideways camera's frames are found at one turned pass each, not seven."""
+    from server.domain.streaming import StreamSession, StreamSettings
+    from server.vision.pipeline import DetectOptions
+
+    now = [0.0]
+    session = StreamSession(
+        pipeline,
+        None,
+        StreamSettings(
+            DetectOptions(),
+            liveness=False,
+            identify=False,
+            collection="",
+            min_similarity=0.0,
+            liveness_threshold=None,
+            max_faces_per_subject=1,
+        ),
+        clock=lambda: now[0],
+    )
+    frame = np.ascontiguousarray(np.rot90(cv2.resize(cv2.imread(str(FACES / "dev" / "img1.jpg")), (480, 640)), 1))
+    detector, runs = pipeline.detector, [0]
+    real = detector.detect
+
+    def counted(*a, **k):
+        runs[0] += 1
+        return real(*a, **k)
+
+    detector.detect = counted
+    try:
+        found = []
+        for _ in range(10):  # a third of a second of video
+            found.append(session.process(frame))
+            now[0] += 1 / 30
+    finally:
+        del detector.detect
+    assert all(len(r) == 1 for r in found)
+    assert {r[0].face.orientation for r in found} == {270}
+    assert runs[0] <= 10 + 9 + 9, runs[0]  # the first frame searches; the others take the remembered turn

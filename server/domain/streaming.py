@@ -22,6 +22,10 @@ QUALITY_GAIN = 0.15  # a track is evaluated again when its face quality rises by
 # ... and at least this often: a track follows a box, and the face in the box can change (a printed
 # face held up where a live one was) or leave the index (its subject deleted) while the box stays.
 REEVALUATE_S = 1.0
+# A camera does not turn from frame to frame: a stream tries the turned detector passes (six more
+# passes on a frame with no upright face) at most this often, and first tries the orientation that
+# found its last faces. Every frame of an empty scene paying for every turn would cost a stream 7x.
+TURN_EVERY_S = 1.0
 LIVENESS_FRAMES = 5  # a track's liveness verdict is the median of its last this many frames' checks
 
 
@@ -151,6 +155,7 @@ class StreamSession:
     def __init__(self, pipeline: FacePipeline, indexes, settings: StreamSettings, clock=time.monotonic):
         self.pipeline, self.indexes, self.s, self.clock = pipeline, indexes, settings, clock
         self.tracker = FaceTracker(clock=clock)
+        self.orientation, self._turned_at = 0, -TURN_EVERY_S
 
     def _check_live(self, img, face, track) -> None:
         """One more liveness check for the track; its verdict is the median of the last few, so a
@@ -168,9 +173,14 @@ class StreamSession:
             track.identity = None  # a spoof is nobody
 
     def process(self, img) -> list[TrackedFaceResult]:
-        faces = self.pipeline.detect(img, self.s.detect)
-        tracks = self.tracker.update([f.box for f in faces])
         now = self.clock()
+        turns = now - self._turned_at >= TURN_EVERY_S
+        faces = self.pipeline.detect(img, self.s.detect, turns=turns, prefer=self.orientation)
+        if turns:
+            self._turned_at = now
+        if faces:
+            self.orientation = faces[0].orientation
+        tracks = self.tracker.update([f.box for f in faces])
         due = [
             i
             for i, (f, t) in enumerate(zip(faces, tracks))

@@ -84,15 +84,24 @@ class FaceFinder:
     def __init__(self, detector, max_side: int = 640):
         self.detector, self.max_side = detector, max_side
 
-    def find(self, img: np.ndarray, min_score: float | None = None) -> Found:
+    def find(self, img: np.ndarray, min_score: float | None = None, turns: bool = True, prefer: int = 0) -> Found:
+        """`turns`: whether the turned passes may run (a stream allows them now and then: its camera
+        does not turn from frame to frame). `prefer`: an orientation (degrees) to try first, the one
+        that found the faces of this stream's previous frames."""
         h, w = img.shape[:2]
         small, scale = resize_long_side(img, self.max_side)
+        if prefer % 360 and spend(2):
+            turned = self._turn(small, (prefer // 90) % 4, min_score)
+            if len(turned):
+                return self._scaled(turned, scale)
         found = self._scaled(self._run(small, min_score), scale)
         if self._cut_off(found, w, h) and spend(1):
             found = self._merge(found, self._scaled(self._padded(small, min_score), scale))
         if not len(found) and max(h, w) > 2 * self.max_side and spend(FINE * FINE, h * w):
             fine, fine_scale = resize_long_side(img, FINE * self.max_side)
             found = self._scaled(self._run(fine, min_score, FINE * self.max_side), fine_scale)
+        if not turns:
+            return found
         if len(found):
             if self._quarter_turns(found) or self._doubtful(found, w, h):
                 # lying on its side, or weak and perhaps upside down: its landmarks are the detector's

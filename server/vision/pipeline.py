@@ -62,9 +62,10 @@ class FacePipeline:
         self.runtimes = runtimes or []  # where each model runs: model, kind, runtime, precision, device
 
     # -- detection ---------------------------------------------------------
-    def detect(self, img: np.ndarray, opts: DetectOptions) -> list[Face]:
-        """All faces passing the filters, ordered by `opts.selection`, with quality and aligned crops."""
-        found = self.finder.find(img, opts.min_score)
+    def detect(self, img: np.ndarray, opts: DetectOptions, turns: bool = True, prefer: int = 0) -> list[Face]:
+        """All faces passing the filters, ordered by `opts.selection`, with quality and aligned crops.
+        `turns` and `prefer`: see FaceFinder.find."""
+        found = self.finder.find(img, opts.min_score, turns, prefer)
         h, w = img.shape[:2]
         faces = []
         for box, lm, score in zip(found.boxes, found.landmarks, found.scores):
