@@ -292,6 +292,8 @@ def test_calibration_on_embedding_pairs_and_photo_pairs(backend, faces):  # noqa
         pb.CalibrateThresholdRequest(collection=cid, pairs=pairs, target_far=0.0001),  # too few impostors to tell
         pb.CalibrateThresholdRequest(collection=cid, pairs=pairs, target_far=1.5),
         pb.CalibrateThresholdRequest(collection=cid, pairs=[pb.LabelledPair(same_person=True)], target_far=0.1),
+        # 33 pairs of photos: more photos than one request may decode (as DetectBatch), refused before any work
+        pb.CalibrateThresholdRequest(collection=cid, pairs=[photo_pairs[0]] * 33, target_far=0.1),
     ):
         expect_error(b.stub.CalibrateThreshold, bad, INVALID, "VALIDATION_FAILED")
 

@@ -29,7 +29,7 @@ def _matches(hits) -> list[pb.SearchMatch]:
 
 
 MAX_GROUP_IMAGES = 64  # as DetectBatch
-MAX_CALIBRATION_PAIRS, MAX_CALIBRATION_IMAGE_PAIRS = 20_000, 200
+MAX_CALIBRATION_PAIRS, MAX_CALIBRATION_IMAGE_PAIRS = 20_000, MAX_GROUP_IMAGES // 2  # photos: as DetectBatch
 
 
 class SearchHandlers:
@@ -155,11 +155,14 @@ class SearchHandlers:
         """(item, embedding) of each photo's selected face, embedded in one batch; a photo that cannot
         be used goes to `failed` with its error, as a batch item's would."""
         opts = self.requests.options(face_options)
+        # one budget for the whole call, as DetectBatch has: many photos in one request must not buy
+        # a request's worth of decoding and detector passes each
+        budget = self.requests.limits.budget(sum(item.ByteSize() for item in items))
         found = []
         for item in items:
             try:
                 validate.item_id(item.item_id)
-                img = self.requests.image(item.image, "images.image", self.requests.limits.budget(item.ByteSize()))
+                img = self.requests.image(item.image, "images.image", budget)
                 found.append((item, self.searcher.pipeline.detect_one(img, opts)))
             except errors.FaceServiceError as exc:
                 failed.append(pb.FailedItem(item_id=item.item_id, error=item_error(exc)))
