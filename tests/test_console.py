@@ -2,7 +2,7 @@
 loads the console from a live server's HTTP port, uploads the shared photos, enrols and verifies, and
 checks what is drawn and shown.
 
-FACESVC_CONSOLE_SCREENSHOT=docs/console.png also writes the README's screenshot."""
+FACESVC_CONSOLE_SCREENSHOT=docs/console.png also writes a screenshot of the console (git-ignored)."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def test_enrol_verify_search_and_subject_pages(page, srv):
         page.screenshot(path=shot, full_page=True)
         from PIL import Image
 
-        Image.open(shot).convert("RGB").quantize(256).save(shot, optimize=True)  # a third of the size, for the repo
+        Image.open(shot).convert("RGB").quantize(256).save(shot, optimize=True)  # a third of the size
 
 
 def test_console_files_are_served_with_a_strict_policy(srv):

@@ -334,9 +334,7 @@ def test_weights_are_not_tracked_by_git():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
     if not tracked:
         pytest.skip("not a git checkout")
-    # docs/ may hold screenshots of the web console: tests/test_console.py takes them with the photo hidden
-    photos = [t for t in tracked if t.endswith((".onnx", ".jpg", ".jpeg", ".png"))]
-    assert not [t for t in photos if not (t.startswith("docs/") and t.endswith(".png"))]
+    assert not [t for t in tracked if t.endswith((".onnx", ".jpg", ".jpeg", ".png"))]
 
 
 def test_healthcheck_follows_the_configured_port(server):
