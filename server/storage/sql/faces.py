@@ -99,20 +99,7 @@ class SqlFaces(SqlDatabase):
                         f"subject {subject_id!r} already holds {count} faces (limit {max_faces})",
                         limit=max_faces,
                     )
-                merged = {**json.loads(row[0]), **metadata}
-                if len(merged) > MAX_METADATA_ENTRIES:  # the limit holds however the entries arrive
-                    raise errors.validation(
-                        "metadata",
-                        f"the subject would hold {len(merged)} metadata entries; at most {MAX_METADATA_ENTRIES}",
-                        limit=MAX_METADATA_ENTRIES,
-                    )
-                q(
-                    "UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
-                    json.dumps(merged, sort_keys=True),
-                    ts,
-                    collection_id,
-                    subject_id,
-                )
+                _save_metadata(q, collection_id, subject_id, {**json.loads(row[0]), **metadata}, ts)
             try:
                 q(
                     "INSERT INTO faces (face_id, collection_id, subject_id, model_id, embedding, quality, crop, created_ms) "
@@ -239,19 +226,7 @@ class SqlFaces(SqlDatabase):
                     merged[k] = metadata[k]
                 else:
                     merged.pop(k, None)
-            if len(merged) > MAX_METADATA_ENTRIES:
-                raise errors.validation(
-                    "metadata",
-                    f"the subject would hold {len(merged)} metadata entries; at most {MAX_METADATA_ENTRIES}",
-                    limit=MAX_METADATA_ENTRIES,
-                )
-            q(
-                "UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
-                json.dumps(merged, sort_keys=True),
-                now_ms(),
-                collection_id,
-                subject_id,
-            )
+            _save_metadata(q, collection_id, subject_id, merged, now_ms())
         return self.get_subject(collection_id, subject_id)
 
     def delete_subject(self, collection_id: str, subject_id: str) -> list[str]:
@@ -332,3 +307,21 @@ class SqlFaces(SqlDatabase):
                 return  # deleted meanwhile
             q("UPDATE faces SET model_id = ?, embedding = ? WHERE face_id = ?", model_id, _emb_bytes(embedding), face_id)
             self._log(q, row[0], face_id, "update")
+
+
+def _save_metadata(q, collection_id: str, subject_id: str, merged: dict, ts: int) -> None:
+    """Write a subject's merged metadata; the entry limit holds however the entries arrive (a
+    Register's metadata merged into the stored map, an UpdateSubject's keys)."""
+    if len(merged) > MAX_METADATA_ENTRIES:
+        raise errors.validation(
+            "metadata",
+            f"the subject would hold {len(merged)} metadata entries; at most {MAX_METADATA_ENTRIES}",
+            limit=MAX_METADATA_ENTRIES,
+        )
+    q(
+        "UPDATE subjects SET metadata = ?, updated_ms = ? WHERE collection_id = ? AND subject_id = ?",
+        json.dumps(merged, sort_keys=True),
+        ts,
+        collection_id,
+        subject_id,
+    )
