@@ -31,7 +31,6 @@ import numpy as np
 from bench.common import write_json
 from server import config
 from server.app import build_pipeline, model_loader
-from server.vision.models.liveness import liveness_box
 from server.vision.models.manifest import DEFAULT_MANIFEST
 from server.vision.pipeline import DetectOptions
 
@@ -76,20 +75,16 @@ def best_threshold(s: np.ndarray, y: np.ndarray) -> dict:
 
 
 class Scorer:
-    """Every model's P(live) for a face, as the pipeline computes it."""
+    """Every model's P(live) for a face, as the pipeline computes it (the pair's members too)."""
 
     def __init__(self, settings):
         loader = model_loader(settings)
-        self.v2, self.v1se = loader.build_liveness("minifasnet_v2"), loader.build_liveness("minifasnet_v1se")
-        self.se128 = loader.build_liveness("minifasnet_se128")
+        self.pair, self.se128 = loader.build_liveness("minifasnet_pair"), loader.build_liveness("minifasnet_se128")
 
     def __call__(self, img: np.ndarray, box: np.ndarray) -> dict[str, float]:
-        b = liveness_box(box)  # the pair's members are scored on the liveness box, as the pair scores them
-        v2, v1se = self.v2.score(img, b), self.v1se.score(img, b)
-        return {
-            "minifasnet_v2": v2,
-            "minifasnet_v1se": v1se,
-            "minifasnet_pair": (v2 + v1se) / 2,
+        members = self.pair.member_scores(img, box)
+        return members | {
+            "minifasnet_pair": float(np.mean(list(members.values()))),
             "minifasnet_se128": self.se128.score(img, box),
         }
 
@@ -110,8 +105,8 @@ def size_sweep(judged, score, members, threshold) -> dict[int, dict]:
             small = cv2.resize(img, None, fx=f, fy=f, interpolation=cv2.INTER_AREA)
             scores.append(score(small, box * f))
             labels.append(real)
-        y = np.array(labels, bool)
-        out[px] = rates(fused(scores, members)[y], fused(scores, members)[~y], threshold) | {"photos": len(y)}
+        y, s = np.array(labels, bool), fused(scores, members)
+        out[px] = rates(s[y], s[~y], threshold) | {"photos": len(y)}
     return out
 
 

@@ -110,6 +110,10 @@ class MiniFasNetPair:
         self.name = name
         self.context_scale = max(v2.context_scale, v1se.context_scale)
 
-    def score(self, img_bgr: np.ndarray, box: np.ndarray) -> float:
+    def member_scores(self, img_bgr: np.ndarray, box: np.ndarray) -> dict[str, float]:
+        """Each member's P(real), on the liveness box."""
         b = liveness_box(box)
-        return float(np.mean([m.score(img_bgr, b) for m in self.models]))
+        return {m.name: m.score(img_bgr, b) for m in self.models}
+
+    def score(self, img_bgr: np.ndarray, box: np.ndarray) -> float:
+        return float(np.mean(list(self.member_scores(img_bgr, box).values())))
