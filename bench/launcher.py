@@ -91,6 +91,7 @@ class ServerProcess:
     ):
         self.log_path = log_path
         self.log = open(log_path, "w+")
+        LIVE.add(self)
         env = {"FACESVC_ADMIN_API_KEY": ADMIN_KEY, "FACESVC_DATA_DIR": str(log_path.parent / "data"), **(env or {})}
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "server", "--host", "127.0.0.1", "--port", "0", *args],
@@ -171,11 +172,24 @@ class ServerProcess:
             time.sleep(0.1)
         raise RuntimeError(f"server not SERVING after {timeout}s:\n{self.output()}")
 
+    def dump_stacks(self, wait_s: float = 1.0) -> str:
+        """Every server thread's stack (SIGUSR1, see server/__main__.py), from its log; "" once it has exited."""
+        if self.proc.poll() is not None:
+            return ""
+        before = len(self.output())
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(wait_s)
+        return self.output()[before:]
+
     def stop(self, timeout: float = 30) -> int:
         self.channel.close()
         for ch in getattr(self, "_extra_channels", []):
             ch.close()
+        LIVE.discard(self)
         return stop_process(self.proc, signal.SIGTERM, timeout, self.log)
+
+
+LIVE: set[ServerProcess] = set()  # started and not stopped: a failed test reports their state (tests/conftest.py)
 
 
 class MilvusLiteServer:

@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # `kill -USR1 <pid>`: every thread's stack to the log, the process goes on. faulthandler writes
+    # from the signal handler in C, so this answers even when no Python thread can run.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
     server.start()
     try:
         server.load_models()

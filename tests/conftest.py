@@ -169,3 +169,30 @@ def race(calls) -> list[BaseException | None]:
     for t in threads:
         t.join()
     return results
+
+
+_DUMPED: set[int] = set()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that failed on a deadline: what every live server was doing then. The first such
+    failure per server gets its threads' stacks (SIGUSR1) and the tail of its log in the report, as CI
+    keeps nothing but the output."""
+    outcome = yield
+    report = outcome.get_result()
+    if (
+        not report.failed
+        or call.when != "call"
+        or not any(word in str(report.longrepr) for word in ("DEADLINE_EXCEEDED", "timed out", "Timeout"))
+    ):
+        return
+    from bench.launcher import LIVE
+
+    for srv in list(LIVE):
+        if srv.proc.pid in _DUMPED:
+            continue
+        _DUMPED.add(srv.proc.pid)
+        stacks = srv.dump_stacks()
+        report.sections.append((f"server {srv.proc.pid} threads", stacks[-20000:] or "(exited)"))
+        report.sections.append((f"server {srv.proc.pid} log tail", srv.output()[-4000:]))

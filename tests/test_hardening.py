@@ -70,10 +70,17 @@ def idle_requests(stop: threading.Event):
 
 # -- 1. worker starvation --------------------------------------------------------------------------
 def test_one_key_at_its_limits_leaves_health_and_other_keys_served(srv, admin):
+    stop = threading.Event()
+    try:
+        one_key_at_its_limits(srv, admin, stop)
+    finally:
+        stop.set()  # the idle streams half-close even when an assertion failed on the way
+
+
+def one_key_at_its_limits(srv, admin, stop: threading.Event):
     _, key_a = tenant(admin)
     _, key_b = tenant(admin)
     a, b = srv.stub(key_a), srv.stub(key_b)
-    stop = threading.Event()
     # streams that never send their first message: the first two take the key's stream slots at once...
     held = [a.StreamFrames(idle_requests(stop), timeout=60), a.ProcessBatch(idle_requests(stop), timeout=60)]
     time.sleep(0.5)

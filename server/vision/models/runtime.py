@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -204,6 +205,32 @@ def resolve_precision(asked: str) -> str:
     return "f32"
 
 
+class _Compiler:
+    """One background thread compiles every shape-specialised graph of the process, one at a time:
+    concurrent compile_model calls are where the CPU plugin has had its races, and a compilation
+    takes the cores the requests need, so two at once would only slow both."""
+
+    def __init__(self):
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, fn, *args) -> None:
+        self._jobs.put((fn, args))
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="ov-compile", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._jobs.get()
+            fn(*args)
+
+
+COMPILER = _Compiler()
+
+
 class OpenVinoSession:
     """A model compiled by OpenVINO for the CPU, called like an onnxruntime InferenceSession."""
 
@@ -250,7 +277,7 @@ class OpenVinoSession:
             with self._lock:
                 if shape not in self._shaped and len(self._shaped) < self.MAX_SHAPES:
                     self._shaped[shape] = None  # claimed: compiled once
-                    threading.Thread(target=self._specialise, args=(shape,), name="ov-compile", daemon=True).start()
+                    COMPILER.submit(self._specialise, shape)
         return compiled or self._dynamic
 
     def _specialise(self, shape: tuple) -> None:
