@@ -3,9 +3,10 @@
 Every LFW photo of `../shared/faces/lfw` (or --limit of them) is transformed in memory and given
 to facesvc's pipeline and, with --peer, to insightface's FaceAnalysis on the very same detector
 file (det_500m.onnx), in one run; each transform's row says in how many of the photos a face was
-found, and what the transform cost facesvc in detector time.
+found (and in how many the face was reported the right way up: the orientation that stands it
+upright), and what the transform cost facesvc in detector time.
 
-    .venv/bin/python scripts/bench_inputs.py [--limit 120] [--peer] [--out .bench/bench_inputs.json]
+    .venv/bin/python scripts/bench_inputs.py [--limit 120] [--peer] [--precision int8] [--out .bench/bench_inputs.json]
 
 Transforms:
 - crop P: the centre square whose side is P x the face's width (from the upright detection of the
@@ -71,9 +72,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--limit", type=int, default=120)
     ap.add_argument("--peer", action="store_true", help="also run insightface's FaceAnalysis (pip install -e '.[bench]')")
+    ap.add_argument("--precision", default="auto", help="FACESVC_PRECISION (int8: `make int8` first)")
     ap.add_argument("--out", default=".bench/bench_inputs.json")
     args = ap.parse_args()
-    pipeline = build_pipeline(config.load([], environ={}))
+    pipeline = build_pipeline(config.load([], environ={"FACESVC_PRECISION": args.precision}))
     peer = None
     if args.peer:
         from insightface.app import FaceAnalysis
@@ -89,18 +91,25 @@ def main() -> int:
         if not upright:
             continue
         for name, x in transforms(img, upright[0].box).items():
-            r = rows.setdefault(name, {"transform": name, "total": 0, "facesvc": 0, "peer": 0, "facesvc_ms": []})
+            r = rows.setdefault(name, {"transform": name, "total": 0, "facesvc": 0, "upright": 0, "peer": 0, "facesvc_ms": []})
             r["total"] += 1
             t0 = time.perf_counter()
-            r["facesvc"] += bool(pipeline.detect(x, OPTS))
+            faces = pipeline.detect(x, OPTS)
             r["facesvc_ms"].append((time.perf_counter() - t0) * 1000)
+            r["facesvc"] += bool(faces)
+            # the orientation reported is the one that stands the photo's face upright again
+            turned = int(name.split()[1]) // 90 if name.startswith("rot") else 0
+            r["upright"] += bool(faces) and faces[0].orientation == 90 * ((4 - turned) % 4)
             if peer is not None:
                 r["peer"] += bool(peer.get(x))
-    print(f"{'transform':14} {'facesvc':>12} {'peer':>12} {'facesvc p50 ms':>15}")
+    print(f"{'transform':14} {'facesvc':>12} {'right way up':>12} {'peer':>12} {'facesvc p50 ms':>15}")
     for r in rows.values():
         r["facesvc_p50_ms"] = float(np.median(r.pop("facesvc_ms")))
         peer_col = f"{r['peer']}/{r['total']}" if peer is not None else "-"
-        print(f"{r['transform']:14} {r['facesvc']:>5}/{r['total']:<6} {peer_col:>12} {r['facesvc_p50_ms']:15.1f}")
+        print(
+            f"{r['transform']:14} {r['facesvc']:>5}/{r['total']:<6} {r['upright']:>5}/{r['total']:<6} {peer_col:>12} "
+            f"{r['facesvc_p50_ms']:15.1f}"
+        )
     out = write_json(args.out, {"limit": args.limit, "rows": list(rows.values())})
     print(f"\nwrote {out}")
     return 0

@@ -365,3 +365,36 @@ def test_a_sideways_camera_is_found_every_frame_without_turning_every_frame(pipe
     assert all(len(r) == 1 for r in found)
     assert {r[0].face.orientation for r in found} == {270}
     assert runs[0] <= 10 + 9 + 9, runs[0]  # the first frame searches; the others take the remembered turn
+
+
+def test_an_upright_close_up_stays_upright(pipeline):
+    """A close-up's face scores about as well upside down as upright where the detector is unsure
+    of it: a near tie must not turn the stream, and a stream on a wrong turn comes back upright
+    (it used to stay on it, reporting the face upside down at two detector passes a frame)."""
+    from scripts.bench_stream import load_clip
+    from server.domain.streaming import StreamSession, StreamSettings
+    from server.vision.pipeline import DetectOptions
+
+    frames = load_clip(FACES / "video" / "single_closeup_720p.mp4")[:120]
+    now = [0.0]
+    settings = StreamSettings(
+        DetectOptions(),
+        liveness=False,
+        identify=False,
+        collection="",
+        min_similarity=0.0,
+        liveness_threshold=None,
+        max_faces_per_subject=1,
+    )
+    session = StreamSession(pipeline, None, settings, clock=lambda: now[0])
+    orientations = []
+    for frame in frames:
+        orientations += [r.face.orientation for r in session.process(frame)]
+        now[0] += 1 / 30
+    assert len(orientations) >= len(frames) - 2 and set(orientations) == {0}
+    wrong = StreamSession(pipeline, None, settings, clock=lambda: now[0])
+    wrong.orientation = 180  # as if a turn had won
+    for frame in frames[:3]:
+        wrong.process(frame)
+        now[0] += 1 / 30
+    assert wrong.orientation == 0
