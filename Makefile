@@ -11,12 +11,13 @@ PROTOS := $(wildcard protos/facesvc/v1/*.proto)
 CONTRACT_BASELINE := contract/v0.2.0
 ARGS   ?=
 
-.PHONY: help setup run test lint lint-proto gen models web browser install-gpu bench bench-search eval bench-http clean
+.PHONY: help setup run test lint lint-proto gen models int8 web browser install-gpu bench bench-search eval bench-http clean
 
 help:
 	@echo "make run        set everything up and start the server on embedded defaults"
 	@echo "make test       set everything up, lint (buf lint + buf breaking, ruff) and run the whole test suite"
 	@echo "make setup      venv, dependencies, generated stubs, model weights, the web console"
+	@echo "make int8       quantize the detector and recognizer for FACESVC_PRECISION=int8 (models/quantize.py)"
 	@echo "make web        build the web console (npm ci, buf generate, vite build into web/dist)"
 	@echo "make browser    install Debian's chromium for the browser test when it is missing (root)"
 	@echo "make bench      scripts/bench_pipeline.py (per-stage and end-to-end latency)"
@@ -55,6 +56,14 @@ facesvc/.stamp-gen: $(PROTOS) scripts/gen_protos.sh $(VENV)/.stamp-runtime
 models: $(VENV)/.stamp-runtime
 	$(PY) models/fetch.py
 
+# FACESVC_PRECISION=int8: the detector and recognizer quantized by NNCF, calibrated on the photos of
+# ../shared/faces and checked against the float models (models/quantize.py); redone only when stale.
+int8: $(VENV)/.stamp-int8 models
+	$(PY) -m models.quantize
+$(VENV)/.stamp-int8: $(VENV)/.stamp-install
+	$(PY) -m pip install --quiet -e '.[int8]'
+	touch $@
+
 # The web console the HTTP port serves at /: npm ci from the committed lock file, protobuf-es code
 # generated from protos/ by buf, bundled by vite into web/dist (nothing is fetched at run time).
 WEB_SRC := $(wildcard web/src/*.ts web/src/*.css) web/index.html web/vite.config.ts web/buf.gen.yaml web/package.json web/package-lock.json
@@ -84,7 +93,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: setup browser lint-proto lint
+test: setup int8 browser lint-proto lint
 	$(PY) -m pytest $(ARGS)
 
 bench: setup

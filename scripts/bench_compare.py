@@ -2,7 +2,7 @@
 """facesvc against the peer pipeline, same models, same photos, same machine, same run.
 
 A. detect + embed in process: facesvc's FacePipeline on each runtime (OpenVINO, the
-   CPU default, and onnxruntime, the baseline) vs insightface's FaceAnalysis loading
+   CPU default, OpenVINO with the int8 models of `make int8`, and onnxruntime, the baseline) vs insightface's FaceAnalysis loading
    the very same det_500m.onnx and w600k_mbf ONNX files from a local directory
    (offline). All get the same decoded BGR photos (the dev portraits): single-image
    latency p50/p95 (one thread; the engines take turns pass by pass), and throughput
@@ -85,11 +85,17 @@ def peer_app(tmp: Path):
     return app
 
 
-RUNTIMES = {"openvino": "facesvc (OpenVINO)", "onnxruntime": "facesvc (onnxruntime)"}
-# part B's servers: the default (OpenVINO, latency hint), its throughput hint (parallel streams for
+# part A's facesvc rows: the CPU default, its int8 models (`make int8`), and the onnxruntime baseline
+RUNTIMES = {
+    "openvino": ("facesvc (OpenVINO)", {"FACESVC_RUNTIME": "openvino"}),
+    "openvino int8": ("facesvc (OpenVINO int8)", {"FACESVC_RUNTIME": "openvino", "FACESVC_PRECISION": "int8"}),
+    "onnxruntime": ("facesvc (onnxruntime)", {"FACESVC_RUNTIME": "onnxruntime"}),
+}
+# part B's servers: the default (OpenVINO, latency hint), its int8 models, its throughput hint (parallel streams for
 # concurrent calls), concurrent calls' faces embedded in one batch, and the onnxruntime baseline
 SERVERS = {
     "openvino": {"FACESVC_RUNTIME": "openvino"},
+    "openvino int8": {"FACESVC_RUNTIME": "openvino", "FACESVC_PRECISION": "int8"},
     "openvino throughput hint": {"FACESVC_RUNTIME": "openvino", "FACESVC_OPENVINO_HINT": "throughput"},
     "openvino micro-batch": {"FACESVC_RUNTIME": "openvino", "FACESVC_EMBED_MICRO_BATCH": "true"},
     "onnxruntime": {"FACESVC_RUNTIME": "onnxruntime"},
@@ -97,8 +103,8 @@ SERVERS = {
 PEER = "insightface FaceAnalysis (peer)"
 
 
-def facesvc_engine(runtime: str):
-    pipeline = build_pipeline(config.load([], environ={"FACESVC_RUNTIME": runtime}))
+def facesvc_engine(env: dict[str, str]):
+    pipeline = build_pipeline(config.load([], environ=env))
     opts = convert.detect_options(pb.FaceOptions(), 20, 20)
 
     def facesvc(img):
@@ -114,7 +120,7 @@ def part_a(repeat: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         app = peer_app(Path(d))
         peer = lambda img: [f.normed_embedding for f in app.get(img)]  # noqa: E731
-        engines = {label: facesvc_engine(rt) for rt, label in RUNTIMES.items()} | {PEER: peer}
+        engines = {label: facesvc_engine(env) for label, env in RUNTIMES.values()} | {PEER: peer}
         for fn in engines.values():  # warm-up
             for img in images[:3]:
                 fn(img)
@@ -242,7 +248,7 @@ def main() -> int:
     rows = {r["engine"]: r for r in a}
     p = rows[PEER]
     ratios = {}
-    for rt, label in RUNTIMES.items():
+    for rt, (label, _) in RUNTIMES.items():
         f = rows[label]
         ratios[rt] = {
             "p50": p["p50_ms"] / f["p50_ms"],
@@ -267,7 +273,11 @@ def main() -> int:
     ratios["verify_p50_openvino_vs_onnxruntime"] = (
         b["openvino"]["sequential"][verify]["p50_ms"] / b["onnxruntime"]["sequential"][verify]["p50_ms"]
     )
+    ratios["verify_p50_openvino_int8_vs_onnxruntime"] = (
+        b["openvino int8"]["sequential"][verify]["p50_ms"] / b["onnxruntime"]["sequential"][verify]["p50_ms"]
+    )
     print(f"Verify p50, OpenVINO / onnxruntime: {ratios['verify_p50_openvino_vs_onnxruntime']:.2f}")
+    print(f"Verify p50, OpenVINO int8 / onnxruntime: {ratios['verify_p50_openvino_int8_vs_onnxruntime']:.2f}")
     out = write_json(args.out, {"in_process": a, "ratios": ratios, "grpc": b})
     print(f"\nwrote {out}")
     return 0

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Each model on each runtime: onnxruntime (CPU) against OpenVINO (f32; bf16 where the CPU has it
-natively), one inference at a time, the same input, in the same run.
+natively; int8 for the models `make int8` quantizes), one inference at a time, the same input, in
+the same run.
 
 The runtimes take turns call by call, so the machine's noise falls on all of them. SCRFD is also
 timed on OpenVINO's dynamic-shape graph against the graph compiled for the frame's own shape (what
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import pct, write_json
-from server.vision.models.manifest import DEFAULT_MODEL_DIR, load_manifest
+from server.vision.models.manifest import DEFAULT_MODEL_DIR, int8_path, load_manifest
 from server.vision.models.runtime import OpenVinoSession, RuntimeOptions, create_session, native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +40,7 @@ def rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
 
 
-def sessions(path: str, threads: int) -> dict:
+def sessions(path: str, threads: int, int8: Path | None = None) -> dict:
     out = {
         "onnxruntime": create_session(
             path, RuntimeOptions(runtime="onnxruntime", intra_op_threads=threads), ["CPUExecutionProvider"]
@@ -49,6 +50,10 @@ def sessions(path: str, threads: int) -> dict:
     if native_bf16():
         out["openvino bf16"] = create_session(
             path, RuntimeOptions(runtime="openvino", precision="bf16", intra_op_threads=threads), []
+        )
+    if int8 is not None:
+        out["openvino int8"] = create_session(
+            str(int8), RuntimeOptions(runtime="openvino", precision="int8", intra_op_threads=threads), [], quantized=True
         )
     return out
 
@@ -71,13 +76,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=300)
     ap.add_argument("--threads", type=int, default=0, help="inference threads per model; 0 = one per core")
+    ap.add_argument("--no-int8", dest="int8", action="store_false", help="leave out the int8 models (`make int8` makes them)")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_runtimes.json"))
     args = ap.parse_args()
     manifest = load_manifest()
     rows = []
     for model, shape in INPUTS.items():
-        path = str(DEFAULT_MODEL_DIR / manifest[model].file)
-        ss = sessions(path, args.threads)
+        spec = manifest[model]
+        path = str(DEFAULT_MODEL_DIR / spec.file)
+        ss = sessions(path, args.threads, int8_path(spec, DEFAULT_MODEL_DIR) if spec.int8 and args.int8 else None)
         name = ss["onnxruntime"].get_inputs()[0].name
         x = (np.random.default_rng(0).random(shape, np.float32) * 255).astype(np.float32)
         times = time_turns({k: (lambda feed, s=s: s.run(None, feed)) for k, s in ss.items()}, x, name, args.calls)
@@ -105,13 +112,13 @@ def main() -> int:
     shapes = {"dynamic_p50_ms": pct(t["dynamic"], 50), "per_shape_p50_ms": pct(t["per shape"], 50)}
     shapes.update(dynamic_mb=dynamic_mb, dynamic_plus_one_shape_mb=shaped_mb)
 
-    cols = [k for k in rows[0] if k not in ("model", "input")]
+    cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("model", "input")))
     print(f"\np50 ms per inference, one call at a time ({args.calls} calls each, runtimes taking turns)")
     print(f"{'model':18} {'input':10} " + " ".join(f"{c:>14}" for c in cols) + f" {'ort / ov f32':>13}")
     for r in rows:
         print(
             f"{r['model']:18} {r['input']:10} "
-            + " ".join(f"{r[c]:14.2f}" for c in cols)
+            + " ".join(f"{r[c]:14.2f}" if c in r else f"{'-':>14}" for c in cols)
             + f" {r['onnxruntime'] / r['openvino f32']:12.2f}x"
         )
     print(

@@ -10,7 +10,7 @@ latency p50/p95 (receipt -> answer), and the server's RSS at the start, the end
 and its maximum (sampled every 0.25 s). Rows: detection only at each rate, and
 detection + identity (the person of the clip enrolled) at 30 fps.
 
-    .venv/bin/python scripts/bench_stream.py [--seconds 10] [--video ../shared/faces/video/single_closeup_720p.mp4]
+    .venv/bin/python scripts/bench_stream.py [--seconds 10] [--video ../shared/faces/video/single_closeup_720p.mp4] [--precision int8]
 
 Prints a table and writes JSON (default .bench/bench_stream.json).
 """
@@ -131,11 +131,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="per row")
     ap.add_argument("--rates", default="15,30,60")
     ap.add_argument("--jpeg", action="store_true", help="send JPEG frames instead of raw BGR")
+    ap.add_argument("--precision", default="auto", help="FACESVC_PRECISION of the server (int8: `make int8` first)")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_stream.json"))
     args = ap.parse_args()
     clip = load_clip(Path(args.video))
     with tempfile.TemporaryDirectory() as d:
-        srv = Server(Path(d))
+        srv = Server(Path(d), env={"FACESVC_PRECISION": args.precision})
         try:
             srv.face.CreateCollection(pb.CreateCollectionRequest(collection="bench", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL))
             srv.face.Register(
@@ -158,7 +159,7 @@ def main() -> int:
     )
     print(
         f"\n{Path(args.video).name}, 640x480 {'JPEG' if args.jpeg else 'raw BGR'} frames, {args.seconds:.0f} s per row, "
-        f"{os.cpu_count()} cores"
+        f"{os.cpu_count()} cores, precision {args.precision}"
     )
     print(head)
     print("-" * len(head))
@@ -168,7 +169,9 @@ def main() -> int:
             f"{r['e2e_p50_ms']:8.1f} {r['e2e_p95_ms']:8.1f} {r['server_p50_ms']:8.1f} {r['server_p95_ms']:8.1f} "
             f"{r['rss_start_mb']:7.0f}/{r['rss_end_mb']:.0f}/{r['rss_max_mb']:.0f}"
         )
-    out = write_json(args.out, {"video": args.video, "seconds": args.seconds, "jpeg": args.jpeg, "rows": rows})
+    out = write_json(
+        args.out, {"video": args.video, "seconds": args.seconds, "jpeg": args.jpeg, "precision": args.precision, "rows": rows}
+    )
     print(f"\nwrote {out}")
     return 0
 

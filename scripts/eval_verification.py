@@ -136,6 +136,11 @@ def main() -> int:
         help="comma-separated runtimes to evaluate each configuration on (auto, openvino, onnxruntime): "
         "the stored threshold must hold for every runtime a replica may run",
     )
+    ap.add_argument(
+        "--precisions",
+        default="auto",
+        help="comma-separated OpenVINO precisions (auto, f32, bf16, int8: `make int8` first); onnxruntime runs f32 only",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / ".bench" / "eval_verification.json")
     ap.add_argument("--write-manifest", action="store_true", help="store the recommended threshold in models/manifest.json")
     args = ap.parse_args()
@@ -145,10 +150,16 @@ def main() -> int:
         base = replace(base, recognizer=args.recognizer)
     flips = {"off": [False], "on": [True], "both": [False, True]}[args.flip]
     results = []
-    for runtime in args.runtimes.split(","):
+    runs = [
+        (runtime, precision)
+        for runtime in args.runtimes.split(",")
+        for precision in args.precisions.split(",")
+        if runtime != "onnxruntime" or precision in ("auto", "f32")
+    ]
+    for runtime, precision in runs:
         for det in args.detectors.split(","):
             for flip in flips:
-                settings = replace(base, detector=det, recognizer_flip=flip, runtime=runtime)
+                settings = replace(base, detector=det, recognizer_flip=flip, runtime=runtime, precision=precision)
                 pipeline = build_pipeline(settings)
                 r = evaluate(pipeline)
                 rec = next(m for m in pipeline.runtimes if m["kind"] == "recognizer")
@@ -161,7 +172,7 @@ def main() -> int:
                 )
 
     hdr = (
-        f"{'runtime':<16} {'detector':<11} {'flip':<5} {'set':<14} {'AUC':>6} {'acc':>6} {'thr_acc':>7} {'TAR@1e-2':>8} {'TAR@1e-3':>8} "
+        f"{'runtime':<18} {'detector':<11} {'flip':<5} {'set':<14} {'AUC':>6} {'acc':>6} {'thr_acc':>7} {'TAR@1e-2':>8} {'TAR@1e-3':>8} "
         f"{'thr@1e-3':>8} {'acc@cal':>7}"
     )
     print(hdr)
@@ -170,7 +181,7 @@ def main() -> int:
         for s in ("lfw_pairs", "lfw_pairs_crop", "lfw_all_pairs", "dev_master"):
             m = r[s]
             print(
-                f"{r['runtime']:<16} {r['detector']:<11} {str(r['flip']):<5} {s:<14} {fmt(m['auc'])} {fmt(m['accuracy'])} {m['best_threshold']:7.4f} "
+                f"{r['runtime']:<18} {r['detector']:<11} {str(r['flip']):<5} {s:<14} {fmt(m['auc'])} {fmt(m['accuracy'])} {m['best_threshold']:7.4f} "
                 f"{fmt(m['tar@far0.01']):>8} {fmt(m['tar@far0.001']):>8} {fmt(m['thr@far0.001']):>8} "
                 f"{fmt(m['acc@calibrated']) if 'acc@calibrated' in m else '':>7}"
             )

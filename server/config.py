@@ -108,8 +108,9 @@ class Settings:
     precision: str = setting(
         "auto",
         "models",
-        "OpenVINO inference precision: auto (bf16 where the CPU computes it natively, else f32), f32 or bf16",
-        choices=("auto", "f32", "bf16"),
+        "OpenVINO inference precision: auto (bf16 where the CPU computes it natively, else f32), f32, bf16, or int8 "
+        "(the detector and recognizer quantized by `make int8`, the other models as auto; docs/models.md has their accuracy)",
+        choices=("auto", "f32", "bf16", "int8"),
     )
     openvino_hint: str = setting(
         "latency",

@@ -124,3 +124,112 @@ def test_boxes_from_both_runtimes_overlap_on_every_face_of_the_group(pipeline, o
     b = np.stack([f.box for f in ort_pipeline.detect(img, OPTS)])
     assert len(a) == len(b) == 6
     assert (iou(a, b).max(axis=1) > 0.98).all()
+
+
+# -- int8 (models/quantize.py, `make int8`) -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def int8_pipeline():
+    from server.app import build_pipeline
+
+    return build_pipeline(config.load([], environ={"FACESVC_PRECISION": "int8"}))
+
+
+def test_int8_runs_the_quantized_detector_and_recognizer_and_the_rest_as_auto(int8_pipeline):
+    where = {r["model"]: r["precision"] for r in int8_pipeline.runtimes}
+    assert where["scrfd_500m"] == where["w600k_mbf"] == "int8"
+    assert {p for m, p in where.items() if m not in ("scrfd_500m", "w600k_mbf")} == {resolve_precision("auto")}
+
+
+@pytest.mark.parametrize("rel", PHOTOS)
+def test_int8_finds_the_same_faces_with_embeddings_close_to_float(pipeline, int8_pipeline, rel):
+    img = read(rel)
+    f32, i8 = pipeline.detect(img, OPTS), int8_pipeline.detect(img, OPTS)
+    assert len(i8) == len(f32) > 0
+    assert (iou(np.stack([f.box for f in f32]), np.stack([f.box for f in i8])).max(axis=1) > 0.85).all()
+    crops = [f.aligned for f in f32]  # the same crops into both recognizers
+    cos = np.sum(pipeline.recognizer.embed(crops) * int8_pipeline.recognizer.embed(crops), axis=1)
+    # quantization noise is spread over the whole network (no layer kept in float narrows it): about
+    # 0.98 on average, a few faces lower; the decisions test below is the one that matters
+    assert cos.min() >= 0.93, cos
+
+
+def test_int8_decides_labelled_pairs_as_float_does(pipeline, int8_pipeline):
+    """Quantization moves embeddings a little; what must not move is the decision at the stored threshold."""
+    import csv
+
+    rows = list(csv.DictReader(open(FACES / "lfw" / "pairs.csv")))[::12][:60]
+    decisions = {}
+    for name, pipe in (("f32", pipeline), ("int8", int8_pipeline)):
+        got = []
+        for r in rows:
+            a, b = (pipe.detect(read(f"lfw/{r[k]}"), OPTS) for k in ("file_a", "file_b"))
+            ea, eb = pipe.embed(a[:1]), pipe.embed(b[:1])
+            got.append(float(ea[0] @ eb[0]) >= pipe.recognizer.match_threshold)
+        decisions[name] = np.array(got)
+    truth = np.array([r["same"] == "1" for r in rows])
+    assert truth.any() and (~truth).any()
+    assert (decisions["f32"] == decisions["int8"]).mean() >= 0.98
+    assert (decisions["int8"] == truth).mean() >= (decisions["f32"] == truth).mean() - 0.02
+
+
+def test_an_int8_file_that_is_not_the_one_quantize_wrote_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from server.vision.models.manifest import DEFAULT_MODEL_DIR, ModelFileError, int8_path, load_manifest
+
+    spec = load_manifest()["scrfd_500m"]
+    xml = DEFAULT_MODEL_DIR / spec.int8
+    for p in (xml, xml.with_suffix(".bin"), xml.with_suffix(".json")):
+        shutil.copy(p, tmp_path / p.name)
+    assert int8_path(spec, tmp_path) == tmp_path / spec.int8
+    weights = tmp_path / xml.with_suffix(".bin").name
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="make int8"):
+        int8_path(spec, tmp_path)
+    shutil.copy(xml.with_suffix(".bin"), weights)
+    note = json.loads((tmp_path / xml.with_suffix(".json").name).read_text())
+    (tmp_path / xml.with_suffix(".json").name).write_text(json.dumps({**note, "source_sha256": "0" * 64}))
+    with pytest.raises(ModelFileError, match="another float file"):
+        int8_path(spec, tmp_path)
+
+
+def test_int8_needs_openvino():
+    with pytest.raises(ValueError, match="int8 runs on OpenVINO"):
+        model_loader(config.load([], environ={"FACESVC_PRECISION": "int8", "FACESVC_RUNTIME": "onnxruntime"})).build(
+            "scrfd_500m", "detector"
+        )
+
+
+FIRST_CALLS = """
+import os, sys, threading
+import numpy as np
+from server.vision.models.runtime import OpenVinoSession, RuntimeOptions
+s = OpenVinoSession(sys.argv[1], RuntimeOptions(runtime="openvino"))
+name = s.get_inputs()[0].name
+threads = [threading.Thread(target=s.run, args=(None, {name: np.zeros((1, 3, 480, 640), np.float32)})) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+print("answered", flush=True)
+os._exit(0)  # as the server leaves: a shape compiling in the background must not hold the exit
+"""
+
+
+def test_a_fresh_process_answers_its_first_concurrent_calls():
+    """The first touch of a tensor's data builds statics in OpenVINO's Python binding; two threads
+    doing it at once deadlocked a fresh server (CI saw one stop answering under its first
+    concurrent calls). The session warms up on the loading thread, so 8 first calls all answer."""
+    import subprocess
+    import sys
+
+    from server.vision.models.manifest import DEFAULT_MODEL_DIR, load_manifest
+    from tests.conftest import ROOT
+
+    path = str(DEFAULT_MODEL_DIR / load_manifest()["scrfd_500m"].file)
+    for _ in range(4):
+        out = subprocess.run([sys.executable, "-c", FIRST_CALLS, path], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "answered" in out.stdout, out.stderr[-2000:]

@@ -21,6 +21,7 @@ class ModelSpec:
     arch: str
     licence: str
     params: dict = field(default_factory=dict)
+    int8: str = ""  # the int8 OpenVINO IR models/quantize.py derives (FACESVC_PRECISION=int8); "" = none
 
 
 class ModelFileError(RuntimeError):
@@ -30,7 +31,9 @@ class ModelFileError(RuntimeError):
 def load_manifest(path: Path = DEFAULT_MANIFEST) -> dict[str, ModelSpec]:
     raw = json.loads(Path(path).read_text())["models"]
     return {
-        name: ModelSpec(name, m["file"], m["sha256"], m["kind"], m["arch"], m["licence"], dict(m.get("params", {})))
+        name: ModelSpec(
+            name, m["file"], m["sha256"], m["kind"], m["arch"], m["licence"], dict(m.get("params", {})), m.get("int8", "")
+        )
         for name, m in raw.items()
     }
 
@@ -50,15 +53,43 @@ def load_liveness_defaults(path: Path = DEFAULT_MANIFEST) -> LivenessDefaults:
     return LivenessDefaults(**{k: v for k, v in raw.items() if k in keys})
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def verified_path(spec: ModelSpec, model_dir: Path) -> Path:
     """Path of the model file after checking its sha256 against the manifest."""
     path = Path(model_dir) / spec.file
     if not path.is_file():
         raise ModelFileError(f"{spec.name}: {path} is missing; run `make models` (python models/fetch.py)")
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    if h.hexdigest() != spec.sha256:
-        raise ModelFileError(f"{spec.name}: {path} sha256 {h.hexdigest()} does not match the manifest ({spec.sha256})")
+    digest = file_sha256(path)
+    if digest != spec.sha256:
+        raise ModelFileError(f"{spec.name}: {path} sha256 {digest} does not match the manifest ({spec.sha256})")
     return path
+
+
+def int8_path(spec: ModelSpec, model_dir: Path) -> Path:
+    """Path of the model's int8 IR (models/quantize.py) after checking it against its record: made
+    from the float file the manifest names, and the files on disk the ones written then. Its bytes
+    depend on the NNCF and OpenVINO versions, so it has no sha256 in the manifest."""
+    if not spec.int8:
+        raise ModelFileError(f"{spec.name} has no int8 version (manifest: no `int8` entry)")
+    xml = Path(model_dir) / spec.int8
+    redo = "run `make int8` (python -m models.quantize)"
+    note_path = xml.with_suffix(".json")
+    if not note_path.is_file():
+        raise ModelFileError(f"{spec.name}: {xml} is missing; {redo}")
+    note = json.loads(note_path.read_text())
+    if note.get("source_sha256") != spec.sha256:
+        raise ModelFileError(f"{spec.name}: {xml.name} was made from another float file than the manifest's; {redo}")
+    for name, digest in note.get("files", {}).items():
+        path = xml.with_name(name)
+        if not path.is_file() or file_sha256(path) != digest:
+            raise ModelFileError(f"{spec.name}: {path} is missing or not the file quantize.py wrote; {redo}")
+    if set(note.get("files", {})) != {xml.name, xml.with_suffix(".bin").name}:
+        raise ModelFileError(f"{spec.name}: {note_path.name} does not list {xml.name} and its weights; {redo}")
+    return xml

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from server.vision.models.age_gender import AgeEstimator, GenderClassifier
 from server.vision.models.liveness import MiniFasNet, MiniFasNetPair, MiniFasNetSE128
-from server.vision.models.manifest import ModelSpec, verified_path
+from server.vision.models.manifest import ModelSpec, int8_path, verified_path
 from server.vision.models.recognizer import ArcFaceRecognizer
 from server.vision.models.runtime import RuntimeOptions, create_session
 from server.vision.models.scrfd import ScrfdDetector
@@ -54,7 +54,9 @@ class ModelLoader:
     def build(self, name: str, kind: str, **overrides):
         spec = self.spec(name, kind)
         t0 = time.perf_counter()
-        session = create_session(str(verified_path(spec, self.model_dir)), self.runtime, self.providers, name)
+        quantized = self.runtime.precision == "int8" and bool(spec.int8)
+        path = int8_path(spec, self.model_dir) if quantized else verified_path(spec, self.model_dir)
+        session = create_session(str(path), self.runtime, self.providers, name, quantized=quantized)
         model = ARCHS[spec.arch](session, name, **{**spec.params, **overrides})
         where = {"model": name, "kind": spec.kind, "runtime": session.runtime, "precision": session.precision}
         self.loaded.append(where | {"device": session.device})
@@ -62,7 +64,7 @@ class ModelLoader:
             "loaded model=%s kind=%s file=%s runtime=%s precision=%s device=%s in %.0f ms",
             name,
             spec.kind,
-            spec.file,
+            path.name,
             session.runtime,
             session.precision,
             session.device,

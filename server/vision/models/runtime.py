@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 from server.context import IN_FLIGHT, ensure_call_alive
@@ -56,7 +57,7 @@ class RuntimeOptions:
     intra_op_threads: int = 0  # 0 = the runtime's default (one per core)
     inter_op_threads: int = 1
     runtime: str = "auto"  # auto | openvino | onnxruntime
-    precision: str = "auto"  # auto | f32 | bf16 (OpenVINO; bf16 only where the CPU has it natively)
+    precision: str = "auto"  # auto | f32 | bf16 | int8 (OpenVINO; bf16 only where the CPU has it natively)
     hint: str = "latency"  # OpenVINO performance hint: latency | throughput
 
 
@@ -147,12 +148,18 @@ def _session(path: str, providers: list[str], threads: int, inter: int, spin: bo
     return ort.InferenceSession(path, sess_options=so, providers=providers)
 
 
-def create_session(path: str, opts: RuntimeOptions, providers: list[str], name: str = "") -> TimedSession:
-    """The model file at `path`, ready to run; `name` (the manifest's) labels its inference metrics."""
+def create_session(
+    path: str, opts: RuntimeOptions, providers: list[str], name: str = "", quantized: bool = False
+) -> TimedSession:
+    """The model file at `path`, ready to run; `name` (the manifest's) labels its inference metrics.
+    `quantized`: the file is an int8 IR (models/quantize.py), which only OpenVINO runs."""
     label = name or Path(path).stem
-    if choose_runtime(opts, providers) == "openvino":
+    runtime = choose_runtime(opts, providers)
+    if quantized and runtime != "openvino":
+        raise ValueError(f"precision=int8 runs on OpenVINO on the CPU, not on {runtime} ({'/'.join(providers)})")
+    if runtime == "openvino":
         ov = OpenVinoSession(path, opts)
-        return TimedSession(ov, label, "openvino", ov.precision, "CPU")
+        return TimedSession(ov, label, "openvino", "int8" if quantized else ov.precision, "CPU")
     threads = opts.intra_op_threads
     quiet = _session(path, providers, threads, opts.inter_op_threads, spin=False)
     used = quiet.get_providers()
@@ -194,8 +201,10 @@ def native_bf16() -> bool:
 
 
 def resolve_precision(asked: str) -> str:
-    if asked not in ("auto", "f32", "bf16"):
-        raise ValueError(f"precision must be auto, f32 or bf16, not {asked!r}")
+    """The precision OpenVINO computes a float model's layers in. With int8 the quantized models'
+    convolutions run on int8 and everything else as with auto."""
+    if asked not in ("auto", "f32", "bf16", "int8"):
+        raise ValueError(f"precision must be auto, f32, bf16 or int8, not {asked!r}")
     if asked == "f32":
         return "f32"
     if native_bf16():
@@ -258,6 +267,22 @@ class OpenVinoSession:
         self._shaped: dict[tuple, object] = {}
         self._lock = threading.Lock()
         self._local = threading.local()
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One inference on zeros, on the loading thread, before any call can come. OpenVINO's Python
+        binding builds function-local statics (its element-type to numpy-dtype tables) the first time
+        a tensor's data is touched; two threads doing that first at once deadlock the process (one
+        holds the static's guard and waits for the GIL, the other holds the GIL and waits for the
+        guard): a fresh server hit by concurrent calls stopped answering for good."""
+        feed = {
+            p.name: np.zeros([1 if i == 0 else 64 if d == "?" else d for i, d in enumerate(p.shape)], np.float32)
+            for p in self._inputs
+        }
+        request = self._dynamic.create_infer_request()
+        request.infer(feed)
+        for i in range(len(self._outputs)):
+            request.get_output_tensor(i).data.copy()
 
     def get_inputs(self) -> list[Port]:
         return self._inputs
