@@ -325,27 +325,28 @@ def test_a_tracks_liveness_is_the_median_of_its_frames(stub):
     assert all(a.faces[0].HasField("liveness") for a in answers if a.faces)
 
 
-def test_a_sideways_camera_is_found_every_frame_without_turning_every_frame(pipeline):
-    """A stream remembers the orientation that found its faces and tries the turned passes at most
-    once a second: a sideways camera's frames are found at one turned pass each, not seven."""
+def detection_session(pipeline, now: list[float]):
+    """A detection-only stream session (no liveness, no identity) on the clock `now[0]`."""
     from server.domain.streaming import StreamSession, StreamSettings
     from server.vision.pipeline import DetectOptions
 
-    now = [0.0]
-    session = StreamSession(
-        pipeline,
-        None,
-        StreamSettings(
-            DetectOptions(),
-            liveness=False,
-            identify=False,
-            collection="",
-            min_similarity=0.0,
-            liveness_threshold=None,
-            max_faces_per_subject=1,
-        ),
-        clock=lambda: now[0],
+    settings = StreamSettings(
+        DetectOptions(),
+        liveness=False,
+        identify=False,
+        collection="",
+        min_similarity=0.0,
+        liveness_threshold=None,
+        max_faces_per_subject=1,
     )
+    return StreamSession(pipeline, None, settings, clock=lambda: now[0])
+
+
+def test_a_sideways_camera_is_found_every_frame_without_turning_every_frame(pipeline):
+    """A stream remembers the orientation that found its faces and tries the turned passes at most
+    once a second: a sideways camera's frames are found at one turned pass each, not seven."""
+    now = [0.0]
+    session = detection_session(pipeline, now)
     frame = np.ascontiguousarray(np.rot90(cv2.resize(cv2.imread(str(FACES / "dev" / "img1.jpg")), (480, 640)), 1))
     detector, runs = pipeline.detector, [0]
     real = detector.detect
@@ -372,27 +373,16 @@ def test_an_upright_close_up_stays_upright(pipeline):
     of it: a near tie must not turn the stream, and a stream on a wrong turn comes back upright
     (it used to stay on it, reporting the face upside down at two detector passes a frame)."""
     from scripts.bench_stream import load_clip
-    from server.domain.streaming import StreamSession, StreamSettings
-    from server.vision.pipeline import DetectOptions
 
     frames = load_clip(FACES / "video" / "single_closeup_720p.mp4")[:120]
     now = [0.0]
-    settings = StreamSettings(
-        DetectOptions(),
-        liveness=False,
-        identify=False,
-        collection="",
-        min_similarity=0.0,
-        liveness_threshold=None,
-        max_faces_per_subject=1,
-    )
-    session = StreamSession(pipeline, None, settings, clock=lambda: now[0])
+    session = detection_session(pipeline, now)
     orientations = []
     for frame in frames:
         orientations += [r.face.orientation for r in session.process(frame)]
         now[0] += 1 / 30
     assert len(orientations) >= len(frames) - 2 and set(orientations) == {0}
-    wrong = StreamSession(pipeline, None, settings, clock=lambda: now[0])
+    wrong = detection_session(pipeline, now)
     wrong.orientation = 180  # as if a turn had won
     for frame in frames[:3]:
         wrong.process(frame)
