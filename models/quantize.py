@@ -112,13 +112,20 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def agreement(pipeline, kind: str, quantized, photos: list[Path]) -> dict:
-    """How the int8 session agrees with the float one on held-out photos."""
+def held_out_faces(pipeline, photos: list[Path]) -> list[tuple[np.ndarray, list]]:
+    """Each held-out photo with the faces the float pipeline finds in it: what int8 is checked against."""
+    from server.vision.pipeline import DetectOptions
+
+    images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in photos]
+    return [(img, pipeline.detect(img, DetectOptions(min_face_size=10))) for img in images]
+
+
+def agreement(pipeline, kind: str, quantized, held_out: list[tuple[np.ndarray, list]]) -> dict:
+    """How the int8 session agrees with the float one on the held-out photos."""
     from server.vision.pipeline import DetectOptions
 
     opts = DetectOptions(min_face_size=10)
-    images = [cv2.imread(str(p), cv2.IMREAD_COLOR) for p in photos]
-    reference = [pipeline.detect(img, opts) for img in images]
+    images, reference = [img for img, _ in held_out], [faces for _, faces in held_out]
     model = pipeline.detector if kind == "detector" else pipeline.recognizer
     original, model.session = model.session, quantized
     try:
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"calibration: {len(images)} photos -> {len(inputs['detector'])} detector frames, {len(inputs['recognizer'])} faces ({time.perf_counter() - t0:.0f} s)"
     )
-    held_out = sorted((FACES / "lfw").glob("*/*.jpg"))[:HELD_OUT]
+    held_out = held_out_faces(pipeline, sorted((FACES / "lfw").glob("*/*.jpg"))[:HELD_OUT])
     failed = 0
     for kind, spec in todo:
         source = verified_path(spec, DEFAULT_MODEL_DIR)

@@ -85,12 +85,6 @@ def peer_app(tmp: Path):
     return app
 
 
-# part A's facesvc rows: the CPU default, its int8 models (`make int8`), and the onnxruntime baseline
-RUNTIMES = {
-    "openvino": ("facesvc (OpenVINO)", {"FACESVC_RUNTIME": "openvino"}),
-    "openvino int8": ("facesvc (OpenVINO int8)", {"FACESVC_RUNTIME": "openvino", "FACESVC_PRECISION": "int8"}),
-    "onnxruntime": ("facesvc (onnxruntime)", {"FACESVC_RUNTIME": "onnxruntime"}),
-}
 # part B's servers: the default (OpenVINO, latency hint), its int8 models, its throughput hint (parallel streams for
 # concurrent calls), concurrent calls' faces embedded in one batch, and the onnxruntime baseline
 SERVERS = {
@@ -100,6 +94,9 @@ SERVERS = {
     "openvino micro-batch": {"FACESVC_RUNTIME": "openvino", "FACESVC_EMBED_MICRO_BATCH": "true"},
     "onnxruntime": {"FACESVC_RUNTIME": "onnxruntime"},
 }
+# part A's facesvc rows, with the settings of part B's server of the same name: the CPU default, its
+# int8 models (`make int8`), and the onnxruntime baseline
+RUNTIMES = {"openvino": "facesvc (OpenVINO)", "openvino int8": "facesvc (OpenVINO int8)", "onnxruntime": "facesvc (onnxruntime)"}
 PEER = "insightface FaceAnalysis (peer)"
 
 
@@ -120,7 +117,7 @@ def part_a(repeat: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         app = peer_app(Path(d))
         peer = lambda img: [f.normed_embedding for f in app.get(img)]  # noqa: E731
-        engines = {label: facesvc_engine(env) for label, env in RUNTIMES.values()} | {PEER: peer}
+        engines = {label: facesvc_engine(SERVERS[rt]) for rt, label in RUNTIMES.items()} | {PEER: peer}
         for fn in engines.values():  # warm-up
             for img in images[:3]:
                 fn(img)
@@ -248,7 +245,7 @@ def main() -> int:
     rows = {r["engine"]: r for r in a}
     p = rows[PEER]
     ratios = {}
-    for rt, (label, _) in RUNTIMES.items():
+    for rt, label in RUNTIMES.items():
         f = rows[label]
         ratios[rt] = {
             "p50": p["p50_ms"] / f["p50_ms"],
@@ -270,14 +267,10 @@ def main() -> int:
         for r in res["concurrent"]:
             print(f"{rt:26} {r['clients']:8d} {r['calls_per_s']:8.1f} {r['errors']:7d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f}")
     verify = "Verify (no liveness)"
-    ratios["verify_p50_openvino_vs_onnxruntime"] = (
-        b["openvino"]["sequential"][verify]["p50_ms"] / b["onnxruntime"]["sequential"][verify]["p50_ms"]
-    )
-    ratios["verify_p50_openvino_int8_vs_onnxruntime"] = (
-        b["openvino int8"]["sequential"][verify]["p50_ms"] / b["onnxruntime"]["sequential"][verify]["p50_ms"]
-    )
-    print(f"Verify p50, OpenVINO / onnxruntime: {ratios['verify_p50_openvino_vs_onnxruntime']:.2f}")
-    print(f"Verify p50, OpenVINO int8 / onnxruntime: {ratios['verify_p50_openvino_int8_vs_onnxruntime']:.2f}")
+    for rt in ("openvino", "openvino int8"):
+        key = f"verify_p50_{rt.replace(' ', '_')}_vs_onnxruntime"
+        ratios[key] = b[rt]["sequential"][verify]["p50_ms"] / b["onnxruntime"]["sequential"][verify]["p50_ms"]
+        print(f"Verify p50, {rt} / onnxruntime: {ratios[key]:.2f}")
     out = write_json(args.out, {"in_process": a, "ratios": ratios, "grpc": b})
     print(f"\nwrote {out}")
     return 0
