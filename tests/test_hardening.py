@@ -536,7 +536,7 @@ def test_scans_hidden_from_the_marker_walk_are_still_counted(srv, admin):
 
 def test_each_batch_item_is_bounded_like_a_request(srv, admin):
     """A batch item is a request of its own: 36 Mpix in 1.4 KB each is decoded once and detected within
-    the item's own budget (no nine-pass rescue of a blank frame), under a second of CPU each."""
+    the item's own budget (no many-pass rescue of a blank frame), under a second of CPU each."""
     cid, key = tenant(admin)
     bomb = cv2.imencode(".webp", np.zeros((6000, 6000, 3), np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
     items = [

@@ -168,14 +168,30 @@ def test_faces_that_fill_or_overflow_the_frame_are_found(pipeline):
         if not upright:
             continue
         total += 1
-        for ratio in (1.0, 0.9, 0.8):
+        for ratio in (1.0, 0.9, 0.8, 0.7):  # at 0.8 and 0.7 chin and forehead are cut off
             crop = centre_crop(img, upright[0].box, ratio)
             faces = pipeline.detect(crop, OPTS)
             found[ratio] = found.get(ratio, 0) + bool(faces)
-            if faces:  # landmarks map back into the crop, eyes above the mouth
+            # landmarks map back into the crop, eyes above the mouth; at 0.7 too little face is left
+            # for that to hold every time (a turned view can explain the remains as well)
+            if faces and ratio >= 0.8:
                 lm = faces[0].landmarks
                 assert lm[:2, 1].max() < lm[3:, 1].min() and faces[0].orientation == 0
     assert total >= 10 and all(v >= total - 1 for v in found.values()), (found, total)
+
+
+def test_a_cut_off_face_the_detector_is_unsure_of_needs_two_views(pipeline):
+    """A tight crop's face scores under the detector's threshold even on the close-up pass; it counts
+    only when a second view confirms it, and never below a threshold the caller chose."""
+    from scripts.bench_inputs import centre_crop
+    from server.vision.finder import WEAK
+
+    img = read("dev/img1.jpg")
+    crop = centre_crop(img, pipeline.detect(img, OPTS)[0].box, 0.6)
+    (face,) = pipeline.detect(crop, OPTS)
+    strict = pipeline.detector.score_threshold
+    assert WEAK * strict <= face.score < strict  # found as a weak face, confirmed by the second view
+    assert pipeline.detect(crop, DetectOptions(min_face_size=8, min_score=strict)) == []
 
 
 def test_a_small_face_in_a_4k_frame_is_found(pipeline):
