@@ -10,7 +10,7 @@ upright), and what the transform cost facesvc in detector time.
 
 Transforms:
 - crop P: the centre square whose side is P x the face's width (from the upright detection of the
-  original), upscaled to 720 px: at 1.0 the face fills the frame, at 0.8 it is cut off;
+  original), upscaled to 720 px: at 1.0 the face fills the frame, at 0.8 and below it is cut off;
 - 1080p / 4K: the face crop scaled to about 110 px and pasted into a grey frame of that size;
 - rot 90 / 180 / 270: the photo turned counter-clockwise.
 """
@@ -60,7 +60,7 @@ def pasted(img: np.ndarray, box: np.ndarray, frame_w: int, frame_h: int, face_px
 
 
 def transforms(img: np.ndarray, box: np.ndarray) -> dict[str, np.ndarray]:
-    out = {f"crop {r:.2f}": centre_crop(img, box, r) for r in (1.5, 1.1, 1.0, 0.9, 0.8)}
+    out = {f"crop {r:.2f}": centre_crop(img, box, r) for r in (1.5, 1.1, 1.0, 0.9, 0.8, 0.7, 0.6)}
     out["1080p frame"] = pasted(img, box, 1920, 1080)
     out["4K frame"] = pasted(img, box, 3840, 2160)
     for k in (1, 2, 3):
