@@ -233,3 +233,15 @@ def test_a_fresh_process_answers_its_first_concurrent_calls():
     for _ in range(4):
         out = subprocess.run([sys.executable, "-c", FIRST_CALLS, path], cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and "answered" in out.stdout, out.stderr[-2000:]
+
+
+def test_the_compiler_says_when_its_queue_is_done():
+    """Scripts wait for the background compilations before they exit (an exit mid-compilation aborts)."""
+    from server.vision.models.runtime import _Compiler
+
+    compiler, release, done = _Compiler(), threading.Event(), []
+    compiler.submit(lambda: (release.wait(10), done.append(1)))
+    compiler.submit(done.append, 2)
+    assert not compiler.wait_idle(0.2)
+    release.set()
+    assert compiler.wait_idle(10) and done == [1, 2]

@@ -223,18 +223,32 @@ class _Compiler:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending = 0
 
     def submit(self, fn, *args) -> None:
-        self._jobs.put((fn, args))
         with self._lock:
+            self._pending += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ov-compile", daemon=True)
                 self._thread.start()
+        self._jobs.put((fn, args))
 
     def _run(self) -> None:
         while True:
             fn, args = self._jobs.get()
-            fn(*args)
+            try:
+                fn(*args)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                    self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Until every submitted compilation has finished; False on timeout. For a script about to
+        exit: a process that exits while the CPU plugin compiles aborts ("terminate called")."""
+        with self._lock:
+            return self._idle.wait_for(lambda: self._pending == 0, timeout)
 
 
 COMPILER = _Compiler()
