@@ -184,12 +184,12 @@ class FaceFinder:
             return self._bordered(small, min_score, PAD, 0)
         strict = self.detector.score_threshold
         f = self._bordered(small, WEAK * strict, PAD, 0)
-        weak = f.scores < strict
-        if not weak.any():
+        unsure = f.scores < strict
+        if not unsure.any():
             return f
         second = self._bordered(small, WEAK * strict, PAD / 2, 127) if spend(1) else _empty()
         seen = (iou(f.boxes, second.boxes) > 0.3).any(axis=1) if len(second) else np.zeros(len(f), bool)
-        keep = np.flatnonzero(~weak | seen)
+        keep = np.flatnonzero(~unsure | seen)
         return Found(f.boxes[keep], f.landmarks[keep], f.scores[keep])
 
     def _bordered(self, small: np.ndarray, min_score, pad: float, grey: int) -> Found:
