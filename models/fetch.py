@@ -45,11 +45,8 @@ class FetchError(RuntimeError):
 
 
 def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _download(url: str, member: str | None, timeout: float, cache: dict[str, bytes]) -> bytes:

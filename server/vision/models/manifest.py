@@ -54,11 +54,8 @@ def load_liveness_defaults(path: Path = DEFAULT_MANIFEST) -> LivenessDefaults:
 
 
 def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def verified_path(spec: ModelSpec, model_dir: Path) -> Path:
@@ -86,10 +83,11 @@ def int8_path(spec: ModelSpec, model_dir: Path) -> Path:
     note = json.loads(note_path.read_text())
     if note.get("source_sha256") != spec.sha256:
         raise ModelFileError(f"{spec.name}: {xml.name} was made from another float file than the manifest's; {redo}")
-    for name, digest in note.get("files", {}).items():
+    files = note.get("files", {})
+    if set(files) != {xml.name, xml.with_suffix(".bin").name}:
+        raise ModelFileError(f"{spec.name}: {note_path.name} does not list {xml.name} and its weights; {redo}")
+    for name, digest in files.items():
         path = xml.with_name(name)
         if not path.is_file() or file_sha256(path) != digest:
             raise ModelFileError(f"{spec.name}: {path} is missing or not the file quantize.py wrote; {redo}")
-    if set(note.get("files", {})) != {xml.name, xml.with_suffix(".bin").name}:
-        raise ModelFileError(f"{spec.name}: {note_path.name} does not list {xml.name} and its weights; {redo}")
     return xml
