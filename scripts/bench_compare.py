@@ -15,6 +15,7 @@ B. end to end through gRPC (a server subprocess per runtime, embedded storage, a
 
     .venv/bin/pip install -e '.[bench]'   # insightface (the peer) and faiss
     .venv/bin/python scripts/bench_compare.py [--repeat 3] [--seconds 10]
+    .venv/bin/python scripts/bench_compare.py --servers openvino "openvino latency hint"   # part B only
 
 Prints tables and writes JSON (default .bench/bench_compare.json).
 """
@@ -85,11 +86,13 @@ def peer_app(tmp: Path):
     return app
 
 
-# part B's servers: the default (OpenVINO, latency hint), its int8 models, its throughput hint (parallel streams for
-# concurrent calls), concurrent calls' faces embedded in one batch, and the onnxruntime baseline
+# part B's servers: the default (OpenVINO, the auto hint: a lone run on every core, concurrent runs a stream per core),
+# its int8 models, the latency and throughput hints alone, concurrent calls' faces embedded in one batch, and the
+# onnxruntime baseline
 SERVERS = {
     "openvino": {"FACESVC_RUNTIME": "openvino"},
     "openvino int8": {"FACESVC_RUNTIME": "openvino", "FACESVC_PRECISION": "int8"},
+    "openvino latency hint": {"FACESVC_RUNTIME": "openvino", "FACESVC_OPENVINO_HINT": "latency"},
     "openvino throughput hint": {"FACESVC_RUNTIME": "openvino", "FACESVC_OPENVINO_HINT": "throughput"},
     "openvino micro-batch": {"FACESVC_RUNTIME": "openvino", "FACESVC_EMBED_MICRO_BATCH": "true"},
     "onnxruntime": {"FACESVC_RUNTIME": "onnxruntime"},
@@ -226,7 +229,14 @@ def main() -> int:
     ap.add_argument("--calls", type=int, default=100, help="sequential Verify calls (part B)")
     ap.add_argument("--seconds", type=float, default=10.0, help="per concurrency level (part B)")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "bench_compare.json"))
+    ap.add_argument("--servers", nargs="*", choices=list(SERVERS), help="part B only, on these servers (and onnxruntime)")
     args = ap.parse_args()
+    if args.servers is not None:
+        servers = dict.fromkeys([*args.servers, "onnxruntime"])
+        b = {name: part_b(args.calls, args.seconds, SERVERS[name]) for name in servers}
+        print_b(b)
+        print(f"\nwrote {write_json(args.out, {'grpc': b})}")
+        return 0
     try:
         import insightface  # noqa: F401
     except ImportError:
@@ -258,6 +268,15 @@ def main() -> int:
             f"{r['throughput_2']:.2f}x (2 threads)"
         )
     b = {name: part_b(args.calls, args.seconds, env) for name, env in SERVERS.items()}
+    ratios.update(print_b(b))
+    out = write_json(args.out, {"in_process": a, "ratios": ratios, "grpc": b})
+    print(f"\nwrote {out}")
+    return 0
+
+
+def print_b(b: dict) -> dict:
+    """Prints part B's tables; returns the Verify p50 ratios to onnxruntime."""
+    ratios = {}
     print("\nB. gRPC end to end, one 640x480 JPEG probe")
     for rt, res in b.items():
         for label, r in res["sequential"].items():
@@ -267,13 +286,13 @@ def main() -> int:
         for r in res["concurrent"]:
             print(f"{rt:26} {r['clients']:8d} {r['calls_per_s']:8.1f} {r['errors']:7d} {r['p50_ms']:8.1f} {r['p95_ms']:8.1f}")
     verify = "Verify (no liveness)"
-    for rt in ("openvino", "openvino int8"):
+    for rt in b:
+        if rt == "onnxruntime":
+            continue
         key = f"verify_p50_{rt.replace(' ', '_')}_vs_onnxruntime"
         ratios[key] = b[rt]["sequential"][verify]["p50_ms"] / b["onnxruntime"]["sequential"][verify]["p50_ms"]
         print(f"Verify p50, {rt} / onnxruntime: {ratios[key]:.2f}")
-    out = write_json(args.out, {"in_process": a, "ratios": ratios, "grpc": b})
-    print(f"\nwrote {out}")
-    return 0
+    return ratios
 
 
 if __name__ == "__main__":

@@ -46,14 +46,19 @@ def sessions(path: str, threads: int, int8: Path | None = None) -> dict:
             path, RuntimeOptions(runtime="onnxruntime", intra_op_threads=threads), ["CPUExecutionProvider"]
         )
     }
-    out["openvino f32"] = create_session(path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=threads), [])
+    out["openvino f32"] = create_session(
+        path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=threads, hint="latency"), []
+    )
     if native_bf16():
         out["openvino bf16"] = create_session(
-            path, RuntimeOptions(runtime="openvino", precision="bf16", intra_op_threads=threads), []
+            path, RuntimeOptions(runtime="openvino", precision="bf16", intra_op_threads=threads, hint="latency"), []
         )
     if int8 is not None:
         out["openvino int8"] = create_session(
-            str(int8), RuntimeOptions(runtime="openvino", precision="int8", intra_op_threads=threads), [], quantized=True
+            str(int8),
+            RuntimeOptions(runtime="openvino", precision="int8", intra_op_threads=threads, hint="latency"),
+            [],
+            quantized=True,
         )
     return out
 
@@ -95,14 +100,18 @@ def main() -> int:
     path = str(DEFAULT_MODEL_DIR / manifest["scrfd_500m"].file)
     x = np.zeros(INPUTS["scrfd_500m"], np.float32)
     before = rss_mb()
-    dynamic = OpenVinoSession(path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=args.threads))
+    dynamic = OpenVinoSession(
+        path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=args.threads, hint="latency")
+    )
     dynamic._per_shape = False  # never specialise: the dynamic graph only
     dynamic.run(None, {"input.1": x})
     dynamic_mb = rss_mb() - before
     before = rss_mb()
-    shaped = OpenVinoSession(path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=args.threads))
+    shaped = OpenVinoSession(
+        path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=args.threads, hint="latency")
+    )
     shaped.run(None, {"input.1": x})
-    while shaped._shaped.get(((("input.1", x.shape),))) is None:
+    while not shaped.specialised(((("input.1", x.shape),))):
         time.sleep(0.05)
     shaped.run(None, {"input.1": x})
     shaped_mb = rss_mb() - before  # the dynamic graph it falls back on, plus one shaped graph

@@ -108,15 +108,17 @@ class Settings:
     precision: str = setting(
         "auto",
         "models",
-        "OpenVINO inference precision: auto (bf16 where the CPU computes it natively, else f32), f32, bf16, or int8 "
-        "(the detector and recognizer quantized by `make int8`, the other models as auto; docs/models.md has their accuracy)",
+        "OpenVINO inference precision: auto (the detector and recognizer in bf16 where the CPU computes it natively, "
+        "everything else f32), f32, bf16 (as auto), or int8 (the detector and recognizer quantized by `make int8`, "
+        "the other models as auto; docs/models.md has their accuracy)",
         choices=("auto", "f32", "bf16", "int8"),
     )
     openvino_hint: str = setting(
-        "latency",
+        "auto",
         "models",
-        "OpenVINO performance hint: latency (each call uses every core) or throughput (parallel streams for concurrent calls)",
-        choices=("latency", "throughput"),
+        "OpenVINO performance hint: auto (a run alone uses every core; runs with company take one stream per core), "
+        "latency (each run uses every core) or throughput (one stream per core, also for a lone call)",
+        choices=("auto", "latency", "throughput"),
     )
     ort_threads: int = setting(
         0, "models", "inference threads per model (onnxruntime intra-op, OpenVINO); 0 = one per core", low=0, high=256

@@ -92,6 +92,10 @@ def one_key_at_its_limits(srv, admin, stop: threading.Event):
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, e.value
         assert error_info(e.value).reason == "STREAM_LIMIT_REACHED"
         assert time.monotonic() - t0 < 2
+    # the other key's photo once first: a frame shape's first call may wait for the detector's graph for
+    # that shape to compile (runtime.py), which is not what is measured here
+    other = pb.DetectRequest(image=image("dev/img5.jpg"))
+    assert len(b.Detect(other, timeout=30).faces) == 1
     # the key also hammers unary calls from 8 threads: beyond its call limit they are refused
     refused, done = [], threading.Event()
     photo = pb.DetectRequest(image=image("dev/group_t1.jpg"))
@@ -114,7 +118,7 @@ def one_key_at_its_limits(srv, admin, stop: threading.Event):
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=3).status == health_pb2.HealthCheckResponse.SERVING
             worst_health = max(worst_health, time.monotonic() - t0)
             t0 = time.monotonic()
-            assert len(b.Detect(pb.DetectRequest(image=image("dev/img5.jpg")), timeout=3).faces) == 1
+            assert len(b.Detect(other, timeout=3).faces) == 1
             worst_detect = max(worst_detect, time.monotonic() - t0)
         assert worst_health < 1.0 and worst_detect < 1.0, (worst_health, worst_detect)
     finally:

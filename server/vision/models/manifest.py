@@ -22,6 +22,9 @@ class ModelSpec:
     licence: str
     params: dict = field(default_factory=dict)
     int8: str = ""  # the int8 OpenVINO IR models/quantize.py derives (FACESVC_PRECISION=int8); "" = none
+    # runs in bf16 where the CPU computes it natively (FACESVC_PRECISION=auto or bf16): set only for models
+    # whose answers were checked in bf16 against f32 (tests/test_runtimes.py); the others stay f32
+    bf16: bool = False
 
 
 class ModelFileError(RuntimeError):
@@ -32,7 +35,15 @@ def load_manifest(path: Path = DEFAULT_MANIFEST) -> dict[str, ModelSpec]:
     raw = json.loads(Path(path).read_text())["models"]
     return {
         name: ModelSpec(
-            name, m["file"], m["sha256"], m["kind"], m["arch"], m["licence"], dict(m.get("params", {})), m.get("int8", "")
+            name,
+            m["file"],
+            m["sha256"],
+            m["kind"],
+            m["arch"],
+            m["licence"],
+            dict(m.get("params", {})),
+            m.get("int8", ""),
+            bool(m.get("bf16", False)),
         )
         for name, m in raw.items()
     }

@@ -1,13 +1,16 @@
 """Build model wrappers from the manifest: the model choice is configuration, not code.
 
 Each manifest entry names an `arch`; `ARCHS` maps it to the wrapper class and
-the manifest's `params` become its keyword arguments.
+the manifest's `params` become its keyword arguments. Reduced precision is per model: int8 for
+the models with an `int8` IR, bf16 (where the CPU has it) for those marked `bf16`; the small
+models whose scores the thresholds were calibrated on (liveness, age, gender) stay f32.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from server.vision.models.age_gender import AgeEstimator, GenderClassifier
@@ -56,7 +59,8 @@ class ModelLoader:
         t0 = time.perf_counter()
         quantized = self.runtime.precision == "int8" and bool(spec.int8)
         path = int8_path(spec, self.model_dir) if quantized else verified_path(spec, self.model_dir)
-        session = create_session(str(path), self.runtime, self.providers, name, quantized=quantized)
+        runtime = self.runtime if quantized or spec.bf16 else replace(self.runtime, precision="f32")
+        session = create_session(str(path), runtime, self.providers, name, quantized=quantized)
         model = ARCHS[spec.arch](session, name, **{**spec.params, **overrides})
         where = {"model": name, "kind": spec.kind, "runtime": session.runtime, "precision": session.precision}
         self.loaded.append(where | {"device": session.device})

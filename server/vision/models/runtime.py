@@ -58,7 +58,7 @@ class RuntimeOptions:
     inter_op_threads: int = 1
     runtime: str = "auto"  # auto | openvino | onnxruntime
     precision: str = "auto"  # auto | f32 | bf16 | int8 (OpenVINO; bf16 only where the CPU has it natively)
-    hint: str = "latency"  # OpenVINO performance hint: latency | throughput
+    hint: str = "auto"  # OpenVINO performance hint: auto (latency alone, throughput with company) | latency | throughput
 
 
 def openvino_available() -> bool:
@@ -220,23 +220,27 @@ class _Compiler:
     takes the cores the requests need, so two at once would only slow both."""
 
     def __init__(self):
-        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._jobs: queue.PriorityQueue = queue.PriorityQueue()
+        self._seq = 0  # first come, first served within a priority
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._pending = 0
 
-    def submit(self, fn, *args) -> None:
+    def submit(self, fn, *args, urgent: bool = False) -> None:
+        """Queues fn(*args); `urgent` jobs (a graph a call waits for) go before the others."""
         with self._lock:
             self._pending += 1
+            self._seq += 1
+            seq = self._seq
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="ov-compile", daemon=True)
                 self._thread.start()
-        self._jobs.put((fn, args))
+        self._jobs.put((0 if urgent else 1, seq, fn, args))
 
     def _run(self) -> None:
         while True:
-            fn, args = self._jobs.get()
+            _, _, fn, args = self._jobs.get()
             try:
                 fn(*args)
             finally:
@@ -254,31 +258,57 @@ class _Compiler:
 COMPILER = _Compiler()
 
 
+class _Graphs:
+    """The graphs compiled for one input shape, one per performance hint (they give the same answers);
+    `first` is set once one is ready, or compiling it failed."""
+
+    def __init__(self):
+        self.compiled: dict[str, object] = {}
+        self.first = threading.Event()
+
+    def get(self, mode: str):
+        return self.compiled.get(mode) or next(iter(self.compiled.values()), None)
+
+
 class OpenVinoSession:
     """A model compiled by OpenVINO for the CPU, called like an onnxruntime InferenceSession."""
 
     MAX_SHAPES = 8  # shape-specialised compilations per model; further shapes run on the dynamic graph
 
-    def __init__(self, path: str, opts: RuntimeOptions):
+    def __init__(self, path: str, opts: RuntimeOptions, runs: RunCounter = RUNS):
         import openvino as ov
 
         core = ov_core()
         self._ov = ov
         self.precision = resolve_precision(opts.precision)
-        self._config = {
-            "PERFORMANCE_HINT": "THROUGHPUT" if opts.hint == "throughput" else "LATENCY",
-            "INFERENCE_PRECISION_HINT": self.precision,
-        }
-        if opts.intra_op_threads:
-            self._config["INFERENCE_NUM_THREADS"] = opts.intra_op_threads
+        if opts.hint not in ("auto", "latency", "throughput"):
+            raise ValueError(f"hint must be auto, latency or throughput, not {opts.hint!r}")
+        # auto: a graph for each hint, and each run takes the one that suits the moment (see run());
+        # on one core a second stream would have nothing to run on
+        if opts.hint == "auto":
+            self.modes = ("latency", "throughput") if cpu_cores() > 1 else ("latency",)
+        else:
+            self.modes = (opts.hint,)
+        self._configs = {}
+        for mode in self.modes:
+            config = {"PERFORMANCE_HINT": mode.upper(), "INFERENCE_PRECISION_HINT": self.precision}
+            if opts.intra_op_threads:
+                config["INFERENCE_NUM_THREADS"] = opts.intra_op_threads
+            self._configs[mode] = config
+        self._runs = runs
         self._model = core.read_model(path)
         self._inputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.inputs]
         self._outputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.outputs]
         self._index = {n: i for i, p in enumerate(self._model.outputs) for n in p.get_names()}
-        self._dynamic = core.compile_model(self._model, "CPU", self._config)
+        self._dynamic = {mode: core.compile_model(self._model, "CPU", config) for mode, config in self._configs.items()}
         # only spatial dimensions are worth specialising: a batch dimension varies call by call
         self._per_shape = any(isinstance(d, str) for p in self._inputs for d in p.shape[2:])
-        self._shaped: dict[tuple, object] = {}
+        self._shaped: dict[tuple, _Graphs] = {}
+        # In f32 the dynamic graph gives the shaped graph's answers (to about 1e-5) and may stand in
+        # for it while it compiles. In bf16 or int8 the two graphs' kernels round differently (a box
+        # moves by up to 2 px), so a photo would get one answer on its shape's first calls and
+        # another after: there the first call of a shape waits for its graph (once, about 0.2 s).
+        self._wait_for_shape = self.precision != "f32" or opts.precision == "int8"
         self._lock = threading.Lock()
         self._local = threading.local()
         self._warm_up()
@@ -293,10 +323,11 @@ class OpenVinoSession:
             p.name: np.zeros([1 if i == 0 else 64 if d == "?" else d for i, d in enumerate(p.shape)], np.float32)
             for p in self._inputs
         }
-        request = self._dynamic.create_infer_request()
-        request.infer(feed)
-        for i in range(len(self._outputs)):
-            request.get_output_tensor(i).data.copy()
+        for compiled in self._dynamic.values():
+            request = compiled.create_infer_request()
+            request.infer(feed)
+            for i in range(len(self._outputs)):
+                request.get_output_tensor(i).data.copy()
 
     def get_inputs(self) -> list[Port]:
         return self._inputs
@@ -304,28 +335,44 @@ class OpenVinoSession:
     def get_outputs(self) -> list[Port]:
         return self._outputs
 
-    def _compiled(self, feed: dict):
-        """The graph compiled for this input shape when there is one; else the dynamic graph, while
-        (up to MAX_SHAPES) one for this shape is compiled in the background: a new frame size never
-        waits for a compilation."""
+    def _compiled(self, feed: dict, mode: str):
+        """The graph compiled for this input shape (up to MAX_SHAPES shapes, compiled in the background
+        on a shape's first call); the dynamic graph for further shapes, and in f32 while the shape's
+        graph compiles. So no caller can make the server compile (and hold memory) without end, and
+        each shape gets the same graph's answers for the life of the process."""
         if not self._per_shape:
-            return self._dynamic
+            return self._dynamic[mode]
         shape = tuple((name, tuple(a.shape)) for name, a in feed.items())
-        compiled = self._shaped.get(shape)
-        if compiled is None:
+        graphs = self._shaped.get(shape)
+        if graphs is None:
             with self._lock:
-                if shape not in self._shaped and len(self._shaped) < self.MAX_SHAPES:
-                    self._shaped[shape] = None  # claimed: compiled once
-                    COMPILER.submit(self._specialise, shape)
-        return compiled or self._dynamic
+                graphs = self._shaped.get(shape)
+                if graphs is None:
+                    if len(self._shaped) >= self.MAX_SHAPES:
+                        return self._dynamic[mode]
+                    graphs = self._shaped[shape] = _Graphs()
+                    # one job per graph: the first, which calls may wait for, before other shapes' second
+                    for i, mode in enumerate(self._configs):
+                        COMPILER.submit(self._specialise, shape, graphs, mode, urgent=i == 0)
+        if self._wait_for_shape:
+            graphs.first.wait()
+        # the other hint's graph of this shape gives the same answers while this one compiles
+        return graphs.get(mode) or self._dynamic[mode]
 
-    def _specialise(self, shape: tuple) -> None:
+    def specialised(self, shape: tuple) -> bool:
+        """Whether every graph for this input shape ((name, dims), ...) is compiled."""
+        graphs = self._shaped.get(shape)
+        return graphs is not None and len(graphs.compiled) == len(self.modes)
+
+    def _specialise(self, shape: tuple, graphs: _Graphs, mode: str) -> None:
         try:
             model = self._model.clone()
             model.reshape({name: self._ov.PartialShape(list(dims)) for name, dims in shape})
-            self._shaped[shape] = ov_core().compile_model(model, "CPU", self._config)
-        except Exception:  # the dynamic graph serves this shape
+            graphs.compiled[mode] = ov_core().compile_model(model, "CPU", self._configs[mode])
+        except Exception:  # another hint's graph of this shape, or else the dynamic one, serves it
             log.exception("compiling %s for input shape %s failed", self._model.get_friendly_name(), shape)
+        finally:
+            graphs.first.set()
 
     def _request(self, compiled):
         requests = getattr(self._local, "requests", None)
@@ -337,8 +384,19 @@ class OpenVinoSession:
         return req
 
     def run(self, output_names, feed: dict) -> list:
-        req = self._request(self._compiled(feed))
-        req.infer(feed)
+        """With both hints compiled, a run that has the CPU to itself (no other model run, no other
+        call in flight) takes the latency graph, one stream over every core: the lowest latency for
+        a lone call. A run with company takes the throughput graph, one stream per core: concurrent
+        calls then run side by side, each on a core, instead of queueing for the single stream and
+        paying for its threads' hand-offs."""
+        alone = self._runs.enter()
+        try:
+            mode = self.modes[0] if len(self.modes) == 1 else "latency" if alone else "throughput"
+            req = self._request(self._compiled(feed, mode))
+            # the request reads the caller's arrays in place (no copy): run() holds them until it returns
+            req.infer(feed, share_inputs=True)
+        finally:
+            self._runs.leave()
         wanted = range(len(self._outputs)) if output_names is None else [self._index[n] for n in output_names]
         # the request reuses its output buffers on its next run: hand the caller its own copies
         return [req.get_output_tensor(i).data.copy() for i in wanted]
