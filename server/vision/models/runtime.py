@@ -352,8 +352,8 @@ class OpenVinoSession:
                         return self._dynamic[mode]
                     graphs = self._shaped[shape] = _Graphs()
                     # one job per graph: the first, which calls may wait for, before other shapes' second
-                    for i, mode in enumerate(self._configs):
-                        COMPILER.submit(self._specialise, shape, graphs, mode, urgent=i == 0)
+                    for i, hint in enumerate(self._configs):
+                        COMPILER.submit(self._specialise, shape, graphs, hint, urgent=i == 0)
         if self._wait_for_shape:
             graphs.first.wait()
         # the other hint's graph of this shape gives the same answers while this one compiles
