@@ -259,11 +259,13 @@ COMPILER = _Compiler()
 
 
 class _Graphs:
-    """The graphs compiled for one input shape, one per performance hint (they give the same answers);
-    `first` is set once one is ready, or compiling it failed."""
+    """The graphs of one input shape (None: the dynamic-shape graph), one per performance hint; the
+    hints' graphs give the same answers. `first` is set once one is ready, or compiling it failed."""
 
-    def __init__(self):
+    def __init__(self, shape: tuple | None):
+        self.shape = shape
         self.compiled: dict[str, object] = {}
+        self.asked: set[str] = set()  # hints whose graph is compiled or queued
         self.first = threading.Event()
 
     def get(self, mode: str):
@@ -300,7 +302,11 @@ class OpenVinoSession:
         self._inputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.inputs]
         self._outputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.outputs]
         self._index = {n: i for i, p in enumerate(self._model.outputs) for n in p.get_names()}
-        self._dynamic = {mode: core.compile_model(self._model, "CPU", config) for mode, config in self._configs.items()}
+        # the first hint's graph now; the throughput graph (memory for a stream per core) once a run has company
+        self._dynamic = _Graphs(None)
+        self._dynamic.compiled[self.modes[0]] = core.compile_model(self._model, "CPU", self._configs[self.modes[0]])
+        self._dynamic.asked.add(self.modes[0])
+        self._dynamic.first.set()
         # only spatial dimensions are worth specialising: a batch dimension varies call by call
         self._per_shape = any(isinstance(d, str) for p in self._inputs for d in p.shape[2:])
         self._shaped: dict[tuple, _Graphs] = {}
@@ -323,11 +329,10 @@ class OpenVinoSession:
             p.name: np.zeros([1 if i == 0 else 64 if d == "?" else d for i, d in enumerate(p.shape)], np.float32)
             for p in self._inputs
         }
-        for compiled in self._dynamic.values():
-            request = compiled.create_infer_request()
-            request.infer(feed)
-            for i in range(len(self._outputs)):
-                request.get_output_tensor(i).data.copy()
+        request = self._dynamic.get(self.modes[0]).create_infer_request()
+        request.infer(feed)
+        for i in range(len(self._outputs)):
+            request.get_output_tensor(i).data.copy()
 
     def get_inputs(self) -> list[Port]:
         return self._inputs
@@ -341,36 +346,47 @@ class OpenVinoSession:
         graph compiles. So no caller can make the server compile (and hold memory) without end, and
         each shape gets the same graph's answers for the life of the process."""
         if not self._per_shape:
-            return self._dynamic[mode]
+            return self._graph(self._dynamic, mode)
         shape = tuple((name, tuple(a.shape)) for name, a in feed.items())
         graphs = self._shaped.get(shape)
         if graphs is None:
             with self._lock:
                 graphs = self._shaped.get(shape)
-                if graphs is None:
-                    if len(self._shaped) >= self.MAX_SHAPES:
-                        return self._dynamic[mode]
-                    graphs = self._shaped[shape] = _Graphs()
-                    # one job per graph: the first, which calls may wait for, before other shapes' second
-                    for i, hint in enumerate(self._configs):
-                        COMPILER.submit(self._specialise, shape, graphs, hint, urgent=i == 0)
-        if self._wait_for_shape:
+                if graphs is None and len(self._shaped) < self.MAX_SHAPES:
+                    graphs = self._shaped[shape] = _Graphs(shape)
+            if graphs is None:
+                return self._graph(self._dynamic, mode)
+        compiled = self._graph(graphs, mode)
+        if compiled is None and self._wait_for_shape:
             graphs.first.wait()
-        # the other hint's graph of this shape gives the same answers while this one compiles
-        return graphs.get(mode) or self._dynamic[mode]
+            compiled = graphs.get(mode)
+        return compiled or self._graph(self._dynamic, mode)
 
-    def specialised(self, shape: tuple) -> bool:
-        """Whether every graph for this input shape ((name, dims), ...) is compiled."""
+    def _graph(self, graphs: _Graphs, mode: str):
+        """`graphs`' graph for this hint; while it compiles (queued here on first need), another hint's
+        graph of the same shape, which gives the same answers, or None."""
+        if mode not in graphs.asked:
+            with self._lock:
+                if mode not in graphs.asked:
+                    graphs.asked.add(mode)
+                    # a shape's first graph, which calls may wait for, goes before other shapes' second
+                    COMPILER.submit(self._specialise, graphs, mode, urgent=not graphs.compiled)
+        return graphs.get(mode)
+
+    def specialised(self, shape: tuple, mode: str | None = None) -> bool:
+        """Whether the graph for this input shape ((name, dims), ...) and hint (default: the first) is compiled."""
         graphs = self._shaped.get(shape)
-        return graphs is not None and len(graphs.compiled) == len(self.modes)
+        return graphs is not None and (mode or self.modes[0]) in graphs.compiled
 
-    def _specialise(self, shape: tuple, graphs: _Graphs, mode: str) -> None:
+    def _specialise(self, graphs: _Graphs, mode: str) -> None:
         try:
-            model = self._model.clone()
-            model.reshape({name: self._ov.PartialShape(list(dims)) for name, dims in shape})
+            model = self._model
+            if graphs.shape is not None:
+                model = model.clone()
+                model.reshape({name: self._ov.PartialShape(list(dims)) for name, dims in graphs.shape})
             graphs.compiled[mode] = ov_core().compile_model(model, "CPU", self._configs[mode])
         except Exception:  # another hint's graph of this shape, or else the dynamic one, serves it
-            log.exception("compiling %s for input shape %s failed", self._model.get_friendly_name(), shape)
+            log.exception("compiling %s (%s, input %s) failed", self._model.get_friendly_name(), mode, graphs.shape)
         finally:
             graphs.first.set()
 
@@ -384,11 +400,11 @@ class OpenVinoSession:
         return req
 
     def run(self, output_names, feed: dict) -> list:
-        """With both hints compiled, a run that has the CPU to itself (no other model run, no other
-        call in flight) takes the latency graph, one stream over every core: the lowest latency for
-        a lone call. A run with company takes the throughput graph, one stream per core: concurrent
-        calls then run side by side, each on a core, instead of queueing for the single stream and
-        paying for its threads' hand-offs."""
+        """With the auto hint, a run that has the CPU to itself (no other model run, no other call in
+        flight) takes the latency graph, one stream over every core: the lowest latency for a lone
+        call. A run with company takes the throughput graph, one stream per core (compiled on the
+        first such run): concurrent calls then run side by side, each on a core, instead of queueing
+        for the single stream and paying for its threads' hand-offs."""
         alone = self._runs.enter()
         try:
             mode = self.modes[0] if len(self.modes) == 1 else "latency" if alone else "throughput"
