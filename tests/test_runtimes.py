@@ -129,6 +129,7 @@ def test_in_bf16_a_shape_gets_the_same_answer_from_its_first_call_on():
     deadline = time.monotonic() + 60
     while not session.specialised(key) and time.monotonic() < deadline:
         time.sleep(0.1)
+    assert session.specialised(key), list(session._shaped)
     again = det.detect(img)
     assert len(first[0]) == len(again[0]) > 0
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])

@@ -243,6 +243,8 @@ class _Compiler:
             _, _, fn, args = self._jobs.get()
             try:
                 fn(*args)
+            except BaseException:  # the thread must outlive any job: later shapes wait on it
+                log.exception("a background compilation failed")
             finally:
                 with self._lock:
                     self._pending -= 1
@@ -267,15 +269,18 @@ class _Graphs:
         self.compiled: dict[str, object] = {}
         self.asked: set[str] = set()  # hints whose graph is compiled or queued
         self.first = threading.Event()
+        self.failed = False  # the first graph failed to compile: the shape stays on the dynamic graph
 
     def get(self, mode: str):
-        return self.compiled.get(mode) or next(iter(self.compiled.values()), None)
+        # a snapshot: the compiling thread may add a graph meanwhile
+        return self.compiled.get(mode) or next(iter(list(self.compiled.values())), None)
 
 
 class OpenVinoSession:
     """A model compiled by OpenVINO for the CPU, called like an onnxruntime InferenceSession."""
 
     MAX_SHAPES = 8  # shape-specialised compilations per model; further shapes run on the dynamic graph
+    SHAPE_WAIT_S = 30.0  # longest a call waits for its shape's graph (bf16, int8)
 
     def __init__(self, path: str, opts: RuntimeOptions, runs: RunCounter = RUNS):
         import openvino as ov
@@ -330,9 +335,10 @@ class OpenVinoSession:
             for p in self._inputs
         }
         request = self._dynamic.get(self.modes[0]).create_infer_request()
-        request.infer(feed)
-        for i in range(len(self._outputs)):
-            request.get_output_tensor(i).data.copy()
+        for shared in (False, True):  # a copied input and one read in place (run()) build different statics
+            request.infer(feed, share_inputs=shared)
+            for i in range(len(self._outputs)):
+                request.get_output_tensor(i).data.copy()
 
     def get_inputs(self) -> list[Port]:
         return self._inputs
@@ -358,13 +364,27 @@ class OpenVinoSession:
                 return self._graph(self._dynamic, mode)
         compiled = self._graph(graphs, mode)
         if compiled is None and self._wait_for_shape:
-            graphs.first.wait()
-            compiled = graphs.get(mode)
+            compiled = self._wait(graphs, mode)
         return compiled or self._graph(self._dynamic, mode)
+
+    def _wait(self, graphs: _Graphs, mode: str):
+        """The shape's first graph, once compiled; stops when the call ends (deadline, cancel). After
+        SHAPE_WAIT_S (a compiler stuck far beyond the usual 0.2 s) the dynamic graph answers."""
+        deadline = time.monotonic() + self.SHAPE_WAIT_S
+        while not graphs.first.wait(0.05):
+            ensure_call_alive()
+            if time.monotonic() > deadline:
+                log.warning(
+                    "%s: no graph for input %s after %.0f s", self._model.get_friendly_name(), graphs.shape, self.SHAPE_WAIT_S
+                )
+                return None
+        return graphs.get(mode)
 
     def _graph(self, graphs: _Graphs, mode: str):
         """`graphs`' graph for this hint; while it compiles (queued here on first need), another hint's
         graph of the same shape, which gives the same answers, or None."""
+        if graphs.failed:
+            return None
         if mode not in graphs.asked:
             with self._lock:
                 if mode not in graphs.asked:
@@ -387,6 +407,7 @@ class OpenVinoSession:
             graphs.compiled[mode] = ov_core().compile_model(model, "CPU", self._configs[mode])
         except Exception:  # another hint's graph of this shape, or else the dynamic one, serves it
             log.exception("compiling %s (%s, input %s) failed", self._model.get_friendly_name(), mode, graphs.shape)
+            graphs.failed = not graphs.compiled  # calls ran on the dynamic graph meanwhile: keep them there
         finally:
             graphs.first.set()
 
