@@ -95,6 +95,14 @@ def test_boxes_landmarks_embeddings_liveness_and_attributes_agree(pipeline, f32_
     assert abs(a.attributes["gender"] - b.attributes["gender"]) < 0.01
 
 
+def wait_for_graph(session, key: tuple) -> None:
+    """Until the background compiler has built `session`'s graph for the input shape `key`."""
+    deadline = time.monotonic() + 60
+    while not session.specialised(key) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert session.specialised(key), list(session._shaped)
+
+
 def test_a_frame_shape_gets_its_own_graph_with_the_same_answers():
     """SCRFD runs on each frame's own shape, on a graph compiled in the background on the shape's
     first call; in f32 the dynamic graph answers meanwhile, with the same boxes. The number of shapes
@@ -104,10 +112,7 @@ def test_a_frame_shape_gets_its_own_graph_with_the_same_answers():
     img = cv2.resize(read("dev/img1.jpg"), (640, 416))  # a shape no other test sends
     first = det.detect(img)
     key = ((det.input_name, (1, 3, 416, 640)),)
-    deadline = time.monotonic() + 60
-    while not session.specialised(key) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert session.specialised(key), list(session._shaped)
+    wait_for_graph(session, key)
     second = det.detect(img)
     assert len(first[0]) == len(second[0]) > 0
     assert np.abs(first[0] - second[0]).max() <= 1.0
@@ -126,10 +131,7 @@ def test_in_bf16_a_shape_gets_the_same_answer_from_its_first_call_on():
     img = cv2.resize(read("dev/img1.jpg"), (448, 640))
     first = det.detect(img)
     session, key = det.session._session, ((det.input_name, (1, 3, 640, 448)),)
-    deadline = time.monotonic() + 60
-    while not session.specialised(key) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert session.specialised(key), list(session._shaped)
+    wait_for_graph(session, key)
     again = det.detect(img)
     assert len(first[0]) == len(again[0]) > 0
     assert np.array_equal(first[0], again[0]) and np.array_equal(first[1], again[1])
