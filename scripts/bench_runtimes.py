@@ -40,26 +40,22 @@ def rss_mb() -> float:
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 1e6
 
 
+def openvino(precision: str, threads: int) -> RuntimeOptions:
+    """OpenVINO at `precision` on its latency graph alone: one call at a time, as every row here runs."""
+    return RuntimeOptions(runtime="openvino", precision=precision, intra_op_threads=threads, hint="latency")
+
+
 def sessions(path: str, threads: int, int8: Path | None = None) -> dict:
     out = {
         "onnxruntime": create_session(
             path, RuntimeOptions(runtime="onnxruntime", intra_op_threads=threads), ["CPUExecutionProvider"]
         )
     }
-    out["openvino f32"] = create_session(
-        path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=threads, hint="latency"), []
-    )
+    out["openvino f32"] = create_session(path, openvino("f32", threads), [])
     if native_bf16():
-        out["openvino bf16"] = create_session(
-            path, RuntimeOptions(runtime="openvino", precision="bf16", intra_op_threads=threads, hint="latency"), []
-        )
+        out["openvino bf16"] = create_session(path, openvino("bf16", threads), [])
     if int8 is not None:
-        out["openvino int8"] = create_session(
-            str(int8),
-            RuntimeOptions(runtime="openvino", precision="int8", intra_op_threads=threads, hint="latency"),
-            [],
-            quantized=True,
-        )
+        out["openvino int8"] = create_session(str(int8), openvino("int8", threads), [], quantized=True)
     return out
 
 
@@ -100,16 +96,12 @@ def main() -> int:
     path = str(DEFAULT_MODEL_DIR / manifest["scrfd_500m"].file)
     x = np.zeros(INPUTS["scrfd_500m"], np.float32)
     before = rss_mb()
-    dynamic = OpenVinoSession(
-        path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=args.threads, hint="latency")
-    )
+    dynamic = OpenVinoSession(path, openvino("f32", args.threads))
     dynamic._per_shape = False  # never specialise: the dynamic graph only
     dynamic.run(None, {"input.1": x})
     dynamic_mb = rss_mb() - before
     before = rss_mb()
-    shaped = OpenVinoSession(
-        path, RuntimeOptions(runtime="openvino", precision="f32", intra_op_threads=args.threads, hint="latency")
-    )
+    shaped = OpenVinoSession(path, openvino("f32", args.threads))
     shaped.run(None, {"input.1": x})
     while not shaped.specialised(((("input.1", x.shape),))):
         time.sleep(0.05)
