@@ -232,6 +232,25 @@ def test_orientation_is_reported_when_a_turn_found_the_face(pipeline):
     assert turned_found >= 12  # most turned LFW photos need the turn: the rescue is what finds them
 
 
+def test_an_upside_down_face_only_the_close_up_pass_sees_is_stood_upright(pipeline):
+    """Upside down, many LFW photos' faces are missed by the plain pass and seen by the close-up pass,
+    weakly and as if upright (eyes where the mouth is). A turned frame's plain pass sees the face
+    better: the answer says the photo was turned by 180 degrees, and its embedding is the upright one's."""
+    files = sorted((FACES / "lfw").rglob("*.jpg"))[:60]
+    wrong = []
+    for f in files:
+        img = cv2.imread(str(f))
+        upright = pipeline.detect(img, OPTS)
+        faces = pipeline.detect(np.ascontiguousarray(np.rot90(img, 2)), OPTS)
+        assert faces, f.name
+        if faces[0].orientation != 180:
+            wrong.append(f.name)
+            continue
+        (a, b) = pipeline.embed([upright[0], faces[0]])
+        assert float(a @ b) > 0.9, f.name
+    assert len(wrong) <= 2, wrong  # before the turned check: 6 of these 60
+
+
 def test_turning_back_maps_points_exactly():
     from server.vision.finder import turn_points
 

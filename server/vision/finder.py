@@ -16,12 +16,15 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
 - **A sideways or upside-down photo** without EXIF orientation (scans, stripped metadata). Run when
   nothing is found upright: the frame turned by 90, 180 and 270 degrees, each with its padded
   pass (which also confirms a weak detection); the turn whose face scores best wins. A face the
-  first pass finds lying on its side, or weak enough to be upside down, gets the same. Landmarks are mapped back to the frame as
-  sent, so alignment turns the face upright; the turn is reported so clients can fix their
-  pipeline.
+  first pass finds lying on its side, or weak enough to be upside down, gets the same. The
+  close-up pass sees upside-down faces too, weakly and as if upright: a face only it found, weakly,
+  is checked against the three turned frames' plain passes, and a turn that sees the same face
+  better wins. Landmarks are mapped back to the frame as sent, so alignment turns the face upright;
+  the turn is reported so clients can fix their pipeline.
 
 Worst case (nothing anywhere, a large frame): 1 + 2 + 1 + 3 x 2 = 10 detector runs on small copies
-(an upright close-up pass that sees only a weak face takes a second view to confirm it).
+(an upright close-up pass that sees only a weak face takes a second view to confirm it); a weak
+close-up face that no turned plain pass sees better, then doubtful, up to 1 + 2 + 3 + 3 x 2 = 12.
 Every pass after the first is paid from the call's budget of detector passes (server/context.py
 `spend`); a call that cannot pay gets the first pass only, so a batch of blank images costs what
 its bytes allow, not ten passes each.
@@ -51,6 +54,10 @@ TURN_MARGIN = 0.08
 # where the threshold is 0.5): down to this share of the threshold it counts when two views see it
 # (at 0.6, two magnified hands of 515 background close-ups cut from LFW passed as faces; at 0.7 none).
 WEAK = 0.7
+# The close-up pass also sees an upside-down or sideways face, weakly and with its landmarks laid out
+# upright: on the LFW photos turned 180 degrees, up to 0.75 where real close-ups mostly score over 0.8.
+# A face only the close-up pass found, scoring under this, is checked against the turned frames.
+CLOSE_UP_SURE = 0.8
 
 
 @dataclass
@@ -112,7 +119,8 @@ class FaceFinder:
                 if not len(upright) or upright.scores.max() <= remembered.scores.max():
                     return self._scaled(remembered, scale)
                 return self._scaled(upright, scale)
-        found = self._scaled(self._run(small, min_score), scale)
+        plain = self._run(small, min_score)
+        found = self._scaled(plain, scale)
         if self._cut_off(found, w, h) and spend(1):
             found = self._merge(found, self._scaled(self._padded(small, min_score, weak=True), scale))
         if not len(found) and max(h, w) > 2 * self.max_side and spend(FINE * FINE, h * w):
@@ -121,6 +129,10 @@ class FaceFinder:
         if not turns:
             return found
         if len(found):
+            if not len(plain) and found.scores.max() < CLOSE_UP_SURE:
+                turned = self._seen_turned(small, found, scale, min_score)
+                if turned is not None:
+                    return turned
             if self._quarter_turns(found) or self._doubtful(found, w, h):
                 # lying on its side, or weak and perhaps upside down: its landmarks are the detector's
                 # guesses; the turn under which the face scores best stands it upright
@@ -143,10 +155,30 @@ class FaceFinder:
                 best = f
         return best
 
-    def _turn(self, small: np.ndarray, k: int, min_score) -> Found:
-        """The faces of `small` turned k quarter turns counter-clockwise, mapped back into `small`."""
+    def _seen_turned(self, small: np.ndarray, found: Found, scale: float, min_score) -> Found | None:
+        """Faces that only the close-up pass found (`found`, in the frame) seen better by a turned
+        frame's plain pass, with their context: stronger evidence than the close-up's, and where the
+        close-up took an upside-down or sideways face for an upright one, the turn that stands it
+        upright. The same face (the boxes overlap), scoring higher; None when no turn does. (At half
+        the size the turned passes would cost less, but there they see close-ups too, upside-down
+        ones as well: only the full-size pass tells a face in context from a close-up.)"""
+        best = None
+        for k in (1, 2, 3):
+            if not spend(1):
+                break
+            f = self._scaled(self._turn(small, k, min_score, confirm=False), scale)
+            if not len(f) or f.scores.max() <= max(found.scores.max(), best.scores.max() if best else 0.0):
+                continue
+            if (iou(f.boxes, found.boxes) > 0.3).any():
+                best = f
+        return best
+
+    def _turn(self, small: np.ndarray, k: int, min_score, confirm: bool = True) -> Found:
+        """The faces of `small` turned k quarter turns counter-clockwise, mapped back into `small`:
+        confirmed by the close-up pass (see _turned), or the plain pass's alone."""
         sh, sw = small.shape[:2]
-        f = self._turned(np.ascontiguousarray(np.rot90(small, k)), min_score)
+        turned = np.ascontiguousarray(np.rot90(small, k))
+        f = self._turned(turned, min_score) if confirm else self._run(turned, min_score)
         corners = turn_points(f.boxes.reshape(-1, 2, 2), k, sw, sh)
         boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1).reshape(-1, 4)
         return Found(boxes, turn_points(f.landmarks, k, sw, sh), f.scores, orientation=90 * k if len(f) else 0)
