@@ -17,11 +17,11 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
   nothing is found upright: the frame turned by 90, 180 and 270 degrees, each with its padded
   pass (which also confirms a weak detection); the turn whose face scores best wins. A face the
   first pass finds lying on its side (by its landmarks, or by a box wider than tall), or weak
-  enough to be upside down, gets the same. The
-  close-up pass sees upside-down faces too, weakly and as if upright: a face only it found, weakly,
-  is checked against the three turned frames' plain passes, and a turn that sees the same face
-  better wins. Landmarks are mapped back to the frame as sent, so alignment turns the face upright;
-  the turn is reported so clients can fix their pipeline.
+  enough to be upside down, gets the same. The close-up pass sees upside-down faces too, weakly
+  and as if upright: a face only it found, weakly, is checked against the three turned frames'
+  plain passes, and a turn that sees the same face better wins. Landmarks are mapped back to the
+  frame as sent, so alignment turns the face upright; the turn is reported so clients can fix
+  their pipeline.
 
 Worst case (nothing anywhere, a large frame): 1 + 2 + 1 + 3 x 2 = 10 detector runs on small copies
 (an upright close-up pass that sees only a weak face takes a second view to confirm it); a weak
@@ -250,8 +250,8 @@ class FaceFinder:
     def _lying(f: Found) -> bool:
         """The plain pass's best face has a box wider than tall: a face lies on its side, whatever its
         landmarks say (the detector lays them out upright on some sideways faces). An upright face's
-        box is taller than wide (on the 120 LFW photos, 1.15 to 1.84 times); a sideways one's, 0.53
-        to 0.96. Only the plain pass's: a close-up's box is cut to the frame."""
+        box is taller than wide (1.07 to 1.84 times on the dev, LFW and liveness photos); the
+        sideways LFW faces', 0.53 to 0.96. Only the plain pass's: a close-up's box is cut to the frame."""
         if not len(f):
             return False
         x1, y1, x2, y2 = f.boxes[int(np.argmax(f.scores))]
