@@ -246,8 +246,9 @@ def test_an_upside_down_face_only_the_close_up_pass_sees_is_stood_upright(pipeli
         if faces[0].orientation != 180:
             wrong.append(f.name)
             continue
-        (a, b) = pipeline.embed([upright[0], faces[0]])
-        assert float(a @ b) > 0.9, f.name
+        # the same face as upright (of the photo's faces, the one it matches: LFW photos can hold two)
+        *ups, turned = pipeline.embed([*upright, faces[0]])
+        assert max(float(u @ turned) for u in ups) > 0.9, f.name
     assert len(wrong) <= 2, wrong  # before the turned check: 6 of these 60
 
 
@@ -269,10 +270,12 @@ def test_a_sideways_face_with_upright_landmarks_is_stood_upright_by_its_box(pipe
                 continue
             seen += 1
             faces = pipeline.detect(turned, OPTS)
+            assert faces, (f.name, turns)
             if faces[0].orientation != 90 * (4 - turns):
                 wrong.append((f.name, turns))
-    # before the box was looked at: 6 of the 29 wrong (the scores of two turns can be close)
-    assert seen >= 20 and len(wrong) <= 2, (seen, wrong)
+    # before the box was looked at: 6 of the 29 wrong; 2 still are, near ties between two turns
+    # whose order another CPU's rounding may flip
+    assert seen >= 20 and len(wrong) <= 3, (seen, wrong)
 
 
 def test_turning_back_maps_points_exactly():

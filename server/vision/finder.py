@@ -25,7 +25,8 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
 
 Worst case (nothing anywhere, a large frame): 1 + 2 + 1 + 3 x 2 = 10 detector runs on small copies
 (an upright close-up pass that sees only a weak face takes a second view to confirm it); a weak
-close-up face that no turned plain pass sees better, then doubtful, up to 1 + 2 + 3 + 3 x 2 = 12.
+close-up face that no turned plain pass sees better, then doubtful, 1 + 2 + 3 + 3 = 9 (a call runs
+each turned plain pass once).
 Every pass after the first is paid from the call's budget of detector passes (server/context.py
 `spend`); a call that cannot pay gets the first pass only, so a batch of blank images costs what
 its bytes allow, not ten passes each.
@@ -61,6 +62,11 @@ WEAK = 0.7
 # Most real close-ups score above it (crops of those photos 1.1 or 1.0 x the face's width: all but
 # one in 120), though a crop with much forehead and neck often does not (1.5 x: 47 in 118).
 CLOSE_UP_SURE = 0.76
+# A face box this much less tall than wide (height / width) lies on its side. Upright faces' boxes
+# are taller than wide; tilted by 25 to 45 degrees, 6 of 239 LFW faces fall under 0.9 (all at 45
+# degrees, where up and sideways are a tie anyway); the sideways LFW faces that the detector gives
+# upright landmarks, 0.58 to 0.82.
+LYING = 0.9
 
 
 @dataclass
@@ -112,7 +118,7 @@ class FaceFinder:
         h, w = img.shape[:2]
         small, scale = resize_long_side(img, self.max_side)
         if prefer % 360 and spend(2):
-            remembered = self._turn(small, (prefer // 90) % 4, min_score)
+            remembered = self._turn(small, (prefer // 90) % 4, min_score, {})
             if len(remembered) and remembered.scores.max() >= SURE:
                 return self._scaled(remembered, scale)
             if len(remembered):
@@ -126,63 +132,68 @@ class FaceFinder:
         found = self._scaled(plain, scale)
         if self._cut_off(found, w, h) and spend(1):
             found = self._merge(found, self._scaled(self._padded(small, min_score, weak=True), scale))
+        close_up_only = not len(plain) and len(found)
         if not len(found) and max(h, w) > 2 * self.max_side and spend(FINE * FINE, h * w):
             fine, fine_scale = resize_long_side(img, FINE * self.max_side)
             found = self._scaled(self._run(fine, min_score, FINE * self.max_side), fine_scale)
         if not turns:
             return found
+        plains: dict[int, Found] = {}  # the turned frames' plain passes, run at most once per call
         if len(found):
-            if not len(plain) and found.scores.max() < CLOSE_UP_SURE:
-                turned = self._seen_turned(small, found, scale, min_score)
+            if close_up_only and found.scores.max() < CLOSE_UP_SURE:
+                turned = self._seen_turned(small, found, scale, min_score, plains)
                 if turned is not None:
                     return turned
             sideways = self._quarter_turns(found) or self._lying(plain)
             if sideways or self._doubtful(found, w, h):
                 # lying on its side, or weak and perhaps upside down: its landmarks are the detector's
                 # guesses; the turn under which the face scores best stands it upright
-                turned = self._best_turn(small, min_score)
+                turned = self._best_turn(small, min_score, plains)
                 margin = 0.0 if sideways else TURN_MARGIN
                 if len(turned) and turned.scores.max() > found.scores.max() + margin:
                     return self._scaled(turned, scale)
             return found
-        return self._scaled(self._best_turn(small, min_score), scale)
+        return self._scaled(self._best_turn(small, min_score, plains), scale)
 
-    def _best_turn(self, small: np.ndarray, min_score) -> Found:
+    def _best_turn(self, small: np.ndarray, min_score, plains: dict[int, Found]) -> Found:
         """Of the three turns, the one whose best face scores highest (empty when none finds one):
-        a face also passes, more weakly, for one lying on its side or upside down."""
+        a face also passes, more weakly, for one lying on its side or upside down. `plains`: the
+        turned plain passes already run (see _turn)."""
         best = _empty()
         for k in (1, 2, 3):
-            if not spend(2):
+            if not spend(1 if k in plains else 2):
                 break
-            f = self._turn(small, k, min_score)
+            f = self._turn(small, k, min_score, plains)
             if len(f) and (not len(best) or f.scores.max() > best.scores.max()):
                 best = f
         return best
 
-    def _seen_turned(self, small: np.ndarray, found: Found, scale: float, min_score) -> Found | None:
+    def _seen_turned(self, small: np.ndarray, found: Found, scale: float, min_score, plains: dict[int, Found]) -> Found | None:
         """Faces that only the close-up pass found (`found`, in the frame) seen better by a turned
         frame's plain pass, with their context: stronger evidence than the close-up's, and where the
         close-up took an upside-down or sideways face for an upright one, the turn that stands it
         upright. The same face (the boxes overlap), scoring higher; None when no turn does. (At half
         the size the turned passes would cost less, but there they see close-ups too, upside-down
         ones as well: only the full-size pass tells a face in context from a close-up.)"""
-        best = None
+        best, best_score = None, found.scores.max()
         for k in (1, 2, 3):
             if not spend(1):
                 break
-            f = self._scaled(self._turn(small, k, min_score, confirm=False), scale)
-            if not len(f) or f.scores.max() <= max(found.scores.max(), best.scores.max() if best else 0.0):
-                continue
-            if (iou(f.boxes, found.boxes) > 0.3).any():
-                best = f
+            f = self._scaled(self._turn(small, k, min_score, plains, confirm=False), scale)
+            same = (iou(f.boxes, found.boxes) > 0.3).any(axis=1) if len(f) else np.zeros(0, bool)
+            if same.any() and f.scores[same].max() > best_score:
+                best, best_score = f, f.scores[same].max()
         return best
 
-    def _turn(self, small: np.ndarray, k: int, min_score, confirm: bool = True) -> Found:
+    def _turn(self, small: np.ndarray, k: int, min_score, plains: dict[int, Found], confirm: bool = True) -> Found:
         """The faces of `small` turned k quarter turns counter-clockwise, mapped back into `small`:
-        confirmed by the close-up pass (see _turned), or the plain pass's alone."""
+        confirmed by the close-up pass (see _turned), or the plain pass's alone. The turned frame's
+        plain pass is kept in `plains` (by k, in the turned frame's pixels) for a later call to reuse."""
         sh, sw = small.shape[:2]
         turned = np.ascontiguousarray(np.rot90(small, k))
-        f = self._turned(turned, min_score) if confirm else self._run(turned, min_score)
+        if k not in plains:
+            plains[k] = self._run(turned, min_score)
+        f = self._turned(turned, plains[k], min_score) if confirm else plains[k]
         corners = turn_points(f.boxes.reshape(-1, 2, 2), k, sw, sh)
         boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1).reshape(-1, 4)
         return Found(boxes, turn_points(f.landmarks, k, sw, sh), f.scores, orientation=90 * k if len(f) else 0)
@@ -194,11 +205,12 @@ class FaceFinder:
         return quarter_turns(f.landmarks[int(np.argmax(sizes))])
 
     # -- passes ----------------------------------------------------------------------
-    def _turned(self, turned: np.ndarray, min_score) -> Found:
-        """Faces of a turned frame. Turning gives the detector three more chances at a photo with no
-        face, so a weak detection counts only when the close-up pass sees it too (a false one
-        rarely survives the change of scale); a close-up pass alone counts when the plain one saw nothing."""
-        plain, close = self._run(turned, min_score), self._padded(turned, min_score)
+    def _turned(self, turned: np.ndarray, plain: Found, min_score) -> Found:
+        """Faces of a turned frame, from its plain pass (`plain`) and its close-up pass. Turning gives
+        the detector three more chances at a photo with no face, so a weak detection counts only when
+        the close-up pass sees it too (a false one rarely survives the change of scale); a close-up
+        pass alone counts when the plain one saw nothing."""
+        close = self._padded(turned, min_score)
         if not len(plain):
             return close
         seen_twice = (iou(plain.boxes, close.boxes) > 0.3).any(axis=1) if len(close) else np.zeros(len(plain), bool)
@@ -248,14 +260,13 @@ class FaceFinder:
 
     @staticmethod
     def _lying(f: Found) -> bool:
-        """The plain pass's best face has a box wider than tall: a face lies on its side, whatever its
-        landmarks say (the detector lays them out upright on some sideways faces). An upright face's
-        box is taller than wide (1.07 to 1.84 times on the dev, LFW and liveness photos); the
-        sideways LFW faces', 0.53 to 0.96. Only the plain pass's: a close-up's box is cut to the frame."""
+        """The plain pass's best face has a box clearly wider than tall (LYING): a face lies on its side,
+        whatever its landmarks say (the detector lays them out upright on some sideways faces). Only
+        the plain pass's: a close-up's box is cut to the frame."""
         if not len(f):
             return False
         x1, y1, x2, y2 = f.boxes[int(np.argmax(f.scores))]
-        return bool(y2 - y1 < x2 - x1)
+        return bool(y2 - y1 < LYING * (x2 - x1))
 
     @staticmethod
     def _doubtful(f: Found, w: int, h: int) -> bool:
