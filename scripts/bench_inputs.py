@@ -12,7 +12,9 @@ Transforms:
 - crop P: the centre square whose side is P x the face's width (from the upright detection of the
   original), upscaled to 720 px: at 1.0 the face fills the frame, at 0.8 and below it is cut off;
 - 1080p / 4K: the face crop scaled to about 110 px and pasted into a grey frame of that size;
-- rot 90 / 180 / 270: the photo turned counter-clockwise.
+- rot 90 / 180 / 270: the photo turned counter-clockwise;
+- what cameras and pipelines do to photos: JPEG at quality 10, the photo shrunk to 64 px, grey,
+  dark (gamma 2.5), blurred (Gaussian, 7 px), tilted by 30 degrees.
 """
 
 from __future__ import annotations
@@ -65,6 +67,13 @@ def transforms(img: np.ndarray, box: np.ndarray) -> dict[str, np.ndarray]:
     out["4K frame"] = pasted(img, box, 3840, 2160)
     for k in (1, 2, 3):
         out[f"rot {90 * k}"] = np.ascontiguousarray(np.rot90(img, k))
+    h, w = img.shape[:2]
+    out["jpeg q10"] = cv2.imdecode(cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 10])[1], cv2.IMREAD_COLOR)
+    out["64 px"] = cv2.resize(img, (64, 64 * h // w), interpolation=cv2.INTER_AREA)
+    out["grey"] = cv2.cvtColor(cv2.cvtColor(img, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    out["dark"] = (255 * (img / 255.0) ** 2.5).astype(np.uint8)
+    out["blur"] = cv2.GaussianBlur(img, (7, 7), 0)
+    out["tilt 30"] = cv2.warpAffine(img, cv2.getRotationMatrix2D((w / 2, h / 2), 30, 1.0), (w, h), borderMode=cv2.BORDER_REFLECT)
     return out
 
 
