@@ -89,6 +89,11 @@ def _empty() -> Found:
     return Found(np.zeros((0, 4), np.float32), np.zeros((0, 5, 2), np.float32), np.zeros((0,), np.float32))
 
 
+def seen_by(a: Found, b: Found) -> np.ndarray:
+    """Which of `a`'s faces `b` sees too (a box of `b` overlaps it, IoU > 0.3), as a bool per face."""
+    return (iou(a.boxes, b.boxes) > 0.3).any(axis=1)
+
+
 def turn_points(pts: np.ndarray, k: int, w: int, h: int) -> np.ndarray:
     """Points of np.rot90(frame, k) (a w x h frame turned k x 90 degrees counter-clockwise) back
     in the frame's own coordinates."""
@@ -137,7 +142,7 @@ class FaceFinder:
         found = self._scaled(plain, scale)
         if self._cut_off(found, w, h) and spend(1):
             found = self._merge(found, self._scaled(self._padded(small, min_score, weak=True), scale))
-        close_up_only = not len(plain) and len(found)
+        close_up_only = not len(plain) and bool(len(found))
         if not len(found) and max(h, w) > 2 * self.max_side and spend(FINE * FINE, h * w):
             fine, fine_scale = resize_long_side(img, FINE * self.max_side)
             found = self._scaled(self._run(fine, min_score, FINE * self.max_side), fine_scale)
@@ -185,7 +190,7 @@ class FaceFinder:
             if not spend(1):
                 break
             f = self._scaled(self._turn(small, k, min_score, plains, confirm=False), scale)
-            same = (iou(f.boxes, found.boxes) > 0.3).any(axis=1) if len(f) else np.zeros(0, bool)
+            same = seen_by(f, found)
             if same.any() and f.scores[same].max() > best_score:
                 best, best_score = f, f.scores[same].max()
         return best
@@ -218,7 +223,7 @@ class FaceFinder:
         close = self._padded(turned, min_score)
         if not len(plain):
             return close
-        seen_twice = (iou(plain.boxes, close.boxes) > 0.3).any(axis=1) if len(close) else np.zeros(len(plain), bool)
+        seen_twice = seen_by(plain, close)
         keep = np.flatnonzero((plain.scores >= SURE) | seen_twice)
         return Found(plain.boxes[keep], plain.landmarks[keep], plain.scores[keep])
 
@@ -244,9 +249,7 @@ class FaceFinder:
         for pad, grey in CONFIRM:
             if not (unsure & ~seen).any() or not spend(1):
                 break
-            view = self._bordered(small, WEAK * strict, pad, grey)
-            if len(view):
-                seen |= (iou(f.boxes, view.boxes) > 0.3).any(axis=1)
+            seen |= seen_by(f, self._bordered(small, WEAK * strict, pad, grey))
         keep = np.flatnonzero(~unsure | seen)
         return Found(f.boxes[keep], f.landmarks[keep], f.scores[keep])
 
