@@ -83,7 +83,7 @@ class Recorder:
 
 def float_pipeline():
     from server import config
-    from server.app import build_pipeline
+    from server.assembly import build_pipeline
 
     return build_pipeline(config.load([], environ={"FACESVC_PRECISION": "f32", "FACESVC_ATTRIBUTE_MODELS": ""}))
 

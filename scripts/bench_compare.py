@@ -39,7 +39,7 @@ from bench.common import pct, write_json
 from facesvc.v1 import face_service_pb2 as pb
 from scripts.bench_stream import Server
 from server import config
-from server.app import build_pipeline
+from server.assembly import build_pipeline
 from server.context import serving
 from server.rpc import convert
 from server.vision.models.runtime import COMPILER

@@ -25,7 +25,7 @@ import server.vision.finder as finder
 from bench.common import write_json
 from scripts.bench_compare import facesvc_engine
 from server import config
-from server.app import build_pipeline
+from server.assembly import build_pipeline
 from server.vision.imaging import resize_long_side
 from server.vision.models.detection import iou
 from server.vision.models.runtime import COMPILER

@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.common import write_json
 from server import config
-from server.app import build_pipeline
+from server.assembly import build_pipeline
 from server.vision.pipeline import DetectOptions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -155,7 +155,7 @@ def main() -> int:
     args = ap.parse_args()
 
     settings = config.load([], environ={k: v for k, v in os.environ.items() if k.startswith("FACESVC_")})
-    from server.app import build_pipeline
+    from server.assembly import build_pipeline
 
     pipeline = build_pipeline(settings)
     portraits = sorted(p for p in DEV.glob("img*.jpg"))

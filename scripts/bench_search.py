@@ -158,7 +158,7 @@ def calibrate() -> dict:
     import cv2
 
     from server import config
-    from server.app import build_pipeline
+    from server.assembly import build_pipeline
     from server.vision.pipeline import DetectOptions
 
     pipeline = build_pipeline(config.load([], environ={}))

@@ -26,7 +26,7 @@ import numpy as np
 from bench.common import write_json
 from scripts.eval_verification import FACES, ROOT, embed_all
 from server import config
-from server.app import build_pipeline
+from server.assembly import build_pipeline
 from server.domain.grouping import group
 
 

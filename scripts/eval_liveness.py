@@ -30,7 +30,7 @@ import numpy as np
 
 from bench.common import write_json
 from server import config
-from server.app import build_pipeline, model_loader
+from server.assembly import build_pipeline, model_loader
 from server.vision.models.manifest import DEFAULT_MANIFEST
 from server.vision.pipeline import DetectOptions
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from scripts.bench_inputs import centre_crop
 from server import config
-from server.app import build_pipeline
+from server.assembly import build_pipeline
 from server.domain.calibration import roc_metrics
 from server.vision.pipeline import DetectOptions
 

@@ -1,6 +1,8 @@
 """facesvc server: a gRPC face-recognition service, in layers (each imports only those below it).
 
     app.py, __main__.py   the composition root: settings -> stores, models, services, gRPC server
+    assembly.py           its vision half: settings -> the models loaded once into one pipeline
+                          (what evaluations and benchmarks import without the server)
     reembed.py, healthcheck.py
                           operator tools over it: re-embedding, the image's health probe
     rpc/                  gRPC glue: handlers per RPC group, proto conversion, validation, auth,

@@ -27,7 +27,7 @@ import sys
 import numpy as np
 
 from server import config
-from server.app import model_loader
+from server.assembly import model_loader
 from server.storage.crypto import CropCipher
 from server.storage.sql import open_store
 

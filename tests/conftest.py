@@ -71,7 +71,7 @@ def stub(server) -> pb_grpc.FaceServiceStub:
 @pytest.fixture(scope="session")
 def pipeline():
     from server import config
-    from server.app import build_pipeline
+    from server.assembly import build_pipeline
 
     return build_pipeline(config.load([], environ={}))
 
@@ -80,7 +80,7 @@ def pipeline():
 def ort_pipeline():
     """The same models on onnxruntime, the fallback runtime (the default is OpenVINO on CPU)."""
     from server import config
-    from server.app import build_pipeline
+    from server.assembly import build_pipeline
 
     return build_pipeline(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
 

@@ -26,6 +26,7 @@ LAYERS = {
     "server.web": 3,
     "server.config": 4,
     "server.app": 4,
+    "server.assembly": 4,
     "server.reembed": 5,
     "server.healthcheck": 5,
     "server.__main__": 5,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from server import config, errors
-from server.app import build_pipeline
+from server.assembly import build_pipeline
 from server.vision.pipeline import REQUIRE_SINGLE, DetectOptions
 from tests.conftest import FACES, face_path
 

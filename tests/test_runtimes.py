@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from server import config
-from server.app import model_loader
+from server.assembly import model_loader
 from server.vision.models.detection import iou
 from server.vision.models.runtime import RuntimeOptions, choose_runtime, native_bf16, resolve_precision
 from server.vision.pipeline import DetectOptions, upright
@@ -56,7 +56,7 @@ def test_bf16_only_where_the_cpu_has_it():
 @pytest.fixture(scope="module")
 def f32_pipeline(pipeline):
     """OpenVINO in f32: the default pipeline itself where the CPU has no native bf16."""
-    from server.app import build_pipeline
+    from server.assembly import build_pipeline
 
     return build_pipeline(config.load([], environ={"FACESVC_PRECISION": "f32"})) if native_bf16() else pipeline
 
@@ -208,7 +208,7 @@ def test_boxes_from_both_runtimes_overlap_on_every_face_of_the_group(pipeline, o
 # -- int8 (models/quantize.py, `make int8`) -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def int8_pipeline():
-    from server.app import build_pipeline
+    from server.assembly import build_pipeline
 
     return build_pipeline(config.load([], environ={"FACESVC_PRECISION": "int8"}))
 
