@@ -6,10 +6,10 @@
 #
 #   CPU (default):
 #     docker build --build-context models=../shared/models -t facesvc .
-#   CUDA (the GPU variant: an NVIDIA CUDA/cuDNN base, onnxruntime-gpu instead of onnxruntime;
-#   run it with `--gpus all -e FACESVC_DEVICE=cuda`):
-#     docker build --build-context models=../shared/models \
-#       --build-arg BASE_IMAGE=nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04 --build-arg GPU=1 -t facesvc:gpu .
+#   CUDA (the GPU variant: onnxruntime-gpu instead of onnxruntime, with the CUDA 13 runtime and
+#   cuDNN 9 as wheels, so the same base; the host needs the NVIDIA driver 580+ and the container
+#   toolkit; run it with `--gpus all -e FACESVC_DEVICE=cuda`):
+#     docker build --build-context models=../shared/models --build-arg GPU=1 -t facesvc:gpu .
 #   Milvus engine (FACESVC_INDEX_ENGINE=milvus; the pyproject extra `milvus`):
 #     docker build --build-context models=../shared/models --build-arg EXTRAS=milvus -t facesvc:milvus .
 #

@@ -110,8 +110,10 @@ eval: setup
 	$(PY) scripts/eval_verification.py $(ARGS)
 
 install-gpu: setup
-	$(PY) -m pip uninstall --quiet -y onnxruntime
 	$(PY) -m pip install --quiet -e '.[gpu,dev,milvus]'
+	@# both wheels ship the onnxruntime module: drop both, then lay the GPU build's files down alone
+	$(PY) -m pip uninstall --quiet -y onnxruntime onnxruntime-gpu
+	$(PY) -m pip install --quiet --no-deps "$$($(PY) scripts/pyproject_deps.py pyproject.toml:gpu | grep '^onnxruntime-gpu')"
 
 clean:
 	rm -rf $(VENV) .tools facesvc models/weights .pytest_cache web/node_modules web/src/gen web/dist

@@ -20,7 +20,7 @@ import sys
 
 try:
     import tomllib
-except ImportError:  # Python 3.10 (the CUDA base image's)
+except ImportError:  # Python 3.10
     from pip._vendor import tomli as tomllib
 
 

@@ -13,9 +13,10 @@ import pytest
 
 from server import config
 from server.assembly import model_loader
+from server.vision.alignment import arcface_crop
 from server.vision.models.detection import iou
 from server.vision.models.runtime import RuntimeOptions, choose_runtime, native_bf16, resolve_precision
-from server.vision.pipeline import DetectOptions, upright
+from server.vision.pipeline import DetectOptions, FacePipeline, upright
 from tests.conftest import FACES, face_path
 
 OPTS = DetectOptions(min_face_size=10)
@@ -333,3 +334,70 @@ def test_the_compiler_says_when_its_queue_is_done():
     assert not compiler.wait_idle(0.2)
     release.set()
     assert compiler.wait_idle(10) and done == [1, 2]
+
+
+class Recording:
+    """A session that notes the input shape of every run and passes it on."""
+
+    def __init__(self, session):
+        self.session, self.shapes = session, set()
+
+    def run(self, names, feed):
+        self.shapes.add(next(iter(feed.values())).shape)
+        return self.session.run(names, feed)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+def test_fixed_shapes_keep_the_answers_with_few_shapes():
+    """Where each new input shape is costly (CUDA: TimedSession.fixed_shapes), the detector takes a
+    square canvas per input side and the recognizer batches of a power of two rows. The same switch
+    on onnxruntime's CPU: the same faces and embeddings as with shapes as they come, and only those
+    shapes reach the runtime."""
+    loader = model_loader(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
+    det, rec = loader.build("scrfd_500m", "detector"), loader.build("w600k_mbf", "recognizer")
+    base = read("dev/img1.jpg")
+    frames = [read(rel) for rel in PHOTOS] + [cv2.resize(base, size) for size in ((640, 360), (300, 500), (1280, 720))]
+    crops = []
+    det.session._session = Recording(det.session._session)
+    for img in frames:
+        det.session.fixed_shapes = False
+        own = det.detect(img)
+        det.session.fixed_shapes = True
+        square = det.detect(img)
+        assert len(own[0]) == len(square[0]) > 0
+        px = max(1.0, max(img.shape[:2]) / det.input_size)  # a pixel of the detector's input
+        assert np.abs(own[0] - square[0]).max() <= px and np.abs(own[1] - square[1]).max() <= px
+        crops += [arcface_crop(img, lm) for lm in own[1]]
+    assert len({s for s in det.session._session.shapes if s[2] != s[3]}) > 1  # as they come: many shapes
+    det.session._session.shapes.clear()
+    for img in frames:
+        det.detect(img)
+    assert {s[2:] for s in det.session._session.shapes} == {(640, 640)}
+
+    rec.session._session = Recording(rec.session._session)
+    for n in (1, 3, 5, 9, len(crops)):
+        rec.session.fixed_shapes = False
+        own = rec.embed(crops[:n])
+        rec.session.fixed_shapes = True
+        padded = rec.embed(crops[:n])
+        assert padded.shape == own.shape and np.sum(own * padded, axis=1).min() >= 0.9999
+    assert {s[0] for s in rec.session._session.shapes} >= {3, 5, 9}  # as they came
+    rec.session._session.shapes.clear()
+    for n in range(1, len(crops) + 1):
+        rec.embed(crops[:n])
+    assert {s[0] for s in rec.session._session.shapes} <= {1, 2, 4, 8, 16, 32}
+
+    # a pipeline on such a runtime runs every one of those shapes once before its first caller;
+    # on shapes as they come there is nothing to warm
+    pipeline = FacePipeline(det, rec, liveness=[], attribute_models=[])
+    det.session._session.shapes.clear()
+    rec.session._session.shapes.clear()
+    det.session.fixed_shapes = rec.session.fixed_shapes = False
+    pipeline.warm_up()
+    assert not det.session._session.shapes and not rec.session._session.shapes
+    det.session.fixed_shapes = rec.session.fixed_shapes = True
+    pipeline.warm_up()
+    assert {s[2:] for s in det.session._session.shapes} == {(640, 640), (1280, 1280)}
+    assert {s[0] for s in rec.session._session.shapes} == {1, 2, 4, 8, 16, 32}

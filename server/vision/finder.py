@@ -121,6 +121,10 @@ class FaceFinder:
     def __init__(self, detector, max_side: int = 640):
         self.detector, self.max_side = detector, max_side
 
+    def input_sides(self) -> tuple[int, ...]:
+        """The detector input sides the passes use: the detector's own, and the small-face pass's."""
+        return (self.detector.input_size, FINE * self.max_side)
+
     def find(self, img: np.ndarray, min_score: float | None = None, turns: bool = True, prefer: int = 0) -> Found:
         """`turns`: whether the turned passes may run (a stream allows them now and then: its camera
         does not turn from frame to frame). `prefer`: an orientation (degrees) to try first, the one

@@ -61,6 +61,19 @@ class FacePipeline:
         self.min_liveness_face = min_liveness_face
         self.runtimes = runtimes or []  # where each model runs: model, kind, runtime, precision, device
 
+    def warm_up(self) -> None:
+        """Where the runtime keeps to a few input shapes (CUDA: TimedSession.fixed_shapes), runs the
+        detector, the recognizer and the liveness models once on each: a shape's first run costs a
+        kernel search there, better paid while the server starts than by its first callers."""
+        if not getattr(self.detector.session, "fixed_shapes", False):
+            return
+        for side in self.finder.input_sides():
+            self.detector.detect(np.zeros((side, side, 3), np.uint8), input_size=side)
+        self.recognizer.warm_up()
+        frame, box = np.full((480, 640, 3), 127, np.uint8), np.array([240.0, 160.0, 400.0, 360.0])
+        for model in self.liveness_models:
+            model.score(frame, box)
+
     # -- detection ---------------------------------------------------------
     def detect(self, img: np.ndarray, opts: DetectOptions, turns: bool = True, prefer: int = 0) -> list[Face]:
         """All faces passing the filters, ordered by `opts.selection`, with quality and aligned crops.

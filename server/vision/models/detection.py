@@ -86,7 +86,9 @@ class GridFaceDetector:
         """Return (boxes [N,4] x1y1x2y2, landmarks [N,5,2], scores [N]) in `img_bgr` pixels.
         `input_size`: the network's input side for this call (default: the model's own)."""
         thr = self.score_threshold if score_threshold is None else score_threshold
-        canvas, scale = letterbox(img_bgr, input_size or self.input_size, self.tight_input)
+        # a square canvas per input side where the runtime keeps to few shapes (TimedSession.fixed_shapes)
+        tight = self.tight_input and not getattr(self.session, "fixed_shapes", False)
+        canvas, scale = letterbox(img_bgr, input_size or self.input_size, tight)
         outputs = self._run(canvas)
         parts = [p for p in (self._decode(outputs, s, thr) for s in self.strides) if p[2].size]
         if not parts:

@@ -21,7 +21,8 @@ picks one (docs/benchmarks.md has the figures, from scripts/bench_compare.py):
     being woken, and stop spinning at the end of the run;
   - otherwise the quiet session (no spinning): spinning workers of concurrent runs
     burn the cores the other requests need.
-On CUDA there is one session: the GPU queues its own work.
+On CUDA there is one session: the GPU queues its own work. There the models keep to a few input
+shapes (TimedSession.fixed_shapes), as each new one costs a kernel search.
 """
 
 from __future__ import annotations
@@ -82,6 +83,15 @@ def choose_runtime(opts: RuntimeOptions, providers: list[str]) -> str:
     return "openvino" if openvino_available() else "onnxruntime"
 
 
+def load_cuda_libraries() -> None:
+    """The gpu extra installs onnxruntime-gpu with the CUDA runtime and cuDNN it was built for as
+    nvidia-* wheels, where the dynamic loader does not look: load those (or, where there are none,
+    the system's) before the first CUDA session, so a host needs only the NVIDIA driver."""
+    preload = getattr(ort, "preload_dlls", None)  # onnxruntime-gpu 1.21 and later
+    if preload is not None:
+        preload()
+
+
 def choose_providers(device: str) -> list[str]:
     """CUDA when asked for (or `auto`) and available, else CPU."""
     available = ort.get_available_providers()
@@ -90,6 +100,7 @@ def choose_providers(device: str) -> list[str]:
     if device == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" in available:
+        load_cuda_libraries()
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     if device == "cuda":
         raise RuntimeError(f"device=cuda but onnxruntime offers only {available}; install onnxruntime-gpu (make install-gpu)")
@@ -450,6 +461,12 @@ class TimedSession:
     def __init__(self, session, model: str, runtime: str = "onnxruntime", precision: str = "f32", device: str = "CPU"):
         self._session, self._observe = session, INFERENCE.labels(model).observe
         self.runtime, self.precision, self.device = runtime, precision, device
+        # On CUDA the first run of each input shape is slow (cuDNN chooses and builds kernels for the
+        # shape: seconds, against milliseconds for a shape seen before; scripts/bench_cuda.py).
+        # Shapes would vary without end (every frame size, every padded or turned detector pass,
+        # every micro-batch), so there the models keep to a few: the detector takes square
+        # canvases and batches are padded to powers of two. On the CPU each shape runs as it comes.
+        self.fixed_shapes = device == "CUDA"
 
     def run(self, *args, **kwargs):
         ensure_call_alive()
