@@ -390,13 +390,16 @@ def test_fixed_shapes_keep_the_answers_with_few_shapes():
     assert {s[0] for s in rec.session._session.shapes} <= {1, 2, 4, 8, 16, 32}
 
     # a pipeline on such a runtime runs every one of those shapes once before its first caller;
-    # on shapes as they come there is nothing to warm
+    # on shapes as they come, the finder's passes over a 640x480 frame (upright and turned) and one face
     pipeline = FacePipeline(det, rec, liveness=[], attribute_models=[])
     det.session._session.shapes.clear()
     rec.session._session.shapes.clear()
     det.session.fixed_shapes = rec.session.fixed_shapes = False
     pipeline.warm_up()
-    assert not det.session._session.shapes and not rec.session._session.shapes
+    assert {(480, 640), (640, 480)} <= {s[2:] for s in det.session._session.shapes}
+    assert {s[0] for s in rec.session._session.shapes} == {1}
+    det.session._session.shapes.clear()
+    rec.session._session.shapes.clear()
     det.session.fixed_shapes = rec.session.fixed_shapes = True
     pipeline.warm_up()
     assert {s[2:] for s in det.session._session.shapes} == {(640, 640), (1280, 1280)}

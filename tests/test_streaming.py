@@ -13,6 +13,7 @@ import pytest
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from server.domain.streaming import WAITING, FrameInbox
 from tests.conftest import FACES, ServerProcess, error_info, expect_error, image
 
 VIDEO = FACES / "video" / "single_closeup_720p.mp4"
@@ -145,6 +146,34 @@ def test_a_client_far_faster_than_real_time_gets_drops_in_order_and_bounded_memo
     assert len(skipped) > n // 3  # the server could not keep up, so it dropped
     assert processed[-1] == n  # the newest frame is always processed
     assert after - before < 80 * 1024  # 300 frames = 210 MB had they queued
+
+
+def test_the_inbox_keeps_two_frames_oldest_first_and_under_max_fps_only_the_newest():
+    """Two frames coming during a slow one are both processed, in order; a third pushes the oldest
+    out (reported as skipped with the next answer); a server still behind after catching up one
+    frame takes the newest; under max_fps only the newest frame is due."""
+    box = FrameInbox()
+    box.put(pb.Frame(frame_id=1))
+    box.put(pb.Frame(frame_id=2))
+    assert [(f.frame_id, skipped) for f, _, skipped in (box.take(0), box.take(0))] == [(1, []), (2, [])]
+    for i in (3, 4, 5):
+        box.put(pb.Frame(frame_id=i))
+    assert [(f.frame_id, skipped) for f, _, skipped in (box.take(0), box.take(0))] == [(4, [3]), (5, [])]
+    box.put(pb.Frame(frame_id=6))
+    box.put(pb.Frame(frame_id=7))
+    assert box.take(0)[0].frame_id == 6
+    box.put(pb.Frame(frame_id=8))  # 7 still waits: behind twice running
+    frame, _, skipped = box.take(0)
+    assert (frame.frame_id, skipped) == (8, [7])
+    assert box.take(0) is WAITING
+    box.close()
+    assert box.take(0) is None
+
+    paced = FrameInbox(max_fps=1000)
+    for i in (1, 2, 3):
+        paced.put(pb.Frame(frame_id=i))
+    frame, _, skipped = paced.take(0)
+    assert (frame.frame_id, skipped) == (3, [1, 2])
 
 
 def test_max_fps_paces_processing(stub):
@@ -371,17 +400,29 @@ def test_a_sideways_camera_is_found_every_frame_without_turning_every_frame(pipe
 def test_an_upright_close_up_stays_upright(pipeline):
     """A close-up's face scores about as well upside down as upright where the detector is unsure
     of it: a near tie must not turn the stream, and a stream on a wrong turn comes back upright
-    (it used to stay on it, reporting the face upside down at two detector passes a frame)."""
+    (it used to stay on it, reporting the face upside down at two detector passes a frame). The
+    turned passes check the face once, when its track starts, not again every second while it is
+    tracked: a seven-pass frame would hold up the frames behind it."""
     from scripts.bench_stream import load_clip
 
     frames = load_clip(FACES / "video" / "single_closeup_720p.mp4")[:120]
     now = [0.0]
     session = detection_session(pipeline, now)
-    orientations = []
-    for frame in frames:
-        orientations += [r.face.orientation for r in session.process(frame)]
-        now[0] += 1 / 30
+    orientations, runs, real = [], [0], pipeline.detector.detect
+
+    def counted(*a, **k):
+        runs[0] += 1
+        return real(*a, **k)
+
+    pipeline.detector.detect = counted
+    try:
+        for frame in frames:  # four seconds of video
+            orientations += [r.face.orientation for r in session.process(frame)]
+            now[0] += 1 / 30
+    finally:
+        del pipeline.detector.detect
     assert len(orientations) >= len(frames) - 2 and set(orientations) == {0}
+    assert runs[0] <= len(frames) + 6, runs[0]  # one check of seven passes, then one pass a frame
     wrong = detection_session(pipeline, now)
     wrong.orientation = 180  # as if a turn had won
     for frame in frames[:3]:

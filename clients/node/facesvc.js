@@ -167,8 +167,8 @@ function connect(target, options = {}) {
   /**
    * StreamFrames: `frames` (an iterable or async iterable) yields photos (Buffer), Images
    * ({encoded} / {raw}) or { frame_id, image, capture_time }; frame ids count from 1 when not
-   * given. Yields one StreamFramesResponse per processed frame. The server keeps only the newest
-   * frame it has not started on (a camera need not pace itself; skipped_frame_ids lists the rest);
+   * given. Yields one StreamFramesResponse per processed frame. The server keeps only the two newest
+   * frames it has not started on (a camera need not pace itself; skipped_frame_ids lists the rest);
    * waitForAnswers: true sends each frame only after the previous one's answer, so every frame
    * is processed (files, tests). config: the StreamConfig fields (collection, identify, liveness,
    * max_fps, min_similarity, face_options), plus deadlineMs and waitForAnswers.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,8 +24,11 @@ QUALITY_GAIN = 0.15  # a track is evaluated again when its face quality rises by
 # face held up where a live one was) or leave the index (its subject deleted) while the box stays.
 REEVALUATE_S = 1.0
 # A camera does not turn from frame to frame: a stream tries the turned detector passes (six more
-# passes on a frame with no upright face) at most this often, and first tries the orientation that
-# found its last faces. Every frame of an empty scene paying for every turn would cost a stream 7x.
+# passes on a frame with no upright face, or to check a weak or sideways one) at most this often,
+# and first tries the orientation that found its last faces. Every frame of an empty scene paying
+# for every turn would cost a stream 7x. A face tracked since such a check is not checked again:
+# only an empty scene or a new track opens the next one, so a steady stream never pays for a
+# seven-pass frame, which would hold up the frames behind it.
 TURN_EVERY_S = 1.0
 LIVENESS_FRAMES = 5  # a track's liveness verdict is the median of its last this many frames' checks
 
@@ -53,12 +57,21 @@ class Recheck:
 
 
 class FrameInbox:
-    """The newest frame not yet processed. A newer frame replaces it; the replaced id is reported as skipped."""
+    """The newest unprocessed frames, oldest first: at most `depth` of them, and under max_fps pacing
+    only the newest. A newer frame pushes the oldest out; its id is reported as skipped.
 
-    def __init__(self, max_fps: float = 0.0, clock=time.monotonic):
+    Two rather than one: a camera's frames come with jitter, and now and then one frame costs more
+    than a frame's interval (a recheck, a new track's turned-pass check). Keeping only the newest
+    would drop the next frame although the server keeps up on average; a second slot lets it catch
+    up. A server that stays behind (two frames waiting at two takes running) takes the newest, so
+    a stream it cannot keep up with does not also wait a frame longer for every answer."""
+
+    def __init__(self, max_fps: float = 0.0, clock=time.monotonic, depth: int = 2):
         self._cond = threading.Condition()
-        self._pending = None  # (frame, received_at)
+        self._pending: deque = deque()  # (frame, received_at), oldest first
+        self._depth = depth
         self._skipped: list[int] = []
+        self._behind = False  # the last take left a frame waiting
         self._done = False  # the client half-closed: process what is pending, then stop
         self._cancelled = False  # the call ended: stop now
         self._error: BaseException | None = None
@@ -67,12 +80,17 @@ class FrameInbox:
         self._clock = clock
         self._last_put = clock()
 
+    def _drop_to(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            frame, _ = self._pending.popleft()
+            if len(self._skipped) < MAX_LISTED_SKIPS:
+                self._skipped.append(frame.frame_id)
+
     def put(self, frame) -> None:
         with self._cond:
-            if self._pending is not None and len(self._skipped) < MAX_LISTED_SKIPS:
-                self._skipped.append(self._pending[0].frame_id)
-            self._pending = (frame, self._clock())
-            self._last_put = self._pending[1]
+            self._drop_to((1 if self._interval else self._depth) - 1)
+            self._last_put = self._clock()
+            self._pending.append((frame, self._last_put))
             self._cond.notify_all()
 
     def idle_for(self) -> float:
@@ -97,7 +115,8 @@ class FrameInbox:
 
     def cancel(self) -> None:
         with self._cond:
-            self._cancelled, self._pending = True, None
+            self._cancelled = True
+            self._pending.clear()
             self._cond.notify_all()
 
     def fail(self, exc: BaseException) -> None:
@@ -116,16 +135,20 @@ class FrameInbox:
                 if self._cancelled:
                     return None
                 now = self._clock()
-                if self._pending is not None and now >= self._next_at:
-                    (frame, received), skipped = self._pending, self._skipped
-                    self._pending, self._skipped = None, []
+                if self._pending and now >= self._next_at:
+                    backlog = len(self._pending) > 1
+                    if self._interval or (backlog and self._behind):
+                        self._drop_to(1)  # paced: only the newest is due; behind: catch up at once
+                    self._behind = backlog
+                    frame, received = self._pending.popleft()
+                    skipped, self._skipped = self._skipped, []
                     self._next_at = now + self._interval
                     return frame, received, skipped
-                if self._pending is None and self._done:
+                if not self._pending and self._done:
                     return None
                 if give_up is not None and now >= give_up:
                     return WAITING
-                wait = None if self._pending is None else self._next_at - now
+                wait = None if not self._pending else self._next_at - now
                 if give_up is not None:
                     wait = give_up - now if wait is None else min(wait, give_up - now)
                 self._cond.wait(wait)
@@ -156,6 +179,8 @@ class StreamSession:
         self.pipeline, self.indexes, self.s, self.clock = pipeline, indexes, settings, clock
         self.tracker = FaceTracker(clock=clock)
         self.orientation, self._turned_at = 0, -TURN_EVERY_S
+        self._checked: set[int] = set()  # tracks seen by the last frame that tried the turns
+        self._unchecked = True  # the last frame had no face, or a track no turned check has seen
 
     def _check_live(self, img, face, track) -> None:
         """One more liveness check for the track; its verdict is the median of the last few, so a
@@ -174,13 +199,14 @@ class StreamSession:
 
     def process(self, img) -> list[TrackedFaceResult]:
         now = self.clock()
-        turns = now - self._turned_at >= TURN_EVERY_S
+        turns = self._unchecked and now - self._turned_at >= TURN_EVERY_S
         faces = self.pipeline.detect(img, self.s.detect, turns=turns, prefer=self.orientation)
-        if turns:
-            self._turned_at = now
         if faces:
             self.orientation = faces[0].orientation
         tracks = self.tracker.update([f.box for f in faces])
+        if turns:
+            self._turned_at, self._checked = now, {t.track_id for t in tracks}
+        self._unchecked = not tracks or any(t.track_id not in self._checked for t in tracks)
         due = [
             i
             for i, (f, t) in enumerate(zip(faces, tracks))

@@ -62,14 +62,18 @@ class FacePipeline:
         self.runtimes = runtimes or []  # where each model runs: model, kind, runtime, precision, device
 
     def warm_up(self) -> None:
-        """Where the runtime keeps to a few input shapes (CUDA: TimedSession.fixed_shapes), runs the
-        detector, the recognizer and the liveness models once on each: a shape's first run costs a
-        kernel search there, better paid while the server starts than by its first callers."""
-        if not getattr(self.detector.session, "fixed_shapes", False):
-            return
-        for side in self.finder.input_sides():
-            self.detector.detect(np.zeros((side, side, 3), np.uint8), input_size=side)
-        self.recognizer.warm_up()
+        """Runs every model before the first caller does: a runtime's first run is slow (OpenVINO
+        readies its graph; on CUDA each new input shape costs a kernel search), better paid while
+        the server starts than by its first callers. Where the runtime keeps to a few input shapes
+        (TimedSession.fixed_shapes), on each of them; elsewhere every pass the finder makes over
+        an empty 640x480 frame (the commonest camera shape, upright and turned), and one face."""
+        if getattr(self.detector.session, "fixed_shapes", False):
+            for side in self.finder.input_sides():
+                self.detector.detect(np.zeros((side, side, 3), np.uint8), input_size=side)
+            self.recognizer.warm_up()
+        else:
+            self.detect(np.zeros((480, 640, 3), np.uint8), DetectOptions())
+            self.recognizer.embed([np.zeros((112, 112, 3), np.uint8)])
         frame, box = np.full((480, 640, 3), 127, np.uint8), np.array([240.0, 160.0, 400.0, 360.0])
         for model in self.liveness_models:
             model.score(frame, box)
