@@ -404,3 +404,44 @@ def test_fixed_shapes_keep_the_answers_with_few_shapes():
     pipeline.warm_up()
     assert {s[2:] for s in det.session._session.shapes} == {(640, 640), (1280, 1280)}
     assert {s[0] for s in rec.session._session.shapes} == {1, 2, 4, 8, 16, 32}
+
+
+def test_yunet_keeps_to_the_input_side_its_graph_takes():
+    """YuNet's graph is fixed at 640 px: no small-face pass at another side, in a warm-up or on a
+    large empty frame, whatever the runtime or the downscale side."""
+    loader = model_loader(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
+    yunet = loader.build("yunet", "detector")
+    pipeline = FacePipeline(yunet, loader.build("w600k_mbf", "recognizer"), liveness=[], attribute_models=[], detect_max_side=300)
+    yunet.session._session = Recording(yunet.session._session)
+    pipeline.warm_up()
+    assert pipeline.detect(np.zeros((1080, 1920, 3), np.uint8), OPTS) == []
+    yunet.session.fixed_shapes = True
+    pipeline.warm_up()
+    assert {s[2:] for s in yunet.session._session.shapes} == {(640, 640)}
+
+
+def test_padded_rows_keep_the_answers_of_every_batch_model():
+    """Where the runtime keeps to few shapes, a batch pads to a power of two rows (at most the cap,
+    which need not be one); the age and gender models answer each face as unpadded."""
+    from server.vision.models.runtime import padded_rows, row_counts
+
+    class Fixed:
+        fixed_shapes = True
+
+    rows = np.ones((5, 3))
+    assert padded_rows(Fixed(), rows).shape == (8, 3) and padded_rows(Fixed(), rows, cap=6).shape == (6, 3)
+    assert padded_rows(Fixed(), rows[:0]).shape == (0, 3) and padded_rows(object(), rows) is rows
+    assert row_counts(Fixed(), 24) == [1, 2, 4, 8, 16, 24] and row_counts(object(), 24) == [1]
+
+    loader = model_loader(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
+    img = read("dev/group_t1.jpg")
+    faces = loader.build("scrfd_500m", "detector").detect(img)[1][:5]
+    assert len(faces) == 5
+    for name in ("age_dlib", "gender_dlib"):
+        model = loader.build(name, ("age", "gender"))
+        model.session._session = Recording(model.session._session)
+        run = model.estimate if name == "age_dlib" else model.classify
+        own = run(img, list(faces))
+        model.session.fixed_shapes = True
+        padded = run(img, list(faces))
+        assert np.allclose(own, padded, atol=1e-4) and {s[0] for s in model.session._session.shapes} == {5, 8}

@@ -429,3 +429,25 @@ def test_an_upright_close_up_stays_upright(pipeline):
         wrong.process(frame)
         now[0] += 1 / 30
     assert wrong.orientation == 0
+
+
+@pytest.mark.parametrize("turn", [1, 2])
+def test_a_camera_turned_under_a_tracked_face_is_followed(pipeline, turn):
+    """A camera turned while its face stays in view: the stream does not keep the orientation its
+    track started with. Turned by a quarter, the face's landmarks or box give it away and the next
+    check comes within TURN_EVERY_S; upside down it can look upright, and RECHECK_TURNS_S bounds it."""
+    from server.domain.streaming import RECHECK_TURNS_S, TURN_EVERY_S
+
+    now = [0.0]
+    session = detection_session(pipeline, now)
+    upright = cv2.resize(cv2.imread(str(FACES / "dev" / "img1.jpg")), (480, 640))
+    turned = np.ascontiguousarray(np.rot90(upright, turn))
+    for _ in range(5):
+        assert [r.face.orientation for r in session.process(upright)] == [0]
+        now[0] += 1 / 30
+    bound = (TURN_EVERY_S if turn == 1 else RECHECK_TURNS_S) + 0.5
+    t_turned, seen = now[0], []
+    while now[0] - t_turned < bound and seen[-1:] != [(4 - turn) * 90 % 360]:
+        seen += [r.face.orientation for r in session.process(turned)]
+        now[0] += 1 / 30
+    assert seen[-1:] == [(4 - turn) * 90 % 360], (turn, seen[-5:], now[0] - t_turned)

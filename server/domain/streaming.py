@@ -1,8 +1,8 @@
-"""Live frame streams: the latest-wins inbox, the per-stream session, and the re-checks of open streams.
+"""Live frame streams: the frame inbox, the per-stream session, and the re-checks of open streams.
 
-Plain Python (the gRPC glue is in stream_rpcs.py). A stream holds at most one
-unprocessed frame, one frame in processing, and its tracks: its memory does
-not depend on how fast the client sends.
+Plain Python (the gRPC glue is in server/rpc/handlers/streams.py). A stream holds at most two
+unprocessed frames, one frame in processing, and its tracks: its memory does not depend on how
+fast the client sends.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import numpy as np
 
 from server.domain.tracking import FaceTracker, Track
 from server.vision.faces import LivenessResult
+from server.vision.finder import LYING, quarter_turns
 from server.vision.pipeline import DetectOptions, FacePipeline
 
 MAX_LISTED_SKIPS = 4096  # skipped frame ids listed in one answer (they are dropped either way)
@@ -26,10 +27,13 @@ REEVALUATE_S = 1.0
 # A camera does not turn from frame to frame: a stream tries the turned detector passes (six more
 # passes on a frame with no upright face, or to check a weak or sideways one) at most this often,
 # and first tries the orientation that found its last faces. Every frame of an empty scene paying
-# for every turn would cost a stream 7x. A face tracked since such a check is not checked again:
-# only an empty scene or a new track opens the next one, so a steady stream never pays for a
-# seven-pass frame, which would hold up the frames behind it.
+# for every turn would cost a stream 7x. A face tracked since such a check is not checked again
+# soon: an empty scene, a new track, or a face that looks turned (its landmarks or box disagree
+# with the orientation it was found under) opens the next check, and otherwise only RECHECK_TURNS_S
+# does (a camera turned upside down under a face can still look upright to the detector). So a
+# steady stream seldom pays for a seven-pass frame, which holds up the frames behind it.
 TURN_EVERY_S = 1.0
+RECHECK_TURNS_S = 10.0
 LIVENESS_FRAMES = 5  # a track's liveness verdict is the median of its last this many frames' checks
 
 
@@ -54,6 +58,15 @@ class Recheck:
         self._next = now + self.interval_s
         for check in self.checks:
             check()
+
+
+def looks_turned(face) -> bool:
+    """A face whose landmarks or box disagree with the orientation it was found under (upright in
+    its turned frame: eyes above the mouth, a box taller than wide): its camera may have turned."""
+    k = (face.orientation // 90) % 4
+    w, h = face.box[2] - face.box[0], face.box[3] - face.box[1]
+    lying = h < LYING * w if k % 2 == 0 else w < LYING * h
+    return bool(lying or quarter_turns(face.landmarks) != k)
 
 
 class FrameInbox:
@@ -199,14 +212,17 @@ class StreamSession:
 
     def process(self, img) -> list[TrackedFaceResult]:
         now = self.clock()
-        turns = self._unchecked and now - self._turned_at >= TURN_EVERY_S
+        since = now - self._turned_at
+        turns = since >= TURN_EVERY_S and (self._unchecked or since >= RECHECK_TURNS_S)
         faces = self.pipeline.detect(img, self.s.detect, turns=turns, prefer=self.orientation)
         if faces:
             self.orientation = faces[0].orientation
         tracks = self.tracker.update([f.box for f in faces])
         if turns:
             self._turned_at, self._checked = now, {t.track_id for t in tracks}
-        self._unchecked = not tracks or any(t.track_id not in self._checked for t in tracks)
+        self._unchecked = (
+            not tracks or any(t.track_id not in self._checked for t in tracks) or any(looks_turned(f) for f in faces)
+        )
         due = [
             i
             for i, (f, t) in enumerate(zip(faces, tracks))

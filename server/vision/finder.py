@@ -12,7 +12,8 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
   view, on a different border, sees it too.
 - **A small face in a large frame** (a 4K camera). Downscaled to 640 px, a 100 px face becomes
   17 px, below what the detector sees. Run when the first passes find nothing in a frame over
-  twice `max_side`: one pass at twice `max_side`.
+  twice `max_side`: one pass at twice `max_side` (where the detector takes any input size, as
+  SCRFD does; YuNet's graph is fixed at 640).
 - **A sideways or upside-down photo** without EXIF orientation (scans, stripped metadata). Run when
   nothing is found upright: the frame turned by 90, 180 and 270 degrees, each with its padded
   pass (which also confirms a weak detection); the turn whose face scores best wins. A face the
@@ -122,8 +123,9 @@ class FaceFinder:
         self.detector, self.max_side = detector, max_side
 
     def input_sides(self) -> tuple[int, ...]:
-        """The detector input sides the passes use: the detector's own, and the small-face pass's."""
-        return (self.detector.input_size, FINE * self.max_side)
+        """The detector input sides the passes use: the detector's own, and the small-face pass's
+        where the detector takes other sizes (SCRFD; YuNet's graph is fixed at its own)."""
+        return (self.detector.input_size, FINE * self.max_side) if self.detector.tight_input else (self.detector.input_size,)
 
     def find(self, img: np.ndarray, min_score: float | None = None, turns: bool = True, prefer: int = 0) -> Found:
         """`turns`: whether the turned passes may run (a stream allows them now and then: its camera
@@ -147,7 +149,8 @@ class FaceFinder:
         if self._cut_off(found, w, h) and spend(1):
             found = self._merge(found, self._scaled(self._padded(small, min_score, weak=True), scale))
         close_up_only = not len(plain) and bool(len(found))
-        if not len(found) and max(h, w) > 2 * self.max_side and spend(FINE * FINE, h * w):
+        fine_pass = self.detector.tight_input and max(h, w) > 2 * self.max_side
+        if not len(found) and fine_pass and spend(FINE * FINE, h * w):
             fine, fine_scale = resize_long_side(img, FINE * self.max_side)
             found = self._scaled(self._run(fine, min_score, FINE * self.max_side), fine_scale)
         if not turns:

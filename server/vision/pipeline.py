@@ -7,7 +7,7 @@ Every model object is created once at start-up and shared by all threads.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
@@ -16,6 +16,7 @@ from server import errors
 from server.vision.alignment import arcface_crop
 from server.vision.faces import Face, LivenessResult
 from server.vision.finder import FaceFinder, quarter_turns, turn_points
+from server.vision.models.runtime import row_counts
 from server.vision.quality import assess
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,10 @@ LARGEST, MOST_CENTRAL, HIGHEST_SCORE, REQUIRE_SINGLE = "largest", "most_central"
 # (scripts/eval_liveness.py) and comes from the manifest.
 MIN_LIVENESS_CONTEXT = 0.4
 DEFAULT = "default"  # the caller did not choose: ordered as LARGEST; enrolment also refuses ambiguous photos
+# warm_up's stand-in face (eyes, nose, mouth corners in its box) and the most faces per photo whose
+# attribute batch it warms: more in one photo are rare, and pay their batch shape's first run
+WARM_LANDMARKS = np.array([[290.0, 230.0], [350.0, 230.0], [320.0, 265.0], [295.0, 300.0], [345.0, 300.0]], np.float32)
+WARM_FACES = 32
 
 
 @dataclass(frozen=True)
@@ -70,13 +75,16 @@ class FacePipeline:
         if getattr(self.detector.session, "fixed_shapes", False):
             for side in self.finder.input_sides():
                 self.detector.detect(np.zeros((side, side, 3), np.uint8), input_size=side)
-            self.recognizer.warm_up()
         else:
             self.detect(np.zeros((480, 640, 3), np.uint8), DetectOptions())
-            self.recognizer.embed([np.zeros((112, 112, 3), np.uint8)])
-        frame, box = np.full((480, 640, 3), 127, np.uint8), np.array([240.0, 160.0, 400.0, 360.0])
+        self.recognizer.warm_up()
+        frame = np.full((480, 640, 3), 127, np.uint8)
+        face = Face(box=np.array([240.0, 160.0, 400.0, 360.0]), landmarks=WARM_LANDMARKS, score=1.0)
         for model in self.liveness_models:
-            model.score(frame, box)
+            model.score(frame, face.box)
+        for model in self.attribute_models:  # a batch per face count up to WARM_FACES
+            for rows in row_counts(model.session, WARM_FACES):
+                model.annotate(frame, [replace(face, attributes={}) for _ in range(rows)])
 
     # -- detection ---------------------------------------------------------
     def detect(self, img: np.ndarray, opts: DetectOptions, turns: bool = True, prefer: int = 0) -> list[Face]:

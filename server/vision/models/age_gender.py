@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from server.vision.alignment import dlib_chip
+from server.vision.models.runtime import padded_rows
 
 _MEAN_RGB = np.array([122.782, 117.001, 104.298], dtype=np.float32)
 AGE_BINS = np.array([0.25] + list(range(1, 81)), dtype=np.float32)  # 81 classes
@@ -41,7 +42,8 @@ class AgeEstimator:
         """Per face: (expected age, 10th percentile, 90th percentile) in years."""
         if not landmarks:
             return []
-        probs = self.session.run(None, {self.input_name: _chips(img_bgr, landmarks, self.input_size, self.padding)})[0]
+        chips = padded_rows(self.session, _chips(img_bgr, landmarks, self.input_size, self.padding))
+        probs = self.session.run(None, {self.input_name: chips})[0][: len(landmarks)]
         out = []
         for p in probs:
             p = p / p.sum()
@@ -71,5 +73,6 @@ class GenderClassifier:
         """Per face: P(male)."""
         if not landmarks:
             return []
-        probs = self.session.run(None, {self.input_name: _chips(img_bgr, landmarks, self.input_size, self.padding)})[0]
+        chips = padded_rows(self.session, _chips(img_bgr, landmarks, self.input_size, self.padding))
+        probs = self.session.run(None, {self.input_name: chips})[0][: len(landmarks)]
         return [float(p[self.MALE_INDEX] / p.sum()) for p in probs]

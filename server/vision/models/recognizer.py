@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from server.vision.models.batching import MicroBatcher
+from server.vision.models.runtime import padded_rows, row_counts
 
 
 class ArcFaceRecognizer:
@@ -48,20 +49,14 @@ class ArcFaceRecognizer:
         outs = []
         for i in range(0, len(batch), self.max_batch):
             chunk = batch[i : i + self.max_batch]
-            n = len(chunk)
-            if getattr(self.session, "fixed_shapes", False):
-                # a power of two rows, the rest zeros: a few batch shapes (runtime.TimedSession.fixed_shapes)
-                rows = min(1 << (n - 1).bit_length(), self.max_batch)
-                chunk = np.concatenate([chunk, np.zeros((rows - n, *chunk.shape[1:]), chunk.dtype)]) if rows > n else chunk
-            outs.append(self.session.run([self.output_name], {self.input_name: chunk})[0][:n])
+            padded = padded_rows(self.session, chunk, self.max_batch)
+            outs.append(self.session.run([self.output_name], {self.input_name: padded})[0][: len(chunk)])
         return np.concatenate(outs, axis=0)
 
     def warm_up(self) -> None:
-        """One run per batch shape the runtime keeps to (powers of two up to max_batch)."""
-        rows = 1
-        while rows <= self.max_batch:
+        """One run per batch shape the runtime keeps to (runtime.row_counts; one face elsewhere)."""
+        for rows in row_counts(self.session, self.max_batch):
             self._run(np.zeros((rows, 3, 112, 112), np.float32))
-            rows *= 2
 
     def embed(self, crops: list[np.ndarray]) -> np.ndarray:
         """crops: 112x112x3 BGR uint8 arrays -> [N, dim] float32 L2-normalised."""
