@@ -60,12 +60,14 @@ class Recheck:
             check()
 
 
-def looks_turned(face) -> bool:
+def looks_turned(face, width: int, height: int) -> bool:
     """A face whose landmarks or box disagree with the orientation it was found under (upright in
-    its turned frame: eyes above the mouth, a box taller than wide): its camera may have turned."""
+    its turned frame: eyes above the mouth, a box taller than wide): its camera may have turned.
+    The box counts only clear of the frame's edges (`width` x `height`): a close-up's is cut."""
     k = (face.orientation // 90) % 4
-    w, h = face.box[2] - face.box[0], face.box[3] - face.box[1]
-    lying = h < LYING * w if k % 2 == 0 else w < LYING * h
+    x1, y1, x2, y2 = face.box
+    inside = x1 > 1 and y1 > 1 and x2 < width - 1 and y2 < height - 1
+    lying = inside and (y2 - y1 < LYING * (x2 - x1) if k % 2 == 0 else x2 - x1 < LYING * (y2 - y1))
     return bool(lying or quarter_turns(face.landmarks) != k)
 
 
@@ -221,7 +223,9 @@ class StreamSession:
         if turns:
             self._turned_at, self._checked = now, {t.track_id for t in tracks}
         self._unchecked = (
-            not tracks or any(t.track_id not in self._checked for t in tracks) or any(looks_turned(f) for f in faces)
+            not tracks
+            or any(t.track_id not in self._checked for t in tracks)
+            or any(looks_turned(f, img.shape[1], img.shape[0]) for f in faces)
         )
         due = [
             i
