@@ -16,7 +16,7 @@ import numpy as np
 
 from server.domain.tracking import FaceTracker, Track
 from server.vision.faces import LivenessResult
-from server.vision.finder import LYING, quarter_turns
+from server.vision.finder import looks_turned
 from server.vision.pipeline import DetectOptions, FacePipeline
 
 MAX_LISTED_SKIPS = 4096  # skipped frame ids listed in one answer (they are dropped either way)
@@ -58,17 +58,6 @@ class Recheck:
         self._next = now + self.interval_s
         for check in self.checks:
             check()
-
-
-def looks_turned(face, width: int, height: int) -> bool:
-    """A face whose landmarks or box disagree with the orientation it was found under (upright in
-    its turned frame: eyes above the mouth, a box taller than wide): its camera may have turned.
-    The box counts only clear of the frame's edges (`width` x `height`): a close-up's is cut."""
-    k = (face.orientation // 90) % 4
-    x1, y1, x2, y2 = face.box
-    inside = x1 > 1 and y1 > 1 and x2 < width - 1 and y2 < height - 1
-    lying = inside and (y2 - y1 < LYING * (x2 - x1) if k % 2 == 0 else x2 - x1 < LYING * (y2 - y1))
-    return bool(lying or quarter_turns(face.landmarks) != k)
 
 
 class FrameInbox:

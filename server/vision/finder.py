@@ -118,6 +118,24 @@ def quarter_turns(landmarks: np.ndarray) -> int:
     return int(round(tilt / 90)) % 4
 
 
+def lies_on_its_side(box: np.ndarray, k: int = 0) -> bool:
+    """A face box clearly less tall than wide (LYING) once its frame is turned k quarter turns
+    counter-clockwise: upright faces' boxes are taller than wide."""
+    w, h = box[2] - box[0], box[3] - box[1]
+    return bool(h < LYING * w if k % 2 == 0 else w < LYING * h)
+
+
+def looks_turned(face, width: int, height: int) -> bool:
+    """A face (box, landmarks, orientation in the frame) whose landmarks or box disagree with the
+    orientation it was found under (upright in its turned frame: eyes above the mouth, a box taller
+    than wide): its camera may have turned. The box counts only clear of the frame's edges (`width`
+    x `height`): a close-up's is cut."""
+    k = (face.orientation // 90) % 4
+    x1, y1, x2, y2 = face.box
+    inside = x1 > 1 and y1 > 1 and x2 < width - 1 and y2 < height - 1
+    return (inside and lies_on_its_side(face.box, k)) or quarter_turns(face.landmarks) != k
+
+
 class FaceFinder:
     def __init__(self, detector, max_side: int = 640):
         self.detector, self.max_side = detector, max_side
@@ -283,10 +301,7 @@ class FaceFinder:
         """The plain pass's best face has a box clearly wider than tall (LYING): a face lies on its side,
         whatever its landmarks say (the detector lays them out upright on some sideways faces). Only
         the plain pass's: a close-up's box is cut to the frame."""
-        if not len(f):
-            return False
-        x1, y1, x2, y2 = f.boxes[int(np.argmax(f.scores))]
-        return bool(y2 - y1 < LYING * (x2 - x1))
+        return bool(len(f)) and lies_on_its_side(f.boxes[int(np.argmax(f.scores))])
 
     @staticmethod
     def _doubtful(f: Found, w: int, h: int) -> bool:

@@ -16,7 +16,7 @@ from server import errors
 from server.vision.alignment import arcface_crop
 from server.vision.faces import Face, LivenessResult
 from server.vision.finder import FaceFinder, quarter_turns, turn_points
-from server.vision.models.runtime import row_counts
+from server.vision.models.runtime import keeps_few_shapes, row_counts
 from server.vision.quality import assess
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class FacePipeline:
         the server starts than by its first callers. Where the runtime keeps to a few input shapes
         (TimedSession.fixed_shapes), on each of them; elsewhere every pass the finder makes over
         an empty 640x480 frame (the commonest camera shape, upright and turned), and one face."""
-        if getattr(self.detector.session, "fixed_shapes", False):
+        if keeps_few_shapes(self.detector.session):
             for side in self.finder.input_sides():
                 self.detector.detect(np.zeros((side, side, 3), np.uint8), input_size=side)
         else:

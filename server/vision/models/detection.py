@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from server.vision.models.runtime import keeps_few_shapes
+
 
 def letterbox(img: np.ndarray, size: int, tight: bool = False) -> tuple[np.ndarray, float]:
     """Resize keeping aspect ratio (long side = size) and paste top-left into a zero canvas:
@@ -87,7 +89,7 @@ class GridFaceDetector:
         `input_size`: the network's input side for this call (default: the model's own)."""
         thr = self.score_threshold if score_threshold is None else score_threshold
         # a square canvas per input side where the runtime keeps to few shapes (TimedSession.fixed_shapes)
-        tight = self.tight_input and not getattr(self.session, "fixed_shapes", False)
+        tight = self.tight_input and not keeps_few_shapes(self.session)
         canvas, scale = letterbox(img_bgr, input_size or self.input_size, tight)
         outputs = self._run(canvas)
         parts = [p for p in (self._decode(outputs, s, thr) for s in self.strides) if p[2].size]

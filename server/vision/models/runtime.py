@@ -454,12 +454,18 @@ def _dims(shape) -> list:
     return [d.get_length() if d.is_static else "?" for d in shape]
 
 
+def keeps_few_shapes(session) -> bool:
+    """Whether `session` keeps to a few input shapes (TimedSession.fixed_shapes; False for a bare
+    runtime session)."""
+    return getattr(session, "fixed_shapes", False)
+
+
 def padded_rows(session, rows: np.ndarray, cap: int = 0) -> np.ndarray:
     """`rows` (first axis = faces) as the session should run them: where it keeps to a few input
     shapes (TimedSession.fixed_shapes), zero rows up to a power of two (at most `cap`, when given);
     elsewhere as they are. The caller keeps the first len(rows) rows of what the model returns."""
     n = len(rows)
-    if not getattr(session, "fixed_shapes", False) or n == 0:
+    if not keeps_few_shapes(session) or n == 0:
         return rows
     size = 1 << (n - 1).bit_length()
     size = max(n, min(size, cap)) if cap else size
@@ -468,7 +474,7 @@ def padded_rows(session, rows: np.ndarray, cap: int = 0) -> np.ndarray:
 
 def row_counts(session, cap: int) -> list[int]:
     """The row counts padded_rows() gives up to `cap` rows: the batch shapes a warm-up runs."""
-    if not getattr(session, "fixed_shapes", False):
+    if not keeps_few_shapes(session):
         return [1]
     sizes = [1 << i for i in range(cap.bit_length()) if 1 << i <= cap]
     return sizes + ([cap] if cap not in sizes else [])
