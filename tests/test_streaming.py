@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 import uuid
@@ -371,14 +372,10 @@ def detection_session(pipeline, now: list[float]):
     return StreamSession(pipeline, None, settings, clock=lambda: now[0])
 
 
-def test_a_sideways_camera_is_found_every_frame_without_turning_every_frame(pipeline):
-    """A stream remembers the orientation that found its faces and tries the turned passes at most
-    once a second: a sideways camera's frames are found at one turned pass each, not seven."""
-    now = [0.0]
-    session = detection_session(pipeline, now)
-    frame = np.ascontiguousarray(np.rot90(cv2.resize(cv2.imread(str(FACES / "dev" / "img1.jpg")), (480, 640)), 1))
-    detector, runs = pipeline.detector, [0]
-    real = detector.detect
+@contextlib.contextmanager
+def counting_passes(detector):
+    """Counts the detector passes run inside the block: yields a one-item list holding the count."""
+    runs, real = [0], detector.detect
 
     def counted(*a, **k):
         runs[0] += 1
@@ -386,12 +383,22 @@ def test_a_sideways_camera_is_found_every_frame_without_turning_every_frame(pipe
 
     detector.detect = counted
     try:
-        found = []
+        yield runs
+    finally:
+        del detector.detect
+
+
+def test_a_sideways_camera_is_found_every_frame_without_turning_every_frame(pipeline):
+    """A stream remembers the orientation that found its faces and tries the turned passes at most
+    once a second: a sideways camera's frames are found at one turned pass each, not seven."""
+    now = [0.0]
+    session = detection_session(pipeline, now)
+    frame = np.ascontiguousarray(np.rot90(cv2.resize(cv2.imread(str(FACES / "dev" / "img1.jpg")), (480, 640)), 1))
+    found = []
+    with counting_passes(pipeline.detector) as runs:
         for _ in range(10):  # a third of a second of video
             found.append(session.process(frame))
             now[0] += 1 / 30
-    finally:
-        del detector.detect
     assert all(len(r) == 1 for r in found)
     assert {r[0].face.orientation for r in found} == {270}
     assert runs[0] <= 10 + 9 + 9, runs[0]  # the first frame searches; the others take the remembered turn
@@ -408,19 +415,11 @@ def test_an_upright_close_up_stays_upright(pipeline):
     frames = load_clip(FACES / "video" / "single_closeup_720p.mp4")[:120]
     now = [0.0]
     session = detection_session(pipeline, now)
-    orientations, runs, real = [], [0], pipeline.detector.detect
-
-    def counted(*a, **k):
-        runs[0] += 1
-        return real(*a, **k)
-
-    pipeline.detector.detect = counted
-    try:
+    orientations = []
+    with counting_passes(pipeline.detector) as runs:
         for frame in frames:  # four seconds of video
             orientations += [r.face.orientation for r in session.process(frame)]
             now[0] += 1 / 30
-    finally:
-        del pipeline.detector.detect
     assert len(orientations) >= len(frames) - 2 and set(orientations) == {0}
     assert runs[0] <= len(frames) + 6, runs[0]  # one check of seven passes, then one pass a frame
     wrong = detection_session(pipeline, now)
