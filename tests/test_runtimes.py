@@ -336,6 +336,12 @@ def test_the_compiler_says_when_its_queue_is_done():
     assert compiler.wait_idle(10) and done == [1, 2]
 
 
+@pytest.fixture(scope="module")
+def loader():
+    """Builds models on onnxruntime, each new: the tests below change their sessions."""
+    return model_loader(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
+
+
 class Recording:
     """A session that notes the input shape of every run and passes it on."""
 
@@ -350,12 +356,11 @@ class Recording:
         return getattr(self.session, name)
 
 
-def test_fixed_shapes_keep_the_answers_with_few_shapes():
+def test_fixed_shapes_keep_the_answers_with_few_shapes(loader):
     """Where each new input shape is costly (CUDA: TimedSession.fixed_shapes), the detector takes a
     square canvas per input side and the recognizer batches of a power of two rows. The same switch
     on onnxruntime's CPU: the same faces and embeddings as with shapes as they come, and only those
     shapes reach the runtime."""
-    loader = model_loader(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
     det, rec = loader.build("scrfd_500m", "detector"), loader.build("w600k_mbf", "recognizer")
     base = read("dev/img1.jpg")
     frames = [read(rel) for rel in PHOTOS] + [cv2.resize(base, size) for size in ((640, 360), (300, 500), (1280, 720))]
@@ -406,10 +411,9 @@ def test_fixed_shapes_keep_the_answers_with_few_shapes():
     assert {s[0] for s in rec.session._session.shapes} == {1, 2, 4, 8, 16, 32}
 
 
-def test_yunet_keeps_to_the_input_side_its_graph_takes():
+def test_yunet_keeps_to_the_input_side_its_graph_takes(loader):
     """YuNet's graph is fixed at 640 px: no small-face pass at another side, in a warm-up or on a
     large empty frame, whatever the runtime or the downscale side."""
-    loader = model_loader(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
     yunet = loader.build("yunet", "detector")
     pipeline = FacePipeline(yunet, loader.build("w600k_mbf", "recognizer"), liveness=[], attribute_models=[], detect_max_side=300)
     yunet.session._session = Recording(yunet.session._session)
@@ -420,7 +424,7 @@ def test_yunet_keeps_to_the_input_side_its_graph_takes():
     assert {s[2:] for s in yunet.session._session.shapes} == {(640, 640)}
 
 
-def test_padded_rows_keep_the_answers_of_every_batch_model():
+def test_padded_rows_keep_the_answers_of_every_batch_model(loader):
     """Where the runtime keeps to few shapes, a batch pads to a power of two rows (at most the cap,
     which need not be one); the age and gender models answer each face as unpadded."""
     from server.vision.models.runtime import padded_rows, row_counts
@@ -433,7 +437,6 @@ def test_padded_rows_keep_the_answers_of_every_batch_model():
     assert padded_rows(Fixed(), rows[:0]).shape == (0, 3) and padded_rows(object(), rows) is rows
     assert row_counts(Fixed(), 24) == [1, 2, 4, 8, 16, 24] and row_counts(object(), 24) == [1]
 
-    loader = model_loader(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"}))
     img = read("dev/group_t1.jpg")
     faces = loader.build("scrfd_500m", "detector").detect(img)[1][:5]
     assert len(faces) == 5
