@@ -310,11 +310,20 @@ class OpenVinoSession:
         self._configs = {}
         for mode in self.modes:
             config = {"PERFORMANCE_HINT": mode.upper(), "INFERENCE_PRECISION_HINT": self.precision}
+            if mode == "throughput":
+                # The plugin pins each stream's thread to a core. Between runs the same cores carry the
+                # calls' Python and OpenCV work (and the other models' streams), which pinned threads
+                # cannot make room for: the scheduler then leaves a core idle while two threads share
+                # the other. Unpinned, two concurrent pipelines keep both cores busier
+                # (docs/benchmarks.md, "Unpinned streams").
+                config["ENABLE_CPU_PINNING"] = False
             if opts.intra_op_threads:
                 config["INFERENCE_NUM_THREADS"] = opts.intra_op_threads
             self._configs[mode] = config
         self._runs = runs
         self._model = core.read_model(path)
+        if pixels is not None:
+            self._model = pixels.into(self._model)
         self._inputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.inputs]
         self._outputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.outputs]
         self._index = {n: i for i, p in enumerate(self._model.outputs) for n in p.get_names()}
