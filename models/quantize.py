@@ -101,7 +101,10 @@ def record(pipeline, images: list[np.ndarray]) -> dict[str, list[np.ndarray]]:
                 pipeline.embed(faces)
     finally:
         pipeline.detector.session, pipeline.recognizer.session = det.inner, rec.inner
-    return {"detector": det.inputs, "recognizer": [row[None] for batch in rec.inputs for row in batch]}
+    # what nncf runs is the network itself: the detector's float input, not the pixels its session takes
+    pixels = pipeline.detector.session.pixels
+    detector = [pixels.blob(x) for x in det.inputs] if pixels else det.inputs
+    return {"detector": detector, "recognizer": [row[None] for batch in rec.inputs for row in batch]}
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -220,8 +223,13 @@ def main(argv: list[str] | None = None) -> int:
         quantized = nncf.quantize(ov.Core().read_model(str(source)), nncf.Dataset(data), subset_size=len(data), preset=preset)
         tmp = xml.with_name("." + xml.name)
         ov.save_model(quantized, str(tmp))
+        pixels = pipeline.detector.session.pixels if kind == "detector" else None
         session = TimedSession(
-            OpenVinoSession(str(tmp), RuntimeOptions(runtime="openvino", hint="latency")), spec.name, "openvino", "int8"
+            OpenVinoSession(str(tmp), RuntimeOptions(runtime="openvino", hint="latency"), pixels=pixels),
+            spec.name,
+            "openvino",
+            "int8",
+            pixels,
         )
         agreed = agreement(pipeline, kind, session, held_out)
         ok = acceptable(kind, agreed)

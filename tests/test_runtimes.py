@@ -112,7 +112,7 @@ def test_a_frame_shape_gets_its_own_graph_with_the_same_answers():
     session = det.session._session
     img = cv2.resize(read("dev/img1.jpg"), (640, 416))  # a shape no other test sends
     first = det.detect(img)
-    key = ((det.input_name, (1, 3, 416, 640)),)
+    key = ((det.input_name, (1, 416, 640, 3)),)  # the pixels it is fed (PixelInput)
     wait_for_graph(session, key)
     second = det.detect(img)
     assert len(first[0]) == len(second[0]) > 0
@@ -131,7 +131,7 @@ def test_in_bf16_a_shape_gets_the_same_answer_from_its_first_call_on():
     det = model_loader(config.load([], environ={"FACESVC_PRECISION": "bf16"})).build("scrfd_500m", "detector")
     img = cv2.resize(read("dev/img1.jpg"), (448, 640))
     first = det.detect(img)
-    session, key = det.session._session, ((det.input_name, (1, 3, 640, 448)),)
+    session, key = det.session._session, ((det.input_name, (1, 640, 448, 3)),)
     wait_for_graph(session, key)
     again = det.detect(img)
     assert len(first[0]) == len(again[0]) > 0
@@ -377,11 +377,12 @@ def test_fixed_shapes_keep_the_answers_with_few_shapes(loader):
         px = max(1.0, max(img.shape[:2]) / det.input_size)  # a pixel of the detector's input
         assert np.abs(own[0] - square[0]).max() <= px and np.abs(own[1] - square[1]).max() <= px
         crops += [arcface_crop(img, lm) for lm in own[1]]
-    assert len({s for s in det.session._session.shapes if s[2] != s[3]}) > 1  # as they come: many shapes
+    # the detector is fed its pixels, N x H x W x 3 (PixelInput)
+    assert len({s for s in det.session._session.shapes if s[1] != s[2]}) > 1  # as they come: many shapes
     det.session._session.shapes.clear()
     for img in frames:
         det.detect(img)
-    assert {s[2:] for s in det.session._session.shapes} == {(640, 640)}
+    assert {s[1:3] for s in det.session._session.shapes} == {(640, 640)}
 
     rec.session._session = Recording(rec.session._session)
     for n in (1, 3, 5, 9, len(crops)):
@@ -403,13 +404,13 @@ def test_fixed_shapes_keep_the_answers_with_few_shapes(loader):
     rec.session._session.shapes.clear()
     det.session.fixed_shapes = rec.session.fixed_shapes = False
     pipeline.warm_up()
-    assert {(480, 640), (640, 480)} <= {s[2:] for s in det.session._session.shapes}
+    assert {(480, 640), (640, 480)} <= {s[1:3] for s in det.session._session.shapes}
     assert {s[0] for s in rec.session._session.shapes} == {1}
     det.session._session.shapes.clear()
     rec.session._session.shapes.clear()
     det.session.fixed_shapes = rec.session.fixed_shapes = True
     pipeline.warm_up()
-    assert {s[2:] for s in det.session._session.shapes} == {(640, 640), (1280, 1280)}
+    assert {s[1:3] for s in det.session._session.shapes} == {(640, 640), (1280, 1280)}
     assert {s[0] for s in rec.session._session.shapes} == {1, 2, 4, 8, 16, 32}
 
 
@@ -423,7 +424,7 @@ def test_yunet_keeps_to_the_input_side_its_graph_takes(loader):
     assert pipeline.detect(np.zeros((1080, 1920, 3), np.uint8), OPTS) == []
     yunet.session.fixed_shapes = True
     pipeline.warm_up()
-    assert {s[2:] for s in yunet.session._session.shapes} == {(640, 640)}
+    assert {s[1:3] for s in yunet.session._session.shapes} == {(640, 640)}
 
 
 def test_padded_rows_keep_the_answers_of_every_batch_model(loader):

@@ -60,8 +60,9 @@ class ModelLoader:
         quantized = self.runtime.precision == "int8" and bool(spec.int8)
         path = int8_path(spec, self.model_dir) if quantized else verified_path(spec, self.model_dir)
         runtime = self.runtime if quantized or spec.bf16 else replace(self.runtime, precision="f32")
-        session = create_session(str(path), runtime, self.providers, name, quantized=quantized)
-        model = ARCHS[spec.arch](session, name, **{**spec.params, **overrides})
+        arch = ARCHS[spec.arch]
+        session = create_session(str(path), runtime, self.providers, name, quantized, getattr(arch, "pixels", None))
+        model = arch(session, name, **{**spec.params, **overrides})
         where = {"model": name, "kind": spec.kind, "runtime": session.runtime, "precision": session.precision}
         self.loaded.append(where | {"device": session.device})
         log.info(

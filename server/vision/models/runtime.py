@@ -2,7 +2,9 @@
 
 Every model class (scrfd.py, recognizer.py, ...) sees the same few calls of onnxruntime's
 InferenceSession: `get_inputs()` / `get_outputs()` (ports with a `.name`) and
-`run(output_names | None, {input name: array}) -> [arrays]`, so a model is written once:
+`run(output_names | None, {input name: array}) -> [arrays]`, so a model is written once. A model
+that takes an image declares how its pixels become its input (PixelInput) and is fed the 8-bit
+pixels; each runtime makes the input its own way.
   - OpenVINO on CPU (the default where it is installed, which the default install does):
     its CPU plugin runs these small convolutional models about twice as fast as onnxruntime
     (docs/benchmarks.md). Each thread has its own infer request (a request is not thread-safe;
@@ -35,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnxruntime as ort
 
@@ -60,6 +63,55 @@ class RuntimeOptions:
     runtime: str = "auto"  # auto | openvino | onnxruntime
     precision: str = "auto"  # auto | f32 | bf16 | int8 (OpenVINO; bf16 only where the CPU has it natively)
     hint: str = "auto"  # OpenVINO performance hint: auto (latency alone, throughput with company) | latency | throughput
+
+
+@dataclass(frozen=True)
+class PixelInput:
+    """A model that takes an image. Its session is fed the 8-bit BGR pixels themselves (N x H x W x 3
+    uint8) and makes the network's float N x 3 x H x W input from them: (x - mean) * scale, channels in
+    RGB order when `rgb`. On OpenVINO that conversion is the first step of the compiled graph (its
+    preprocessing API): it runs on the plugin's threads, on the fly, instead of as a float copy of
+    the frame made before every run (docs/benchmarks.md, "Pixels into the graph"); elsewhere the
+    session makes that copy with OpenCV."""
+
+    mean: float = 0.0
+    scale: float = 1.0
+    rgb: bool = False
+
+    def blob(self, pixels: np.ndarray) -> np.ndarray:
+        """The network's input for `pixels`, as OpenVINO's graph computes it."""
+        h, w = pixels.shape[1:3]
+        return cv2.dnn.blobFromImages(list(pixels), self.scale, (w, h), (self.mean,) * 3, swapRB=self.rgb)
+
+    def into(self, model):
+        """`model` (an OpenVINO model, changed in place) taking the pixels instead of the float tensor."""
+        import openvino as ov
+        from openvino.preprocess import ColorFormat, PrePostProcessor
+
+        ppp = PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(ColorFormat.BGR)
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        steps = ppp.input().preprocess().convert_element_type(ov.Type.f32)
+        if self.rgb:
+            steps.convert_color(ColorFormat.RGB)
+        if self.mean:
+            steps.mean(self.mean)
+        if self.scale != 1.0:
+            steps.scale(1.0 / self.scale)
+        return ppp.build()
+
+
+class PixelFeed:
+    """An onnxruntime session of a PixelInput model: makes the network's input from the pixels it is fed."""
+
+    def __init__(self, session, pixels: PixelInput):
+        self._session, self._pixels = session, pixels
+
+    def run(self, output_names, feed: dict) -> list:
+        return self._session.run(output_names, {name: self._pixels.blob(x) for name, x in feed.items()})
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
 
 
 def openvino_available() -> bool:
@@ -160,27 +212,35 @@ def _session(path: str, providers: list[str], threads: int, inter: int, spin: bo
 
 
 def create_session(
-    path: str, opts: RuntimeOptions, providers: list[str], name: str = "", quantized: bool = False
+    path: str,
+    opts: RuntimeOptions,
+    providers: list[str],
+    name: str = "",
+    quantized: bool = False,
+    pixels: PixelInput | None = None,
 ) -> TimedSession:
     """The model file at `path`, ready to run; `name` (the manifest's) labels its inference metrics.
-    `quantized`: the file is an int8 IR (models/quantize.py), which only OpenVINO runs."""
+    `quantized`: the file is an int8 IR (models/quantize.py), which only OpenVINO runs. `pixels`: the
+    model takes an image, and the session is fed its 8-bit pixels (PixelInput)."""
     label = name or Path(path).stem
     runtime = choose_runtime(opts, providers)
     if quantized and runtime != "openvino":
         raise ValueError(f"precision=int8 runs on OpenVINO on the CPU, not on {runtime} ({'/'.join(providers)})")
     if runtime == "openvino":
-        ov = OpenVinoSession(path, opts)
-        return TimedSession(ov, label, "openvino", "int8" if quantized else ov.precision, "CPU")
+        ov = OpenVinoSession(path, opts, pixels=pixels)
+        return TimedSession(ov, label, "openvino", "int8" if quantized else ov.precision, "CPU", pixels)
     threads = opts.intra_op_threads
     quiet = _session(path, providers, threads, opts.inter_op_threads, spin=False)
     used = quiet.get_providers()
     if providers[0] not in used:
         log.warning("%s: asked for %s, running on %s", path, providers[0], used)
     device = "CUDA" if used[0] == "CUDAExecutionProvider" else "CPU"
-    if used[0] != "CPUExecutionProvider" or threads == 1 or (threads == 0 and cpu_cores() == 1):
-        return TimedSession(quiet, label, "onnxruntime", "f32", device)  # nothing to spin for
-    spinning = _session(path, providers, threads, opts.inter_op_threads, spin=True)
-    return TimedSession(CpuSessionPair(spinning, quiet), label, "onnxruntime", "f32", device)
+    session = quiet
+    if used[0] == "CPUExecutionProvider" and threads != 1 and not (threads == 0 and cpu_cores() == 1):
+        session = CpuSessionPair(_session(path, providers, threads, opts.inter_op_threads, spin=True), quiet)
+    if pixels is not None:
+        session = PixelFeed(session, pixels)
+    return TimedSession(session, label, "onnxruntime", "f32", device, pixels)
 
 
 @dataclass(frozen=True)
@@ -293,7 +353,7 @@ class OpenVinoSession:
     MAX_SHAPES = 8  # shape-specialised compilations per model; further shapes run on the dynamic graph
     SHAPE_WAIT_S = 30.0  # longest a call waits for its shape's graph (bf16, int8)
 
-    def __init__(self, path: str, opts: RuntimeOptions, runs: RunCounter = RUNS):
+    def __init__(self, path: str, opts: RuntimeOptions, runs: RunCounter = RUNS, pixels: PixelInput | None = None):
         import openvino as ov
 
         core = ov_core()
@@ -332,8 +392,8 @@ class OpenVinoSession:
         self._dynamic.compiled[self.modes[0]] = core.compile_model(self._model, "CPU", self._configs[self.modes[0]])
         self._dynamic.asked.add(self.modes[0])
         self._dynamic.first.set()
-        # only spatial dimensions are worth specialising: a batch dimension varies call by call
-        self._per_shape = any(isinstance(d, str) for p in self._inputs for d in p.shape[2:])
+        # only spatial dimensions are worth specialising (in either layout): a batch dimension varies call by call
+        self._per_shape = any(isinstance(d, str) for p in self._inputs for d in p.shape[1:])
         self._shaped: dict[tuple, _Graphs] = {}
         # In f32 the dynamic graph gives the shaped graph's answers (to about 1e-5) and may stand in
         # for it while it compiles. In bf16 or int8 the two graphs' kernels round differently (a box
@@ -351,8 +411,10 @@ class OpenVinoSession:
         holds the static's guard and waits for the GIL, the other holds the GIL and waits for the
         guard): a fresh server hit by concurrent calls stopped answering for good."""
         feed = {
-            p.name: np.zeros([1 if i == 0 else 64 if d == "?" else d for i, d in enumerate(p.shape)], np.float32)
-            for p in self._inputs
+            p.name: np.zeros(
+                [1 if i == 0 else 64 if d == "?" else d for i, d in enumerate(p.shape)], port.get_element_type().to_dtype()
+            )
+            for p, port in zip(self._inputs, self._model.inputs)
         }
         request = self._dynamic.get(self.modes[0]).create_infer_request()
         for shared in (False, True):  # a copied input and one read in place (run()) build different statics
@@ -493,9 +555,18 @@ class TimedSession:
     """A model's session whose run() is timed into INFERENCE; everything else passes through.
     `runtime`, `precision` and `device` say where the model runs (start-up log, metrics, GetIndexStats)."""
 
-    def __init__(self, session, model: str, runtime: str = "onnxruntime", precision: str = "f32", device: str = "CPU"):
+    def __init__(
+        self,
+        session,
+        model: str,
+        runtime: str = "onnxruntime",
+        precision: str = "f32",
+        device: str = "CPU",
+        pixels: PixelInput | None = None,
+    ):
         self._session, self._observe = session, INFERENCE.labels(model).observe
         self.runtime, self.precision, self.device = runtime, precision, device
+        self.pixels = pixels  # fed 8-bit pixels (PixelInput), or None: fed the network's own input
         # On CUDA the first run of each input shape is slow (cuDNN chooses and builds kernels for the
         # shape: seconds, against milliseconds for a shape seen before; scripts/bench_cuda.py).
         # Shapes would vary without end (every frame size, every padded or turned detector pass,

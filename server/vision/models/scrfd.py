@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import cv2
 import numpy as np
 
 from server.vision.models.detection import GridFaceDetector, cell_grid
+from server.vision.models.runtime import PixelInput
 
 
 class ScrfdDetector(GridFaceDetector):
@@ -17,6 +17,7 @@ class ScrfdDetector(GridFaceDetector):
     """
 
     num_anchors = 2
+    pixels = PixelInput(mean=127.5, scale=1.0 / 128.0, rgb=True)
     tight_input = True  # fully convolutional: the input need not be square
 
     def __init__(self, session, name: str, input_size: int = 640, score_threshold: float = 0.5, nms_threshold: float = 0.4):
@@ -33,10 +34,7 @@ class ScrfdDetector(GridFaceDetector):
         return self._centers[key]
 
     def _run(self, canvas: np.ndarray) -> dict:
-        # BGR -> RGB, (x - 127.5) / 128, HWC -> NCHW in one OpenCV pass instead of a chain of numpy
-        # temporaries (the same blob, bit for bit)
-        h, w = canvas.shape[:2]
-        blob = cv2.dnn.blobFromImage(canvas, 1.0 / 128.0, (w, h), (127.5, 127.5, 127.5), swapRB=True)
+        blob = canvas[None]  # the session makes the network's input from the pixels (`pixels`)
         by_dim: dict[int, list[np.ndarray]] = {1: [], 4: [], 10: []}
         for out in self.session.run(self._output_names, {self.input_name: blob}):
             by_dim[out.shape[-1]].append(out.reshape(-1, out.shape[-1]))

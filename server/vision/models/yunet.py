@@ -5,10 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from server.vision.models.detection import GridFaceDetector, cell_grid
+from server.vision.models.runtime import PixelInput
 
 
 class YunetDetector(GridFaceDetector):
     """One anchor per cell; BGR raw 0-255; score = sqrt(cls * obj)."""
+
+    pixels = PixelInput()  # BGR, 0-255, as floats
 
     def __init__(self, session, name: str, input_size: int = 640, score_threshold: float = 0.6, nms_threshold: float = 0.3):
         super().__init__(session, name, input_size, score_threshold, nms_threshold)
@@ -16,8 +19,8 @@ class YunetDetector(GridFaceDetector):
         self._output_names = [f"{kind}_{s}" for kind in ("cls", "obj", "bbox", "kps") for s in self.strides]
 
     def _run(self, canvas: np.ndarray) -> dict[str, np.ndarray]:
-        blob = np.ascontiguousarray(canvas.transpose(2, 0, 1)[None].astype(np.float32))
-        return dict(zip(self._output_names, self.session.run(self._output_names, {self.input_name: blob})))
+        outputs = self.session.run(self._output_names, {self.input_name: canvas[None]})  # pixels in (`pixels`)
+        return dict(zip(self._output_names, outputs))
 
     def _decode(self, outs, s: int, thr: float):
         scores = np.sqrt(np.clip(outs[f"cls_{s}"].reshape(-1), 0, 1) * np.clip(outs[f"obj_{s}"].reshape(-1), 0, 1))
