@@ -176,6 +176,13 @@ class SearchHandlers:
         pairs = request.pairs
         if len(pairs) > MAX_CALIBRATION_PAIRS:
             raise errors.validation("pairs", f"at most {MAX_CALIBRATION_PAIRS} pairs, got {len(pairs)}")
+        # a FAR below one in the most impostor pairs a request can hold is never measurable: say so
+        # before any photo is embedded
+        lowest = 1 / MAX_CALIBRATION_PAIRS
+        if 0 < request.target_far < lowest:
+            raise errors.validation(
+                "target_far", f"at least {lowest:g}: {MAX_CALIBRATION_PAIRS} pairs cannot measure a lower FAR"
+            )
         rec = self.searcher.pipeline.recognizer
         photos: list = []  # (pair index, side) -> an image to embed, as batch items
         vectors: dict[tuple[int, int], np.ndarray] = {}
