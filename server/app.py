@@ -37,6 +37,7 @@ from server.rpc.handlers.search import SearchHandlers
 from server.rpc.handlers.stateless import StatelessHandlers
 from server.rpc.handlers.streams import StreamHandlers
 from server.rpc.limits import ConcurrencyLimiter, LimitInterceptor
+from server.rpc.messages import MessageInterceptor
 from server.rpc.observability import ObservabilityInterceptor
 from server.rpc.requests import Defaults, RequestParser
 from server.rpc.servicer import FaceServicer
@@ -177,6 +178,8 @@ class FaceServer:
         self.interceptors = (
             [ObservabilityInterceptor(SERVICE_PREFIX)]
             + ([AuthInterceptor(authenticator)] if authenticator else [])
+            # request messages that do not parse: refused after the key check (server/rpc/messages.py)
+            + [MessageInterceptor(SERVICE_PREFIX)]
             + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)]
             # innermost: records the calls that reached their handler, with the key the auth check found
             + [AuditInterceptor(self.audit_recorder)]

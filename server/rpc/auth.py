@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import grpc
 
 from server import errors
+from server.rpc.messages import Malformed
 from server.rpc.observability import around, rpc_name
 from server.rpc.status import to_status
 from server.telemetry import ERRORS
@@ -247,7 +248,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
         secret = dict(context.invocation_metadata()).get(HEADER, "")
         try:
             principal = self.auth.principal(secret)
-            if request is not None:
+            # a message that does not parse cannot be authorized; the next interceptor refuses it
+            if request is not None and not isinstance(request, Malformed):
                 self.auth.authorize(principal, rpc, request)
         except errors.FaceServiceError as exc:
             log.info("rpc=%s denied: %s %s", rpc, exc.reason, exc.message)

@@ -24,13 +24,14 @@ _HANDLER_FACTORIES = {
 }
 
 
-def rewrap(handler: grpc.RpcMethodHandler, make):
+def rewrap(handler: grpc.RpcMethodHandler, make, request_deserializer=None):
     """The same handler with its behaviour replaced by make(behaviour, kind), where kind is
-    "unary_unary", "unary_stream", "stream_unary" or "stream_stream" (what the server interceptors share)."""
+    "unary_unary", "unary_stream", "stream_unary" or "stream_stream" (what the server interceptors
+    share); and its request deserializer, when one is given."""
     kind = next(k for k in _HANDLER_FACTORIES if getattr(handler, k) is not None)
     return _HANDLER_FACTORIES[kind](
         make(getattr(handler, kind), kind),
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
