@@ -23,7 +23,7 @@ from PIL import Image
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
-from tests.conftest import PYTHON, ROOT, ServerProcess, error_info, expect_error, image
+from tests.conftest import PYTHON, ROOT, ServerProcess, error_info, expect_error, image, keyed_channel
 
 INVALID, DENIED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
 FIRST_MESSAGE_S = 4
@@ -636,6 +636,66 @@ def test_every_detection_is_charged_however_small_the_image(srv, admin):
     reasons = [r.error.reason for r in admin.DetectBatch(batch, timeout=60).results]
     spent = cpu_seconds(srv.proc.pid) - before
     assert reasons.count("IMAGE_TOO_LARGE") >= 30 and spent < 1.5, (reasons.count(""), spent)
+
+
+def test_a_score_threshold_near_zero_costs_what_the_default_does(srv, admin, monkeypatch):
+    """min_detection_score takes any value in (0, 1). Near 0 every anchor of the detector (16 800 at
+    640 x 640) became a candidate and greedy NMS over all of them took most of a second per pass, for
+    a 3 KB image. The detector keeps its best MAX_CANDIDATES for NMS."""
+    from server.vision.models import detection
+
+    seen = []
+    real_nms = detection.nms
+    monkeypatch.setattr(detection, "nms", lambda boxes, scores, thr: seen.append(len(scores)) or real_nms(boxes, scores, thr))
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 600, (16_800, 2)).astype(np.float32)
+    boxes = np.concatenate([corners, corners + 40], axis=1)
+    detection.finalize(boxes, np.zeros((16_800, 5, 2), np.float32), rng.uniform(0, 1, 16_800), 0.4, 1.0)
+    assert seen == [detection.MAX_CANDIDATES]
+
+    blank = cv2.imencode(".png", np.full((640, 640, 3), 128, np.uint8))[1].tobytes()  # 3 KB
+    noise = cv2.imencode(".jpg", rng.integers(0, 256, (640, 640, 3), np.uint8))[1].tobytes()
+
+    def cpu(score: float) -> float:
+        before = cpu_seconds(srv.proc.pid)
+        for encoded in (blank, noise) * 2:
+            admin.Detect(
+                pb.DetectRequest(image=pb.Image(encoded=encoded), face_options=pb.FaceOptions(min_detection_score=score)),
+                timeout=60,
+            )
+        return cpu_seconds(srv.proc.pid) - before
+
+    default, near_zero = cpu(0), cpu(1e-45)
+    assert near_zero < 3 * default + 0.5, (near_zero, default)
+
+
+def test_request_bytes_that_do_not_parse_are_refused_with_a_reason_after_the_key_check(srv, admin):
+    """grpc answers a request message that does not parse with INTERNAL, no ErrorInfo, and a logged
+    traceback, before any key check. Here: UNAUTHENTICATED without a key, VALIDATION_FAILED with one,
+    for unary calls and for a stream's later message, and no log line per call."""
+    cid, key = tenant(admin)
+    path = "/facesvc.v1.FaceService/Detect"
+    not_utf8 = pb.GetCollectionRequest(collection="x").SerializeToString().replace(b"x", b"\xff")
+    lines_before = srv.output().count("\n")
+    for garbage in (b"\x0a\xff", b"\xff\xff\xff", not_utf8):
+        method = "/facesvc.v1.FaceService/GetCollection" if garbage == not_utf8 else path
+        with pytest.raises(grpc.RpcError) as no_key:
+            grpc.insecure_channel(srv.target).unary_unary(method)(garbage, timeout=10)
+        assert no_key.value.code() == grpc.StatusCode.UNAUTHENTICATED, no_key.value.details()
+        for _ in range(50):
+            with pytest.raises(grpc.RpcError) as keyed:
+                srv.channel.unary_unary(method)(garbage, timeout=10)
+            assert keyed.value.code() == INVALID, keyed.value.details()
+            assert error_info(keyed.value).reason == "VALIDATION_FAILED"
+    assert srv.output().count("\n") - lines_before < 10
+
+    good = pb.ProcessBatchRequest(
+        item_id="a", process=pb.ProcessRequest(collection=cid, subject_id="s", image=pb.Image(encoded=b"x"))
+    ).SerializeToString()
+    batch = keyed_channel(srv.target, key, srv.credentials).stream_stream("/facesvc.v1.FaceService/ProcessBatch")
+    with pytest.raises(grpc.RpcError) as stream:
+        list(batch(iter([good, b"\x0a\xff"]), timeout=30))
+    assert stream.value.code() == INVALID and error_info(stream.value).reason == "VALIDATION_FAILED"
 
 
 def test_animated_images_are_refused(srv, admin):
