@@ -191,6 +191,12 @@ class FaceServer:
                 ("grpc.max_receive_message_length", max_bytes),
                 ("grpc.max_send_message_length", max_bytes),
                 ("grpc.so_reuseport", 0),
+                # Only uncompressed request messages (bit 0: identity). A request's work budget grows
+                # with the bytes it sends, and the handler sees only the message after decompression:
+                # gzip would let a few KB on the wire buy the budget of megabytes (32 MB of zero
+                # pixels fold to about 30 KB). Photos are compressed already; gRPC refuses a
+                # compressed message with UNIMPLEMENTED before it is decompressed.
+                ("grpc.compression_enabled_algorithms_bitset", 1),
             ],
         )
         self.streams, self.authenticator, self.indexes = streams, authenticator, None

@@ -4,6 +4,7 @@ from the same handlers, auth, limits, deadlines and error model as gRPC (server/
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import os
 import re
@@ -93,6 +94,47 @@ def test_json_errors_carry_the_errorinfo_reason(srv):
     assert (status, doc["code"], reason(doc)) == (404, "not_found", "COLLECTION_NOT_FOUND")
     status, _, doc = post(srv, "Detect", b"{not json")
     assert status == 400 and doc["code"] in ("invalid_argument", "internal")
+
+
+def test_what_no_rpc_takes_gets_a_reason_not_an_empty_500(srv):
+    """Another method than POST, a content type that is not the method's (gRPC's own belongs to the
+    gRPC port): the Connect library answered them with an empty 500."""
+    img = {"image": {"encoded": b64("dev/img5.jpg")}}
+    for kind in ("text/plain", "application/xml", "application/grpc", "application/connect+json", ""):
+        status, headers, doc = post(srv, "Detect", img, {"content-type": kind})
+        assert (status, reason(doc)) == (415, "VALIDATION_FAILED"), (kind, doc)
+        assert "application/json" in headers["accept-post"]
+    status, _, doc = post(srv, "ProcessBatch", img)  # a streaming method takes Connect's streaming encoding
+    assert (status, reason(doc)) == (415, "VALIDATION_FAILED") and "connect+json" in doc["message"]
+    req = urllib.request.Request(f"{srv.http_url}/facesvc.v1.FaceService/Detect", headers={"x-api-key": ADMIN_KEY})
+    with pytest.raises(urllib.error.HTTPError) as get:
+        urllib.request.urlopen(req, timeout=10)
+    assert get.value.code == 405 and reason(json.loads(get.value.read())) == "VALIDATION_FAILED"
+    assert post(srv, "Detect", img)[0] == 200
+
+
+def test_a_gzip_body_inflates_a_bounded_number_of_times(srv):
+    """Connect clients gzip their bodies. The work budget grows with the bytes sent, so a body may
+    inflate at most 8 times: a frame of zero pixels (2 MB in 2 KB) is refused, a photo is served."""
+    img = {"image": {"encoded": b64("dev/img5.jpg")}}
+    status, _, doc = post(srv, "Detect", gzip.compress(json.dumps(img).encode()), {"content-encoding": "gzip"})
+    assert status == 200 and doc["faces"], doc
+    raw = {
+        "image": {
+            "raw": {
+                "width": 1000,
+                "height": 700,
+                "format": "PIXEL_FORMAT_BGR",
+                "data": base64.b64encode(bytes(2_100_000)).decode(),
+            }
+        }
+    }
+    zipped = gzip.compress(json.dumps(raw).encode())
+    assert len(zipped) < 20_000
+    status, _, doc = post(srv, "Detect", zipped, {"content-encoding": "gzip"})
+    assert (status, doc["code"]) == (429, "resource_exhausted") and "inflate" in doc["message"], (status, doc)
+    status, _, doc = post(srv, "Detect", raw)  # sent as it is, the same frame pays its way
+    assert status == 200 and "faces" not in doc, doc  # no face in it, and no error
 
 
 def test_auth_is_the_grpc_sides(srv):

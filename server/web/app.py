@@ -31,7 +31,9 @@ from google.rpc import error_details_pb2
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
+from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX
+from server.rpc.servicer import SERVICE
 from server.web.calls import connect_app
 
 log = logging.getLogger("facesvc.http")
@@ -45,6 +47,27 @@ CORS_REQUEST_HEADERS = (
     f"grpc-timeout, x-grpc-web, x-user-agent, {HEADER}, x-request-id"
 )
 CORS_EXPOSED_HEADERS = "grpc-status, grpc-message, grpc-status-details-bin, x-request-id"
+# What an RPC path takes: Connect's unary and streaming encodings, and gRPC-Web for both. gRPC itself is
+# the gRPC port's; anything else would reach the Connect library, which answers it with an empty 500.
+UNARY_TYPES = ("application/json", "application/proto")
+STREAM_TYPES = ("application/connect+json", "application/connect+proto")
+WEB_TYPES = ("application/grpc-web", "application/grpc-web+proto", "application/grpc-web+json")
+STREAMING_PATHS = frozenset(SERVICE_PREFIX + m.name for m in SERVICE.methods if m.client_streaming or m.server_streaming)
+
+
+def not_taken(environ, path: str) -> tuple[str, list[tuple[str, str]], str] | None:
+    """(HTTP status, headers, message) for a request no RPC takes: another method than POST, or a
+    content type that is not the method's."""
+    streaming = path in STREAMING_PATHS
+    accepted = (STREAM_TYPES if streaming else UNARY_TYPES) + WEB_TYPES
+    if environ["REQUEST_METHOD"] != "POST":
+        return "405 Method Not Allowed", [("allow", "POST")], "FaceService calls are POSTs"
+    kind = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    if kind not in accepted:
+        shown = kind[:64] or "none"
+        message = f"content type {shown!r}: {'a streaming' if streaming else 'this'} method takes {', '.join(accepted)}"
+        return "415 Unsupported Media Type", [("accept-post", ", ".join(accepted))], message
+    return None
 
 
 def with_error_info(body: bytes) -> bytes:
@@ -104,6 +127,15 @@ class HttpApp:
         return self._static(path, environ, start_response)
 
     def _rpc(self, environ, start_response, cors):
+        refused = not_taken(environ, environ.get("PATH_INFO") or "/")
+        if refused is not None:
+            status, headers, message = refused
+            field = "method" if status.startswith("405") else "content-type"
+            info = error_details_pb2.ErrorInfo(reason=errors.VALIDATION_FAILED, domain=errors.DOMAIN, metadata={"field": field})
+            detail = {"type": ERROR_INFO, "value": base64.b64encode(info.SerializeToString()).decode().rstrip("=")}
+            data = with_error_info(json.dumps({"code": "invalid_argument", "message": message, "details": [detail]}).encode())
+            start_response(status, cors + headers + [("content-type", "application/json"), ("content-length", str(len(data)))])
+            return [data]
         held = {}
 
         def hold(status, headers, exc_info=None):

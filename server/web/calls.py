@@ -16,6 +16,7 @@ import time
 
 import grpc
 from connectrpc.code import Code
+from connectrpc.compression.gzip import GzipCompression
 from connectrpc.errors import ConnectError, ErrorDetail
 from google.rpc import status_pb2
 from protobuf.wkt import Any
@@ -176,5 +177,31 @@ class FaceServiceOverHttp:
 
 
 def connect_app(servicer, interceptors, read_max_bytes: int) -> FaceServiceWSGIApplication:
-    """The generated Connect WSGI app (Connect JSON and binary, gRPC-Web) over the gRPC servicer."""
-    return FaceServiceWSGIApplication(FaceServiceOverHttp(servicer, interceptors), read_max_bytes=read_max_bytes)
+    """The generated Connect WSGI app (Connect JSON and binary, gRPC-Web) over the gRPC servicer. Bodies
+    may come gzipped (Connect clients send them so by default), inflating at most MAX_INFLATION times."""
+    app = FaceServiceOverHttp(servicer, interceptors)
+    return FaceServiceWSGIApplication(app, read_max_bytes=read_max_bytes, compressions=[BoundedGzip()])
+
+
+class BoundedGzip(GzipCompression):
+    """gzip whose output is bounded by its input, not only by the message limit. A request's work
+    budget grows with the bytes it sends (docs/security.md), and the handler sees the message after
+    decompression: unbounded, a 30 KB body of zero pixels inflates to 32 MB and buys that budget.
+    JSON and photos inflate a few times at most, raw camera frames rarely beyond four. (The gRPC port
+    takes no compressed messages at all: grpc decompresses before any code of ours sees the call.)"""
+
+    MAX_INFLATION = 8
+
+    def decompress(self, data, read_max_bytes: int | None = None) -> bytes:
+        bound = self.MAX_INFLATION * len(data) + 65536
+        if read_max_bytes is not None and read_max_bytes <= bound:
+            return super().decompress(data, read_max_bytes)
+        try:
+            return super().decompress(data, bound)
+        except ConnectError as exc:
+            if exc.code != Code.RESOURCE_EXHAUSTED:
+                raise
+            raise ConnectError(
+                Code.RESOURCE_EXHAUSTED,
+                f"a gzip body may inflate at most {self.MAX_INFLATION} times ({len(data)} bytes sent): send it uncompressed",
+            ) from None
