@@ -450,3 +450,27 @@ def test_a_camera_turned_under_a_tracked_face_is_followed(pipeline, turn):
         seen += [r.face.orientation for r in session.process(turned)]
         now[0] += 1 / 30
     assert seen[-1:] == [(4 - turn) * 90 % 360], (turn, seen[-5:], now[0] - t_turned)
+
+
+def test_a_batch_stream_holds_a_bounded_number_of_bytes():
+    """Batch items may be as large as a message (32 MB). The reader reads ahead up to a byte bound
+    and a group stops growing at another, each letting one item past it: 16 items read ahead and 8
+    at work held over a gigabyte for one stream."""
+    from server.rpc.handlers.streams import RequestReader, _groups
+
+    mb = 1024 * 1024
+    pulled = []
+
+    def items():
+        for i in range(12):
+            pulled.append(i)
+            raw = pb.RawFrame(width=1, height=1, format=pb.PIXEL_FORMAT_BGR, data=bytes(6 * mb))
+            yield pb.ProcessBatchRequest(item_id=str(i), process=pb.ProcessRequest(image=pb.Image(raw=raw)))
+
+    reader = RequestReader(items(), maxsize=16, max_bytes=16 * mb)
+    time.sleep(0.5)  # nothing taken yet: two items queued (12 MB), a third waits for room
+    assert len(pulled) == 3 and reader.queued_bytes() <= 16 * mb
+    groups = list(_groups(reader, 8, 5, 5, lambda: None, max_bytes=16 * mb))
+    assert [item.item_id for group in groups for item in group] == [str(i) for i in range(12)]
+    assert max(sum(item.ByteSize() for item in group) for group in groups) < 16 * mb + 6.1 * mb
+    assert reader.queued_bytes() == 0

@@ -33,6 +33,11 @@ from server.vision.pipeline import FacePipeline
 
 MAX_FPS = 240.0
 BATCH_GROUP = 8  # batch items checked together and embedded in one recognizer call
+# Bytes of items a batch stream holds, read ahead and in the group at work: items may be as large as a
+# message (32 MB), and 16 read ahead plus 8 at work held over a gigabyte for one stream. Each bound
+# lets one item past it, so an item of any allowed size is taken.
+BATCH_READ_AHEAD_BYTES = 16 * 1024 * 1024
+BATCH_GROUP_BYTES = 16 * 1024 * 1024
 RECHECK_S = 1.0  # how often an open stream re-checks its key (and its collection) with the database
 # Failures of a frame that end the stream rather than that frame: the call or the collection is gone.
 STREAM_ENDING = frozenset({errors.CALL_ENDED, errors.COLLECTION_NOT_FOUND})
@@ -45,9 +50,12 @@ class RequestReader:
 
     END = object()
 
-    def __init__(self, iterator, maxsize: int):
+    def __init__(self, iterator, maxsize: int, max_bytes: int = 0):
         self._q: queue.Queue = queue.Queue(maxsize=maxsize)
         self._stop = threading.Event()
+        # bytes of the messages queued (max_bytes 0: not bounded); one message is let in whatever its size
+        self._max_bytes, self._bytes = max_bytes, 0
+        self._room = threading.Condition()
         threading.Thread(target=self._run, args=(iterator,), name="stream-reader", daemon=True).start()
 
     def _put(self, x) -> bool:
@@ -59,14 +67,36 @@ class RequestReader:
                 pass
         return False
 
+    def _reserve(self, size: int) -> bool:
+        """Waits until `size` more bytes fit (or nothing is queued); False once stopped."""
+        with self._room:
+            while self._max_bytes and self._bytes and self._bytes + size > self._max_bytes:
+                if self._stop.is_set():
+                    return False
+                self._room.wait(0.5)
+            self._bytes += size
+            return not self._stop.is_set()
+
+    def _taken(self, x):
+        if self._max_bytes and x is not self.END:
+            with self._room:
+                self._bytes -= x.ByteSize()
+                self._room.notify()
+        return x
+
     def _run(self, iterator) -> None:
         try:
             for x in iterator:
-                if not self._put(x):
+                # gRPC's flow control holds the client back while the reader waits here
+                if (self._max_bytes and not self._reserve(x.ByteSize())) or not self._put(x):
                     return
         except Exception:  # noqa: BLE001 - the call ended (cancelled): stop
             pass
         self._put(self.END)
+
+    def queued_bytes(self) -> int:
+        with self._room:
+            return self._bytes
 
     def get(self, timeout: float, recheck) -> object:
         """The next message (or END); STREAM_IDLE when none comes within `timeout` seconds."""
@@ -77,12 +107,12 @@ class RequestReader:
             if left <= 0:
                 raise stream_idle(timeout)
             try:
-                return self._q.get(timeout=min(left, RECHECK_S))
+                return self._taken(self._q.get(timeout=min(left, RECHECK_S)))
             except queue.Empty:
                 pass
 
     def get_nowait(self):
-        return self._q.get_nowait()
+        return self._taken(self._q.get_nowait())
 
     def stop(self) -> None:
         self._stop.set()
@@ -97,14 +127,15 @@ def stream_idle(seconds: float) -> errors.FaceServiceError:
     )
 
 
-def _groups(reader: RequestReader, size: int, first_s: float, idle_s: float, recheck):
-    """Lists of the items that have arrived (at least one, at most `size`)."""
+def _groups(reader: RequestReader, size: int, first_s: float, idle_s: float, recheck, max_bytes: int = 0):
+    """Lists of the items that have arrived: at least one, at most `size`, and (`max_bytes` set) no
+    more once the group holds that many bytes."""
     timeout = first_s
     try:
         while (first := reader.get(timeout, recheck)) is not RequestReader.END:
             timeout = idle_s
-            group = [first]
-            while len(group) < size:
+            group, held = [first], first.ByteSize()
+            while len(group) < size and not (max_bytes and held >= max_bytes):
                 try:
                     x = reader.get_nowait()
                 except queue.Empty:
@@ -113,6 +144,7 @@ def _groups(reader: RequestReader, size: int, first_s: float, idle_s: float, rec
                     yield group
                     return
                 group.append(x)
+                held += x.ByteSize()
             yield group
     finally:
         reader.stop()
@@ -175,9 +207,9 @@ class StreamHandlers:
         together (up to BATCH_GROUP) are checked one by one, then their faces embedded in one call.
         The call itself ends when its key is revoked, its client goes idle or its deadline passes."""
         recheck = self._recheck(context)
-        reader = RequestReader(request_iterator, 2 * BATCH_GROUP)
+        reader = RequestReader(request_iterator, 2 * BATCH_GROUP, BATCH_READ_AHEAD_BYTES)
         context.add_callback(reader.stop)
-        for group in _groups(reader, BATCH_GROUP, self.first_message_s, self.idle_s, recheck):
+        for group in _groups(reader, BATCH_GROUP, self.first_message_s, self.idle_s, recheck, BATCH_GROUP_BYTES):
             pending: list = []
             for item in group:
                 recheck()
