@@ -465,6 +465,37 @@ def test_a_flood_of_unknown_keys_costs_few_lookups(tmp_path):
     real.close()
 
 
+def test_a_key_revoked_while_its_lookup_runs_is_not_cached_as_valid(tmp_path):
+    """A call's key lookup reads the key, then this replica revokes it (and drops its cache) before
+    the lookup stores what it read: that answer must not be cached, or the revoked key would keep
+    working here for the cache's time (10 s by default) instead of stopping at once."""
+    from server import errors
+    from server.records import LIVENESS_OPTIONAL
+    from server.rpc.auth import Authenticator, hash_key, new_api_key
+    from server.storage.sql import open_store
+
+    real = open_store(f"sqlite:///{tmp_path}/keys.db", str(tmp_path))
+    real.create_collection("c", "", LIVENESS_OPTIONAL)
+    key_id, secret = new_api_key()
+    real.create_api_key(key_id, "c", hash_key(secret), "")
+
+    class RevokedMidLookup(CountingStore):
+        def find_api_key(self, digest):
+            found = super().find_api_key(digest)
+            if self.lookups == 1:  # the revocation lands between the read and the caching
+                real.delete_api_key("c", key_id)
+                auth.forget()
+            return found
+
+    store = RevokedMidLookup(real)
+    auth = Authenticator(store, "admin-key-0123456789", cache_s=60)
+    assert auth.principal(secret).collection == "c"  # the call that raced the revocation
+    with pytest.raises(errors.FaceServiceError) as later:
+        auth.principal(secret)
+    assert later.value.reason == "API_KEY_INVALID" and store.lookups == 2
+    real.close()
+
+
 def test_scans_are_counted_in_the_main_image_only():
     from server.vision.imaging import jpeg_scans
 

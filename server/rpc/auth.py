@@ -157,6 +157,8 @@ class Authenticator:
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self._known: OrderedDict[str, None] = OrderedDict()  # digests once found valid: their re-checks are not rate-limited
         self._lock = threading.Lock()
+        # bumped by forget(): a lookup that began before a revocation must not cache what it read
+        self._generation = 0
         self.cache_s = cache_s
         self._clock = clock
         self._lookups = TokenBucket(lookups_per_second, max(1.0, lookups_per_second), clock)
@@ -165,9 +167,12 @@ class Authenticator:
         """Drop cached lookups (called when this replica revokes a key)."""
         with self._lock:
             self._cache.clear()
+            self._generation += 1
 
-    def _remember(self, digest: str, expires: float, p: Principal | None) -> None:
+    def _remember(self, digest: str, expires: float, p: Principal | None, generation: int) -> None:
         with self._lock:
+            if generation != self._generation:  # a key was revoked meanwhile: what was read may be stale
+                return
             _lru_put(self._cache, digest, (expires, p))
             if p is not None:
                 _lru_put(self._known, digest, None)
@@ -186,12 +191,13 @@ class Authenticator:
         with self._lock:
             hit = self._cache.get(digest)
             known = digest in self._known
+            generation = self._generation
         if hit is None or hit[0] <= now:
             if not known and not self._lookups.take():
                 raise errors.exhausted(errors.RATE_LIMITED, "too many lookups of unknown API keys right now; retry shortly")
             rec = self.store.find_api_key(digest)
             p = None if rec is None else Principal(admin=False, collection=rec.collection_id, key_id=rec.key_id)
-            self._remember(digest, now + self.cache_s, p)
+            self._remember(digest, now + self.cache_s, p, generation)
         else:
             p = hit[1]
         if p is None:
