@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import ssl
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -135,6 +137,59 @@ def test_a_gzip_body_inflates_a_bounded_number_of_times(srv):
     assert (status, doc["code"]) == (429, "resource_exhausted") and "inflate" in doc["message"], (status, doc)
     status, _, doc = post(srv, "Detect", raw)  # sent as it is, the same frame pays its way
     assert status == 200 and "faces" not in doc, doc  # no face in it, and no error
+
+
+def raw_post(srv, rpc: str, headers: dict[str, str]) -> socket.socket:
+    """A connection that sends a POST's headers and none of its body (as a slow or hostile client)."""
+    host, port = srv.http_url.split("//")[1].rsplit(":", 1)
+    conn = socket.create_connection((host, int(port)), timeout=5)
+    lines = [f"POST /facesvc.v1.FaceService/{rpc} HTTP/1.1", f"host: {host}", "content-type: application/json"]
+    conn.sendall(("\r\n".join(lines + [f"{k}: {v}" for k, v in headers.items()]) + "\r\n\r\n").encode())
+    return conn
+
+
+def answer(conn: socket.socket) -> tuple[int, dict]:
+    """The status and JSON body of the answer on `conn`, which must come before any body is sent."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+        re.search(rb"content-length: (\d+)", data.lower()).group(1)
+    ):
+        chunk = conn.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_the_headers_decide_before_a_body_is_held(srv):
+    """The WSGI app saw a request only with its whole body read, so connections without a key could
+    each make the server hold 32 MB. From the headers alone: no key or an unknown one, or a body larger
+    than a message, is answered before a byte of it is read; and a key may have two messages' worth
+    of bodies in flight, the third is refused at once."""
+    big = str(30 * 1024 * 1024)
+    for headers, status, why in (
+        ({"content-length": big}, 401, "API_KEY_MISSING"),
+        ({"content-length": big, "x-api-key": "fsk_" + "0" * 16 + "_" + "B" * 43}, 401, "API_KEY_INVALID"),
+        ({"content-length": str(64 * 1024 * 1024), "x-api-key": ADMIN_KEY}, 413, "VALIDATION_FAILED"),
+    ):
+        with raw_post(srv, "Detect", headers) as conn:
+            got, doc = answer(conn)
+            assert (got, reason(doc)) == (status, why), doc
+    admin = pb_grpc.FaceServiceStub(srv.channel)
+    admin.CreateCollection(pb.CreateCollectionRequest(collection="http-gate"), timeout=10)
+    key = admin.CreateApiKey(pb.CreateApiKeyRequest(collection="http-gate"), timeout=10).secret
+    slow = [raw_post(srv, "Detect", {"content-length": big, "x-api-key": key}) for _ in range(2)]
+    try:
+        time.sleep(0.5)
+        with raw_post(srv, "Detect", {"content-length": big, "x-api-key": key}) as third:
+            got, doc = answer(third)
+            assert (got, reason(doc)) == (429, "CALL_LIMIT_REACHED"), doc
+    finally:
+        for conn in slow:
+            conn.close()
+    time.sleep(1.0)  # the closed connections' bodies are let go
+    status, _, doc = post(srv, "Detect", {"image": {"encoded": b64("dev/img5.jpg")}}, key=key)
+    assert status == 200 and doc["faces"], doc
 
 
 def test_auth_is_the_grpc_sides(srv):

@@ -32,9 +32,10 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 
 from server import errors
-from server.rpc.auth import HEADER, SERVICE_PREFIX
+from server.rpc.auth import HEADER, SERVICE_PREFIX, AuthInterceptor
 from server.rpc.servicer import SERVICE
 from server.web.calls import connect_app
+from server.web.gate import BodyBytes, HeaderGate
 
 log = logging.getLogger("facesvc.http")
 
@@ -55,18 +56,18 @@ WEB_TYPES = ("application/grpc-web", "application/grpc-web+proto", "application/
 STREAMING_PATHS = frozenset(SERVICE_PREFIX + m.name for m in SERVICE.methods if m.client_streaming or m.server_streaming)
 
 
-def not_taken(environ, path: str) -> tuple[str, list[tuple[str, str]], str] | None:
-    """(HTTP status, headers, message) for a request no RPC takes: another method than POST, or a
+def not_taken(method: str, content_type: str, path: str) -> tuple[str, list[tuple[str, str]], errors.FaceServiceError] | None:
+    """(HTTP status, headers, error) for a request no RPC takes: another method than POST, or a
     content type that is not the method's."""
     streaming = path in STREAMING_PATHS
     accepted = (STREAM_TYPES if streaming else UNARY_TYPES) + WEB_TYPES
-    if environ["REQUEST_METHOD"] != "POST":
-        return "405 Method Not Allowed", [("allow", "POST")], "FaceService calls are POSTs"
-    kind = environ.get("CONTENT_TYPE", "").split(";")[0].strip().lower()
+    if method != "POST":
+        return "405 Method Not Allowed", [("allow", "POST")], errors.validation("method", "FaceService calls are POSTs")
+    kind = content_type.split(";")[0].strip().lower()
     if kind not in accepted:
         shown = kind[:64] or "none"
         message = f"content type {shown!r}: {'a streaming' if streaming else 'this'} method takes {', '.join(accepted)}"
-        return "415 Unsupported Media Type", [("accept-post", ", ".join(accepted))], message
+        return "415 Unsupported Media Type", [("accept-post", ", ".join(accepted))], errors.validation("content-type", message)
     return None
 
 
@@ -127,15 +128,6 @@ class HttpApp:
         return self._static(path, environ, start_response)
 
     def _rpc(self, environ, start_response, cors):
-        refused = not_taken(environ, environ.get("PATH_INFO") or "/")
-        if refused is not None:
-            status, headers, message = refused
-            field = "method" if status.startswith("405") else "content-type"
-            info = error_details_pb2.ErrorInfo(reason=errors.VALIDATION_FAILED, domain=errors.DOMAIN, metadata={"field": field})
-            detail = {"type": ERROR_INFO, "value": base64.b64encode(info.SerializeToString()).decode().rstrip("=")}
-            data = with_error_info(json.dumps({"code": "invalid_argument", "message": message, "details": [detail]}).encode())
-            start_response(status, cors + headers + [("content-type", "application/json"), ("content-length", str(len(data)))])
-            return [data]
         held = {}
 
         def hold(status, headers, exc_info=None):
@@ -187,6 +179,11 @@ class HttpServer:
         s = settings
         max_bytes = s.max_message_mb * 1024 * 1024
         self.app = HttpApp(connect_app(servicer, interceptors, max_bytes), s.http_cors_origins, console_dir)
+        auth = next((i.auth for i in interceptors if isinstance(i, AuthInterceptor)), None)
+        # request bodies held at once: a message's worth per worker in all, two per key (a key's two streams)
+        held = BodyBytes(total=max(2, s.workers) * max_bytes, per_owner=2 * max_bytes)
+        cors = lambda origin: self.app._cors({"HTTP_ORIGIN": origin})  # noqa: E731
+        self.gate = HeaderGate(self.app, max_bytes, auth, held, not_taken, cors)
         host = s.http_host or s.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -229,7 +226,7 @@ class HttpServer:
         self._stop = asyncio.Event()
         self._started.set()
         try:
-            loop.run_until_complete(serve(self.app, self.config, shutdown_trigger=self._stop.wait, mode="wsgi"))
+            loop.run_until_complete(serve(self.gate, self.config, shutdown_trigger=self._stop.wait, mode="asgi"))
         except Exception:  # noqa: BLE001 - logged: the gRPC side goes on serving
             log.exception("the HTTP server failed")
         finally:
