@@ -5,7 +5,10 @@ the same run.
 
 The runtimes take turns call by call, so the machine's noise falls on all of them. SCRFD is also
 timed on OpenVINO's dynamic-shape graph against the graph compiled for the frame's own shape (what
-the server uses for the shapes it meets most), with the memory each holds.
+the server uses for the shapes it meets most), with the memory each holds; fed a float blob made
+with OpenCV against fed its 8-bit pixels, converted in the graph (PixelInput); and, two threads
+each running a frame's preparation, SCRFD and the recognizer as the pipeline does, on throughput
+graphs whose streams are pinned to cores against unpinned ones (what the server compiles).
 
     .venv/bin/python scripts/bench_runtimes.py [--calls 300] [--threads 0]
 
@@ -15,14 +18,17 @@ Prints a table and writes JSON (default .bench/bench_runtimes.json).
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from bench.common import pct, write_json
 from server.vision.models.manifest import DEFAULT_MODEL_DIR, int8_path, load_manifest
-from server.vision.models.runtime import OpenVinoSession, RuntimeOptions, create_session, native_bf16
+from server.vision.models.runtime import OpenVinoSession, RuntimeOptions, create_session, native_bf16, ov_core, resolve_precision
+from server.vision.models.scrfd import ScrfdDetector
 
 ROOT = Path(__file__).resolve().parents[1]
 # model name -> its input for one call: one face, one 640x480 frame, one liveness crop
@@ -73,6 +79,61 @@ def time_turns(runs: dict, x: np.ndarray, name: str, calls: int) -> dict[str, li
     return times
 
 
+def pixels_in_graph(path: str, threads: int, calls: int) -> dict:
+    """SCRFD on a 640x480 frame at the default precision: a float blob made with OpenCV then the
+    graph, against the 8-bit pixels into a graph that converts them itself."""
+    frame = np.random.default_rng(1).integers(0, 256, (480, 640, 3), np.uint8)
+    precision = "bf16" if native_bf16() else "f32"
+    blob_session = create_session(path, openvino(precision, threads), [])
+    pixel_session = create_session(path, openvino(precision, threads), [], pixels=ScrfdDetector.pixels)
+    name = blob_session.get_inputs()[0].name
+    pixels = ScrfdDetector.pixels
+
+    def blob(_):
+        blob_session.run(None, {name: pixels.blob(frame[None])})
+
+    t = time_turns({"blob": blob, "pixels": lambda _: pixel_session.run(None, {name: frame[None]})}, frame, name, calls)
+    return {"precision": precision, "blob_p50_ms": pct(t["blob"], 50), "pixels_p50_ms": pct(t["pixels"], 50)}
+
+
+def pinned_streams(det_path: str, rec_path: str, seconds: float) -> dict:
+    """Two threads, each preparing a 1280x960 frame (downscale, blob) and running SCRFD then the
+    recognizer on throughput graphs (a stream per core), as two concurrent calls do: frames per second
+    with the streams pinned to cores and not."""
+    core = ov_core()
+    precision = resolve_precision("auto")
+    frame = np.random.default_rng(2).integers(0, 256, (960, 1280, 3), np.uint8)
+    face = np.random.default_rng(3).random((1, 3, 112, 112), np.float32)
+    out = {}
+    for pinned in (True, False, True, False):  # twice each, alternating: the machine's drift falls on both
+        config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": pinned}
+        det_model, rec_model = core.read_model(det_path), core.read_model(rec_path)
+        det_model.reshape({det_model.inputs[0].get_any_name(): [1, 3, 480, 640]})
+        det, rec = core.compile_model(det_model, "CPU", config), core.compile_model(rec_model, "CPU", config)
+        done, stop = [0, 0], threading.Event()
+
+        def work(i):
+            d, r = det.create_infer_request(), rec.create_infer_request()
+            while not stop.is_set():
+                small = cv2.resize(frame, (640, 480), interpolation=cv2.INTER_LINEAR)
+                d.infer({0: cv2.dnn.blobFromImage(small, 1 / 128, (640, 480), (127.5,) * 3, swapRB=True)})
+                r.infer({0: face})
+                done[i] += 1
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for th in threads:
+            th.start()
+        time.sleep(1.0)  # warm-up
+        start, t0 = sum(done), time.perf_counter()
+        time.sleep(seconds)
+        rate = (sum(done) - start) / (time.perf_counter() - t0)
+        stop.set()
+        for th in threads:
+            th.join()
+        out.setdefault("pinned" if pinned else "unpinned", []).append(rate)
+    return {k: float(np.median(v)) for k, v in out.items()} | {"precision": precision}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calls", type=int, default=300)
@@ -113,6 +174,9 @@ def main() -> int:
     shapes = {"dynamic_p50_ms": pct(t["dynamic"], 50), "per_shape_p50_ms": pct(t["per shape"], 50)}
     shapes.update(dynamic_mb=dynamic_mb, dynamic_plus_one_shape_mb=shaped_mb)
 
+    pixels = pixels_in_graph(path, args.threads, args.calls)
+    pinning = pinned_streams(path, str(DEFAULT_MODEL_DIR / manifest["w600k_mbf"].file), 5.0)
+
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("model", "input")))
     print(f"\np50 ms per inference, one call at a time ({args.calls} calls each, runtimes taking turns)")
     print(f"{'model':18} {'input':10} " + " ".join(f"{c:>14}" for c in cols) + f" {'ort / ov f32':>13}")
@@ -127,7 +191,18 @@ def main() -> int:
         f"graph for the frame's shape p50 {shapes['per_shape_p50_ms']:.2f} ms "
         f"(dynamic + one shape: {shaped_mb:.0f} MB)"
     )
-    out = write_json(args.out, {"models": rows, "scrfd_shapes": shapes, "native_bf16": native_bf16()})
+    print(
+        f"SCRFD 640x480, {pixels['precision']}: float blob made with OpenCV + graph p50 {pixels['blob_p50_ms']:.2f} ms, "
+        f"8-bit pixels converted in the graph p50 {pixels['pixels_p50_ms']:.2f} ms"
+    )
+    print(
+        f"two threads, frame preparation + SCRFD + recognizer on throughput graphs ({pinning['precision']}): "
+        f"streams pinned {pinning['pinned']:.1f} frames/s, unpinned {pinning['unpinned']:.1f} frames/s"
+    )
+    out = write_json(
+        args.out,
+        {"models": rows, "scrfd_shapes": shapes, "scrfd_pixels": pixels, "pinning": pinning, "native_bf16": native_bf16()},
+    )
     print(f"wrote {out}")
     return 0
 
