@@ -71,8 +71,8 @@ class PixelInput:
     uint8) and makes the network's float N x 3 x H x W input from them: (x - mean) * scale, channels in
     RGB order when `rgb`. On OpenVINO that conversion is the first step of the compiled graph (its
     preprocessing API): it runs on the plugin's threads, on the fly, instead of as a float copy of
-    the frame made before every run (docs/benchmarks.md, "Pixels into the graph"); elsewhere the
-    session makes that copy with OpenCV."""
+    the frame made before every run (docs/benchmarks.md, "Pixels into the graph and unpinned
+    streams"); elsewhere the session makes that copy with OpenCV."""
 
     mean: float = 0.0
     scale: float = 1.0
@@ -375,7 +375,7 @@ class OpenVinoSession:
                 # calls' Python and OpenCV work (and the other models' streams), which pinned threads
                 # cannot make room for: the scheduler then leaves a core idle while two threads share
                 # the other. Unpinned, two concurrent pipelines keep both cores busier
-                # (docs/benchmarks.md, "Unpinned streams").
+                # (docs/benchmarks.md, "Pixels into the graph and unpinned streams").
                 config["ENABLE_CPU_PINNING"] = False
             if opts.intra_op_threads:
                 config["INFERENCE_NUM_THREADS"] = opts.intra_op_threads
