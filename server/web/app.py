@@ -35,13 +35,12 @@ from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, AuthInterceptor
 from server.rpc.servicer import SERVICE
 from server.web.calls import connect_app
-from server.web.gate import BodyBytes, HeaderGate
+from server.web.gate import ERROR_INFO, BodyBytes, HeaderGate, info_detail
 
 log = logging.getLogger("facesvc.http")
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE_DIR = ROOT / "web" / "dist"  # built by `make web` (npm ci + vite build)
-ERROR_INFO = error_details_pb2.ErrorInfo.DESCRIPTOR.full_name
 # What a browser on another origin may send and read (Connect, gRPC-Web and ours).
 CORS_REQUEST_HEADERS = (
     "content-type, connect-protocol-version, connect-timeout-ms, connect-content-encoding, connect-accept-encoding, "
@@ -73,9 +72,13 @@ def not_taken(method: str, content_type: str, path: str) -> tuple[str, list[tupl
 
 def with_error_info(body: bytes) -> bytes:
     """A Connect error body with each ErrorInfo detail also spelled out as JSON (`debug`), so a curl
-    user reads the reason without decoding the base64 `value` (Connect clients ignore `debug`)."""
+    user reads the reason without decoding the base64 `value` (Connect clients ignore `debug`). The
+    Connect library's own invalid_argument (a body that does not parse as the request: "unmarshal
+    message") gets VALIDATION_FAILED, as the gRPC port answers bytes that do not parse."""
     try:
         doc = json.loads(body)
+        if doc.get("code") == "invalid_argument" and not any(d.get("type") == ERROR_INFO for d in doc.get("details", ())):
+            doc.setdefault("details", []).append(info_detail(errors.VALIDATION_FAILED, {"field": "request"}))
         for detail in doc.get("details", ()):
             if detail.get("type") == ERROR_INFO and "debug" not in detail:
                 info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "=="))

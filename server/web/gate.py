@@ -35,16 +35,20 @@ _HTTP = {
 ERROR_INFO = error_details_pb2.ErrorInfo.DESCRIPTOR.full_name
 
 
-def error_body(exc: errors.FaceServiceError) -> bytes:
-    """A Connect error body for `exc`: code, message and its ErrorInfo (also spelled out as `debug`)."""
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=errors.DOMAIN, metadata=exc.metadata)
-    detail = {
+def info_detail(reason: str, metadata: dict[str, str]) -> dict:
+    """A Connect error detail carrying an ErrorInfo, also spelled out as JSON (`debug`) for people."""
+    info = error_details_pb2.ErrorInfo(reason=reason, domain=errors.DOMAIN, metadata=metadata)
+    return {
         "type": ERROR_INFO,
         "value": base64.b64encode(info.SerializeToString()).decode().rstrip("="),
-        "debug": {"reason": exc.reason, "domain": errors.DOMAIN, "metadata": dict(exc.metadata)},
+        "debug": {"reason": reason, "domain": errors.DOMAIN, "metadata": dict(metadata)},
     }
+
+
+def error_body(exc: errors.FaceServiceError) -> bytes:
+    """A Connect error body for `exc`: code, message and its ErrorInfo."""
     code = "canceled" if exc.code is grpc.StatusCode.CANCELLED else exc.code.name.lower()
-    return json.dumps({"code": code, "message": exc.message, "details": [detail]}).encode()
+    return json.dumps({"code": code, "message": exc.message, "details": [info_detail(exc.reason, exc.metadata)]}).encode()
 
 
 class BodyBytes:
