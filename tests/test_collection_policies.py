@@ -295,6 +295,8 @@ def test_calibration_on_embedding_pairs_and_photo_pairs(backend, faces):  # noqa
         # below one in the most pairs a request may hold (5e-324 overflowed when the error counted the pairs needed)
         pb.CalibrateThresholdRequest(collection=cid, pairs=pairs, target_far=5e-324),
         pb.CalibrateThresholdRequest(collection=cid, pairs=pairs, target_far=1e-300),
+        pb.CalibrateThresholdRequest(collection=cid, pairs=pairs, target_far=1 / 20_000),  # 19 999 impostors at most
+        pb.CalibrateThresholdRequest(collection=cid, pairs=pairs, target_far=float("nan")),
         pb.CalibrateThresholdRequest(collection=cid, pairs=[pb.LabelledPair(same_person=True)], target_far=0.1),
         # 33 pairs of photos: more photos than one request may decode (as DetectBatch), refused before any work
         pb.CalibrateThresholdRequest(collection=cid, pairs=[photo_pairs[0]] * 33, target_far=0.1),

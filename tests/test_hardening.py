@@ -731,7 +731,7 @@ def test_request_bytes_that_do_not_parse_are_refused_with_a_reason_after_the_key
 
 def test_compressed_request_messages_are_refused(srv, admin):
     """The work budget grows with the bytes a request sends, and the handler sees the message after
-    gRPC decompressed it: 64 frames of zero pixels gzip to 31 KB and bought a 30 MB budget. gRPC
+    gRPC decompressed it: 64 frames of zero pixels gzipped to 31 KB bought a 30 MB budget. gRPC
     refuses compressed request messages before decompressing them."""
     frame = pb.Image(raw=pb.RawFrame(width=400, height=400, format=pb.PIXEL_FORMAT_BGR, data=bytes(480_000)))
     batch = pb.DetectBatchRequest(items=[pb.BatchImage(item_id=str(i), image=frame) for i in range(8)])

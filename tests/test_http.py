@@ -12,12 +12,14 @@ import shutil
 import socket
 import ssl
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 
 import grpc
 import pytest
+from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from google.protobuf import json_format
@@ -30,6 +32,7 @@ from tests.conftest import ADMIN_KEY, ROOT, ServerProcess, face_path, image
 from tests.test_security import pki  # noqa: F401  (the test CA, server and client certificates)
 
 ORIGIN = "https://console.example"
+IDLE_S = 4  # the server's stream idle time: a body stalled this long is cut off
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def srv(tmp_path_factory):
     s = ServerProcess(
         "--http-port",
         "0",
-        env={"FACESVC_HTTP_CORS_ORIGINS": ORIGIN},
+        env={"FACESVC_HTTP_CORS_ORIGINS": ORIGIN, "FACESVC_STREAM_IDLE_SECONDS": str(IDLE_S)},
         log_path=tmp_path_factory.mktemp("http") / "server.log",
     )
     yield s
@@ -144,13 +147,15 @@ def raw_post(srv, rpc: str, headers: dict[str, str]) -> socket.socket:
     """A connection that sends a POST's headers and none of its body (as a slow or hostile client)."""
     host, port = srv.http_url.split("//")[1].rsplit(":", 1)
     conn = socket.create_connection((host, int(port)), timeout=5)
-    lines = [f"POST /facesvc.v1.FaceService/{rpc} HTTP/1.1", f"host: {host}", "content-type: application/json"]
+    path = rpc if rpc.startswith("/") else f"/facesvc.v1.FaceService/{rpc}"
+    lines = [f"POST {path} HTTP/1.1", f"host: {host}", "content-type: application/json"]
     conn.sendall(("\r\n".join(lines + [f"{k}: {v}" for k, v in headers.items()]) + "\r\n\r\n").encode())
     return conn
 
 
-def answer(conn: socket.socket) -> tuple[int, dict]:
-    """The status and JSON body of the answer on `conn`, which must come before any body is sent."""
+def answer(conn: socket.socket, timeout: float = 5) -> tuple[int, dict]:
+    """The status and JSON body of the answer on `conn` (which need not wait for the request's body)."""
+    conn.settimeout(timeout)
     data = b""
     while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
         re.search(rb"content-length: (\d+)", data.lower()).group(1)
@@ -164,33 +169,65 @@ def answer(conn: socket.socket) -> tuple[int, dict]:
 
 def test_the_headers_decide_before_a_body_is_held(srv):
     """The WSGI app saw a request only with its whole body read, so connections without a key could
-    each make the server hold 32 MB. From the headers alone: no key or an unknown one, or a body larger
-    than a message, is answered before a byte of it is read; and a key may have two messages' worth
-    of bodies in flight, the third is refused at once."""
+    each make the server hold 32 MB. From the headers alone: no key or an unknown one, a body larger
+    than a message, or a body on a path that takes none, is answered before a byte of it is read."""
     big = str(30 * 1024 * 1024)
-    for headers, status, why in (
-        ({"content-length": big}, 401, "API_KEY_MISSING"),
-        ({"content-length": big, "x-api-key": "fsk_" + "0" * 16 + "_" + "B" * 43}, 401, "API_KEY_INVALID"),
-        ({"content-length": str(64 * 1024 * 1024), "x-api-key": ADMIN_KEY}, 413, "VALIDATION_FAILED"),
+    for rpc, headers, status, why in (
+        ("Detect", {"content-length": big}, 401, "API_KEY_MISSING"),
+        ("Detect", {"content-length": big, "x-api-key": "fsk_" + "0" * 16 + "_" + "B" * 43}, 401, "API_KEY_INVALID"),
+        ("Detect", {"content-length": str(64 * 1024 * 1024), "x-api-key": ADMIN_KEY}, 413, "VALIDATION_FAILED"),
+        ("/", {"content-length": big}, 413, "VALIDATION_FAILED"),  # the console's path
+        ("/facesvc.v1.FaceService", {"transfer-encoding": "chunked"}, 413, "VALIDATION_FAILED"),
     ):
-        with raw_post(srv, "Detect", headers) as conn:
+        with raw_post(srv, rpc, headers) as conn:
             got, doc = answer(conn)
-            assert (got, reason(doc)) == (status, why), doc
+            assert (got, reason(doc)) == (status, why), (rpc, headers, doc)
+
+
+def test_bodies_count_as_they_arrive_and_a_stalled_one_is_cut_off(srv):
+    """Bodies in flight are bounded in all and per key by the bytes that arrived, not the bytes
+    announced (a connection that only announces holds nothing), and a body whose next part does not
+    come within the stream idle time is answered 408 and let go."""
     admin = pb_grpc.FaceServiceStub(srv.channel)
     admin.CreateCollection(pb.CreateCollectionRequest(collection="http-gate"), timeout=10)
     key = admin.CreateApiKey(pb.CreateApiKeyRequest(collection="http-gate"), timeout=10).secret
-    slow = [raw_post(srv, "Detect", {"content-length": big, "x-api-key": key}) for _ in range(2)]
+    mb = 1024 * 1024
+    announced = [raw_post(srv, "Detect", {"content-length": str(30 * mb), "x-api-key": key}) for _ in range(3)]
+    sending = [raw_post(srv, "Detect", {"content-length": str(30 * mb), "x-api-key": key}) for _ in range(3)]
     try:
+        for conn in sending[:2]:  # 40 MB of this key's bodies arrive
+            conn.sendall(bytes(20 * mb))
         time.sleep(0.5)
-        with raw_post(srv, "Detect", {"content-length": big, "x-api-key": key}) as third:
-            got, doc = answer(third)
-            assert (got, reason(doc)) == (429, "CALL_LIMIT_REACHED"), doc
+        pushed = threading.Thread(target=lambda: sending[2].sendall(bytes(25 * mb)), daemon=True)
+        pushed.start()
+        got, doc = answer(sending[2])  # past two messages' worth for one key
+        assert (got, reason(doc)) == (429, "CALL_LIMIT_REACHED"), doc
+        # a small call of the same key while 40 MB of it are in flight still fits
+        status, _, doc = post(srv, "GetCollection", {"collection": "http-gate"}, key=key)
+        assert status == 200, doc
+        for conn in sending[:2]:  # stalled: cut off after the idle time
+            got, doc = answer(conn, timeout=IDLE_S + 10)
+            assert (got, reason(doc)) == (408, "STREAM_IDLE"), doc
     finally:
-        for conn in slow:
+        for conn in announced + sending:
             conn.close()
-    time.sleep(1.0)  # the closed connections' bodies are let go
     status, _, doc = post(srv, "Detect", {"image": {"encoded": b64("dev/img5.jpg")}}, key=key)
     assert status == 200 and doc["faces"], doc
+
+
+def test_refusals_reach_grpc_web_and_connect_stream_clients_with_their_reason(srv):
+    """A gRPC-Web client reads the code in grpc-status headers, a Connect stream's in its end-of-stream
+    message: the gate answers each so (an HTTP error status would read as UNKNOWN or UNAVAILABLE)."""
+    for protocol in (ProtocolType.GRPC_WEB, ProtocolType.CONNECT):
+        c = client(srv, protocol, key=None)
+        with pytest.raises(ConnectError) as unary:
+            c.detect(pb.DetectRequest(image=image("dev/img5.jpg")), headers=c.headers)
+        with pytest.raises(ConnectError) as stream:
+            list(c.process_batch(iter([pb.ProcessBatchRequest(item_id="a")]), headers=c.headers))
+        for err in (unary.value, stream.value):
+            assert err.code == Code.UNAUTHENTICATED, (protocol, err)
+            (detail,) = err.details
+            assert error_details_pb2.ErrorInfo.FromString(detail.message_bytes).reason == "API_KEY_MISSING"
 
 
 def test_auth_is_the_grpc_sides(srv):

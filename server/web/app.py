@@ -186,7 +186,7 @@ class HttpServer:
         # request bodies held at once: a message's worth per worker in all, two per key (a key's two streams)
         held = BodyBytes(total=max(2, s.workers) * max_bytes, per_owner=2 * max_bytes)
         cors = lambda origin: self.app._cors({"HTTP_ORIGIN": origin})  # noqa: E731
-        self.gate = HeaderGate(self.app, max_bytes, auth, held, not_taken, cors)
+        self.gate = HeaderGate(self.app, max_bytes, auth, held, not_taken, cors, s.stream_idle_seconds)
         host = s.http_host or s.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)

@@ -16,9 +16,11 @@ import base64
 import json
 import threading
 from functools import partial
+from urllib.parse import quote
 
 import grpc
-from google.rpc import error_details_pb2
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
 from hypercorn.app_wrappers import WSGIWrapper
 
 from server import errors
@@ -27,6 +29,7 @@ from server.rpc.auth import HEADER, SERVICE_PREFIX
 # Connect's HTTP statuses for the codes answered here (https://connectrpc.com/docs/protocol/#error-codes)
 _HTTP = {
     grpc.StatusCode.INVALID_ARGUMENT: "400 Bad Request",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "408 Request Timeout",
     grpc.StatusCode.UNAUTHENTICATED: "401 Unauthorized",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "429 Too Many Requests",
     grpc.StatusCode.UNAVAILABLE: "503 Service Unavailable",
@@ -89,11 +92,13 @@ class BodyBytes:
 class HeaderGate:
     """The HTTP port's ASGI app: the checks of the module doc, then `app` (WSGI) as hypercorn runs it.
     `refuse(method, content_type, path)` gives (HTTP status, headers, FaceServiceError) for a request no
-    RPC takes; `cors(origin)` the CORS headers of an answer; `authenticator` is None with auth off."""
+    RPC takes; `cors(origin)` the CORS headers of an answer; `authenticator` is None with auth off;
+    `idle_s` is the longest wait for the next part of a body."""
 
-    def __init__(self, app, max_body: int, authenticator, body_bytes: BodyBytes, refuse, cors):
+    def __init__(self, app, max_body: int, authenticator, body_bytes: BodyBytes, refuse, cors, idle_s: float = 30.0):
         self._wsgi = WSGIWrapper(app, max_body)
-        self.max_body, self.auth, self.bytes = max_body, authenticator, body_bytes
+        self._bodiless = WSGIWrapper(app, 0)  # the console's files and preflights take no body
+        self.max_body, self.auth, self.bytes, self.idle_s = max_body, authenticator, body_bytes, idle_s
         self._refuse, self._cors = refuse, cors
 
     async def __call__(self, scope, receive, send) -> None:
@@ -110,50 +115,124 @@ class HeaderGate:
             return asyncio.run_coroutine_threadsafe(func(*args), loop).result()
 
         spawn = partial(loop.run_in_executor, None)
-        if not scope["path"].startswith(SERVICE_PREFIX) or scope["method"] == "OPTIONS":
-            await self._wsgi(scope, receive, send, spawn, call_soon)  # the console's files, preflights: no body
-            return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         cors = self._cors(headers.get("origin", ""))
-        try:
-            owner, size = await self._admit(scope, headers, loop)
-        except _Refusal as r:
-            await _answer(send, r.status, cors + r.headers, error_body(r.error))
+        if not scope["path"].startswith(SERVICE_PREFIX) or scope["method"] == "OPTIONS":
+            if headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers:
+                refusal = errors.validation("body", "only FaceService calls take a body")
+                await _reply(send, "", "413 Content Too Large", cors, refusal)
+                return
+            await self._bodiless(scope, receive, send, spawn, call_soon)
             return
-        except errors.FaceServiceError as exc:
-            await _answer(send, _HTTP.get(exc.code, "400 Bad Request"), cors, error_body(exc))
-            return
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        owner, held = None, [0]
         try:
-            await self._wsgi(scope, receive, send, spawn, call_soon)
+            refused = self._refuse(scope["method"], kind, scope["path"])
+            if refused is not None:  # not the method's content type: answered in plain HTTP
+                await _reply(send, "", refused[0], cors + refused[1], refused[2])
+                return
+            try:
+                owner = await self._owner(headers, loop)
+                parts = [await self._read(receive, owner, held)]
+            except _Refusal as r:
+                await _reply(send, kind, r.status, cors, r.error)
+                return
+            except errors.FaceServiceError as exc:
+                await _reply(send, kind, _HTTP.get(exc.code, "400 Bad Request"), cors, exc)
+                return
+            except _Gone:
+                return
+            # the body once, as read (handed over, not kept here); then the connection's own events
+            await self._wsgi(scope, partial(_replay, parts, receive), send, spawn, call_soon)
         finally:
-            self.bytes.give(owner, size)
+            self.bytes.give(owner, held[0])
 
-    async def _admit(self, scope, headers: dict, loop) -> tuple[str | None, int]:
-        """(owner, bytes held) for a request that may send its body; raises what answers it otherwise."""
-        refused = self._refuse(scope["method"], headers.get("content-type", ""), scope["path"])
-        if refused is not None:
-            raise _Refusal(*refused)
+    async def _owner(self, headers: dict, loop) -> str | None:
+        """Whose bodies a request's counts against: its collection key (None: the admin key, or auth
+        off, bounded in all only); UNAUTHENTICATED without a valid key."""
         length = headers.get("content-length", "")
-        size = int(length) if length.isdigit() else self.max_body  # chunked: as much as it may send
-        if size > self.max_body:
-            exc = errors.validation("content-length", f"a body of {size} bytes: at most {self.max_body}")
-            raise _Refusal("413 Content Too Large", [], exc)
-        owner = None  # auth off, or the admin key: bounded in all only
-        if self.auth is not None:  # a cached lookup mostly; the database otherwise, off the loop
-            principal = await loop.run_in_executor(None, self.auth.principal, headers.get(HEADER, ""))
-            owner = None if principal.admin else principal.key_id
-        self.bytes.take(owner, size)
-        return owner, size
+        if length.isdigit() and int(length) > self.max_body:
+            raise _Refusal(
+                "413 Content Too Large", errors.validation("content-length", f"a body of {length} bytes: at most {self.max_body}")
+            )
+        if self.auth is None:
+            return None
+        # a cached lookup mostly; the database otherwise, off the loop
+        principal = await loop.run_in_executor(None, self.auth.principal, headers.get(HEADER, ""))
+        return None if principal.admin else principal.key_id
+
+    async def _read(self, receive, owner: str | None, held: list[int]) -> bytearray:
+        """The body, counted against the bounds as its bytes arrive (held[0]: what is counted), each
+        part within `idle_s` of the last: a body only announced holds nothing, a stalled one is cut off."""
+        body = bytearray()
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_s)
+            except TimeoutError:
+                error = errors.FaceServiceError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    errors.STREAM_IDLE,
+                    f"no part of the body for {self.idle_s:g} s",
+                    idle_seconds=f"{self.idle_s:g}",
+                )
+                raise _Refusal("408 Request Timeout", error) from None
+            if message["type"] == "http.disconnect":
+                raise _Gone
+            chunk = message.get("body", b"")
+            if chunk:
+                if len(body) + len(chunk) > self.max_body:
+                    raise _Refusal("413 Content Too Large", errors.validation("body", f"more than {self.max_body} bytes"))
+                self.bytes.take(owner, len(chunk))
+                held[0] += len(chunk)
+                body += chunk
+            if not message.get("more_body"):
+                return body
+
+
+async def _replay(parts: list, receive):
+    if parts:
+        return {"type": "http.request", "body": parts.pop(), "more_body": False}
+    return await receive()
 
 
 class _Refusal(Exception):
-    def __init__(self, status: str, headers: list, error: errors.FaceServiceError):
+    def __init__(self, status: str, error: errors.FaceServiceError):
         super().__init__(status)
-        self.status, self.headers, self.error = status, headers, error
+        self.status, self.error = status, error
 
 
-async def _answer(send, status: str, headers: list[tuple[str, str]], body: bytes) -> None:
+class _Gone(Exception):
+    """The client went away before its body was read."""
+
+
+_MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+async def _reply(send, kind: str, status: str, headers: list[tuple[str, str]], exc: errors.FaceServiceError) -> None:
+    """`exc` as the request's protocol carries an error: gRPC-Web in trailers-only headers and Connect
+    streaming in an end-of-stream message, both on HTTP 200 (their clients read the code there, not
+    in the HTTP status); Connect unary, and requests of no protocol (`kind` ""), as the HTTP status
+    and a JSON body."""
+    code = exc.code.value[0]
+    if kind.startswith("application/grpc-web"):
+        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=errors.DOMAIN, metadata=exc.metadata)
+        rich = status_pb2.Status(code=code, message=exc.message, details=[any_pb2.Any()])
+        rich.details[0].Pack(info)
+        headers = headers + [
+            ("content-type", kind),
+            ("grpc-status", str(code)),
+            ("grpc-message", quote(exc.message, safe=_MESSAGE_SAFE)),
+            ("grpc-status-details-bin", base64.b64encode(rich.SerializeToString()).decode().rstrip("=")),
+        ]
+        status, body = "200 OK", b""
+    elif kind.startswith("application/connect+"):
+        end = json.dumps({"error": json.loads(error_body(exc))}).encode()
+        headers = headers + [("content-type", kind)]
+        status, body = "200 OK", bytes([2]) + len(end).to_bytes(4, "big") + end
+    else:
+        headers = headers + [("content-type", "application/json")]
+        body = error_body(exc)
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers]
-    raw += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw.append((b"content-length", str(len(body)).encode()))
     await send({"type": "http.response.start", "status": int(status.split()[0]), "headers": raw})
     await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -176,12 +176,14 @@ class SearchHandlers:
         pairs = request.pairs
         if len(pairs) > MAX_CALIBRATION_PAIRS:
             raise errors.validation("pairs", f"at most {MAX_CALIBRATION_PAIRS} pairs, got {len(pairs)}")
-        # a FAR below one in the most impostor pairs a request can hold is never measurable: say so
-        # before any photo is embedded
-        lowest = 1 / MAX_CALIBRATION_PAIRS
-        if 0 < request.target_far < lowest:
+        # A FAR below one in the most impostor pairs a request can hold (one pair must be genuine) is
+        # never measurable: say so, and refuse a FAR outside [that, 1), before any photo is embedded.
+        lowest = 1 / (MAX_CALIBRATION_PAIRS - 1)
+        if not lowest <= request.target_far < 1:  # NaN too
             raise errors.validation(
-                "target_far", f"at least {lowest:g}: {MAX_CALIBRATION_PAIRS} pairs cannot measure a lower FAR"
+                "target_far",
+                f"must be in [{lowest:.4g}, 1), got {request.target_far:.4g}: "
+                f"{MAX_CALIBRATION_PAIRS - 1} impostor pairs cannot measure a lower FAR",
             )
         rec = self.searcher.pipeline.recognizer
         photos: list = []  # (pair index, side) -> an image to embed, as batch items

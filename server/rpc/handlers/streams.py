@@ -35,7 +35,8 @@ MAX_FPS = 240.0
 BATCH_GROUP = 8  # batch items checked together and embedded in one recognizer call
 # Bytes of items a batch stream holds, read ahead and in the group at work: items may be as large as a
 # message (32 MB), and 16 read ahead plus 8 at work held over a gigabyte for one stream. Each bound
-# lets one item past it, so an item of any allowed size is taken.
+# lets one item past it, so an item of any allowed size is taken, and the reader holds one more
+# while it waits for room: about 3 messages' worth past the bounds at most.
 BATCH_READ_AHEAD_BYTES = 16 * 1024 * 1024
 BATCH_GROUP_BYTES = 16 * 1024 * 1024
 RECHECK_S = 1.0  # how often an open stream re-checks its key (and its collection) with the database
