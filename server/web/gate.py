@@ -4,9 +4,10 @@ A WSGI app sees a request only once its whole body has been read into memory, an
 the limits and the content-type check all ran after that. Anyone who could open connections could
 make the server buffer a message's worth (32 MB) per connection without a key. This ASGI layer in
 front of the WSGI app answers from the headers: a method or content type no RPC takes, a body
-larger than a message, a missing or unknown key; and it bounds the bodies being read, in all and
-per key, refusing at once (never queueing) past either bound. What passes is run as hypercorn runs
-a WSGI app.
+larger than a message or on a path that takes none, a missing or unknown key. It then reads the
+body itself, counting the bytes as they arrive against bounds in all and per key (refusing at once,
+never queueing, past either) and cutting off a body that stalls; what passes is run as hypercorn
+runs a WSGI app. Refusals take the form the request's protocol reads errors in.
 """
 
 from __future__ import annotations
