@@ -36,7 +36,7 @@ from server.rpc.handlers.management import ManagementHandlers
 from server.rpc.handlers.search import SearchHandlers
 from server.rpc.handlers.stateless import StatelessHandlers
 from server.rpc.handlers.streams import StreamHandlers
-from server.rpc.limits import ConcurrencyLimiter, LimitInterceptor
+from server.rpc.limits import ConcurrencyLimiter, LimitInterceptor, ReceiveInterceptor
 from server.rpc.messages import MessageInterceptor
 from server.rpc.observability import ObservabilityInterceptor
 from server.rpc.requests import Defaults, RequestParser
@@ -177,6 +177,8 @@ class FaceServer:
         # same instances (server/web), so a key's limits count its calls on both.
         self.interceptors = (
             [ObservabilityInterceptor(SERVICE_PREFIX)]
+            # unary messages arrive on our code's watch: no key, no wait (server/rpc/limits.py)
+            + [ReceiveInterceptor(authenticator, settings.max_calls_per_key or half, settings.stream_idle_seconds)]
             + ([AuthInterceptor(authenticator)] if authenticator else [])
             # request messages that do not parse: refused after the key check (server/rpc/messages.py)
             + [MessageInterceptor(SERVICE_PREFIX)]

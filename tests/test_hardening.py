@@ -7,6 +7,7 @@ import base64
 import io
 import queue
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -739,6 +740,80 @@ def test_compressed_request_messages_are_refused(srv, admin):
         admin.DetectBatch(batch, timeout=30, compression=grpc.Compression.Gzip)
     assert zipped.value.code() == grpc.StatusCode.UNIMPLEMENTED, zipped.value.details()
     assert len(admin.DetectBatch(batch, timeout=60).results) == 8
+
+
+def slow_messages(target: str, n: int, key: str = "", path: str = "/facesvc.v1.FaceService/Detect"):
+    """One HTTP/2 connection with `n` gRPC calls that each announce a 32 MB message and send 1 KB of it."""
+    import h2.config
+    import h2.connection
+
+    host, port = target.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    ids = []
+    for _ in range(n):
+        sid = conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", target)]
+        headers += [("content-type", "application/grpc"), ("te", "trailers")] + ([("x-api-key", key)] if key else [])
+        conn.send_headers(sid, headers)
+        conn.send_data(sid, b"\0" + (32 << 20).to_bytes(4, "big") + b"\n" * 1024)
+        ids.append(sid)
+    sock.sendall(conn.data_to_send())
+    return sock, conn, ids
+
+
+def call_ends(sock, conn, ids, within: float) -> dict:
+    """How each call of `ids` ended within `within` seconds: its grpc-status, or "reset"."""
+    import h2.events
+
+    ended: dict = {}
+    deadline = time.monotonic() + within
+    while len(ended) < len(ids) and time.monotonic() < deadline:
+        sock.settimeout(max(0.05, deadline - time.monotonic()))
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            break
+        if not data:
+            break
+        for ev in conn.receive_data(data):
+            if isinstance(ev, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                status = dict(ev.headers).get(b"grpc-status")
+                if status is not None:
+                    ended[ev.stream_id] = int(status)
+            elif isinstance(ev, h2.events.StreamReset):  # after a status: the rest of the message is not wanted
+                ended.setdefault(ev.stream_id, "reset")
+        sock.sendall(conn.data_to_send())  # settings and ping acks
+    return {k: v for k, v in ended.items() if k in ids}
+
+
+def test_a_slow_request_message_holds_no_worker(tmp_path):
+    """grpc read a unary call's message on a worker before any check of ours, and waited without end:
+    eight calls announcing 32 MB and sending 1 KB, without a key, held every worker and the server
+    answered no one. Now a call without a key is refused before its message is read, a key has at
+    most half the workers' messages arriving at once, and a message late by the stream idle time
+    cancels its call; other callers are served throughout."""
+    s = ServerProcess(log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": "3"})
+    try:
+        admin = pb_grpc.FaceServiceStub(s.channel)
+        cid, key = tenant(admin)
+        keyless = slow_messages(s.target, 8)
+        assert call_ends(*keyless, within=5) == {sid: grpc.StatusCode.UNAUTHENTICATED.value[0] for sid in keyless[2]}
+        keyed = slow_messages(s.target, 5, key)
+        early = call_ends(*keyed, within=1.5)
+        assert list(early.values()) == [grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]], early  # 4 arrive at once
+        assert admin.GetCollection(pb.GetCollectionRequest(collection=cid), timeout=5).collection.collection == cid
+        waiting = [sid for sid in keyed[2] if sid not in early]
+        late = call_ends(keyed[0], keyed[1], waiting, within=8)
+        assert sorted(late) == waiting and all(v in ("reset", grpc.StatusCode.CANCELLED.value[0]) for v in late.values()), late
+        health = slow_messages(s.target, 8, path="/grpc.health.v1.Health/Check")  # open to all: waited for the same
+        assert s.health() == 1  # SERVING, answered while eight health messages hang
+        assert len(call_ends(*health, within=8)) == 8
+        for sock, _, _ in (keyless, keyed, health):
+            sock.close()
+    finally:
+        s.stop()
 
 
 def test_animated_images_are_refused(srv, admin):

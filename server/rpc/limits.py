@@ -178,3 +178,101 @@ class LimitInterceptor(grpc.ServerInterceptor):
                 limiter.release(owner)
 
         return around(handler, enter, leave)
+
+
+class ReceiveInterceptor(grpc.ServerInterceptor):
+    """Bounds the wait for a unary call's request message.
+
+    grpc reads a unary call's message on a worker thread before any handler or check of ours runs,
+    and waits for it without end: eight streams that announce a 32 MB message and send 1 KB of it
+    held every worker, without a key, and the server answered no one. Here every unary-request
+    method is served as a client stream of one message, so the worker runs our code at once: a
+    FaceService call without a valid key is refused before any of its message is read, a key may
+    have at most `per_key` messages arriving at a time, and a message that has not arrived after
+    `wait_s` (the stream idle time) cancels its call. Health and reflection are waited for the same
+    way (they take no key). Handlers that are not grpc's own (the HTTP port's bridge) pass through.
+    """
+
+    def __init__(self, authenticator, per_key: int, wait_s: float):
+        self.auth, self.wait_s = authenticator, wait_s
+        self.arriving = ConcurrencyLimiter(per_key, 0, errors.CALL_LIMIT_REACHED, "request messages arriving")
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        checks_key = self.auth is not None and handler_call_details.method.startswith(SERVICE_PREFIX)
+        unary = handler.unary_unary or handler.unary_stream
+        factory = grpc.stream_unary_rpc_method_handler if handler.unary_unary else grpc.stream_stream_rpc_method_handler
+
+        def behaviour(requests, context):
+            owner = None
+            try:
+                if checks_key:
+                    principal = self.auth.principal(dict(context.invocation_metadata()).get(HEADER, ""))
+                    if not principal.admin:
+                        owner = principal.key_id
+                        self.arriving.acquire(owner)
+            except errors.FaceServiceError as exc:
+                ERRORS.labels(handler_call_details.method.rsplit("/", 1)[-1], exc.reason).inc()
+                context.abort_with_status(to_status(exc))
+            try:
+                request = _one_message(requests, context, self.wait_s)
+            finally:
+                if owner is not None:
+                    self.arriving.release(owner)
+            return unary(request, context)
+
+        return factory(
+            behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
+
+
+class _Deadlines:
+    """Cancels the calls whose request message has not arrived by its deadline: one thread for all
+    of them (a thread per call would cost every unary call a thread start)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: dict[int, tuple[float, object]] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, context, seconds: float) -> int:
+        key = id(context)
+        with self._lock:
+            self._waiting[key] = (time.monotonic() + seconds, context)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="message-deadlines", daemon=True)
+                self._thread.start()
+        return key
+
+    def remove(self, key: int) -> None:
+        with self._lock:
+            self._waiting.pop(key, None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                late = [c for k, (t, c) in self._waiting.items() if t <= now]
+                for c in late:
+                    self._waiting.pop(id(c), None)
+            for context in late:
+                context.cancel()
+
+
+DEADLINES = _Deadlines()
+
+
+def _one_message(requests, context, wait_s: float):
+    """A unary call's message, within `wait_s`; a call without one is cancelled (the client gets CANCELLED)."""
+    key = DEADLINES.add(context, wait_s)
+    try:
+        for message in requests:
+            return message
+    except Exception:  # noqa: BLE001 - the call was cancelled (at its deadline, or by the client)
+        pass
+    finally:
+        DEADLINES.remove(key)
+    context.abort(grpc.StatusCode.CANCELLED, "the request message did not arrive")
