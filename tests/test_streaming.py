@@ -474,3 +474,30 @@ def test_a_batch_stream_holds_a_bounded_number_of_bytes():
     assert [item.item_id for group in groups for item in group] == [str(i) for i in range(12)]
     assert max(sum(item.ByteSize() for item in group) for group in groups) < 16 * mb + 6.1 * mb
     assert reader.queued_bytes() == 0
+
+
+def test_a_camera_of_small_frames_fits_a_streams_budget_and_a_trickle_of_bombs_does_not():
+    """A 30 fps camera of 250 x 250 JPEGs (10 KB each) pays for almost no detector pass with its
+    bytes: at a refill of two thirds of a floor a second it lost a third of its frames to
+    IMAGE_TOO_LARGE. Frames of tiny bytes that decode to the most pixels an image may have are
+    still held to about two and a half a second."""
+    from server import errors
+    from server.vision.imaging import ImageLimits
+
+    now = [0.0]
+    limits = ImageLimits()
+    camera = limits.stream_budget(clock=lambda: now[0])
+    for i in range(30 * 60):  # a minute of frames, each with its one plain detector pass
+        now[0] = i / 30
+        camera.received(10_000)
+        camera.charge(250 * 250, "frame.image")
+    bombs, passed = limits.stream_budget(clock=lambda: now[0]), 0
+    for i in range(600):  # ten a second for a minute, 100 bytes each
+        now[0] = 60 + i / 10
+        bombs.received(100)
+        try:
+            bombs.charge(limits.max_pixels, "frame.image")
+            passed += 1
+        except errors.FaceServiceError as exc:
+            assert exc.reason == "IMAGE_TOO_LARGE"
+    assert passed <= 2.5 * 60, passed  # each about 40 ms of decoding: a tenth of a core

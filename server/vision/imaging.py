@@ -44,6 +44,11 @@ PIXELS_PER_BYTE = 48  # a request's pixel budget grows with what it sent: real p
 # BYTES_PER_PASS it sent (real photos are larger than that; a 60-byte blank WebP is not).
 MIN_PASSES, BYTES_PER_PASS = 16, 25 * 1024
 PASS_PIXELS = 1_500_000  # a detector pass also costs about as much CPU as decoding this many pixels
+# A stream's budget refills by this many floors a second: 32 detector passes, one a frame for a 30 fps
+# camera whose small frames (a 250 x 250 JPEG is 10 KB) pay for almost none with their bytes, and
+# 96 M pixels. At two thirds of a floor, such a camera lost a third of its frames to IMAGE_TOO_LARGE.
+# A stream runs its frames one at a time, so this bounds a trickle of bombs to about a tenth of a core.
+STREAM_REFILL = 2.0
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
 
 
@@ -59,11 +64,11 @@ class ImageLimits:
         """A unary request's: what it may decode and detect is fixed by what it sent."""
         return PixelBudget(self.max_request_pixels, MIN_PASSES).received(request_bytes)
 
-    def stream_budget(self) -> "PixelBudget":
-        """A StreamFrames call's, for its whole life: it grows with the bytes received and refills, two
-        thirds of the floor a second, so a camera's frames pass and a trickle of tiny bombs does not.
+    def stream_budget(self, clock=time.monotonic) -> "PixelBudget":
+        """A StreamFrames call's, for its whole life: it grows with the bytes received and refills by
+        STREAM_REFILL floors a second, so a camera's frames pass and a trickle of tiny bombs does not.
         (A batch item is a request of its own, with a request's budget.)"""
-        return PixelBudget(self.max_request_pixels, MIN_PASSES, refill=2 / 3)
+        return PixelBudget(self.max_request_pixels, MIN_PASSES, refill=STREAM_REFILL, clock=clock)
 
 
 class PixelBudget:
