@@ -178,7 +178,7 @@ class FaceServer:
         self.interceptors = (
             [ObservabilityInterceptor(SERVICE_PREFIX)]
             # unary messages arrive on our code's watch: no key, no wait (server/rpc/limits.py)
-            + [ReceiveInterceptor(authenticator, settings.max_calls_per_key or half, settings.stream_idle_seconds)]
+            + [ReceiveInterceptor(authenticator, calls, settings.stream_idle_seconds, settings.stream_first_message_seconds)]
             + ([AuthInterceptor(authenticator)] if authenticator else [])
             # request messages that do not parse: refused after the key check (server/rpc/messages.py)
             + [MessageInterceptor(SERVICE_PREFIX)]

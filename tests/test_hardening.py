@@ -791,10 +791,14 @@ def call_ends(sock, conn, ids, within: float) -> dict:
 def test_a_slow_request_message_holds_no_worker(tmp_path):
     """grpc read a unary call's message on a worker before any check of ours, and waited without end:
     eight calls announcing 32 MB and sending 1 KB, without a key, held every worker and the server
-    answered no one. Now a call without a key is refused before its message is read, a key has at
-    most half the workers' messages arriving at once, and a message late by the stream idle time
-    cancels its call; other callers are served throughout."""
-    s = ServerProcess(log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": "3"})
+    answered no one. Now a call without a key is refused before its message is read; a key's call
+    holds its call slot while its message arrives (so one key's uploads and calls keep to its share);
+    health checks arrive on threads of their own, four per caller at a time; and a message late by
+    its wait cancels its call. Other callers are served throughout."""
+    s = ServerProcess(
+        log_path=tmp_path / "server.log",
+        env={"FACESVC_STREAM_IDLE_SECONDS": "3", "FACESVC_STREAM_FIRST_MESSAGE_SECONDS": "2"},
+    )
     try:
         admin = pb_grpc.FaceServiceStub(s.channel)
         cid, key = tenant(admin)
@@ -802,14 +806,27 @@ def test_a_slow_request_message_holds_no_worker(tmp_path):
         assert call_ends(*keyless, within=5) == {sid: grpc.StatusCode.UNAUTHENTICATED.value[0] for sid in keyless[2]}
         keyed = slow_messages(s.target, 5, key)
         early = call_ends(*keyed, within=1.5)
-        assert list(early.values()) == [grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]], early  # 4 arrive at once
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert list(early.values()) == [exhausted.value[0]], early  # 4 (half the workers) at once
+        expect_error(s.stub(key).GetCollection, pb.GetCollectionRequest(collection=cid), exhausted, "CALL_LIMIT_REACHED")
         assert admin.GetCollection(pb.GetCollectionRequest(collection=cid), timeout=5).collection.collection == cid
         waiting = [sid for sid in keyed[2] if sid not in early]
         late = call_ends(keyed[0], keyed[1], waiting, within=8)
         assert sorted(late) == waiting and all(v in ("reset", grpc.StatusCode.CANCELLED.value[0]) for v in late.values()), late
-        health = slow_messages(s.target, 8, path="/grpc.health.v1.Health/Check")  # open to all: waited for the same
-        assert s.health() == 1  # SERVING, answered while eight health messages hang
-        assert len(call_ends(*health, within=8)) == 8
+        assert s.stub(key).GetCollection(pb.GetCollectionRequest(collection=cid), timeout=5)  # its slots came back
+
+        health = slow_messages(s.target, 8, path="/grpc.health.v1.Health/Check")
+        early = call_ends(*health, within=1.0)
+        assert sorted(early.values()) == [exhausted.value[0]] * 4, early  # four per caller arrive at once
+        assert admin.GetCollection(pb.GetCollectionRequest(collection=cid), timeout=5)  # no worker taken
+        assert len(call_ends(health[0], health[1], [i for i in health[2] if i not in early], within=6)) == 4
+        watches = []
+        for _ in range(12):  # more than the health threads: an open watch holds none
+            watches.append(health_pb2_grpc.HealthStub(s.channel).Watch(health_pb2.HealthCheckRequest(), timeout=30))
+            assert next(watches[-1]).status == health_pb2.HealthCheckResponse.SERVING
+        assert s.health() == 1
+        for w in watches:
+            w.cancel()
         for sock, _, _ in (keyless, keyed, health):
             sock.close()
     finally:

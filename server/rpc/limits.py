@@ -23,8 +23,11 @@ checks and reflection, whatever one key does.
 
 from __future__ import annotations
 
+import contextvars
+import logging
 import threading
 import time
+from concurrent import futures
 
 import grpc
 
@@ -33,6 +36,8 @@ from server.rpc.auth import HEADER, SERVICE_PREFIX, current_principal, hash_key
 from server.rpc.observability import around, rewrap
 from server.rpc.status import to_status
 from server.telemetry import ERRORS
+
+log = logging.getLogger(__name__)
 
 
 class ConcurrencyLimiter:
@@ -123,7 +128,7 @@ class LimitInterceptor(grpc.ServerInterceptor):
         """Which limits a call counts against; the principal is known (the auth interceptor ran first)."""
         chosen = [self.streams] if streaming_request else []
         principal = current_principal.get()
-        if self.calls is not None and principal is not None and not principal.admin:
+        if self.calls is not None and principal is not None and not principal.admin and not call_slot_held.get():
             chosen.append(self.calls)
         return chosen
 
@@ -180,49 +185,78 @@ class LimitInterceptor(grpc.ServerInterceptor):
         return around(handler, enter, leave)
 
 
+# Set while a unary call holds its key's call slot from before its message arrived (ReceiveInterceptor),
+# so LimitInterceptor does not take a second one for it.
+call_slot_held: contextvars.ContextVar[bool] = contextvars.ContextVar("call_slot_held", default=False)
+
+
 class ReceiveInterceptor(grpc.ServerInterceptor):
     """Bounds the wait for a unary call's request message.
 
     grpc reads a unary call's message on a worker thread before any handler or check of ours runs,
     and waits for it without end: eight streams that announce a 32 MB message and send 1 KB of it
     held every worker, without a key, and the server answered no one. Here every unary-request
-    method is served as a client stream of one message, so the worker runs our code at once: a
-    FaceService call without a valid key is refused before any of its message is read, a key may
-    have at most `per_key` messages arriving at a time, and a message that has not arrived after
-    `wait_s` (the stream idle time) cancels its call. Health and reflection are waited for the same
-    way (they take no key). Handlers that are not grpc's own (the HTTP port's bridge) pass through.
+    method is served as a client stream of one message, so the worker runs our code at once:
+      - a FaceService call without a valid key is refused before any of its message is read;
+      - a collection key's call takes its call slot (`calls`, max_calls_per_key) before its message
+        arrives and holds it to the end, so one key's uploads and calls together keep to its share;
+      - health checks, open to all, run on a few threads of their own (a caller who stalls them
+        cannot take a worker from the service, nor the service's load delay the orchestrator's
+        probe), with `KEYLESS_PER_PEER` messages arriving at once per caller, within `first_s`;
+        other messages within `wait_s` (the stream idle time);
+      - a message that has not arrived in time cancels its call.
+    Handlers that are not grpc's own (the HTTP port's bridge) pass through; the HTTP gate bounds those.
     """
 
-    def __init__(self, authenticator, per_key: int, wait_s: float):
-        self.auth, self.wait_s = authenticator, wait_s
-        self.arriving = ConcurrencyLimiter(per_key, 0, errors.CALL_LIMIT_REACHED, "request messages arriving")
+    KEYLESS_PER_PEER, HEALTH_THREADS = 4, 8
+
+    def __init__(self, authenticator, calls: ConcurrencyLimiter | None, wait_s: float, first_s: float):
+        self.auth, self.calls, self.wait_s, self.first_s = authenticator, calls, wait_s, first_s
+        self.keyless = ConcurrencyLimiter(self.KEYLESS_PER_PEER, 0, errors.RATE_LIMITED, "health-check messages arriving")
+        self.health_threads = futures.ThreadPoolExecutor(self.HEALTH_THREADS, thread_name_prefix="health")
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler.request_streaming or handler.request_deserializer is None:
             return handler
-        checks_key = self.auth is not None and handler_call_details.method.startswith(SERVICE_PREFIX)
+        method = handler_call_details.method
+        ours = method.startswith(SERVICE_PREFIX)
         unary = handler.unary_unary or handler.unary_stream
         factory = grpc.stream_unary_rpc_method_handler if handler.unary_unary else grpc.stream_stream_rpc_method_handler
+        non_blocking = getattr(unary, "experimental_non_blocking", False)  # grpc's health Watch
 
-        def behaviour(requests, context):
-            owner = None
+        def behaviour(requests, context, *callback):  # grpc passes a non-blocking handler its send callback
+            owner, slot = call_owner(context), None
             try:
-                if checks_key:
+                if not ours:
+                    slot = self.keyless
+                elif self.auth is not None:
                     principal = self.auth.principal(dict(context.invocation_metadata()).get(HEADER, ""))
-                    if not principal.admin:
-                        owner = principal.key_id
-                        self.arriving.acquire(owner)
+                    slot = None if principal.admin else self.calls
+                if slot is not None:
+                    slot.acquire(owner)
             except errors.FaceServiceError as exc:
-                ERRORS.labels(handler_call_details.method.rsplit("/", 1)[-1], exc.reason).inc()
+                ERRORS.labels(method.rsplit("/", 1)[-1], exc.reason).inc()
                 context.abort_with_status(to_status(exc))
+            held = None
             try:
-                request = _one_message(requests, context, self.wait_s)
+                request = _one_message(requests, context, self.wait_s if ours else self.first_s)
+                if slot is self.keyless:  # a health check holds its slot while its message arrives only
+                    self.keyless.release(owner)
+                    slot = None
+                held = call_slot_held.set(slot is not None)
+                return unary(request, context, *callback)
             finally:
-                if owner is not None:
-                    self.arriving.release(owner)
-            return unary(request, context)
+                if held is not None:
+                    call_slot_held.reset(held)
+                if slot is not None:
+                    slot.release(owner)
 
+        if non_blocking:  # answers through a callback and frees its thread: keep it so
+            behaviour.experimental_non_blocking = True
+        pool = getattr(unary, "experimental_thread_pool", None) or (None if ours else self.health_threads)
+        if pool is not None:
+            behaviour.experimental_thread_pool = pool
         return factory(
             behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
         )
@@ -254,12 +288,15 @@ class _Deadlines:
         while True:
             time.sleep(0.25)
             now = time.monotonic()
+            # under the lock: a call whose message came (remove() returned) is never cancelled
             with self._lock:
-                late = [c for k, (t, c) in self._waiting.items() if t <= now]
-                for c in late:
-                    self._waiting.pop(id(c), None)
-            for context in late:
-                context.cancel()
+                for key, (deadline, context) in list(self._waiting.items()):
+                    if deadline <= now:
+                        del self._waiting[key]
+                        try:
+                            context.cancel()
+                        except Exception:  # noqa: BLE001 - the thread must outlive any one call
+                            log.exception("cancelling a call whose message did not arrive")
 
 
 DEADLINES = _Deadlines()
