@@ -813,13 +813,15 @@ def test_a_slow_request_message_holds_no_worker(tmp_path):
         waiting = [sid for sid in keyed[2] if sid not in early]
         late = call_ends(keyed[0], keyed[1], waiting, within=8)
         assert sorted(late) == waiting and all(v in ("reset", grpc.StatusCode.CANCELLED.value[0]) for v in late.values()), late
-        assert s.stub(key).GetCollection(pb.GetCollectionRequest(collection=cid), timeout=5)  # its slots came back
+        time.sleep(0.5)  # the cancelled calls' threads wake and give their slots back
+        assert s.stub(key).GetCollection(pb.GetCollectionRequest(collection=cid), timeout=5)
 
         health = slow_messages(s.target, 8, path="/grpc.health.v1.Health/Check")
         early = call_ends(*health, within=1.0)
         assert sorted(early.values()) == [exhausted.value[0]] * 4, early  # four per caller arrive at once
         assert admin.GetCollection(pb.GetCollectionRequest(collection=cid), timeout=5)  # no worker taken
         assert len(call_ends(health[0], health[1], [i for i in health[2] if i not in early], within=6)) == 4
+        time.sleep(0.5)
         watches = []
         for _ in range(12):  # more than the health threads: an open watch holds none
             watches.append(health_pb2_grpc.HealthStub(s.channel).Watch(health_pb2.HealthCheckRequest(), timeout=30))

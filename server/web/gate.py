@@ -126,7 +126,7 @@ class HeaderGate:
             await self._bodiless(scope, receive, send, spawn, call_soon)
             return
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
-        owner, held = None, [0]
+        owner, held, refusal = None, [0], None
         try:
             refused = self._refuse(scope["method"], kind, scope["path"])
             if refused is not None:  # not the method's content type: answered in plain HTTP
@@ -136,17 +136,18 @@ class HeaderGate:
                 owner = await self._owner(headers, loop)
                 parts = [await self._read(receive, owner, held)]
             except _Refusal as r:
-                await _reply(send, kind, r.status, cors, r.error)
-                return
+                refusal = (kind, r.status, cors, r.error)
             except errors.FaceServiceError as exc:
-                await _reply(send, kind, _HTTP.get(exc.code, "400 Bad Request"), cors, exc)
-                return
+                refusal = (kind, _HTTP.get(exc.code, "400 Bad Request"), cors, exc)
             except _Gone:
                 return
-            # the body once, as read (handed over, not kept here); then the connection's own events
-            await self._wsgi(scope, partial(_replay, parts, receive), send, spawn, call_soon)
+            if refusal is None:
+                # the body once, as read (handed over, not kept here); then the connection's own events
+                await self._wsgi(scope, partial(_replay, parts, receive), send, spawn, call_soon)
         finally:
             self.bytes.give(owner, held[0])
+        if refusal is not None:  # after the bytes are given back: the caller may retry at once
+            await _reply(send, *refusal)
 
     async def _owner(self, headers: dict, loop) -> str | None:
         """Whose bodies a request's counts against: its collection key (None: the admin key, or auth
