@@ -1,4 +1,4 @@
-"""What the HTTP port decides from a request's headers, before it holds a byte of the body.
+"""The HTTP port's gate: what it decides from a request's headers before it reads the body, and how it reads it.
 
 A WSGI app sees a request only once its whole body has been read into memory, and the key check,
 the limits and the content-type check all ran after that. Anyone who could open connections could
