@@ -480,7 +480,8 @@ def test_a_camera_of_small_frames_fits_a_streams_budget_and_a_trickle_of_bombs_d
     """A 30 fps camera of 250 x 250 JPEGs (10 KB each) pays for almost no detector pass with its
     bytes: at a refill of two thirds of a floor a second it lost a third of its frames to
     IMAGE_TOO_LARGE. Frames of tiny bytes that decode to the most pixels an image may have are
-    still held to about two and a half a second."""
+    still held to about two and a half a second, and a stream idle for long saves no more than two
+    floors of refill for a burst."""
     from server import errors
     from server.vision.imaging import ImageLimits
 
@@ -501,3 +502,15 @@ def test_a_camera_of_small_frames_fits_a_streams_budget_and_a_trickle_of_bombs_d
         except errors.FaceServiceError as exc:
             assert exc.reason == "IMAGE_TOO_LARGE"
     assert passed <= 2.5 * 60, passed  # each about 40 ms of decoding: a tenth of a core
+    # an hour with nothing sent saves no more than two floors for the next burst
+    now[0] += 3600
+    burst = 0
+    for i in range(100):  # ten a second for ten seconds
+        now[0] += 0.1
+        bombs.received(100)
+        try:
+            bombs.charge(limits.max_pixels, "frame.image")
+            burst += 1
+        except errors.FaceServiceError:
+            pass
+    assert burst <= (2 + 2 * 10) * limits.max_request_pixels // (limits.max_pixels + 1_500_000) + 1, burst

@@ -49,6 +49,9 @@ PASS_PIXELS = 1_500_000  # a detector pass also costs about as much CPU as decod
 # 96 M pixels. At two thirds of a floor, such a camera lost a third of its frames to IMAGE_TOO_LARGE.
 # A stream runs its frames one at a time, so this bounds a trickle of bombs to about a tenth of a core.
 STREAM_REFILL = 2.0
+# Refill a stream has not used piles up to this many floors at most, so a stream kept open with a
+# frame now and then cannot save an hour's refill for one burst.
+REFILL_CAP = 2.0
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
 
 
@@ -79,7 +82,8 @@ class PixelBudget:
         self.floor_pixels, self.floor_passes = pixels, passes
         self.bytes = self.spent_pixels = self.spent_passes = 0
         self.refill = refill  # share of the floors given back each second
-        self._clock, self._start = clock, clock()
+        self._clock, self._last = clock, clock()
+        self._granted = 0.0  # floors of refill given so far (what is unused capped at REFILL_CAP)
         self._lock = threading.Lock()
 
     def received(self, nbytes: int) -> "PixelBudget":
@@ -89,9 +93,18 @@ class PixelBudget:
         return self
 
     def _fits(self, pixels: int, passes: int) -> bool:
-        grown = self.refill * (self._clock() - self._start)
-        pixel_limit = max(self.floor_pixels, PIXELS_PER_BYTE * self.bytes) + grown * self.floor_pixels
-        pass_limit = max(self.floor_passes, self.bytes // BYTES_PER_PASS) + grown * self.floor_passes
+        base_pixels = max(self.floor_pixels, PIXELS_PER_BYTE * self.bytes)
+        base_passes = max(self.floor_passes, self.bytes // BYTES_PER_PASS)
+        if self.refill:
+            now = self._clock()
+            self._granted += self.refill * (now - self._last)
+            self._last = now
+            used = max(
+                0.0, (self.spent_pixels - base_pixels) / self.floor_pixels, (self.spent_passes - base_passes) / self.floor_passes
+            )
+            self._granted = min(self._granted, used + REFILL_CAP)
+        pixel_limit = base_pixels + self._granted * self.floor_pixels
+        pass_limit = base_passes + self._granted * self.floor_passes
         return self.spent_pixels + pixels <= pixel_limit and self.spent_passes + passes <= pass_limit
 
     def try_charge(self, pixels: int = 0, passes: int = 1) -> bool:
