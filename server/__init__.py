@@ -6,9 +6,11 @@
     reembed.py, healthcheck.py
                           operator tools over it: re-embedding, the image's health probe
     rpc/                  gRPC glue: handlers per RPC group, proto conversion, validation, auth,
-                          limits, reflection, status mapping, the request-id/metrics interceptor
+                          limits (messages arriving, calls, streams), messages that do not parse,
+                          reflection, status mapping, the request-id/metrics interceptor
     web/                  the HTTP port: the same servicer and interceptors as Connect, gRPC-Web and
-                          JSON (hypercorn, WSGI), the web console's files, CORS
+                          JSON (hypercorn: an ASGI gate that reads bodies in front of the WSGI app),
+                          the web console's files, CORS
     domain/               identity lifecycle, collections and keys, 1:N search, live streams, tracking
     vision/ storage/ index/
                           the vision pipeline and its models; the SQL store and the staging cache;
