@@ -35,8 +35,7 @@ import grpc
 from server import errors
 from server.rpc.messages import Malformed
 from server.rpc.observability import around, rpc_name
-from server.rpc.status import to_status
-from server.telemetry import ERRORS
+from server.rpc.status import refuse
 
 log = logging.getLogger("facesvc.auth")
 
@@ -259,8 +258,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 self.auth.authorize(principal, rpc, request)
         except errors.FaceServiceError as exc:
             log.info("rpc=%s denied: %s %s", rpc, exc.reason, exc.message)
-            ERRORS.labels(rpc, exc.reason).inc()
-            context.abort_with_status(to_status(exc))
+            refuse(context, rpc, exc)
         return current_principal.set(principal)
 
     def intercept_service(self, continuation, handler_call_details):

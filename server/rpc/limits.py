@@ -34,8 +34,7 @@ import grpc
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, current_principal, hash_key
 from server.rpc.observability import around, rewrap
-from server.rpc.status import to_status
-from server.telemetry import ERRORS
+from server.rpc.status import refuse
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +140,7 @@ class LimitInterceptor(grpc.ServerInterceptor):
         except errors.FaceServiceError as exc:
             for limiter in taken:
                 limiter.release(owner)
-            ERRORS.labels(rpc, exc.reason).inc()
-            context.abort_with_status(to_status(exc))
+            refuse(context, rpc, exc)
         return taken
 
     def _reflection(self, handler, method: str):
@@ -236,8 +234,7 @@ class ReceiveInterceptor(grpc.ServerInterceptor):
                 if slot is not None:
                     slot.acquire(owner)
             except errors.FaceServiceError as exc:
-                ERRORS.labels(method.rsplit("/", 1)[-1], exc.reason).inc()
-                context.abort_with_status(to_status(exc))
+                refuse(context, method.rsplit("/", 1)[-1], exc)
             held = None
             try:
                 request = _one_message(requests, context, self.wait_s if ours else self.first_s)

@@ -15,8 +15,7 @@ import grpc
 
 from server import errors
 from server.rpc.observability import rewrap, rpc_name
-from server.rpc.status import to_status
-from server.telemetry import ERRORS
+from server.rpc.status import refuse
 
 
 class Malformed:
@@ -39,9 +38,7 @@ def _parser(deserializer):
 
 
 def _refuse(rpc: str, bad: Malformed, context) -> None:
-    exc = errors.validation("request", f"the message does not parse as a {rpc} request: {bad.error}")
-    ERRORS.labels(rpc, exc.reason).inc()
-    context.abort_with_status(to_status(exc))
+    refuse(context, rpc, errors.validation("request", f"the message does not parse as a {rpc} request: {bad.error}"))
 
 
 class MessageInterceptor(grpc.ServerInterceptor):
