@@ -116,7 +116,7 @@ def pinned_streams(det_path: str, rec_path: str, seconds: float) -> dict:
             d, r = det.create_infer_request(), rec.create_infer_request()
             while not stop.is_set():
                 small = cv2.resize(frame, (640, 480), interpolation=cv2.INTER_LINEAR)
-                d.infer({0: cv2.dnn.blobFromImage(small, 1 / 128, (640, 480), (127.5,) * 3, swapRB=True)})
+                d.infer({0: ScrfdDetector.pixels.blob(small[None])})
                 r.infer({0: face})
                 done[i] += 1
 

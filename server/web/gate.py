@@ -20,12 +20,13 @@ from functools import partial
 from urllib.parse import quote
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.rpc import error_details_pb2
 from hypercorn.app_wrappers import WSGIWrapper
 
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX
+from server.rpc.status import to_status
+from server.web.calls import STATUS_DETAILS_KEY, connect_code
 
 # Connect's HTTP statuses for the codes answered here (https://connectrpc.com/docs/protocol/#error-codes)
 _HTTP = {
@@ -51,7 +52,7 @@ def info_detail(reason: str, metadata: dict[str, str]) -> dict:
 
 def error_body(exc: errors.FaceServiceError) -> bytes:
     """A Connect error body for `exc`: code, message and its ErrorInfo."""
-    code = "canceled" if exc.code is grpc.StatusCode.CANCELLED else exc.code.name.lower()
+    code = connect_code(exc.code).value
     return json.dumps({"code": code, "message": exc.message, "details": [info_detail(exc.reason, exc.metadata)]}).encode()
 
 
@@ -215,16 +216,13 @@ async def _reply(send, kind: str, status: str, headers: list[tuple[str, str]], e
     streaming in an end-of-stream message, both on HTTP 200 (their clients read the code there, not
     in the HTTP status); Connect unary, and requests of no protocol (`kind` ""), as the HTTP status
     and a JSON body."""
-    code = exc.code.value[0]
     if kind.startswith("application/grpc-web"):
-        info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=errors.DOMAIN, metadata=exc.metadata)
-        rich = status_pb2.Status(code=code, message=exc.message, details=[any_pb2.Any()])
-        rich.details[0].Pack(info)
+        rich = dict(to_status(exc).trailing_metadata)[STATUS_DETAILS_KEY]  # what the gRPC port sends
         headers = headers + [
             ("content-type", kind),
-            ("grpc-status", str(code)),
+            ("grpc-status", str(exc.code.value[0])),
             ("grpc-message", quote(exc.message, safe=_MESSAGE_SAFE)),
-            ("grpc-status-details-bin", base64.b64encode(rich.SerializeToString()).decode().rstrip("=")),
+            (STATUS_DETAILS_KEY, base64.b64encode(rich).decode().rstrip("=")),
         ]
         status, body = "200 OK", b""
     elif kind.startswith("application/connect+"):
