@@ -78,18 +78,23 @@ class RequestReader:
             self._bytes += size
             return not self._stop.is_set()
 
-    def _taken(self, x):
-        if self._max_bytes and x is not self.END:
+    def _taken(self, queued):
+        """The message (or END) from a queue entry, its bytes given back: the queue holds (message, size)."""
+        if queued is self.END:
+            return queued
+        x, size = queued
+        if size:
             with self._room:
-                self._bytes -= x.ByteSize()
+                self._bytes -= size
                 self._room.notify()
         return x
 
     def _run(self, iterator) -> None:
         try:
             for x in iterator:
+                size = x.ByteSize() if self._max_bytes else 0
                 # gRPC's flow control holds the client back while the reader waits here
-                if (self._max_bytes and not self._reserve(x.ByteSize())) or not self._put(x):
+                if (size and not self._reserve(size)) or not self._put((x, size)):
                     return
         except Exception:  # noqa: BLE001 - the call ended (cancelled): stop
             pass
