@@ -27,6 +27,9 @@ def percentiles(seconds, qs=(50, 95, 99)) -> dict:
     return out
 
 
+VECTOR_FEATURES = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+
+
 def machine() -> dict:
     """What a result needs beside it to be read later: the machine, the code, the day."""
     try:
@@ -35,15 +38,21 @@ def machine() -> dict:
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         rev = ""
-    cpu = ""
+    cpu, flags = "", ""
     try:
-        cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
+        info = dict(line.split(":", 1) for line in open("/proc/cpuinfo").read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        cpu = f"{info.get('model name', '')} (family {info.get('cpu family', '?')}, model {info.get('model', '?')})"
+        flags = info.get("flags", "")
     except OSError:
         pass
     return {
         "date": datetime.date.today().isoformat(),
         "platform": platform.platform(),
         "cpu": cpu,
+        # the model runs' speed turns on these (bf16 and AMX need them natively): a virtual machine's
+        # model name often says only the vendor
+        "cpu_features": [f for f in VECTOR_FEATURES if f in flags.split()],
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "git": rev,

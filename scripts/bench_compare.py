@@ -35,7 +35,7 @@ import cv2
 import grpc
 import numpy as np
 
-from bench.common import pct, write_json
+from bench.common import machine, pct, write_json
 from facesvc.v1 import face_service_pb2 as pb
 from scripts.bench_stream import Server
 from server import config
@@ -250,6 +250,8 @@ def main() -> int:
         print("the peer is not installed: .venv/bin/pip install -e '.[bench]'", file=sys.stderr)
         return 2
     a = part_a(args.repeat)
+    m = machine()
+    print(f"\n{m['cpu']}, {m['cpus']} cores, {' '.join(m['cpu_features'])}; git {m['git']}")
     print(
         f"\nA. detect + embed in process, {len(list(DEV.glob('img*.jpg')))} dev portraits (decoded), "
         f"{os.cpu_count()} cores, same ONNX files"
