@@ -317,6 +317,30 @@ def test_audit_events_are_listed_newest_first_by_collection_and_pruned_by_age(st
     assert [e.action for e in store.list_audit(0, 10, a)] == ["DeleteFace"] and not store.list_audit(0, 10, b)
 
 
+def test_an_audited_request_with_overlong_ids_neither_is_lost_nor_holds_back_other_events(store):
+    """A refused call is audited with what it named: a 200-character subject id (a VARCHAR(128) in
+    MySQL) is recorded cut to fit. An event the database refuses anyway is dropped alone: before,
+    the whole buffer was retried with it every second and no event was written again."""
+    from server.domain.audit import AuditLog
+    from server.records import AuditEvent
+
+    a = coll(store)
+    audit = AuditLog(store)
+    audit.record("k1", "GetSubject", a, "x" * 200, "f" * 40, "INVALID_ARGUMENT VALIDATION_FAILED")
+    audit.record("k2", "Verify", a, "s1", "", "OK")
+    assert audit.flush() == 2
+    got = store.list_audit(0, 10, a)
+    assert [(e.action, e.subject_id, e.face_id) for e in got] == [("Verify", "s1", ""), ("GetSubject", "x" * 128, "f" * 32)]
+    # an event that did not come through record() and that MySQL's columns cannot hold
+    bad = AuditEvent("k1", "GetSubject", a, "y" * 300, "", "OK", 1)
+    if store.d.name == "mysql":
+        audit._buffer.append(bad)
+        audit.record("k3", "Search", a, "s2", "", "OK")
+        assert audit.flush() == 1  # the good one is written, the bad one dropped
+        assert [e.action for e in store.list_audit(0, 10, a)][:1] == ["Search"]
+        assert not audit._buffer and audit.flush() == 0
+
+
 def test_faces_past_a_retention_are_found_oldest_first(store):
     cid = coll(store)
     store.update_collection(cid, {"retention_days": 7})

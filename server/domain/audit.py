@@ -22,10 +22,24 @@ from server.storage.interfaces import AuditStore
 log = logging.getLogger("facesvc.audit")
 
 MAX_BUFFER = 100_000
+# The widest value each field of an event may hold (the MySQL columns, server/storage/sql/dialects.py).
+# An event records what a request named, before or whatever its validation said: a refused call's
+# 200-character subject id is recorded cut to fit, not lost with the events buffered beside it.
+WIDTHS = {"key_id": 32, "action": 32, "collection_id": 64, "subject_id": 128, "face_id": 32, "outcome": 64}
 
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _fit(value: str, width: int) -> str:
+    """`value` cut to `width` characters, and encodable as UTF-8 (a lone surrogate becomes "?")."""
+    value = value[:width]
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        value = value.encode("utf-8", "replace").decode()
+    return value
 
 
 class AuditLog:
@@ -39,7 +53,8 @@ class AuditLog:
         self._thread = Periodic("audit-log", flush_s, self._step, log)
 
     def record(self, key_id: str, action: str, collection: str, subject_id: str, face_id: str, outcome: str) -> None:
-        event = AuditEvent(key_id, action, collection, subject_id, face_id, outcome, _now_ms())
+        fields = zip(WIDTHS.values(), (key_id, action, collection, subject_id, face_id, outcome))
+        event = AuditEvent(*(_fit(value, width) for width, value in fields), _now_ms())
         with self._lock:
             if len(self._buffer) >= MAX_BUFFER:
                 self._buffer.popleft()
@@ -58,13 +73,32 @@ class AuditLog:
                 return 0
             try:
                 self.store.append_audit(batch)
+                done = written = len(batch)
             except errors.FaceServiceError as exc:
                 log.warning("audit log: %d events not written yet (%s); retrying", len(batch), exc)
                 return 0
+            except Exception:  # noqa: BLE001 - the store refused an event: not an outage
+                done, written = self._one_by_one(batch)
             with self._lock:
-                for _ in batch:
+                for _ in range(done):
                     self._buffer.popleft()
-            return len(batch)
+            return written
+
+    def _one_by_one(self, batch: list[AuditEvent]) -> tuple[int, int]:
+        """Writes `batch` event by event and drops (and logs) the events the store refuses, so one it
+        cannot take does not hold back every later one. Stops at an outage, leaving the rest buffered.
+        Returns (events done from the front of the batch, events written)."""
+        written = 0
+        for done, event in enumerate(batch):
+            try:
+                self.store.append_audit([event])
+                written += 1
+            except errors.FaceServiceError as exc:
+                log.warning("audit log: %d events not written yet (%s); retrying", len(batch) - done, exc)
+                return done, written
+            except Exception:  # noqa: BLE001
+                log.exception("audit log: the database refused an event (%s by %r); dropped", event.action, event.key_id)
+        return len(batch), written
 
     def list(self, before_seq: int, limit: int, collection: str = "", subject_id: str = "") -> list[AuditEvent]:
         self.flush()  # what was recorded before the listing is in it
