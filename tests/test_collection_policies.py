@@ -123,6 +123,43 @@ def test_a_staged_face_is_checked_again_at_register(backend, faces):  # noqa: F8
     assert info.metadata["subject_id"] == "early"
 
 
+def test_a_staged_face_meets_the_liveness_policy_and_threshold_in_force_at_register(backend, faces):  # noqa: F811
+    """The operator may require liveness, or raise the collection's liveness threshold, while a face
+    waits in staging: Register holds it to the collection as it is then, not as it was at Process."""
+    b, (emb, _) = backend, faces
+    cid = new_collection(b)
+    photo = next(iter(emb))
+    unchecked = b.stub.Process(
+        pb.ProcessRequest(collection=cid, subject_id="s1", image=image(photo), skip_liveness=True, face_options=CENTRED),
+        timeout=60,
+    )
+    real = image("liveness/real_01_minivision_T1.jpg")
+    checked = b.stub.Process(pb.ProcessRequest(collection=cid, subject_id="s2", image=real), timeout=60)
+    assert checked.liveness.is_live
+    b.stub.UpdateCollection(
+        pb.UpdateCollectionRequest(
+            collection=cid,
+            liveness_policy=pb.LIVENESS_POLICY_REQUIRED,
+            thresholds=pb.CollectionThresholds(liveness_threshold=min(1.0, checked.liveness.score + 0.001)),
+            update_mask=field_mask_pb2.FieldMask(paths=["liveness_policy", "thresholds"]),
+        ),
+        timeout=10,
+    )
+    expect_error(
+        b.stub.Register,
+        pb.RegisterRequest(collection=cid, subject_id="s1", staging_token=unchecked.staging_token),
+        PRECONDITION,
+        "LIVENESS_REQUIRED",
+    )
+    expect_error(
+        b.stub.Register,
+        pb.RegisterRequest(collection=cid, subject_id="s2", staging_token=checked.staging_token),
+        PRECONDITION,
+        "SPOOF_DETECTED",
+    )
+    assert not b.stub.ListSubjects(pb.ListSubjectsRequest(collection=cid), timeout=10).subjects
+
+
 def test_duplicates_inside_one_register_batch(backend, faces):  # noqa: F811
     b, (_, thr) = backend, faces
     a, same = same_person_pair(faces, thr)

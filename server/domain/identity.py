@@ -316,9 +316,24 @@ class IdentityService:
             raise errors.not_found(
                 errors.STAGING_EXPIRED, "the staged face was embedded by another recognizer; call Process again"
             )
+        self._still_live(staged)
         record, created, duplicate = self._commit(staged, metadata)
         self.cache.delete(token, collection)  # only after the commit: a failed commit can be retried with the same token
         return Registered(record, self.store.get_subject(collection, subject_id), created, duplicate=duplicate)
+
+    def _still_live(self, staged: StagedFace) -> None:
+        """A staged face meets the collection's liveness policy and threshold as they are now: the
+        operator may have required liveness, or raised the threshold, since it was staged."""
+        c, t = self.settings(staged.collection_id)
+        if staged.liveness_score < 0 and c.liveness_policy != LIVENESS_OPTIONAL:
+            raise errors.precondition(
+                errors.LIVENESS_REQUIRED,
+                f"collection {staged.collection_id!r} requires liveness now, and this face was staged without it; "
+                "call Process again",
+                collection=staged.collection_id,
+            )
+        if staged.liveness_score >= 0 and staged.liveness_score < t.liveness:
+            raise errors.spoof(staged.liveness_score, t.liveness)
 
     def register_screened(self, s: Screened, embedding: np.ndarray, metadata: dict[str, str]) -> Registered:
         """Register with an image, once the face is screened and embedded: commit it."""
