@@ -9,31 +9,42 @@ from __future__ import annotations
 
 import numpy as np
 
-BLOCK = 1024  # rows of the similarity matrix computed at a time: memory stays O(BLOCK x faces)
+BLOCK = 512  # rows of the similarity matrix computed at a time: memory stays O(BLOCK x faces)
 
 
 def group(embeddings: np.ndarray, threshold: float) -> list[list[int]]:
     """Groups of row indices of `embeddings` (unit vectors), each in ascending order, largest group
-    first (ties: by first member); a face linked to no other is a group of one."""
+    first (ties: by first member); a face linked to no other is a group of one.
+
+    The links are joined in numpy, not one by one: faces that all resemble each other (one person's
+    many photos) link every pair, n^2 / 2 links, and a Python union-find over 5 000 such faces took
+    7 s of CPU for a request of a few bytes. Each round hooks the root of every link whose ends are
+    still apart onto the smaller root (a pointer always goes to a smaller index, so no cycles form)
+    and then points every face at its root; a round leaves fewer roots, and few rounds are needed."""
     n = len(embeddings)
-    parent = list(range(n))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     x = np.asarray(embeddings, dtype=np.float32)
+    parent = np.arange(n)
     for start in range(0, n, BLOCK):
-        sims = x[start : start + BLOCK] @ x.T
+        sims = x[start : start + BLOCK] @ x[start:].T  # each pair once: the block's rows against the columns from them on
         rows, cols = np.nonzero(sims >= threshold)
-        for i, j in zip((rows + start).tolist(), cols.tolist()):
-            if j > i:
-                a, b = root(i), root(j)
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
+        later = cols > rows
+        a, b = rows[later] + start, cols[later] + start
+        while a.size:
+            parent = _roots(parent)
+            ra, rb = parent[a], parent[b]
+            apart = ra != rb
+            a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]
+            parent[np.maximum(ra, rb)] = np.minimum(ra, rb)
     groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(root(i), []).append(i)
+    for i, r in enumerate(_roots(parent).tolist()):
+        groups.setdefault(r, []).append(i)
     return sorted(groups.values(), key=lambda g: (-len(g), g[0]))
+
+
+def _roots(parent: np.ndarray) -> np.ndarray:
+    """Every face pointed straight at its root (pointer jumping: the path halves each step)."""
+    while True:
+        up = parent[parent]
+        if np.array_equal(up, parent):
+            return parent
+        parent = up
