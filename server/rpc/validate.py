@@ -111,6 +111,7 @@ def decode_page_token(token: str, scope: str, field: str = "page_token") -> str:
         after, token_scope = d["a"], d["s"]
         if not isinstance(after, str) or not isinstance(token_scope, str):
             raise ValueError
+        after.encode()  # a lone surrogate (JSON's "\udc80") is no id, and no database driver takes it
     except (ValueError, KeyError, TypeError, IndexError, binascii.Error, RecursionError):  # deep nesting too
         raise errors.validation(field, "not a page token from this listing") from None
     if token_scope != scope:
