@@ -23,7 +23,7 @@ from connectrpc.code import Code
 from connectrpc.errors import ConnectError
 from connectrpc.protocol import ProtocolType
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
@@ -117,6 +117,71 @@ def test_what_no_rpc_takes_gets_a_reason_not_an_empty_500(srv):
         urllib.request.urlopen(req, timeout=10)
     assert get.value.code == 405 and reason(json.loads(get.value.read())) == "VALIDATION_FAILED"
     assert post(srv, "Detect", img)[0] == 200
+
+
+def post_bytes(srv, rpc: str, body: bytes, kind: str) -> tuple[int, dict, bytes]:
+    req = urllib.request.Request(
+        f"{srv.http_url}/facesvc.v1.FaceService/{rpc}", data=body, headers={"content-type": kind, "x-api-key": ADMIN_KEY}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
+def envelope(flag: int, payload: bytes) -> bytes:
+    return bytes([flag]) + len(payload).to_bytes(4, "big") + payload
+
+
+def test_a_path_that_names_no_method_is_unimplemented_with_a_reason(srv):
+    """It reached the Connect library, which answered an empty 500 and logged a traceback each time."""
+    for rpc in ("NoSuchMethod", "getSubject", "GetSubject/extra", ""):
+        status, _, doc = post(srv, rpc, {})
+        assert (status, doc["code"], reason(doc)) == (404, "unimplemented", "VALIDATION_FAILED"), rpc
+    # gRPC-Web and Connect clients read HTTP 404 as UNIMPLEMENTED
+    message = envelope(0, pb.GetSubjectRequest().SerializeToString())
+    assert post_bytes(srv, "NoSuchMethod", message, "application/grpc-web+proto")[0] == 404
+
+
+def test_grpc_web_bodies_the_library_cannot_read_get_the_grpc_ports_reason(srv):
+    """The Connect library's own gRPC-Web errors came without status details, and a compressed message
+    as INTERNAL: they now carry VALIDATION_FAILED, and a compressed message is UNIMPLEMENTED, as the
+    gRPC port answers the same bytes."""
+    message = pb.GetSubjectRequest(collection="c", subject_id="s").SerializeToString()
+    cases = {
+        "compressed": (envelope(1, message), "12"),
+        "bad flags": (b"\x80\x00\x00\x00\x00", "3"),
+        "cut short": (b"\x00\x00\x00\x00\x09\x0a", "3"),
+        "not the message": (envelope(0, b"\xff\xff\xff"), "3"),
+    }
+    for label, (body, code) in cases.items():
+        status, _, data = post_bytes(srv, "GetSubject", body, "application/grpc-web+proto")
+        assert status == 200 and data[0] == 0x80, label
+        trailers = dict(line.split(": ", 1) for line in data[5:].decode("latin-1").split("\r\n") if ": " in line)
+        assert trailers["grpc-status"] == code, (label, trailers)
+        rich = status_pb2.Status.FromString(base64.b64decode(trailers["grpc-status-details-bin"] + "=="))
+        assert error_details_pb2.ErrorInfo.FromString(rich.details[0].value).reason == "VALIDATION_FAILED", label
+
+
+def test_a_connect_stream_with_a_message_that_does_not_parse_ends_with_validation_failed(srv):
+    """The reader took the library's error for the stream's end: the batch answered the item before
+    it, left out the one after, and ended with OK. As on the gRPC port, it now ends with the error."""
+    item = pb.ProcessBatchRequest(item_id="a", process=pb.ProcessRequest(collection="nowhere", subject_id="s"))
+    for bad in (envelope(0, b"\xff\xff\xff"), envelope(1, item.SerializeToString())):
+        body = envelope(0, item.SerializeToString()) + bad + envelope(0, item.SerializeToString())
+        status, _, data = post_bytes(srv, "ProcessBatch", body, "application/connect+proto")
+        assert status == 200
+        frames, at = [], 0
+        while at < len(data):
+            size = int.from_bytes(data[at + 1 : at + 5], "big")
+            frames.append((data[at], data[at + 5 : at + 5 + size]))
+            at += 5 + size
+        assert [flag for flag, _ in frames] == [0, 2]  # the first item's answer, then the end of the stream
+        end = json.loads(frames[-1][1])["error"]
+        (detail,) = end["details"]
+        info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "=="))
+        assert end["code"] == "invalid_argument" and info.reason == "VALIDATION_FAILED", end
 
 
 def test_a_gzip_body_inflates_a_bounded_number_of_times(srv):

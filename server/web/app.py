@@ -25,7 +25,9 @@ import ssl
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import unquote
 
+import grpc
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from hypercorn.asyncio import serve
@@ -35,7 +37,7 @@ from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, AuthInterceptor
 from server.rpc.servicer import SERVICE
 from server.web.calls import connect_app
-from server.web.gate import ERROR_INFO, BodyBytes, HeaderGate, info_detail
+from server.web.gate import ERROR_INFO, BodyBytes, HeaderGate, info_detail, web_status
 
 log = logging.getLogger("facesvc.http")
 
@@ -53,11 +55,19 @@ UNARY_TYPES = ("application/json", "application/proto")
 STREAM_TYPES = ("application/connect+json", "application/connect+proto")
 WEB_TYPES = ("application/grpc-web", "application/grpc-web+proto", "application/grpc-web+json")
 STREAMING_PATHS = frozenset(SERVICE_PREFIX + m.name for m in SERVICE.methods if m.client_streaming or m.server_streaming)
+METHOD_PATHS = frozenset(SERVICE_PREFIX + m.name for m in SERVICE.methods)
 
 
 def not_taken(method: str, content_type: str, path: str) -> tuple[str, list[tuple[str, str]], errors.FaceServiceError] | None:
-    """(HTTP status, headers, error) for a request no RPC takes: another method than POST, or a
-    content type that is not the method's."""
+    """(HTTP status, headers, error) for a request no RPC takes: a path that names no method (404, which
+    gRPC-Web and Connect clients read as UNIMPLEMENTED), another method than POST, or a content type
+    that is not the method's."""
+    if path not in METHOD_PATHS:
+        name = errors.quote(path.removeprefix(SERVICE_PREFIX))
+        error = errors.FaceServiceError(
+            grpc.StatusCode.UNIMPLEMENTED, errors.VALIDATION_FAILED, f"FaceService has no method {name}", field="method"
+        )
+        return "404 Not Found", [], error
     streaming = path in STREAMING_PATHS
     accepted = (STREAM_TYPES if streaming else UNARY_TYPES) + WEB_TYPES
     if method != "POST":
@@ -86,6 +96,43 @@ def with_error_info(body: bytes) -> bytes:
     except (ValueError, KeyError, TypeError, AttributeError):
         return body
     return json.dumps(doc, ensure_ascii=False).encode()
+
+
+def with_web_reason(chunk: bytes) -> bytes:
+    """A gRPC-Web response chunk whose trailers carry an error of the Connect library's own (a body
+    that is not an envelope, is cut short, is flagged compressed, or is not the request message),
+    given the status details the gRPC port sends for the same bytes: VALIDATION_FAILED, and for a
+    compressed message UNIMPLEMENTED, as grpc answers an encoding it does not take. Data frames, and
+    trailers that carry details already (the handlers' errors), pass as they are."""
+    frames, at = [], 0
+    while at + 5 <= len(chunk):
+        size = int.from_bytes(chunk[at + 1 : at + 5], "big")
+        frames.append((chunk[at], chunk[at + 5 : at + 5 + size]))
+        at += 5 + size
+    if at != len(chunk) or not frames or not frames[-1][0] & 0x80:
+        return chunk
+    trailers = dict(line.split(": ", 1) for line in frames[-1][1].decode("latin-1").split("\r\n") if ": " in line)
+    code = trailers.get("grpc-status", "0")
+    if code == "0" or "grpc-status-details-bin" in trailers or not code.isdigit():
+        return chunk
+    message = unquote(trailers.get("grpc-message", ""))
+    if "compress" in message:
+        error = errors.FaceServiceError(
+            grpc.StatusCode.UNIMPLEMENTED,
+            errors.VALIDATION_FAILED,
+            "grpc-encoding: send messages uncompressed",
+            field="grpc-encoding",
+        )
+    else:
+        known = {c.value[0]: c for c in grpc.StatusCode}
+        error = errors.FaceServiceError(
+            known.get(int(code), grpc.StatusCode.INVALID_ARGUMENT),
+            errors.VALIDATION_FAILED,
+            f"request: {message}",
+            field="request",
+        )
+    text = "".join(f"{k}: {v}\r\n" for k, v in web_status(error)).encode("latin-1")
+    return chunk[: at - 5 - len(frames[-1][1])] + b"\x80" + len(text).to_bytes(4, "big") + text
 
 
 class HttpApp:
@@ -142,6 +189,8 @@ class HttpApp:
 
         body = self.connect(environ, hold)
         if not held:
+            if environ.get("CONTENT_TYPE", "").startswith("application/grpc-web"):
+                return (with_web_reason(chunk) for chunk in body)
             return body
         data = with_error_info(b"".join(body))
         headers = [(k, v) for k, v in held["headers"] if k.lower() != "content-length"]

@@ -22,8 +22,10 @@ from google.rpc import status_pb2
 from protobuf.wkt import Any
 
 from facesvc.v1.face_service_connect import FaceServiceWSGIApplication
+from server import errors
 from server.rpc.auth import SERVICE_PREFIX
 from server.rpc.servicer import SERVICE
+from server.rpc.status import refuse
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -67,6 +69,7 @@ class HttpCall:
         self._lock = threading.Lock()
         self._callbacks: list | None = []
         self._code: grpc.StatusCode | None = None
+        self.aborted: grpc.Status | None = None  # how the call was aborted, whichever thread aborted it
 
     def invocation_metadata(self):
         return self._metadata
@@ -95,7 +98,7 @@ class HttpCall:
         return self._code
 
     def abort_with_status(self, status: grpc.Status):
-        self._code = status.code
+        self._code, self.aborted = status.code, status
         raise HttpAbort(status)
 
     def cancel(self) -> None:
@@ -156,7 +159,9 @@ class FaceServiceOverHttp:
             def stream(requests, ctx):
                 call, handler = begin(ctx)
                 try:
-                    yield from handler.stream_stream(requests, call)
+                    yield from handler.stream_stream(_parsed(requests, call, path), call)
+                    if call.aborted is not None:  # by the thread that reads the requests (as on the gRPC port)
+                        raise connect_error(call.aborted)
                 except HttpAbort as exc:
                     raise connect_error(exc.status) from None
                 finally:
@@ -174,6 +179,18 @@ class FaceServiceOverHttp:
                 call.done()
 
         return unary
+
+
+def _parsed(requests, call: HttpCall, path: str):
+    """A stream's requests; one the Connect library cannot read (an envelope that is cut short or
+    flagged compressed, bytes that are not the message) aborts the call with VALIDATION_FAILED, as
+    the gRPC port answers a message that does not parse. Left to the library, the error read as the
+    stream's end: a batch answered the items before it, left out the rest and ended with OK."""
+    try:
+        yield from requests
+    except ConnectError as exc:
+        rpc = path.removeprefix(SERVICE_PREFIX)
+        refuse(call, rpc, errors.validation("request", f"a message does not parse as a {rpc} request: {exc.message[:200]}"))
 
 
 def connect_app(servicer, interceptors, read_max_bytes: int) -> FaceServiceWSGIApplication:

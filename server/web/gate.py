@@ -211,19 +211,23 @@ class _Gone(Exception):
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
 
 
+def web_status(exc: errors.FaceServiceError) -> list[tuple[str, str]]:
+    """`exc` as gRPC-Web's status headers (or trailers): code, message and the rich status the gRPC port sends."""
+    rich = dict(to_status(exc).trailing_metadata)[STATUS_DETAILS_KEY]
+    return [
+        ("grpc-status", str(exc.code.value[0])),
+        ("grpc-message", quote(exc.message, safe=_MESSAGE_SAFE)),
+        (STATUS_DETAILS_KEY, base64.b64encode(rich).decode().rstrip("=")),
+    ]
+
+
 async def _reply(send, kind: str, status: str, headers: list[tuple[str, str]], exc: errors.FaceServiceError) -> None:
     """`exc` as the request's protocol carries an error: gRPC-Web in trailers-only headers and Connect
     streaming in an end-of-stream message, both on HTTP 200 (their clients read the code there, not
     in the HTTP status); Connect unary, and requests of no protocol (`kind` ""), as the HTTP status
     and a JSON body."""
     if kind.startswith("application/grpc-web"):
-        rich = dict(to_status(exc).trailing_metadata)[STATUS_DETAILS_KEY]  # what the gRPC port sends
-        headers = headers + [
-            ("content-type", kind),
-            ("grpc-status", str(exc.code.value[0])),
-            ("grpc-message", quote(exc.message, safe=_MESSAGE_SAFE)),
-            (STATUS_DETAILS_KEY, base64.b64encode(rich).decode().rstrip("=")),
-        ]
+        headers = headers + [("content-type", kind)] + web_status(exc)
         status, body = "200 OK", b""
     elif kind.startswith("application/connect+"):
         end = json.dumps({"error": json.loads(error_body(exc))}).encode()
