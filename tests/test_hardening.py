@@ -832,6 +832,41 @@ def test_a_slow_request_message_holds_no_worker(tmp_path):
         assert s.health() == 1
         for w in watches:
             w.cancel()
+
+        # reflection, open to all: two streams that ask something every second held both of its slots
+        # for good; each now lives at most the stream idle time, and then others get their turn
+        from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+        stop = threading.Event()
+
+        def chatty():
+            while not stop.is_set():
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+                stop.wait(0.5)
+
+        anonymous = grpc.insecure_channel(s.target)
+
+        def reflect(requests):
+            return reflection_pb2_grpc.ServerReflectionStub(anonymous).ServerReflectionInfo(requests, timeout=30)
+
+        try:
+            held = [reflect(chatty()) for _ in range(2)]
+            assert all(next(h).list_services_response for h in held)
+            with pytest.raises(grpc.RpcError) as third:
+                next(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+            assert third.value.code() == exhausted and "this caller" in third.value.details()
+            t0 = time.monotonic()
+            for h in held:
+                with pytest.raises(grpc.RpcError) as ended:
+                    for _ in h:
+                        pass
+                assert ended.value.code() == grpc.StatusCode.CANCELLED
+            assert time.monotonic() - t0 < 5
+            time.sleep(0.5)
+            assert next(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))).list_services_response
+        finally:
+            stop.set()
+            anonymous.close()
         for sock, _, _ in (keyless, keyed, health):
             sock.close()
     finally:

@@ -14,7 +14,8 @@ as one that streams frames. So the limits are counted in calls, not in work:
 
 Server reflection (open to every caller, like health) is a bidirectional
 stream too: at most `REFLECTION_PER_PEER` per caller and `REFLECTION_TOTAL` in
-all, and one that stays silent is cancelled like an idle FaceService stream.
+all; one that stays silent is cancelled like an idle FaceService stream, and any
+is cancelled once open for the stream idle time.
 
 A caller at a limit is refused at once with RESOURCE_EXHAUSTED (never
 queued), so at least half the workers stay free for other keys, health
@@ -55,8 +56,9 @@ class ConcurrencyLimiter:
     def acquire(self, owner: str) -> None:
         with self._lock:
             if self.per_owner and self._open.get(owner, 0) >= self.per_owner:
+                who = "caller" if owner.startswith("peer:") else "key"
                 raise errors.exhausted(
-                    self.reason, f"this key already holds {self.per_owner} open {self.what}", limit=self.per_owner
+                    self.reason, f"this {who} already holds {self.per_owner} open {self.what}", limit=self.per_owner
                 )
             if self.total and self._count >= self.total:
                 raise errors.exhausted(self.reason, f"the server already holds {self.total} open {self.what}", limit=self.total)
@@ -85,12 +87,14 @@ REFLECTION_PER_PEER, REFLECTION_TOTAL = 2, 2  # grpcurl opens one per command; 2
 
 
 class IdleWatchdog:
-    """Cancels a call whose request stream stays silent: `first_s` for its first message, `idle_s` after.
-    For handlers that read their stream themselves (reflection), where no timeout can be put inside."""
+    """Cancels a call whose request stream stays silent: `first_s` for its first message, `idle_s` after;
+    and, given `life_s`, one open longer than that however chatty. For handlers that read their stream
+    themselves (reflection), where no timeout can be put inside."""
 
-    def __init__(self, context, first_s: float, idle_s: float, clock=time.monotonic):
+    def __init__(self, context, first_s: float, idle_s: float, clock=time.monotonic, life_s: float | None = None):
         self.context, self.first_s, self.idle_s, self._clock = context, first_s, idle_s, clock
         self._last, self._seen = clock(), False
+        self._end = None if life_s is None else self._last + life_s
         self._done = threading.Event()
         threading.Thread(target=self._watch, name="idle-watchdog", daemon=True).start()
 
@@ -102,7 +106,8 @@ class IdleWatchdog:
     def _watch(self) -> None:
         while not self._done.wait(0.5):
             limit = self.idle_s if self._seen else self.first_s
-            if self._clock() - self._last > limit:
+            now = self._clock()
+            if now - self._last > limit or (self._end is not None and now > self._end):
                 self.context.cancel()
                 return
 
@@ -151,7 +156,9 @@ class LimitInterceptor(grpc.ServerInterceptor):
             def limited(request_iterator, context):
                 owner = call_owner(context)
                 self._enter(method, owner, [self.reflection], context)
-                watchdog = IdleWatchdog(context, self.first_message_s, self.idle_s)
+                # a caller that asks something now and then would keep the slots for good: a stream
+                # lives at most the idle time (grpcurl opens one per command, done in a moment)
+                watchdog = IdleWatchdog(context, self.first_message_s, self.idle_s, life_s=self.idle_s)
                 try:
                     yield from inner(watchdog.wrap(request_iterator), context)
                 finally:
