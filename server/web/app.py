@@ -116,7 +116,7 @@ def with_web_reason(chunk: bytes) -> bytes:
     if code == "0" or "grpc-status-details-bin" in trailers or not code.isdigit():
         return chunk
     message = unquote(trailers.get("grpc-message", ""))
-    if "compress" in message:
+    if "sent compressed message" in message:
         error = errors.FaceServiceError(
             grpc.StatusCode.UNIMPLEMENTED,
             errors.VALIDATION_FAILED,
