@@ -115,18 +115,20 @@ def test_collections(store):
 def test_add_face_rules(store):
     cid = coll(store)
     f1 = face(1)
-    rec, created = store.add_face(cid, "alice", f1, allow_existing=False, max_faces=2, metadata={"dept": "r&d"})
+    rec, created, subject = store.add_face(cid, "alice", f1, allow_existing=False, max_faces=2, metadata={"dept": "r&d"})
     assert created and rec.face_id == f1.face_id
+    # the subject as the commit left it, read in the commit's own transaction
+    assert (subject.subject_id, subject.face_count, subject.metadata) == ("alice", 1, {"dept": "r&d"})
     with pytest.raises(errors.FaceServiceError) as e:
         store.add_face(cid, "alice", face(2), allow_existing=False, max_faces=2)
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and reason(e) == errors.ALREADY_REGISTERED
-    _, created = store.add_face(cid, "alice", face(3), allow_existing=True, max_faces=2, metadata={"site": "b"})
-    assert not created
+    _, created, subject = store.add_face(cid, "alice", face(3), allow_existing=True, max_faces=2, metadata={"site": "b"})
+    assert not created and subject.face_count == 2 and subject.metadata == {"dept": "r&d", "site": "b"}
     with pytest.raises(errors.FaceServiceError) as e:
         store.add_face(cid, "alice", face(4), allow_existing=True, max_faces=2)
     assert reason(e) == errors.FACE_LIMIT_REACHED
     # the same face id again (a retried Register) is idempotent: no new row
-    again, created = store.add_face(cid, "alice", f1, allow_existing=False, max_faces=2)
+    again, created, _ = store.add_face(cid, "alice", f1, allow_existing=False, max_faces=2)
     assert again.face_id == f1.face_id and not created
     subj = store.get_subject(cid, "alice", with_embeddings=True)
     assert subj.metadata == {"dept": "r&d", "site": "b"}
@@ -174,7 +176,7 @@ def test_delete_subject_removes_its_faces(store):
 
 def test_delete_face_keeps_the_subject(store):
     cid = coll(store)
-    a, _ = store.add_face(cid, "dan", face(1), allow_existing=True, max_faces=5)
+    a, _, _ = store.add_face(cid, "dan", face(1), allow_existing=True, max_faces=5)
     store.add_face(cid, "dan", face(2), allow_existing=True, max_faces=5)
     assert store.delete_face(cid, a.face_id).subject_id == "dan"
     assert store.subject_face_count(cid, "dan") == 1

@@ -258,7 +258,7 @@ class IdentityService:
         )
         return Processed("", staged, s.face, s.liveness, s.faces_detected)
 
-    def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool, Duplicate | None]:
+    def _commit(self, staged: StagedFace, metadata: dict[str, str]) -> tuple[FaceRecord, bool, Subject, Duplicate | None]:
         """The duplicate check, then the commit, under the collection's lock (the check must see every
         earlier commit of this replica, a batch's earlier items included)."""
         lock = self._commit_locks[zlib.crc32(staged.collection_id.encode()) % len(self._commit_locks)]
@@ -266,7 +266,7 @@ class IdentityService:
             duplicate = self.find_duplicate(staged.collection_id, staged.subject_id, staged.embedding)
             ensure_call_alive()  # a caller already told DEADLINE_EXCEEDED must not find the face registered
             face = NewFace(staged.face_id, staged.model_id, staged.embedding, staged.quality, staged.crop)
-            record, created = self.store.add_face(
+            record, created, subject = self.store.add_face(
                 staged.collection_id,
                 staged.subject_id,
                 face,
@@ -276,7 +276,7 @@ class IdentityService:
             )
             if self.indexes is not None:  # read-your-writes on this replica; the others follow the change log
                 self.indexes.local_change(staged.collection_id, [record.face_id])
-        return record, created, duplicate
+        return record, created, subject, duplicate
 
     # -- the RPCs ------------------------------------------------------------
     def process_screened(self, s: Screened, embedding: np.ndarray) -> Processed:
@@ -317,9 +317,9 @@ class IdentityService:
                 errors.STAGING_EXPIRED, "the staged face was embedded by another recognizer; call Process again"
             )
         self._still_live(staged)
-        record, created, duplicate = self._commit(staged, metadata)
+        record, created, subject, duplicate = self._commit(staged, metadata)
         self.cache.delete(token, collection)  # only after the commit: a failed commit can be retried with the same token
-        return Registered(record, self.store.get_subject(collection, subject_id), created, duplicate=duplicate)
+        return Registered(record, subject, created, duplicate=duplicate)
 
     def _still_live(self, staged: StagedFace) -> None:
         """A staged face meets the collection's liveness policy and threshold as they are now: the
@@ -338,10 +338,8 @@ class IdentityService:
     def register_screened(self, s: Screened, embedding: np.ndarray, metadata: dict[str, str]) -> Registered:
         """Register with an image, once the face is screened and embedded: commit it."""
         result = self._stage(s, embedding, uuid.uuid4().hex)
-        record, created, duplicate = self._commit(result.staged, metadata)
-        return Registered(
-            record, self.store.get_subject(s.collection, s.subject_id), created, processed=result, duplicate=duplicate
-        )
+        record, created, subject, duplicate = self._commit(result.staged, metadata)
+        return Registered(record, subject, created, processed=result, duplicate=duplicate)
 
     def verify(
         self,

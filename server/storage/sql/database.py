@@ -105,11 +105,13 @@ class SqlDatabase:
     @contextlib.contextmanager
     def _tx(self, write: bool = True):
         """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
+        committing = False
         try:
             with self.pool.connection() as conn:
                 self.d.begin(conn, write)
                 try:
                     yield lambda sql, *params: self.d.execute(conn, sql, params)
+                    committing = True
                     conn.commit()
                 except BaseException:
                     with contextlib.suppress(Exception):
@@ -120,11 +122,13 @@ class SqlDatabase:
                 raise
             log.warning("database unavailable: %s", exc)
             # the driver's text names hosts, ports and users: it goes to the log, the caller gets the reason
-            raise errors.unavailable(
-                errors.STORE_UNAVAILABLE,
-                "the database is unavailable; nothing was written; retry",
-                detail=f"{type(exc).__name__}: {exc}",
-            ) from exc
+            if committing and write:  # the commit may have reached the database before the connection went
+                message = "the database became unavailable during the commit: the change may have been made; read it back before retrying"
+            else:
+                message = (
+                    "the database is unavailable; nothing was written; retry" if write else "the database is unavailable; retry"
+                )
+            raise errors.unavailable(errors.STORE_UNAVAILABLE, message, detail=f"{type(exc).__name__}: {exc}") from exc
 
     def _retrying(self, fn, attempts: int = 3):
         """Run a write transaction again after a deadlock / lock timeout (MySQL)."""

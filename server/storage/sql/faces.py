@@ -34,8 +34,10 @@ class SqlFaces(SqlDatabase):
         allow_existing: bool,
         max_faces: int,
         metadata: dict[str, str] | None = None,
-    ) -> tuple[FaceRecord, bool]:
-        """Commit `face` to the subject, creating the subject if needed; returns (face, subject_created).
+    ) -> tuple[FaceRecord, bool, Subject]:
+        """Commit `face` to the subject, creating the subject if needed; returns (face, subject_created,
+        the subject as the commit left it: read in the same transaction, so a database lost just after
+        the commit cannot turn a stored face into an error that says nothing was written).
 
         - subject exists and not `allow_existing` -> ALREADY_REGISTERED (two concurrent first
           registrations of one subject: exactly one wins, by the primary key);
@@ -52,7 +54,7 @@ class SqlFaces(SqlDatabase):
                 raise errors.precondition(
                     errors.STAGING_MISMATCH, "this face is already registered to another subject", face_id=face.face_id
                 ) from None
-            return existing, False
+            return existing, False, self.get_subject(collection_id, subject_id)
 
     def _add_face_tx(self, collection_id, subject_id, face: NewFace, allow_existing, max_faces, metadata):
         ts = now_ms()
@@ -118,7 +120,8 @@ class SqlFaces(SqlDatabase):
                     raise
                 raise _Duplicate() from None  # a concurrent retry of the same Register committed first
             self._log(q, collection_id, face.face_id, "add")
-        return FaceRecord(
+            subject = self._subject(q, collection_id, subject_id)
+        record = FaceRecord(
             face.face_id,
             collection_id,
             subject_id,
@@ -127,7 +130,8 @@ class SqlFaces(SqlDatabase):
             ts,
             embedding=face.embedding,
             crop=face.crop,
-        ), created
+        )
+        return record, created, subject
 
     @staticmethod
     def _already_registered(collection_id: str, subject_id: str) -> errors.FaceServiceError:
@@ -167,23 +171,26 @@ class SqlFaces(SqlDatabase):
     def get_subject(self, collection_id: str, subject_id: str, with_embeddings: bool = False) -> Subject:
         with self._tx(write=False) as q:
             self._collection_row(q, collection_id)
-            row = q(
-                "SELECT metadata, created_ms, updated_ms FROM subjects WHERE collection_id = ? AND subject_id = ?",
-                collection_id,
-                subject_id,
-            ).fetchone()
-            if row is None:
-                raise errors.not_found(
-                    errors.SUBJECT_NOT_FOUND,
-                    f"subject {subject_id!r} is not registered in {collection_id!r}",
-                    collection=collection_id,
-                    subject_id=subject_id,
-                )
-            faces = q(
-                f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND subject_id = ? ORDER BY created_ms, face_id",
-                collection_id,
-                subject_id,
-            ).fetchall()
+            return self._subject(q, collection_id, subject_id, with_embeddings)
+
+    def _subject(self, q, collection_id: str, subject_id: str, with_embeddings: bool = False) -> Subject:
+        row = q(
+            "SELECT metadata, created_ms, updated_ms FROM subjects WHERE collection_id = ? AND subject_id = ?",
+            collection_id,
+            subject_id,
+        ).fetchone()
+        if row is None:
+            raise errors.not_found(
+                errors.SUBJECT_NOT_FOUND,
+                f"subject {subject_id!r} is not registered in {collection_id!r}",
+                collection=collection_id,
+                subject_id=subject_id,
+            )
+        faces = q(
+            f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND subject_id = ? ORDER BY created_ms, face_id",
+            collection_id,
+            subject_id,
+        ).fetchall()
         recs = [self._face(f, with_embeddings) for f in faces]
         return Subject(collection_id, subject_id, json.loads(row[0]), row[1], row[2], recs, len(recs))
 
