@@ -202,8 +202,12 @@ class HttpApp:
             start_response("404 Not Found", [("content-type", "text/plain")])
             return [b"the web console is not built here: run `make web`\n"]
         rel = "index.html" if path in ("", "/") else path.lstrip("/")
-        target = (self.console_dir / rel).resolve()
-        if not target.is_relative_to(self.console_dir) or not target.is_file():
+        try:
+            target = (self.console_dir / rel).resolve()
+            found = target.is_relative_to(self.console_dir) and target.is_file()
+        except (ValueError, OSError):  # a NUL byte, a name too long: anyone may send those, and they name no file
+            found = False
+        if not found:
             start_response("404 Not Found", [("content-type", "text/plain")])
             return [b"not found\n"]
         data = target.read_bytes()
