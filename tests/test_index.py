@@ -475,3 +475,15 @@ def test_a_deleted_face_leaves_the_graph_and_the_snapshot_and_compaction_reclaim
     assert a.write_snapshots(store.last_change_seq()) == 1
     restarted = registry(store, tmp_path).get(cid)  # the rewritten snapshot: 39 faces, no deleted slots
     assert restarted.loaded_from == "snapshot" and (len(restarted), restarted.stats().deleted) == (39, 0)
+
+
+def test_milvus_out_of_reach_is_unavailable_without_its_address():
+    """The address (and what failed) go to the server log; the caller, who may be any tenant, gets the
+    reason. The message named the Milvus host and port."""
+    from server import errors
+
+    engine = MilvusEngine(MilvusParams(uri="http://127.0.0.1:9"), None)  # the discard port: nothing listens
+    with pytest.raises(errors.FaceServiceError) as down:
+        engine.client
+    assert down.value.reason == errors.STORE_UNAVAILABLE and "127.0.0.1" not in down.value.message
+    assert "127.0.0.1:9" in down.value.detail

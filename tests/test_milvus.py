@@ -61,6 +61,10 @@ def test_two_replicas_on_mysql_share_one_milvus(mysql_url, tmp_path):
         assert all(st.engine == "milvus" and st.memory_bytes == 0 and st.size == 0 for st in stats)
         assert stats[0].engine_params["milvus_collection"] == stats[1].engine_params["milvus_collection"]
         assert stats[0].engine_params["uri"] == milvus.uri and stats[0].engine_params["lite"] == "False"
+        # where the index lives is the operator's to know, not a tenant's
+        key = stub_a.CreateApiKey(pb.CreateApiKeyRequest(collection=coll), timeout=10).secret
+        tenant = a.stub(key).GetIndexStats(pb.GetIndexStatsRequest(collection=coll), timeout=10)
+        assert "uri" not in tenant.engine_params and tenant.engine_params["lite"] == "False"
         print(f"\nregistered on A -> searchable on B: first search answered in {seen:.2f}s")
     finally:
         for s in (a, b):

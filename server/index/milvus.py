@@ -79,7 +79,10 @@ class MilvusParams:
 
 
 def _unavailable(what: str, exc: Exception) -> errors.FaceServiceError:
-    return errors.unavailable(errors.STORE_UNAVAILABLE, f"the search index (Milvus) is unavailable: {what}", detail=str(exc))
+    """What failed goes to the server log only: it names Milvus's address or collection, not the caller's to know."""
+    return errors.unavailable(
+        errors.STORE_UNAVAILABLE, "the search index (Milvus) is unavailable; retry", detail=f"{what}: {exc}"
+    )
 
 
 def _quoted(value: str) -> str:

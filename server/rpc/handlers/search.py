@@ -106,8 +106,9 @@ class SearchHandlers:
             loaded_from=st.loaded_from,
             last_rebuild_time=convert.timestamp(int(st.built_at * 1000)),
             snapshot_time=convert.timestamp(int(st.snapshot_at * 1000)) if st.snapshot_at else None,
-            engine_params={k: str(v) for k, v in st.params.items()},
-            # the change-log position moves with every tenant's writes: the admin's to see
+            # where the index lives (Milvus's address, a file's path) and the change-log position, which
+            # moves with every tenant's writes, are the operator's to see
+            engine_params={k: str(v) for k, v in st.params.items() if k != "uri" or admin_or_open()},
             change_seq=self.searcher.indexes.change_seq if admin_or_open() else 0,
             models=self.models,
         )
