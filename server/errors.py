@@ -133,6 +133,12 @@ def quote(value: object, limit: int = QUOTE_LIMIT) -> str:
     return repr(text[:limit]) + f"... ({len(text)} characters)"
 
 
+def cut(message: str, limit: int = 2 * QUOTE_LIMIT) -> str:
+    """A message written by a library that quotes caller input whole (a JSON parser's "failed to parse
+    field: <the value>"), cut to `limit` characters."""
+    return message if len(message) <= limit else message[:limit] + f"... ({len(message)} characters)"
+
+
 def exhausted(reason: str, message: str, **metadata: object) -> FaceServiceError:
     return FaceServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, reason, message, **metadata)
 

@@ -100,6 +100,19 @@ def test_json_errors_carry_the_errorinfo_reason(srv):
     for body in (b"{not json", b'{"image": {"encoded": 5}}'):  # the Connect library's own refusals
         status, _, doc = post(srv, "Detect", body)
         assert (status, doc["code"], reason(doc)) == (400, "invalid_argument", "VALIDATION_FAILED"), doc
+    # the library quotes a bad value whole: a 200 000-character one came back in a 200 KB message
+    status, _, doc = post(srv, "SearchByEmbedding", {"collection": "c", "embedding": ["x" * 200_000]})
+    assert (status, reason(doc)) == (400, "VALIDATION_FAILED") and len(doc["message"]) < 400, len(doc["message"])
+    # a field or an enum value the request does not have is refused, not skipped: a mistyped selection
+    # ran without the single-face check, and a mistyped policy made the default collection
+    for rpc, body in (
+        ("Detect", {"image": {"encoded": b64("dev/img5.jpg")}, "faceOptions": {"selection": "FACE_SELECTION_REQUIRE_SINGL"}}),
+        ("CreateCollection", {"collection": "typo", "livenessPolicy": "NOPE"}),
+        ("CreateCollection", {"collection": "typo", "livenesPolicy": "LIVENESS_POLICY_OPTIONAL"}),
+    ):
+        status, _, doc = post(srv, rpc, body)
+        assert (status, reason(doc)) == (400, "VALIDATION_FAILED"), (rpc, body, doc)
+    assert post(srv, "GetCollection", {"collection": "typo"})[0] == 404
 
 
 def test_what_no_rpc_takes_gets_a_reason_not_an_empty_500(srv):

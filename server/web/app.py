@@ -89,6 +89,7 @@ def with_error_info(body: bytes) -> bytes:
         doc = json.loads(body)
         if doc.get("code") == "invalid_argument" and not any(d.get("type") == ERROR_INFO for d in doc.get("details", ())):
             doc.setdefault("details", []).append(info_detail(errors.VALIDATION_FAILED, {"field": "request"}))
+            doc["message"] = errors.cut(str(doc.get("message", "")))  # the library quotes the bad value whole
         for detail in doc.get("details", ()):
             if detail.get("type") == ERROR_INFO and "debug" not in detail:
                 info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "=="))
@@ -115,7 +116,7 @@ def with_web_reason(chunk: bytes) -> bytes:
     code = trailers.get("grpc-status", "0")
     if code == "0" or "grpc-status-details-bin" in trailers or not code.isdigit():
         return chunk
-    message = unquote(trailers.get("grpc-message", ""))
+    message = errors.cut(unquote(trailers.get("grpc-message", "")))
     if "sent compressed message" in message:
         error = errors.FaceServiceError(
             grpc.StatusCode.UNIMPLEMENTED,
