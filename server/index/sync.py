@@ -8,8 +8,10 @@ Consistency (what a caller can rely on):
   Redis configured, a commit also publishes a wake-up on a pub/sub channel, so
   the others usually apply it within milliseconds; the poll is the safety net
   when a message is lost or Redis is down.
-- While the database is unreachable, searches keep answering from the index
-  as it was (possibly stale); the changes are applied once it is back.
+- While the database is unreachable the indexes stay as they were, and the
+  changes are applied once it is back. Search itself answers UNAVAILABLE
+  meanwhile: it reads the collection's policy and thresholds from the database
+  (an operator's change to them must hold at once, on every replica).
 - A replica never serves a face the database has deleted once it has seen
   the delete's log row, and a restart never resurrects one: snapshots are
   replayed through the log and checked against the database's face count.
@@ -193,7 +195,7 @@ class IndexSync:
                     log.info("change log: pruned %d rows older than %.0f h", n, self.retention_s / 3600)
         except errors.FaceServiceError as exc:
             if not self._failing:
-                log.warning("index sync paused: %s (searches answer from the indexes as they are)", exc)
+                log.warning("index sync paused: %s (the indexes stay as they are until it is back)", exc)
                 self._failing = True
         except Exception:  # noqa: BLE001 - the thread must survive anything, and say so
             log.exception("index sync step failed; retrying")
