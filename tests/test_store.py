@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 
 import grpc
@@ -341,6 +342,41 @@ def test_an_audited_request_with_overlong_ids_neither_is_lost_nor_holds_back_oth
         assert audit.flush() == 1  # the good one is written, the bad one dropped
         assert [e.action for e in store.list_audit(0, 10, a)][:1] == ["Search"]
         assert not audit._buffer and audit.flush() == 0
+
+
+class RefusingAuditStore:
+    """An audit store that refuses, as a database does, a batch holding an event it cannot take
+    (`refuses(event)`), and writes the rest; `down` makes every write fail as a full disk does."""
+
+    def __init__(self, refuses):
+        self.refuses, self.rows, self.down = refuses, [], False
+
+    def append_audit(self, events):
+        if self.down or any(self.refuses(e) for e in events):
+            raise sqlite3.OperationalError("database or disk is full" if self.down else "value too long")
+        self.rows.extend(events)
+
+
+def test_the_audit_log_drops_only_what_the_database_refuses_and_keeps_the_rest_through_a_failure():
+    """An event the database cannot take is dropped once a later one is written (it is the event,
+    not the store), so it does not hold back every event behind it; when the database refuses
+    everything for a reason that is not an outage (a full disk, a read-only failover), the events
+    are kept for the next try, not dropped one by one."""
+    from server.domain.audit import AuditLog
+
+    store = RefusingAuditStore(lambda e: e.subject_id == "bad")
+    audit = AuditLog(store)
+    audit.record("k", "GetSubject", "c", "bad", "", "OK")
+    for i in range(4):
+        audit.record("k", "Verify", "c", f"s{i}", "", "OK")
+    assert audit.flush() == 4 and [e.subject_id for e in store.rows] == ["s0", "s1", "s2", "s3"]
+    assert not audit._buffer
+    store.down = True
+    for i in range(10):
+        audit.record("k", "Verify", "c", f"t{i}", "", "OK")
+    assert audit.flush() == 0 and len(audit._buffer) == 10  # kept, not dropped
+    store.down = False
+    assert audit.flush() == 10 and not audit._buffer
 
 
 def test_faces_past_a_retention_are_found_oldest_first(store):

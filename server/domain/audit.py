@@ -22,6 +22,8 @@ from server.storage.interfaces import AuditStore
 log = logging.getLogger("facesvc.audit")
 
 MAX_BUFFER = 100_000
+ONE_BY_ONE = 256  # events a flush writes one at a time after the store refused its batch
+MAX_REFUSED_IN_A_ROW = 3  # then it is the store, not the events: keep them
 # The widest value each field of an event may hold (the MySQL columns, server/storage/sql/dialects.py).
 # An event records what a request named, before or whatever its validation said: a refused call's
 # 200-character subject id is recorded cut to fit, not lost with the events buffered beside it.
@@ -85,20 +87,31 @@ class AuditLog:
             return written
 
     def _one_by_one(self, batch: list[AuditEvent]) -> tuple[int, int]:
-        """Writes `batch` event by event and drops (and logs) the events the store refuses, so one it
-        cannot take does not hold back every later one. Stops at an outage, leaving the rest buffered.
+        """Writes the front of `batch` event by event, after the store refused the batch for a reason
+        that is not an outage. An event is dropped only once a later one is written: then the store
+        works and that event is what it cannot take, and it must not hold back every event behind it.
+        Several failing in a row, or an outage, stop the pass with the rest kept for the next try (a
+        full disk or a read-only failover refuses every event: those are kept, not dropped).
         Returns (events done from the front of the batch, events written)."""
-        written = 0
-        for done, event in enumerate(batch):
+        written, failing, dropped = 0, 0, 0
+        for i, event in enumerate(batch[:ONE_BY_ONE]):
             try:
                 self.store.append_audit([event])
-                written += 1
             except errors.FaceServiceError as exc:
-                log.warning("audit log: %d events not written yet (%s); retrying", len(batch) - done, exc)
-                return done, written
-            except Exception:  # noqa: BLE001
-                log.exception("audit log: the database refused an event (%s by %r); dropped", event.action, event.key_id)
-        return len(batch), written
+                log.warning("audit log: %d events not written yet (%s); retrying", len(batch) - i + failing, exc)
+                return i - failing, written
+            except Exception as exc:  # noqa: BLE001
+                failing += 1
+                if failing == MAX_REFUSED_IN_A_ROW:
+                    log.warning("audit log: the database refuses events (%s); keeping them for the next try", exc)
+                    return i + 1 - failing, written
+                continue
+            written += 1
+            dropped, failing = dropped + failing, 0
+        if dropped:
+            log.warning("audit log: %d events the database refused were dropped", dropped)
+        done = min(len(batch), ONE_BY_ONE)
+        return done - failing, written
 
     def list(self, before_seq: int, limit: int, collection: str = "", subject_id: str = "") -> list[AuditEvent]:
         self.flush()  # what was recorded before the listing is in it
