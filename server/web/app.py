@@ -28,6 +28,7 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import grpc
+from connectrpc.code import Code
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from hypercorn.asyncio import serve
@@ -36,7 +37,7 @@ from hypercorn.config import Config
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, AuthInterceptor
 from server.rpc.servicer import SERVICE
-from server.web.calls import connect_app
+from server.web.calls import STATUS_DETAILS_KEY, connect_app, connect_code, grpc_code, library_refusal
 from server.web.gate import ERROR_INFO, BodyBytes, HeaderGate, info_detail, web_status
 
 log = logging.getLogger("facesvc.http")
@@ -83,13 +84,15 @@ def not_taken(method: str, content_type: str, path: str) -> tuple[str, list[tupl
 def with_error_info(body: bytes) -> bytes:
     """A Connect error body with each ErrorInfo detail also spelled out as JSON (`debug`), so a curl
     user reads the reason without decoding the base64 `value` (Connect clients ignore `debug`). The
-    Connect library's own invalid_argument (a body that does not parse as the request: "unmarshal
-    message") gets VALIDATION_FAILED, as the gRPC port answers bytes that do not parse."""
+    Connect library's own refusals (a body that does not parse as the request, or inflates too far)
+    get their ErrorInfo and a message cut short (calls.library_refusal)."""
     try:
         doc = json.loads(body)
-        if doc.get("code") == "invalid_argument" and not any(d.get("type") == ERROR_INFO for d in doc.get("details", ())):
-            doc.setdefault("details", []).append(info_detail(errors.VALIDATION_FAILED, {"field": "request"}))
-            doc["message"] = errors.cut(str(doc.get("message", "")))  # the library quotes the bad value whole
+        if not any(d.get("type") == ERROR_INFO for d in doc.get("details", ())):
+            refusal = library_refusal(grpc_code(Code(doc.get("code"))), str(doc.get("message", "")))
+            if refusal is not None:
+                doc["code"], doc["message"] = connect_code(refusal.code).value, refusal.message
+                doc.setdefault("details", []).append(info_detail(refusal.reason, refusal.metadata))
         for detail in doc.get("details", ()):
             if detail.get("type") == ERROR_INFO and "debug" not in detail:
                 info = error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "=="))
@@ -100,11 +103,9 @@ def with_error_info(body: bytes) -> bytes:
 
 
 def with_web_reason(chunk: bytes) -> bytes:
-    """A gRPC-Web response chunk whose trailers carry an error of the Connect library's own (a body
-    that is not an envelope, is cut short, is flagged compressed, or is not the request message),
-    given the status details the gRPC port sends for the same bytes: VALIDATION_FAILED, and for a
-    compressed message UNIMPLEMENTED, as grpc answers an encoding it does not take. Data frames, and
-    trailers that carry details already (the handlers' errors), pass as they are."""
+    """A gRPC-Web response chunk whose trailers carry a refusal of the Connect library's own, given
+    the status details the gRPC port sends for the same bytes (calls.library_refusal). Data frames,
+    and trailers that carry details already (the handlers' errors), pass as they are."""
     frames, at = [], 0
     while at + 5 <= len(chunk):
         size = int.from_bytes(chunk[at + 1 : at + 5], "big")
@@ -113,27 +114,37 @@ def with_web_reason(chunk: bytes) -> bytes:
     if at != len(chunk) or not frames or not frames[-1][0] & 0x80:
         return chunk
     trailers = dict(line.split(": ", 1) for line in frames[-1][1].decode("latin-1").split("\r\n") if ": " in line)
-    code = trailers.get("grpc-status", "0")
-    if code == "0" or "grpc-status-details-bin" in trailers or not code.isdigit():
+    fields = _web_refusal(trailers)
+    if fields is None:
         return chunk
-    message = errors.cut(unquote(trailers.get("grpc-message", "")))
-    if "sent compressed message" in message:
-        error = errors.FaceServiceError(
-            grpc.StatusCode.UNIMPLEMENTED,
-            errors.VALIDATION_FAILED,
-            "grpc-encoding: send messages uncompressed",
-            field="grpc-encoding",
-        )
-    else:
-        known = {c.value[0]: c for c in grpc.StatusCode}
-        error = errors.FaceServiceError(
-            known.get(int(code), grpc.StatusCode.INVALID_ARGUMENT),
-            errors.VALIDATION_FAILED,
-            f"request: {message}",
-            field="request",
-        )
-    text = "".join(f"{k}: {v}\r\n" for k, v in web_status(error)).encode("latin-1")
+    text = "".join(f"{k}: {v}\r\n" for k, v in fields).encode("latin-1")
     return chunk[: at - 5 - len(frames[-1][1])] + b"\x80" + len(text).to_bytes(4, "big") + text
+
+
+def _web_refusal(status: dict[str, str]) -> list[tuple[str, str]] | None:
+    """gRPC-Web status fields (trailers, or the headers of a trailers-only answer) for a library
+    refusal without details, or None to leave them as they are."""
+    code = status.get("grpc-status", "0")
+    if code == "0" or not code.isdigit() or STATUS_DETAILS_KEY in status:
+        return None
+    known = {c.value[0]: c for c in grpc.StatusCode}
+    error = library_refusal(known.get(int(code), grpc.StatusCode.UNKNOWN), unquote(status.get("grpc-message", "")))
+    return None if error is None else web_status(error)
+
+
+def _web_body(body):
+    """A gRPC-Web answer's chunks, its trailers given the refusal details; at least one chunk (an
+    answer carried in headers alone has an empty body, and a server that sees no chunk never sends
+    the headers either); and the library's iterable closed with it (PEP 3333)."""
+    try:
+        sent = False
+        for chunk in body:
+            sent = True
+            yield with_web_reason(chunk)
+        if not sent:
+            yield b""
+    finally:
+        getattr(body, "close", lambda: None)()
 
 
 class HttpApp:
@@ -181,8 +192,15 @@ class HttpApp:
     def _rpc(self, environ, start_response, cors):
         held = {}
 
+        web = environ.get("CONTENT_TYPE", "").startswith("application/grpc-web")
+
         def hold(status, headers, exc_info=None):
             headers = list(headers) + cors
+            if web:  # a refusal before any message is answered in the headers alone (trailers-only)
+                fields = _web_refusal({k.lower(): v for k, v in headers})
+                if fields is not None:
+                    names = {k for k, _ in fields}
+                    headers = [(k, v) for k, v in headers if k.lower() not in names] + fields
             if status.startswith("200") or not any(k.lower() == "content-type" and "json" in v for k, v in headers):
                 return start_response(status, headers, exc_info)
             held["status"], held["headers"] = status, headers  # a Connect error: sent below, its body rewritten
@@ -190,9 +208,7 @@ class HttpApp:
 
         body = self.connect(environ, hold)
         if not held:
-            if environ.get("CONTENT_TYPE", "").startswith("application/grpc-web"):
-                return (with_web_reason(chunk) for chunk in body)
-            return body
+            return _web_body(body) if web else body
         data = with_error_info(b"".join(body))
         headers = [(k, v) for k, v in held["headers"] if k.lower() != "content-length"]
         start_response(held["status"], headers + [("content-length", str(len(data)))])

@@ -182,16 +182,44 @@ class FaceServiceOverHttp:
         return unary
 
 
+COMPRESSED = "protocol error: sent compressed message"  # the library's words for a flag it was not told of
+
+
+def library_refusal(code: grpc.StatusCode, message: str) -> errors.FaceServiceError | None:
+    """The error the Connect library's own refusal of a request (it reads the request before any
+    handler: an envelope cut short, bytes that are not the message, a body over the size or
+    inflation bound) is answered with, on every HTTP protocol alike: its code, with the
+    VALIDATION_FAILED ErrorInfo the gRPC port gives the same bytes, and its message cut short (it
+    quotes the caller's bad value whole). A compressed message nobody announced is UNIMPLEMENTED, as
+    grpc answers an encoding it does not take. None for the library's other codes (UNKNOWN, INTERNAL:
+    not the caller's to fix)."""
+    message = errors.cut(message)
+    if message.startswith(COMPRESSED):
+        return errors.FaceServiceError(
+            grpc.StatusCode.UNIMPLEMENTED, errors.VALIDATION_FAILED, "encoding: send messages uncompressed", field="encoding"
+        )
+    if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED):
+        return errors.FaceServiceError(code, errors.VALIDATION_FAILED, f"request: {message}", field="request")
+    return None
+
+
+def grpc_code(code: Code) -> grpc.StatusCode:
+    """The gRPC status code of a Connect code (connect_code's inverse)."""
+    return grpc.StatusCode.CANCELLED if code == Code.CANCELED else grpc.StatusCode[code.name.upper()]
+
+
 def _parsed(requests, call: HttpCall, path: str):
-    """A stream's requests; one the Connect library cannot read (an envelope that is cut short or
-    flagged compressed, bytes that are not the message) aborts the call with VALIDATION_FAILED, as
-    the gRPC port answers a message that does not parse. Left to the library, the error read as the
-    stream's end: a batch answered the items before it, left out the rest and ended with OK."""
+    """A stream's requests; one the Connect library cannot read aborts the call with the library's
+    refusal (library_refusal), as the gRPC port ends a stream at a message that does not parse. Left
+    to the library, the error read as the stream's end: a batch answered the items before it, left out
+    the rest and ended with OK."""
     try:
         yield from requests
     except ConnectError as exc:
-        rpc = path.removeprefix(SERVICE_PREFIX)
-        refuse(call, rpc, errors.validation("request", f"a message does not parse as a {rpc} request: {errors.cut(exc.message)}"))
+        error = library_refusal(grpc_code(exc.code), exc.message) or errors.FaceServiceError(
+            grpc.StatusCode.INTERNAL, errors.INTERNAL, "the request stream could not be read"
+        )
+        refuse(call, path.removeprefix(SERVICE_PREFIX), error)
 
 
 def connect_app(servicer, interceptors, read_max_bytes: int) -> FaceServiceWSGIApplication:
