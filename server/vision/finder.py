@@ -25,7 +25,7 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
   their pipeline.
 
 Worst case (nothing anywhere, a large frame): 1 + 3 + 1 + 3 x 2 = 11 detector runs on small copies
-(an upright close-up pass that sees only a weak face takes up to two more views to confirm it); a
+(an upright close-up pass that sees only a weak face, or a trace of one, takes up to two more views); a
 weak close-up face that no turned plain pass sees better, then doubtful, 1 + 3 + 3 + 3 = 10 (a call
 runs each turned plain pass once).
 Every pass after the first is paid from the call's budget of detector passes (server/context.py
@@ -62,6 +62,10 @@ WEAK = 0.7
 # crops at 0.6 x the face's width were found; with both, 117, and no more false faces among 607
 # close-ups of the photos' backgrounds, hands and clothes.
 CONFIRM = ((PAD / 2, 127), (3 * PAD / 4, 127))
+# A trace of a face on the close-up pass, under WEAK: a tight crop's remains may score there on the
+# black border and well above WEAK on a grey one, so the other views still run; under HINT they do
+# not (an empty background costs no more passes).
+HINT = 0.5
 # The close-up pass also sees an upside-down or sideways face, weakly and with its landmarks laid out
 # upright: on the 120 LFW photos turned by 90, 180 or 270 degrees, at most 0.754. A face only the
 # close-up pass found, scoring under this, is checked against the turned frames (three more passes).
@@ -260,23 +264,39 @@ class FaceFinder:
         """The close-up pass: the frame at a third of the size in the middle of a black border. A face
         cut off by the frame's edge (a tight crop: no chin, no forehead) often scores under the
         detector's threshold even there. With `weak` (the upright frame's rescue; turned frames have
-        three chances already) and the detector's own threshold (the caller set none), such a face
-        down to WEAK x the threshold counts when another view (CONFIRM: grey borders, narrower) sees
-        it too: a false face rarely survives the change of scale and border."""
+        three chances already) and the detector's own threshold (the caller set none), the other
+        views (CONFIRM: grey borders, narrower) run while no face is settled: a face scoring down to
+        WEAK x the threshold counts when another view sees it too (a false face rarely survives the
+        change of scale and border), and one at the threshold counts alone, whichever view saw it.
+        The views answer with the first one that found a face: the black border's where it did. A
+        tight crop's remains may score just under WEAK on the black border and well above it on a
+        grey one: the grey views run when the black border shows at least a trace of a face (HINT)."""
         if min_score is not None or not weak:  # the caller's threshold is the caller's
             return self._bordered(small, min_score, PAD, 0)
         strict = self.detector.score_threshold
-        f = self._bordered(small, WEAK * strict, PAD, 0)
-        unsure = f.scores < strict
-        if not unsure.any():
-            return f
-        seen = np.zeros(len(f), bool)
-        for pad, grey in CONFIRM:
-            if not (unsure & ~seen).any() or not spend(1):
+        black = self._bordered(small, HINT * strict, PAD, 0)
+        if not len(black):  # not a trace of a face: the other views would not find one either
+            return black
+        fair = black.scores >= WEAK * strict
+        views = [Found(black.boxes[fair], black.landmarks[fair], black.scores[fair])]
+        for view in (None, *CONFIRM):
+            if view is not None:  # a grey view, paid from the call's budget
+                if not spend(1):
+                    break
+                views.append(self._bordered(small, WEAK * strict, *view))
+            first = next((f for f in views if len(f)), None)
+            if first is None:
+                continue
+            settled = first.scores >= strict
+            for other in views:
+                if other is not first:
+                    settled |= seen_by(first, other)
+            if settled.all():
                 break
-            seen |= seen_by(f, self._bordered(small, WEAK * strict, pad, grey))
-        keep = np.flatnonzero(~unsure | seen)
-        return Found(f.boxes[keep], f.landmarks[keep], f.scores[keep])
+        if first is None:
+            return _empty()
+        keep = np.flatnonzero(settled)
+        return Found(first.boxes[keep], first.landmarks[keep], first.scores[keep])
 
     def _bordered(self, small: np.ndarray, min_score, pad: float, grey: int) -> Found:
         """Faces of `small` shrunk into the middle of a border `pad` x its size wide on every side,
