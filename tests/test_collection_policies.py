@@ -382,9 +382,9 @@ def _linked_sets(x: np.ndarray, threshold: float) -> list[list[int]]:
 def test_grouping_joins_exactly_the_linked_faces_at_the_cost_of_the_similarities():
     """group() against a breadth-first search of the whole similarity graph, on sets wider than its
     block of rows: people with many photos, a chain where each face resembles only the next, and
-    faces that all resemble each other. That last set links every pair (12.5 M links for 5 000
-    faces), which a Python union-find joined one by one in about 13 times the CPU of computing the
-    similarities: a GroupFaces call of a few bytes took seconds. It stays within 4 times."""
+    faces that all resemble each other. That last set links every pair, which a Python union-find
+    joined one by one at many times the CPU of computing the similarities: a GroupFaces call of a
+    few bytes took seconds. It stays within a few times that cost."""
     from server.domain.grouping import BLOCK, group
 
     rng = np.random.default_rng(7)

@@ -15,6 +15,7 @@ import zlib
 from dataclasses import dataclass
 
 import cv2
+import grpc
 import numpy as np
 
 from server import errors
@@ -333,7 +334,14 @@ class IdentityService:
                 collection=staged.collection_id,
             )
         if staged.liveness_score >= 0 and staged.liveness_score < t.liveness:
-            raise errors.spoof(staged.liveness_score, t.liveness)
+            raise errors.FaceServiceError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                errors.SPOOF_DETECTED,
+                f"the collection's liveness threshold was raised to {t.liveness:.3f} since this face was staged "
+                f"(score {staged.liveness_score:.3f}); call Process again",
+                liveness_score=f"{staged.liveness_score:.4f}",
+                threshold=f"{t.liveness:.4f}",
+            )
 
     def register_screened(self, s: Screened, embedding: np.ndarray, metadata: dict[str, str]) -> Registered:
         """Register with an image, once the face is screened and embedded: commit it."""
