@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -199,4 +200,5 @@ def test_console_files_are_served_with_a_strict_policy(srv):
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(srv.http_url + path, timeout=10)
         assert err.value.code == 404, path
+    time.sleep(0.5)  # a traceback is logged after its 500 is sent
     assert srv.output().count("Traceback") == before

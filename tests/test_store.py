@@ -118,8 +118,19 @@ def test_add_face_rules(store):
     f1 = face(1)
     rec, created, subject = store.add_face(cid, "alice", f1, allow_existing=False, max_faces=2, metadata={"dept": "r&d"})
     assert created and rec.face_id == f1.face_id
-    # the subject as the commit left it, read in the commit's own transaction
+    # the subject as the commit left it, read in the commit's own transaction: no read after it,
+    # which a database lost just after the commit would turn into "nothing was written"
     assert (subject.subject_id, subject.face_count, subject.metadata) == ("alice", 1, {"dept": "r&d"})
+
+    def lost(*args, **kwargs):
+        raise errors.unavailable(errors.STORE_UNAVAILABLE, "the database is unavailable; retry")
+
+    read_back, store.get_subject = store.get_subject, lost
+    try:
+        _, _, bob = store.add_face(cid, "bob", face(7), allow_existing=False, max_faces=2)
+    finally:
+        store.get_subject = read_back
+    assert bob.face_count == 1
     with pytest.raises(errors.FaceServiceError) as e:
         store.add_face(cid, "alice", face(2), allow_existing=False, max_faces=2)
     assert e.value.code == grpc.StatusCode.ALREADY_EXISTS and reason(e) == errors.ALREADY_REGISTERED
