@@ -148,6 +148,7 @@ class HeaderGate:
         finally:
             self.bytes.give(owner, held[0])
         if refusal is not None:  # after the bytes are given back: the caller may retry at once
+            await _drain(receive)
             await _reply(send, *refusal)
 
     async def _owner(self, headers: dict, loop) -> str | None:
@@ -190,6 +191,27 @@ class HeaderGate:
                 body += chunk
             if not message.get("more_body"):
                 return body
+
+
+DRAIN_BYTES, DRAIN_S = 1 << 20, 2.0
+
+
+async def _drain(receive) -> None:
+    """Reads and drops what a refused request still sends, up to DRAIN_BYTES within DRAIN_S, before
+    the refusal goes out. A connection closed with a body still arriving is reset, and the reset can
+    take the refusal with it: a client still sending a photo without a key saw "connection closed"
+    instead of UNAUTHENTICATED. Nothing is held, and a body larger than the bound is cut off as
+    before."""
+    loop, taken = asyncio.get_running_loop(), 0
+    end = loop.time() + DRAIN_S
+    while taken <= DRAIN_BYTES:
+        try:
+            message = await asyncio.wait_for(receive(), max(0.0, end - loop.time()))
+        except TimeoutError:
+            return
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        taken += len(message.get("body", b""))
 
 
 async def _replay(parts: list, receive):
