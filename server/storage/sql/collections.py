@@ -74,7 +74,10 @@ class SqlCollections(SqlDatabase):
 
     def get_collection(self, collection_id: str) -> Collection:
         with self._tx(write=False) as q:
-            row = q(f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.collection_id = ?", collection_id).fetchone()
+            return self._collection(q, collection_id)
+
+    def _collection(self, q, collection_id: str) -> Collection:
+        row = q(f"SELECT {self._COLLECTION_COLUMNS} FROM collections c WHERE c.collection_id = ?", collection_id).fetchone()
         if row is None:
             raise self._no_collection(collection_id)
         return _collection(row)
@@ -97,15 +100,16 @@ class SqlCollections(SqlDatabase):
         unknown = set(changes) - set(_COLUMNS)
         if unknown:
             raise ValueError(f"unknown collection fields {sorted(unknown)}")
-        if changes:
-            with self._tx() as q:
-                self._collection_row(q, collection_id)
-                q(
-                    f"UPDATE collections SET {', '.join(f'{_COLUMNS[k]} = ?' for k in changes)} WHERE collection_id = ?",
-                    *changes.values(),
-                    collection_id,
-                )
-        return self.get_collection(collection_id)
+        if not changes:
+            return self.get_collection(collection_id)
+        with self._tx() as q:  # the answer read in the change's transaction: no read after the commit to fail
+            self._collection_row(q, collection_id)
+            q(
+                f"UPDATE collections SET {', '.join(f'{_COLUMNS[k]} = ?' for k in changes)} WHERE collection_id = ?",
+                *changes.values(),
+                collection_id,
+            )
+            return self._collection(q, collection_id)
 
     @staticmethod
     def _no_collection(collection_id: str) -> errors.FaceServiceError:

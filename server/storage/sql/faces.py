@@ -234,7 +234,7 @@ class SqlFaces(SqlDatabase):
                 else:
                     merged.pop(k, None)
             _save_metadata(q, collection_id, subject_id, merged, now_ms())
-        return self.get_subject(collection_id, subject_id)
+            return self._subject(q, collection_id, subject_id)  # in the change's transaction, as add_face
 
     def delete_subject(self, collection_id: str, subject_id: str) -> list[str]:
         """Deletes the subject and all its faces; returns the ids of the faces that went."""
