@@ -37,7 +37,7 @@ from hypercorn.config import Config
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, AuthInterceptor
 from server.rpc.servicer import SERVICE
-from server.web.calls import STATUS_DETAILS_KEY, connect_app, connect_code, grpc_code, library_refusal
+from server.web.calls import STATUS_BY_NUMBER, STATUS_DETAILS_KEY, connect_app, connect_code, grpc_code, library_refusal
 from server.web.gate import ERROR_INFO, BodyBytes, HeaderGate, info_detail, web_status
 
 log = logging.getLogger("facesvc.http")
@@ -127,8 +127,7 @@ def _web_refusal(status: dict[str, str]) -> list[tuple[str, str]] | None:
     code = status.get("grpc-status", "0")
     if code == "0" or not code.isdigit() or STATUS_DETAILS_KEY in status:
         return None
-    known = {c.value[0]: c for c in grpc.StatusCode}
-    error = library_refusal(known.get(int(code), grpc.StatusCode.UNKNOWN), unquote(status.get("grpc-message", "")))
+    error = library_refusal(STATUS_BY_NUMBER.get(int(code), grpc.StatusCode.UNKNOWN), unquote(status.get("grpc-message", "")))
     return None if error is None else web_status(error)
 
 

@@ -203,6 +203,9 @@ def library_refusal(code: grpc.StatusCode, message: str) -> errors.FaceServiceEr
     return None
 
 
+STATUS_BY_NUMBER = {c.value[0]: c for c in grpc.StatusCode}  # a grpc-status header's number to its code
+
+
 def grpc_code(code: Code) -> grpc.StatusCode:
     """The gRPC status code of a Connect code (connect_code's inverse)."""
     return grpc.StatusCode.CANCELLED if code == Code.CANCELED else grpc.StatusCode[code.name.upper()]
