@@ -134,6 +134,15 @@ class SqlFaces(SqlDatabase):
         return record, created, subject
 
     @staticmethod
+    def _no_subject(collection_id: str, subject_id: str) -> errors.FaceServiceError:
+        return errors.not_found(
+            errors.SUBJECT_NOT_FOUND,
+            f"subject {subject_id!r} is not registered in {collection_id!r}",
+            collection=collection_id,
+            subject_id=subject_id,
+        )
+
+    @staticmethod
     def _already_registered(collection_id: str, subject_id: str) -> errors.FaceServiceError:
         return errors.already_exists(
             errors.ALREADY_REGISTERED,
@@ -180,7 +189,7 @@ class SqlFaces(SqlDatabase):
             subject_id,
         ).fetchone()
         if row is None:
-            raise _no_subject(collection_id, subject_id)
+            raise self._no_subject(collection_id, subject_id)
         faces = q(
             f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND subject_id = ? ORDER BY created_ms, face_id",
             collection_id,
@@ -216,7 +225,7 @@ class SqlFaces(SqlDatabase):
                 subject_id,
             ).fetchone()
             if row is None:
-                raise _no_subject(collection_id, subject_id)
+                raise self._no_subject(collection_id, subject_id)
             merged = dict(metadata) if keys is None else json.loads(row[0])
             for k in keys or ():
                 if k in metadata:
@@ -240,7 +249,7 @@ class SqlFaces(SqlDatabase):
             ]
             n = q("DELETE FROM subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id).rowcount
             if n == 0:
-                raise _no_subject(collection_id, subject_id)
+                raise self._no_subject(collection_id, subject_id)
             for face_id in faces:
                 self._log(q, collection_id, face_id, "delete")
         return faces
@@ -316,13 +325,4 @@ def _save_metadata(q, collection_id: str, subject_id: str, merged: dict, ts: int
         ts,
         collection_id,
         subject_id,
-    )
-
-
-def _no_subject(collection_id: str, subject_id: str) -> errors.FaceServiceError:
-    return errors.not_found(
-        errors.SUBJECT_NOT_FOUND,
-        f"subject {subject_id!r} is not registered in {collection_id!r}",
-        collection=collection_id,
-        subject_id=subject_id,
     )
