@@ -7,8 +7,9 @@ The runtimes take turns call by call, so the machine's noise falls on all of the
 timed on OpenVINO's dynamic-shape graph against the graph compiled for the frame's own shape (what
 the server uses for the shapes it meets most), with the memory each holds; fed a float blob made
 with OpenCV against fed its 8-bit pixels, converted in the graph (PixelInput); and, two threads
-each running a frame's preparation, SCRFD and the recognizer as the pipeline does, on throughput
-graphs whose streams are pinned to cores against unpinned ones (what the server compiles).
+each running a frame's preparation, SCRFD and the recognizer as the pipeline does, on the graphs
+concurrent runs could take: the throughput hint's streams pinned to cores and not, and one thread
+per run (what the server takes while no more runs are in flight than there are cores).
 
     .venv/bin/python scripts/bench_runtimes.py [--calls 300] [--threads 0]
 
@@ -96,42 +97,59 @@ def pixels_in_graph(path: str, threads: int, calls: int) -> dict:
     return {"precision": precision, "blob_p50_ms": pct(t["blob"], 50), "pixels_p50_ms": pct(t["pixels"], 50)}
 
 
-def pinned_streams(det_path: str, rec_path: str, seconds: float) -> dict:
+# the graphs two concurrent calls' runs could take: the throughput hint's streams pinned to cores (the
+# plugin's default), not pinned, and one thread per run (what the server runs while no more runs are
+# in flight than there are cores)
+COMPANY = {
+    "throughput, pinned": {"PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": True},
+    "throughput, unpinned": {"PERFORMANCE_HINT": "THROUGHPUT", "ENABLE_CPU_PINNING": False},
+    "one thread per run": {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1, "ENABLE_CPU_PINNING": False},
+}
+
+
+def company_graphs(det_path: str, rec_path: str, seconds: float) -> dict:
     """Two threads, each preparing a 1280x960 frame (downscale, blob) and running SCRFD then the
-    recognizer on throughput graphs (a stream per core), as two concurrent calls do: frames per second
-    with the streams pinned to cores and not."""
+    recognizer, as two concurrent calls do: frames per second and the process's CPU use on each of
+    the COMPANY graphs."""
     core = ov_core()
     precision = resolve_precision("auto")
     frame = np.random.default_rng(2).integers(0, 256, (960, 1280, 3), np.uint8)
     face = np.random.default_rng(3).random((1, 3, 112, 112), np.float32)
-    out = {}
-    for pinned in (True, False, True, False):  # twice each, alternating: the machine's drift falls on both
-        config = {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": pinned}
-        det_model, rec_model = core.read_model(det_path), core.read_model(rec_path)
-        det_model.reshape({det_model.inputs[0].get_any_name(): [1, 3, 480, 640]})
-        det, rec = core.compile_model(det_model, "CPU", config), core.compile_model(rec_model, "CPU", config)
-        done, stop = [0, 0], threading.Event()
+    rates: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    for _ in range(2):  # twice each, alternating: the machine's drift falls on all
+        for label, settings in COMPANY.items():
+            config = settings | {"INFERENCE_PRECISION_HINT": precision}
+            det_model, rec_model = core.read_model(det_path), core.read_model(rec_path)
+            det_model.reshape({det_model.inputs[0].get_any_name(): [1, 3, 480, 640]})
+            det, rec = core.compile_model(det_model, "CPU", config), core.compile_model(rec_model, "CPU", config)
+            done, stop = [0, 0], threading.Event()
 
-        def work(i):
-            d, r = det.create_infer_request(), rec.create_infer_request()
-            while not stop.is_set():
-                small = cv2.resize(frame, (640, 480), interpolation=cv2.INTER_LINEAR)
-                d.infer({0: ScrfdDetector.pixels.blob(small[None])})
-                r.infer({0: face})
-                done[i] += 1
+            def work(i, det=det, rec=rec, done=done, stop=stop):
+                d, r = det.create_infer_request(), rec.create_infer_request()
+                while not stop.is_set():
+                    small = cv2.resize(frame, (640, 480), interpolation=cv2.INTER_LINEAR)
+                    d.infer({0: ScrfdDetector.pixels.blob(small[None])})
+                    r.infer({0: face})
+                    done[i] += 1
 
-        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-        for th in threads:
-            th.start()
-        time.sleep(1.0)  # warm-up
-        start, t0 = sum(done), time.perf_counter()
-        time.sleep(seconds)
-        rate = (sum(done) - start) / (time.perf_counter() - t0)
-        stop.set()
-        for th in threads:
-            th.join()
-        out.setdefault("pinned" if pinned else "unpinned", []).append(rate)
-    return {k: float(np.median(v)) for k, v in out.items()} | {"precision": precision}
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+            for th in threads:
+                th.start()
+            time.sleep(1.0)  # warm-up
+            start, t0, c0 = sum(done), time.perf_counter(), time.process_time()
+            time.sleep(seconds)
+            wall = time.perf_counter() - t0
+            rates.setdefault(label, []).append((sum(done) - start) / wall)
+            cpu.setdefault(label, []).append((time.process_time() - c0) / wall)
+            stop.set()
+            for th in threads:
+                th.join()
+    return {
+        "precision": precision,
+        "frames_per_s": {k: float(np.median(v)) for k, v in rates.items()},
+        "cpu_cores_busy": {k: float(np.median(v)) for k, v in cpu.items()},
+    }
 
 
 def main() -> int:
@@ -175,7 +193,7 @@ def main() -> int:
     shapes.update(dynamic_mb=dynamic_mb, dynamic_plus_one_shape_mb=shaped_mb)
 
     pixels = pixels_in_graph(path, args.threads, args.calls)
-    pinning = pinned_streams(path, str(DEFAULT_MODEL_DIR / manifest["w600k_mbf"].file), 5.0)
+    company = company_graphs(path, str(DEFAULT_MODEL_DIR / manifest["w600k_mbf"].file), 5.0)
 
     cols = list(dict.fromkeys(k for r in rows for k in r if k not in ("model", "input")))
     print(f"\np50 ms per inference, one call at a time ({args.calls} calls each, runtimes taking turns)")
@@ -195,13 +213,12 @@ def main() -> int:
         f"SCRFD 640x480, {pixels['precision']}: float blob made with OpenCV + graph p50 {pixels['blob_p50_ms']:.2f} ms, "
         f"8-bit pixels converted in the graph p50 {pixels['pixels_p50_ms']:.2f} ms"
     )
-    print(
-        f"two threads, frame preparation + SCRFD + recognizer on throughput graphs ({pinning['precision']}): "
-        f"streams pinned {pinning['pinned']:.1f} frames/s, unpinned {pinning['unpinned']:.1f} frames/s"
-    )
+    print(f"\ntwo threads, each a frame's preparation + SCRFD + recognizer ({company['precision']}):")
+    for label, rate in company["frames_per_s"].items():
+        print(f"  {label:22} {rate:6.1f} frames/s, {company['cpu_cores_busy'][label] * 100:4.0f} % CPU")
     out = write_json(
         args.out,
-        {"models": rows, "scrfd_shapes": shapes, "scrfd_pixels": pixels, "pinning": pinning, "native_bf16": native_bf16()},
+        {"models": rows, "scrfd_shapes": shapes, "scrfd_pixels": pixels, "company": company, "native_bf16": native_bf16()},
     )
     print(f"wrote {out}")
     return 0

@@ -116,8 +116,9 @@ class Settings:
     openvino_hint: str = setting(
         "auto",
         "models",
-        "OpenVINO performance hint: auto (a run alone uses every core; runs with company take one stream per core), "
-        "latency (each run uses every core) or throughput (one stream per core, also for a lone call)",
+        "OpenVINO performance hint: auto (a run alone uses every core; runs with company take a core each, and "
+        "beyond one run per core queue for a stream per core), latency (each run uses every core) or throughput "
+        "(one stream per core, also for a lone call)",
         choices=("auto", "latency", "throughput"),
     )
     ort_threads: int = setting(

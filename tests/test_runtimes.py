@@ -159,10 +159,11 @@ def test_threads_each_get_their_own_answers(pipeline):
         assert float(e @ alone[i % len(crops)]) > 0.9999, i
 
 
-def test_the_auto_hint_runs_a_lone_call_on_the_latency_graph_and_company_on_the_throughput_graph(pipeline):
-    """FACESVC_OPENVINO_HINT=auto (the default): a model's latency graph at start-up, its throughput
-    graph (streams not pinned to cores) once a run has company; which one a run takes depends on
-    whether anything else runs, and both give the same embedding."""
+def test_the_auto_hint_runs_a_lone_call_on_every_core_and_company_a_thread_each(pipeline):
+    """FACESVC_OPENVINO_HINT=auto (the default): a model's latency graph at start-up; once a run has
+    company, a graph of one thread per run while no more runs are in flight than there are cores,
+    and the throughput graph (a stream per core) beyond; which one a run takes depends on what else
+    runs, and all give the same embedding."""
     from server.vision.models.manifest import DEFAULT_MODEL_DIR, load_manifest
     from server.vision.models.runtime import COMPILER, OpenVinoSession, RunCounter, cpu_cores
 
@@ -172,7 +173,7 @@ def test_the_auto_hint_runs_a_lone_call_on_the_latency_graph_and_company_on_the_
     if cpu_cores() == 1:
         assert session.modes == ("latency",)
         pytest.skip("one core: no second stream to run on")
-    assert session.modes == ("latency", "throughput")
+    assert session.modes == ("latency", "single", "throughput")
     assert OpenVinoSession(path, RuntimeOptions(runtime="openvino", hint="latency"), runs).modes == ("latency",)
     crop = pipeline.detect(read("dev/img1.jpg"), OPTS)[0].aligned
     name = session.get_inputs()[0].name
@@ -182,21 +183,31 @@ def test_the_auto_hint_runs_a_lone_call_on_the_latency_graph_and_company_on_the_
         requests = getattr(session._local, "requests", {})
         return {mode for mode, compiled in session._dynamic.compiled.items() if id(compiled) in requests}
 
+    def run_with_company(others: int) -> np.ndarray:
+        for _ in range(others):  # other models' runs in flight
+            runs.enter()
+        try:
+            session.run(None, {name: blob})  # the graph is compiled on first need; another answers meanwhile
+            assert COMPILER.wait_idle(60)
+            return session.run(None, {name: blob})[0]
+        finally:
+            for _ in range(others):
+                runs.leave()
+
     alone = session.run(None, {name: blob})[0]
     assert graphs_used() == {"latency"} and set(session._dynamic.compiled) == {"latency"}
-    runs.enter()  # another model's run in flight
-    try:
-        # the throughput graph is compiled on first need; the latency graph answers meanwhile
-        session.run(None, {name: blob})
-        assert COMPILER.wait_idle(60)
-        company = session.run(None, {name: blob})[0]
-    finally:
-        runs.leave()
-    assert graphs_used() == {"latency", "throughput"}
-    # the throughput graph's streams float across the cores, which the calls' own work shares with them
-    assert session._dynamic.compiled["throughput"].get_property("ENABLE_CPU_PINNING") is False
-    cos = float((alone @ company.T).item() / np.linalg.norm(alone) / np.linalg.norm(company))
-    assert cos > 0.999, cos
+    one_other = run_with_company(1)
+    assert graphs_used() == {"latency", "single"} and set(session._dynamic.compiled) == {"latency", "single"}
+    beyond_the_cores = run_with_company(cpu_cores())
+    assert graphs_used() == {"latency", "single", "throughput"}
+    graphs = session._dynamic.compiled
+    assert graphs["single"].get_property("INFERENCE_NUM_THREADS") == 1
+    # the graphs' threads float across the cores, which the calls' own work shares with them
+    assert graphs["single"].get_property("ENABLE_CPU_PINNING") is False
+    assert graphs["throughput"].get_property("ENABLE_CPU_PINNING") is False
+    for company in (one_other, beyond_the_cores):
+        cos = float((alone @ company.T).item() / np.linalg.norm(alone) / np.linalg.norm(company))
+        assert cos > 0.999, cos
     assert runs.active == 0
 
 

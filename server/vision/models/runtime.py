@@ -62,7 +62,7 @@ class RuntimeOptions:
     inter_op_threads: int = 1
     runtime: str = "auto"  # auto | openvino | onnxruntime
     precision: str = "auto"  # auto | f32 | bf16 | int8 (OpenVINO; bf16 only where the CPU has it natively)
-    hint: str = "auto"  # OpenVINO performance hint: auto (latency alone, throughput with company) | latency | throughput
+    hint: str = "auto"  # OpenVINO performance hint: auto (every core alone, a thread per run with company) | latency | throughput
 
 
 @dataclass(frozen=True)
@@ -361,25 +361,13 @@ class OpenVinoSession:
         self.precision = resolve_precision(opts.precision)
         if opts.hint not in ("auto", "latency", "throughput"):
             raise ValueError(f"hint must be auto, latency or throughput, not {opts.hint!r}")
-        # auto: a graph for each hint, and each run takes the one that suits the moment (see run());
-        # on one core a second stream would have nothing to run on
+        # auto: a graph for a lone run and two for runs with company, and each run takes the one that
+        # suits the moment (see _mode()); on one core they would all be the one-thread graph
         if opts.hint == "auto":
-            self.modes = ("latency", "throughput") if cpu_cores() > 1 else ("latency",)
+            self.modes = ("latency", "single", "throughput") if cpu_cores() > 1 else ("latency",)
         else:
             self.modes = (opts.hint,)
-        self._configs = {}
-        for mode in self.modes:
-            config = {"PERFORMANCE_HINT": mode.upper(), "INFERENCE_PRECISION_HINT": self.precision}
-            if mode == "throughput":
-                # The plugin pins each stream's thread to a core. Between runs the same cores carry the
-                # calls' Python and OpenCV work (and the other models' streams), which pinned threads
-                # cannot make room for: the scheduler then leaves a core idle while two threads share
-                # the other. Unpinned, two concurrent pipelines keep both cores busier
-                # (docs/benchmarks.md, "Pixels into the graph and unpinned streams").
-                config["ENABLE_CPU_PINNING"] = False
-            if opts.intra_op_threads:
-                config["INFERENCE_NUM_THREADS"] = opts.intra_op_threads
-            self._configs[mode] = config
+        self._configs = {mode: self._config(mode, opts) for mode in self.modes}
         self._runs = runs
         self._model = core.read_model(path)
         if pixels is not None:
@@ -387,7 +375,7 @@ class OpenVinoSession:
         self._inputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.inputs]
         self._outputs = [Port(p.get_any_name(), _dims(p.get_partial_shape())) for p in self._model.outputs]
         self._index = {n: i for i, p in enumerate(self._model.outputs) for n in p.get_names()}
-        # the first hint's graph now; the throughput graph (memory for a stream per core) once a run has company
+        # the first graph now; the others on their first need (memory: a stream's buffers each)
         self._dynamic = _Graphs(None)
         self._dynamic.compiled[self.modes[0]] = core.compile_model(self._model, "CPU", self._configs[self.modes[0]])
         self._dynamic.asked.add(self.modes[0])
@@ -403,6 +391,25 @@ class OpenVinoSession:
         self._lock = threading.Lock()
         self._local = threading.local()
         self._warm_up()
+
+    def _config(self, mode: str, opts: RuntimeOptions) -> dict:
+        """The plugin's settings for a graph: `latency`, one stream over every core; `throughput`, the
+        plugin's hint for many concurrent runs (a stream per core; a run waits for a free stream);
+        `single`, one thread for each run and no waiting (the latency hint on one thread)."""
+        config: dict = {"INFERENCE_PRECISION_HINT": self.precision}
+        if mode == "single":
+            config |= {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": 1}
+        else:
+            config["PERFORMANCE_HINT"] = mode.upper()
+        if mode != "latency":
+            # The plugin pins each stream's thread to a core. Between runs the same cores carry the
+            # calls' Python and OpenCV work (and the other models' runs), which pinned threads cannot
+            # make room for: the scheduler then leaves a core idle while two threads share the other
+            # (docs/benchmarks.md, "Pixels into the graph and unpinned streams").
+            config["ENABLE_CPU_PINNING"] = False
+        if opts.intra_op_threads and mode != "single":
+            config["INFERENCE_NUM_THREADS"] = opts.intra_op_threads
+        return config
 
     def _warm_up(self) -> None:
         """One inference on zeros, on the loading thread, before any call can come. OpenVINO's Python
@@ -502,15 +509,30 @@ class OpenVinoSession:
             req = requests[id(compiled)] = compiled.create_infer_request()
         return req
 
+    def _mode(self, alone: bool) -> str:
+        """The graph for a run, with the auto hint (any other hint has one graph):
+          - a run that has the CPU to itself (no other model run, no other call in flight): the
+            latency graph, one stream over every core, the lowest latency for a lone call;
+          - with company, while no more runs are in flight than there are cores: the single-thread
+            graph, so each takes a core of its own and the calls' Python and OpenCV work between
+            runs fits around them. On the throughput graph's streams two pipelines alternating
+            between two models left part of the two cores idle (docs/benchmarks.md, "One thread per
+            run with company");
+          - beyond that, the throughput graph: runs queue for a stream per core instead of sharing
+            the cores by time slices, which carried more calls/s at 8 and 64 clients.
+        The graphs give the same answers; each is compiled on its first need, another answering
+        meanwhile."""
+        if len(self.modes) == 1:
+            return self.modes[0]
+        if alone:
+            return "latency"
+        return "single" if self._runs.active <= cpu_cores() else "throughput"
+
     def run(self, output_names, feed: dict) -> list:
-        """With the auto hint, a run that has the CPU to itself (no other model run, no other call in
-        flight) takes the latency graph, one stream over every core: the lowest latency for a lone
-        call. A run with company takes the throughput graph, one stream per core (compiled on the
-        first such run): concurrent calls then run side by side, each on a core, instead of queueing
-        for the single stream and paying for its threads' hand-offs."""
+        """The run, on the graph _mode() picks for the moment."""
         alone = self._runs.enter()
         try:
-            mode = self.modes[0] if len(self.modes) == 1 else "latency" if alone else "throughput"
+            mode = self._mode(alone)
             req = self._request(self._compiled(feed, mode))
             # the request reads the caller's arrays in place (no copy): run() holds them until it returns
             req.infer(feed, share_inputs=True)
