@@ -363,8 +363,9 @@ class OpenVinoSession:
             raise ValueError(f"hint must be auto, latency or throughput, not {opts.hint!r}")
         # auto: a graph for a lone run and two for runs with company, and each run takes the one that
         # suits the moment (see _mode()); on one core they would all be the one-thread graph
+        self._cores = cpu_cores()
         if opts.hint == "auto":
-            self.modes = ("latency", "single", "throughput") if cpu_cores() > 1 else ("latency",)
+            self.modes = ("latency", "single", "throughput") if self._cores > 1 else ("latency",)
         else:
             self.modes = (opts.hint,)
         self._configs = {mode: self._config(mode, opts) for mode in self.modes}
@@ -526,7 +527,7 @@ class OpenVinoSession:
             return self.modes[0]
         if alone:
             return "latency"
-        return "single" if self._runs.active <= cpu_cores() else "throughput"
+        return "single" if self._runs.active <= self._cores else "throughput"
 
     def run(self, output_names, feed: dict) -> list:
         """The run, on the graph _mode() picks for the moment."""
