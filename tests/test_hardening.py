@@ -25,7 +25,7 @@ from PIL import Image
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server.rpc import validate
-from tests.conftest import PYTHON, ROOT, ServerProcess, error_info, expect_error, image, keyed_channel
+from tests.conftest import PYTHON, ROOT, ServerProcess, error_info, expect_error, face_path, image, keyed_channel
 
 INVALID, DENIED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
 FIRST_MESSAGE_S = 4
@@ -919,3 +919,58 @@ def test_item_ids_are_bounded(srv, admin):
             )
         )
     assert e.value.code() == INVALID and len(e.value.details()) < 400
+
+
+# -- found by the third round of attacks -----------------------------------------------------------------------
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    import struct
+    import zlib
+
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def test_text_chunks_after_a_pngs_image_data_are_not_inflated(srv, admin):
+    """libpng inflated every compressed text chunk of a PNG, after the image data too (where the header
+    probe does not look), and held them all until the decode ended: 100 zTXt chunks of 7 MB each, in
+    a 766 KB file, took 3.4 s and 660 MB. The decoder now sees the image's own chunks only."""
+    import zlib
+
+    from server.vision.imaging import png_essentials
+
+    face = cv2.imencode(".png", cv2.resize(cv2.imread(face_path("dev/img1.jpg")), (200, 270)))[1].tobytes()
+    inflates = zlib.compress(b"A" * 7_000_000, 9)
+    end = face.rfind(b"IEND") - 4
+    texts = png_chunk(b"zTXt", b"k\x00\x00" + inflates) * 60 + png_chunk(b"iTXt", b"k\x00\x01\x00\x00\x00" + inflates) * 20
+    bomb = face[:end] + texts + face[end:]
+    assert len(bomb) < 1024 * 1024 and png_essentials(bomb) == face
+    rss_before, before = srv.rss_mb(), cpu_seconds(srv.proc.pid)
+    assert len(admin.Detect(pb.DetectRequest(image=pb.Image(encoded=bomb)), timeout=30).faces) == 1
+    spent = cpu_seconds(srv.proc.pid) - before
+    assert spent < 0.5 and srv.rss_mb() - rss_before < 100, (spent, srv.rss_mb() - rss_before)
+    # the EXIF chunk stays: a phone's orientation would be read from it
+    exif = png_chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08\x00\x00")
+    assert png_essentials(face[:33] + exif + face[33:]) == face[:33] + exif + face[33:]
+    # walking the chunks is bounded too: no encoder writes a hundred thousand of them
+    many = face[:end] + png_chunk(b"tEXt", b"") * 100_001 + face[end:]
+    expect_error(admin.Detect, pb.DetectRequest(image=pb.Image(encoded=many)), INVALID, "INVALID_IMAGE")
+
+
+def test_an_image_packing_more_pixels_per_byte_than_any_photo_is_refused_before_decoding(srv, admin):
+    """A 38-byte lossless WebP of one colour decodes to 40 M pixels: four keys' worth of them kept both
+    cores busy at a fifth of a core-second per request. A photo holds at most a few hundred pixels
+    per byte (a black PNG: about 340); beyond FREE_PIXELS the limit is MAX_PIXELS_PER_IMAGE_BYTE."""
+    from server.vision.imaging import FREE_PIXELS, MAX_PIXELS_PER_IMAGE_BYTE
+
+    flat = cv2.imencode(".webp", np.zeros((2441, 16383, 3), np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
+    assert 2441 * 16383 > MAX_PIXELS_PER_IMAGE_BYTE * len(flat)
+    before = cpu_seconds(srv.proc.pid)
+    for _ in range(5):
+        info = expect_error(admin.Detect, pb.DetectRequest(image=pb.Image(encoded=flat)), INVALID, "IMAGE_TOO_LARGE")
+    assert cpu_seconds(srv.proc.pid) - before < 0.3
+    assert info.metadata["max_pixels_per_byte"] == str(MAX_PIXELS_PER_IMAGE_BYTE)
+    # the densest photo-like files pass: a black 4000 x 4000 PNG, and a small flat WebP under FREE_PIXELS
+    black = png_bomb(4000)
+    assert 4000 * 4000 < MAX_PIXELS_PER_IMAGE_BYTE * len(black)
+    assert admin.Detect(pb.DetectRequest(image=pb.Image(encoded=black)), timeout=30).faces == []
+    small = cv2.imencode(".webp", np.zeros((1000, 1000, 3), np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
+    assert 1000 * 1000 <= FREE_PIXELS and admin.Detect(pb.DetectRequest(image=pb.Image(encoded=small)), timeout=30).faces == []

@@ -53,6 +53,12 @@ STREAM_REFILL = 2.0
 # frame now and then cannot save an hour's refill for one burst.
 REFILL_CAP = 2.0
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
+# An image of more than FREE_PIXELS may decode to at most this many pixels per byte of its file. A
+# photo is a few to a few hundred (deflate cannot pack 8-bit RGB tighter than about 340); a lossless
+# WebP or RLE bitmap of one colour packs 40 M pixels into 38 bytes, and each such request would cost
+# a fifth of a core-second to decode for nothing a face needs.
+MAX_PIXELS_PER_IMAGE_BYTE = 2000
+FREE_PIXELS = 4_000_000
 
 
 @dataclass(frozen=True)
@@ -176,6 +182,41 @@ def png_weight(data: bytes) -> float:
     return max(1.0, per_pixel / 3) * (2.5 if interlace else 1.0)
 
 
+# The PNG chunks handed to the decoder: the image itself (header, palette, transparency, data, end) and
+# the EXIF orientation. libpng inflates every compressed text chunk (zTXt, iTXt) and ICC profile (iCCP)
+# it meets, after the image data too, where Pillow's header probe never looks, and holds each (up to
+# 8 MB) until the decode ends: 6 MB of them took 6 GB and 38 s to decode. Nothing here reads them.
+PNG_KEPT_CHUNKS = frozenset((b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND", b"eXIf"))
+# No encoder splits a 20 MB PNG into more chunks than this (image data comes in pieces of 8 KB or
+# more); walking millions of empty ones would cost seconds of Python.
+MAX_PNG_CHUNKS = 100_000
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_essentials(data: bytes) -> bytes:
+    """The PNG with only its PNG_KEPT_CHUNKS, each copied as it was (CRC included). A chunk that runs
+    past the end of the file is kept as it is: the decoder refuses the truncated file as before, and
+    nothing can follow it."""
+    if not data.startswith(_PNG_SIGNATURE):
+        return data
+    kept, i, end, n = [_PNG_SIGNATURE], len(_PNG_SIGNATURE), len(data), 0
+    while i + 8 <= end:
+        n += 1
+        if n > MAX_PNG_CHUNKS:
+            raise errors.invalid_image(f"the PNG has more than {MAX_PNG_CHUNKS} chunks; no encoder writes that many")
+        length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
+        stop = i + 12 + length
+        if stop > end:
+            kept.append(data[i:])
+            break
+        if kind in PNG_KEPT_CHUNKS:
+            kept.append(data[i:stop])
+        if kind == b"IEND":
+            break
+        i = stop
+    return b"".join(kept)
+
+
 def _check_jpeg_scans(data: bytes, width: int, height: int, limits: ImageLimits) -> None:
     allowed = max(MIN_JPEG_SCANS, min(limits.max_jpeg_scans, JPEG_SCAN_WORK // max(1, width * height)))
     scans = jpeg_scans(data, allowed)
@@ -233,10 +274,22 @@ def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None 
                 max_pixels=limits.max_pixels,
             )
     _check_dims(width, height, limits)
+    if width * height > max(FREE_PIXELS, MAX_PIXELS_PER_IMAGE_BYTE * len(data)):
+        raise errors.image_too_large(
+            f"a {len(data)}-byte {SUPPORTED_FORMATS[fmt]} that decodes to {width}x{height} pixels; an image of more "
+            f"than {FREE_PIXELS} pixels may hold at most {MAX_PIXELS_PER_IMAGE_BYTE} per byte of its file, which "
+            "no photo comes near",
+            width=width,
+            height=height,
+            size=len(data),
+            max_pixels_per_byte=MAX_PIXELS_PER_IMAGE_BYTE,
+        )
     if fmt in ("JPEG", "MPO"):
         _check_jpeg_scans(data, width, height, limits)
     if budget is not None:
         budget.charge(cost, field)
+    if fmt == "PNG":
+        data = png_essentials(data)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
