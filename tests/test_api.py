@@ -278,6 +278,11 @@ def test_raw_frame_errors_name_the_field(stub):
     bad = pb.Image(raw=pb.RawFrame(width=10, height=10, data=bytes(300)))
     info = expect_error(stub.Compare, pb.CompareRequest(source=image("dev/img5.jpg"), target=bad), INVALID, "VALIDATION_FAILED")
     assert info.metadata["field"] == "target.raw.format"
+    # a format number this contract does not have is named as sent, not as "UNSPECIFIED"
+    future = pb.Image(raw=pb.RawFrame(width=10, height=10, format=99, data=bytes(300)))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.Detect(pb.DetectRequest(image=future), timeout=30)
+    assert e.value.code() == INVALID and "not 99" in e.value.details()
 
 
 def test_oversized_encoded_image(stub):

@@ -49,8 +49,24 @@ def image_from_proto(msg: pb.Image, field: str, limits: ImageLimits, budget: Pix
         return decode_encoded(msg.encoded, limits, budget, field)
     raw = msg.raw
     return decode_raw(
-        raw.width, raw.height, _PIXEL_FORMAT.get(raw.format, "UNSPECIFIED"), raw.data, raw.row_stride, limits, field, budget
+        raw.width,
+        raw.height,
+        _PIXEL_FORMAT.get(raw.format, _format_name(raw.format)),
+        raw.data,
+        raw.row_stride,
+        limits,
+        field,
+        budget,
     )
+
+
+def _format_name(value: int) -> str:
+    """A pixel format the server does not take, as the refusal names it: the enum's name, or the number
+    a newer (or hostile) client sent."""
+    try:
+        return pb.PixelFormat.Name(value).removeprefix("PIXEL_FORMAT_")
+    except ValueError:
+        return str(value)
 
 
 def _finite(value: float, field: str, low: float, high: float) -> float:
