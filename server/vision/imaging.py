@@ -29,6 +29,9 @@ from server import errors
 # We enforce our own pixel limit below; disable Pillow's bomb heuristics so
 # its warning/exception do not pre-empt our clear error.
 PILImage.MAX_IMAGE_PIXELS = None
+# A file OpenCV cannot decode is answered INVALID_IMAGE and logged by the server's rules (a batch's
+# failing items at DEBUG); OpenCV's own line for it went to stderr, one per bad image, unthrottled.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 
 SUPPORTED_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
 CHANNELS = {"BGR": 3, "RGB": 3, "GRAY": 1}
