@@ -201,6 +201,21 @@ def test_the_auto_hint_runs_a_lone_call_on_every_core_and_company_a_thread_each(
     beyond_the_cores = run_with_company(cpu_cores())
     assert graphs_used() == {"latency", "single", "throughput"}
     graphs = session._dynamic.compiled
+    # the one-thread graph has one stream: a run that finds it busy takes the throughput graph's
+    # other stream rather than queue behind the run on it
+    busy = session._busy(graphs["single"])
+    with busy:
+        runs.enter()
+        try:
+            taken = []
+            real = session._request
+            session._request = lambda compiled: taken.append(compiled) or real(compiled)
+            session.run(None, {name: blob})
+        finally:
+            session._request = real
+            runs.leave()
+    assert taken == [graphs["throughput"]]
+    assert not busy.locked()
     assert graphs["single"].get_property("INFERENCE_NUM_THREADS") == 1
     # the graphs' threads float across the cores, which the calls' own work shares with them
     assert graphs["single"].get_property("ENABLE_CPU_PINNING") is False

@@ -390,6 +390,7 @@ class OpenVinoSession:
         # another after: there the first call of a shape waits for its graph (once, about 0.2 s).
         self._wait_for_shape = self.precision != "f32" or opts.precision == "int8"
         self._lock = threading.Lock()
+        self._running: dict[int, threading.Lock] = {}  # one-thread graphs (by id) -> held while a run is on it
         self._local = threading.local()
         self._warm_up()
 
@@ -510,17 +511,26 @@ class OpenVinoSession:
             req = requests[id(compiled)] = compiled.create_infer_request()
         return req
 
+    def _busy(self, compiled) -> threading.Lock:
+        """Held while a run is on `compiled` (a one-thread graph)."""
+        lock = self._running.get(id(compiled))
+        if lock is None:
+            with self._lock:
+                lock = self._running.setdefault(id(compiled), threading.Lock())
+        return lock
+
     def _mode(self, alone: bool) -> str:
         """The graph for a run, with the auto hint (any other hint has one graph):
           - a run that has the CPU to itself (no other model run, no other call in flight): the
             latency graph, one stream over every core, the lowest latency for a lone call;
-          - with company, while no more runs are in flight than there are cores: the single-thread
+          - with company, while no more runs are in flight than there are cores: the one-thread
             graph, so each takes a core of its own and the calls' Python and OpenCV work between
             runs fits around them. On the throughput graph's streams two pipelines alternating
             between two models left part of the two cores idle (docs/benchmarks.md, "One thread per
-            run with company");
+            run with company"). The graph has one stream: a run that finds it busy (another run of
+            the same model and shape) takes the throughput graph (see run());
           - beyond that, the throughput graph: runs queue for a stream per core instead of sharing
-            the cores by time slices, which carried more calls/s at 8 and 64 clients.
+            the cores by time slices.
         The graphs give the same answers; each is compiled on its first need, another answering
         meanwhile."""
         if len(self.modes) == 1:
@@ -534,9 +544,20 @@ class OpenVinoSession:
         alone = self._runs.enter()
         try:
             mode = self._mode(alone)
-            req = self._request(self._compiled(feed, mode))
-            # the request reads the caller's arrays in place (no copy): run() holds them until it returns
-            req.infer(feed, share_inputs=True)
+            compiled, busy = self._compiled(feed, mode), None
+            if mode == "single":
+                # the one-thread graph has one stream: a second run of it would queue behind the first
+                # while a core idles, so it takes the throughput graph's other stream instead
+                busy = self._busy(compiled)
+                if not busy.acquire(blocking=False):
+                    compiled, busy = self._compiled(feed, "throughput"), None
+            try:
+                req = self._request(compiled)
+                # the request reads the caller's arrays in place (no copy): run() holds them until it returns
+                req.infer(feed, share_inputs=True)
+            finally:
+                if busy is not None:
+                    busy.release()
         finally:
             self._runs.leave()
         wanted = range(len(self._outputs)) if output_names is None else [self._index[n] for n in output_names]
