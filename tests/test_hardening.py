@@ -574,9 +574,9 @@ def test_scans_hidden_from_the_marker_walk_are_still_counted(srv, admin):
 
 
 def test_each_batch_item_is_bounded_like_a_request(srv, admin):
-    """A batch item is a request of its own: 36 Mpix in 64 KB each (a lossy WebP: as many pixels per
-    byte as an image may hold) is decoded once and detected within the item's own budget (no
-    many-pass rescue of a blank frame), under a second of CPU each."""
+    """A batch item is a request of its own: 36 Mpix in 64 KB each (a blank lossy WebP, which passes the
+    pixels-per-byte limit) is decoded once and detected within the item's own budget (no many-pass
+    rescue of a blank frame), under a second of CPU each."""
     cid, key = tenant(admin)
     bomb = cv2.imencode(".webp", np.zeros((6000, 6000, 3), np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 50])[1].tobytes()
     assert len(bomb) < 100 * 1024
@@ -884,17 +884,18 @@ def test_animated_images_are_refused(srv, admin):
 
 
 def test_failing_batch_items_do_not_flood_the_log(srv, admin):
-    """Also when the header reads and the decoder fails (a bitmap without its pixels): OpenCV wrote a
-    line of its own per such image, beside the server's log and its rules."""
+    """Also when the header reads and the decoder fails (a bitmap without its pixels, a cut-off PNG):
+    OpenCV and libpng wrote a line of their own per such image, beside the server's log and its rules."""
     import struct
 
     cid, key = tenant(admin)
     lines_before = srv.output().count("\n")
     no_pixels = struct.pack("<2sIHHI", b"BM", 70, 0, 0, 54) + struct.pack("<IiiHHIIiiII", 40, 4, 4, 1, 24, 0, 0, 2835, 2835, 0, 0)
+    cut_png = cv2.imencode(".png", np.full((64, 64, 3), 99, np.uint8))[1].tobytes()[:-12]  # no IEND: libpng says so itself
     items = [
         pb.ProcessBatchRequest(
             item_id=str(i),
-            process=pb.ProcessRequest(collection=cid, subject_id="s", image=pb.Image(encoded=no_pixels if i % 2 else b"x")),
+            process=pb.ProcessRequest(collection=cid, subject_id="s", image=pb.Image(encoded=(b"x", no_pixels, cut_png)[i % 3])),
         )
         for i in range(300)
     ]
@@ -955,12 +956,24 @@ def test_text_chunks_after_a_pngs_image_data_are_not_inflated(srv, admin):
     assert len(admin.Detect(pb.DetectRequest(image=pb.Image(encoded=bomb)), timeout=30).faces) == 1
     spent = cpu_seconds(srv.proc.pid) - before
     assert spent < 0.5 and srv.rss_mb() - rss_before < 100, (spent, srv.rss_mb() - rss_before)
-    # the EXIF chunk stays: a phone's orientation would be read from it
+    # before the image data, where the header probe inflated them (Pillow's own bounds: 1 MB a chunk, 64 MB)
+    small = zlib.compress(b"A" * 1_000_000, 9)
+    early = face[:33] + png_chunk(b"zTXt", b"k\x00\x00" + small) * 60 + face[33:]
+    before = cpu_seconds(srv.proc.pid)
+    assert len(admin.Detect(pb.DetectRequest(image=pb.Image(encoded=early)), timeout=30).faces) == 1
+    assert cpu_seconds(srv.proc.pid) - before < 0.3
+    # the EXIF chunk stays (a phone's orientation would be read from it), up to what a JPEG's EXIF holds:
+    # the decoder copies every entry of it, however many and however large
     exif = png_chunk(b"eXIf", b"MM\x00*\x00\x00\x00\x08\x00\x00")
     assert png_essentials(face[:33] + exif + face[33:]) == face[:33] + exif + face[33:]
+    huge = png_chunk(b"eXIf", b"MM\x00*" + bytes(70_000))
+    assert png_essentials(face[:33] + huge + face[33:]) == face
     # walking the chunks is bounded too: no encoder writes a hundred thousand of them
     many = face[:end] + png_chunk(b"tEXt", b"") * 100_001 + face[end:]
     expect_error(admin.Detect, pb.DetectRequest(image=pb.Image(encoded=many)), INVALID, "INVALID_IMAGE")
+    # a chunk before the header would hide the header's costly pixel layout from the weighing
+    ahead = face[:8] + png_chunk(b"tEXt", b"a\x00b") + face[8:]
+    expect_error(admin.Detect, pb.DetectRequest(image=pb.Image(encoded=ahead)), INVALID, "INVALID_IMAGE")
 
 
 def test_an_image_packing_more_pixels_per_byte_than_any_photo_is_refused_before_decoding(srv, admin):

@@ -51,7 +51,7 @@ def image_from_proto(msg: pb.Image, field: str, limits: ImageLimits, budget: Pix
     return decode_raw(
         raw.width,
         raw.height,
-        _PIXEL_FORMAT.get(raw.format, _format_name(raw.format)),
+        _PIXEL_FORMAT.get(raw.format) or _format_name(raw.format),
         raw.data,
         raw.row_stride,
         limits,

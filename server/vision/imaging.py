@@ -31,6 +31,8 @@ from server import errors
 PILImage.MAX_IMAGE_PIXELS = None
 # A file OpenCV cannot decode is answered INVALID_IMAGE and logged by the server's rules (a batch's
 # failing items at DEBUG); OpenCV's own line for it went to stderr, one per bad image, unthrottled.
+# This silences OpenCV's log in the whole process: its failures reach the server as exceptions or
+# empty results, which the server answers and logs.
 cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 
 SUPPORTED_FORMATS = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "BMP": "bmp"}
@@ -58,8 +60,8 @@ REFILL_CAP = 2.0
 PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by IHDR colour type
 # An image of more than FREE_PIXELS may decode to at most this many pixels per byte of its file. A
 # photo is a few to a few hundred (deflate cannot pack 8-bit RGB tighter than about 340); a lossless
-# WebP or RLE bitmap of one colour packs 40 M pixels into 38 bytes, and each such request would cost
-# a fifth of a core-second to decode for nothing a face needs.
+# WebP or RLE bitmap of one colour packs tens of millions of pixels into under a kilobyte, and every
+# such request would buy a full-size decode for nothing a face needs.
 MAX_PIXELS_PER_IMAGE_BYTE = 2000
 FREE_PIXELS = 4_000_000
 
@@ -185,24 +187,27 @@ def png_weight(data: bytes) -> float:
     return max(1.0, per_pixel / 3) * (2.5 if interlace else 1.0)
 
 
-# The PNG chunks handed to the decoder: the image itself (header, palette, transparency, data, end) and
-# the EXIF orientation. libpng inflates every compressed text chunk (zTXt, iTXt) and ICC profile (iCCP)
-# it meets, after the image data too, where Pillow's header probe never looks, and holds each (up to
-# 8 MB) until the decode ends: 6 MB of them took 6 GB and 38 s to decode. Nothing here reads them.
+# The PNG chunks the probe and the decoder see: the image itself (header, palette, transparency, data,
+# end) and the EXIF orientation. libpng inflates every compressed text chunk (zTXt, iTXt) and ICC
+# profile (iCCP) it meets, after the image data too, where a header probe never looks, and holds each
+# (up to 8 MB) until the decode ends; Pillow's probe inflates those before the data. Nothing here
+# reads them.
 PNG_KEPT_CHUNKS = frozenset((b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND", b"eXIf"))
 # No encoder splits a 20 MB PNG into more chunks than this (image data comes in pieces of 8 KB or
 # more); walking millions of empty ones would cost seconds of Python.
 MAX_PNG_CHUNKS = 100_000
+# The EXIF block a JPEG can carry (one APP1 segment) and cameras fit theirs in. OpenCV copies every
+# entry of a PNG's eXIf whatever its size: thousands of entries of a megabyte each cost as many copies.
+MAX_EXIF_BYTES = 65_533
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def png_essentials(data: bytes) -> bytes:
-    """The PNG with only its PNG_KEPT_CHUNKS, each copied as it was (CRC included). A chunk that runs
-    past the end of the file is kept as it is: the decoder refuses the truncated file as before, and
-    nothing can follow it."""
-    if not data.startswith(_PNG_SIGNATURE):
-        return data
+    """The PNG with only its PNG_KEPT_CHUNKS (the first eXIf, when it is no larger than MAX_EXIF_BYTES),
+    each copied as it was (CRC included); INVALID_IMAGE for a file that does not begin with its header
+    or ends before its end chunk, which the decoder would refuse after a line of its own to stderr."""
     kept, i, end, n = [_PNG_SIGNATURE], len(_PNG_SIGNATURE), len(data), 0
+    exif = False
     while i + 8 <= end:
         n += 1
         if n > MAX_PNG_CHUNKS:
@@ -210,14 +215,19 @@ def png_essentials(data: bytes) -> bytes:
         length, kind = int.from_bytes(data[i : i + 4], "big"), data[i + 4 : i + 8]
         stop = i + 12 + length
         if stop > end:
-            kept.append(data[i:])
             break
-        if kind in PNG_KEPT_CHUNKS:
+        if n == 1 and kind != b"IHDR":
+            raise errors.invalid_image("corrupt png data: the file does not begin with its header (IHDR)", format="PNG")
+        if kind == b"eXIf":
+            if not exif and length <= MAX_EXIF_BYTES:
+                kept.append(data[i:stop])
+            exif = True
+        elif kind in PNG_KEPT_CHUNKS:
             kept.append(data[i:stop])
         if kind == b"IEND":
-            break
+            return b"".join(kept)
         i = stop
-    return b"".join(kept)
+    raise errors.invalid_image("corrupt png data: the file ends before its end chunk (IEND)", format="PNG")
 
 
 def _check_jpeg_scans(data: bytes, width: int, height: int, limits: ImageLimits) -> None:
@@ -253,6 +263,8 @@ def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None 
         raise errors.image_too_large(
             f"encoded image is {len(data)} bytes; the limit is {limits.max_bytes}", size=len(data), max_bytes=limits.max_bytes
         )
+    if data.startswith(_PNG_SIGNATURE):
+        data = png_essentials(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -291,8 +303,6 @@ def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None 
         _check_jpeg_scans(data, width, height, limits)
     if budget is not None:
         budget.charge(cost, field)
-    if fmt == "PNG":
-        data = png_essentials(data)
     buf = np.frombuffer(data, dtype=np.uint8)
     try:
         img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
