@@ -204,8 +204,9 @@ _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def png_essentials(data: bytes) -> bytes:
     """The PNG with only its PNG_KEPT_CHUNKS (the first eXIf, when it is no larger than MAX_EXIF_BYTES),
-    each copied as it was (CRC included); INVALID_IMAGE for a file that does not begin with its header
-    or ends before its end chunk, which the decoder would refuse after a line of its own to stderr."""
+    each copied as it was (CRC included); INVALID_IMAGE for an animated PNG (refused as in decode_encoded),
+    and for a file that does not begin with its header or ends before its end chunk, which the decoder
+    would refuse after a line of its own to stderr."""
     kept, i, end, n = [_PNG_SIGNATURE], len(_PNG_SIGNATURE), len(data), 0
     exif = False
     while i + 8 <= end:
@@ -218,6 +219,8 @@ def png_essentials(data: bytes) -> bytes:
             break
         if n == 1 and kind != b"IHDR":
             raise errors.invalid_image("corrupt png data: the file does not begin with its header (IHDR)", format="PNG")
+        if kind == b"acTL":  # an animation's control chunk, which the probe would no longer see
+            raise errors.invalid_image("animated PNG is not supported: send one frame", format="PNG")
         if kind == b"eXIf":
             if not exif and length <= MAX_EXIF_BYTES:
                 kept.append(data[i:stop])
