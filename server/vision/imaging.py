@@ -202,6 +202,11 @@ MAX_EXIF_BYTES = 65_533
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def _animated(fmt: str) -> errors.FaceServiceError:
+    """An animation's refusal: a decoder sizes every frame's canvas; one still frame is what a face needs."""
+    return errors.invalid_image(f"animated {fmt} is not supported: send one frame", format=fmt)
+
+
 def png_essentials(data: bytes) -> bytes:
     """The PNG with only its PNG_KEPT_CHUNKS (the first eXIf, when it is no larger than MAX_EXIF_BYTES),
     each copied as it was (CRC included); INVALID_IMAGE for an animated PNG (refused as in decode_encoded),
@@ -220,7 +225,7 @@ def png_essentials(data: bytes) -> bytes:
         if n == 1 and kind != b"IHDR":
             raise errors.invalid_image("corrupt png data: the file does not begin with its header (IHDR)", format="PNG")
         if kind == b"acTL":  # an animation's control chunk, which the probe would no longer see
-            raise errors.invalid_image("animated PNG is not supported: send one frame", format="PNG")
+            raise _animated("PNG")
         if kind == b"eXIf":
             if not exif and length <= MAX_EXIF_BYTES:
                 kept.append(data[i:stop])
@@ -278,8 +283,8 @@ def decode_encoded(data: bytes, limits: ImageLimits, budget: PixelBudget | None 
         raise errors.invalid_image(f"not a decodable image ({type(exc).__name__})") from None
     if fmt not in SUPPORTED_FORMATS:
         raise errors.invalid_image(f"unsupported image format {fmt}; send JPEG, PNG, WebP or BMP", format=fmt)
-    if animated:  # a decoder sizes every frame's canvas; one still frame is what a face needs
-        raise errors.invalid_image(f"animated {fmt} is not supported: send one frame", format=fmt)
+    if animated:
+        raise _animated(fmt)
     cost = width * height
     if fmt == "PNG":
         cost = int(cost * png_weight(data))
