@@ -25,7 +25,7 @@ from PIL import Image
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from server.rpc import validate
-from tests.conftest import PYTHON, ROOT, ServerProcess, error_info, expect_error, face_path, image, keyed_channel
+from tests.conftest import ADMIN_KEY, PYTHON, ROOT, ServerProcess, error_info, expect_error, face_path, image, keyed_channel
 
 INVALID, DENIED = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED
 FIRST_MESSAGE_S = 4
@@ -995,3 +995,21 @@ def test_an_image_packing_more_pixels_per_byte_than_any_photo_is_refused_before_
     assert admin.Detect(pb.DetectRequest(image=pb.Image(encoded=black)), timeout=30).faces == []
     small = cv2.imencode(".webp", np.zeros((1000, 1000, 3), np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 101])[1].tobytes()
     assert 1000 * 1000 <= FREE_PIXELS and admin.Detect(pb.DetectRequest(image=pb.Image(encoded=small)), timeout=30).faces == []
+
+
+# -- found by the fourth round of attacks ----------------------------------------------------------------------
+
+
+def test_two_api_keys_in_one_call_are_refused(srv, admin):
+    """gRPC took the last of two `x-api-key` headers, where HTTP refused them: a proxy that adds its own
+    key before or after the caller's would decide which tenant a call runs as."""
+    cid, key = tenant(admin)
+    plain = pb_grpc.FaceServiceStub(keyed_channel(srv.target, None, srv.credentials))
+    request = pb.ListSubjectsRequest(collection=cid)
+    assert plain.ListSubjects(request, timeout=10, metadata=[("x-api-key", key)]).subjects == []
+    for keys in ((key, ADMIN_KEY), (ADMIN_KEY, key), (key, key)):
+        metadata = [("x-api-key", k) for k in keys]
+        with pytest.raises(grpc.RpcError) as exc:
+            plain.ListSubjects(request, timeout=10, metadata=metadata)
+        assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert error_info(exc.value).reason == "API_KEY_INVALID" and "send one" in exc.value.details()

@@ -239,13 +239,14 @@ def test_a_gzip_body_inflates_a_bounded_number_of_times(srv):
     assert status == 200 and "faces" not in doc, doc  # no face in it, and no error
 
 
-def raw_post(srv, rpc: str, headers: dict[str, str]) -> socket.socket:
+def raw_post(srv, rpc: str, headers: dict[str, str] | list[tuple[str, str]]) -> socket.socket:
     """A connection that sends a POST's headers and none of its body (as a slow or hostile client)."""
     host, port = srv.http_url.split("//")[1].rsplit(":", 1)
     conn = socket.create_connection((host, int(port)), timeout=5)
     path = rpc if rpc.startswith("/") else f"/facesvc.v1.FaceService/{rpc}"
     lines = [f"POST {path} HTTP/1.1", f"host: {host}", "content-type: application/json"]
-    conn.sendall(("\r\n".join(lines + [f"{k}: {v}" for k, v in headers.items()]) + "\r\n\r\n").encode())
+    pairs = headers.items() if isinstance(headers, dict) else headers
+    conn.sendall(("\r\n".join(lines + [f"{k}: {v}" for k, v in pairs]) + "\r\n\r\n").encode())
     return conn
 
 
@@ -274,6 +275,8 @@ def test_the_headers_decide_before_a_body_is_held(srv):
         ("Detect", {"content-length": str(64 * 1024 * 1024), "x-api-key": ADMIN_KEY}, 413, "VALIDATION_FAILED"),
         ("/", {"content-length": big}, 413, "VALIDATION_FAILED"),  # the console's path
         ("/facesvc.v1.FaceService", {"transfer-encoding": "chunked"}, 413, "VALIDATION_FAILED"),
+        # two keys are no key (gRPC refuses them too), whichever comes first
+        ("Detect", [("content-length", big), ("x-api-key", ADMIN_KEY), ("x-api-key", ADMIN_KEY)], 401, "API_KEY_INVALID"),
     ):
         with raw_post(srv, rpc, headers) as conn:
             got, doc = answer(conn)

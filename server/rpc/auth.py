@@ -250,9 +250,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         """Unary calls: the key and what it may do with this request. Streaming calls (request None):
         the key only; the servicer authorizes each message of the stream (StreamRpcs._authorize).
         Returns the token that resets current_principal when the call ends."""
-        secret = dict(context.invocation_metadata()).get(HEADER, "")
+        sent = [value for key, value in context.invocation_metadata() if key == HEADER]
         try:
-            principal = self.auth.principal(secret)
+            if len(sent) > 1:  # which one counts would be the proxies' choice; HTTP refuses them too
+                raise errors.FaceServiceError(
+                    grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_INVALID, f"send one `{HEADER}` header, not {len(sent)}"
+                )
+            principal = self.auth.principal(sent[0] if sent else "")
             # a message that does not parse cannot be authorized; the next interceptor refuses it
             if request is not None and not isinstance(request, Malformed):
                 self.auth.authorize(principal, rpc, request)

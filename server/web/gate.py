@@ -117,7 +117,10 @@ class HeaderGate:
             return asyncio.run_coroutine_threadsafe(func(*args), loop).result()
 
         spawn = partial(loop.run_in_executor, None)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers: dict[str, str] = {}
+        for k, v in scope["headers"]:  # a header sent twice counts as its values joined (RFC 9110 5.3): two keys are no key
+            name = k.decode("latin-1").lower()
+            headers[name] = f"{headers[name]}, {v.decode('latin-1')}" if name in headers else v.decode("latin-1")
         cors = self._cors(headers.get("origin", ""))
         if not scope["path"].startswith(SERVICE_PREFIX) or scope["method"] == "OPTIONS":
             if headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers:
