@@ -175,6 +175,17 @@ def test_the_inbox_keeps_two_frames_oldest_first_and_under_max_fps_only_the_newe
         paced.put(pb.Frame(frame_id=i))
     frame, _, skipped = paced.take(0)
     assert (frame.frame_id, skipped) == (3, [1, 2])
+    # a frame waiting for its max_fps slot when the client half-closes is answered at once, not
+    # after the slot (at 0.01 fps, 100 s: the stream ended STREAM_IDLE and the frame was lost)
+    slow = FrameInbox(max_fps=0.01)
+    slow.put(pb.Frame(frame_id=1))
+    assert slow.take(0)[0].frame_id == 1
+    slow.put(pb.Frame(frame_id=2))
+    assert slow.take(0) is WAITING
+    slow.close()
+    frame, _, skipped = slow.take(0)
+    assert (frame.frame_id, skipped) == (2, [])
+    assert slow.take(0) is None
 
 
 def test_max_fps_paces_processing(stub):
@@ -186,6 +197,13 @@ def test_max_fps_paces_processing(stub):
     elapsed = time.monotonic() - t0
     assert len(answers) <= 4 * elapsed + 2
     assert sum(len(a.skipped_frame_ids) for a in answers) + len(answers) == 40
+
+
+def test_a_paced_stream_that_half_closes_answers_its_last_frame_and_ends_ok(stub):
+    frames = video_frames(n=2)
+    t0 = time.monotonic()
+    answers = list(stub.StreamFrames(requests(pb.StreamConfig(max_fps=0.01), frames, pause=1.0), timeout=20))
+    assert [a.frame_id for a in answers] == [1, 2] and time.monotonic() - t0 < 10
 
 
 def test_stream_limit_and_cancel_frees_the_stream(stub):

@@ -139,7 +139,9 @@ class FrameInbox:
                 if self._cancelled:
                     return None
                 now = self._clock()
-                if self._pending and now >= self._next_at:
+                # once the client has half-closed no frame comes after the pending one: it is due at
+                # once (waiting out a slow max_fps slot would outlast the stream idle time)
+                if self._pending and (now >= self._next_at or self._done):
                     backlog = len(self._pending) > 1
                     if self._interval or (backlog and self._behind):
                         self._drop_to(1)  # paced: only the newest is due; behind: catch up at once
