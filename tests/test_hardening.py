@@ -1013,3 +1013,17 @@ def test_two_api_keys_in_one_call_are_refused(srv, admin):
             plain.ListSubjects(request, timeout=10, metadata=metadata)
         assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert error_info(exc.value).reason == "API_KEY_INVALID" and "send one" in exc.value.details()
+
+
+def test_a_unary_call_whose_client_half_closes_without_its_message_is_invalid(srv, admin):
+    """It ended CANCELLED without details, which reads as the client's own cancel (the HTTP port said
+    UNIMPLEMENTED): both ports now answer INVALID_ARGUMENT with VALIDATION_FAILED, at once."""
+    for method in ("GetCollection", "Detect"):
+        call = srv.channel.stream_unary(
+            f"/facesvc.v1.FaceService/{method}", request_serializer=bytes, response_deserializer=bytes
+        )
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as exc:
+            call(iter([]), timeout=20)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+        assert error_info(exc.value).reason == "VALIDATION_FAILED" and time.monotonic() - t0 < 5

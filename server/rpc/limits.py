@@ -244,7 +244,7 @@ class ReceiveInterceptor(grpc.ServerInterceptor):
                 refuse(context, method.rsplit("/", 1)[-1], exc)
             held = None
             try:
-                request = _one_message(requests, context, self.wait_s if ours else self.first_s)
+                request = _one_message(requests, context, self.wait_s if ours else self.first_s, method)
                 if slot is self.keyless:  # a health check holds its slot while its message arrives only
                     self.keyless.release(owner)
                     slot = None
@@ -306,14 +306,18 @@ class _Deadlines:
 DEADLINES = _Deadlines()
 
 
-def _one_message(requests, context, wait_s: float):
-    """A unary call's message, within `wait_s`; a call without one is cancelled (the client gets CANCELLED)."""
+def _one_message(requests, context, wait_s: float, method: str):
+    """A unary call's message, within `wait_s`. A call whose client half-closes without one is refused
+    as invalid (as the HTTP port refuses it); one whose message does not arrive in time is cancelled
+    (the client gets CANCELLED: a cancelled call carries no details)."""
     key = DEADLINES.add(context, wait_s)
     try:
         for message in requests:
             return message
     except Exception:  # noqa: BLE001 - the call was cancelled (at its deadline, or by the client)
-        pass
+        context.abort(grpc.StatusCode.CANCELLED, "the request message did not arrive")
     finally:
         DEADLINES.remove(key)
-    context.abort(grpc.StatusCode.CANCELLED, "the request message did not arrive")
+    refuse(
+        context, method.rsplit("/", 1)[-1], errors.validation("request", "the stream ended without the call's request message")
+    )

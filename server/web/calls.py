@@ -183,6 +183,7 @@ class FaceServiceOverHttp:
 
 
 COMPRESSED = "protocol error: sent compressed message"  # the library's words for a flag it was not told of
+NO_MESSAGE = "unary request has zero messages"  # theirs for a unary call's body without its message
 
 
 def library_refusal(code: grpc.StatusCode, message: str) -> errors.FaceServiceError | None:
@@ -198,6 +199,8 @@ def library_refusal(code: grpc.StatusCode, message: str) -> errors.FaceServiceEr
         return errors.FaceServiceError(
             grpc.StatusCode.UNIMPLEMENTED, errors.VALIDATION_FAILED, "encoding: send messages uncompressed", field="encoding"
         )
+    if message == NO_MESSAGE:  # the gRPC port's answer to the same call
+        return errors.validation("request", "the stream ended without the call's request message")
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNIMPLEMENTED):
         return errors.FaceServiceError(code, errors.VALIDATION_FAILED, f"request: {message}", field="request")
     return None
