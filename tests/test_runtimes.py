@@ -117,9 +117,64 @@ def test_a_frame_shape_gets_its_own_graph_with_the_same_answers():
     second = det.detect(img)
     assert len(first[0]) == len(second[0]) > 0
     assert np.abs(first[0] - second[0]).max() <= 1.0
+    # the small-face pass's 1280 px copy of a large frame keeps to the dynamic graph (memory)
+    det.detect(np.zeros((960, 1280, 3), np.uint8), input_size=1280)
+    assert ((det.input_name, (1, 960, 1280, 3)),) not in session._shaped
     for side in range(320, 640 + 32 * session.MAX_SHAPES, 32):  # more shapes than the bound
         det.detect(np.zeros((side, 640, 3), np.uint8))
     assert len(session._shaped) == session.MAX_SHAPES
+
+
+def write(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_the_cpu_quota_is_read_from_either_cgroup_version_and_the_tightest_level_counts(tmp_path):
+    from server.cpus import cpu_quota
+
+    v2 = tmp_path / "v2"
+    write(v2 / "kubepods" / "pod1" / "cpu.max", "150000 100000\n")  # the pod: 1.5 cores
+    write(v2 / "kubepods" / "cpu.max", "400000 100000\n")
+    write(v2 / "cpu.max", "max 100000\n")
+    assert cpu_quota(v2, "0::/kubepods/pod1\n") == 1.5
+    write(v2 / "kubepods" / "cpu.max", "100000 100000\n")  # a parent's tighter limit binds the pod
+    assert cpu_quota(v2, "0::/kubepods/pod1\n") == 1.0
+    assert cpu_quota(v2, "0::/\n") is None  # unlimited
+    # a cgroup namespace shows the container's group as the root, under whatever name /proc says
+    ns = tmp_path / "ns"
+    write(ns / "cpu.max", "50000 100000\n")
+    assert cpu_quota(ns, "0::/docker/abc\n") == 0.5
+    v1 = tmp_path / "v1"
+    write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "200000\n")
+    write(v1 / "cpu,cpuacct" / "cpu.cfs_period_us", "100000\n")
+    assert cpu_quota(v1, "4:memory:/\n3:cpu,cpuacct:/\n") == 2.0
+    write(v1 / "cpu,cpuacct" / "cpu.cfs_quota_us", "-1\n")
+    assert cpu_quota(v1, "3:cpu,cpuacct:/\n") is None
+    assert cpu_quota(tmp_path / "nothing", "0::/\n") is None
+
+
+def test_under_a_cpu_quota_the_runtimes_start_a_thread_per_allowed_core(monkeypatch):
+    """Neither runtime reads the quota: on a 64-core host with `--cpus=1` each would start 64 threads
+    per run and be throttled. The quota's cores (rounded down) are what they get, and with one core
+    OpenVINO compiles the lone-run graph only and onnxruntime one quiet session."""
+    from server import cpus
+    from server.vision.models.runtime import CpuSessionPair, OpenVinoSession, cpu_cores
+
+    if cpu_cores() < 2:
+        pytest.skip("needs two cores for a quota to bind")
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: 1.6)  # Kubernetes limits.cpu: 1600m
+    assert cpus.cpu_cores() == 1 and cpus.quota_threads() == 1
+    loader = model_loader(config.load([], environ={"FACESVC_PRECISION": "f32"}))
+    ov = loader.build("w600k_mbf", "recognizer").session._session
+    assert isinstance(ov, OpenVinoSession) and ov.modes == ("latency",)
+    assert ov._dynamic.compiled["latency"].get_property("INFERENCE_NUM_THREADS") == 1
+    ort = model_loader(config.load([], environ={"FACESVC_RUNTIME": "onnxruntime"})).build("w600k_mbf", "recognizer")
+    session = ort.session._session
+    assert not isinstance(session, CpuSessionPair)
+    assert session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.setattr(cpus, "cpu_quota", lambda: 3.0)  # more than the cores it may run on: no say
+    assert cpus.quota_threads() == 0 and cpus.cpu_cores() == cpus._affinity()
 
 
 def test_in_bf16_a_shape_gets_the_same_answer_from_its_first_call_on():

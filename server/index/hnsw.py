@@ -26,7 +26,6 @@ import bisect
 import dataclasses
 import itertools
 import math
-import os
 import struct
 import threading
 import time
@@ -37,6 +36,7 @@ from dataclasses import dataclass
 import hnswlib
 import numpy as np
 
+from server.cpus import cpu_cores
 from server.index.base import Hit, IndexStats
 
 
@@ -278,7 +278,7 @@ _pools: dict[int, ThreadPoolExecutor] = {}
 
 def search_pool(threads: int) -> ThreadPoolExecutor:
     """The process-wide threads that search segments side by side (one pool per size asked for)."""
-    threads = threads or os.cpu_count() or 1
+    threads = threads or cpu_cores()
     with _pool_lock:
         if threads not in _pools:
             _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="hnsw-search")

@@ -16,7 +16,8 @@ pixels; each runtime makes the input its own way.
   - onnxruntime-gpu with CUDA on GPUs.
 
 onnxruntime's `InferenceSession.run` is thread-safe, so each model holds its sessions once and
-every gRPC worker thread calls them concurrently. On CPU each model has two sessions with one intra-op thread per core, and each run
+every gRPC worker thread calls them concurrently. On CPU each model has two sessions with one intra-op
+thread per core (one session where a run has a single thread: one core, or FACESVC_ORT_THREADS=1), and each run
 picks one (docs/benchmarks.md has the figures, from scripts/bench_compare.py):
   - alone (no other model run, no other gRPC call in flight): the spinning session,
     whose workers spin between the many small ops of one run instead of sleeping and
@@ -30,7 +31,6 @@ shapes (TimedSession.fixed_shapes), as each new one costs a kernel search.
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
@@ -42,17 +42,10 @@ import numpy as np
 import onnxruntime as ort
 
 from server.context import IN_FLIGHT, ensure_call_alive
+from server.cpus import cpu_cores, quota_threads
 from server.telemetry import INFERENCE
 
 log = logging.getLogger(__name__)
-
-
-def cpu_cores() -> int:
-    """The cores this process may run on (the container's share, not the host's)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)
@@ -200,7 +193,7 @@ class CpuSessionPair:
 def _session(path: str, providers: list[str], threads: int, inter: int, spin: bool) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads
+    so.intra_op_num_threads = threads or quota_threads()
     so.inter_op_num_threads = inter
     so.log_severity_level = 3  # errors only: keep start-up logs readable
     # Left spinning after a run, workers steal the cores from the next model and from other
@@ -351,6 +344,10 @@ class OpenVinoSession:
     """A model compiled by OpenVINO for the CPU, called like an onnxruntime InferenceSession."""
 
     MAX_SHAPES = 8  # shape-specialised compilations per model; further shapes run on the dynamic graph
+    # Inputs larger than a 640 x 640 frame (the small-face pass's 1280 px copy of a large frame) run
+    # on the dynamic graph: a graph's buffers grow with its input (at 1280 px, several times a 640 px
+    # graph's, for each hint), and a shaped graph gains its shape a few per cent.
+    MAX_SHAPE_ELEMENTS = 640 * 640 * 3
     SHAPE_WAIT_S = 30.0  # longest a call waits for its shape's graph (bf16, int8)
 
     def __init__(self, path: str, opts: RuntimeOptions, runs: RunCounter = RUNS, pixels: PixelInput | None = None):
@@ -409,8 +406,9 @@ class OpenVinoSession:
             # make room for: the scheduler then leaves a core idle while two threads share the other
             # (docs/benchmarks.md, "Pixels into the graph and unpinned streams").
             config["ENABLE_CPU_PINNING"] = False
-        if opts.intra_op_threads and mode != "single":
-            config["INFERENCE_NUM_THREADS"] = opts.intra_op_threads
+        threads = opts.intra_op_threads or quota_threads()
+        if threads and mode != "single":
+            config["INFERENCE_NUM_THREADS"] = threads
         return config
 
     def _warm_up(self) -> None:
@@ -438,13 +436,15 @@ class OpenVinoSession:
         return self._outputs
 
     def _compiled(self, feed: dict, mode: str):
-        """The graph compiled for this input shape (up to MAX_SHAPES shapes, compiled in the background
-        on a shape's first call); the dynamic graph for further shapes, and in f32 while the shape's
+        """The graph compiled for this input shape (up to MAX_SHAPES shapes of at most MAX_SHAPE_ELEMENTS,
+        compiled in the background on a shape's first call); the dynamic graph for other shapes, and in f32 while the shape's
         graph compiles. So no caller can make the server compile (and hold memory) without end, and
         each shape gets the same graph's answers for the life of the process."""
         if not self._per_shape:
             return self._graph(self._dynamic, mode)
         shape = tuple((name, tuple(a.shape)) for name, a in feed.items())
+        if any(a.size > self.MAX_SHAPE_ELEMENTS for a in feed.values()):
+            return self._graph(self._dynamic, mode)
         graphs = self._shaped.get(shape)
         if graphs is None:
             with self._lock:
@@ -469,7 +469,8 @@ class OpenVinoSession:
                     "%s: no graph for input %s after %.0f s", self._model.get_friendly_name(), graphs.shape, self.SHAPE_WAIT_S
                 )
                 return None
-        return graphs.get(mode)
+        # a shape whose first graph failed stays on the dynamic graph, though another hint's may compile
+        return None if graphs.failed else graphs.get(mode)
 
     def _graph(self, graphs: _Graphs, mode: str):
         """`graphs`' graph for this hint; while it compiles (queued here on first need), another hint's
