@@ -317,3 +317,40 @@ def test_turning_back_maps_points_exactly():
         turned = np.rot90(img, k)
         y, x = np.argwhere(turned == 255)[0]
         assert tuple(turn_points(np.array([[x, y]], np.float32), k, w, h)[0]) == (11, 7)
+
+
+class CountingDetector:
+    """The pipeline's detector, counting the frames it runs on."""
+
+    def __init__(self, detector):
+        self.detector, self.runs = detector, 0
+
+    def __getattr__(self, name):
+        return getattr(self.detector, name)
+
+    def detect(self, *args, **kw):
+        self.runs += 1
+        return self.detector.detect(*args, **kw)
+
+
+def test_a_streams_remembered_turn_runs_no_pass_twice(pipeline):
+    """A stream tries the turn that found its last faces first; when nothing is found there, the search
+    over the turns that follows ran that turn's passes again, and charged them again. A blank large
+    frame costs the same passes whichever turn is remembered, within the documented worst case."""
+    from server.context import work_budget
+    from server.vision.finder import FaceFinder
+    from server.vision.imaging import ImageLimits
+
+    counted = CountingDetector(pipeline.detector)
+    finder = FaceFinder(counted, pipeline.detect_max_side)
+    cost = {}
+    for prefer in (0, 90, 180, 270):
+        budget = ImageLimits().budget(10_000_000)  # room for every pass: count what runs
+        token = work_budget.set(budget)
+        try:
+            counted.runs = 0
+            assert not len(finder.find(np.zeros((3000, 4000, 3), np.uint8), prefer=prefer))
+        finally:
+            work_budget.reset(token)
+        cost[prefer] = (counted.runs, budget.spent_passes)
+    assert len(set(cost.values())) == 1 and cost[0][0] <= 11, cost

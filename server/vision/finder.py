@@ -27,7 +27,7 @@ more, and each gets one bounded extra pass only when the first pass shows the ne
 Worst case (nothing anywhere, a large frame): 1 + 3 + 1 + 3 x 2 = 11 detector runs on small copies
 (an upright close-up pass that sees only a weak face, or a trace of one, takes up to two more views); a
 weak close-up face that no turned plain pass sees better, then doubtful, 1 + 3 + 3 + 3 = 10 (a call
-runs each turned plain pass once).
+runs each turned pass once: a stream's remembered turn, tried first, is one of the three).
 Every pass after the first is paid from the call's budget of detector passes (server/context.py
 `spend`); a call that cannot pay gets the first pass only, so a batch of blank images costs what
 its bytes allow, not eleven passes each.
@@ -35,7 +35,7 @@ its bytes allow, not eleven passes each.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -88,6 +88,18 @@ class Found:
 
     def __len__(self) -> int:
         return len(self.scores)
+
+
+@dataclass
+class _Turns:
+    """One call's passes over the turned frames (by quarter turns k), so that none runs twice."""
+
+    plain: dict[int, Found] = field(default_factory=dict)  # the plain pass, in the turned frame's pixels
+    confirmed: dict[int, Found] = field(default_factory=dict)  # _turn's answer, in the frame's
+
+    def cost(self, k: int) -> int:
+        """The passes _turn(k) still runs: its plain pass and its close-up pass, or what is not done."""
+        return 0 if k in self.confirmed else 1 if k in self.plain else 2
 
 
 def _empty() -> Found:
@@ -150,13 +162,15 @@ class FaceFinder:
         return (self.detector.input_size, FINE * self.max_side) if self.detector.tight_input else (self.detector.input_size,)
 
     def find(self, img: np.ndarray, min_score: float | None = None, turns: bool = True, prefer: int = 0) -> Found:
-        """`turns`: whether the turned passes may run (a stream allows them now and then: its camera
-        does not turn from frame to frame). `prefer`: an orientation (degrees) to try first, the one
-        that found the faces of this stream's previous frames."""
+        """`turns`: whether the turned passes may search for a turn (a stream allows them now and then:
+        its camera does not turn from frame to frame). `prefer`: an orientation (degrees) to try
+        first, the one that found the faces of this stream's previous frames; it is tried whatever
+        `turns` says."""
         h, w = img.shape[:2]
         small, scale = resize_long_side(img, self.max_side)
+        seen = _Turns()  # the turned frames' passes, run at most once per call
         if prefer % 360 and spend(2):
-            remembered = self._turn(small, (prefer // 90) % 4, min_score, {})
+            remembered = self._turn(small, (prefer // 90) % 4, min_score, seen)
             if len(remembered) and remembered.scores.max() >= SURE:
                 return self._scaled(remembered, scale)
             if len(remembered):
@@ -177,37 +191,36 @@ class FaceFinder:
             found = self._scaled(self._run(fine, min_score, FINE * self.max_side), fine_scale)
         if not turns:
             return found
-        plains: dict[int, Found] = {}  # the turned frames' plain passes, run at most once per call
         if len(found):
             if close_up_only and found.scores.max() < CLOSE_UP_SURE:
-                turned = self._seen_turned(small, found, scale, min_score, plains)
+                turned = self._seen_turned(small, found, scale, min_score, seen)
                 if turned is not None:
                     return turned
             sideways = self._quarter_turns(found) or self._lying(plain)
             if sideways or self._doubtful(found, w, h):
                 # lying on its side, or weak and perhaps upside down: its landmarks are the detector's
                 # guesses; the turn under which the face scores best stands it upright
-                turned = self._best_turn(small, min_score, plains)
+                turned = self._best_turn(small, min_score, seen)
                 margin = 0.0 if sideways else TURN_MARGIN
                 if len(turned) and turned.scores.max() > found.scores.max() + margin:
                     return self._scaled(turned, scale)
             return found
-        return self._scaled(self._best_turn(small, min_score, plains), scale)
+        return self._scaled(self._best_turn(small, min_score, seen), scale)
 
-    def _best_turn(self, small: np.ndarray, min_score, plains: dict[int, Found]) -> Found:
+    def _best_turn(self, small: np.ndarray, min_score, seen: _Turns) -> Found:
         """Of the three turns, the one whose best face scores highest (empty when none finds one):
         a face also passes, more weakly, for one lying on its side or upside down. `plains`: the
         turned plain passes already run (see _turn)."""
         best = _empty()
         for k in (1, 2, 3):
-            if not spend(1 if k in plains else 2):
+            if not spend(seen.cost(k)):
                 break
-            f = self._turn(small, k, min_score, plains)
+            f = self._turn(small, k, min_score, seen)
             if len(f) and (not len(best) or f.scores.max() > best.scores.max()):
                 best = f
         return best
 
-    def _seen_turned(self, small: np.ndarray, found: Found, scale: float, min_score, plains: dict[int, Found]) -> Found | None:
+    def _seen_turned(self, small: np.ndarray, found: Found, scale: float, min_score, seen: _Turns) -> Found | None:
         """Faces that only the close-up pass found (`found`, in the frame) seen better by a turned
         frame's plain pass, with their context: stronger evidence than the close-up's, and where the
         close-up took an upside-down or sideways face for an upright one, the turn that stands it
@@ -216,26 +229,35 @@ class FaceFinder:
         ones as well: only the full-size pass tells a face in context from a close-up.)"""
         best, best_score = None, found.scores.max()
         for k in (1, 2, 3):
-            if not spend(1):
+            if not spend(0 if k in seen.plain else 1):
                 break
-            f = self._scaled(self._turn(small, k, min_score, plains, confirm=False), scale)
+            f = self._scaled(self._turn(small, k, min_score, seen, confirm=False), scale)
             same = seen_by(f, found)
             if same.any() and f.scores[same].max() > best_score:
-                best, best_score = f, f.scores[same].max()
+                # that face, and any other the turned frame is sure of (SURE, as _turned keeps): a weak
+                # one beside it has no second view and may be a false face
+                keep = np.flatnonzero(same | (f.scores >= SURE))
+                best = Found(f.boxes[keep], f.landmarks[keep], f.scores[keep], f.orientation)
+                best_score = f.scores[same].max()
         return best
 
-    def _turn(self, small: np.ndarray, k: int, min_score, plains: dict[int, Found], confirm: bool = True) -> Found:
+    def _turn(self, small: np.ndarray, k: int, min_score, seen: _Turns, confirm: bool = True) -> Found:
         """The faces of `small` turned k quarter turns counter-clockwise, mapped back into `small`:
-        confirmed by the close-up pass (see _turned), or the plain pass's alone. The turned frame's
-        plain pass is kept in `plains` (by k, in the turned frame's pixels) for a later call to reuse."""
+        confirmed by the close-up pass (see _turned), or the plain pass's alone. Both are kept in `seen`
+        for a later call to reuse (the plain pass in the turned frame's pixels)."""
+        if confirm and k in seen.confirmed:
+            return seen.confirmed[k]
         sh, sw = small.shape[:2]
         turned = np.ascontiguousarray(np.rot90(small, k))
-        if k not in plains:
-            plains[k] = self._run(turned, min_score)
-        f = self._turned(turned, plains[k], min_score) if confirm else plains[k]
+        if k not in seen.plain:
+            seen.plain[k] = self._run(turned, min_score)
+        f = self._turned(turned, seen.plain[k], min_score) if confirm else seen.plain[k]
         corners = turn_points(f.boxes.reshape(-1, 2, 2), k, sw, sh)
         boxes = np.concatenate([corners.min(axis=1), corners.max(axis=1)], axis=1).reshape(-1, 4)
-        return Found(boxes, turn_points(f.landmarks, k, sw, sh), f.scores, orientation=90 * k if len(f) else 0)
+        found = Found(boxes, turn_points(f.landmarks, k, sw, sh), f.scores, orientation=90 * k if len(f) else 0)
+        if confirm:
+            seen.confirmed[k] = found
+        return found
 
     @staticmethod
     def _quarter_turns(f: Found) -> int:
