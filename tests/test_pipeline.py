@@ -354,3 +354,18 @@ def test_a_streams_remembered_turn_runs_no_pass_twice(pipeline):
             work_budget.reset(token)
         cost[prefer] = (counted.runs, budget.spent_passes)
     assert len(set(cost.values())) == 1 and cost[0][0] <= 11, cost
+
+
+def test_the_detectors_anchor_grids_are_bounded_and_the_oldest_go_first(pipeline):
+    """Grids are kept per frame shape, which callers choose: at the bound the oldest goes, where all of
+    them were dropped at once (every shape then paid its grid again)."""
+    from server.vision.models.scrfd import MAX_GRIDS
+
+    det = pipeline.detector
+    shapes = [(32 * (1 + i // 20), 32 * (1 + i % 20)) for i in range(MAX_GRIDS // 3 + 10)]
+    for h, w in shapes:
+        for s in det.strides:
+            grid = det._anchor_centers(h, w, s)
+            assert len(grid) == (h // s) * (w // s) * det.num_anchors
+    assert len(det._centers) == MAX_GRIDS
+    assert (*shapes[-1], 32) in det._centers and (*shapes[0], 8) not in det._centers

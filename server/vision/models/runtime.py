@@ -504,6 +504,7 @@ class OpenVinoSession:
             graphs.first.set()
 
     def _request(self, compiled):
+        # keyed by id(): graphs are never dropped, so no later graph can take a kept request's id
         requests = getattr(self._local, "requests", None)
         if requests is None:
             requests = self._local.requests = {}

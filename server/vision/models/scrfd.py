@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from server.vision.models.detection import GridFaceDetector, cell_grid
 from server.vision.models.runtime import PixelInput
+
+MAX_GRIDS = 192  # anchor grids kept: 64 frame shapes' three strides
 
 
 class ScrfdDetector(GridFaceDetector):
@@ -22,16 +26,21 @@ class ScrfdDetector(GridFaceDetector):
 
     def __init__(self, session, name: str, input_size: int = 640, score_threshold: float = 0.5, nms_threshold: float = 0.4):
         super().__init__(session, name, input_size, score_threshold, nms_threshold)
-        self._centers: dict[tuple[int, int, int], np.ndarray] = {}  # (h, w, stride) -> anchor centres
+        self._centers: dict[tuple[int, int, int], np.ndarray] = {}  # (h, w, stride) -> anchor centres, oldest first
+        self._centers_lock = threading.Lock()
         self._output_names = [o.name for o in session.get_outputs()]
 
     def _anchor_centers(self, h: int, w: int, s: int) -> np.ndarray:
         key = (h, w, s)
-        if key not in self._centers:
-            if len(self._centers) > 64:  # a handful of frame shapes in practice
-                self._centers.clear()
-            self._centers[key] = np.repeat(cell_grid(h, w, s) * s, self.num_anchors, axis=0)
-        return self._centers[key]
+        centers = self._centers.get(key)  # read once: another thread may drop the entry meanwhile
+        if centers is None:
+            centers = np.repeat(cell_grid(h, w, s) * s, self.num_anchors, axis=0)
+            with self._centers_lock:
+                # a few frame shapes in practice; callers choose theirs, so the oldest go (not all at once)
+                while len(self._centers) >= MAX_GRIDS:
+                    self._centers.pop(next(iter(self._centers)))
+                self._centers[key] = centers
+        return centers
 
     def _run(self, canvas: np.ndarray) -> dict:
         blob = canvas[None]  # the session makes the network's input from the pixels (`pixels`)
