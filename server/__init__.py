@@ -15,9 +15,9 @@
     vision/ storage/ index/
                           the vision pipeline and its models; the SQL store and the staging cache;
                           the vector indexes (one per collection, a cache of the store)
-    errors, records, context, telemetry, config
+    errors, records, context, telemetry, cpus, config
                           shared by all: the domain exception, plain records, the call context,
-                          metrics and logs, settings
+                          metrics and logs, the cores this process may keep busy, settings
 
 tests/test_layers.py keeps the imports pointing downwards.
 """

@@ -18,6 +18,7 @@ LAYERS = {
     "server.context": 0,
     "server.telemetry": 0,
     "server.hugepages": 0,
+    "server.cpus": 0,
     "server.vision": 1,
     "server.storage": 1,
     "server.index": 1,
