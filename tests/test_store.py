@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import threading
+import time
 import uuid
 
 import grpc
@@ -255,6 +257,42 @@ def test_a_failed_face_write_leaves_nothing_half_written(store):
             q("DROP TRIGGER facesvc_test_fail")
     store.add_face(cid, "doomed", face(1), allow_existing=False, max_faces=5)
     assert store.subject_face_count(cid, "doomed") == 1
+
+
+def test_a_face_added_while_its_subject_is_deleted_goes_logged(store):
+    """On MySQL the delete read the subject's faces before taking the subject's lock: a face whose
+    add held that lock committed in between, and the cascade removed it without a change-log row,
+    so every index that had applied the add kept it (a ghost that Search still returned). The face
+    insert is slowed in the database (a trigger) to hold the add's lock while the delete arrives."""
+    cid = coll(store)
+    first, second = face(1), face(2)
+    store.add_face(cid, "alice", first, allow_existing=False, max_faces=5)
+    if store.backend == "mysql":
+        with store._tx() as q:
+            q(
+                "CREATE TRIGGER facesvc_test_slow BEFORE INSERT ON faces FOR EACH ROW BEGIN "
+                f"IF NEW.collection_id = '{cid}' THEN DO SLEEP(1); END IF; END"
+            )
+    try:
+        deleted: list[str] = []
+
+        def delete():
+            time.sleep(0.3)  # the add holds the subject's lock by now
+            deleted.extend(store.delete_subject(cid, "alice"))
+
+        remover = threading.Thread(target=delete)
+        remover.start()
+        store.add_face(cid, "alice", second, allow_existing=True, max_faces=5)
+        remover.join()
+    finally:
+        if store.backend == "mysql":
+            with store._tx() as q:
+                q("DROP TRIGGER facesvc_test_slow")
+    assert sorted(deleted) == sorted([first.face_id, second.face_id])
+    with store._tx() as q:
+        assert q("SELECT COUNT(*) FROM faces WHERE collection_id = ?", cid).fetchone()[0] == 0
+        logged = {r[0] for r in q("SELECT face_id FROM face_changes WHERE collection_id = ? AND op = 'delete'", cid).fetchall()}
+    assert logged == {first.face_id, second.face_id}
 
 
 def test_metadata_update_replaces(store):

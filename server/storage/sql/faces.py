@@ -239,6 +239,12 @@ class SqlFaces(SqlDatabase):
         """Deletes the subject and all its faces; returns the ids of the faces that went."""
         with self._tx() as q:
             self._collection_row(q, collection_id)
+            # the subject's lock first, as add_face takes it: a face being added commits before its
+            # ids are read here (else the cascade would remove it unlogged, and indexes keep it)
+            if not q(
+                f"SELECT 1 FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}", collection_id, subject_id
+            ).fetchone():
+                raise self._no_subject(collection_id, subject_id)
             faces = [
                 r[0]
                 for r in q(
