@@ -295,6 +295,30 @@ def test_a_face_added_while_its_subject_is_deleted_goes_logged(store):
     assert logged == {first.face_id, second.face_id}
 
 
+def test_two_commits_of_one_face_at_the_subjects_limit_both_answer_the_face(store):
+    """A Register retried on another replica while the first is still committing: the second read
+    "no such face" before the first committed, then waited for the subject's lock and counted the
+    first's face against the limit (FACE_LIMIT_REACHED for a face that is registered). The face
+    insert is slowed in the database so the second arrives while the first holds the lock."""
+    cid = coll(store)
+    store.add_face(cid, "bea", face(1), allow_existing=True, max_faces=2)
+    again = face(2)
+    if store.backend == "mysql":
+        with store._tx() as q:
+            q(
+                "CREATE TRIGGER facesvc_test_slow BEFORE INSERT ON faces FOR EACH ROW BEGIN "
+                f"IF NEW.collection_id = '{cid}' THEN DO SLEEP(1); END IF; END"
+            )
+    try:
+        calls = [lambda: store.add_face(cid, "bea", again, allow_existing=True, max_faces=2)] * 2
+        assert race(calls) == [None, None]
+    finally:
+        if store.backend == "mysql":
+            with store._tx() as q:
+                q("DROP TRIGGER facesvc_test_slow")
+    assert store.subject_face_count(cid, "bea") == 2
+
+
 def test_metadata_update_replaces(store):
     cid = coll(store)
     store.add_face(cid, "gil", face(1), allow_existing=False, max_faces=5, metadata={"a": "1", "b": "2"})

@@ -88,9 +88,11 @@ class SqlFaces(SqlDatabase):
                         raise _Duplicate() from None  # a concurrent Register of the same token won the subject
                     raise self._already_registered(collection_id, subject_id) from None
             else:
+                if self._exists(q, "faces WHERE face_id = ?", face.face_id):
+                    # a concurrent Register of the same token (another replica's retry) committed it
+                    # while this one waited for the lock: the same face, not a limit or a conflict
+                    raise _Duplicate()
                 if not allow_existing:
-                    if self._exists(q, "faces WHERE face_id = ?", face.face_id):
-                        raise _Duplicate()  # a concurrent Register of the same token committed it
                     raise self._already_registered(collection_id, subject_id)
                 count = q(
                     "SELECT COUNT(*) FROM faces WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id
