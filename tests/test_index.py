@@ -477,6 +477,59 @@ def test_a_deleted_face_leaves_the_graph_and_the_snapshot_and_compaction_reclaim
     assert restarted.loaded_from == "snapshot" and (len(restarted), restarted.stats().deleted) == (39, 0)
 
 
+def stored_vectors(idx, face_ids) -> dict[str, bytes]:
+    """The bytes hnswlib holds for each face (its own normalisation of the vector)."""
+    out = {}
+    for f in face_ids:
+        label = idx._label_of[f]
+        out[f] = np.asarray(idx._segment_of(label).graph.get_items([label]), np.float32)[0].tobytes()
+    return out
+
+
+def test_no_snapshot_keeps_what_was_deleted_while_its_server_was_down(store, tmp_path):
+    """Erasure across restarts: faces deleted while a replica was down were replayed into its index
+    but its old snapshot stayed on disk; a collection deleted meanwhile (its drop may be older than
+    the change log a start reads) left its files for good, also when created anew under its name."""
+    d = tmp_path / "index-a"
+    cid, faces, a = snapshotted(store, tmp_path, 20)
+    gone = list(faces)[:3]
+    held = stored_vectors(a.get(cid), gone)
+    other, _, _ = snapshotted(store, tmp_path, 5)
+    again, _, _ = snapshotted(store, tmp_path, 5)
+    # the replica is down: faces of one collection go, another collection goes, a third is made anew
+    for f in gone:
+        store.delete_face(cid, f)
+    store.delete_collection(other)
+    store.delete_collection(again)
+    store.create_collection(again, "made anew", LIVENESS_OPTIONAL)
+    b = registry(store, tmp_path)  # the restart
+    assert sorted(b.forget_orphans()) == sorted([other, again])
+    assert not list(d.glob(f"{other}.*")) and not list(d.glob(f"{again}.*"))
+    idx = b.get(cid)
+    assert idx.loaded_from == "snapshot" and len(idx) == 17
+    assert b.write_snapshots(store.last_change_seq()) == 1  # the replayed deletions made it stale
+    on_disk = b"".join(p.read_bytes() for p in d.glob(f"{cid}.*.graph"))
+    assert not any(v in on_disk for v in held.values())
+    assert b.forget_orphans() == []  # nothing else to remove: a live collection's files stay
+
+
+def test_a_snapshot_written_while_its_collection_is_deleted_does_not_outlive_it(store, tmp_path):
+    cid, _, a = snapshotted(store, tmp_path, 5)
+    enrol(store, cid, 1, seed=3)
+    a.sync(cid, [])
+    a._mark_dirty(cid)
+    save = a.engine.save
+
+    def deleted_meanwhile(collection, index, meta):  # DeleteCollection lands while the files are written
+        store.delete_collection(collection)
+        a.collection_deleted(collection)
+        save(collection, index, meta)
+
+    a.engine.save = deleted_meanwhile
+    a.write_snapshots(store.last_change_seq())
+    assert not list((tmp_path / "index-a").glob(f"*{cid}*"))
+
+
 def test_milvus_out_of_reach_is_unavailable_without_its_address():
     """The address (and what failed) go to the server log; the caller, who may be any tenant, gets the
     reason. The message named the Milvus host and port."""

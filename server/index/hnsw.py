@@ -617,3 +617,7 @@ class HnswEngine:
     def forget(self, collection: str) -> None:
         if self.snapshots is not None:
             self.snapshots.remove(collection)
+
+    def saved(self) -> dict[str, int | None]:
+        """{collection: collection_created_ms} of what is saved (SnapshotStore.collections)."""
+        return {} if self.snapshots is None else self.snapshots.collections()

@@ -41,6 +41,7 @@ class IndexRegistry:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._dirty: set[str] = set()  # changed since their last snapshot
+        self._writing = threading.Lock()  # one round of snapshots at a time (the sync thread's, the last one's at stop)
         self.change_seq = 0  # the change log position applied (set by IndexSync)
         self.on_local_change = None  # called after this server's own commits (e.g. a Redis publish)
 
@@ -144,10 +145,15 @@ class IndexRegistry:
         seq, recent = doc["change_seq"], doc["change_seq"] is None
         if recent:  # an engine kept current by every replica: the recent log covers a crash between commit and write
             seq = max(0, self.store.last_change_seq() - LOOKBACK)
+        start = seq
         for attempt in range(3):  # a write landing between replay and count gets one more replay
             seq = self._replay(collection, idx, seq, recent)
             have, want = len(idx), self.store.count_faces(collection, self.model_id)
             if have == want:
+                if seq != start and not recent:
+                    # changes made while this server was down (deletions among them): the snapshot
+                    # on disk still holds what they removed, until the next one replaces it
+                    self._mark_dirty(collection)
                 return idx
             if recent:
                 time.sleep(0.2 * attempt)  # other replicas' writes to the shared engine in flight
@@ -261,6 +267,25 @@ class IndexRegistry:
         return done
 
     # -- snapshots ----------------------------------------------------------------
+    def forget_orphans(self) -> list[str]:
+        """Remove what is saved for collections deleted (or deleted and created anew) while this server
+        was down: the change log it reads from start-up on may no longer hold their drop, and nothing
+        would load, and so replace, those files. Returns the collections whose files went."""
+        saved = getattr(self.engine, "saved", None)
+        gone = []
+        for collection, made_for in (saved() if saved else {}).items():
+            created = self.store.collection_created_ms(collection)
+            if created is not None and created == made_for:
+                continue
+            with self._lock(collection):
+                if collection in self._indexes and created is not None:
+                    continue  # loaded (and so built anew) meanwhile: its next snapshot replaces these
+                self.engine.forget(collection)
+            gone.append(collection)
+        if gone:
+            log.info("index snapshots of %d deleted collections removed", len(gone))
+        return gone
+
     def _mark_dirty(self, collection: str) -> None:
         with self._guard:
             self._dirty.add(collection)
@@ -271,6 +296,10 @@ class IndexRegistry:
         at or below it is in the indexes. Returns how many were written."""
         if not self.engine.saves_indexes:
             return 0
+        with self._writing:
+            return self._write_snapshots(change_seq, refresh_older_than_s)
+
+    def _write_snapshots(self, change_seq: int, refresh_older_than_s: float | None) -> int:
         with self._guard:
             todo, self._dirty = set(self._dirty), set()
         if refresh_older_than_s is not None:
@@ -291,6 +320,11 @@ class IndexRegistry:
                 log.warning("index %s: snapshot not written (%s)", collection, exc)
                 self._mark_dirty(collection)
                 continue
+            with self._lock(collection):
+                if self._indexes.get(collection) is not idx:
+                    # dropped (or replaced) while it was written: what drop() removed must not come back
+                    self.engine.forget(collection)
+                    continue
             idx.snapshot_at = time.time()
             written += 1
             log.info("index %s: snapshot of %d faces written in %.2fs", collection, len(idx), time.perf_counter() - t0)

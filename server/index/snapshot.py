@@ -117,6 +117,23 @@ class SnapshotStore:
                     old.unlink()
         return self.path(collection)
 
+    def collections(self) -> dict[str, int | None]:
+        """{collection: the collection_created_ms its snapshot was made for (None: unreadable, or
+        only files a write left behind)} for every collection with anything in the directory."""
+        found: dict[str, int | None] = {}
+        for p in self.dir.iterdir():
+            parts = p.name.split(".")
+            name = parts[1] if p.name.startswith(".") and len(parts) > 1 else parts[0]  # .C.snapshot.gen.tmp
+            if name:
+                found.setdefault(name, None)
+        for name in found:
+            try:
+                raw = self.path(name).read_bytes()
+                found[name] = int(json.loads(raw.partition(b"\n")[2])["collection_created_ms"])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        return found
+
     def _files(self, collection: str) -> list[Path]:
         return [*self.dir.glob(f"{collection}.*.graph"), *self.dir.glob(f"{collection}.*.dense")]
 
@@ -192,6 +209,6 @@ class SnapshotStore:
         return index, doc
 
     def remove(self, collection: str) -> None:
-        for p in [self.path(collection), *self._files(collection)]:
+        for p in [self.path(collection), *self._files(collection), *self.dir.glob(f".{collection}.snapshot.*.tmp")]:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

@@ -92,6 +92,7 @@ class IndexSync:
         self.registry, self.store = registry, store
         self.compact_deleted_share = compact_deleted_share
         self._compactor: threading.Thread | None = None
+        self._snapshotter: threading.Thread | None = None
         self.sync_interval_s, self.snapshot_interval_s, self.retention_s = sync_interval_s, snapshot_interval_s, retention_s
         self.warmup, self.notifier = warmup, notifier
         self.feed = ChangeFeed.from_now(store)
@@ -104,7 +105,12 @@ class IndexSync:
         self._failing = False
 
     def start(self) -> None:
-        self._threads = [threading.Thread(target=self._run, name="index-sync", daemon=True)]
+        # the warm-up on a thread of its own: the collections already loaded go on taking the change
+        # log (other replicas' deletions among it) while a large one builds
+        self._threads = [
+            threading.Thread(target=self._run, name="index-sync", daemon=True),
+            threading.Thread(target=self._prepare, name="index-warmup", daemon=True),
+        ]
         if self.notifier is not None:
             self._threads.append(
                 threading.Thread(target=self.notifier.listen, args=(self._wake.set, self._stop), name="index-notify", daemon=True)
@@ -118,7 +124,7 @@ class IndexSync:
         self._stop.set()
         self._wake.set()
         deadline = time.monotonic() + timeout_s
-        for t in self._threads:
+        for t in [*self._threads, *([self._snapshotter] if self._snapshotter else [])]:
             t.join(timeout=max(0.0, deadline - time.monotonic()))
         if final_snapshot:
             self.registry.write_snapshots(self.feed.low_water())
@@ -127,14 +133,22 @@ class IndexSync:
 
     # -- the thread ---------------------------------------------------------------
     def _run(self) -> None:
-        if self.warmup:
-            self._warm()
         while not self._stop.is_set():
             self._wake.wait(self.sync_interval_s)
             self._wake.clear()
             if self._stop.is_set():
                 break
             self.step()
+
+    def _prepare(self) -> None:
+        """What start-up owes the disk and the indexes: the saved files of collections deleted while
+        the server was down go (forget_orphans), then, with `warmup`, every collection loads."""
+        try:
+            self.registry.forget_orphans()
+        except (errors.FaceServiceError, OSError) as exc:
+            log.warning("index snapshots of deleted collections not checked (%s); they are at the next start", exc)
+        if self.warmup:
+            self._warm()
 
     def _warm(self) -> None:
         """Load every collection's index now rather than on its first search."""
@@ -169,6 +183,23 @@ class IndexSync:
         self._compactor = threading.Thread(target=run, name="index-compact", daemon=True)
         self._compactor.start()
 
+    def _snapshots_in_background(self, change_seq: int) -> None:
+        """Snapshots on a thread of their own, one round at a time: hashing and syncing a large graph
+        to disk takes seconds, and the change log must go on being applied meanwhile."""
+        if self._snapshotter is not None and self._snapshotter.is_alive():
+            return
+
+        def run():
+            try:
+                self.registry.write_snapshots(change_seq, refresh_older_than_s=self.retention_s / 2)
+            except errors.FaceServiceError as exc:
+                log.warning("index snapshots paused (%s)", exc)
+            except Exception:  # noqa: BLE001 - the thread must say what failed
+                log.exception("index snapshots failed")
+
+        self._snapshotter = threading.Thread(target=run, name="index-snapshot", daemon=True)
+        self._snapshotter.start()
+
     def step(self) -> None:
         """One poll of the change log (repeated while batches come back full), then housekeeping."""
         try:
@@ -187,7 +218,7 @@ class IndexSync:
             now = time.monotonic()
             if now - self._last_snapshot >= self.snapshot_interval_s:
                 self._last_snapshot = now
-                self.registry.write_snapshots(self.feed.low_water(), refresh_older_than_s=self.retention_s / 2)
+                self._snapshots_in_background(self.feed.low_water())
             if now - self._last_prune >= 3600:
                 self._last_prune = now
                 n = self.store.prune_changes(int((time.time() - self.retention_s) * 1000))
