@@ -393,6 +393,34 @@ def test_audit_events_are_listed_newest_first_by_collection_and_pruned_by_age(st
     assert [e.action for e in store.list_audit(0, 10, a)] == ["DeleteFace"] and not store.list_audit(0, 10, b)
 
 
+def test_pruning_by_age_goes_a_batch_per_transaction_and_stops_at_the_age(store):
+    """One DELETE of a large backlog could outlast MySQL's read timeout and fail every hour after."""
+    from server.records import AuditEvent
+
+    a = coll(store)
+    store.prune_audit(10**12)  # other tests' events
+    store.append_audit(
+        [AuditEvent("k", "Verify", a, "s", "", "OK", 1_000 + i // 2) for i in range(11)]
+        + [AuditEvent("k", "Search", a, "", "", "OK", 10**13)]
+    )
+    store.PRUNE_BATCH = 3
+    assert store.prune_audit(10**12) == 11
+    assert [e.action for e in store.list_audit(0, 20, a)] == ["Search"]
+
+
+def test_a_mysql_lock_wait_ends_before_the_connections_read_timeout(mysql_url, tmp_path):
+    """Past the read timeout a lock wait ended as a lost connection (not retried, STORE_UNAVAILABLE);
+    the server's default wait (50 s) is longer than the read timeout (30 s). (SQLite waits on its
+    busy timeout.)"""
+    store = open_store(mysql_url, str(tmp_path))
+    try:
+        with store._tx() as q:
+            wait = q("SELECT @@SESSION.innodb_lock_wait_timeout").fetchone()[0]
+    finally:
+        store.close()
+    assert wait == store.d.LOCK_WAIT_S < store.d.READ_TIMEOUT_S
+
+
 def test_an_audited_request_with_overlong_ids_neither_is_lost_nor_holds_back_other_events(store):
     """A refused call is audited with what it named: a 200-character subject id (a VARCHAR(128) in
     MySQL) is recorded cut to fit. An event the database refuses anyway is dropped alone: before,

@@ -44,5 +44,4 @@ class SqlAudit(SqlDatabase):
         return [AuditEvent(*r) for r in rows]
 
     def prune_audit(self, before_ms: int) -> int:
-        with self._tx() as q:
-            return q("DELETE FROM audit_log WHERE created_ms < ?", before_ms).rowcount
+        return self._prune("audit_log", before_ms)

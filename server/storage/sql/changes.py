@@ -38,8 +38,7 @@ class SqlChangeFeed(SqlDatabase):
             ]
 
     def prune_changes(self, before_ms: int) -> int:
-        with self._tx() as q:
-            return q("DELETE FROM face_changes WHERE created_ms < ?", before_ms).rowcount
+        return self._prune("face_changes", before_ms)
 
     # -- the faces an index is built and kept from -----------------------------
     def collection_embeddings(self, collection_id: str, model_id: str, after_face_id: str, limit: int):

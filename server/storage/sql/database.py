@@ -175,6 +175,25 @@ class SqlDatabase:
         return target
 
     # -- shared by the role stores ---------------------------------------------
+    PRUNE_BATCH = 10_000  # rows per transaction when pruning by age
+
+    def _prune(self, table: str, before_ms: int) -> int:
+        """Deletes `table`'s rows created before `before_ms`, oldest first, a batch per transaction: one
+        DELETE of a large backlog could outlast the connection's read timeout, be rolled back when
+        the connection goes, and fail the same way every hour after. Returns how many went."""
+        total = 0
+        while True:
+            with self._tx() as q:
+                row = q(
+                    f"SELECT created_ms FROM {table} WHERE created_ms < ? ORDER BY created_ms LIMIT 1 OFFSET ?",
+                    before_ms,
+                    self.PRUNE_BATCH - 1,
+                ).fetchone()
+                upto = before_ms if row is None else min(before_ms, row[0] + 1)
+                total += q(f"DELETE FROM {table} WHERE created_ms < ?", upto).rowcount
+            if row is None or upto >= before_ms:
+                return total
+
     def _collection_row(self, q, collection_id: str):
         row = q("SELECT collection_id, liveness_policy FROM collections WHERE collection_id = ?", collection_id).fetchone()
         if row is None:

@@ -242,18 +242,30 @@ class MySqlDialect:
         p = self.params
         return f"mysql://{p['user']}:***@{p['host']}:{p['port']}/{p['database']}"
 
+    READ_TIMEOUT_S = 30
+    # A lock wait ends (error 1205, retried) well before the connection's read timeout would cut it off
+    # as a lost connection (2013: not retried, and STORE_UNAVAILABLE for a wait on another's lock);
+    # the server's own default (50 s) is longer than the read timeout.
+    LOCK_WAIT_S = 10
+
     def connect(self):
-        return pymysql.connect(
+        conn = pymysql.connect(
             **self.params,
             charset="utf8mb4",
             autocommit=True,
             connect_timeout=self.connect_timeout,
-            read_timeout=30,
-            write_timeout=30,
+            read_timeout=self.READ_TIMEOUT_S,
+            write_timeout=self.READ_TIMEOUT_S,
             # No gap locks: concurrent first registrations of one subject queue on its primary key
             # instead of deadlocking; every read sees the latest committed rows.
             init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
         )
+        try:
+            conn.cursor().execute(f"SET SESSION innodb_lock_wait_timeout = {self.LOCK_WAIT_S}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def checkout(self, conn):
         """A pooled connection the server may have dropped (restart, wait_timeout): check, else replace."""
