@@ -96,6 +96,32 @@ def test_a_version_2_database_upgrades_with_its_collections(empty_db_url, tmp_pa
         new.close()
 
 
+def test_a_sqlite_migration_cut_short_leaves_the_version_before_it_whole(tmp_path):
+    """Each DDL statement committed by itself: a step that failed (or was killed) halfway left some of
+    its columns behind without its version row, and every later start failed on "duplicate column".
+    (MySQL commits each DDL statement by itself: there replicas migrate one at a time.)"""
+    url = f"sqlite:///{tmp_path}/cut.db"
+    old = SqlFaceStore(dialect_for(url, str(tmp_path)))
+    full = old.d.schema
+    old.d.schema = full[:2]
+    assert old.migrate() == 2
+    old.d.schema = [*full[:2], [*full[2], "THIS IS NOT SQL"], *full[3:]]  # step 3 fails after its statements
+    try:
+        with pytest.raises(RuntimeError, match="to version 3 failed"):
+            old.migrate()
+        with old._tx() as q:
+            assert q("SELECT MAX(version) FROM schema_version").fetchone()[0] == 2
+    finally:
+        old.close()
+    new = open_store(url, str(tmp_path))  # the next start redoes step 3 whole, and the rest
+    try:
+        assert new.migrate() == len(full)
+        new.create_collection("after", "", LIVENESS_REQUIRED)
+        assert new.get_collection("after").duplicate_policy == DUPLICATE_REJECT
+    finally:
+        new.close()
+
+
 def test_collections(store):
     cid = coll(store)
     with pytest.raises(errors.FaceServiceError) as e:

@@ -149,6 +149,7 @@ class SqlDatabase:
     def migrate(self) -> int:
         """Create or upgrade the schema; returns the version now in place."""
         target = len(self.d.schema)
+        step = 0
         try:
             with self.pool.connection() as conn:
                 self.d.create_version_table(conn)
@@ -160,19 +161,39 @@ class SqlDatabase:
                             f"database schema version {current} is newer than this server understands ({target}); upgrade the server"
                         )
                     for version in range(current + 1, target + 1):
-                        log.info("migrating %s schema to version %d", self.d.name, version)
-                        for stmt in self.d.schema[version - 1]:
-                            self.d.execute(conn, stmt)
-                        self.d.execute(
-                            conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms())
-                        )
-                        if self.d.name == "sqlite":
-                            conn.commit()
+                        step = version
+                        self._migrate_step(conn, version)
         except RuntimeError:
             raise
         except Exception as exc:  # noqa: BLE001 - unreachable, refused login, unknown database: one line, no traceback
+            if step:
+                raise RuntimeError(
+                    f"migrating the schema of {self.describe()} to version {step} failed: {type(exc).__name__}: {exc}"
+                ) from exc
             raise RuntimeError(f"cannot reach the database {self.describe()}: {type(exc).__name__}: {exc}") from exc
         return target
+
+    def _migrate_step(self, conn, version: int) -> None:
+        """One schema version's statements and its version row. On SQLite in one transaction (its DDL is
+        transactional): a step cut short by a crash leaves the version before it, which the next start
+        redoes whole, and a second process starting on the same file waits and finds it done. MySQL
+        commits each DDL statement by itself; its replicas migrate one at a time (migration_lock)."""
+        sqlite = self.d.name == "sqlite"
+        if sqlite:
+            self.d.execute(conn, "BEGIN IMMEDIATE")
+        try:
+            done = self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+            if done < version:
+                log.info("migrating %s schema to version %d", self.d.name, version)
+                for stmt in self.d.schema[version - 1]:
+                    self.d.execute(conn, stmt)
+                self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
+        except BaseException:
+            if sqlite:
+                self.d.execute(conn, "ROLLBACK")
+            raise
+        if sqlite:
+            self.d.execute(conn, "COMMIT")
 
     # -- shared by the role stores ---------------------------------------------
     PRUNE_BATCH = 10_000  # rows per transaction when pruning by age
