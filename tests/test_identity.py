@@ -544,3 +544,33 @@ def test_without_a_crop_key_no_image_is_stored(server, stub):
         assert conn.execute("SELECT crop, length(embedding) FROM faces WHERE face_id = ?", (r.face.face_id,)).fetchall() == [
             (None, 512 * 4)
         ]
+
+
+def test_a_registered_face_is_answered_as_registered_when_its_token_cannot_be_deleted(pipeline, tmp_path):
+    """The staging cache failed after the commit (Redis going away): the caller was told
+    CACHE_UNAVAILABLE, retry, for a face that was registered. It is answered as registered, and a
+    retry with the token answers the same face."""
+    from server import errors
+    from server.domain.identity import IdentityService
+    from server.records import LIVENESS_OPTIONAL
+    from server.storage.sql import open_store
+    from server.storage.staging.memory import MemoryStagingCache
+    from server.vision.pipeline import DetectOptions
+
+    class GoneAtDelete(MemoryStagingCache):
+        def delete(self, token, collection=""):
+            raise errors.unavailable(errors.CACHE_UNAVAILABLE, "the staging cache is unavailable; retry")
+
+    store = open_store(f"sqlite:///{tmp_path}/f.db", str(tmp_path))
+    try:
+        store.create_collection("c", "", LIVENESS_OPTIONAL)
+        identity = IdentityService(pipeline, store, GoneAtDelete())
+        screened = identity.screen("c", "ann", cv2.imread(str(face_path("dev/img1.jpg"))), DetectOptions(), skip_liveness=True)
+        (embedding,) = pipeline.embed([screened.face])
+        token = identity.process_screened(screened, embedding).token
+        first = identity.register_staged("c", "ann", token, {})
+        assert first.created and store.subject_face_count("c", "ann") == 1
+        again = identity.register_staged("c", "ann", token, {})
+        assert again.face.face_id == first.face.face_id and store.subject_face_count("c", "ann") == 1
+    finally:
+        store.close()

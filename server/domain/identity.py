@@ -319,7 +319,12 @@ class IdentityService:
             )
         self._still_live(staged)
         record, created, subject, duplicate = self._commit(staged, metadata)
-        self.cache.delete(token, collection)  # only after the commit: a failed commit can be retried with the same token
+        try:  # only after the commit: a failed commit can be retried with the same token
+            self.cache.delete(token, collection)
+        except errors.FaceServiceError as exc:
+            # the face is registered: say so. The token lives out its time; a retry with it answers
+            # this face (add_face finds it), as a retry after a lost response does
+            log.warning("register: face %s committed; its staging token not deleted (%s)", record.face_id, exc.reason)
         return Registered(record, subject, created, duplicate=duplicate)
 
     def _still_live(self, staged: StagedFace) -> None:
