@@ -345,6 +345,34 @@ def test_two_commits_of_one_face_at_the_subjects_limit_both_answer_the_face(stor
     assert store.subject_face_count(cid, "bea") == 2
 
 
+def test_a_first_registration_racing_the_deletion_of_its_collection_is_not_found(mysql_url, tmp_path):
+    """MySQL: the collection was there when the Register began and gone by its subject's insert: the
+    foreign key refused it and the caller got INTERNAL. (SQLite serialises the two.)"""
+    store = open_store(mysql_url, str(tmp_path))
+    cid = coll(store)
+    with store._tx() as q:
+        q(
+            "CREATE TRIGGER facesvc_test_slow BEFORE INSERT ON subjects FOR EACH ROW BEGIN "
+            f"IF NEW.collection_id = '{cid}' THEN DO SLEEP(1); END IF; END"
+        )
+    try:
+
+        def delete():
+            time.sleep(0.3)
+            store.delete_collection(cid)
+
+        remover = threading.Thread(target=delete)
+        remover.start()
+        with pytest.raises(errors.FaceServiceError) as e:
+            store.add_face(cid, "bob", face(1), allow_existing=False, max_faces=5)
+        remover.join()
+        assert (e.value.code, e.value.reason) == (grpc.StatusCode.NOT_FOUND, "COLLECTION_NOT_FOUND")
+    finally:
+        with store._tx() as q:
+            q("DROP TRIGGER facesvc_test_slow")
+        store.close()
+
+
 def test_metadata_update_replaces(store):
     cid = coll(store)
     store.add_face(cid, "gil", face(1), allow_existing=False, max_faces=5, metadata={"a": "1", "b": "2"})

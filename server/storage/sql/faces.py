@@ -81,6 +81,7 @@ class SqlFaces(SqlDatabase):
                     )
                 except self.d.integrity_errors:
                     if not self._exists(q, "subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id):
+                        self._collection_row(q, collection_id)  # deleted meanwhile (MySQL): COLLECTION_NOT_FOUND
                         raise  # some other constraint: not "already registered"
                     if allow_existing:
                         raise _Retry() from None  # created concurrently: start over and take its lock
