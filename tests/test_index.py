@@ -530,6 +530,18 @@ def test_a_snapshot_written_while_its_collection_is_deleted_does_not_outlive_it(
     assert not list((tmp_path / "index-a").glob(f"*{cid}*"))
 
 
+def test_deleted_collections_leave_no_lock_behind(store, tmp_path):
+    """Every replica applies every collection's drop: a lock kept per id ever seen grew without end."""
+    a = registry(store, tmp_path)
+    for _ in range(20):
+        cid = new_collection(store)
+        enrol(store, cid, 1)
+        a.get(cid)
+        store.delete_collection(cid)
+        a.apply_changes([(0, cid, "", "drop")])
+    assert len(a._locks) == 0 and a.loaded() == []
+
+
 def test_milvus_out_of_reach_is_unavailable_without_its_address():
     """The address (and what failed) go to the server log; the caller, who may be any tenant, gets the
     reason. The message named the Milvus host and port."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 
 from server import errors
 from server.index.base import FaceIndex, IndexEngine, IndexLoadError
@@ -31,6 +32,22 @@ log = logging.getLogger("facesvc.index")
 PROGRESS_S = 10.0  # a build logs its progress this often
 
 
+class _CollectionLock:
+    """A lock that a weak reference can point to (threading.Lock cannot be)."""
+
+    __slots__ = ("_lock", "__weakref__")
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def __enter__(self):
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+
 class IndexRegistry:
     def __init__(
         self, store: IndexSource, model_id: str, dim: int, engine: IndexEngine, retention_s: float = 7 * 86400, batch: int = 5000
@@ -38,16 +55,21 @@ class IndexRegistry:
         self.store, self.model_id, self.dim, self.engine, self.batch = store, model_id, dim, engine, batch
         self.retention_s = retention_s
         self._indexes: dict[str, FaceIndex] = {}
-        self._locks: dict[str, threading.Lock] = {}
+        # a collection's lock lives while someone holds or waits for it: the ids of deleted collections
+        # (every replica sees every drop) leave nothing behind
+        self._locks: weakref.WeakValueDictionary[str, _CollectionLock] = weakref.WeakValueDictionary()
         self._guard = threading.Lock()
         self._dirty: set[str] = set()  # changed since their last snapshot
         self._writing = threading.Lock()  # one round of snapshots at a time (the sync thread's, the last one's at stop)
         self.change_seq = 0  # the change log position applied (set by IndexSync)
         self.on_local_change = None  # called after this server's own commits (e.g. a Redis publish)
 
-    def _lock(self, collection: str) -> threading.Lock:
+    def _lock(self, collection: str) -> "_CollectionLock":
         with self._guard:
-            return self._locks.setdefault(collection, threading.Lock())
+            lock = self._locks.get(collection)
+            if lock is None:
+                lock = self._locks[collection] = _CollectionLock()
+            return lock
 
     def loaded(self) -> list[str]:
         return list(self._indexes)
