@@ -530,6 +530,29 @@ def test_a_snapshot_written_while_its_collection_is_deleted_does_not_outlive_it(
     assert not list((tmp_path / "index-a").glob(f"*{cid}*"))
 
 
+def test_a_collection_created_anew_elsewhere_is_never_served_the_old_ones_index(store, tmp_path):
+    """Until a replica applied the drop, a collection deleted and created anew under its id on another
+    replica was searched in the old one's index: the old tenant's subjects in its answers."""
+    cid = new_collection(store)
+    old_faces = enrol(store, cid, 5)
+    a = registry(store, tmp_path)
+    old = a.get(cid)
+    assert len(old) == 5
+    store.delete_collection(cid)  # on another replica; this one has not polled the change log yet
+    store.create_collection(cid, "anew", LIVENESS_OPTIONAL)
+    new_faces = enrol(store, cid, 2, seed=9)
+    created = store.collection_created_ms(cid)
+    idx = a.get(cid, created)
+    assert idx is not old and len(idx) == 2 and a.get(cid, created) is idx
+    probe = next(iter(old_faces.values()))
+    assert all(h.face_id in new_faces for h in idx.search(probe, 5, -1.0, 1))
+    gone = next(iter(new_faces))
+    store.delete_face(cid, gone)
+    a.sync(cid, [gone])
+    assert a.compact(0.1) == [cid]  # a compacted index keeps what it was loaded for
+    assert a.get(cid, created).collection_created_ms == created and len(a.get(cid, created)) == 1
+
+
 def test_deleted_collections_leave_no_lock_behind(store, tmp_path):
     """Every replica applies every collection's drop: a lock kept per id ever seen grew without end."""
     a = registry(store, tmp_path)

@@ -144,7 +144,8 @@ class IdentityService:
             return None
         # Only when another subject is the best match: a face added to its own subject that also
         # resembles a look-alike is that subject's face, not a duplicate.
-        hits = self.indexes.get(collection).search(embedding, 1, t.search, self.policy.max_faces_per_subject)
+        index = self.indexes.get(collection, c.created_ms)  # not an earlier collection's of this id
+        hits = index.search(embedding, 1, t.search, self.policy.max_faces_per_subject)
         if not hits or hits[0].subject_id == subject_id:
             return None
         hit = hits[0]

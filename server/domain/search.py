@@ -57,9 +57,8 @@ class SearchService:
     ) -> list[ProbeMatches]:
         if skip_liveness:
             self.identity.allow_skip_liveness(collection)  # also COLLECTION_NOT_FOUND
-        else:
-            self.store.get_collection_policy(collection)
-        index = self.indexes.get(collection)
+        created = self.store.get_collection_settings(collection).created_ms  # COLLECTION_NOT_FOUND
+        index = self.indexes.get(collection, created)  # not an earlier collection's of this id
         faces = self.pipeline.detect(img, opts)
         if not faces:
             raise errors.no_face()
@@ -88,14 +87,14 @@ class SearchService:
                 "model", f"embeddings of {errors.quote(model)} cannot be searched in an index of {rec.model_id!r}"
             )
         probe = unit_embedding(embedding, rec.embedding_dim)
-        policy = self.store.get_collection_policy(collection)  # COLLECTION_NOT_FOUND
-        if policy == LIVENESS_REQUIRED and not trusted:
+        c = self.store.get_collection_settings(collection)  # COLLECTION_NOT_FOUND
+        if c.liveness_policy == LIVENESS_REQUIRED and not trusted:
             raise errors.precondition(
                 errors.LIVENESS_REQUIRED,
                 f"collection {collection!r} requires liveness, and an embedding brings none: search with a photo (Search)",
                 collection=collection,
             )
-        return self.indexes.get(collection).search(probe, top_k, min_similarity, self.max_faces_per_subject)
+        return self.indexes.get(collection, c.created_ms).search(probe, top_k, min_similarity, self.max_faces_per_subject)
 
     def find_similar(self, collection: str, face_id: str, top_k: int, min_similarity: float) -> tuple[str, list[Hit]]:
         """(the face's subject, the other subjects most like the stored face): a search with the face as

@@ -32,6 +32,12 @@ log = logging.getLogger("facesvc.index")
 PROGRESS_S = 10.0  # a build logs its progress this often
 
 
+def _earlier(idx: FaceIndex, created_ms: int | None) -> bool:
+    """Whether `idx` was loaded for an earlier collection of its id than the one created at `created_ms`."""
+    loaded_for = getattr(idx, "collection_created_ms", None)
+    return created_ms is not None and loaded_for is not None and loaded_for != created_ms
+
+
 class _CollectionLock:
     """A lock that a weak reference can point to (threading.Lock cannot be)."""
 
@@ -85,23 +91,39 @@ class IndexRegistry:
                 pass
         return out
 
-    def get(self, collection: str) -> FaceIndex:
-        """The collection's index, loaded if this server has not loaded it yet."""
+    def get(self, collection: str, created_ms: int | None = None) -> FaceIndex:
+        """The collection's index, loaded if this server has not loaded it yet. `created_ms`: the
+        collection's creation time as the caller just read it. An index loaded for an earlier
+        collection of the same id (deleted and created anew by another replica, whose drop this one
+        has not applied yet) is never served for it: it is dropped and the new one loaded."""
         idx = self._indexes.get(collection)
-        if idx is not None:
+        if idx is not None and not _earlier(idx, created_ms):
             return idx
         with self._lock(collection):
             idx = self._indexes.get(collection)
+            if idx is not None and _earlier(idx, created_ms):
+                log.info("index %s: the collection was created anew; loading the new one", collection)
+                self._indexes.pop(collection, None)
+                with self._guard:
+                    self._dirty.discard(collection)
+                self.engine.forget(collection)
+                idx = None
             if idx is None:
                 idx = self._load(collection)
                 self._indexes[collection] = idx
             return idx
 
     def _load(self, collection: str) -> FaceIndex:
-        if self.store.collection_created_ms(collection) is None:  # deleted (by anyone): build nothing for it
+        created = self.store.collection_created_ms(collection)
+        if created is None:  # deleted (by anyone): build nothing for it
             raise errors.not_found(
                 errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist", collection=collection
             )
+        idx = self._load_index(collection)
+        idx.collection_created_ms = created  # what get() tells an earlier collection of this id by
+        return idx
+
+    def _load_index(self, collection: str) -> FaceIndex:
         shared = getattr(self.engine, "shared", False)
         if self.engine.saves_indexes or shared:
             t0 = time.perf_counter()
@@ -282,6 +304,7 @@ class IndexRegistry:
                 if have != want:  # a late commit the replay missed: keep the old index, try again later
                     log.info("index %s: compaction skipped (%d faces built, the database holds %d)", collection, have, want)
                     continue
+                fresh.collection_created_ms = getattr(idx, "collection_created_ms", None)
                 self._indexes[collection] = fresh
             self._mark_dirty(collection)
             log.info("index %s: compacted (%d deleted of %d slots)", collection, st.deleted, st.size + st.deleted)
