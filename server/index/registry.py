@@ -297,7 +297,9 @@ class IndexRegistry:
                 if self._indexes.get(collection) is not idx:  # dropped or replaced meanwhile
                     continue
                 try:
-                    self._replay(collection, fresh, seq)
+                    # from LOOKBACK rows back: a MySQL transaction holding a seq below `seq` may commit
+                    # after it was read (and during the build); replaying a row twice changes nothing
+                    self._replay(collection, fresh, max(0, seq - LOOKBACK))
                 except IndexLoadError:
                     continue  # the collection was dropped meanwhile
                 have, want = len(fresh), self.store.count_faces(collection, self.model_id)
