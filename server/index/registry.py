@@ -298,8 +298,9 @@ class IndexRegistry:
                     continue
                 try:
                     # from LOOKBACK rows back: a MySQL transaction holding a seq below `seq` may commit
-                    # after it was read (and during the build); replaying a row twice changes nothing
-                    self._replay(collection, fresh, max(0, seq - LOOKBACK))
+                    # after it was read (and during the build); replaying a row twice changes nothing,
+                    # and a drop among those rows ended an earlier collection of this id (recent)
+                    self._replay(collection, fresh, max(0, seq - LOOKBACK), recent=True)
                 except IndexLoadError:
                     continue  # the collection was dropped meanwhile
                 have, want = len(fresh), self.store.count_faces(collection, self.model_id)
