@@ -76,6 +76,25 @@ class ChangeNotifier:
         self.client.close()
 
 
+def _background(running: threading.Thread | None, name: str, what: str, job, *args) -> threading.Thread:
+    """`job(*args)` on a thread of its own, unless the last one (`running`) is still at it; the thread
+    that now runs the job (or still does)."""
+    if running is not None and running.is_alive():
+        return running
+
+    def run():
+        try:
+            job(*args)
+        except errors.FaceServiceError as exc:
+            log.warning("index %s paused (%s)", what, exc)
+        except Exception:  # noqa: BLE001 - the thread must say what failed
+            log.exception("index %s failed", what)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
 class IndexSync:
     def __init__(
         self,
@@ -169,36 +188,17 @@ class IndexSync:
     def _compact_in_background(self) -> None:
         """Compaction (a rebuild from the database) on a thread of its own, one at a time: a large
         collection's build takes minutes, and the change log must go on being applied meanwhile."""
-        if not self.compact_deleted_share or (self._compactor is not None and self._compactor.is_alive()):
-            return
-
-        def run():
-            try:
-                self.registry.compact(self.compact_deleted_share)
-            except errors.FaceServiceError as exc:
-                log.warning("index compaction paused (%s)", exc)
-            except Exception:  # noqa: BLE001 - the thread must say what failed
-                log.exception("index compaction failed")
-
-        self._compactor = threading.Thread(target=run, name="index-compact", daemon=True)
-        self._compactor.start()
+        if self.compact_deleted_share:
+            self._compactor = _background(
+                self._compactor, "index-compact", "compaction", self.registry.compact, self.compact_deleted_share
+            )
 
     def _snapshots_in_background(self, change_seq: int) -> None:
         """Snapshots on a thread of their own, one round at a time: hashing and syncing a large graph
         to disk takes seconds, and the change log must go on being applied meanwhile."""
-        if self._snapshotter is not None and self._snapshotter.is_alive():
-            return
-
-        def run():
-            try:
-                self.registry.write_snapshots(change_seq, refresh_older_than_s=self.retention_s / 2)
-            except errors.FaceServiceError as exc:
-                log.warning("index snapshots paused (%s)", exc)
-            except Exception:  # noqa: BLE001 - the thread must say what failed
-                log.exception("index snapshots failed")
-
-        self._snapshotter = threading.Thread(target=run, name="index-snapshot", daemon=True)
-        self._snapshotter.start()
+        self._snapshotter = _background(
+            self._snapshotter, "index-snapshot", "snapshots", self.registry.write_snapshots, change_seq, self.retention_s / 2
+        )
 
     def step(self) -> None:
         """One poll of the change log (repeated while batches come back full), then housekeeping."""
