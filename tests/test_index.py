@@ -503,14 +503,69 @@ def test_no_snapshot_keeps_what_was_deleted_while_its_server_was_down(store, tmp
     store.delete_collection(again)
     store.create_collection(again, "made anew", LIVENESS_OPTIONAL)
     b = registry(store, tmp_path)  # the restart
-    assert sorted(b.forget_orphans()) == sorted([other, again])
+    assert sorted(b.tidy_saved()) == sorted([other, again])
     assert not list(d.glob(f"{other}.*")) and not list(d.glob(f"{again}.*"))
     idx = b.get(cid)
     assert idx.loaded_from == "snapshot" and len(idx) == 17
     assert b.write_snapshots(store.last_change_seq()) == 1  # the replayed deletions made it stale
     on_disk = b"".join(p.read_bytes() for p in d.glob(f"{cid}.*.graph"))
     assert not any(v in on_disk for v in held.values())
-    assert b.forget_orphans() == []  # nothing else to remove: a live collection's files stay
+    assert b.tidy_saved() == []  # nothing else to remove: a live collection's files stay
+
+
+def test_a_snapshot_write_killed_before_it_removed_the_old_graphs_leaves_them_for_the_next_start(store, tmp_path):
+    """kill -9 after the new snapshot's rename and before the old graphs' removal: the old graph (with a
+    face deleted since) stayed as long as the collection did not change again."""
+    d = tmp_path / "index-a"
+    cid, faces, a = snapshotted(store, tmp_path, 10)
+    gone = next(iter(faces))
+    held = stored_vectors(a.get(cid), [gone])[gone]
+    old = {p.name: p.read_bytes() for p in d.glob(f"{cid}.*.graph")}
+    store.delete_face(cid, gone)
+    a.sync(cid, [gone])
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    for name, data in old.items():  # what the killed write left
+        (d / name).write_bytes(data)
+    b = registry(store, tmp_path)  # the restart
+    assert b.tidy_saved() == []  # the snapshot stays: it is the collection's own
+    assert not any(held in p.read_bytes() for p in d.glob(f"{cid}.*"))
+    assert b.get(cid).loaded_from == "snapshot" and len(b.get(cid)) == 9
+
+
+def test_without_the_warm_up_a_snapshot_holding_deleted_faces_goes_at_the_start(store, tmp_path):
+    """No warm-up: a collection loads on its first search, and only a load rewrites a stale snapshot,
+    so one holding faces deleted while the server was down stayed on disk until then."""
+    d = tmp_path / "index-a"
+    cid, faces, _ = snapshotted(store, tmp_path, 5)
+    grown, _, _ = snapshotted(store, tmp_path, 5)
+    store.delete_face(cid, next(iter(faces)))
+    enrol(store, grown, 2, seed=4)  # only additions: nothing to erase, the snapshot stays
+    b = registry(store, tmp_path)
+    assert b.tidy_saved(loads_all=False) == [cid]
+    assert not list(d.glob(f"{cid}.*")) and list(d.glob(f"{grown}.*"))
+    assert len(b.get(cid)) == 4 and b.get(grown).loaded_from == "snapshot"
+
+
+def test_a_restart_keeps_the_snapshot_of_a_collection_created_anew_before_it(store, tmp_path):
+    """A start re-reads the recent change log: the drop of an earlier collection of the id dropped the
+    new one's index and removed its snapshot, and a large collection was rebuilt at every start."""
+    d = tmp_path / "index-a"
+    cid = new_collection(store)
+    enrol(store, cid, 3)
+    store.delete_collection(cid)
+    store.create_collection(cid, "anew", LIVENESS_OPTIONAL)
+    enrol(store, cid, 4, seed=2)
+    a = registry(store, tmp_path)
+    a.get(cid)
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    b = registry(store, tmp_path)  # the restart
+    idx = b.get(cid)
+    assert idx.loaded_from == "snapshot"
+    b.apply_changes(store.changes_after(0, 10_000, cid))  # the recent log, the old drop among it
+    assert b.get(cid) is idx and len(idx) == 4 and list(d.glob(f"{cid}.snapshot"))
+    c = registry(store, tmp_path)  # not loaded when the log is read: the files stay too
+    c.apply_changes(store.changes_after(0, 10_000, cid))
+    assert list(d.glob(f"{cid}.snapshot")) and c.get(cid).loaded_from == "snapshot"
 
 
 def test_a_snapshot_written_while_its_collection_is_deleted_does_not_outlive_it(store, tmp_path):

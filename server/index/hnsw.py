@@ -618,6 +618,18 @@ class HnswEngine:
         if self.snapshots is not None:
             self.snapshots.remove(collection)
 
-    def saved(self) -> dict[str, int | None]:
-        """{collection: collection_created_ms} of what is saved (SnapshotStore.collections)."""
-        return {} if self.snapshots is None else self.snapshots.collections()
+    def saved(self) -> dict[str, dict | None]:
+        """{collection: what its snapshot was made for (SnapshotStore.made_for; None: files without a
+        readable snapshot)} of every collection with files saved."""
+        if self.snapshots is None:
+            return {}
+        return {c: self.snapshots.made_for(c) for c in self.snapshots.collections()}
+
+    def saved_for(self, collection: str) -> int | None:
+        """The collection_created_ms its snapshot was made for (None: none readable)."""
+        doc = None if self.snapshots is None else self.snapshots.made_for(collection)
+        return None if doc is None else doc["collection_created_ms"]
+
+    def sweep(self, collection: str) -> int:
+        """Removes the collection's saved files its snapshot does not list."""
+        return 0 if self.snapshots is None else self.snapshots.sweep(collection)

@@ -261,15 +261,40 @@ class IndexRegistry:
                 self._dirty.discard(collection)
             self.engine.forget(collection)
 
+    def _drop_earlier(self, collection: str, current: int) -> None:
+        """Forget the index and the saved files of an earlier collection of this id than the one
+        created at `current`; keep the current one's."""
+        saved_for = getattr(self.engine, "saved_for", None)
+        with self._lock(collection):
+            idx = self._indexes.get(collection)
+            if idx is not None and not _earlier(idx, current):
+                return
+            if idx is not None:
+                self._indexes.pop(collection, None)
+                with self._guard:
+                    self._dirty.discard(collection)
+            elif saved_for is not None and saved_for(collection) == current:
+                return
+            self.engine.forget(collection)  # Milvus keeps the rows of the collection created at `current`
+
     def apply_changes(self, rows) -> None:
         """Change-log rows from IndexSync, in seq order."""
         by_collection: dict[str, list] = {}
         for row in rows:
             by_collection.setdefault(row[1], []).append(row)
         for collection, crows in by_collection.items():
-            if any(op == "drop" for _, _, _, op in crows):
-                self.drop(collection)  # re-created since? the next use loads the new one from the database
-                continue
+            drops = [i for i, (_, _, _, op) in enumerate(crows) if op == "drop"]
+            if drops:
+                current = self.store.collection_created_ms(collection)
+                if current is None:
+                    self.drop(collection)
+                    continue
+                # the collection exists: the drop ended an earlier one of its id (a start re-reads the
+                # recent log). What was loaded or saved for that one goes; the new one's stays
+                self._drop_earlier(collection, current)
+                crows = crows[drops[-1] + 1 :]
+                if not crows:
+                    continue
             with self._lock(collection):
                 idx = self._indexes.get(collection)
                 if idx is None:
@@ -315,24 +340,46 @@ class IndexRegistry:
         return done
 
     # -- snapshots ----------------------------------------------------------------
-    def forget_orphans(self) -> list[str]:
-        """Remove what is saved for collections deleted (or deleted and created anew) while this server
-        was down: the change log it reads from start-up on may no longer hold their drop, and nothing
-        would load, and so replace, those files. Returns the collections whose files went."""
+    def tidy_saved(self, loads_all: bool = True) -> list[str]:
+        """At start-up, what this server saved that nothing would ever replace, so that no file keeps
+        a face deleted while it was down (docs/collections.md, Erasure); returns the collections
+        whose snapshots went:
+          - the files of collections deleted meanwhile, or deleted and created anew: the change log
+            it reads from start-up on may no longer hold their drop;
+          - files a snapshot does not list (a write killed after its rename, before it removed the
+            previous snapshot's graphs);
+          - unless `loads_all` (the warm-up loads every collection, and a load that replays past
+            deletions rewrites the snapshot), a snapshot whose collection changed since it was
+            made: nothing loads it until its first search."""
         saved = getattr(self.engine, "saved", None)
         gone = []
         for collection, made_for in (saved() if saved else {}).items():
             created = self.store.collection_created_ms(collection)
-            if created is not None and created == made_for:
-                continue
-            with self._lock(collection):
+            keep = created is not None and made_for is not None and made_for["collection_created_ms"] == created
+            if keep and not loads_all:  # an index no one loads is never rewritten
+                keep = not self._changed_since(collection, made_for["change_seq"])
+            with self._writing, self._lock(collection):
                 if collection in self._indexes and created is not None:
-                    continue  # loaded (and so built anew) meanwhile: its next snapshot replaces these
+                    continue  # loaded meanwhile (and so built anew where these were stale): its next snapshot replaces them
+                if keep:
+                    self.engine.sweep(collection)
+                    continue
                 self.engine.forget(collection)
             gone.append(collection)
         if gone:
-            log.info("index snapshots of %d deleted collections removed", len(gone))
+            log.info("index snapshots of %d collections removed: deleted, or changed since", len(gone))
         return gone
+
+    def _changed_since(self, collection: str, seq: int | None) -> bool:
+        """Whether the change log holds a change of the collection after `seq` that takes a vector out
+        (a deletion, a re-embedding, a drop); True when it cannot tell."""
+        if seq is None:
+            return True
+        while rows := self.store.changes_after(seq, self.batch, collection):
+            if any(op != "add" for _, _, _, op in rows):
+                return True
+            seq = rows[-1][0]
+        return False
 
     def _mark_dirty(self, collection: str) -> None:
         with self._guard:

@@ -117,22 +117,50 @@ class SnapshotStore:
                     old.unlink()
         return self.path(collection)
 
-    def collections(self) -> dict[str, int | None]:
-        """{collection: the collection_created_ms its snapshot was made for (None: unreadable, or
-        only files a write left behind)} for every collection with anything in the directory."""
-        found: dict[str, int | None] = {}
+    def collections(self) -> set[str]:
+        """Every collection with anything in the directory: a snapshot, its files, or what a write
+        left behind (a crash between writing a graph and renaming the snapshot over the old one)."""
+        found = set()
         for p in self.dir.iterdir():
             parts = p.name.split(".")
             name = parts[1] if p.name.startswith(".") and len(parts) > 1 else parts[0]  # .C.snapshot.gen.tmp
             if name:
-                found.setdefault(name, None)
-        for name in found:
-            try:
-                raw = self.path(name).read_bytes()
-                found[name] = int(json.loads(raw.partition(b"\n")[2])["collection_created_ms"])
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
+                found.add(name)
         return found
+
+    def made_for(self, collection: str) -> dict | None:
+        """What the collection's snapshot was made for, from its document alone (the graphs' checksums
+        are load's to check): {collection_created_ms, change_seq, files}; None when there is no
+        readable snapshot."""
+        try:
+            raw = self.path(collection).read_bytes()
+            digest, _, body = raw.partition(b"\n")
+            if hashlib.sha256(body).hexdigest().encode() != digest:
+                return None
+            doc = json.loads(body)
+            files = {g["name"] for g in doc.get("graphs", []) + doc.get("dense", [])} | (
+                {doc["graph"]} if "graph" in doc else set()
+            )
+            return {
+                "collection_created_ms": int(doc["collection_created_ms"]),
+                "change_seq": doc.get("change_seq"),
+                "files": files,
+            }
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def sweep(self, collection: str) -> int:
+        """Removes the collection's files its snapshot does not list (a write killed after the rename, before
+        it removed the previous snapshot's graphs: they hold faces deleted since). Returns how many."""
+        doc = self.made_for(collection)
+        if doc is None:
+            return 0
+        stale = [p for p in self._files(collection) if p.name not in doc["files"]]
+        stale += list(self.dir.glob(f".{collection}.snapshot.*.tmp"))
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+        return len(stale)
 
     def _files(self, collection: str) -> list[Path]:
         return [*self.dir.glob(f"{collection}.*.graph"), *self.dir.glob(f"{collection}.*.dense")]

@@ -160,10 +160,10 @@ class IndexSync:
             self.step()
 
     def _prepare(self) -> None:
-        """What start-up owes the disk and the indexes: the saved files of collections deleted while
-        the server was down go (forget_orphans), then, with `warmup`, every collection loads."""
+        """What start-up owes the disk and the indexes: saved files that would outlive what they hold
+        go (IndexRegistry.tidy_saved), then, with `warmup`, every collection loads."""
         try:
-            self.registry.forget_orphans()
+            self.registry.tidy_saved(loads_all=self.warmup)
         except (errors.FaceServiceError, OSError) as exc:
             log.warning("index snapshots of deleted collections not checked (%s); they are at the next start", exc)
         if self.warmup:
