@@ -373,6 +373,31 @@ def test_a_first_registration_racing_the_deletion_of_its_collection_is_not_found
         store.close()
 
 
+def test_deleting_a_face_and_its_subject_at_once_both_answer(mysql_url, tmp_path):
+    """MySQL: DeleteFace locked the face, then the subject; DeleteSubject the subject, then its faces. At
+    once they deadlocked, and the one MySQL chose failed STORE_UNAVAILABLE. The face delete is slowed
+    in the database (a trigger) to hold its lock while the subject's delete arrives."""
+    store = open_store(mysql_url, str(tmp_path))
+    cid = coll(store)
+    kept, gone = face(1), face(2)
+    store.add_face(cid, "cy", kept, allow_existing=True, max_faces=5)
+    store.add_face(cid, "cy", gone, allow_existing=True, max_faces=5)
+    with store._tx() as q:
+        q(
+            "CREATE TRIGGER facesvc_test_slow BEFORE DELETE ON faces FOR EACH ROW BEGIN "
+            f"IF OLD.collection_id = '{cid}' THEN DO SLEEP(1); END IF; END"
+        )
+    try:
+        outcomes = race(
+            [lambda: store.delete_face(cid, gone.face_id), lambda: (time.sleep(0.3), store.delete_subject(cid, "cy"))]
+        )
+    finally:
+        with store._tx() as q:
+            q("DROP TRIGGER facesvc_test_slow")
+        store.close()
+    assert outcomes == [None, None], outcomes
+
+
 def test_metadata_update_replaces(store):
     cid = coll(store)
     store.add_face(cid, "gil", face(1), allow_existing=False, max_faces=5, metadata={"a": "1", "b": "2"})

@@ -190,7 +190,8 @@ class SqlDatabase:
                 self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
         except BaseException:
             if sqlite:
-                self.d.execute(conn, "ROLLBACK")
+                with contextlib.suppress(Exception):  # SQLite may have rolled back by itself (a full disk)
+                    self.d.execute(conn, "ROLLBACK")
             raise
         if sqlite:
             self.d.execute(conn, "COMMIT")

@@ -82,7 +82,7 @@ class SqlFaces(SqlDatabase):
                 except self.d.integrity_errors:
                     if not self._exists(q, "subjects WHERE collection_id = ? AND subject_id = ?", collection_id, subject_id):
                         self._collection_row(q, collection_id)  # deleted meanwhile (MySQL): COLLECTION_NOT_FOUND
-                        raise  # some other constraint: not "already registered"
+                        raise _Retry() from None  # the subject in the way was deleted meanwhile: start over
                     if allow_existing:
                         raise _Retry() from None  # created concurrently: start over and take its lock
                     if self._exists(q, "faces WHERE face_id = ?", face.face_id):
@@ -240,6 +240,9 @@ class SqlFaces(SqlDatabase):
 
     def delete_subject(self, collection_id: str, subject_id: str) -> list[str]:
         """Deletes the subject and all its faces; returns the ids of the faces that went."""
+        return self._retrying(lambda: self._delete_subject_tx(collection_id, subject_id))
+
+    def _delete_subject_tx(self, collection_id: str, subject_id: str) -> list[str]:
         with self._tx() as q:
             self._collection_row(q, collection_id)
             # the subject's lock first, as add_face takes it: a face being added commits before its
@@ -264,11 +267,18 @@ class SqlFaces(SqlDatabase):
         return faces
 
     def delete_face(self, collection_id: str, face_id: str) -> FaceRecord:
+        return self._retrying(lambda: self._delete_face_tx(collection_id, face_id))
+
+    def _delete_face_tx(self, collection_id: str, face_id: str) -> FaceRecord:
         with self._tx() as q:
             self._collection_row(q, collection_id)
-            row = q(
-                f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND face_id = ?", collection_id, face_id
-            ).fetchone()
+            face = f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND face_id = ?"
+            row = q(face, collection_id, face_id).fetchone()
+            if row is not None:
+                # the subject's lock before the face's, in the order add_face and delete_subject take
+                # them (the other order deadlocked against a DeleteSubject on MySQL); then the face again
+                q(f"SELECT 1 FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}", collection_id, row[2])
+                row = q(face, collection_id, face_id).fetchone()
             if row is None:
                 raise errors.not_found(
                     errors.FACE_NOT_FOUND, f"face {face_id!r} does not exist in {collection_id!r}", face_id=face_id
