@@ -11,6 +11,7 @@ database holds, across snapshots, restarts, corruption and replicas
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 
 import numpy as np
@@ -568,6 +569,45 @@ def test_a_restart_keeps_the_snapshot_of_a_collection_created_anew_before_it(sto
     assert list(d.glob(f"{cid}.snapshot")) and c.get(cid).loaded_from == "snapshot"
 
 
+def test_a_snapshot_written_while_compaction_replaces_its_index_is_kept(store, tmp_path):
+    """Compaction's new index of the same collection is marked for the next round; the files written
+    meanwhile (and the previous snapshot with them) were removed as if the collection had gone."""
+    d = tmp_path / "index-a"
+    cid, _, a = snapshotted(store, tmp_path, 5)
+    idx = a.get(cid)
+    a._mark_dirty(cid)
+    save = a.engine.save
+
+    def compacted_meanwhile(collection, index, meta):
+        fresh = a._build(collection)
+        fresh.collection_created_ms = idx.collection_created_ms
+        a._indexes[collection] = fresh
+        a._mark_dirty(collection)  # as compact() does
+        save(collection, index, meta)
+
+    a.engine.save = compacted_meanwhile
+    a.write_snapshots(store.last_change_seq())
+    a.engine.save = save
+    assert list(d.glob(f"{cid}.snapshot")) and cid in a._dirty
+
+
+def test_a_snapshot_this_server_does_not_load_goes_when_its_faces_do_or_it_outlives_the_log(store, tmp_path):
+    """Without the warm-up, a collection no one searches here is not loaded: deletions of its faces
+    (from the change log) could not reach its snapshot, and one older than the change log's retention
+    cannot say what changed since it was made."""
+    d = tmp_path / "index-a"
+    cid, faces, _ = snapshotted(store, tmp_path, 5)
+    b = registry(store, tmp_path)  # running, the collection not loaded
+    gone = next(iter(faces))
+    store.delete_face(cid, gone)
+    b.apply_changes(store.changes_after(store.last_change_seq() - 1, 10, cid))
+    assert not list(d.glob(f"{cid}.*"))
+    other, _, _ = snapshotted(store, tmp_path, 3)
+    aged = registry(store, tmp_path, retention_s=0.001)
+    time.sleep(0.01)
+    assert aged.tidy_saved() == [other] and not list(d.glob(f"{other}.*"))
+
+
 def test_a_snapshot_written_while_its_collection_is_deleted_does_not_outlive_it(store, tmp_path):
     cid, _, a = snapshotted(store, tmp_path, 5)
     enrol(store, cid, 1, seed=3)
@@ -593,12 +633,14 @@ def test_a_collection_created_anew_elsewhere_is_never_served_the_old_ones_index(
     a = registry(store, tmp_path)
     old = a.get(cid)
     assert len(old) == 5
+    earlier = store.collection_created_ms(cid)
     store.delete_collection(cid)  # on another replica; this one has not polled the change log yet
     store.create_collection(cid, "anew", LIVENESS_OPTIONAL)
     new_faces = enrol(store, cid, 2, seed=9)
     created = store.collection_created_ms(cid)
     idx = a.get(cid, created)
     assert idx is not old and len(idx) == 2 and a.get(cid, created) is idx
+    assert a.get(cid, earlier) is idx  # a caller's read from before: the store says this one is current
     probe = next(iter(old_faces.values()))
     assert all(h.face_id in new_faces for h in idx.search(probe, 5, -1.0, 1))
     gone = next(iter(new_faces))

@@ -107,7 +107,8 @@ class SearchService:
                 f"face {face_id!r} was embedded by {face.model_id}, the index holds {model}; re-embed it (facesvc-reembed)",
                 model=model,
             )
-        hits = self.indexes.get(collection).search(face.embedding, top_k + 1, min_similarity, self.max_faces_per_subject)
+        index = self.indexes.get(collection, self.store.collection_created_ms(collection))  # not an earlier collection's
+        hits = index.search(face.embedding, top_k + 1, min_similarity, self.max_faces_per_subject)
         return face.subject_id, [h for h in hits if h.subject_id != face.subject_id][:top_k]
 
     def stored_faces(self, collection: str, face_ids: list[str], limit: int) -> list:

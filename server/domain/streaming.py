@@ -169,6 +169,7 @@ class StreamSettings:
     min_similarity: float
     liveness_threshold: float | None
     max_faces_per_subject: int
+    collection_created_ms: int | None = None  # the identify collection's, as the stream opened
 
 
 @dataclass
@@ -233,7 +234,7 @@ class StreamSession:
                 self._check_live(img, face, track)
         search = [i for i in due if self.s.identify and (not self.s.liveness or tracks[i].liveness.is_live)]
         if search:
-            index = self.indexes.get(self.s.collection)
+            index = self.indexes.get(self.s.collection, self.s.collection_created_ms)  # not an earlier collection's
             for i, emb in zip(search, self.pipeline.embed([faces[i] for i in search])):  # one batch for all due tracks
                 hits = index.search(emb, 1, self.s.min_similarity, self.s.max_faces_per_subject)
                 tracks[i].identity = hits[0] if hits else None  # what the face in the box is now

@@ -101,7 +101,8 @@ class IndexRegistry:
             return idx
         with self._lock(collection):
             idx = self._indexes.get(collection)
-            if idx is not None and _earlier(idx, created_ms):
+            if idx is not None and _earlier(idx, created_ms) and _earlier(idx, self.store.collection_created_ms(collection)):
+                # (the store's word too: a caller's read may be older than the index loaded since)
                 log.info("index %s: the collection was created anew; loading the new one", collection)
                 self._indexes.pop(collection, None)
                 with self._guard:
@@ -298,6 +299,10 @@ class IndexRegistry:
             with self._lock(collection):
                 idx = self._indexes.get(collection)
                 if idx is None:
+                    if self.engine.saves_indexes and any(op != "add" for _, _, _, op in crows):
+                        # a snapshot no one loads here would keep what these rows took out: the next
+                        # load builds from the database instead
+                        self.engine.forget(collection)
                     continue
                 self._apply(collection, idx, crows)
             self._mark_dirty(collection)
@@ -353,12 +358,14 @@ class IndexRegistry:
             made: nothing loads it until its first search."""
         saved = getattr(self.engine, "saved", None)
         gone = []
+        oldest = (time.time() - self.retention_s) * 1000  # older: the log may not say what changed since
         for collection, made_for in (saved() if saved else {}).items():
-            created = self.store.collection_created_ms(collection)
-            keep = created is not None and made_for is not None and made_for["collection_created_ms"] == created
-            if keep and not loads_all:  # an index no one loads is never rewritten
-                keep = not self._changed_since(collection, made_for["change_seq"])
             with self._writing, self._lock(collection):
+                created = self.store.collection_created_ms(collection)
+                keep = created is not None and made_for is not None and made_for["collection_created_ms"] == created
+                keep = keep and made_for["written_ms"] >= oldest
+                if keep and not loads_all:  # an index no one loads is never rewritten
+                    keep = not self._changed_since(collection, made_for["change_seq"])
                 if collection in self._indexes and created is not None:
                     continue  # loaded meanwhile (and so built anew where these were stale): its next snapshot replaces them
                 if keep:
@@ -403,22 +410,26 @@ class IndexRegistry:
         written = 0
         for collection in sorted(todo):
             idx = self._indexes.get(collection)
-            if idx is None:
+            if idx is None:  # being loaded (a load marks before it is in place), or dropped (which unmarks)
+                self._mark_dirty(collection)
                 continue
             t0 = time.perf_counter()
             try:
                 created = self.store.collection_created_ms(collection)
-                if created is None:
-                    continue
+                if created is None or _earlier(idx, created):
+                    continue  # deleted, or created anew: this index is an earlier collection's, to be dropped
                 self.engine.save(collection, idx, {"collection_created_ms": created, "change_seq": change_seq})
             except (OSError, errors.FaceServiceError) as exc:
                 log.warning("index %s: snapshot not written (%s)", collection, exc)
                 self._mark_dirty(collection)
                 continue
             with self._lock(collection):
-                if self._indexes.get(collection) is not idx:
-                    # dropped (or replaced) while it was written: what drop() removed must not come back
-                    self.engine.forget(collection)
+                now = self._indexes.get(collection)
+                if now is not idx:
+                    # dropped or created anew while it was written: what drop() removed must not come
+                    # back. (Compaction's index of the same collection is marked: the next round writes it.)
+                    if now is None or _earlier(now, getattr(idx, "collection_created_ms", None)):
+                        self.engine.forget(collection)
                     continue
             idx.snapshot_at = time.time()
             written += 1

@@ -130,7 +130,7 @@ class SnapshotStore:
 
     def made_for(self, collection: str) -> dict | None:
         """What the collection's snapshot was made for, from its document alone (the graphs' checksums
-        are load's to check): {collection_created_ms, change_seq, files}; None when there is no
+        are load's to check): {collection_created_ms, change_seq, written_ms, files}; None when there is no
         readable snapshot."""
         try:
             raw = self.path(collection).read_bytes()
@@ -144,6 +144,7 @@ class SnapshotStore:
             return {
                 "collection_created_ms": int(doc["collection_created_ms"]),
                 "change_seq": doc.get("change_seq"),
+                "written_ms": int(doc["written_ms"]),
                 "files": files,
             }
         except (OSError, ValueError, KeyError, TypeError):

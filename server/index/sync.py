@@ -166,24 +166,34 @@ class IndexSync:
             self.registry.tidy_saved(loads_all=self.warmup)
         except (errors.FaceServiceError, OSError) as exc:
             log.warning("index snapshots of deleted collections not checked (%s); they are at the next start", exc)
-        if self.warmup:
-            self._warm()
+        if self.warmup and not self._warm():
+            # the collections it did not reach load on first use: their snapshots may hold what
+            # was deleted while the server was down, and nothing rewrites them until then
+            try:
+                self.registry.tidy_saved(loads_all=False)
+            except (errors.FaceServiceError, OSError) as exc:
+                log.warning("index snapshots not checked after the warm-up (%s)", exc)
 
-    def _warm(self) -> None:
-        """Load every collection's index now rather than on its first search."""
+    def _warm(self) -> bool:
+        """Load every collection's index now rather than on its first search; False when it stopped short."""
         after = ""
         try:
             while not self._stop.is_set():
                 page = self.store.list_collections(after, 100)
                 if not page:
-                    break
+                    return True
                 for c in page:
                     if self._stop.is_set():
                         break
-                    self.registry.get(c.collection_id)
+                    try:
+                        self.registry.get(c.collection_id, c.created_ms)
+                    except errors.FaceServiceError as exc:
+                        if exc.reason != errors.COLLECTION_NOT_FOUND:  # deleted since the page was read: the next
+                            raise
                 after = page[-1].collection_id
         except errors.FaceServiceError as exc:
             log.warning("index warm-up stopped (%s); the remaining collections load on first use", exc)
+        return False
 
     def _compact_in_background(self) -> None:
         """Compaction (a rebuild from the database) on a thread of its own, one at a time: a large
@@ -217,8 +227,10 @@ class IndexSync:
             self._compact_in_background()
             now = time.monotonic()
             if now - self._last_snapshot >= self.snapshot_interval_s:
-                self._last_snapshot = now
+                running = self._snapshotter
                 self._snapshots_in_background(self.feed.low_water())
+                if self._snapshotter is not running:  # a round began (not one still at it): the next is due from now
+                    self._last_snapshot = now
             if now - self._last_prune >= 3600:
                 self._last_prune = now
                 n = self.store.prune_changes(int((time.time() - self.retention_s) * 1000))

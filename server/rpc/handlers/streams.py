@@ -267,12 +267,14 @@ class StreamHandlers:
             raise errors.validation("config.max_fps", f"must be in [0, {MAX_FPS:.0f}], got {cfg.max_fps}")
         liveness, collection, limits = cfg.liveness, "", self.identity.identity.settings
         search_default = liveness_floor = 0.0
+        created = None
         if cfg.identify:
             collection = validate.collection_id(cfg.collection, "config.collection")
             c, t = limits(collection)
             if c.liveness_policy == LIVENESS_REQUIRED:
                 liveness = True  # identification honours the collection's liveness policy, as Search does
             search_default, liveness_floor = t.search, t.liveness  # and its thresholds
+            created = c.created_ms
         return StreamSettings(
             detect=r.options(cfg.face_options, "config.face_options", analyzed=cfg.liveness or cfg.identify),
             liveness=liveness,
@@ -281,6 +283,7 @@ class StreamHandlers:
             min_similarity=r.min_similarity(cfg.min_similarity, "config.min_similarity", default=search_default),
             liveness_threshold=r.liveness_threshold(cfg.liveness_threshold, "config.liveness_threshold", floor=liveness_floor),
             max_faces_per_subject=self.max_faces_per_subject,
+            collection_created_ms=created,
         )
 
     @staticmethod
