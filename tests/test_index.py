@@ -608,6 +608,34 @@ def test_a_snapshot_this_server_does_not_load_goes_when_its_faces_do_or_it_outli
     assert aged.tidy_saved() == [other] and not list(d.glob(f"{other}.*"))
 
 
+def test_the_warm_up_goes_past_a_collection_deleted_under_it(store, tmp_path):
+    """A collection deleted between the warm-up's listing and its load stopped the warm-up: the rest
+    loaded on first use, their snapshots unchecked."""
+    first, second, third = (snapshotted(store, tmp_path, 2)[0] for _ in range(3))
+    order = sorted([first, second, third])
+    b = registry(store, tmp_path)
+    get = b.get
+
+    def deleted_meanwhile(collection, created_ms=None):
+        if collection == order[0]:
+            store.delete_collection(order[1])  # another replica, while the page is being loaded
+        return get(collection, created_ms)
+
+    b.get = deleted_meanwhile
+    assert IndexSync(b, store)._warm() is True
+    assert sorted(b.loaded()) == [order[0], order[2]]
+
+
+def test_a_collection_marked_while_it_loads_stays_marked(store, tmp_path):
+    """A load marks its index before it is in place: a snapshot round in between dropped the mark."""
+    cid, _, a = snapshotted(store, tmp_path, 2)
+    b = registry(store, tmp_path)
+    b._mark_dirty(cid)  # as a load does, before get() puts the index in place
+    assert b.write_snapshots(store.last_change_seq()) == 0 and cid in b._dirty
+    b.get(cid)
+    assert b.write_snapshots(store.last_change_seq()) == 1
+
+
 def test_a_snapshot_written_while_its_collection_is_deleted_does_not_outlive_it(store, tmp_path):
     cid, _, a = snapshotted(store, tmp_path, 5)
     enrol(store, cid, 1, seed=3)
