@@ -623,7 +623,8 @@ def test_the_warm_up_goes_past_a_collection_deleted_under_it(store, tmp_path):
 
     b.get = deleted_meanwhile
     assert IndexSync(b, store)._warm() is True
-    assert sorted(b.loaded()) == [order[0], order[2]]
+    loaded = b.loaded()  # (the database may hold other tests' collections too)
+    assert order[0] in loaded and order[2] in loaded and order[1] not in loaded
 
 
 def test_a_collection_marked_while_it_loads_stays_marked(store, tmp_path):
