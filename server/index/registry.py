@@ -38,6 +38,11 @@ def _earlier(idx: FaceIndex, created_ms: int | None) -> bool:
     return created_ms is not None and loaded_for is not None and loaded_for != created_ms
 
 
+def _takes_out(rows) -> bool:
+    """Whether change-log rows take a vector out of an index: a deletion, a re-embedding, a drop."""
+    return any(op != "add" for _, _, _, op in rows)
+
+
 class _CollectionLock:
     """A lock that a weak reference can point to (threading.Lock cannot be)."""
 
@@ -104,10 +109,7 @@ class IndexRegistry:
             if idx is not None and _earlier(idx, created_ms) and _earlier(idx, self.store.collection_created_ms(collection)):
                 # (the store's word too: a caller's read may be older than the index loaded since)
                 log.info("index %s: the collection was created anew; loading the new one", collection)
-                self._indexes.pop(collection, None)
-                with self._guard:
-                    self._dirty.discard(collection)
-                self.engine.forget(collection)
+                self._forget(collection)
                 idx = None
             if idx is None:
                 idx = self._load(collection)
@@ -120,17 +122,17 @@ class IndexRegistry:
             raise errors.not_found(
                 errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist", collection=collection
             )
-        idx = self._load_index(collection)
+        idx = self._load_index(collection, created)
         idx.collection_created_ms = created  # what get() tells an earlier collection of this id by
         return idx
 
-    def _load_index(self, collection: str) -> FaceIndex:
+    def _load_index(self, collection: str, created: int) -> FaceIndex:
         shared = getattr(self.engine, "shared", False)
         if self.engine.saves_indexes or shared:
             t0 = time.perf_counter()
             saved = f"{self.engine.name} index" if shared else "snapshot"
             try:
-                idx = self._from_snapshot(collection)
+                idx = self._from_snapshot(collection, created)
                 if idx is not None:
                     log.info(
                         "index %s: loaded from its %s with %d faces in %.2fs",
@@ -173,10 +175,7 @@ class IndexRegistry:
         log.info("index %s: built from the database with %d faces in %.2fs", collection, len(idx), time.perf_counter() - t0)
         return idx
 
-    def _from_snapshot(self, collection: str) -> FaceIndex | None:
-        created = self.store.collection_created_ms(collection)
-        if created is None:
-            return None
+    def _from_snapshot(self, collection: str, created: int) -> FaceIndex | None:
         expect = {
             "model": self.model_id,
             "dimension": self.dim,
@@ -257,10 +256,14 @@ class IndexRegistry:
     def drop(self, collection: str) -> None:
         """The collection was deleted (or must be reloaded): forget its index and its snapshot."""
         with self._lock(collection):
-            self._indexes.pop(collection, None)
-            with self._guard:
-                self._dirty.discard(collection)
-            self.engine.forget(collection)
+            self._forget(collection)
+
+    def _forget(self, collection: str) -> None:
+        """Under the collection's lock: its index, its mark and what the engine saved for it go."""
+        self._indexes.pop(collection, None)
+        with self._guard:
+            self._dirty.discard(collection)
+        self.engine.forget(collection)  # Milvus keeps the rows of a collection created since
 
     def _drop_earlier(self, collection: str, current: int) -> None:
         """Forget the index and the saved files of an earlier collection of this id than the one
@@ -270,13 +273,9 @@ class IndexRegistry:
             idx = self._indexes.get(collection)
             if idx is not None and not _earlier(idx, current):
                 return
-            if idx is not None:
-                self._indexes.pop(collection, None)
-                with self._guard:
-                    self._dirty.discard(collection)
-            elif saved_for is not None and saved_for(collection) == current:
+            if idx is None and saved_for is not None and saved_for(collection) == current:
                 return
-            self.engine.forget(collection)  # Milvus keeps the rows of the collection created at `current`
+            self._forget(collection)
 
     def apply_changes(self, rows) -> None:
         """Change-log rows from IndexSync, in seq order."""
@@ -299,7 +298,7 @@ class IndexRegistry:
             with self._lock(collection):
                 idx = self._indexes.get(collection)
                 if idx is None:
-                    if self.engine.saves_indexes and any(op != "add" for _, _, _, op in crows):
+                    if self.engine.saves_indexes and _takes_out(crows):
                         # a snapshot no one loads here would keep what these rows took out: the next
                         # load builds from the database instead
                         self.engine.forget(collection)
@@ -362,12 +361,12 @@ class IndexRegistry:
         for collection, made_for in (saved() if saved else {}).items():
             with self._writing, self._lock(collection):
                 created = self.store.collection_created_ms(collection)
+                if collection in self._indexes and created is not None:
+                    continue  # loaded meanwhile (and so built anew where these were stale): its next snapshot replaces them
                 keep = created is not None and made_for is not None and made_for["collection_created_ms"] == created
                 keep = keep and made_for["written_ms"] >= oldest
                 if keep and not loads_all:  # an index no one loads is never rewritten
                     keep = not self._changed_since(collection, made_for["change_seq"])
-                if collection in self._indexes and created is not None:
-                    continue  # loaded meanwhile (and so built anew where these were stale): its next snapshot replaces them
                 if keep:
                     self.engine.sweep(collection)
                     continue
@@ -383,7 +382,7 @@ class IndexRegistry:
         if seq is None:
             return True
         while rows := self.store.changes_after(seq, self.batch, collection):
-            if any(op != "add" for _, _, _, op in rows):
+            if _takes_out(rows):
                 return True
             seq = rows[-1][0]
         return False

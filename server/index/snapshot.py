@@ -156,8 +156,7 @@ class SnapshotStore:
         doc = self.made_for(collection)
         if doc is None:
             return 0
-        stale = [p for p in self._files(collection) if p.name not in doc["files"]]
-        stale += list(self.dir.glob(f".{collection}.snapshot.*.tmp"))
+        stale = [p for p in self._files(collection) if p.name not in doc["files"]] + self._unfinished(collection)
         for p in stale:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
@@ -165,6 +164,10 @@ class SnapshotStore:
 
     def _files(self, collection: str) -> list[Path]:
         return [*self.dir.glob(f"{collection}.*.graph"), *self.dir.glob(f"{collection}.*.dense")]
+
+    def _unfinished(self, collection: str) -> list[Path]:
+        """Snapshot documents a write left under their temporary name (write()'s `tmp`)."""
+        return list(self.dir.glob(f".{collection}.snapshot.*.tmp"))
 
     def read(self, collection: str) -> tuple[dict, list[Path], list[Path | None]] | None:
         """(document, graph paths, dense paths per segment or None) after every checksum passes;
@@ -238,6 +241,6 @@ class SnapshotStore:
         return index, doc
 
     def remove(self, collection: str) -> None:
-        for p in [self.path(collection), *self._files(collection), *self.dir.glob(f".{collection}.snapshot.*.tmp")]:
+        for p in [self.path(collection), *self._files(collection), *self._unfinished(collection)]:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()

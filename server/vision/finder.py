@@ -97,9 +97,12 @@ class _Turns:
     plain: dict[int, Found] = field(default_factory=dict)  # the plain pass, in the turned frame's pixels
     confirmed: dict[int, Found] = field(default_factory=dict)  # _turn's answer, in the frame's
 
-    def cost(self, k: int) -> int:
-        """The passes _turn(k) still runs: its plain pass and its close-up pass, or what is not done."""
-        return 0 if k in self.confirmed else 1 if k in self.plain else 2
+    def cost(self, k: int, confirm: bool = True) -> int:
+        """The passes _turn(k, confirm) still runs: its plain pass, and with `confirm` its close-up
+        pass; what is not done yet."""
+        if confirm and k in self.confirmed:
+            return 0
+        return (0 if k in self.plain else 1) + (1 if confirm else 0)
 
 
 def _empty() -> Found:
@@ -209,8 +212,8 @@ class FaceFinder:
 
     def _best_turn(self, small: np.ndarray, min_score, seen: _Turns) -> Found:
         """Of the three turns, the one whose best face scores highest (empty when none finds one):
-        a face also passes, more weakly, for one lying on its side or upside down. `plains`: the
-        turned plain passes already run (see _turn)."""
+        a face also passes, more weakly, for one lying on its side or upside down. `seen`: the
+        turned passes already run (see _turn)."""
         best = _empty()
         for k in (1, 2, 3):
             if not spend(seen.cost(k)):
@@ -229,7 +232,7 @@ class FaceFinder:
         ones as well: only the full-size pass tells a face in context from a close-up.)"""
         best, best_score = None, found.scores.max()
         for k in (1, 2, 3):
-            if not spend(0 if k in seen.plain else 1):
+            if not spend(seen.cost(k, confirm=False)):
                 break
             f = self._scaled(self._turn(small, k, min_score, seen, confirm=False), scale)
             same = seen_by(f, found)
