@@ -56,6 +56,15 @@ class SqlFaces(SqlDatabase):
                 ) from None
             return existing, False, self.get_subject(collection_id, subject_id)
 
+    def _locked_subject(self, q, collection_id: str, subject_id: str):
+        """The subject's row (its metadata), locked to the end of the transaction; None when there is none.
+        Every write to a subject or its faces takes this lock first: one order, so they queue, not deadlock."""
+        return q(
+            f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
+            collection_id,
+            subject_id,
+        ).fetchone()
+
     def _add_face_tx(self, collection_id, subject_id, face: NewFace, allow_existing, max_faces, metadata):
         ts = now_ms()
         with self._tx() as q:
@@ -63,11 +72,7 @@ class SqlFaces(SqlDatabase):
             if q("SELECT 1 FROM faces WHERE face_id = ?", face.face_id).fetchone():
                 raise _Duplicate()
             # Lock the subject row first (one X lock per subject, so concurrent adds queue instead of deadlocking).
-            row = q(
-                f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
-                collection_id,
-                subject_id,
-            ).fetchone()
+            row = self._locked_subject(q, collection_id, subject_id)
             created = row is None
             if created:
                 try:
@@ -222,11 +227,7 @@ class SqlFaces(SqlDatabase):
         or removed when `metadata` lacks it. The entry limit holds on the result."""
         with self._tx() as q:
             self._collection_row(q, collection_id)
-            row = q(
-                f"SELECT metadata FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}",
-                collection_id,
-                subject_id,
-            ).fetchone()
+            row = self._locked_subject(q, collection_id, subject_id)
             if row is None:
                 raise self._no_subject(collection_id, subject_id)
             merged = dict(metadata) if keys is None else json.loads(row[0])
@@ -247,9 +248,7 @@ class SqlFaces(SqlDatabase):
             self._collection_row(q, collection_id)
             # the subject's lock first, as add_face takes it: a face being added commits before its
             # ids are read here (else the cascade would remove it unlogged, and indexes keep it)
-            if not q(
-                f"SELECT 1 FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}", collection_id, subject_id
-            ).fetchone():
+            if self._locked_subject(q, collection_id, subject_id) is None:
                 raise self._no_subject(collection_id, subject_id)
             faces = [
                 r[0]
@@ -277,7 +276,7 @@ class SqlFaces(SqlDatabase):
             if row is not None:
                 # the subject's lock before the face's, in the order add_face and delete_subject take
                 # them (the other order deadlocked against a DeleteSubject on MySQL); then the face again
-                q(f"SELECT 1 FROM subjects WHERE collection_id = ? AND subject_id = ?{self.d.for_update}", collection_id, row[2])
+                self._locked_subject(q, collection_id, row[2])
                 row = q(face, collection_id, face_id).fetchone()
             if row is None:
                 raise errors.not_found(
