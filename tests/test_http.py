@@ -28,7 +28,7 @@ from google.rpc import error_details_pb2, status_pb2
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
 from facesvc.v1.face_service_connect import FaceServiceClientSync
-from tests.conftest import ADMIN_KEY, ROOT, ServerProcess, face_path, image
+from tests.conftest import ADMIN_KEY, ROOT, ServerProcess, face_path, image, keyed_channel
 from tests.test_security import pki  # noqa: F401  (the test CA, server and client certificates)
 
 ORIGIN = "https://console.example"
@@ -345,6 +345,23 @@ def test_auth_is_the_grpc_sides(srv):
     status, _, doc = post(srv, "CreateCollection", {"collection": "http-auth-c"}, key=secret)
     assert (status, reason(doc)) == (403, "PERMISSION_DENIED")
     assert post(srv, "GetCollection", {"collection": "http-auth-a"}, key=secret)[0] == 200
+
+
+def test_spaces_around_a_key_count_alike_on_both_ports(srv):
+    """HTTP servers drop the spaces around a header's value (they are no part of it, RFC 9110);
+    gRPC passed them on, so a key pasted with a space worked on one port and not the other."""
+    admin = client(srv)
+    admin.create_collection(pb.CreateCollectionRequest(collection="http-auth-spaces"), headers=admin.headers)
+    secret = admin.create_api_key(pb.CreateApiKeyRequest(collection="http-auth-spaces"), headers=admin.headers).secret
+    stub = pb_grpc.FaceServiceStub(keyed_channel(srv.target, None, srv.credentials))
+    for sent in (f" {secret}", f"{secret} ", f"  {ADMIN_KEY} "):
+        assert post(srv, "GetCollection", {"collection": "http-auth-spaces"}, key=sent)[0] == 200
+        got = stub.GetCollection(
+            pb.GetCollectionRequest(collection="http-auth-spaces"), metadata=[("x-api-key", sent)], timeout=10
+        )
+        assert got.collection.collection == "http-auth-spaces"
+    status, _, doc = post(srv, "GetCollection", {"collection": "http-auth-spaces"}, key=f"{secret[:-1]} {secret[-1]}")
+    assert (status, reason(doc)) == (401, "API_KEY_INVALID")  # inside the key a space is a wrong character
 
 
 def test_deadline_from_connect_timeout_ms(srv):

@@ -177,6 +177,9 @@ class Authenticator:
                 _lru_put(self._known, digest, None)
 
     def principal(self, secret: str) -> Principal:
+        # spaces around a header's value are no part of it (RFC 9110): HTTP servers drop them before
+        # the gate sees the key, gRPC passes them on, and a key must mean the same on both ports
+        secret = secret.strip(" \t")
         if not secret:
             raise errors.FaceServiceError(
                 grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_MISSING, f"send an API key in the `{HEADER}` metadata header"
