@@ -177,7 +177,9 @@ class SqlDatabase:
         """One schema version's statements and its version row. On SQLite in one transaction (its DDL is
         transactional): a step cut short by a crash leaves the version before it, which the next start
         redoes whole, and a second process starting on the same file waits and finds it done. MySQL
-        commits each DDL statement by itself; its replicas migrate one at a time (migration_lock)."""
+        commits each DDL statement by itself; its replicas migrate one at a time (migration_lock), and
+        a step cut short leaves some of its tables, columns or indexes behind: the next start redoes
+        the step, passing over what is there already (the dialect's `exists_errors`)."""
         sqlite = self.d.name == "sqlite"
         if sqlite:
             self.d.execute(conn, "BEGIN IMMEDIATE")
@@ -186,7 +188,12 @@ class SqlDatabase:
             if done < version:
                 log.info("migrating %s schema to version %d", self.d.name, version)
                 for stmt in self.d.schema[version - 1]:
-                    self.d.execute(conn, stmt)
+                    try:
+                        self.d.execute(conn, stmt)
+                    except Exception as exc:
+                        if self.d.error_code(exc) not in self.d.exists_errors:
+                            raise
+                        log.info("schema version %d: %s is in place already", version, stmt.split("(")[0].strip())
                 self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
         except BaseException:
             if sqlite:
