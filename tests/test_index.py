@@ -11,6 +11,7 @@ database holds, across snapshots, restarts, corruption and replicas
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 import uuid
 
@@ -677,6 +678,83 @@ def test_a_collection_created_anew_elsewhere_is_never_served_the_old_ones_index(
     a.sync(cid, [gone])
     assert a.compact(0.1) == [cid]  # a compacted index keeps what it was loaded for
     assert a.get(cid, created).collection_created_ms == created and len(a.get(cid, created)) == 1
+
+
+def found(reg: IndexRegistry, cid: str, vector) -> set[str]:
+    return {h.face_id for h in reg.get(cid).search(vector, 5, 0.9, 1)}
+
+
+def settled(reg: IndexRegistry, seconds: float = 20) -> bool:
+    """Whether the changes that waited for a collection's lock have been applied (within `seconds`)."""
+    end = time.monotonic() + seconds
+    while reg._deferred and time.monotonic() < end:
+        time.sleep(0.02)
+    return not reg._deferred
+
+
+def test_a_collection_being_built_holds_back_no_other_collections_changes(store, tmp_path):
+    """The change-log poll waited for the lock of a collection whose index was being built (minutes for
+    a large one), and every other collection's deletions waited with it: their searches went on
+    returning deleted faces. The built collection's own rows are applied once its build is done."""
+    busy, other = new_collection(store), new_collection(store)
+    busy_faces, other_faces = enrol(store, busy, 5), enrol(store, other, 5, seed=1)
+    a = registry(store, tmp_path)
+    sync = IndexSync(a, store, warmup=False)
+    a.get(other)
+    read, go_on = threading.Event(), threading.Event()
+    pages = store.collection_embeddings
+
+    def slow_pages(collection, *args):  # the build has read its faces and goes on slowly
+        rows = pages(collection, *args)
+        if collection == busy and rows:
+            read.set()
+            go_on.wait(30)
+        return rows
+
+    store.collection_embeddings = slow_pages
+    loading = threading.Thread(target=a.get, args=(busy,))
+    loading.start()
+    polling = threading.Thread(target=sync.step)
+    try:
+        assert read.wait(30)
+        gone_busy, gone_other = next(iter(busy_faces)), next(iter(other_faces))
+        store.delete_face(busy, gone_busy)  # after the build read it
+        store.delete_face(other, gone_other)
+        polling.start()
+        polling.join(10)
+        assert not polling.is_alive(), "the poll waited for the build"
+        assert gone_other not in found(a, other, other_faces[gone_other]) and len(a.get(other)) == 4
+    finally:
+        go_on.set()
+        loading.join(30)
+        polling.join(30)
+    assert settled(a)
+    assert gone_busy not in found(a, busy, busy_faces[gone_busy]) and len(a.get(busy)) == 4
+
+    # rows waiting for the lock keep the index out of a snapshot round, whose change_seq claims them
+    assert a.write_snapshots(store.last_change_seq()) == 2
+    second = list(busy_faces)[1]
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():  # as a load or a compaction's swap holds it (for at most 15 s)
+        with a._lock(busy):
+            holding.set()
+            release.wait(15)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        store.delete_face(busy, second)
+        sync.step()
+        assert busy in a._deferred
+        a._mark_dirty(busy)
+        assert a.write_snapshots(store.last_change_seq()) == 0 and busy in a._dirty
+    finally:
+        release.set()
+        holder.join(30)
+    assert settled(a) and second not in found(a, busy, busy_faces[second])
+    assert a.write_snapshots(store.last_change_seq()) == 1
 
 
 def test_deleted_collections_leave_no_lock_behind(store, tmp_path):

@@ -56,6 +56,12 @@ class _CollectionLock:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.release()
+
+    def try_acquire(self) -> bool:
+        return self._lock.acquire(blocking=False)
+
+    def release(self) -> None:
         self._lock.release()
 
 
@@ -71,6 +77,10 @@ class IndexRegistry:
         self._locks: weakref.WeakValueDictionary[str, _CollectionLock] = weakref.WeakValueDictionary()
         self._guard = threading.Lock()
         self._dirty: set[str] = set()  # changed since their last snapshot
+        # change-log rows of collections whose lock was held when they came (a load, a build): applied
+        # by a thread of their own once it is free, so that one large collection's build does not hold
+        # back every other collection's changes (see apply_changes)
+        self._deferred: dict[str, list] = {}
         self._writing = threading.Lock()  # one round of snapshots at a time (the sync thread's, the last one's at stop)
         self.change_seq = 0  # the change log position applied (set by IndexSync)
         self.on_local_change = None  # called after this server's own commits (e.g. a Redis publish)
@@ -266,45 +276,94 @@ class IndexRegistry:
         self.engine.forget(collection)  # Milvus keeps the rows of a collection created since
 
     def _drop_earlier(self, collection: str, current: int) -> None:
-        """Forget the index and the saved files of an earlier collection of this id than the one
-        created at `current`; keep the current one's."""
+        """Under the collection's lock: forget the index and the saved files of an earlier collection
+        of this id than the one created at `current`; keep the current one's."""
         saved_for = getattr(self.engine, "saved_for", None)
-        with self._lock(collection):
-            idx = self._indexes.get(collection)
-            if idx is not None and not _earlier(idx, current):
-                return
-            if idx is None and saved_for is not None and saved_for(collection) == current:
-                return
-            self._forget(collection)
+        idx = self._indexes.get(collection)
+        if idx is not None and not _earlier(idx, current):
+            return
+        if idx is None and saved_for is not None and saved_for(collection) == current:
+            return
+        self._forget(collection)
 
     def apply_changes(self, rows) -> None:
-        """Change-log rows from IndexSync, in seq order."""
+        """Change-log rows from IndexSync, in seq order. A collection whose lock is held (its index
+        being loaded or built, which can take minutes) does not hold back the others: its rows wait
+        for it on a thread of their own, and later rows of it queue behind them, in order."""
         by_collection: dict[str, list] = {}
         for row in rows:
             by_collection.setdefault(row[1], []).append(row)
         for collection, crows in by_collection.items():
-            drops = [i for i, (_, _, _, op) in enumerate(crows) if op == "drop"]
-            if drops:
-                current = self.store.collection_created_ms(collection)
-                if current is None:
-                    self.drop(collection)
+            lock = self._lock(collection)
+            with self._guard:
+                queued = self._deferred.get(collection)
+                if queued is not None:
+                    queued.extend(crows)
                     continue
-                # the collection exists: the drop ended an earlier one of its id (a start re-reads the
-                # recent log). What was loaded or saved for that one goes; the new one's stays
-                self._drop_earlier(collection, current)
-                crows = crows[drops[-1] + 1 :]
-                if not crows:
-                    continue
-            with self._lock(collection):
-                idx = self._indexes.get(collection)
-                if idx is None:
-                    if self.engine.saves_indexes and _takes_out(crows):
-                        # a snapshot no one loads here would keep what these rows took out: the next
-                        # load builds from the database instead
-                        self.engine.forget(collection)
-                    continue
-                self._apply(collection, idx, crows)
-            self._mark_dirty(collection)
+                held = lock.try_acquire()
+                if not held:
+                    self._deferred[collection] = list(crows)
+            if not held:
+                name = f"index-changes-{collection}"
+                threading.Thread(target=self._apply_deferred, args=(collection, lock), name=name, daemon=True).start()
+                continue
+            try:
+                dirty = self._apply_locked(collection, crows)
+            finally:
+                lock.release()
+            if dirty:
+                self._mark_dirty(collection)
+
+    def _apply_deferred(self, collection: str, lock: _CollectionLock) -> None:
+        """A collection's rows that came while its lock was held, and those queued behind them. Until
+        they are applied its index is not snapshotted (the round's change_seq would claim them). Where
+        they cannot be applied (the database out of reach), the index is forgotten: the next search
+        loads what the database holds, where waiting for the change log to repeat them would wait for
+        ever (the poll has moved past them)."""
+        while True:
+            dirty = False
+            with lock:
+                with self._guard:
+                    crows, self._deferred[collection] = self._deferred[collection], []
+                try:
+                    dirty = self._apply_locked(collection, crows)
+                except Exception as exc:  # noqa: BLE001 - logged; the index goes rather than staying behind
+                    log.warning(
+                        "index %s: could not apply %d changes (%s); it loads anew on its next use", collection, len(crows), exc
+                    )
+                    self._forget(collection)
+                with self._guard:
+                    done = not self._deferred[collection]
+                    if done:
+                        del self._deferred[collection]
+            if dirty:
+                self._mark_dirty(collection)
+            if done:
+                return
+
+    def _apply_locked(self, collection: str, crows) -> bool:
+        """Under the collection's lock: its change-log rows (seq order); whether its index changed."""
+        drops = [i for i, (_, _, _, op) in enumerate(crows) if op == "drop"]
+        if drops:
+            current = self.store.collection_created_ms(collection)
+            if current is None:
+                self._forget(collection)
+                return False
+            # the collection exists: the drop ended an earlier one of its id (a start re-reads the
+            # recent log). What was loaded or saved for that one goes; the new one's stays
+            self._drop_earlier(collection, current)
+            crows = crows[drops[-1] + 1 :]
+            if not crows:
+                return False
+        idx = self._indexes.get(collection)
+        if idx is None:
+            if self.engine.saves_indexes and _takes_out(crows):
+                # a snapshot no one loads here would keep what these rows took out: the next load
+                # builds from the database instead
+                self.engine.forget(collection)
+            return False
+        self._apply(collection, idx, crows)
+        return True
 
     def compact(self, min_deleted_share: float) -> list[str]:
         """Rebuild from the database every loaded index whose deleted faces are at least this share of
@@ -409,7 +468,11 @@ class IndexRegistry:
         written = 0
         for collection in sorted(todo):
             idx = self._indexes.get(collection)
-            if idx is None:  # being loaded (a load marks before it is in place), or dropped (which unmarks)
+            with self._guard:
+                waiting = collection in self._deferred
+            # being loaded (a load marks before it is in place), or dropped (which unmarks); or changes
+            # at or below change_seq still wait to be applied (apply_changes)
+            if idx is None or waiting:
                 self._mark_dirty(collection)
                 continue
             t0 = time.perf_counter()
