@@ -5,7 +5,9 @@ server's own embeddings against the thresholds it reports, never assumed."""
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import time
 import uuid
 
@@ -535,3 +537,10 @@ def test_the_audit_log_lists_who_did_what_page_by_page(backend, faces):  # noqa:
     ]
     assert all(e.collection == cid for e in seen) and [e.seq for e in seen] == sorted((e.seq for e in seen), reverse=True)
     assert all(abs(e.time.seconds - time.time()) < 300 for e in seen)
+    # a tampered token is refused, not an INTERNAL: '²' is a digit to str.isdigit() and not to int(),
+    # and SQLite takes no integer of 2**63 or more
+    for after in ("\u00b2", "9" * 20, "-1", "1e3", " 12"):
+        raw = json.dumps({"a": after, "s": f"audit:{cid}:"}).encode()
+        forged = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        request = pb.ListAuditEventsRequest(collection=cid, page_token=forged)
+        expect_error(b.stub.ListAuditEvents, request, grpc.StatusCode.INVALID_ARGUMENT, "VALIDATION_FAILED")

@@ -158,7 +158,7 @@ class HeaderGate:
         """Whose bodies a request's counts against: its collection key (None: the admin key, or auth
         off, bounded in all only); UNAUTHENTICATED without a valid key."""
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
+        if length.isascii() and length.isdigit() and int(length) > self.max_body:
             raise _Refusal(
                 "413 Content Too Large", errors.validation("content-length", f"a body of {length} bytes: at most {self.max_body}")
             )

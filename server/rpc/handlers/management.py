@@ -118,7 +118,7 @@ class ManagementHandlers:
             request.page_size,
             request.page_token,
             f"audit:{coll}:{subject}",
-            lambda after, limit: self.audit.list(int(after) if after.isdigit() else 0, limit, coll, subject),
+            lambda after, limit: self.audit.list(_audit_seq(after), limit, coll, subject),
             lambda e: str(e.seq),
         )
         return pb.ListAuditEventsResponse(events=[convert.audit_event_to_proto(e) for e in rows], next_page_token=token)
@@ -131,3 +131,14 @@ def _retention_days(value: int) -> int:
     if value > MAX_RETENTION_DAYS:
         raise errors.validation("retention_days", f"at most {MAX_RETENTION_DAYS}, got {value}")
     return value
+
+
+def _audit_seq(after: str) -> int:
+    """The audit listing's page token holds the last event's sequence number ("": the newest first).
+    Only ASCII digits within the column's range: '²' is a digit to str.isdigit() and not to int(), and
+    SQLite takes no integer of 2**63 or more."""
+    if not after:
+        return 0
+    if not (after.isascii() and after.isdigit()) or len(after) > 18:
+        raise errors.validation("page_token", "not a page token from this listing")
+    return int(after)
