@@ -1027,3 +1027,55 @@ def test_a_unary_call_whose_client_half_closes_without_its_message_is_invalid(sr
             call(iter([]), timeout=20)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
         assert error_info(exc.value).reason == "VALIDATION_FAILED" and time.monotonic() - t0 < 5
+
+
+# -- found by the fifth round of attacks -----------------------------------------------------------------------
+
+
+def test_a_client_that_stops_reading_answers_gives_its_stream_slots_back(tmp_path):
+    """A batch client that sends and never reads its answers stopped its handler in the middle of a
+    send once gRPC's flow-control window filled (about 64 KB of answers), where neither the idle limit
+    nor the key's re-check runs: two keys held every stream slot of the server for as long as their
+    connections stayed open. An answer that waits to be sent longer than the stream idle time now
+    cancels its call."""
+    idle = 3
+    s = ServerProcess(log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
+    stop = threading.Event()
+    try:
+        admin = pb_grpc.FaceServiceStub(s.channel)
+        cid, key = tenant(admin)
+        keys = [key] + [admin.CreateApiKey(pb.CreateApiKeyRequest(collection=cid), timeout=10).secret for _ in range(2)]
+        # a small window (no BDP probing), as a client that reads nothing keeps it
+        silent = grpc.insecure_channel(s.target, options=[("grpc.http2.bdp_probe", 0)])
+
+        def items():
+            for n in range(3000):  # answers far past the window: each is a short error (no image)
+                yield pb.ProcessBatchRequest(item_id=f"i{n}", process=pb.ProcessRequest(collection=cid, subject_id="a"))
+            stop.wait(60)
+
+        stub = pb_grpc.FaceServiceStub(silent)
+        held = [stub.ProcessBatch(items(), metadata=[("x-api-key", k)]) for k in keys[:2] for _ in range(2)]
+
+        def probe():
+            request = pb.ProcessBatchRequest(item_id="p", process=pb.ProcessRequest(collection=cid, subject_id="a"))
+            return list(s.stub(keys[2]).ProcessBatch(iter([request]), timeout=10))
+
+        deadline = time.monotonic() + 10
+        while True:  # the four streams open and their windows fill: every slot of the server is held
+            try:
+                probe()
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and error_info(exc).reason == "STREAM_LIMIT_REACHED"
+                break
+            assert time.monotonic() < deadline, "the silent readers never held the slots"
+            time.sleep(0.2)
+        time.sleep(idle + 2)
+        assert len(probe()) == 1  # the stuck sends were cancelled and their slots came back
+        for call in held:
+            with pytest.raises(grpc.RpcError) as ended:
+                for _ in call:
+                    pass
+            assert ended.value.code() == grpc.StatusCode.CANCELLED
+    finally:
+        stop.set()
+        s.stop()

@@ -187,7 +187,32 @@ class LimitInterceptor(grpc.ServerInterceptor):
             for limiter in taken:
                 limiter.release(owner)
 
-        return around(handler, enter, leave)
+        limited = around(handler, enter, leave)
+        return self._sends_watched(limited) if handler.response_streaming else limited
+
+    def _sends_watched(self, handler):
+        """A streaming answer waits in gRPC's send until the client has room for it (HTTP/2 flow
+        control), without end: a client that sends and never reads stops its handler there, once
+        about 64 KB of answers are on their way, where neither the idle limit nor the key's re-check
+        runs, and holds its stream slots for as long as its connection stays open. An answer not
+        taken within the stream idle time cancels the call (the slots go as its handler ends)."""
+
+        def make(inner, kind):
+            def watched(request, context):
+                answers = inner(request, context)
+                try:
+                    for answer in answers:
+                        key = DEADLINES.add(context, self.idle_s)
+                        try:
+                            yield answer  # gRPC asks for the next one once this one is sent
+                        finally:
+                            DEADLINES.remove(key)
+                finally:
+                    answers.close()
+
+            return watched
+
+        return rewrap(handler, make)
 
 
 # Set while a unary call holds its key's call slot from before its message arrived (ReceiveInterceptor),
