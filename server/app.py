@@ -282,6 +282,8 @@ class FaceServer:
             notifier=notifier,
             compact_deleted_share=s.index_compact_deleted_share,
         )
+        if self.authenticator is not None:  # a key of a collection deleted on another replica goes here too
+            self.index_sync.on_drop = self.authenticator.forget
         defaults = Defaults(
             min_face_size=s.min_face_size,
             max_faces=s.max_faces,

@@ -448,6 +448,29 @@ def test_two_replicas_on_mysql_and_redis_see_each_others_changes(mysql_url, redi
         gone = delay(lambda: not stub_a.Search(probe, timeout=30).results[0].matches)
         print(f"\nreplica delay: register on A -> searchable on B {seen:.2f}s; delete on B -> gone on A {gone:.2f}s")
         assert seen < 5  # well under B's 30 s poll: the pub/sub wake-up
+
+        # the collection deleted and created anew on A, for another tenant: the old tenant's key, which B
+        # has cached, must not reach the new one's subjects (B held it for its cache time, 10 s)
+        old_key = stub_a.CreateApiKey(pb.CreateApiKeyRequest(collection=coll), timeout=10).secret
+        listing = pb.ListSubjectsRequest(collection=coll)
+        assert b.stub(old_key).ListSubjects(listing, timeout=10).subjects == []
+        stub_a.DeleteCollection(pb.DeleteCollectionRequest(collection=coll), timeout=10)
+        stub_a.CreateCollection(
+            pb.CreateCollectionRequest(collection=coll, liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10
+        )
+        stub_a.Register(
+            pb.RegisterRequest(collection=coll, subject_id="new_tenant", image=image("dev/img1.jpg"), skip_liveness=True),
+            timeout=60,
+        )
+
+        def refused() -> bool:
+            try:
+                b.stub(old_key).ListSubjects(listing, timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code() == grpc.StatusCode.UNAUTHENTICATED
+            return False
+
+        assert delay(refused) < 5  # the drop's wake-up, where the cache would have kept the key 10 s
     finally:
         a.stop()
         b.stop()

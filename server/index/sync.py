@@ -122,6 +122,10 @@ class IndexSync:
         self._threads: list[threading.Thread] = []
         self._last_snapshot = self._last_prune = time.monotonic()
         self._failing = False
+        # called when the log says a collection was deleted (on any replica): what this replica has
+        # cached about it goes, above all its API keys, which another tenant's collection created
+        # anew under the same id must not inherit (app.py: the authenticator's forget)
+        self.on_drop = None
 
     def start(self) -> None:
         # the warm-up on a thread of its own: the collections already loaded go on taking the change
@@ -215,6 +219,8 @@ class IndexSync:
         try:
             while True:
                 batch = self.feed.poll()
+                if self.on_drop is not None and any(op == "drop" for _, _, _, op in batch.rows):
+                    self.on_drop()
                 if batch.rows:
                     self.registry.apply_changes(batch.rows)
                 self.feed.advance(batch)
