@@ -19,6 +19,7 @@ import numpy as np
 import pymysql
 import pytest
 
+from server import errors
 from server.index import registry as registry_module
 from server.index.changes import ChangeFeed
 from server.index.hnsw import HnswEngine, HnswParams
@@ -755,6 +756,33 @@ def test_a_collection_being_built_holds_back_no_other_collections_changes(store,
         holder.join(30)
     assert settled(a) and second not in found(a, busy, busy_faces[second])
     assert a.write_snapshots(store.last_change_seq()) == 1
+
+
+def test_changes_that_waited_for_a_build_wait_out_a_database_outage(store, tmp_path, monkeypatch):
+    """The poll has moved past rows that waited for a collection's lock: when the database cannot be
+    read as they are applied, they are tried again, not dropped (the deleted face stayed searchable)."""
+    cid = new_collection(store)
+    faces = enrol(store, cid, 4)
+    a = registry(store, tmp_path)
+    monkeypatch.setattr(a, "RETRY_S", 0.05)
+    a.get(cid)
+    gone = next(iter(faces))
+    store.delete_face(cid, gone)
+    rows = store.changes_after(store.last_change_seq() - 1, 10, cid)
+    read, outages = store.faces_by_id, [2]
+
+    def out_of_reach(*args):  # the database down for the first two tries
+        if outages[0]:
+            outages[0] -= 1
+            raise errors.unavailable(errors.STORE_UNAVAILABLE, "the database is unavailable; retry")
+        return read(*args)
+
+    store.faces_by_id = out_of_reach
+    with a._lock(cid):  # a load or a compaction's swap holds it as the rows come
+        a.apply_changes(rows)
+        assert cid in a._deferred
+    assert settled(a) and outages == [0]
+    assert gone not in found(a, cid, faces[gone]) and len(a.get(cid)) == 3
 
 
 def test_deleted_collections_leave_no_lock_behind(store, tmp_path):

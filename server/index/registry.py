@@ -66,6 +66,8 @@ class _CollectionLock:
 
 
 class IndexRegistry:
+    RETRY_S = 1.0  # between tries of changes that wait for the database (_apply_deferred)
+
     def __init__(
         self, store: IndexSource, model_id: str, dim: int, engine: IndexEngine, retention_s: float = 7 * 86400, batch: int = 5000
     ):
@@ -316,21 +318,25 @@ class IndexRegistry:
 
     def _apply_deferred(self, collection: str, lock: _CollectionLock) -> None:
         """A collection's rows that came while its lock was held, and those queued behind them. Until
-        they are applied its index is not snapshotted (the round's change_seq would claim them). Where
-        they cannot be applied (the database out of reach), the index is forgotten: the next search
-        loads what the database holds, where waiting for the change log to repeat them would wait for
-        ever (the poll has moved past them)."""
+        they are applied its index is not snapshotted (the round's change_seq would claim them). The
+        poll has moved past them, so none is dropped: while the database is out of reach they are
+        tried again every RETRY_S (searches answer UNAVAILABLE meanwhile, as they read the collection
+        from the database); an error of any other kind forgets the index, and the next search loads
+        what the database holds."""
         while True:
-            dirty = False
+            dirty = again = False
             with lock:
                 with self._guard:
                     crows, self._deferred[collection] = self._deferred[collection], []
                 try:
                     dirty = self._apply_locked(collection, crows)
-                except Exception as exc:  # noqa: BLE001 - logged; the index goes rather than staying behind
-                    log.warning(
-                        "index %s: could not apply %d changes (%s); it loads anew on its next use", collection, len(crows), exc
-                    )
+                except errors.FaceServiceError as exc:
+                    log.warning("index %s: %d changes wait for the database (%s)", collection, len(crows), exc.reason)
+                    again = True
+                    with self._guard:
+                        self._deferred[collection][:0] = crows
+                except Exception:  # noqa: BLE001 - the index goes rather than stay behind the database
+                    log.exception("index %s: %d changes not applied; it loads anew on its next use", collection, len(crows))
                     self._forget(collection)
                 with self._guard:
                     done = not self._deferred[collection]
@@ -340,6 +346,8 @@ class IndexRegistry:
                 self._mark_dirty(collection)
             if done:
                 return
+            if again:
+                time.sleep(self.RETRY_S)
 
     def _apply_locked(self, collection: str, crows) -> bool:
         """Under the collection's lock: its change-log rows (seq order); whether its index changed."""
