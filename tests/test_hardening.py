@@ -747,20 +747,22 @@ def test_compressed_request_messages_are_refused(srv, admin):
     assert len(admin.DetectBatch(batch, timeout=60).results) == 8
 
 
-def slow_messages(target: str, n: int, key: str = "", path: str = "/facesvc.v1.FaceService/Detect"):
-    """One HTTP/2 connection with `n` gRPC calls that each announce a 32 MB message and send 1 KB of it."""
+def slow_messages(target: str, n: int, key: str | list[str] = "", path: str = "/facesvc.v1.FaceService/Detect"):
+    """One HTTP/2 connection with `n` gRPC calls that each announce a 32 MB message and send 1 KB of it.
+    `key`: every call's, or one per call (sent as given: spaces around it too)."""
     import h2.config
     import h2.connection
 
     host, port = target.rsplit(":", 1)
     sock = socket.create_connection((host, int(port)), timeout=10)
-    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, normalize_outbound_headers=False))
     conn.initiate_connection()
     ids = []
-    for _ in range(n):
+    keys = key if isinstance(key, list) else [key] * n
+    for k in keys:
         sid = conn.get_next_available_stream_id()
         headers = [(":method", "POST"), (":scheme", "http"), (":path", path), (":authority", target)]
-        headers += [("content-type", "application/grpc"), ("te", "trailers")] + ([("x-api-key", key)] if key else [])
+        headers += [("content-type", "application/grpc"), ("te", "trailers")] + ([("x-api-key", k)] if k else [])
         conn.send_headers(sid, headers)
         conn.send_data(sid, b"\0" + (32 << 20).to_bytes(4, "big") + b"\n" * 1024)
         ids.append(sid)
@@ -1078,4 +1080,46 @@ def test_a_client_that_stops_reading_answers_gives_its_stream_slots_back(tmp_pat
             assert ended.value.code() == grpc.StatusCode.CANCELLED
     finally:
         stop.set()
+        s.stop()
+
+
+def test_a_key_is_one_key_to_the_limits_however_it_is_padded(tmp_path):
+    """Spaces around a key name the same key (RFC 9110: they are no part of a header's value), and the
+    limits count them so: with the key counted as sent, a tenant padding its key with one more space
+    per call took every worker. A stream with a padded key was closed as revoked at its first
+    re-check. Health checks, whose key no one checks, count by the caller's address: a made-up key
+    per call was a caller per call, and took every health thread."""
+    s = ServerProcess(
+        log_path=tmp_path / "server.log",
+        env={"FACESVC_STREAM_IDLE_SECONDS": "3", "FACESVC_STREAM_FIRST_MESSAGE_SECONDS": "2"},
+    )
+    try:
+        admin = pb_grpc.FaceServiceStub(s.channel)
+        cid, key = tenant(admin)
+        exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+        keyed = slow_messages(s.target, 4, key)  # the key's four call slots (half the workers)
+        padded = slow_messages(s.target, 4, [" " * i + key for i in range(1, 5)])
+        refused = list(call_ends(*keyed, within=1.0).values()) + list(call_ends(*padded, within=1.0).values())
+        assert refused == [exhausted] * 4  # whichever four came first hold the slots
+        assert admin.GetCollection(pb.GetCollectionRequest(collection=cid), timeout=5).collection.collection == cid
+        for sock, _, _ in (keyed, padded):
+            sock.close()
+
+        health = slow_messages(s.target, 8, [f"made-up-{i}" for i in range(8)], path="/grpc.health.v1.Health/Check")
+        assert sorted(call_ends(*health, within=1.0).values()) == [exhausted] * 4  # four per caller arrive at once
+        health[0].close()
+
+        time.sleep(3)  # the slow calls' threads wake at their message deadline and give their slots back
+        stop = threading.Event()
+
+        def items():
+            for n in range(3):  # one a second: the stream outlives its first re-checks
+                yield pb.ProcessBatchRequest(item_id=f"i{n}", process=pb.ProcessRequest(collection=cid, subject_id="a"))
+                stop.wait(1.0)
+
+        stream = pb_grpc.FaceServiceStub(keyed_channel(s.target, None, s.credentials)).ProcessBatch(
+            items(), metadata=[("x-api-key", f" {key}")], timeout=30
+        )
+        assert [a.item_id for a in stream] == ["i0", "i1", "i2"]
+    finally:
         s.stop()

@@ -118,6 +118,13 @@ def admin_or_open() -> bool:
     return principal is None or principal.admin
 
 
+def normalized(secret: str) -> str:
+    """The key an `x-api-key` value names: spaces around a header's value are no part of it (RFC 9110).
+    HTTP servers drop them before the gate sees the key and gRPC passes them on; a key must mean the
+    same on both ports, and be one key wherever it is counted (limits.call_owner) or checked again."""
+    return secret.strip(" \t")
+
+
 def _invalid() -> errors.FaceServiceError:
     return errors.FaceServiceError(grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_INVALID, "unknown or revoked API key")
 
@@ -177,9 +184,7 @@ class Authenticator:
                 _lru_put(self._known, digest, None)
 
     def principal(self, secret: str) -> Principal:
-        # spaces around a header's value are no part of it (RFC 9110): HTTP servers drop them before
-        # the gate sees the key, gRPC passes them on, and a key must mean the same on both ports
-        secret = secret.strip(" \t")
+        secret = normalized(secret)
         if not secret:
             raise errors.FaceServiceError(
                 grpc.StatusCode.UNAUTHENTICATED, errors.API_KEY_MISSING, f"send an API key in the `{HEADER}` metadata header"
@@ -208,7 +213,7 @@ class Authenticator:
 
     def still_valid(self, secret: str) -> None:
         """Asks the database (not the cache) whether a collection key still exists: open streams call this."""
-        digest = hash_key(secret)
+        digest = hash_key(normalized(secret))
         if hmac.compare_digest(digest, self._admin_hash):
             return
         if self.store.find_api_key(digest) is None:

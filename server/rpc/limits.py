@@ -33,7 +33,7 @@ from concurrent import futures
 import grpc
 
 from server import errors
-from server.rpc.auth import HEADER, SERVICE_PREFIX, current_principal, hash_key
+from server.rpc.auth import HEADER, SERVICE_PREFIX, current_principal, hash_key, normalized
 from server.rpc.observability import around, rewrap
 from server.rpc.status import refuse
 
@@ -73,9 +73,11 @@ class ConcurrencyLimiter:
                 del self._open[owner]
 
 
-def call_owner(context) -> str:
-    """Whom a call counts against: its API key (hashed), or its peer's address when it sends none."""
-    secret = dict(context.invocation_metadata()).get(HEADER, "")
+def call_owner(context, keyed: bool = True) -> str:
+    """Whom a call counts against: its API key (hashed, as the key check reads it), or its peer's
+    address when it sends none. Not `keyed` (health checks and reflection, whose key no one checks):
+    the peer's address whatever it sends, or a made-up key per call would be a caller per call."""
+    secret = normalized(dict(context.invocation_metadata()).get(HEADER, "")) if keyed else ""
     if secret:
         return "key:" + hash_key(secret)
     peer = context.peer() or ""
@@ -154,7 +156,7 @@ class LimitInterceptor(grpc.ServerInterceptor):
                 return inner
 
             def limited(request_iterator, context):
-                owner = call_owner(context)
+                owner = call_owner(context, keyed=False)
                 self._enter(method, owner, [self.reflection], context)
                 # a caller that asks something now and then would keep the slots for good: a stream
                 # lives at most the idle time (grpcurl opens one per command, done in a moment)
@@ -256,7 +258,7 @@ class ReceiveInterceptor(grpc.ServerInterceptor):
         non_blocking = getattr(unary, "experimental_non_blocking", False)  # grpc's health Watch
 
         def behaviour(requests, context, *callback):  # grpc passes a non-blocking handler its send callback
-            owner, slot = call_owner(context), None
+            owner, slot = call_owner(context, keyed=ours), None
             try:
                 if not ours:
                     slot = self.keyless
