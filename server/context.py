@@ -42,9 +42,14 @@ def ensure_call_alive() -> None:
     ctx = current_call.get()
     if ctx is None or ctx.is_active():
         return
+    raise call_ended(ctx)
+
+
+def call_ended(ctx) -> errors.FaceServiceError:
+    """What an ended call (`ctx`, a servicer context no longer active) ends with: its deadline, or a cancel."""
     remaining = ctx.time_remaining()
     code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-    raise errors.FaceServiceError(code, errors.CALL_ENDED, "the call ended (deadline or cancel); its work was stopped")
+    return errors.FaceServiceError(code, errors.CALL_ENDED, "the call ended (deadline or cancel); its work was stopped")
 
 
 class InFlight:

@@ -414,6 +414,43 @@ def test_batches_stream_over_connect(srv):
     assert out[0].result.staging_token and out[1].error.reason == "VALIDATION_FAILED"
 
 
+def frames(raw: bytes) -> list[tuple[int, bytes]]:
+    """The (flags, payload) envelopes of a Connect or gRPC-Web stream's body."""
+    out, at = [], 0
+    while at + 5 <= len(raw):
+        n = int.from_bytes(raw[at + 1 : at + 5], "big")
+        out.append((raw[at], raw[at + 5 : at + 5 + n]))
+        at += 5 + n
+    return out
+
+
+def test_a_batch_past_its_deadline_ends_with_the_deadline_not_ok(srv):
+    """Over HTTP a batch whose deadline passed mid-way answered the items it had done and ended with
+    success: a client read the items it never got answers for as a clean end. gRPC says
+    DEADLINE_EXCEEDED; so do Connect and gRPC-Web now, with the CALL_ENDED reason."""
+    admin = client(srv)
+    admin.create_collection(pb.CreateCollectionRequest(collection="http-deadline"), headers=admin.headers)
+    photo = pb.Image(encoded=face_path("dev/img5.jpg").read_bytes())
+    items = [
+        pb.ProcessBatchRequest(
+            item_id=f"i{n}", process=pb.ProcessRequest(collection="http-deadline", subject_id=f"s{n}", image=photo)
+        )
+        for n in range(200)  # far more than a second's work
+    ]
+    body = b"".join(envelope(0, item.SerializeToString()) for item in items)
+    status, _, raw = post_bytes(srv, "ProcessBatch", body, "application/connect+proto", {"connect-timeout-ms": "1000"})
+    got = frames(raw)
+    answered = [f for f, _ in got if f == 0]
+    end = json.loads(got[-1][1])
+    assert status == 200 and got[-1][0] == 2 and len(answered) < len(items)
+    assert end["error"]["code"] == "deadline_exceeded", end
+    (detail,) = end["error"]["details"]
+    assert error_details_pb2.ErrorInfo.FromString(base64.b64decode(detail["value"] + "==")).reason == "CALL_ENDED"
+    status, headers, raw = post_bytes(srv, "ProcessBatch", body, "application/grpc-web+proto", {"grpc-timeout": "1000m"})
+    trailers = [p.decode() for f, p in frames(raw) if f & 0x80]
+    assert status == 200 and trailers and "grpc-status:4" in trailers[-1].replace(" ", ""), (headers, trailers)
+
+
 def test_cors_lets_the_configured_origin_only(srv):
     def preflight(origin):
         req = urllib.request.Request(

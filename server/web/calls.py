@@ -24,9 +24,10 @@ from protobuf.wkt import Any
 
 from facesvc.v1.face_service_connect import FaceServiceWSGIApplication
 from server import errors
+from server.context import call_ended
 from server.rpc.auth import SERVICE_PREFIX
 from server.rpc.servicer import SERVICE
-from server.rpc.status import refuse
+from server.rpc.status import refuse, to_status
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
@@ -163,6 +164,11 @@ class FaceServiceOverHttp:
                     yield from handler.stream_stream(_parsed(requests, call, path), call)
                     if call.aborted is not None:  # by the thread that reads the requests (as on the gRPC port)
                         raise connect_error(call.aborted)
+                    if not call.is_active():
+                        # its deadline passed, or it was cancelled: the handler stopped where it was, and
+                        # gRPC would end the call with that status; a clean end would tell the client its
+                        # unanswered items were all there was
+                        raise connect_error(to_status(call_ended(call)))
                 except HttpAbort as exc:
                     raise connect_error(exc.status) from None
                 finally:
