@@ -189,11 +189,13 @@ class FacePipeline:
 
 def upright(img: np.ndarray, face: Face) -> tuple[np.ndarray, Face]:
     """The frame turned so `face` stands upright, and the face in it. The landmarks say which way is
-    up, also for a face the detector found lying on its side without turning the frame."""
+    up, also for a face the detector found lying on its side without turning the frame. The frame is
+    a view (np.rot90), not a copy: its readers copy the crops they read, where a copy of the whole
+    frame per face made a large frame of sideways faces cost seconds a call."""
     k = quarter_turns(face.landmarks)
     if not k:
         return img, face
-    turned = np.ascontiguousarray(np.rot90(img, k))
+    turned = np.rot90(img, k)
     th, tw = turned.shape[:2]
     # the frame as sent is `turned` turned back (4 - k) quarter turns: map its points into `turned`
     corners = turn_points(face.box.reshape(2, 2), 4 - k, tw, th)

@@ -44,7 +44,7 @@ class MiniFasNet:
             y1 -= y2 - src_h + 1
             y2 = src_h - 1
         x1, y1, x2, y2 = (max(0, int(v)) for v in (x1, y1, x2, y2))
-        patch = img[y1 : y2 + 1, x1 : x2 + 1]
+        patch = np.ascontiguousarray(img[y1 : y2 + 1, x1 : x2 + 1])  # `img` may be a turned view (pipeline.upright)
         return cv2.resize(patch, (self.input_size, self.input_size), interpolation=cv2.INTER_LINEAR)
 
     def score(self, img_bgr: np.ndarray, box: np.ndarray) -> float:
@@ -72,7 +72,7 @@ class MiniFasNetSE128:
         x1, y1 = int(round(cx - side / 2)), int(round(cy - side / 2))
         x2, y2 = x1 + int(round(side)), y1 + int(round(side))
         pad = [max(0, -y1), max(0, y2 - h), max(0, -x1), max(0, x2 - w)]
-        patch = img[max(0, y1) : min(h, y2), max(0, x1) : min(w, x2)]
+        patch = np.ascontiguousarray(img[max(0, y1) : min(h, y2), max(0, x1) : min(w, x2)])  # maybe a turned view
         if any(pad):
             patch = cv2.copyMakeBorder(patch, *pad, cv2.BORDER_REFLECT_101)
         ph, pw = patch.shape[:2]
