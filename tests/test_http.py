@@ -451,6 +451,46 @@ def test_a_batch_past_its_deadline_ends_with_the_deadline_not_ok(srv):
     assert status == 200 and trailers and "grpc-status:4" in trailers[-1].replace(" ", ""), (headers, trailers)
 
 
+def abandoned(url: str, key: str | None) -> None:
+    """An h2c POST from a client that gives the answer no room (flow-control window 0) and closes."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    host, port = url.split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        sid, body = conn.get_next_available_stream_id(), b'{"collection":"none"}'
+        headers = [(":method", "POST"), (":path", "/facesvc.v1.FaceService/GetCollection"), (":scheme", "http")]
+        headers += [(":authority", host), ("content-type", "application/json"), ("content-length", str(len(body)))]
+        conn.send_headers(sid, headers + ([("x-api-key", key)] if key else []))
+        conn.send_data(sid, body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        time.sleep(0.02)
+
+
+def test_answers_a_closed_connection_gave_no_room_are_dropped(tmp_path):
+    """A client that gave its answer no flow-control room and closed its connection left the answer
+    waiting in the HTTP server for ever: about 47 KB per connection, with or without a key, until a
+    restart, whose shutdown then waited out its whole grace period. An answer that cannot be sent
+    within the stream idle time is dropped now."""
+    idle = 2
+    s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
+    try:
+        for i in range(40):
+            abandoned(s.http_url, None if i % 2 else ADMIN_KEY)
+        time.sleep(idle + 2)
+        assert post(s, "GetCollection", {"collection": "none"})[0] == 404  # still serving
+    finally:
+        t0 = time.monotonic()
+        s.stop()
+        stopped = time.monotonic() - t0
+    log = (tmp_path / "server.log").read_text()
+    assert "CancelledError" not in log and stopped < 8, (stopped, log[-2000:])
+
+
 def test_cors_lets_the_configured_origin_only(srv):
     def preflight(origin):
         req = urllib.request.Request(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import threading
 from functools import partial
 from urllib.parse import quote
@@ -27,6 +28,8 @@ from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX
 from server.rpc.status import to_status
 from server.web.calls import STATUS_DETAILS_KEY, connect_code
+
+log = logging.getLogger("facesvc.http")
 
 # Connect's HTTP statuses for the codes answered here (https://connectrpc.com/docs/protocol/#error-codes)
 _HTTP = {
@@ -111,6 +114,26 @@ class HeaderGate:
             return
         if scope["type"] != "http":
             return
+        try:
+            await self._http(scope, receive, self._timed(send))
+        except _Stalled:
+            # at DEBUG: a line per connection would let anyone grow the log at will
+            log.debug("an answer found no room for %g s (the client reads nothing or is gone); dropped", self.idle_s)
+
+    def _timed(self, send):
+        """`send`, given up after `idle_s`: hypercorn waits for an HTTP/2 stream's flow-control room
+        without end, also once its connection has closed, so an answer a client gave no room (and
+        left) stayed in the server for good, about 47 KB a connection, with or without a key."""
+
+        async def timed(message) -> None:
+            try:
+                await asyncio.wait_for(send(message), self.idle_s)
+            except TimeoutError:
+                raise _Stalled from None
+
+        return timed
+
+    async def _http(self, scope, receive, send) -> None:
         loop = asyncio.get_running_loop()
 
         def call_soon(func, *args):  # from the WSGI thread: run on the loop, wait for it (as hypercorn does)
@@ -231,6 +254,10 @@ class _Refusal(Exception):
 
 class _Gone(Exception):
     """The client went away before its body was read."""
+
+
+class _Stalled(Exception):
+    """An answer found no room to be sent within the idle time (HeaderGate._timed)."""
 
 
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
