@@ -785,6 +785,36 @@ def test_changes_that_waited_for_a_build_wait_out_a_database_outage(store, tmp_p
     assert gone not in found(a, cid, faces[gone]) and len(a.get(cid)) == 3
 
 
+def test_changes_that_waited_for_a_build_and_failed_leave_nothing_behind(store, tmp_path):
+    """A failure other than an outage while applying rows that waited for the lock ended their thread
+    and left the rows queued: every later row of the collection queued behind them, with no thread to
+    apply it, and a deleted face stayed searchable. The index is unloaded now, and what comes later
+    is applied."""
+    cid = new_collection(store)
+    faces = enrol(store, cid, 4)
+    a = registry(store, tmp_path)
+    a.get(cid)
+    first, second = list(faces)[:2]
+    store.delete_face(cid, first)
+    read = store.faces_by_id
+
+    def broken(*args):
+        raise RuntimeError("a bug")
+
+    def unremovable(collection):  # and the snapshot's files cannot be removed (a read-only disk)
+        raise OSError("read-only file system")
+
+    store.faces_by_id, forget, a.engine.forget = broken, a.engine.forget, unremovable
+    with a._lock(cid):
+        a.apply_changes(store.changes_after(store.last_change_seq() - 1, 10, cid))
+    assert settled(a) and cid not in a.loaded()  # unloaded: the next search loads the database's faces
+    store.faces_by_id, a.engine.forget = read, forget
+    assert first not in found(a, cid, faces[first]) and len(a.get(cid)) == 3
+    store.delete_face(cid, second)
+    a.apply_changes(store.changes_after(store.last_change_seq() - 1, 10, cid))
+    assert not a._deferred and second not in found(a, cid, faces[second]) and len(a.get(cid)) == 2
+
+
 def test_deleted_collections_leave_no_lock_behind(store, tmp_path):
     """Every replica applies every collection's drop: a lock kept per id ever seen grew without end."""
     a = registry(store, tmp_path)

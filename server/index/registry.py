@@ -22,6 +22,8 @@ import threading
 import time
 import weakref
 
+import grpc
+
 from server import errors
 from server.index.base import FaceIndex, IndexEngine, IndexLoadError
 from server.index.changes import LOOKBACK
@@ -52,8 +54,11 @@ class _CollectionLock:
         self._lock = threading.Lock()
 
     def __enter__(self):
-        self._lock.acquire()
+        self.acquire()
         return self
+
+    def acquire(self) -> None:
+        self._lock.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
@@ -307,8 +312,13 @@ class IndexRegistry:
                     self._deferred[collection] = list(crows)
             if not held:
                 name = f"index-changes-{collection}"
-                threading.Thread(target=self._apply_deferred, args=(collection, lock), name=name, daemon=True).start()
-                continue
+                try:
+                    threading.Thread(target=self._apply_deferred, args=(collection, lock), name=name, daemon=True).start()
+                    continue
+                except RuntimeError:  # no thread to be had: wait for the lock here, as the poll did before
+                    with self._guard:
+                        crows = self._deferred.pop(collection)
+                    lock.acquire()
             try:
                 dirty = self._apply_locked(collection, crows)
             finally:
@@ -319,35 +329,48 @@ class IndexRegistry:
     def _apply_deferred(self, collection: str, lock: _CollectionLock) -> None:
         """A collection's rows that came while its lock was held, and those queued behind them. Until
         they are applied its index is not snapshotted (the round's change_seq would claim them). The
-        poll has moved past them, so none is dropped: while the database is out of reach they are
+        poll has moved past them, so none may be dropped: while the database is out of reach they are
         tried again every RETRY_S (searches answer UNAVAILABLE meanwhile, as they read the collection
-        from the database); an error of any other kind forgets the index, and the next search loads
-        what the database holds."""
-        while True:
-            dirty = again = False
+        from the database). Any other failure unloads the index (the next search loads what the
+        database holds) and leaves no rows behind for a thread that is gone."""
+        outage = False
+        try:
+            while True:
+                with lock:
+                    with self._guard:
+                        crows, self._deferred[collection] = self._deferred[collection], []
+                    try:
+                        dirty = self._apply_locked(collection, crows)
+                    except errors.FaceServiceError as exc:
+                        if exc.code != grpc.StatusCode.UNAVAILABLE:
+                            raise
+                        if not outage:
+                            log.warning("index %s: %d changes wait for the database (%s)", collection, len(crows), exc.reason)
+                        outage, dirty = True, False
+                        with self._guard:
+                            self._deferred[collection][:0] = crows
+                    else:
+                        if outage:
+                            log.info("index %s: the changes that waited for the database are applied", collection)
+                        outage = False
+                    with self._guard:
+                        done = not self._deferred[collection]
+                        if done:
+                            del self._deferred[collection]
+                if dirty:
+                    self._mark_dirty(collection)
+                if done:
+                    return
+                if outage:
+                    time.sleep(self.RETRY_S)
+        except Exception:  # noqa: BLE001 - the thread must not leave the collection behind the log
+            log.exception("index %s: changes not applied; the index loads anew on its next use", collection)
             with lock:
                 with self._guard:
-                    crows, self._deferred[collection] = self._deferred[collection], []
-                try:
-                    dirty = self._apply_locked(collection, crows)
-                except errors.FaceServiceError as exc:
-                    log.warning("index %s: %d changes wait for the database (%s)", collection, len(crows), exc.reason)
-                    again = True
-                    with self._guard:
-                        self._deferred[collection][:0] = crows
-                except Exception:  # noqa: BLE001 - the index goes rather than stay behind the database
-                    log.exception("index %s: %d changes not applied; it loads anew on its next use", collection, len(crows))
-                    self._forget(collection)
-                with self._guard:
-                    done = not self._deferred[collection]
-                    if done:
-                        del self._deferred[collection]
-            if dirty:
-                self._mark_dirty(collection)
-            if done:
-                return
-            if again:
-                time.sleep(self.RETRY_S)
+                    self._deferred.pop(collection, None)
+                    self._dirty.discard(collection)
+                # only the loaded index goes: its snapshot (older than these rows) replays the log when loaded
+                self._indexes.pop(collection, None)
 
     def _apply_locked(self, collection: str, crows) -> bool:
         """Under the collection's lock: its change-log rows (seq order); whether its index changed."""
