@@ -162,7 +162,8 @@ class SqlDatabase:
                         )
                     for version in range(current + 1, target + 1):
                         step = version
-                        self._migrate_step(conn, version)
+                        # only the first step this start runs on a schema in use may have been cut short
+                        self._migrate_step(conn, version, resumed=bool(current) and version == current + 1)
         except RuntimeError:
             raise
         except Exception as exc:  # noqa: BLE001 - unreachable, refused login, unknown database: one line, no traceback
@@ -173,13 +174,16 @@ class SqlDatabase:
             raise RuntimeError(f"cannot reach the database {self.describe()}: {type(exc).__name__}: {exc}") from exc
         return target
 
-    def _migrate_step(self, conn, version: int) -> None:
+    def _migrate_step(self, conn, version: int, resumed: bool = False) -> None:
         """One schema version's statements and its version row. On SQLite in one transaction (its DDL is
         transactional): a step cut short by a crash leaves the version before it, which the next start
         redoes whole, and a second process starting on the same file waits and finds it done. MySQL
         commits each DDL statement by itself; its replicas migrate one at a time (migration_lock), and
         a step cut short leaves some of its tables, columns or indexes behind: the next start redoes
-        the step, passing over what is there already (the dialect's `exists_errors`)."""
+        the step, passing over what is there already (the dialect's `exists_errors`). Only that step
+        (`resumed`: the first this start runs on a schema in use): elsewhere a table of the same name
+        is someone else's, and the migration stops. This holds for additive steps (tables, columns,
+        indexes); a step that drops, renames or moves data must be made safe to run twice by itself."""
         sqlite = self.d.name == "sqlite"
         if sqlite:
             self.d.execute(conn, "BEGIN IMMEDIATE")
@@ -191,7 +195,7 @@ class SqlDatabase:
                     try:
                         self.d.execute(conn, stmt)
                     except Exception as exc:
-                        if self.d.error_code(exc) not in self.d.exists_errors:
+                        if not resumed or self.d.error_code(exc) not in self.d.exists_errors:
                             raise
                         log.info("schema version %d: %s is in place already", version, stmt.split("(")[0].strip())
                 self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))

@@ -222,8 +222,9 @@ class MySqlDialect:
     schema = _MYSQL_SCHEMA
     integrity_errors = (pymysql.err.IntegrityError,)
     retry_errors = (1213, 1205)  # deadlock, lock wait timeout: the transaction is safe to run again
-    # table, column, index exists: a schema step cut short put it there (MySQL commits each DDL
-    # statement by itself, and has no IF NOT EXISTS for columns and indexes; MariaDB has)
+    # table, column, index exists: on an upgrade, a schema step cut short put it there (MySQL commits
+    # each DDL statement by itself, and, unlike MariaDB, has no IF NOT EXISTS for columns and indexes:
+    # the schema is written once for both)
     exists_errors = (1050, 1060, 1061)
     # can't connect, server gone away, lost connection, too many connections, + the retryable ones
     _UNAVAILABLE_CODES = {1040, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
