@@ -182,7 +182,15 @@ class FaceServer:
             + ([AuthInterceptor(authenticator)] if authenticator else [])
             # request messages that do not parse: refused after the key check (server/rpc/messages.py)
             + [MessageInterceptor(SERVICE_PREFIX)]
-            + [LimitInterceptor(streams, calls, settings.stream_first_message_seconds, settings.stream_idle_seconds)]
+            + [
+                LimitInterceptor(
+                    streams,
+                    calls,
+                    settings.stream_first_message_seconds,
+                    settings.stream_idle_seconds,
+                    by_key=authenticator is not None,
+                )
+            ]
             # innermost: records the calls that reached their handler, with the key the auth check found
             + [AuditInterceptor(self.audit_recorder)]
         )

@@ -1123,3 +1123,25 @@ def test_a_key_is_one_key_to_the_limits_however_it_is_padded(tmp_path):
         assert [a.item_id for a in stream] == ["i0", "i1", "i2"]
     finally:
         s.stop()
+
+
+def test_with_auth_off_a_made_up_key_is_no_caller_of_its_own(tmp_path):
+    """With auth off no one checks a key, and streams count by the caller's address: a made-up key per
+    stream was counted as a caller of its own, past the per-caller bound."""
+    s = ServerProcess(log_path=tmp_path / "server.log", env={"FACESVC_AUTH": "false"})
+    stop = threading.Event()
+    try:
+        stub = pb_grpc.FaceServiceStub(grpc.insecure_channel(s.target))
+        held = [stub.ProcessBatch(idle_requests(stop), metadata=[("x-api-key", f"made-up-{i}")]) for i in range(2)]
+        time.sleep(1)  # both open (a stream's slot is taken as it opens)
+        third = stub.ProcessBatch(iter([pb.ProcessBatchRequest(item_id="a")]), metadata=[("x-api-key", "made-up-2")], timeout=5)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(third)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert error_info(refused.value).reason == "STREAM_LIMIT_REACHED"
+        stop.set()
+        for call in held:
+            list(call)
+    finally:
+        stop.set()
+        s.stop()

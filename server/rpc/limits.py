@@ -73,11 +73,12 @@ class ConcurrencyLimiter:
                 del self._open[owner]
 
 
-def call_owner(context, keyed: bool = True) -> str:
+def call_owner(context, by_key: bool = True) -> str:
     """Whom a call counts against: its API key (hashed, as the key check reads it), or its peer's
-    address when it sends none. Not `keyed` (health checks and reflection, whose key no one checks):
-    the peer's address whatever it sends, or a made-up key per call would be a caller per call."""
-    secret = normalized(dict(context.invocation_metadata()).get(HEADER, "")) if keyed else ""
+    address when it sends none. Where no one checks the key (`by_key` False: health checks,
+    reflection, every call with auth off), the peer's address whatever it sends: else a made-up key
+    per call would be a caller per call."""
+    secret = normalized(dict(context.invocation_metadata()).get(HEADER, "")) if by_key else ""
     if secret:
         return "key:" + hash_key(secret)
     peer = context.peer() or ""
@@ -122,9 +123,15 @@ class LimitInterceptor(grpc.ServerInterceptor):
     bounds the reflection streams every caller may open."""
 
     def __init__(
-        self, streams: ConcurrencyLimiter, calls: ConcurrencyLimiter | None, first_message_s: float = 5.0, idle_s: float = 30.0
+        self,
+        streams: ConcurrencyLimiter,
+        calls: ConcurrencyLimiter | None,
+        first_message_s: float = 5.0,
+        idle_s: float = 30.0,
+        by_key: bool = True,
     ):
-        self.streams, self.calls = streams, calls
+        """`by_key`: whether keys are checked (auth on), so that calls count by key (call_owner)."""
+        self.streams, self.calls, self.by_key = streams, calls, by_key
         self.reflection = ConcurrencyLimiter(
             REFLECTION_PER_PEER, REFLECTION_TOTAL, errors.STREAM_LIMIT_REACHED, "reflection streams"
         )
@@ -156,7 +163,7 @@ class LimitInterceptor(grpc.ServerInterceptor):
                 return inner
 
             def limited(request_iterator, context):
-                owner = call_owner(context, keyed=False)
+                owner = call_owner(context, by_key=False)
                 self._enter(method, owner, [self.reflection], context)
                 # a caller that asks something now and then would keep the slots for good: a stream
                 # lives at most the idle time (grpcurl opens one per command, done in a moment)
@@ -181,7 +188,7 @@ class LimitInterceptor(grpc.ServerInterceptor):
         rpc = method[len(SERVICE_PREFIX) :]
 
         def enter(request, context, kind):
-            owner = call_owner(context)
+            owner = call_owner(context, self.by_key)
             return owner, self._enter(rpc, owner, self._limiters(kind.startswith("stream")), context)
 
         def leave(state):
@@ -197,7 +204,9 @@ class LimitInterceptor(grpc.ServerInterceptor):
         control), without end: a client that sends and never reads stops its handler there, once
         about 64 KB of answers are on their way, where neither the idle limit nor the key's re-check
         runs, and holds its stream slots for as long as its connection stays open. An answer not
-        taken within the stream idle time cancels the call (the slots go as its handler ends)."""
+        taken within the stream idle time cancels the call (the slots go as its handler ends). On the
+        HTTP port the gate's own send limit (server/web/gate.py) ends such a call at about the same
+        time; this one is the gRPC port's."""
 
         def make(inner, kind):
             def watched(request, context):
@@ -258,7 +267,7 @@ class ReceiveInterceptor(grpc.ServerInterceptor):
         non_blocking = getattr(unary, "experimental_non_blocking", False)  # grpc's health Watch
 
         def behaviour(requests, context, *callback):  # grpc passes a non-blocking handler its send callback
-            owner, slot = call_owner(context, keyed=ours), None
+            owner, slot = call_owner(context, by_key=ours and self.auth is not None), None
             try:
                 if not ours:
                     slot = self.keyless
@@ -294,8 +303,11 @@ class ReceiveInterceptor(grpc.ServerInterceptor):
 
 
 class _Deadlines:
-    """Cancels the calls whose request message has not arrived by its deadline: one thread for all
-    of them (a thread per call would cost every unary call a thread start)."""
+    """Cancels the calls that wait too long, one thread for all of them (a thread per call would cost
+    every unary call a thread start): a unary call whose request message has not arrived by its
+    deadline (_one_message), and a streaming call whose answer has not been sent by its own
+    (LimitInterceptor._sends_watched). Entries are keyed by the call's context: a call waits for one
+    of the two at a time, never both."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -307,7 +319,7 @@ class _Deadlines:
         with self._lock:
             self._waiting[key] = (time.monotonic() + seconds, context)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="message-deadlines", daemon=True)
+                self._thread = threading.Thread(target=self._run, name="call-deadlines", daemon=True)
                 self._thread.start()
         return key
 
@@ -327,7 +339,7 @@ class _Deadlines:
                         try:
                             context.cancel()
                         except Exception:  # noqa: BLE001 - the thread must outlive any one call
-                            log.exception("cancelling a call whose message did not arrive")
+                            log.exception("cancelling a call past its deadline")
 
 
 DEADLINES = _Deadlines()
