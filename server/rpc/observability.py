@@ -8,6 +8,7 @@ id in INTERNAL error messages.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 
@@ -91,9 +92,10 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
 
         def finish(context, token, t0, exc: BaseException | None) -> None:
             IN_FLIGHT.add(-1)
-            request_id.reset(token[0])
-            current_call.reset(token[1])
-            work_budget.reset(token[2])
+            with contextlib.suppress(ValueError):  # a stream's generator closed from another context
+                request_id.reset(token[0])
+                current_call.reset(token[1])
+                work_budget.reset(token[2])
             code = context.code() if hasattr(context, "code") else None
             if code is None:
                 code = grpc.StatusCode.OK if exc is None else grpc.StatusCode.UNKNOWN

@@ -136,7 +136,7 @@ def _retention_days(value: int) -> int:
 def _audit_seq(after: str) -> int:
     """The audit listing's page token holds the last event's sequence number ("": the newest first).
     Only ASCII digits within the column's range: '²' is a digit to str.isdigit() and not to int(), and
-    SQLite takes no integer of 2**63 or more."""
+    SQLite takes no integer of 2**63 or more (19 digits; any 18 fit)."""
     if not after:
         return 0
     if not (after.isascii() and after.isdigit()) or len(after) > 18:
