@@ -795,6 +795,14 @@ def call_ends(sock, conn, ids, within: float) -> dict:
     return {k: v for k, v in ended.items() if k in ids}
 
 
+def short_waits_server(tmp_path) -> ServerProcess:
+    """A server of its own that waits 2 s for a stream's first message and 3 s for its next."""
+    return ServerProcess(
+        log_path=tmp_path / "server.log",
+        env={"FACESVC_STREAM_IDLE_SECONDS": "3", "FACESVC_STREAM_FIRST_MESSAGE_SECONDS": "2"},
+    )
+
+
 def test_a_slow_request_message_holds_no_worker(tmp_path):
     """grpc read a unary call's message on a worker before any check of ours, and waited without end:
     eight calls announcing 32 MB and sending 1 KB, without a key, held every worker and the server
@@ -802,10 +810,7 @@ def test_a_slow_request_message_holds_no_worker(tmp_path):
     holds its call slot while its message arrives (so one key's uploads and calls keep to its share);
     health checks arrive on threads of their own, four per caller at a time; and a message late by
     its wait cancels its call. Other callers are served throughout."""
-    s = ServerProcess(
-        log_path=tmp_path / "server.log",
-        env={"FACESVC_STREAM_IDLE_SECONDS": "3", "FACESVC_STREAM_FIRST_MESSAGE_SECONDS": "2"},
-    )
+    s = short_waits_server(tmp_path)
     try:
         admin = pb_grpc.FaceServiceStub(s.channel)
         cid, key = tenant(admin)
@@ -1089,10 +1094,7 @@ def test_a_key_is_one_key_to_the_limits_however_it_is_padded(tmp_path):
     per call took every worker. A stream with a padded key was closed as revoked at its first
     re-check. Health checks, whose key no one checks, count by the caller's address: a made-up key
     per call was a caller per call, and took every health thread."""
-    s = ServerProcess(
-        log_path=tmp_path / "server.log",
-        env={"FACESVC_STREAM_IDLE_SECONDS": "3", "FACESVC_STREAM_FIRST_MESSAGE_SECONDS": "2"},
-    )
+    s = short_waits_server(tmp_path)
     try:
         admin = pb_grpc.FaceServiceStub(s.channel)
         cid, key = tenant(admin)
