@@ -474,8 +474,7 @@ def abandoned(url: str, key: str | None) -> None:
 def test_answers_a_closed_connection_gave_no_room_are_dropped(tmp_path):
     """A client that gave its answer no flow-control room and closed its connection left the answer
     waiting in the HTTP server for ever: about 47 KB per connection, with or without a key, until a
-    restart, whose shutdown then waited out its whole grace period. An answer that cannot be sent
-    within the stream idle time is dropped now."""
+    restart, whose shutdown then waited out its whole grace period. A send ends when its client goes."""
     idle = 2
     s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
     try:
@@ -489,6 +488,64 @@ def test_answers_a_closed_connection_gave_no_room_are_dropped(tmp_path):
         stopped = time.monotonic() - t0
     log = (tmp_path / "server.log").read_text()
     assert "CancelledError" not in log and stopped < 8, (stopped, log[-2000:])
+
+
+def slow_read(url: str, path: str, body: bytes, step: int, every: float, within: float = 30) -> tuple[int, bool]:
+    """An h2c POST whose answer the client reads slowly and steadily: `step` bytes of flow-control room
+    every `every` seconds. (bytes of the answer received, whether its stream ended)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.settings
+
+    host, port = url.split("//")[1].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=0.05) as sock:
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: step})
+        sid = conn.get_next_available_stream_id()
+        headers = [(":method", "POST"), (":path", path), (":scheme", "http"), (":authority", host), ("x-api-key", ADMIN_KEY)]
+        conn.send_headers(sid, headers + [("content-type", "application/json"), ("content-length", str(len(body)))])
+        sent = got = 0
+        ended, t0, last = False, time.monotonic(), time.monotonic()
+        while not ended and time.monotonic() - t0 < within:
+            while sent < len(body) and conn.local_flow_control_window(sid) > 0:
+                n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(body) - sent)
+                conn.send_data(sid, body[sent : sent + n], end_stream=sent + n == len(body))
+                sent += n
+            sock.sendall(conn.data_to_send())
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                data = None
+            if data == b"":
+                break
+            for ev in conn.receive_data(data or b""):
+                got += len(ev.data) if isinstance(ev, h2.events.DataReceived) else 0
+                ended = ended or isinstance(ev, (h2.events.StreamEnded, h2.events.StreamReset))
+            if time.monotonic() - last >= every:
+                last = time.monotonic()
+                conn.increment_flow_control_window(step, stream_id=sid)
+                conn.increment_flow_control_window(step)
+            sock.sendall(conn.data_to_send())
+        return got, ended
+
+
+def test_a_slow_steady_reader_gets_its_whole_answer(tmp_path):
+    """The HTTP port gave up a send after the stream idle time, and hypercorn hands an answer's body
+    over in one send: an answer that took longer than the idle time to reach a client that read it
+    slowly but steadily was cut off, without an error. Only the client's leaving ends a send now."""
+    idle = 2
+    s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
+    try:
+        body = json.dumps({"image": {"encoded": b64("dev/group_t1.jpg")}}).encode()
+        whole, ended = slow_read(s.http_url, "/facesvc.v1.FaceService/Embed", body, 65535, 0.01)
+        assert ended and whole > 60_000  # six faces' embeddings and boxes as JSON
+        t0 = time.monotonic()
+        got, ended = slow_read(s.http_url, "/facesvc.v1.FaceService/Embed", body, 1300, 0.2)  # about 6.5 KB/s
+        assert (got, ended) == (whole, True) and time.monotonic() - t0 > idle  # longer than the idle time, all of it
+    finally:
+        s.stop()
 
 
 def test_cors_lets_the_configured_origin_only(srv):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import logging
 import threading
 from functools import partial
 from urllib.parse import quote
@@ -28,8 +27,6 @@ from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX
 from server.rpc.status import to_status
 from server.web.calls import STATUS_DETAILS_KEY, connect_code
-
-log = logging.getLogger("facesvc.http")
 
 # Connect's HTTP statuses for the codes answered here (https://connectrpc.com/docs/protocol/#error-codes)
 _HTTP = {
@@ -114,26 +111,23 @@ class HeaderGate:
             return
         if scope["type"] != "http":
             return
+        gone, watcher = asyncio.Event(), []
+
+        def watch() -> None:
+            """From here on the request's events are the watcher's (its body is read, or will not be):
+            it tells the sends when the client has gone."""
+            if not watcher:
+                watcher.append(asyncio.ensure_future(_until_gone(receive, gone)))
+
         try:
-            await self._http(scope, receive, self._timed(send))
-        except _Stalled:
-            # at DEBUG: a line per connection would let anyone grow the log at will
-            log.debug("an answer found no room for %g s (the client reads nothing or is gone); dropped", self.idle_s)
+            await self._http(scope, receive, _unless_gone(send, gone), watch)
+        except _Gone:
+            pass  # the client went away: nothing to answer, and nothing left waiting for it
+        finally:
+            for task in watcher:
+                task.cancel()
 
-    def _timed(self, send):
-        """`send`, given up after `idle_s`: hypercorn waits for an HTTP/2 stream's flow-control room
-        without end, also once its connection has closed, so an answer a client gave no room (and
-        left) stayed in the server for good, about 47 KB a connection, with or without a key."""
-
-        async def timed(message) -> None:
-            try:
-                await asyncio.wait_for(send(message), self.idle_s)
-            except TimeoutError:
-                raise _Stalled from None
-
-        return timed
-
-    async def _http(self, scope, receive, send) -> None:
+    async def _http(self, scope, receive, send, watch) -> None:
         loop = asyncio.get_running_loop()
 
         def call_soon(func, *args):  # from the WSGI thread: run on the loop, wait for it (as hypercorn does)
@@ -148,15 +142,20 @@ class HeaderGate:
         if not scope["path"].startswith(SERVICE_PREFIX) or scope["method"] == "OPTIONS":
             if headers.get("content-length", "0") not in ("", "0") or "transfer-encoding" in headers:
                 refusal = errors.validation("body", "only FaceService calls take a body")
+                watch()
                 await _reply(send, "", "413 Content Too Large", cors, refusal)
                 return
-            await self._bodiless(scope, receive, send, spawn, call_soon)
+            if (await receive())["type"] == "http.disconnect":  # the request's (empty) body, read here
+                return
+            watch()
+            await self._bodiless(scope, partial(_replay, [b""], receive), send, spawn, call_soon)
             return
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
         owner, held, refusal = None, [0], None
         try:
             refused = self._refuse(scope["method"], kind, scope["path"])
             if refused is not None:  # not the method's content type: answered in plain HTTP
+                watch()
                 await _reply(send, "", refused[0], cors + refused[1], refused[2])
                 return
             try:
@@ -170,11 +169,14 @@ class HeaderGate:
                 return
             if refusal is None:
                 # the body once, as read (handed over, not kept here); then the connection's own events
+                watch()
                 await self._wsgi(scope, partial(_replay, parts, receive), send, spawn, call_soon)
         finally:
             self.bytes.give(owner, held[0])
         if refusal is not None:  # after the bytes are given back: the caller may retry at once
-            await _drain(receive)
+            if await _drain(receive):
+                return
+            watch()
             await _reply(send, *refusal)
 
     async def _owner(self, headers: dict, loop) -> str | None:
@@ -222,22 +224,55 @@ class HeaderGate:
 DRAIN_BYTES, DRAIN_S = 1 << 20, 2.0
 
 
-async def _drain(receive) -> None:
+async def _drain(receive) -> bool:
     """Reads and drops what a refused request still sends, up to DRAIN_BYTES within DRAIN_S, before
     the refusal goes out. A connection closed with a body still arriving is reset, and the reset can
     take the refusal with it: a client still sending a photo without a key saw "connection closed"
     instead of UNAUTHENTICATED. Nothing is held, and a body larger than the bound is cut off as
-    before."""
+    before. Returns whether the client has gone (then there is no one to answer)."""
     loop, taken = asyncio.get_running_loop(), 0
     end = loop.time() + DRAIN_S
     while taken <= DRAIN_BYTES:
         try:
             message = await asyncio.wait_for(receive(), max(0.0, end - loop.time()))
         except TimeoutError:
-            return
-        if message["type"] != "http.request" or not message.get("more_body"):
-            return
+            return False
+        if message["type"] == "http.disconnect":
+            return True
+        if not message.get("more_body"):
+            return False
         taken += len(message.get("body", b""))
+    return False
+
+
+async def _until_gone(receive, gone: asyncio.Event) -> None:
+    """Sets `gone` when the client goes: the request's events after its body are its disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    gone.set()
+
+
+def _unless_gone(send, gone: asyncio.Event):
+    """`send`, given up when the client has gone. hypercorn waits for an HTTP/2 stream's flow-control
+    room without end, also once its connection has closed, so an answer a client gave no room before
+    it left stayed in the server for good (about 47 KB a connection, with or without a key), and the
+    shutdown waited for it. A client that reads slowly is never cut off: only its leaving ends a send."""
+
+    async def send_unless_gone(message) -> None:
+        if gone.is_set():
+            raise _Gone
+        sending = asyncio.ensure_future(send(message))
+        leaving = asyncio.ensure_future(gone.wait())
+        try:
+            await asyncio.wait((sending, leaving), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+        if not sending.done():
+            sending.cancel()
+            raise _Gone
+        sending.result()
+
+    return send_unless_gone
 
 
 async def _replay(parts: list, receive):
@@ -253,11 +288,7 @@ class _Refusal(Exception):
 
 
 class _Gone(Exception):
-    """The client went away before its body was read."""
-
-
-class _Stalled(Exception):
-    """An answer found no room to be sent within the idle time (HeaderGate._timed)."""
+    """The client went away (before its body was read, or while its answer waited to be sent)."""
 
 
 _MESSAGE_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
