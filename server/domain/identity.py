@@ -162,9 +162,10 @@ class IdentityService:
         return Duplicate(hit.subject_id, hit.face_id, hit.similarity, t.search)
 
     # -- shared steps --------------------------------------------------------
-    def allow_skip_liveness(self, collection: str) -> None:
-        """skip_liveness is only for collections whose policy is OPTIONAL."""
-        if self.store.get_collection_policy(collection) != LIVENESS_OPTIONAL:
+    def allow_skip_liveness(self, collection: str, policy: str | None = None) -> None:
+        """skip_liveness is only for collections whose policy is OPTIONAL. `policy`: the collection's, when
+        the caller has just read it (else it is read here: COLLECTION_NOT_FOUND)."""
+        if (policy or self.store.get_collection_policy(collection)) != LIVENESS_OPTIONAL:
             raise errors.precondition(
                 errors.LIVENESS_REQUIRED,
                 f"collection {collection!r} requires liveness; skip_liveness is not allowed",

@@ -55,10 +55,10 @@ class SearchService:
         skip_liveness: bool = False,
         liveness_threshold: float | None = None,
     ) -> list[ProbeMatches]:
+        c = self.store.get_collection_settings(collection)  # COLLECTION_NOT_FOUND
         if skip_liveness:
-            self.identity.allow_skip_liveness(collection)  # also COLLECTION_NOT_FOUND
-        created = self.store.get_collection_settings(collection).created_ms  # COLLECTION_NOT_FOUND
-        index = self.indexes.get(collection, created)  # not an earlier collection's of this id
+            self.identity.allow_skip_liveness(collection, c.liveness_policy)
+        index = self.indexes.get(collection, c.created_ms)  # not an earlier collection's of this id
         faces = self.pipeline.detect(img, opts)
         if not faces:
             raise errors.no_face()
