@@ -204,9 +204,8 @@ class LimitInterceptor(grpc.ServerInterceptor):
         control), without end: a client that sends and never reads stops its handler there, once
         about 64 KB of answers are on their way, where neither the idle limit nor the key's re-check
         runs, and holds its stream slots for as long as its connection stays open. An answer not
-        taken within the stream idle time cancels the call (the slots go as its handler ends). On the
-        HTTP port the gate's own send limit (server/web/gate.py) ends such a call at about the same
-        time; this one is the gRPC port's."""
+        taken within the stream idle time cancels the call (the slots go as its handler ends). The HTTP
+        port runs these interceptors too: there the wait is the bridge's, for room in the HTTP server."""
 
         def make(inner, kind):
             def watched(request, context):
