@@ -14,7 +14,7 @@ wide and finds the smallest width at which that choice still judges as well as a
 it the pipeline answers FACE_TOO_SMALL. `--write-manifest` stores all three in models/manifest.json
 ("liveness"), which the server reads as its defaults, as it reads the recognizer's thresholds.
 
-    .venv/bin/python scripts/eval_liveness.py [--out .bench/eval_liveness.json] [--write-manifest]
+    .venv/bin/python scripts/eval_liveness.py [--runtime R] [--precision P] [--out .bench/eval_liveness.json] [--write-manifest]
 """
 
 from __future__ import annotations
@@ -122,8 +122,9 @@ def main() -> int:
     ap.add_argument("--write-manifest", action="store_true", help="store the chosen ensemble, threshold and minimum face width")
     ap.add_argument("--manifest", default=str(DEFAULT_MANIFEST), help="the manifest --write-manifest updates")
     ap.add_argument("--runtime", default="auto", help="auto, openvino or onnxruntime: what runs the models")
+    ap.add_argument("--precision", default="auto", help="auto, f32, bf16 or int8 (OpenVINO): moves the detector's boxes")
     args = ap.parse_args()
-    settings = config.load([], environ={"FACESVC_RUNTIME": args.runtime})
+    settings = config.load([], environ={"FACESVC_RUNTIME": args.runtime, "FACESVC_PRECISION": args.precision})
     pipeline = build_pipeline(settings)
     score = Scorer(settings)
     results, pooled_scores, pooled_labels, judged = {}, [], [], []
