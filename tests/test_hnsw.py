@@ -353,7 +353,7 @@ def test_projected_segments_survive_a_snapshot_and_a_damaged_dense_file_is_refus
     assert [s["projected"] for s in doc["segments"]] == [False, True]
     seg = loaded._segments[1]
     assert np.array_equal(seg.projection.axes, idx._segments[1].projection.axes)
-    assert np.array_equal(seg.vectors, idx._segments[1].vectors[:200]) and seg.live == 199
+    assert np.array_equal(seg.vectors[:200], idx._segments[1].vectors[:200]) and seg.live == 199
     for q in vecs[:30:3]:
         assert loaded.search(q, 5, -1.0, 1) == idx.search(q, 5, -1.0, 1)
     loaded.add(ids[400:], ids[400:], vecs[400:])  # grows the projected segment's vectors with its graph
@@ -377,6 +377,26 @@ def test_projected_segments_survive_a_snapshot_and_a_damaged_dense_file_is_refus
     assert len(list(tmp_path.glob("c.*.dense"))) == 2 and path.exists()
     snaps.remove("c")
     assert not list(tmp_path.iterdir())
+
+
+def test_a_projected_segment_saved_with_room_takes_new_faces_after_a_load(tmp_path):
+    """A snapshot saves a projected segment's vectors as far as it was filled; the graph comes back
+    with its room, and so must they: the first face added after a start went past their end."""
+    rng = np.random.default_rng(15)
+    vecs = low_rank(rng, 170)
+    ids = [f"f{i}" for i in range(170)]
+    idx = HnswIndex(DIM, "test", PROJECTED.sized_for(160))  # a build from the database: room for what it holds
+    idx.add(ids[:160], ids[:160], vecs[:160])
+    idx.apply({ids[160]: (ids[160], vecs[160])}, [])  # one Register: the graph doubles its room
+    seg = idx._segments[0]
+    assert seg.projection is not None and seg.nodes < seg.graph.get_max_elements()
+    snaps = SnapshotStore(tmp_path)
+    snaps.write("c", idx, {"collection_created_ms": 0, "change_seq": 0})
+    expect = {"model": "test", "dimension": DIM, "collection_created_ms": 0, "min_written_ms": 0}
+    loaded, _ = snaps.load("c", PROJECTED, expect)
+    loaded.apply({f: (f, v) for f, v in zip(ids[161:], vecs[161:])}, [])
+    assert len(loaded) == 170
+    assert all(loaded.search(vecs[i], 1, 0.99, 1)[0].face_id == ids[i] for i in (0, 160, 161, 169))
 
 
 def test_a_saved_graph_keeps_no_deleted_vector_and_a_projected_one_no_deleted_row(tmp_path):

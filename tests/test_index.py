@@ -837,3 +837,64 @@ def test_milvus_out_of_reach_is_unavailable_without_its_address():
         engine.client
     assert down.value.reason == errors.STORE_UNAVAILABLE and "127.0.0.1" not in down.value.message
     assert "127.0.0.1:9" in down.value.detail
+
+
+def test_a_collection_whose_changes_fail_holds_back_no_other_collections_changes(store, tmp_path):
+    """A failure other than an outage while the poll applied one collection's rows went up to the
+    sync step, which tried the same batch again without end: no later row of any collection was
+    applied on that replica (a face deleted elsewhere stayed searchable here). That collection's
+    index is unloaded now, and the others' rows are applied."""
+    broken_cid, ok_cid = new_collection(store), new_collection(store)
+    broken_faces, ok_faces = enrol(store, broken_cid, 4), enrol(store, ok_cid, 4, seed=1)
+    a = registry(store, tmp_path)
+    a.get(broken_cid), a.get(ok_cid)
+    since = store.last_change_seq()
+    for faces, cid in ((broken_faces, broken_cid), (ok_faces, ok_cid)):
+        store.delete_face(cid, next(iter(faces)))
+    read = store.faces_by_id
+
+    def broken_for_one(collection, *args):
+        if collection == broken_cid:
+            raise RuntimeError("a bug")
+        return read(collection, *args)
+
+    store.faces_by_id = broken_for_one
+    a.apply_changes(store.changes_after(since, 10))
+    assert broken_cid not in a.loaded() and ok_cid in a.loaded()
+    gone = next(iter(ok_faces))
+    assert gone not in found(a, ok_cid, ok_faces[gone]) and len(a.get(ok_cid)) == 3
+    store.faces_by_id = read
+    gone = next(iter(broken_faces))
+    assert gone not in found(a, broken_cid, broken_faces[gone]) and len(a.get(broken_cid)) == 3
+    # an outage is still the poll's to wait out: the batch is tried again as a whole
+
+    def away(*args):
+        raise errors.unavailable("DATABASE_UNAVAILABLE", "the database is out of reach")
+
+    store.delete_face(ok_cid, list(ok_faces)[1])
+    store.faces_by_id = away
+    with pytest.raises(errors.FaceServiceError):
+        a.apply_changes(store.changes_after(store.last_change_seq() - 1, 10))
+    store.faces_by_id = read
+    assert ok_cid in a.loaded()
+
+
+def test_a_start_keeps_the_snapshots_that_hold_the_changes_it_reads_again(store, tmp_path):
+    """A start re-reads the last rows of the change log; a deletion among them forgot the snapshot of
+    a collection not loaded yet, also when the snapshot was written after it: every restart rebuilt
+    such collections from the database. A snapshot goes only for a deletion it does not hold."""
+    d = tmp_path / "index-a"
+    held_cid, held_faces, a = snapshotted(store, tmp_path, 10)
+    stale_cid, stale_faces, _ = snapshotted(store, tmp_path, 10)
+    store.delete_face(held_cid, next(iter(held_faces)))
+    a.apply_changes(store.changes_after(store.last_change_seq() - 1, 10))
+    a.get(stale_cid)
+    assert a.write_snapshots(store.last_change_seq()) == 1  # held_cid's snapshot now holds the deletion
+    store.delete_face(stale_cid, next(iter(stale_faces)))  # while the replica is down
+    b = registry(store, tmp_path)  # the restart
+    assert b.tidy_saved() == []  # the warm-up would load both (and replay the log into the stale one)
+    sync = IndexSync(b, store, warmup=False)
+    sync.step()  # the first poll re-reads the rows before the start
+    assert list(d.glob(f"{held_cid}.*")) and not list(d.glob(f"{stale_cid}.*"))
+    assert b.get(held_cid).loaded_from == "snapshot" and len(b.get(held_cid)) == 9
+    assert b.get(stale_cid).loaded_from == "database" and len(b.get(stale_cid)) == 9

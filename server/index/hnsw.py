@@ -374,6 +374,10 @@ class HnswIndex:
                 hnswlib.Index(space="cosine", dim=dim) if projection is None else hnswlib.Index(space="ip", dim=projection.dims)
             )
             graph.load_index(str(path), max_elements=int(seg["capacity"]))
+            if vectors is not None:  # saved as far as it was filled; new faces go in the rows after
+                room = np.empty((graph.get_max_elements(), dim), np.float32)
+                room[: len(vectors)] = vectors
+                vectors = room
             if graph.element_count != seg["nodes"] or graph.M != params.m or seg["start"] != expect_start:
                 raise ValueError(
                     f"graph holds {graph.element_count} elements with M={graph.M} from label "
@@ -625,10 +629,9 @@ class HnswEngine:
             return {}
         return {c: self.snapshots.made_for(c) for c in self.snapshots.collections()}
 
-    def saved_for(self, collection: str) -> int | None:
-        """The collection_created_ms its snapshot was made for (None: none readable)."""
-        doc = None if self.snapshots is None else self.snapshots.made_for(collection)
-        return None if doc is None else doc["collection_created_ms"]
+    def made_for(self, collection: str) -> dict | None:
+        """What the collection's snapshot was made for (SnapshotStore.made_for; None: none readable)."""
+        return None if self.snapshots is None else self.snapshots.made_for(collection)
 
     def sweep(self, collection: str) -> int:
         """Removes the collection's saved files its snapshot does not list."""

@@ -90,6 +90,7 @@ class IndexRegistry:
         self._deferred: dict[str, list] = {}
         self._writing = threading.Lock()  # one round of snapshots at a time (the sync thread's, the last one's at stop)
         self.change_seq = 0  # the change log position applied (set by IndexSync)
+        self.started_seq = 0  # the change log's last seq when this server started (set by IndexSync)
         self.on_local_change = None  # called after this server's own commits (e.g. a Redis publish)
 
     def _lock(self, collection: str) -> "_CollectionLock":
@@ -285,11 +286,10 @@ class IndexRegistry:
     def _drop_earlier(self, collection: str, current: int) -> None:
         """Under the collection's lock: forget the index and the saved files of an earlier collection
         of this id than the one created at `current`; keep the current one's."""
-        saved_for = getattr(self.engine, "saved_for", None)
         idx = self._indexes.get(collection)
         if idx is not None and not _earlier(idx, current):
             return
-        if idx is None and saved_for is not None and saved_for(collection) == current:
+        if idx is None and (self._made_for(collection) or {}).get("collection_created_ms") == current:
             return
         self._forget(collection)
 
@@ -321,6 +321,12 @@ class IndexRegistry:
                     lock.acquire()
             try:
                 dirty = self._apply_locked(collection, crows)
+            except errors.FaceServiceError as exc:
+                if exc.code == grpc.StatusCode.UNAVAILABLE:
+                    raise  # the database is out of reach: the poll tries the batch again
+                dirty = self._unload_failed(collection)
+            except Exception:  # noqa: BLE001 - one collection's failure must not hold back the others' changes
+                dirty = self._unload_failed(collection)
             finally:
                 lock.release()
             if dirty:
@@ -364,13 +370,20 @@ class IndexRegistry:
                 if outage:
                     time.sleep(self.RETRY_S)
         except Exception:  # noqa: BLE001 - the thread must not leave the collection behind the log
-            log.exception("index %s: changes not applied; the index loads anew on its next use", collection)
             with lock:
-                with self._guard:
-                    self._deferred.pop(collection, None)
-                    self._dirty.discard(collection)
-                # only the loaded index goes: its snapshot (older than these rows) replays the log when loaded
-                self._indexes.pop(collection, None)
+                self._unload_failed(collection)
+
+    def _unload_failed(self, collection: str) -> bool:
+        """Under the collection's lock, in an exception handler: its change-log rows could not be
+        applied (a fault of the index, not an outage); the loaded index goes, with the rows queued for
+        it, and the next search loads it anew: its snapshot (older than these rows) replays the log
+        when loaded, or it is built from the database. The poll goes on with the other collections."""
+        log.exception("index %s: changes not applied; the index loads anew on its next use", collection)
+        with self._guard:
+            self._deferred.pop(collection, None)
+            self._dirty.discard(collection)
+        self._indexes.pop(collection, None)
+        return False
 
     def _apply_locked(self, collection: str, crows) -> bool:
         """Under the collection's lock: its change-log rows (seq order); whether its index changed."""
@@ -388,13 +401,28 @@ class IndexRegistry:
                 return False
         idx = self._indexes.get(collection)
         if idx is None:
-            if self.engine.saves_indexes and _takes_out(crows):
+            if self.engine.saves_indexes and _takes_out(crows) and not self._saved_with(collection, crows):
                 # a snapshot no one loads here would keep what these rows took out: the next load
                 # builds from the database instead
                 self.engine.forget(collection)
             return False
         self._apply(collection, idx, crows)
         return True
+
+    def _made_for(self, collection: str) -> dict | None:
+        made_for = getattr(self.engine, "made_for", None)  # engines that save snapshots
+        return None if made_for is None else made_for(collection)
+
+    def _saved_with(self, collection: str, crows) -> bool:
+        """Whether the collection's snapshot already has what these rows take out. A start re-reads
+        the last rows of the change log, and a snapshot written before it has those up to its
+        change_seq applied: forgetting it for them would rebuild the collection from the database.
+        Only rows from before this start are looked up (a snapshot's document holds its label map)."""
+        last = max(row[0] for row in crows if row[3] != "add")
+        if last > self.started_seq:
+            return False
+        seq = (self._made_for(collection) or {}).get("change_seq")
+        return seq is not None and last <= seq
 
     def compact(self, min_deleted_share: float) -> list[str]:
         """Rebuild from the database every loaded index whose deleted faces are at least this share of

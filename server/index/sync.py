@@ -114,6 +114,7 @@ class IndexSync:
         self._snapshotter: threading.Thread | None = None
         self.sync_interval_s, self.snapshot_interval_s, self.retention_s = sync_interval_s, snapshot_interval_s, retention_s
         self.warmup, self.notifier = warmup, notifier
+        registry.started_seq = store.last_change_seq()
         self.feed = ChangeFeed.from_now(store)
         registry.change_seq = self.feed.low_water()
         if notifier is not None:
