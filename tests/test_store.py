@@ -590,3 +590,27 @@ def test_faces_past_a_retention_are_found_oldest_first(store):
             q("UPDATE faces SET created_ms = ? WHERE face_id = ?", age, f.face_id)
     assert [f.face_id for f in store.faces_created_before(cid, 10, 10)] == [faces[1].face_id, faces[0].face_id]
     assert store.faces_created_before(cid, 10, 1)[0].face_id == faces[1].face_id
+
+
+def test_an_answer_of_the_stores_own_keeps_its_connection_and_a_driver_error_does_not(store, monkeypatch):
+    """Every error a transaction ended in closed its connection, also NOT_FOUND and the like, already
+    rolled back: on MySQL each "no such subject" cost the next call a connect and a login. A
+    connection goes back to the pool after such an answer; after a driver's error it is closed."""
+    cid = coll(store)
+    store.add_face(cid, "s1", face(1), allow_existing=False, max_faces=10)
+    connects, connect = [], store.d.connect
+    monkeypatch.setattr(store.d, "connect", lambda: connects.append(1) or connect())
+    store.get_collection(cid)  # one connection at hand
+    connects.clear()
+    for _ in range(20):
+        with pytest.raises(errors.FaceServiceError) as e:
+            store.get_subject(cid, "nobody")
+        assert reason(e) == errors.SUBJECT_NOT_FOUND
+        with pytest.raises(errors.FaceServiceError) as e:  # an add that loses to the subject's face limit
+            store.add_face(cid, "s1", face(2), allow_existing=True, max_faces=1)
+    assert connects == [] and store.get_subject(cid, "s1").subject_id == "s1"
+    with pytest.raises(Exception):  # noqa: B017 - the driver's own error, whatever its class
+        with store._tx(write=False) as q:
+            q("SELECT no_such_column FROM faces")
+    store.get_collection(cid)
+    assert connects == [1]

@@ -47,8 +47,17 @@ class _Retry(Exception):
     """The transaction lost a race it can win by running again."""
 
 
+def _rolled_back(conn) -> bool:
+    try:
+        conn.rollback()
+        return True
+    except Exception:  # noqa: BLE001 - a connection that cannot roll back is closed by the pool
+        return False
+
+
 class ConnectionPool:
-    """At most `size` connections; a connection that failed mid-use is closed, not reused."""
+    """At most `size` connections; a connection whose use ended in an exception is closed, not reused
+    (SqlDatabase._tx returns one whose transaction ended in an answer of its own, rolled back)."""
 
     def __init__(self, dialect, size: int, wait_s: float = 10.0):
         self.d = dialect
@@ -105,7 +114,7 @@ class SqlDatabase:
     @contextlib.contextmanager
     def _tx(self, write: bool = True):
         """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
-        committing = False
+        committing, answer = False, None
         try:
             with self.pool.connection() as conn:
                 self.d.begin(conn, write)
@@ -113,10 +122,17 @@ class SqlDatabase:
                     yield lambda sql, *params: self.d.execute(conn, sql, params)
                     committing = True
                     conn.commit()
+                except (errors.FaceServiceError, _Retry, _Duplicate) as exc:
+                    # the caller's own answer (not found, a limit, a race to run again): rolled back, the
+                    # connection is sound and goes back to the pool; closing it cost the next call a connect
+                    if not _rolled_back(conn):
+                        raise
+                    answer = exc
                 except BaseException:
-                    with contextlib.suppress(Exception):
-                        conn.rollback()
+                    _rolled_back(conn)
                     raise
+            if answer is not None:
+                raise answer
         except Exception as exc:
             if isinstance(exc, errors.FaceServiceError) or not self.d.is_unavailable(exc):
                 raise
