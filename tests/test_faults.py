@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
@@ -15,6 +18,7 @@ import pytest
 from bench.launcher import free_port
 from facesvc.v1 import face_service_pb2 as pb
 from facesvc.v1 import face_service_pb2_grpc as pb_grpc
+from server import errors
 from tests.conftest import ServerProcess, backend_unreachable, error_info, image
 
 
@@ -225,3 +229,90 @@ def test_mysql_down_and_back_during_traffic(tmp_path):
     finally:
         srv.stop()
         db.stop()
+
+
+def test_a_mysql_that_stops_answering_holds_no_worker_and_comes_back(tmp_path):
+    """A database that hangs (SIGSTOP: connections are accepted, nothing is answered; or a network
+    that drops packets) held each call that touched it for the 30 s read timeout: callers got
+    DEADLINE_EXCEEDED without a reason, and eight such calls took every worker thread, so that calls
+    needing no database waited too. A statement now waits no longer than its caller does, answered
+    STORE_UNAVAILABLE, and once the database is known not to answer, calls are answered at once."""
+    db = PrivateMariaDB(free_port(), tmp_path)
+    db.start()
+    srv = ServerProcess(log_path=tmp_path / "server.log", env={"FACESVC_DB_URL": f"mysql://root@127.0.0.1:{db.port}/facesvc"})
+    stopped = False
+    try:
+        stub = pb_grpc.FaceServiceStub(srv.channel)
+        stub.CreateCollection(
+            pb.CreateCollectionRequest(collection="hung", liveness_policy=pb.LIVENESS_POLICY_OPTIONAL), timeout=10
+        )
+        stub.Register(pb.RegisterRequest(collection="hung", subject_id="alice", image=image("dev/img1.jpg")), timeout=30)
+        listing = pb.ListSubjectsRequest(collection="hung")
+
+        def unavailable_within(seconds: float, timeout: float) -> None:
+            t0 = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                stub.ListSubjects(listing, timeout=timeout)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE and error_info(e.value).reason == "STORE_UNAVAILABLE", e.value
+            assert time.monotonic() - t0 < seconds
+            assert_no_backend_detail(e.value, db.port)
+
+        os.kill(db.proc.pid, signal.SIGSTOP)
+        stopped = True
+        unavailable_within(3.0, timeout=3)  # the statement gave up before the caller did
+        deadline = time.monotonic() + 10  # a probe finds the database silent: from then on, at once
+        while True:
+            try:
+                unavailable_within(0.5, timeout=3)
+                break
+            except AssertionError:
+                assert time.monotonic() < deadline
+        with ThreadPoolExecutor(8) as ex:  # eight callers without a deadline hold no worker
+            calls = [ex.submit(unavailable_within, 5.0, None) for _ in range(8)]
+            assert len(stub.Detect(pb.DetectRequest(image=image("dev/img2.jpg")), timeout=10).faces) == 1
+            for c in calls:
+                c.result()
+        assert srv.health() == 1
+
+        os.kill(db.proc.pid, signal.SIGCONT)
+        stopped = False
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                stub.Register(pb.RegisterRequest(collection="hung", subject_id="bob", image=image("dev/img13.jpg")), timeout=30)
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+                time.sleep(0.5)
+        assert [s.subject_id for s in stub.ListSubjects(listing, timeout=10).subjects] == ["alice", "bob"]
+    finally:
+        if stopped:
+            os.kill(db.proc.pid, signal.SIGCONT)
+        srv.stop()
+        db.stop()
+
+
+def test_a_redis_that_refuses_writes_is_unavailable_not_a_bug(tmp_path):
+    """A Redis that answers with an error of its own (READONLY: a replica after a failover; OOM: full
+    under noeviction) raised a ResponseError that became INTERNAL, with a traceback, for every
+    Process and Register: it is CACHE_UNAVAILABLE, as a Redis that is away."""
+    import redis
+
+    from server.storage.staging import RedisStagingCache
+    from server.storage.staging.base import new_token
+    from tests.test_staging import staged
+
+    private = PrivateRedis(free_port(), tmp_path)
+    private.start()
+    try:
+        url = f"redis://127.0.0.1:{private.port}/0"
+        cache, admin = RedisStagingCache(url, prefix="refuses:"), redis.Redis.from_url(url)
+        cache.put(new_token(), staged(), ttl_s=60)
+        admin.replicaof("127.0.0.1", free_port())  # what a client still pointed at the old master meets
+        for write in (lambda: cache.put(new_token(), staged(), ttl_s=60), lambda: cache.delete(new_token(), "c")):
+            with pytest.raises(errors.FaceServiceError) as e:
+                write()
+            assert e.value.reason == errors.CACHE_UNAVAILABLE and e.value.code == grpc.StatusCode.UNAVAILABLE
+        admin.close()
+    finally:
+        private.stop()

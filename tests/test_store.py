@@ -599,7 +599,7 @@ def test_an_answer_of_the_stores_own_keeps_its_connection_and_a_driver_error_doe
     cid = coll(store)
     store.add_face(cid, "s1", face(1), allow_existing=False, max_faces=10)
     connects, connect = [], store.d.connect
-    monkeypatch.setattr(store.d, "connect", lambda: connects.append(1) or connect())
+    monkeypatch.setattr(store.d, "connect", lambda *wait: connects.append(1) or connect(*wait))
     store.get_collection(cid)  # one connection at hand
     connects.clear()
     for _ in range(20):
@@ -614,3 +614,47 @@ def test_an_answer_of_the_stores_own_keeps_its_connection_and_a_driver_error_doe
             q("SELECT no_such_column FROM faces")
     store.get_collection(cid)
     assert connects == [1]
+
+
+def test_a_lock_wait_that_outlasts_its_caller_ends_in_time_and_stops_no_one_else(mysql_url, tmp_path):
+    """A statement waits no longer than the call it serves (a hung database held each call for the
+    30 s read timeout). A lock wait cut short that way is not a database that stopped answering:
+    the probe after the timeout gets its answer, and the calls after it go on."""
+    import pymysql
+
+    from server import context
+
+    store = open_store(mysql_url, str(tmp_path))
+    cid = coll(store)
+    store.add_face(cid, "s1", face(1), allow_existing=False, max_faces=10)
+    p = store.d.params
+    other = pymysql.connect(**p)
+    try:
+        other.begin()
+        other.cursor().execute(
+            "SELECT metadata FROM subjects WHERE collection_id = %s AND subject_id = %s FOR UPDATE", (cid, "s1")
+        )
+
+        class Call:  # the part of a servicer context the store reads: a call with 1.5 s left
+            end = time.monotonic() + 1.5
+
+            def time_remaining(self):
+                return self.end - time.monotonic()
+
+        token = context.current_call.set(Call())
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(errors.FaceServiceError) as e:
+                store.add_face(cid, "s1", face(2), allow_existing=True, max_faces=10)
+            assert reason(e) == errors.STORE_UNAVAILABLE and time.monotonic() - t0 < 1.5
+        finally:
+            context.current_call.reset(token)
+        deadline = time.monotonic() + 10
+        while store.responsive._asking and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not store.responsive._asking and store.responsive._down_until is None
+        other.rollback()
+        assert len(store.add_face(cid, "s1", face(3), allow_existing=True, max_faces=10)[2].faces) == 2
+    finally:
+        other.close()
+        store.close()

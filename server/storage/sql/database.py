@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from server import errors
+from server import context, errors
 
 log = logging.getLogger("facesvc.store")
 
@@ -66,15 +66,16 @@ class ConnectionPool:
         self._wait_s = wait_s
 
     @contextlib.contextmanager
-    def connection(self):
-        if not self._slots.acquire(timeout=self._wait_s):
+    def connection(self, wait_s: float | None = None):
+        """wait_s: how long the connection's reads and writes may wait (None: the dialect's default)."""
+        if not self._slots.acquire(timeout=self._wait_s if wait_s is None else min(wait_s, self._wait_s)):
             raise errors.unavailable(errors.STORE_UNAVAILABLE, "all database connections are busy; retry")
         conn = None
         try:
             try:
-                conn = self.d.checkout(self._idle.get_nowait())
+                conn = self.d.checkout(self._idle.get_nowait(), wait_s)
             except queue.Empty:
-                conn = self.d.connect()
+                conn = self.d.connect(wait_s)
             yield conn
             self._idle.put(conn)
         except BaseException:
@@ -95,10 +96,87 @@ class ConnectionPool:
                 conn.close()
 
 
+class _Responsiveness:
+    """Whether the database answers at all. One that hangs (a stopped server, a network that drops
+    packets without a reset) held every call that touched it for the read timeout, and the worker
+    threads with them, so that calls that need no database waited too. Once a statement has timed
+    out and a new connection gets no answer to SELECT 1 within PROBE_S either (a lock wait or a slow
+    query does not end here), transactions are answered STORE_UNAVAILABLE at once; one every
+    RETRY_S asks the database again, and the first answer ends it."""
+
+    RETRY_S = 1.0
+    PROBE_S = 2.0
+
+    def __init__(self, probe):
+        self._probe = probe  # (wait_s) -> None, raises unless the database answers; None: never hangs
+        self._lock = threading.Lock()
+        self._down_until: float | None = None  # monotonic; None: answering
+        self._asking = False  # a probe after a timeout is under way
+
+    def check(self) -> None:
+        """Before a transaction: raise STORE_UNAVAILABLE while the database does not answer."""
+        with self._lock:
+            if self._down_until is None:
+                return
+            now = time.monotonic()
+            if now < self._down_until:
+                raise self._unanswered()
+            self._down_until = now + self.PROBE_S + self.RETRY_S  # this caller asks; the others do not wait
+        if not self._answers(min(self.PROBE_S, _time_left() or self.PROBE_S)):
+            with self._lock:
+                self._down_until = time.monotonic() + self.RETRY_S
+            raise self._unanswered()
+        with self._lock:
+            self._down_until = None
+        log.info("the database answers again")
+
+    def timed_out(self) -> None:
+        """A statement timed out: a database that stopped answering, or only a long wait? Asked on a
+        thread of its own: the caller's answer is due now."""
+        with self._lock:
+            if self._probe is None or self._down_until is not None or self._asking:
+                return
+            self._asking = True
+        try:
+            threading.Thread(target=self._ask, name="db-probe", daemon=True).start()
+        except RuntimeError:  # no thread to be had: the next timeout asks
+            with self._lock:
+                self._asking = False
+
+    def _ask(self) -> None:
+        answers = self._answers()
+        with self._lock:
+            self._asking = False
+            if answers or self._down_until is not None:
+                return
+            self._down_until = time.monotonic() + self.RETRY_S
+        log.warning("the database does not answer: transactions are answered STORE_UNAVAILABLE at once until it does")
+
+    def _answers(self, wait_s: float = PROBE_S) -> bool:
+        try:
+            self._probe(wait_s)
+            return True
+        except Exception:  # noqa: BLE001 - whatever the driver raises, it did not answer
+            return False
+
+    @staticmethod
+    def _unanswered() -> errors.FaceServiceError:
+        return errors.unavailable(errors.STORE_UNAVAILABLE, "the database does not answer; retry")
+
+
+def _time_left() -> float | None:
+    """How long the call this thread serves has left (None: no deadline, or no call), less a margin to
+    answer in: a statement waits no longer than its caller does."""
+    ctx = context.current_call.get()
+    remaining = None if ctx is None else ctx.time_remaining()
+    return None if remaining is None else max(0.1, remaining - 0.25)
+
+
 class SqlDatabase:
     def __init__(self, dialect, pool_size: int = 8):
         self.d = dialect
         self.pool = ConnectionPool(dialect, pool_size)
+        self.responsive = _Responsiveness(dialect.probe)
 
     @property
     def backend(self) -> str:
@@ -115,8 +193,9 @@ class SqlDatabase:
     def _tx(self, write: bool = True):
         """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
         committing, answer = False, None
+        self.responsive.check()
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection(_time_left()) as conn:
                 self.d.begin(conn, write)
                 try:
                     yield lambda sql, *params: self.d.execute(conn, sql, params)
@@ -137,6 +216,8 @@ class SqlDatabase:
             if isinstance(exc, errors.FaceServiceError) or not self.d.is_unavailable(exc):
                 raise
             log.warning("database unavailable: %s", exc)
+            if self.d.is_timeout(exc):
+                self.responsive.timed_out()
             # the driver's text names hosts, ports and users: it goes to the log, the caller gets the reason
             if committing and write:  # the commit may have reached the database before the connection went
                 message = "the database became unavailable during the commit: the change may have been made; read it back before retrying"

@@ -164,8 +164,12 @@ class SqliteDialect:
         """Busy/locked after the busy timeout, or the file went away: worth a retry, not a bug."""
         msg = str(exc).lower()
         return isinstance(exc, sqlite3.OperationalError) and any(
-            w in msg for w in ("locked", "busy", "disk i/o", "unable to open", "readonly")
+            w in msg for w in ("locked", "busy", "disk i/o", "unable to open", "readonly", "disk is full")
         )
+
+    @staticmethod
+    def is_timeout(exc: Exception) -> bool:
+        return False  # a file: busy and locked are answers, not a server that stopped answering
 
     def __init__(self, path: str):
         self.path = path
@@ -174,7 +178,7 @@ class SqliteDialect:
     def describe(self) -> str:
         return f"sqlite:///{self.path}"
 
-    def connect(self):
+    def connect(self, wait_s: float | None = None):
         Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA foreign_keys = ON")
@@ -183,8 +187,10 @@ class SqliteDialect:
         return conn
 
     @staticmethod
-    def checkout(conn):
+    def checkout(conn, wait_s: float | None = None):
         return conn
+
+    probe = None  # nothing to ask: the file answers or raises
 
     @staticmethod
     def execute(conn, sql: str, params: tuple = ()):
@@ -226,8 +232,9 @@ class MySqlDialect:
     # each DDL statement by itself, and, unlike MariaDB, has no IF NOT EXISTS for columns and indexes:
     # the schema is written once for both)
     exists_errors = (1050, 1060, 1061)
-    # can't connect, server gone away, lost connection, too many connections, + the retryable ones
-    _UNAVAILABLE_CODES = {1040, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
+    # can't connect, server gone away, lost connection, too many connections, disk or table full,
+    # + the retryable ones
+    _UNAVAILABLE_CODES = {1021, 1040, 1114, 1205, 1213, 2002, 2003, 2006, 2013, 2055}
     for_update = " FOR UPDATE"
 
     def __init__(self, url: str, connect_timeout: float = 5.0):
@@ -253,14 +260,18 @@ class MySqlDialect:
     # the server's own default (50 s) is longer than the read timeout.
     LOCK_WAIT_S = 10
 
-    def connect(self):
+    def connect(self, wait_s: float | None = None):
+        """wait_s: how long any one read or write may wait (the call's time left; READ_TIMEOUT_S without
+        one). A server that accepts connections and answers nothing (stopped, or a network dropping
+        packets) otherwise holds the handshake for the whole read timeout."""
+        wait = self.READ_TIMEOUT_S if wait_s is None else min(wait_s, self.READ_TIMEOUT_S)
         conn = pymysql.connect(
             **self.params,
             charset="utf8mb4",
             autocommit=True,
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.READ_TIMEOUT_S,
-            write_timeout=self.READ_TIMEOUT_S,
+            connect_timeout=min(self.connect_timeout, wait),
+            read_timeout=wait,
+            write_timeout=wait,
             # No gap locks: concurrent first registrations of one subject queue on its primary key
             # instead of deadlocking; every read sees the latest committed rows.
             init_command="SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED",
@@ -272,15 +283,33 @@ class MySqlDialect:
             raise
         return conn
 
-    def checkout(self, conn):
-        """A pooled connection the server may have dropped (restart, wait_timeout): check, else replace."""
+    def checkout(self, conn, wait_s: float | None = None):
+        """A pooled connection the server may have dropped (restart, wait_timeout): check, else replace.
+        Its reads and writes wait at most wait_s from now on (see connect)."""
+        # pymysql applies these before every read and write of the socket
+        conn._read_timeout = conn._write_timeout = self.READ_TIMEOUT_S if wait_s is None else min(wait_s, self.READ_TIMEOUT_S)
         try:
             conn.ping(reconnect=False)
             return conn
-        except pymysql.err.MySQLError:
+        except pymysql.err.MySQLError as exc:
             with contextlib.suppress(Exception):
                 conn.close()
-            return self.connect()
+            if self.is_timeout(exc):
+                raise  # no answer (not a closed connection): a new one would wait as long again
+            return self.connect(wait_s)
+
+    def probe(self, wait_s: float) -> None:
+        """Raises unless the server answers SELECT 1 on a new connection within about wait_s."""
+        conn = pymysql.connect(**self.params, connect_timeout=wait_s, read_timeout=wait_s, write_timeout=wait_s)
+        try:
+            conn.cursor().execute("SELECT 1")
+        finally:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def is_timeout(self, exc: Exception) -> bool:
+        """The server did not answer in time (no connection refused, no error of its own)."""
+        return isinstance(exc, pymysql.err.OperationalError) and self.error_code(exc) in (2003, 2013) and "timed out" in str(exc)
 
     @staticmethod
     def execute(conn, sql: str, params: tuple = ()):

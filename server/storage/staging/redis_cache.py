@@ -61,7 +61,7 @@ class RedisStagingCache(StagingCache):
     def _call(self, fn, *args, **kw):
         try:
             return fn(*args, **kw)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
+        except redis.RedisError as exc:  # also what a server answers: READONLY (a replica after a failover), OOM
             raise errors.unavailable(
                 errors.CACHE_UNAVAILABLE,
                 "the staging cache is unavailable; retry",
