@@ -48,7 +48,7 @@ def main(argv=None) -> int:
     cipher = CropCipher(settings.crop_key)
     store = open_store(args.db_url if args.db_url is not None else settings.db_url, settings.data_dir)
     recognizer = model_loader(settings).build(settings.recognizer, "recognizer", flip=settings.recognizer_flip)
-    checked = updated = 0
+    checked = updated = unreadable = 0
     cosines: list[float] = []
     after = ""
     while True:
@@ -59,7 +59,17 @@ def main(argv=None) -> int:
         todo = faces if (args.all or args.check) else [f for f in faces if f.model_id != recognizer.model_id]
         if not todo:
             continue
-        fresh = recognizer.embed([cipher.open(f.crop, f.face_id) for f in todo])
+        opened = []
+        for f in todo:
+            try:
+                opened.append((f, cipher.open(f.crop, f.face_id)))
+            except ValueError as exc:  # sealed under another key, or damaged: the others go on
+                print(f"face {f.face_id}: crop not opened, left as it is: {exc}", file=sys.stderr)
+                unreadable += 1
+        if not opened:
+            continue
+        todo = [f for f, _ in opened]
+        fresh = recognizer.embed([crop for _, crop in opened])
         for f, e in zip(todo, fresh):
             checked += 1
             if f.model_id == recognizer.model_id:
@@ -71,6 +81,8 @@ def main(argv=None) -> int:
     print(f"recognizer: {recognizer.model_id}")
     print(f"faces checked: {checked}")
     print(f"re-embedded: {updated}")
+    if unreadable:
+        print(f"crops not opened (another crop key, or damaged; those faces keep their embeddings): {unreadable}")
     if cosines:
         print(f"min cosine to stored: {min(cosines):.4f} (same model, {len(cosines)} faces)")
     return 0

@@ -415,6 +415,26 @@ def test_stored_crops_are_encrypted_and_reembed_reproduces_embeddings(backend):
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "faces checked: 1" in out.stdout and "min cosine to stored: 1.0000" in out.stdout, out.stdout
+    # a crop sealed under another key (the crop key changed since): the export and the re-embedding
+    # went INTERNAL and aborted on it; both go on with the others and say which they could not open
+    second = b.stub.Register(
+        pb.RegisterRequest(collection=cid, subject_id="frank", image=image("dev/img14.jpg"), add_face=True), timeout=60
+    )
+    other_key = CropCipher(generate_key()).seal(CropCipher(CROP_KEY).open(crop, r.face.face_id), second.face.face_id)
+    b.sql("UPDATE faces SET crop = ? WHERE face_id = ?", other_key, second.face.face_id)
+    export = b.stub.ExportSubject(pb.ExportSubjectRequest(collection=cid, subject_id="frank"), timeout=10)
+    assert [c.face_id for c in export.crops] == [r.face.face_id]
+    assert list(export.unreadable_crops) == [second.face.face_id] and len(export.subject.faces) == 2
+    out = subprocess.run(
+        [PYTHON, "-m", "server.reembed", "--db-url", b.db_url, "--collection", cid, "--check"],
+        cwd=ROOT,
+        env={"FACESVC_CROP_KEY": CROP_KEY, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "faces checked: 1" in out.stdout and "crops not opened" in out.stdout and second.face.face_id in out.stderr
 
 
 def test_subject_listing_pages_and_metadata(backend):

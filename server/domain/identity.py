@@ -408,18 +408,29 @@ class IdentityService:
         """Replace the metadata, or (keys) change only those keys."""
         return self.store.update_subject_metadata(collection, subject_id, metadata, keys)
 
-    def export_subject(self, collection: str, subject_id: str) -> tuple[Subject, list[tuple[str, bytes]]]:
-        """The subject with its faces, and each stored crop as PNG (face id, bytes): a data subject's
-        access request. Crops are decrypted only when this server holds the crop key."""
+    def export_subject(self, collection: str, subject_id: str) -> tuple[Subject, list[tuple[str, bytes]], list[str]]:
+        """The subject with its faces, each stored crop as PNG (face id, bytes), and the ids of the faces
+        whose crop cannot be opened (sealed under another key, or damaged): a data subject's access
+        request, which one such crop must not fail whole. Crops are decrypted only when this server
+        holds the crop key."""
         subject = self.store.get_subject(collection, subject_id)
-        crops = []
+        crops, unreadable = [], []
         if self.cipher is not None:
             for f in subject.faces:
-                if f.crop is not None:
+                if f.crop is None:
+                    continue
+                try:
                     ok, png = cv2.imencode(".png", self.cipher.open(f.crop, f.face_id))
-                    if ok:
-                        crops.append((f.face_id, png.tobytes()))
-        return subject, crops
+                except ValueError as exc:
+                    log.warning(
+                        "export of %s/%s: the crop of face %s cannot be opened: %s", collection, subject_id, f.face_id, exc
+                    )
+                    ok = False
+                if ok:
+                    crops.append((f.face_id, png.tobytes()))
+                else:
+                    unreadable.append(f.face_id)
+        return subject, crops, unreadable
 
     # -- deletions (the store first, then the index) ---------------------------
     def delete_subject(self, collection: str, subject_id: str) -> int:

@@ -180,10 +180,11 @@ class IdentityHandlers:
     @rpc
     def ExportSubject(self, request: pb.ExportSubjectRequest, context) -> pb.ExportSubjectResponse:
         coll, subject = self._ids(request)
-        s, crops = self.identity.export_subject(coll, subject)
+        s, crops, unreadable = self.identity.export_subject(coll, subject)
         return pb.ExportSubjectResponse(
             subject=convert.subject_to_proto(s),
             crops=[pb.FaceCrop(face_id=f, png=png) for f, png in crops],
             collection=coll,
             export_time=convert.timestamp(int(time.time() * 1000)),
+            unreadable_crops=unreadable,
         )
