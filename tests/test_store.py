@@ -658,3 +658,29 @@ def test_a_lock_wait_that_outlasts_its_caller_ends_in_time_and_stops_no_one_else
     finally:
         other.close()
         store.close()
+
+
+def test_audit_events_recorded_into_a_full_buffer_during_a_flush_are_not_lost(store, monkeypatch):
+    """With the buffer full (after an outage), events recorded while a flush was writing pushed the
+    batch's first events off the buffer's front; the flush then took as many again off the front,
+    and those were the new events, never written, while the log counted the written ones as dropped."""
+    from server.domain import audit as audit_module
+
+    monkeypatch.setattr(audit_module, "MAX_BUFFER", 10)
+    a = coll(store)
+    log = audit_module.AuditLog(store)
+    for i in range(10):
+        log.record("k1", "Verify", a, f"old{i}", "", "OK")
+    append = store.append_audit
+
+    def while_writing(events):
+        if len(events) == 10:  # the flush's batch: three calls end meanwhile
+            for i in range(3):
+                log.record("k1", "DeleteFace", a, f"new{i}", "", "OK")
+        append(events)
+
+    monkeypatch.setattr(store, "append_audit", while_writing)
+    assert log.flush() == 10 and log._dropped == 0
+    assert log.flush() == 3
+    got = [e.subject_id for e in store.list_audit(0, 100, a)]
+    assert sorted(got) == sorted([f"old{i}" for i in range(10)] + [f"new{i}" for i in range(3)])

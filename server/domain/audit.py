@@ -51,6 +51,7 @@ class AuditLog:
         self._lock = threading.Lock()
         self._flushing = threading.Lock()  # one flush at a time: the thread's, or flush() called by a test or stop()
         self._dropped = 0
+        self._evicted = 0  # events record() took off the front of a full buffer, ever (a flush may be writing them)
         self._last_prune = 0.0
         self._thread = Periodic("audit-log", flush_s, self._step, log)
 
@@ -61,13 +62,14 @@ class AuditLog:
             if len(self._buffer) >= MAX_BUFFER:
                 self._buffer.popleft()
                 self._dropped += 1
+                self._evicted += 1
             self._buffer.append(event)
 
     def flush(self) -> int:
         """Write what is buffered; on a store outage it stays buffered for the next try. Returns events written."""
         with self._flushing:
             with self._lock:
-                batch, dropped = list(self._buffer), self._dropped
+                batch, dropped, evicted = list(self._buffer), self._dropped, self._evicted
                 self._dropped = 0
             if dropped:
                 log.warning("audit log: %d events dropped (buffer full while the database was unreachable)", dropped)
@@ -82,7 +84,11 @@ class AuditLog:
             except Exception:  # noqa: BLE001 - the store refused an event: not an outage
                 done, written = self._one_by_one(batch)
             with self._lock:
-                for _ in range(done):
+                # events recorded meanwhile into a full buffer took the batch's first ones off its front:
+                # those of them written are not lost, and are not to be taken off again (newer ones are there)
+                gone = min(self._evicted - evicted, len(batch), done)
+                self._dropped -= gone
+                for _ in range(done - gone):
                     self._buffer.popleft()
             return written
 
