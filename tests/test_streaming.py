@@ -532,3 +532,16 @@ def test_a_camera_of_small_frames_fits_a_streams_budget_and_a_trickle_of_bombs_d
         except errors.FaceServiceError:
             pass
     assert burst <= (2 + 2 * 10) * limits.max_request_pixels // (limits.max_pixels + 1_500_000) + 1, burst
+
+
+def test_an_identifying_stream_is_in_the_audit_log_with_whom_it_identified(srv, stub, enrolled):
+    """Search is audited; a stream that identified people about once a second, and a listing of a
+    collection's subjects with their metadata, left no trace under the key that made them."""
+    key = stub.CreateApiKey(pb.CreateApiKeyRequest(collection=enrolled), timeout=10)
+    keyed = srv.stub(key.secret)
+    answers = lockstep(keyed, pb.StreamConfig(collection=enrolled, identify=True), video_frames(n=40)[30:34])
+    assert all(a.faces[0].identity.subject_id == "closeup-woman" for a in answers)
+    keyed.ListSubjects(pb.ListSubjectsRequest(collection=enrolled), timeout=10)
+    events = stub.ListAuditEvents(pb.ListAuditEventsRequest(collection=enrolled, page_size=1000), timeout=10).events
+    mine = [(e.action, e.subject_id, e.outcome) for e in reversed(events) if e.key_id == key.key.key_id]
+    assert mine == [("StreamFrames", "", "OK"), ("StreamFrames", "closeup-woman", "OK"), ("ListSubjects", "", "OK")]

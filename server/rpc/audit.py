@@ -3,7 +3,9 @@
 A unary call of an AUDITED RPC that reached its handler is recorded as it ends: the key (a
 collection key's id, "admin", or "" with auth off), the RPC, the collection, subject and face its
 request named, and its outcome. The items of RegisterBatch and ProcessBatch are recorded one by one
-by the batch handler (`record_item`), as Register and Process.
+by the batch handler (`record_item`), as Register and Process. An identifying StreamFrames is
+recorded by its handler (`record_identified`): as it opens, and each time one of its tracks is
+identified as a subject (a track's first identity, or a different one).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ AUDITED = frozenset(
         "FindSimilar",
         "GroupFaces",
         "GetSubject",
+        "ListSubjects",
+        "CalibrateThreshold",
         "ExportSubject",
         "UpdateSubject",
         "DeleteSubject",
@@ -61,6 +65,10 @@ class AuditRecorder:
             getattr(request, "face_id", ""),
             outcome,
         )
+
+    def record_identified(self, action: str, collection: str, subject_id: str = "", face_id: str = "") -> None:
+        """A stream's identification in `collection` (subject_id: whom; empty: the stream opened)."""
+        self.log.record(key_of_caller(), action, collection, subject_id, face_id, "OK")
 
 
 class AuditInterceptor(grpc.ServerInterceptor):

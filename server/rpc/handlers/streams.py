@@ -346,6 +346,9 @@ class StreamHandlers:
         inbox.pace(first.config.max_fps)
         go.set()
         session = StreamSession(self.pipeline, self.indexes if cfg.identify else None, cfg)
+        audited: dict[int, str] = {}  # track id -> the subject last recorded in the audit log for it
+        if cfg.identify and self.audit is not None:
+            self.audit.record_identified("StreamFrames", cfg.collection)
         idle_s = self.idle_s
         budget = self.requests.limits.stream_budget()
         while (item := inbox.take(timeout=RECHECK_S)) is not None:
@@ -364,6 +367,10 @@ class StreamHandlers:
                 results = session.process(img)
                 resp.image.CopyFrom(convert.image_info(img, [r.face for r in results]))
                 for r in results:
+                    who = r.track.identity
+                    if who and self.audit is not None and audited.get(r.track.track_id) != who.subject_id:
+                        audited[r.track.track_id] = who.subject_id
+                        self.audit.record_identified("StreamFrames", cfg.collection, who.subject_id, who.face_id)
                     resp.faces.append(
                         pb.TrackedFace(
                             track_id=r.track.track_id,
