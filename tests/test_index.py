@@ -644,16 +644,19 @@ def test_a_snapshot_written_while_its_collection_is_deleted_does_not_outlive_it(
     enrol(store, cid, 1, seed=3)
     a.sync(cid, [])
     a._mark_dirty(cid)
-    save = a.engine.save
+    save, deleting = a.engine.save, []
 
     def deleted_meanwhile(collection, index, meta):  # DeleteCollection lands while the files are written
         store.delete_collection(collection)
-        a.collection_deleted(collection)
+        deleting.append(threading.Thread(target=a.collection_deleted, args=(collection,)))
+        deleting[0].start()
+        deleting[0].join(0.3)  # it waits for the write (the collection's lock)
         save(collection, index, meta)
 
     a.engine.save = deleted_meanwhile
     a.write_snapshots(store.last_change_seq())
-    assert not list((tmp_path / "index-a").glob(f"*{cid}*"))
+    deleting[0].join(20)
+    assert not deleting[0].is_alive() and not list((tmp_path / "index-a").glob(f"*{cid}*"))
 
 
 def test_a_collection_created_anew_elsewhere_is_never_served_the_old_ones_index(store, tmp_path):
@@ -898,3 +901,47 @@ def test_a_start_keeps_the_snapshots_that_hold_the_changes_it_reads_again(store,
     assert list(d.glob(f"{held_cid}.*")) and not list(d.glob(f"{stale_cid}.*"))
     assert b.get(held_cid).loaded_from == "snapshot" and len(b.get(held_cid)) == 9
     assert b.get(stale_cid).loaded_from == "database" and len(b.get(stale_cid)) == 9
+
+
+def test_searches_go_on_while_a_snapshot_is_written_and_a_change_waits(store, tmp_path, monkeypatch):
+    """A snapshot holds the index's read lock while its graphs go to disk (seconds for a large
+    collection); a change arriving meanwhile waited for the write lock, and the lock lets a waiting
+    writer go first: every search of the collection stood still until the write was done. Changes
+    now wait on the collection's lock instead, and searches go on."""
+    from server.index import hnsw as hnsw_module
+
+    cid = new_collection(store)
+    faces = enrol(store, cid, 20)
+    a = registry(store, tmp_path)
+    a.get(cid)
+    a._mark_dirty(cid)
+    writing, go_on = threading.Event(), threading.Event()
+    erase = hnsw_module.erase_deleted_vectors
+
+    def slow_disk(*args):
+        writing.set()
+        go_on.wait(20)
+        return erase(*args)
+
+    monkeypatch.setattr(hnsw_module, "erase_deleted_vectors", slow_disk)
+    snapshot = threading.Thread(target=a.write_snapshots, args=(store.last_change_seq(),))
+    snapshot.start()
+    try:
+        assert writing.wait(20)
+        new = enrol(store, cid, 1, seed=9)
+        change = threading.Thread(target=a.local_change, args=(cid, list(new)))  # a Register's own commit
+        change.start()
+        time.sleep(0.2)  # the change is waiting
+        probe = next(iter(faces.values()))
+        done = []
+        search = threading.Thread(target=lambda: done.append(found(a, cid, probe)))
+        search.start()
+        search.join(5)
+        assert done and next(iter(faces)) in done[0]  # answered while the graphs are still being written
+        assert change.is_alive()  # the change waits for the write
+    finally:
+        go_on.set()
+        snapshot.join(20)
+    change.join(20)
+    f = next(iter(new))
+    assert f in found(a, cid, new[f]) and len(a.get(cid)) == 21

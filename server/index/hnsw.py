@@ -305,7 +305,9 @@ class HnswIndex:
         projection and full vectors to `path_of(i, "dense")`; returns the label map, the segments'
         layout and the counters of that same moment.
 
-        Searches go on meanwhile (read lock); changes wait until the graphs are written.
+        Searches go on meanwhile (read lock); changes wait until the graphs are written. The registry
+        writes under the collection's lock, which changes take before this one: a change waiting here
+        would hold back every new search (the lock lets a waiting writer go first).
         """
         with self._lock.read():
             segments = []

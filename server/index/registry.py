@@ -535,22 +535,24 @@ class IndexRegistry:
                 self._mark_dirty(collection)
                 continue
             t0 = time.perf_counter()
-            try:
-                created = self.store.collection_created_ms(collection)
-                if created is None or _earlier(idx, created):
-                    continue  # deleted, or created anew: this index is an earlier collection's, to be dropped
-                self.engine.save(collection, idx, {"collection_created_ms": created, "change_seq": change_seq})
-            except (OSError, errors.FaceServiceError) as exc:
-                log.warning("index %s: snapshot not written (%s)", collection, exc)
-                self._mark_dirty(collection)
-                continue
+            # Under the collection's lock, which every change to its index takes first: they wait for
+            # the write here (the change log's on a thread of their own, apply_changes), and none waits
+            # on the index's own lock, where a waiting writer would hold back every search until the
+            # graphs were on disk. Nor can a drop or compaction's swap come between.
             with self._lock(collection):
                 now = self._indexes.get(collection)
                 if now is not idx:
-                    # dropped or created anew while it was written: what drop() removed must not come
-                    # back. (Compaction's index of the same collection is marked: the next round writes it.)
-                    if now is None or _earlier(now, getattr(idx, "collection_created_ms", None)):
-                        self.engine.forget(collection)
+                    if now is not None:  # compaction's index replaced it meanwhile: the next round writes that
+                        self._mark_dirty(collection)
+                    continue
+                try:
+                    created = self.store.collection_created_ms(collection)
+                    if created is None or _earlier(idx, created):
+                        continue  # deleted, or created anew: this index is an earlier collection's, to be dropped
+                    self.engine.save(collection, idx, {"collection_created_ms": created, "change_seq": change_seq})
+                except (OSError, errors.FaceServiceError) as exc:
+                    log.warning("index %s: snapshot not written (%s)", collection, exc)
+                    self._mark_dirty(collection)
                     continue
             idx.snapshot_at = time.time()
             written += 1
