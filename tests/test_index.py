@@ -945,3 +945,48 @@ def test_searches_go_on_while_a_snapshot_is_written_and_a_change_waits(store, tm
     change.join(20)
     f = next(iter(new))
     assert f in found(a, cid, new[f]) and len(a.get(cid)) == 21
+
+
+def test_index_stats_never_report_an_earlier_collections_index(store, tmp_path):
+    """GetIndexStats read the loaded index whatever collection it was loaded for: on a replica that
+    had not applied the drop of a collection deleted and created anew elsewhere, it reported (and
+    kept serving) the earlier collection's faces."""
+    from types import SimpleNamespace
+
+    from server.domain.search import SearchService
+
+    cid = new_collection(store)
+    enrol(store, cid, 6)
+    b = registry(store, tmp_path, name="b")
+    assert len(b.get(cid)) == 6
+    store.delete_collection(cid)  # on another replica, whose drop b has not applied yet
+    store.create_collection(cid, "made anew", LIVENESS_OPTIONAL)
+    enrol(store, cid, 2, seed=5)
+    stats = SearchService(SimpleNamespace(pipeline=None, store=store), b, 10).stats(cid)
+    assert stats.size == 2
+    store.delete_collection(cid)
+    with pytest.raises(errors.FaceServiceError) as e:
+        SearchService(SimpleNamespace(pipeline=None, store=store), b, 10).stats(cid)
+    assert e.value.reason == errors.COLLECTION_NOT_FOUND
+
+
+def test_deleting_a_collection_revokes_its_keys_before_it_waits_for_its_index(store, tmp_path):
+    """DeleteCollection dropped the index first, which waits for the collection's lock (a build of
+    minutes, a snapshot being written): its keys stayed usable from the key cache, and its staged
+    faces stayed, until then, and a caller's deadline could pass on a delete already committed."""
+    from server.domain.collections import CollectionService
+    from server.storage.staging import MemoryStagingCache
+
+    cid = new_collection(store)
+    enrol(store, cid, 2)
+    a = registry(store, tmp_path)
+    a.get(cid)
+    revoked = threading.Event()
+    service = CollectionService(store, store, MemoryStagingCache(), a, on_keys_revoked=revoked.set)
+    lock = a._lock(cid)
+    with lock:  # a build or a snapshot of the collection under way
+        deleting = threading.Thread(target=service.delete, args=(cid,))
+        deleting.start()
+        assert revoked.wait(10) and deleting.is_alive()  # keys gone at once; the index waits
+    deleting.join(20)
+    assert not deleting.is_alive() and cid not in a.loaded()

@@ -115,13 +115,13 @@ class CollectionService:
     def delete(self, collection_id: str) -> tuple[int, int]:
         """Returns (subjects, faces) removed."""
         counts = self.store.delete_collection(collection_id)
-        if self.indexes is not None:
-            self.indexes.collection_deleted(collection_id)
         self.on_keys_revoked()  # its keys went with it
         try:  # staged faces die with their collection (and Register checks the collection's creation time too)
             self.cache.drop_collection(collection_id)
         except errors.FaceServiceError as exc:
             log.warning("staged faces of deleted collection %s not dropped now (%s); they expire unused", collection_id, exc)
+        if self.indexes is not None:  # last: it waits for the collection's lock (a build, a snapshot being written)
+            self.indexes.collection_deleted(collection_id)
         return counts
 
     # -- keys ------------------------------------------------------------------

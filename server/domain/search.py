@@ -135,5 +135,10 @@ class SearchService:
 
     def stats(self, collection: str) -> dict:
         """The collection's index statistics (COLLECTION_NOT_FOUND first: nothing is loaded for a missing one)."""
-        self.store.get_collection_policy(collection)
-        return self.indexes.get(collection).stats()
+        created = self.store.collection_created_ms(collection)
+        if created is None:
+            raise errors.not_found(
+                errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist", collection=collection
+            )
+        # never an earlier collection's index of this id (created anew on another replica)
+        return self.indexes.get(collection, created).stats()
