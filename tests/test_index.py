@@ -990,3 +990,14 @@ def test_deleting_a_collection_revokes_its_keys_before_it_waits_for_its_index(st
         assert revoked.wait(10) and deleting.is_alive()  # keys gone at once; the index waits
     deleting.join(20)
     assert not deleting.is_alive() and cid not in a.loaded()
+
+
+def test_a_file_of_no_snapshot_in_the_index_directory_is_left_alone(store, tmp_path):
+    """A dot file in the index directory (.DS_Store, an editor's) was taken for a collection's
+    unfinished snapshot: every start logged it as a collection whose snapshot went."""
+    cid, _, _ = snapshotted(store, tmp_path, 3)
+    d = tmp_path / "index-a"
+    for name in (".DS_Store", ".nfs0001", ".x.y"):
+        (d / name).write_bytes(b"someone's")
+    assert registry(store, tmp_path).tidy_saved() == []
+    assert all((d / name).exists() for name in (".DS_Store", ".nfs0001", ".x.y"))

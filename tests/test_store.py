@@ -684,3 +684,27 @@ def test_audit_events_recorded_into_a_full_buffer_during_a_flush_are_not_lost(st
     assert log.flush() == 3
     got = [e.subject_id for e in store.list_audit(0, 100, a)]
     assert sorted(got) == sorted([f"old{i}" for i in range(10)] + [f"new{i}" for i in range(3)])
+
+
+def test_a_retention_sweep_records_the_deletions_it_made_and_no_others(store):
+    """Every replica runs the retention job: a face another replica's job (or a call) deleted first
+    was recorded again by each of the others, as NOT_FOUND under the key "retention"."""
+    from server.domain.audit import AuditLog
+    from server.domain.retention import RetentionJob
+
+    cid = "c-" + uuid.uuid4().hex[:10]
+    store.create_collection(cid, "test", LIVENESS_REQUIRED, retention_days=1)
+    first, second = face(1), face(2)
+    for f in (first, second):
+        store.add_face(cid, "s1", f, allow_existing=True, max_faces=10)
+
+    class Replica:  # the other replica's job deletes the first face between this one's read and its delete
+        def delete_face(self, collection, face_id):
+            if face_id == first.face_id:
+                store.delete_face(collection, face_id)
+            return store.delete_face(collection, face_id)
+
+    audit = AuditLog(store)
+    assert RetentionJob(store, Replica(), audit).sweep(now_ms=int(time.time() * 1000) + 2 * 86_400_000) == 1
+    audit.flush()
+    assert [(e.key_id, e.face_id, e.outcome) for e in store.list_audit(0, 10, cid)] == [("retention", second.face_id, "OK")]

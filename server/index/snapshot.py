@@ -123,7 +123,10 @@ class SnapshotStore:
         found = set()
         for p in self.dir.iterdir():
             parts = p.name.split(".")
-            name = parts[1] if p.name.startswith(".") and len(parts) > 1 else parts[0]  # .C.snapshot.gen.tmp
+            if p.name.startswith("."):  # a write's .C.snapshot.gen.tmp; other dot files (.DS_Store) are no one's
+                name = parts[1] if len(parts) == 5 and parts[2] == "snapshot" and parts[4] == "tmp" else ""
+            else:
+                name = parts[0]
             if name:
                 found.add(name)
         return found
