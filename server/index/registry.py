@@ -443,13 +443,11 @@ class IndexRegistry:
             with self._lock(collection):
                 if self._indexes.get(collection) is not idx:  # dropped or replaced meanwhile
                     continue
-                try:
-                    # from LOOKBACK rows back: a MySQL transaction holding a seq below `seq` may commit
-                    # after it was read (and during the build); replaying a row twice changes nothing,
-                    # and a drop among those rows ended an earlier collection of this id (recent)
-                    self._replay(collection, fresh, max(0, seq - LOOKBACK), recent=True)
-                except IndexLoadError:
-                    continue  # the collection was dropped meanwhile
+                # from LOOKBACK rows back: a MySQL transaction holding a seq below `seq` may commit
+                # after it was read (and during the build); replaying a row twice changes nothing,
+                # and a drop among those rows ended an earlier collection of this id (recent). A drop
+                # of this one since would have taken the index out (the check above)
+                self._replay(collection, fresh, max(0, seq - LOOKBACK), recent=True)
                 have, want = len(fresh), self.store.count_faces(collection, self.model_id)
                 if have != want:  # a late commit the replay missed: keep the old index, try again later
                     log.info("index %s: compaction skipped (%d faces built, the database holds %d)", collection, have, want)

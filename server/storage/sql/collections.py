@@ -96,7 +96,7 @@ class SqlCollections(SqlDatabase):
 
     def update_collection(self, collection_id: str, changes: dict) -> Collection:
         """Sets the fields named in `changes` (keys of _COLUMNS: display_name, liveness_policy,
-        duplicate_policy, thresholds.match / .search / .liveness)."""
+        duplicate_policy, thresholds.match / .search / .liveness, retention_days)."""
         unknown = set(changes) - set(_COLUMNS)
         if unknown:
             raise ValueError(f"unknown collection fields {sorted(unknown)}")

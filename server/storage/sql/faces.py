@@ -300,10 +300,12 @@ class SqlFaces(SqlDatabase):
         return [self._face(r, True) for r in rows]
 
     def faces_created_before(self, collection_id: str, before_ms: int, limit: int) -> list[FaceRecord]:
-        """The collection's oldest faces registered before `before_ms` (the retention job), without embeddings."""
+        """The collection's oldest faces registered before `before_ms` (the retention job), without
+        embeddings or crops (the job reads only which faces they are)."""
+        columns = self._FACE_COLUMNS.replace("embedding, crop", "NULL, NULL")
         with self._tx(write=False) as q:
             rows = q(
-                f"SELECT {self._FACE_COLUMNS} FROM faces WHERE collection_id = ? AND created_ms < ? ORDER BY created_ms LIMIT ?",
+                f"SELECT {columns} FROM faces WHERE collection_id = ? AND created_ms < ? ORDER BY created_ms LIMIT ?",
                 collection_id,
                 before_ms,
                 limit,
