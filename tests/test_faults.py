@@ -178,6 +178,18 @@ class PrivateMariaDB:
             self.log.close()
 
 
+def register_when_back(stub, collection: str, seconds: float = 30) -> None:
+    """Register "bob" once the database is back: UNAVAILABLE until then, nothing else."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            stub.Register(pb.RegisterRequest(collection=collection, subject_id="bob", image=image("dev/img13.jpg")), timeout=30)
+            return
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
+            time.sleep(0.5)
+
+
 def test_mysql_down_and_back_during_traffic(tmp_path):
     db = PrivateMariaDB(free_port(), tmp_path)
     db.start()
@@ -212,14 +224,7 @@ def test_mysql_down_and_back_during_traffic(tmp_path):
         assert_no_backend_detail(e.value, db.port)
 
         db.start()  # same data, same port: the pool reconnects by itself
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                stub.Register(pb.RegisterRequest(collection="faults", subject_id="bob", image=image("dev/img13.jpg")), timeout=30)
-                break
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
-                time.sleep(0.5)
+        register_when_back(stub, "faults")
         assert stub.Verify(verify, timeout=30).match
         names = [s.subject_id for s in stub.ListSubjects(pb.ListSubjectsRequest(collection="faults"), timeout=10).subjects]
         assert names == ["alice", "bob"]  # nothing lost, nothing doubled by the failed attempt
@@ -276,14 +281,7 @@ def test_a_mysql_that_stops_answering_holds_no_worker_and_comes_back(tmp_path):
 
         os.kill(db.proc.pid, signal.SIGCONT)
         stopped = False
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                stub.Register(pb.RegisterRequest(collection="hung", subject_id="bob", image=image("dev/img13.jpg")), timeout=30)
-                break
-            except grpc.RpcError as exc:
-                assert exc.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() < deadline, exc
-                time.sleep(0.5)
+        register_when_back(stub, "hung")
         assert [s.subject_id for s in stub.ListSubjects(listing, timeout=10).subjects] == ["alice", "bob"]
     finally:
         if stopped:

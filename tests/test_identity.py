@@ -398,14 +398,9 @@ def test_failed_database_write_keeps_the_staging_entry(backend):
     assert r.subject_created and r.subject.face_count == 1
 
 
-def test_stored_crops_are_encrypted_and_reembed_reproduces_embeddings(backend):
-    b, cid = backend, new_collection(backend)
-    r = enrol(b.stub, cid, "frank", "dev/img13.jpg")
-    (crop,) = b.sql("SELECT crop FROM faces WHERE face_id = ?", r.face.face_id)[0]
-    crop = bytes(crop)
-    assert cv2.imdecode(np.frombuffer(crop, np.uint8), cv2.IMREAD_COLOR) is None  # not a decodable image
-    assert CropCipher(CROP_KEY).open(crop, r.face.face_id).shape == (112, 112, 3)
-    out = subprocess.run(
+def reembed_check(b, cid: str) -> subprocess.CompletedProcess:
+    """facesvc-reembed --check on the collection, with the server's crop key."""
+    return subprocess.run(
         [PYTHON, "-m", "server.reembed", "--db-url", b.db_url, "--collection", cid, "--check"],
         cwd=ROOT,
         env={"FACESVC_CROP_KEY": CROP_KEY, "PATH": "/usr/bin:/bin"},
@@ -413,6 +408,16 @@ def test_stored_crops_are_encrypted_and_reembed_reproduces_embeddings(backend):
         text=True,
         timeout=300,
     )
+
+
+def test_stored_crops_are_encrypted_and_reembed_reproduces_embeddings(backend):
+    b, cid = backend, new_collection(backend)
+    r = enrol(b.stub, cid, "frank", "dev/img13.jpg")
+    (crop,) = b.sql("SELECT crop FROM faces WHERE face_id = ?", r.face.face_id)[0]
+    crop = bytes(crop)
+    assert cv2.imdecode(np.frombuffer(crop, np.uint8), cv2.IMREAD_COLOR) is None  # not a decodable image
+    assert CropCipher(CROP_KEY).open(crop, r.face.face_id).shape == (112, 112, 3)
+    out = reembed_check(b, cid)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "faces checked: 1" in out.stdout and "min cosine to stored: 1.0000" in out.stdout, out.stdout
     # a crop sealed under another key (the crop key changed since): the export and the re-embedding
@@ -425,14 +430,7 @@ def test_stored_crops_are_encrypted_and_reembed_reproduces_embeddings(backend):
     export = b.stub.ExportSubject(pb.ExportSubjectRequest(collection=cid, subject_id="frank"), timeout=10)
     assert [c.face_id for c in export.crops] == [r.face.face_id]
     assert list(export.unreadable_crops) == [second.face.face_id] and len(export.subject.faces) == 2
-    out = subprocess.run(
-        [PYTHON, "-m", "server.reembed", "--db-url", b.db_url, "--collection", cid, "--check"],
-        cwd=ROOT,
-        env={"FACESVC_CROP_KEY": CROP_KEY, "PATH": "/usr/bin:/bin"},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    out = reembed_check(b, cid)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "faces checked: 1" in out.stdout and "crops not opened" in out.stdout and second.face.face_id in out.stderr
 
