@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import sqlite3
 import threading
 import time
@@ -708,3 +710,139 @@ def test_a_retention_sweep_records_the_deletions_it_made_and_no_others(store):
     RetentionJob(store, Replica(), audit).sweep(now_ms=int(time.time() * 1000) + 2 * 86_400_000)  # (and other tests' collections)
     audit.flush()
     assert [(e.key_id, e.face_id, e.outcome) for e in store.list_audit(0, 10, cid)] == [("retention", second.face_id, "OK")]
+
+
+class MySqlProxy:
+    """A loopback TCP proxy to the test's MariaDB whose faults the test sets: `greeting_s` delays each
+    new connection's first answer (reverse DNS, a slow TLS or proxy handshake); `frozen` stops every
+    byte (a stopped server, a network dropping packets)."""
+
+    def __init__(self, mysql_url: str):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(mysql_url)
+        self.upstream, self.database = (u.hostname, u.port or 3306), u.path.strip("/")
+        self.greeting_s, self.frozen = 0.0, threading.Event()
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"mysql://root@127.0.0.1:{self.listener.getsockname()[1]}/{self.database}"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pipe, args=(server, client, self.greeting_s), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
+
+    def _pipe(self, src, dst, first_delay: float) -> None:
+        try:
+            while data := src.recv(65536):
+                time.sleep(first_delay)
+                first_delay = 0.0
+                while self.frozen.is_set():
+                    time.sleep(0.02)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+class CallWithTimeLeft:  # the part of a servicer context the store reads
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+
+    def time_remaining(self) -> float:
+        return self.end - time.monotonic()
+
+
+def test_slow_new_connections_do_not_keep_the_store_refusing_calls(mysql_url, tmp_path):
+    """The check after a statement timeout asked a NEW connection for SELECT 1 within 2 s: where new
+    connections are slow but the database well (reverse DNS, say), one timeout refused every call
+    from then on, each later check failing the same way. It asks an idle pooled connection first,
+    and a refusing store lets one call through a second: the first that gets an answer ends it."""
+    from server import context
+
+    proxy = MySqlProxy(mysql_url)
+    store = open_store(proxy.url, str(tmp_path))
+    try:
+        cid = coll(store)
+        proxy.greeting_s = 2.5
+        token = context.current_call.set(CallWithTimeLeft(1.5))
+        try:
+            with pytest.raises(errors.FaceServiceError) as e, store._tx(write=False) as q:
+                q("SELECT SLEEP(3)")  # a slow statement: its connection is closed after the timeout
+            assert reason(e) == errors.STORE_UNAVAILABLE
+        finally:
+            context.current_call.reset(token)
+        deadline = time.monotonic() + 10
+        while store.responsive._asking and time.monotonic() < deadline:
+            time.sleep(0.05)
+        # no idle connection was left to ask: the new one's greeting came too late, and calls are refused
+        assert store.responsive._down_until is not None
+        with pytest.raises(errors.FaceServiceError):
+            store.get_collection(cid)
+        time.sleep(store.responsive.RETRY_S)
+        assert store.get_collection(cid).collection_id == cid  # the trial, on a slow new connection: answered
+        assert store.responsive._down_until is None and store.get_collection(cid).collection_id == cid
+        # with a connection idle in the pool, the check after a timeout asks it, and nothing is refused
+        with store._tx(write=False) as q1, store._tx(write=False) as q2:  # two connections in the pool
+            q1("SELECT 1"), q2("SELECT 1")
+        token = context.current_call.set(CallWithTimeLeft(1.5))
+        try:
+            with pytest.raises(errors.FaceServiceError), store._tx(write=False) as q:
+                q("SELECT SLEEP(3)")
+        finally:
+            context.current_call.reset(token)
+        while store.responsive._asking and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        assert store.responsive._down_until is None
+    finally:
+        store.close()
+        proxy.close()
+
+
+def test_a_call_waiting_for_a_connection_spends_its_own_time_not_twice_it(mysql_url, tmp_path):
+    """The wait for a free pooled connection came on top of the statement's own wait, both as long as
+    the call's time left: behind a hung database, calls queued for the pool answered after twice their
+    deadline, holding their worker threads all that time."""
+    from server import context
+    from server.storage.sql import SqlFaceStore
+    from server.storage.sql.dialects import dialect_for
+
+    proxy = MySqlProxy(mysql_url)
+    store = SqlFaceStore(dialect_for(proxy.url, str(tmp_path)), pool_size=2)
+    try:
+        store.migrate()
+        cid = coll(store)
+        proxy.frozen.set()
+        took = {}
+
+        def call(i):
+            token = context.current_call.set(CallWithTimeLeft(2.0))
+            t0 = time.monotonic()
+            with contextlib.suppress(errors.FaceServiceError):
+                store.collection_created_ms(cid)
+            took[i] = time.monotonic() - t0
+            context.current_call.reset(token)
+
+        callers = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+        for i, t in enumerate(callers):
+            if i == 2:
+                time.sleep(0.7)  # the two that come later find both connections taken
+            t.start()
+        for t in callers:
+            t.join(20)
+        assert len(took) == 4 and max(took.values()) < 2.0, took
+    finally:
+        proxy.frozen.clear()
+        store.close()
+        proxy.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -66,16 +67,25 @@ class ConnectionPool:
         self._wait_s = wait_s
 
     @contextlib.contextmanager
-    def connection(self, wait_s: float | None = None):
-        """wait_s: how long the connection's reads and writes may wait (None: the dialect's default)."""
-        if not self._slots.acquire(timeout=self._wait_s if wait_s is None else min(wait_s, self._wait_s)):
+    def connection(self, deadline: float | None = None):
+        """deadline: the monotonic time by which the caller must have its answer (None: the dialect's
+        read timeout per wait); the wait for a free connection counts against it."""
+        left = None if deadline is None else deadline - time.monotonic()
+        if (
+            left is not None
+            and left <= 0
+            or not self._slots.acquire(timeout=self._wait_s if left is None else min(left, self._wait_s))
+        ):
             raise errors.unavailable(errors.STORE_UNAVAILABLE, "all database connections are busy; retry")
         conn = None
         try:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise errors.unavailable(errors.STORE_UNAVAILABLE, "all database connections are busy; retry")
             try:
-                conn = self.d.checkout(self._idle.get_nowait(), wait_s)
+                conn = self.d.checkout(self._idle.get_nowait(), left)
             except queue.Empty:
-                conn = self.d.connect(wait_s)
+                conn = self.d.connect(left)
             yield conn
             self._idle.put(conn)
         except BaseException:
@@ -85,6 +95,22 @@ class ConnectionPool:
             raise
         finally:
             self._slots.release()
+
+    def probe_idle(self, wait_s: float) -> bool | None:
+        """Whether an idle connection answers a ping within wait_s (None: none is idle). One that
+        does goes back to the pool; one that does not is closed, and its error raised."""
+        try:
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            return None
+        try:
+            self.d.probe(wait_s, conn)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                conn.close()
+            raise
+        self._idle.put(conn)
+        return True
 
     def close(self) -> None:
         while True:
@@ -100,41 +126,46 @@ class _Responsiveness:
     """Whether the database answers at all. One that hangs (a stopped server, a network that drops
     packets without a reset) held every call that touched it for the read timeout, and the worker
     threads with them, so that calls that need no database waited too. Once a statement has timed
-    out and a new connection gets no answer to SELECT 1 within PROBE_S either (a lock wait or a slow
-    query does not end here), transactions are answered STORE_UNAVAILABLE at once; one every
-    RETRY_S asks the database again, and the first answer ends it."""
+    out and a probe gets no answer within PROBE_S either (an idle connection's ping, else SELECT 1 on
+    a new one; a lock wait or a slow query does not end here), transactions are answered
+    STORE_UNAVAILABLE at once. Every RETRY_S one transaction is let through to try: the first that
+    gets an answer ends it, so a probe that misjudged (slow new connections) costs a second."""
 
     RETRY_S = 1.0
     PROBE_S = 2.0
+    TRIAL_S = 5.0  # the longest a trial transaction waits on any one read or write
 
-    def __init__(self, probe):
-        self._probe = probe  # (wait_s) -> None, raises unless the database answers; None: never hangs
+    def __init__(self, answers):
+        self._answers = answers  # (wait_s) -> bool; None: a database that cannot hang (a file)
         self._lock = threading.Lock()
         self._down_until: float | None = None  # monotonic; None: answering
+        self._trial = False  # a transaction is trying the database
         self._asking = False  # a probe after a timeout is under way
 
-    def check(self) -> None:
-        """Before a transaction: raise STORE_UNAVAILABLE while the database does not answer."""
+    def check(self) -> bool:
+        """Before a transaction: raise STORE_UNAVAILABLE while the database does not answer. True:
+        go ahead as the trial of a database that did not answer (tell settle() how it went)."""
         with self._lock:
             if self._down_until is None:
-                return
-            now = time.monotonic()
-            if now < self._down_until:
-                raise self._unanswered()
-            self._down_until = now + self.PROBE_S + self.RETRY_S  # this caller asks; the others do not wait
-        if not self._answers(min(self.PROBE_S, _time_left() or self.PROBE_S)):
-            with self._lock:
-                self._down_until = time.monotonic() + self.RETRY_S
-            raise self._unanswered()
+                return False
+            if self._trial or time.monotonic() < self._down_until:
+                raise errors.unavailable(errors.STORE_UNAVAILABLE, "the database does not answer; retry")
+            self._trial = True
+            return True
+
+    def settle(self, answered: bool) -> None:
+        """How the trial went."""
         with self._lock:
-            self._down_until = None
-        log.info("the database answers again")
+            self._trial = False
+            was_down, self._down_until = self._down_until, None if answered else time.monotonic() + self.RETRY_S
+        if answered and was_down is not None:
+            log.info("the database answers again")
 
     def timed_out(self) -> None:
         """A statement timed out: a database that stopped answering, or only a long wait? Asked on a
         thread of its own: the caller's answer is due now."""
         with self._lock:
-            if self._probe is None or self._down_until is not None or self._asking:
+            if self._answers is None or self._down_until is not None or self._asking:
                 return
             self._asking = True
         try:
@@ -144,7 +175,7 @@ class _Responsiveness:
                 self._asking = False
 
     def _ask(self) -> None:
-        answers = self._answers()
+        answers = self._answers(self.PROBE_S)
         with self._lock:
             self._asking = False
             if answers or self._down_until is not None:
@@ -152,31 +183,38 @@ class _Responsiveness:
             self._down_until = time.monotonic() + self.RETRY_S
         log.warning("the database does not answer: transactions are answered STORE_UNAVAILABLE at once until it does")
 
-    def _answers(self, wait_s: float = PROBE_S) -> bool:
-        try:
-            self._probe(wait_s)
-            return True
-        except Exception:  # noqa: BLE001 - whatever the driver raises, it did not answer
-            return False
 
-    @staticmethod
-    def _unanswered() -> errors.FaceServiceError:
-        return errors.unavailable(errors.STORE_UNAVAILABLE, "the database does not answer; retry")
+ANSWER_MARGIN_S = 0.5  # of a call's time left, kept to answer it in
 
 
-def _time_left() -> float | None:
-    """How long the call this thread serves has left (None: no deadline, or no call), less a margin to
-    answer in: a statement waits no longer than its caller does."""
+def _deadline() -> float | None:
+    """The monotonic time by which the call this thread serves must have its answer, less a margin to
+    answer in (None: no deadline, or no call): a statement waits no longer than its caller does."""
     ctx = context.current_call.get()
     remaining = None if ctx is None else ctx.time_remaining()
-    return None if remaining is None else max(0.1, remaining - 0.25)
+    return None if remaining is None else time.monotonic() + max(0.1, remaining - ANSWER_MARGIN_S)
 
 
 class SqlDatabase:
     def __init__(self, dialect, pool_size: int = 8):
         self.d = dialect
         self.pool = ConnectionPool(dialect, pool_size)
-        self.responsive = _Responsiveness(dialect.probe)
+        self.responsive = _Responsiveness(None if dialect.probe is None else self._answers)
+
+    def _answers(self, wait_s: float) -> bool:
+        """Whether the database answers within wait_s: an idle connection's ping, else a new connection."""
+        try:
+            if self.pool.probe_idle(wait_s):
+                return True
+        except Exception as exc:  # noqa: BLE001
+            if self.d.is_timeout(exc) or self.d.is_answer(exc):
+                return not self.d.is_timeout(exc)
+            # a connection the server closed while it was idle: ask on a new one
+        try:
+            self.d.probe(wait_s)
+            return True
+        except Exception as exc:  # noqa: BLE001 - whatever the driver raises; an error of the server's is an answer
+            return self.d.is_answer(exc)
 
     @property
     def backend(self) -> str:
@@ -192,14 +230,26 @@ class SqlDatabase:
     @contextlib.contextmanager
     def _tx(self, write: bool = True):
         """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
-        committing, answer = False, None
-        self.responsive.check()
+        committing, answer, reached = False, None, False
+        deadline = _deadline()
+        trial = self.responsive.check()
+        if trial:  # a database that did not answer: the one call trying it does not wait it out for long
+            deadline = min(deadline or math.inf, time.monotonic() + self.responsive.TRIAL_S)
+
+        def q(sql, *params):
+            if deadline is not None:  # what is left of the call's time, statement by statement
+                self.d.bound(conn, deadline - time.monotonic())
+            return self.d.execute(conn, sql, params)
+
         try:
-            with self.pool.connection(_time_left()) as conn:
+            with self.pool.connection(deadline) as conn:
                 self.d.begin(conn, write)
+                reached = True
                 try:
-                    yield lambda sql, *params: self.d.execute(conn, sql, params)
+                    yield q
                     committing = True
+                    if deadline is not None:
+                        self.d.bound(conn, deadline - time.monotonic())
                     conn.commit()
                 except (errors.FaceServiceError, _Retry, _Duplicate) as exc:
                     # the caller's own answer (not found, a limit, a race to run again): rolled back, the
@@ -212,11 +262,16 @@ class SqlDatabase:
                     raise
             if answer is not None:
                 raise answer
-        except Exception as exc:
-            if isinstance(exc, errors.FaceServiceError) or not self.d.is_unavailable(exc):
+        except BaseException as exc:
+            unavailable = (
+                not isinstance(exc, errors.FaceServiceError) and isinstance(exc, Exception) and self.d.is_unavailable(exc)
+            )
+            if trial:
+                self.responsive.settle(reached and not unavailable)
+            if not unavailable:
                 raise
             log.warning("database unavailable: %s", exc)
-            if self.d.is_timeout(exc):
+            if self.d.is_timeout(exc) and not trial:
                 self.responsive.timed_out()
             # the driver's text names hosts, ports and users: it goes to the log, the caller gets the reason
             if committing and write:  # the commit may have reached the database before the connection went
@@ -226,6 +281,9 @@ class SqlDatabase:
                     "the database is unavailable; nothing was written; retry" if write else "the database is unavailable; retry"
                 )
             raise errors.unavailable(errors.STORE_UNAVAILABLE, message, detail=f"{type(exc).__name__}: {exc}") from exc
+        else:
+            if trial:
+                self.responsive.settle(True)
 
     def _retrying(self, fn, attempts: int = 3):
         """Run a write transaction again after a deadlock / lock timeout (MySQL)."""

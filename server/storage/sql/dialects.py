@@ -190,6 +190,10 @@ class SqliteDialect:
     def checkout(conn, wait_s: float | None = None):
         return conn
 
+    @staticmethod
+    def bound(conn, wait_s: float | None) -> None:
+        pass  # a file: its waits are the busy timeout's
+
     probe = None  # nothing to ask: the file answers or raises
 
     @staticmethod
@@ -283,11 +287,17 @@ class MySqlDialect:
             raise
         return conn
 
+    def bound(self, conn, wait_s: float | None) -> None:
+        """From now on each read and write of the connection waits at most wait_s (None: READ_TIMEOUT_S)."""
+        # pymysql applies these before every read and write of the socket
+        conn._read_timeout = conn._write_timeout = (
+            self.READ_TIMEOUT_S if wait_s is None else max(0.05, min(wait_s, self.READ_TIMEOUT_S))
+        )
+
     def checkout(self, conn, wait_s: float | None = None):
         """A pooled connection the server may have dropped (restart, wait_timeout): check, else replace.
         Its reads and writes wait at most wait_s from now on (see connect)."""
-        # pymysql applies these before every read and write of the socket
-        conn._read_timeout = conn._write_timeout = self.READ_TIMEOUT_S if wait_s is None else min(wait_s, self.READ_TIMEOUT_S)
+        self.bound(conn, wait_s)
         try:
             conn.ping(reconnect=False)
             return conn
@@ -298,8 +308,13 @@ class MySqlDialect:
                 raise  # no answer (not a closed connection): a new one would wait as long again
             return self.connect(wait_s)
 
-    def probe(self, wait_s: float) -> None:
-        """Raises unless the server answers SELECT 1 on a new connection within about wait_s."""
+    def probe(self, wait_s: float, conn=None) -> None:
+        """Raises unless the server answers within about wait_s: a ping on `conn` (an idle pooled
+        connection), or SELECT 1 on a new connection."""
+        if conn is not None:
+            self.bound(conn, wait_s)
+            conn.ping(reconnect=False)
+            return
         conn = pymysql.connect(**self.params, connect_timeout=wait_s, read_timeout=wait_s, write_timeout=wait_s)
         try:
             conn.cursor().execute("SELECT 1")
@@ -310,6 +325,11 @@ class MySqlDialect:
     def is_timeout(self, exc: Exception) -> bool:
         """The server did not answer in time (no connection refused, no error of its own)."""
         return isinstance(exc, pymysql.err.OperationalError) and self.error_code(exc) in (2003, 2013) and "timed out" in str(exc)
+
+    def is_answer(self, exc: Exception) -> bool:
+        """An error the server sent (1xxx: too many connections, access denied...): it answers."""
+        code = self.error_code(exc) if isinstance(exc, pymysql.err.MySQLError) else None
+        return code is not None and code < 2000
 
     @staticmethod
     def execute(conn, sql: str, params: tuple = ()):
