@@ -1001,3 +1001,47 @@ def test_a_file_of_no_snapshot_in_the_index_directory_is_left_alone(store, tmp_p
         (d / name).write_bytes(b"someone's")
     assert registry(store, tmp_path).tidy_saved() == []
     assert all((d / name).exists() for name in (".DS_Store", ".nfs0001", ".x.y"))
+
+
+def test_an_index_whose_changes_fail_leaves_no_snapshot_holding_what_they_deleted(store, tmp_path, monkeypatch):
+    """Erasure: the index unloaded after its change-log rows failed kept its snapshot on disk, and no
+    round rewrites the snapshot of an index that is not loaded: a face deleted by those rows stayed
+    in a graph file until the collection was next searched."""
+    cid, faces, a = snapshotted(store, tmp_path, 10)
+    since = store.last_change_seq()
+    gone = next(iter(faces))
+    held = stored_vectors(a.get(cid), [gone])[gone]
+    store.delete_face(cid, gone)  # on another replica
+
+    def broken(*args, **kw):
+        raise RuntimeError("a fault of the index")
+
+    monkeypatch.setattr(a.get(cid), "apply", broken)
+    a.apply_changes(store.changes_after(since, 10))
+    assert cid not in a.loaded()
+    d = tmp_path / "index-a"
+    assert not any(held in p.read_bytes() for p in d.glob(f"{cid}.*"))
+    monkeypatch.undo()
+    assert len(a.get(cid)) == 9 and a.get(cid).loaded_from == "database"
+
+
+def test_a_snapshot_that_fails_in_an_unexpected_way_holds_back_no_other(store, tmp_path):
+    """A snapshot failing with anything but OSError or an outage ended the round, whose marks were
+    already taken: the other changed collections were not written until the refresh, days later."""
+    first, _, a = snapshotted(store, tmp_path, 3)
+    second, _, _ = snapshotted(store, tmp_path, 3)
+    a.get(second)
+    for cid in (first, second):
+        enrol(store, cid, 1, seed=7)
+        a.apply_changes(store.changes_after(store.last_change_seq() - 1, 10))
+    save = a.engine.save
+
+    def broken_for_first(collection, index, meta):
+        if collection == first:
+            raise ValueError("graph and label map disagree")
+        save(collection, index, meta)
+
+    a.engine.save = broken_for_first
+    assert a.write_snapshots(store.last_change_seq()) == 1
+    a.engine.save = save
+    assert a.write_snapshots(store.last_change_seq()) == 1  # the failed one was marked to be written again

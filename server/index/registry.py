@@ -376,13 +376,18 @@ class IndexRegistry:
     def _unload_failed(self, collection: str) -> bool:
         """Under the collection's lock, in an exception handler: its change-log rows could not be
         applied (a fault of the index, not an outage); the loaded index goes, with the rows queued for
-        it, and the next search loads it anew: its snapshot (older than these rows) replays the log
-        when loaded, or it is built from the database. The poll goes on with the other collections."""
-        log.exception("index %s: changes not applied; the index loads anew on its next use", collection)
+        it and its snapshot (which may hold a face these rows deleted, and which no round rewrites for
+        an index not loaded), and the next search builds it from the database. The poll goes on with
+        the other collections."""
+        log.exception("index %s: changes not applied; the index is built anew on its next use", collection)
         with self._guard:
             self._deferred.pop(collection, None)
             self._dirty.discard(collection)
         self._indexes.pop(collection, None)
+        try:
+            self.engine.forget(collection)
+        except Exception:  # noqa: BLE001 - a read-only disk, Milvus away: tidy_saved or the next load's rewrite removes it
+            log.exception("index %s: its snapshot could not be removed", collection)
         return False
 
     def _apply_locked(self, collection: str, crows) -> bool:
@@ -550,6 +555,10 @@ class IndexRegistry:
                     self.engine.save(collection, idx, {"collection_created_ms": created, "change_seq": change_seq})
                 except (OSError, errors.FaceServiceError) as exc:
                     log.warning("index %s: snapshot not written (%s)", collection, exc)
+                    self._mark_dirty(collection)
+                    continue
+                except Exception:  # noqa: BLE001 - the round's other collections are still to be written
+                    log.exception("index %s: snapshot not written", collection)
                     self._mark_dirty(collection)
                     continue
             idx.snapshot_at = time.time()

@@ -366,6 +366,9 @@ class StreamHandlers:
                 img = self.requests.image(frame.image, "frame.image", budget)
                 results = session.process(img)
                 resp.image.CopyFrom(convert.image_info(img, [r.face for r in results]))
+                if len(audited) > 2 * len(session.tracker.tracks) + 16:  # tracks that ended: a long stream holds no more
+                    live = {t.track_id for t in session.tracker.tracks}
+                    audited = {t: who for t, who in audited.items() if t in live}
                 for r in results:
                     who = r.track.identity
                     if who and self.audit is not None and audited.get(r.track.track_id) != who.subject_id:

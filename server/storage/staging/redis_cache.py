@@ -36,6 +36,16 @@ return n
 """
 
 
+# Redis away, or answering that it cannot serve now: a replica after a failover (READONLY), full
+# under noeviction (OOM), loading its data (LOADING), a replica without its master (MASTERDOWN). Its
+# other errors (WRONGTYPE, a script's) are bugs, not outages, and are not answered as "retry".
+_AWAY = tuple(
+    getattr(redis.exceptions, name)
+    for name in ("ConnectionError", "TimeoutError", "ReadOnlyError", "OutOfMemoryError", "BusyLoadingError", "MasterDownError")
+    if hasattr(redis.exceptions, name)
+)
+
+
 class RedisStagingCache(StagingCache):
     backend = "redis"
 
@@ -61,7 +71,7 @@ class RedisStagingCache(StagingCache):
     def _call(self, fn, *args, **kw):
         try:
             return fn(*args, **kw)
-        except redis.RedisError as exc:  # also what a server answers: READONLY (a replica after a failover), OOM
+        except _AWAY as exc:
             raise errors.unavailable(
                 errors.CACHE_UNAVAILABLE,
                 "the staging cache is unavailable; retry",
