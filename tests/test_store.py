@@ -846,3 +846,27 @@ def test_a_call_waiting_for_a_connection_spends_its_own_time_not_twice_it(mysql_
         proxy.frozen.clear()
         store.close()
         proxy.close()
+
+
+def test_a_database_full_of_connections_is_one_that_answers(mysql_url, tmp_path, monkeypatch):
+    """The check after a statement timeout counted any error of its new connection as silence: with
+    MySQL at max_connections (another application's spike), error 1040 refused every call, though
+    the pool's own connections worked. An error the server sends is an answer."""
+    import pymysql
+
+    store = open_store(mysql_url, str(tmp_path))
+    try:
+
+        def full(*args, **kw):
+            raise pymysql.err.OperationalError(1040, "Too many connections")
+
+        monkeypatch.setattr(store.d, "probe", full)
+        assert store._answers(1.0)
+
+        def silent(*args, **kw):
+            raise pymysql.err.OperationalError(2013, "Lost connection to MySQL server during query (timed out)")
+
+        monkeypatch.setattr(store.d, "probe", silent)
+        assert not store._answers(1.0)
+    finally:
+        store.close()
