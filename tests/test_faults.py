@@ -306,11 +306,21 @@ def test_a_redis_that_refuses_writes_is_unavailable_not_a_bug(tmp_path):
         url = f"redis://127.0.0.1:{private.port}/0"
         cache, admin = RedisStagingCache(url, prefix="refuses:"), redis.Redis.from_url(url)
         cache.put(new_token(), staged(), ttl_s=60)
+        writes = (lambda: cache.put(new_token(), staged(), ttl_s=60), lambda: cache.delete(new_token(), "c"))
         admin.replicaof("127.0.0.1", free_port())  # what a client still pointed at the old master meets
-        for write in (lambda: cache.put(new_token(), staged(), ttl_s=60), lambda: cache.delete(new_token(), "c")):
+        for write in writes:
             with pytest.raises(errors.FaceServiceError) as e:
                 write()
             assert e.value.reason == errors.CACHE_UNAVAILABLE and e.value.code == grpc.StatusCode.UNAVAILABLE
+        admin.replicaof("no", "one")
+        admin.config_set("min-replicas-to-write", 1)  # NOREPLICAS: an error redis-py has no class for
+        with pytest.raises(errors.FaceServiceError) as e:
+            writes[0]()
+        assert e.value.reason == errors.CACHE_UNAVAILABLE
+        admin.config_set("min-replicas-to-write", 0)
+        admin.set(cache._members("c"), "not a sorted set")  # WRONGTYPE: a bug to see, not an outage to retry
+        with pytest.raises(redis.ResponseError):
+            cache.put(new_token(), staged(), ttl_s=60)
         admin.close()
     finally:
         private.stop()

@@ -870,3 +870,49 @@ def test_a_database_full_of_connections_is_one_that_answers(mysql_url, tmp_path,
         assert not store._answers(1.0)
     finally:
         store.close()
+
+
+def test_a_trial_the_database_answers_with_an_error_of_its_own_ends_the_refusals(mysql_url, tmp_path):
+    """A refusing store lets one transaction a second try the database. One that got BEGIN answered and
+    then an error the server sent (a lock wait timeout, a deadlock) counted as silence: the refusals
+    went on, and the retry of a deadlock was refused by them."""
+    import pymysql
+
+    store = open_store(mysql_url, str(tmp_path))
+    other = pymysql.connect(**store.d.params)
+    try:
+        cid = coll(store)
+        other.begin()
+        other.cursor().execute("SELECT * FROM collections WHERE collection_id = %s FOR UPDATE", (cid,))
+        store.responsive._down_until = time.monotonic() - 1  # refusing, and due to let a trial through
+        with pytest.raises(errors.FaceServiceError) as e, store._tx() as q:
+            q("SET SESSION innodb_lock_wait_timeout = 1")
+            q("SELECT * FROM collections WHERE collection_id = ? FOR UPDATE", cid)
+        assert reason(e) == errors.STORE_UNAVAILABLE  # error 1205, after a second
+        assert store.responsive._down_until is None and not store.responsive._trial
+    finally:
+        other.rollback()
+        other.close()
+        store.close()
+
+
+def test_a_commit_the_caller_has_no_time_left_for_is_rolled_back_not_left_in_doubt(mysql_url, tmp_path):
+    """A commit sent after the call's deadline had only 50 ms to be answered: a commit slower than
+    that was reported as "may have been made" (and its connection dropped) while it was made. With
+    no time left the transaction is rolled back, and the caller learns that nothing was written."""
+    from server import context
+
+    store = open_store(mysql_url, str(tmp_path))
+    try:
+        cid = coll(store)
+        token = context.current_call.set(CallWithTimeLeft(0.8))
+        try:
+            with pytest.raises(errors.FaceServiceError) as e, store._tx() as q:
+                q("UPDATE collections SET display_name = ? WHERE collection_id = ?", "renamed", cid)
+                time.sleep(0.8)  # the call's time runs out before the commit
+        finally:
+            context.current_call.reset(token)
+        assert reason(e) == errors.CALL_ENDED and "nothing was written" in str(e.value)
+        assert store.get_collection(cid).display_name == "test"
+    finally:
+        store.close()

@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 
+import grpc
 import numpy as np
 
 from server import context, errors
@@ -97,20 +98,26 @@ class ConnectionPool:
             self._slots.release()
 
     def probe_idle(self, wait_s: float) -> bool | None:
-        """Whether an idle connection answers a ping within wait_s (None: none is idle). One that
-        does goes back to the pool; one that does not is closed, and its error raised."""
-        try:
-            conn = self._idle.get_nowait()
-        except queue.Empty:
+        """Whether an idle connection answers a ping within wait_s (None: none is idle, or no slot is
+        free to take one with). One that does goes back to the pool; one that does not is closed, and
+        its error raised."""
+        if not self._slots.acquire(blocking=False):  # the pool's bound holds for the probe too
             return None
         try:
-            self.d.probe(wait_s, conn)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                conn.close()
-            raise
-        self._idle.put(conn)
-        return True
+            try:
+                conn = self._idle.get_nowait()
+            except queue.Empty:
+                return None
+            try:
+                self.d.probe(wait_s, conn)
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise
+            self._idle.put(conn)
+            return True
+        finally:
+            self._slots.release()
 
     def close(self) -> None:
         while True:
@@ -133,7 +140,7 @@ class _Responsiveness:
 
     RETRY_S = 1.0
     PROBE_S = 2.0
-    TRIAL_S = 5.0  # the longest a trial transaction waits on any one read or write
+    TRIAL_S = 5.0  # the longest a trial transaction may take
 
     def __init__(self, answers):
         self._answers = answers  # (wait_s) -> bool; None: a database that cannot hang (a file)
@@ -187,6 +194,20 @@ class _Responsiveness:
 ANSWER_MARGIN_S = 0.5  # of a call's time left, kept to answer it in
 
 
+def _left(deadline: float, grace: float = 0.0) -> float:
+    """How long a statement may wait, up to `deadline` (+ grace). None left: the transaction ends
+    here, rolled back, so the caller learns for certain that nothing was written (a statement sent
+    with no time to wait would time out, and a commit's outcome would be unknown)."""
+    left = deadline + grace - time.monotonic()
+    if left <= 0:
+        raise errors.FaceServiceError(
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            errors.CALL_ENDED,
+            "the time allowed ran out before the database answered; nothing was written",
+        )
+    return left
+
+
 def _deadline() -> float | None:
     """The monotonic time by which the call this thread serves must have its answer, less a margin to
     answer in (None: no deadline, or no call): a statement waits no longer than its caller does."""
@@ -231,14 +252,14 @@ class SqlDatabase:
     def _tx(self, write: bool = True):
         """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
         committing, answer, reached = False, None, False
-        deadline = _deadline()
+        deadline = _deadline() if self.d.probe is not None else None  # a file (SQLite) does not hang
         trial = self.responsive.check()
         if trial:  # a database that did not answer: the one call trying it does not wait it out for long
             deadline = min(deadline or math.inf, time.monotonic() + self.responsive.TRIAL_S)
 
         def q(sql, *params):
             if deadline is not None:  # what is left of the call's time, statement by statement
-                self.d.bound(conn, deadline - time.monotonic())
+                self.d.bound(conn, _left(deadline))
             return self.d.execute(conn, sql, params)
 
         try:
@@ -247,9 +268,9 @@ class SqlDatabase:
                 reached = True
                 try:
                     yield q
+                    if deadline is not None:  # the commit may use the margin kept to answer in, but for a moment
+                        self.d.bound(conn, _left(deadline, ANSWER_MARGIN_S - 0.1))
                     committing = True
-                    if deadline is not None:
-                        self.d.bound(conn, deadline - time.monotonic())
                     conn.commit()
                 except (errors.FaceServiceError, _Retry, _Duplicate) as exc:
                     # the caller's own answer (not found, a limit, a race to run again): rolled back, the
@@ -266,8 +287,8 @@ class SqlDatabase:
             unavailable = (
                 not isinstance(exc, errors.FaceServiceError) and isinstance(exc, Exception) and self.d.is_unavailable(exc)
             )
-            if trial:
-                self.responsive.settle(reached and not unavailable)
+            if trial:  # BEGIN was answered, or the server sent an error of its own: it answers
+                self.responsive.settle(reached or isinstance(exc, Exception) and self.d.is_answer(exc))
             if not unavailable:
                 raise
             log.warning("database unavailable: %s", exc)

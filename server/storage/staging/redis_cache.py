@@ -37,13 +37,21 @@ return n
 
 
 # Redis away, or answering that it cannot serve now: a replica after a failover (READONLY), full
-# under noeviction (OOM), loading its data (LOADING), a replica without its master (MASTERDOWN). Its
-# other errors (WRONGTYPE, a script's) are bugs, not outages, and are not answered as "retry".
+# under noeviction (OOM), loading its data (LOADING), a replica without its master (MASTERDOWN),
+# unable to persist (MISCONF), short of replicas (NOREPLICAS), running another client's script
+# (BUSY), a cluster resharding (TRYAGAIN, CLUSTERDOWN). Its other errors (WRONGTYPE, a script's)
+# are bugs, not outages, and are not answered as "retry".
 _AWAY = tuple(
     getattr(redis.exceptions, name)
     for name in ("ConnectionError", "TimeoutError", "ReadOnlyError", "OutOfMemoryError", "BusyLoadingError", "MasterDownError")
     if hasattr(redis.exceptions, name)
 )
+_AWAY_CODES = {"READONLY", "OOM", "LOADING", "MASTERDOWN", "MISCONF", "NOREPLICAS", "BUSY", "TRYAGAIN", "CLUSTERDOWN"}
+
+
+def _away(exc: Exception) -> bool:
+    code = str(exc).split(" ", 1)[0]
+    return isinstance(exc, _AWAY) or isinstance(exc, redis.ResponseError) and code in _AWAY_CODES
 
 
 class RedisStagingCache(StagingCache):
@@ -71,7 +79,9 @@ class RedisStagingCache(StagingCache):
     def _call(self, fn, *args, **kw):
         try:
             return fn(*args, **kw)
-        except _AWAY as exc:
+        except redis.RedisError as exc:
+            if not _away(exc):
+                raise
             raise errors.unavailable(
                 errors.CACHE_UNAVAILABLE,
                 "the staging cache is unavailable; retry",
