@@ -715,7 +715,8 @@ def test_a_retention_sweep_records_the_deletions_it_made_and_no_others(store):
 class MySqlProxy:
     """A loopback TCP proxy to the test's MariaDB whose faults the test sets: `greeting_s` delays each
     new connection's first answer (reverse DNS, a slow TLS or proxy handshake); `frozen` stops every
-    byte (a stopped server, a network dropping packets)."""
+    byte (a stopped server, a network dropping packets); `stall_open()` stops the connections open
+    now and lets new ones through (a NAT's idle timeout dropping pooled connections)."""
 
     def __init__(self, mysql_url: str):
         from urllib.parse import urlsplit
@@ -723,6 +724,7 @@ class MySqlProxy:
         u = urlsplit(mysql_url)
         self.upstream, self.database = (u.hostname, u.port or 3306), u.path.strip("/")
         self.greeting_s, self.frozen = 0.0, threading.Event()
+        self.opened, self.stalled = 0, set()
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"mysql://root@127.0.0.1:{self.listener.getsockname()[1]}/{self.database}"
         threading.Thread(target=self._serve, daemon=True).start()
@@ -734,15 +736,19 @@ class MySqlProxy:
             except OSError:
                 return
             server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pipe, args=(server, client, self.greeting_s), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(client, server, 0.0), daemon=True).start()
+            self.opened += 1
+            threading.Thread(target=self._pipe, args=(server, client, self.greeting_s, self.opened), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, 0.0, self.opened), daemon=True).start()
 
-    def _pipe(self, src, dst, first_delay: float) -> None:
+    def stall_open(self) -> None:
+        self.stalled = set(range(1, self.opened + 1))
+
+    def _pipe(self, src, dst, first_delay: float, number: int) -> None:
         try:
             while data := src.recv(65536):
                 time.sleep(first_delay)
                 first_delay = 0.0
-                while self.frozen.is_set():
+                while self.frozen.is_set() or number in self.stalled:
                     time.sleep(0.02)
                 dst.sendall(data)
         except OSError:
@@ -916,3 +922,23 @@ def test_a_commit_the_caller_has_no_time_left_for_is_rolled_back_not_left_in_dou
         assert store.get_collection(cid).display_name == "test"
     finally:
         store.close()
+
+
+def test_pooled_connections_gone_silent_do_not_make_a_database_that_answers_look_hung(mysql_url, tmp_path):
+    """The check after a statement timeout took a silent idle connection's ping for the database's
+    silence: behind a NAT whose idle timeout drops pooled connections (new ones get through), the
+    store refused calls while the database answered. It asks on a new connection then."""
+    proxy = MySqlProxy(mysql_url)
+    store = open_store(proxy.url, str(tmp_path))
+    try:
+        coll(store)
+        assert store.pool._idle.qsize() >= 1
+        proxy.stall_open()
+        assert store._answers(1.0)
+        proxy.frozen.set()
+        assert not store._answers(0.5)
+    finally:
+        proxy.frozen.clear()
+        proxy.stalled = set()
+        store.close()
+        proxy.close()

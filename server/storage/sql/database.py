@@ -228,9 +228,10 @@ class SqlDatabase:
             if self.pool.probe_idle(wait_s):
                 return True
         except Exception as exc:  # noqa: BLE001
-            if self.d.is_timeout(exc) or self.d.is_answer(exc):
-                return not self.d.is_timeout(exc)
-            # a connection the server closed while it was idle: ask on a new one
+            if self.d.is_answer(exc):
+                return True
+            # silent, or closed while it was idle (a server restart, a NAT's idle timeout that drops
+            # pooled connections while new ones get through): ask on a new one
         try:
             self.d.probe(wait_s)
             return True
