@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import signal
@@ -324,3 +325,58 @@ def test_a_redis_that_refuses_writes_is_unavailable_not_a_bug(tmp_path):
         admin.close()
     finally:
         private.stop()
+
+
+def test_an_http_call_with_a_key_waits_no_longer_than_its_deadline_behind_a_hung_database(mysql_url, tmp_path):
+    """The HTTP port looks a key up before the call begins, outside any call: behind a frozen MySQL
+    that lookup waited the 30 s read timeout whatever the request's connect-timeout-ms, and a few
+    such calls took every HTTP worker, so that calls needing no database waited too. The lookup
+    and the handler now count from the request's arrival."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from bench.launcher import ADMIN_KEY
+    from tests.test_store import MySqlProxy
+
+    proxy = MySqlProxy(mysql_url)
+    srv = ServerProcess(
+        "--http-port",
+        "0",
+        log_path=tmp_path / "server.log",
+        env={"FACESVC_DB_URL": proxy.url, "FACESVC_AUTH_CACHE_SECONDS": "0.5"},
+    )
+    try:
+        stub = pb_grpc.FaceServiceStub(srv.channel)
+        cid = "hung-http-" + uuid.uuid4().hex[:6]
+        stub.CreateCollection(pb.CreateCollectionRequest(collection=cid), timeout=10)
+        key = stub.CreateApiKey(pb.CreateApiKeyRequest(collection=cid), timeout=10).secret
+
+        def post(rpc: str, body: dict, key: str) -> tuple[int, dict, float]:
+            req = urllib.request.Request(
+                f"{srv.http_url}/facesvc.v1.FaceService/{rpc}",
+                data=json.dumps(body).encode(),
+                headers={"content-type": "application/json", "x-api-key": key, "connect-timeout-ms": "2000"},
+            )
+            t0 = time.monotonic()
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return resp.status, json.loads(resp.read()), time.monotonic() - t0
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read()), time.monotonic() - t0
+
+        assert post("ListSubjects", {"collection": cid}, key)[0] == 200
+        proxy.frozen.set()
+        time.sleep(1.0)  # the key's cache entry expires: the next call looks it up
+        status, doc, took = post("ListSubjects", {"collection": cid}, key)
+        assert status == 503 and doc["details"][0]["debug"]["reason"] == "STORE_UNAVAILABLE", doc
+        assert took < 2.5
+        with ThreadPoolExecutor(4) as ex:  # more such calls than HTTP workers: a Detect still goes through
+            calls = [ex.submit(post, "ListSubjects", {"collection": cid}, key) for _ in range(8)]
+            detect = post("Detect", {"image": {"encoded": base64.b64encode(image("dev/img2.jpg").encoded).decode()}}, ADMIN_KEY)
+            assert all(c.result()[2] < 5 for c in calls)
+        assert detect[0] == 200 and detect[2] < 5
+    finally:
+        proxy.frozen.clear()
+        srv.stop()
+        proxy.close()

@@ -16,6 +16,7 @@ import asyncio
 import base64
 import json
 import threading
+import time
 from functools import partial
 from urllib.parse import quote
 
@@ -24,6 +25,7 @@ from google.rpc import error_details_pb2
 from hypercorn.app_wrappers import WSGIWrapper
 
 from server import errors
+from server.context import current_call
 from server.rpc.auth import HEADER, SERVICE_PREFIX
 from server.rpc.status import to_status
 from server.web.calls import STATUS_DETAILS_KEY, connect_code
@@ -152,6 +154,7 @@ class HeaderGate:
             return
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
         owner, held, refusal = None, [0], None
+        deadline = _deadline(headers)  # from the request's arrival: the key lookup and the body's upload count
         try:
             refused = self._refuse(scope["method"], kind, scope["path"])
             if refused is not None:  # not the method's content type: answered in plain HTTP
@@ -159,7 +162,7 @@ class HeaderGate:
                 await _reply(send, "", refused[0], cors + refused[1], refused[2])
                 return
             try:
-                owner = await self._owner(headers, loop)
+                owner = await self._owner(headers, loop, deadline)
                 parts = [await self._read(receive, owner, held)]
             except _Refusal as r:
                 refusal = (kind, r.status, cors, r.error)
@@ -170,6 +173,8 @@ class HeaderGate:
             if refusal is None:
                 # the body once, as read (handed over, not kept here); then the connection's own events
                 watch()
+                if deadline is not None:  # the handler's deadline is what is left of the request's
+                    scope = {**scope, "headers": _time_left_headers(scope["headers"], deadline)}
                 await self._wsgi(scope, partial(_replay, parts, receive), send, spawn, call_soon)
         finally:
             self.bytes.give(owner, held[0])
@@ -179,9 +184,10 @@ class HeaderGate:
             watch()
             await _reply(send, *refusal)
 
-    async def _owner(self, headers: dict, loop) -> str | None:
+    async def _owner(self, headers: dict, loop, deadline: float | None = None) -> str | None:
         """Whose bodies a request's counts against: its collection key (None: the admin key, or auth
-        off, bounded in all only); UNAUTHENTICATED without a valid key."""
+        off, bounded in all only); UNAUTHENTICATED without a valid key. A lookup in the database
+        waits no longer than the request's deadline, as the call's own statements do."""
         length = headers.get("content-length", "")
         if length.isascii() and length.isdigit() and int(length) > self.max_body:
             raise _Refusal(
@@ -190,7 +196,7 @@ class HeaderGate:
         if self.auth is None:
             return None
         # a cached lookup mostly; the database otherwise, off the loop
-        principal = await loop.run_in_executor(None, self.auth.principal, headers.get(HEADER, ""))
+        principal = await loop.run_in_executor(None, partial(_until, deadline, self.auth.principal, headers.get(HEADER, "")))
         return None if principal.admin else principal.key_id
 
     async def _read(self, receive, owner: str | None, held: list[int]) -> bytearray:
@@ -279,6 +285,61 @@ async def _replay(parts: list, receive):
     if parts:
         return {"type": "http.request", "body": parts.pop(), "more_body": False}
     return await receive()
+
+
+_GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+def _deadline(headers: dict) -> float | None:
+    """The monotonic time a request's deadline (connect-timeout-ms, or gRPC-Web's grpc-timeout) ends
+    at, counted from now, its arrival; None without one (or one that does not parse: the protocol
+    layer refuses it)."""
+    ms = headers.get("connect-timeout-ms", "")
+    if ms.isascii() and ms.isdigit() and len(ms) <= 10:
+        return time.monotonic() + int(ms) / 1000
+    grpc_timeout = headers.get("grpc-timeout", "")
+    digits, unit = grpc_timeout[:-1], grpc_timeout[-1:]
+    if digits.isascii() and digits.isdigit() and len(digits) <= 8 and unit in _GRPC_UNITS:
+        return time.monotonic() + int(digits) * _GRPC_UNITS[unit]
+    return None
+
+
+def _time_left_headers(raw: list, deadline: float) -> list:
+    """The request's headers with its timeout set to what is left of it now."""
+    left_ms = str(max(1, int((deadline - time.monotonic()) * 1000)))
+    out = []
+    for k, v in raw:
+        name = k.decode("latin-1").lower()
+        if name == "connect-timeout-ms":
+            v = left_ms.encode()
+        elif name == "grpc-timeout":
+            v = f"{left_ms}m".encode()
+        out.append((k, v))
+    return out
+
+
+class _Until:
+    """A call context as far as the store reads one (server.context.current_call): a deadline."""
+
+    def __init__(self, deadline: float):
+        self.deadline = deadline
+
+    def time_remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def is_active(self) -> bool:
+        return self.time_remaining() > 0
+
+
+def _until(deadline: float | None, fn, *args):
+    """fn(*args) on an executor thread, its database waits bounded by `deadline` (None: unbounded)."""
+    if deadline is None:
+        return fn(*args)
+    token = current_call.set(_Until(deadline))
+    try:
+        return fn(*args)
+    finally:
+        current_call.reset(token)
 
 
 class _Refusal(Exception):
