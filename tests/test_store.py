@@ -942,3 +942,29 @@ def test_pooled_connections_gone_silent_do_not_make_a_database_that_answers_look
         proxy.stalled = set()
         store.close()
         proxy.close()
+
+
+def test_a_deleted_face_leaves_no_bytes_in_the_sqlite_files(tmp_path):
+    """Erasure: SQLite in WAL mode kept a deleted face's embedding in facesvc.db-wal (the page before
+    the deletion) until a checkpoint, and a free page of the database file may keep it after. Shortly
+    after the deletion's commit neither holds it."""
+    store = open_store(f"sqlite:///{tmp_path}/facesvc.db", str(tmp_path))
+    try:
+        cid = coll(store)
+        kept, gone = face(1), face(2)
+        for f in (kept, gone):
+            store.add_face(cid, "s1", f, allow_existing=True, max_faces=10)
+        vector = np.asarray(gone.embedding, "<f4").tobytes()
+
+        def held() -> list[str]:
+            return [p.name for p in tmp_path.iterdir() if p.is_file() and vector in p.read_bytes()]
+
+        assert held()  # it is there to begin with
+        store.delete_face(cid, gone.face_id)
+        deadline = time.monotonic() + 5
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert held() == []
+        assert np.asarray(kept.embedding, "<f4").tobytes() in b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+    finally:
+        store.close()

@@ -191,6 +191,46 @@ class _Responsiveness:
         log.warning("the database does not answer: transactions are answered STORE_UNAVAILABLE at once until it does")
 
 
+class _Eraser:
+    """Erases what a database file keeps of deleted rows (SQLite: the old pages in its write-ahead
+    log, until a checkpoint truncates it), shortly after each commit that deleted a face: the
+    erasure promise (docs/collections.md) covers the database's files as it does the index's. One
+    thread; deletions that come together are erased together."""
+
+    GATHER_S = 0.2  # deletions that come together (a retention sweep, DeleteSubject) share one pass
+    RETRY_S = 1.0  # readers kept the log from being truncated: again
+
+    def __init__(self, dialect):
+        self.d = dialect
+        self._due, self._stopping = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, name="db-erase", daemon=True)
+        self._thread.start()
+
+    def due(self) -> None:
+        self._due.set()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._due.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            self._due.wait()
+            if self._stopping.is_set():
+                return
+            time.sleep(self.GATHER_S)
+            self._due.clear()
+            try:
+                if not self.d.erase_freed():
+                    time.sleep(self.RETRY_S)
+                    self._due.set()
+            except Exception:  # noqa: BLE001 - the thread must survive; the next deletion tries again
+                log.exception("erasing deleted rows from the database's files failed")
+                self._stopping.wait(self.RETRY_S)
+                self._due.set()
+
+
 ANSWER_MARGIN_S = 0.5  # of a call's time left, kept to answer it in
 
 
@@ -221,6 +261,8 @@ class SqlDatabase:
         self.d = dialect
         self.pool = ConnectionPool(dialect, pool_size)
         self.responsive = _Responsiveness(None if dialect.probe is None else self._answers)
+        self._tls = threading.local()  # erasing: the transaction under way takes a vector out
+        self._eraser = _Eraser(dialect) if getattr(dialect, "erase_freed", None) else None
 
     def _answers(self, wait_s: float) -> bool:
         """Whether the database answers within wait_s: an idle connection's ping, else a new connection."""
@@ -246,6 +288,8 @@ class SqlDatabase:
         return self.d.describe()
 
     def close(self) -> None:
+        if self._eraser is not None:
+            self._eraser.stop()
         self.pool.close()
 
     # -- plumbing ------------------------------------------------------------
@@ -253,6 +297,7 @@ class SqlDatabase:
     def _tx(self, write: bool = True):
         """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
         committing, answer, reached = False, None, False
+        self._tls.erasing = False
         deadline = _deadline() if self.d.probe is not None else None  # a file (SQLite) does not hang
         trial = self.responsive.check()
         if trial:  # a database that did not answer: the one call trying it does not wait it out for long
@@ -306,6 +351,8 @@ class SqlDatabase:
         else:
             if trial:
                 self.responsive.settle(True)
+            if self._tls.erasing and self._eraser is not None:
+                self._eraser.due()
 
     def _retrying(self, fn, attempts: int = 3):
         """Run a write transaction again after a deadlock / lock timeout (MySQL)."""
@@ -412,8 +459,9 @@ class SqlDatabase:
             )
         return row
 
-    @staticmethod
-    def _log(q, collection_id: str, face_id: str | None, op: str) -> None:
+    def _log(self, q, collection_id: str, face_id: str | None, op: str) -> None:
+        if op != "add":  # a vector goes: once committed, what the database file keeps of it is erased
+            self._tls.erasing = True
         q(
             "INSERT INTO face_changes (collection_id, face_id, op, created_ms) VALUES (?, ?, ?, ?)",
             collection_id,

@@ -184,7 +184,18 @@ class SqliteDialect:
         conn.execute("PRAGMA foreign_keys = ON")
         conn.execute("PRAGMA journal_mode = WAL")
         conn.execute("PRAGMA synchronous = FULL")  # an acknowledged commit survives power loss
+        conn.execute("PRAGMA secure_delete = ON")  # a deleted row's bytes are overwritten, not left in a free page
         return conn
+
+    def erase_freed(self) -> bool:
+        """Checkpoints the write-ahead log into the database and truncates it, so that no frame keeps
+        a deleted row's old page; False when readers held it back (try again)."""
+        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return busy == 0
+        finally:
+            conn.close()
 
     @staticmethod
     def checkout(conn, wait_s: float | None = None):
