@@ -639,3 +639,14 @@ def test_tls_and_client_certificates_on_the_http_port(pki, tmp_path):  # noqa: F
             post(s, "Detect", {"image": {"encoded": b64("dev/img5.jpg")}}, context=ssl.create_default_context(cafile=str(ca)))
     finally:
         assert s.stop() == 0
+
+
+def test_a_long_grpc_timeout_is_passed_on_in_a_unit_it_fits_in():
+    """The gate hands the handler what is left of a request's deadline; a gRPC-Web grpc-timeout of a
+    day or more written in milliseconds took nine digits, and the protocol layer refused it."""
+    from server.web.gate import _grpc_timeout
+
+    assert _grpc_timeout(2.5) == "2500m"
+    assert _grpc_timeout(108000) == "108000S" and _grpc_timeout(30 * 3600) == "108000S"
+    assert _grpc_timeout(10**9) == "16666666M" and _grpc_timeout(10**12) == "99999999H"
+    assert all(len(_grpc_timeout(s)) <= 9 for s in (0.0005, 1, 99999.999, 1e7, 1e9))

@@ -146,3 +146,22 @@ def test_each_collection_has_its_own_bound_and_dies_with_its_collection(request)
         cache.put(new_token(), a, ttl_s=60)  # the dropped collection starts from nothing
         if isinstance(cache, RedisStagingCache):
             cache.close()
+
+
+def test_redis_answers_that_it_cannot_serve_now_are_outages_and_its_other_errors_are_not():
+    """TRYAGAIN and CLUSTERDOWN come as classes of their own in redis-py, with the code taken off the
+    message; they were answered INTERNAL."""
+    from server.storage.staging.redis_cache import _away
+
+    parse = redis.connection.BaseParser.parse_error  # how redis-py reads an error reply
+    for reply in (
+        "TRYAGAIN Multiple keys request during rehashing of slot",
+        "CLUSTERDOWN The cluster is down",
+        "READONLY You can't write against a read only replica.",
+        "MISCONF Redis is configured to save",
+        "NOREPLICAS Not enough good replicas to write.",
+        "BUSY Redis is busy running a script.",
+        "OOM command not allowed when used memory > 'maxmemory'.",
+    ):
+        assert _away(parse(reply)), reply
+    assert not _away(parse("WRONGTYPE Operation against a key holding the wrong kind of value"))

@@ -968,3 +968,52 @@ def test_a_deleted_face_leaves_no_bytes_in_the_sqlite_files(tmp_path):
         assert np.asarray(kept.embedding, "<f4").tobytes() in b"".join(p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
     finally:
         store.close()
+
+
+def test_erasing_the_sqlite_log_never_holds_writers_back_behind_a_reader(tmp_path):
+    """The erasure's checkpoint waited up to 10 s for a reader (a backup tool, an operator's shell)
+    holding the log, and every writer waited with it; some failed. It does not wait now: it tries
+    again later, and erases once the reader is done. A close right after a deletion is prompt."""
+    store = open_store(f"sqlite:///{tmp_path}/facesvc.db", str(tmp_path))
+    reader = sqlite3.connect(str(tmp_path / "facesvc.db"), isolation_level=None)
+    try:
+        cid = coll(store)
+        gone = face(1)
+        store.add_face(cid, "s1", gone, allow_existing=True, max_faces=10)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM faces").fetchone()  # a read transaction that stays open
+        store.delete_face(cid, gone.face_id)
+        time.sleep(0.5)  # the eraser has tried
+        t0 = time.monotonic()
+        for i in range(3):
+            store.add_face(cid, f"s{i + 2}", face(i + 2), allow_existing=True, max_faces=10)
+        assert time.monotonic() - t0 < 1.0
+        reader.execute("COMMIT")
+        vector = np.asarray(gone.embedding, "<f4").tobytes()
+        deadline = time.monotonic() + 10
+        while any(vector in p.read_bytes() for p in tmp_path.iterdir() if p.is_file()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(vector in p.read_bytes() for p in tmp_path.iterdir() if p.is_file())
+        store.delete_face(cid, store.get_subject(cid, "s2").faces[0].face_id)
+        t0 = time.monotonic()
+        store.close()
+        assert time.monotonic() - t0 < 1.0 and not store._eraser._thread.is_alive()
+    finally:
+        reader.close()
+
+
+def test_a_trial_that_runs_out_of_its_own_time_is_unavailable_not_the_calls_end(mysql_url, tmp_path):
+    """The trial of a database that did not answer is allowed TRIAL_S; running out of that (not of
+    a call's deadline: there may be none) was answered DEADLINE_EXCEEDED / CALL_ENDED, a code clients
+    do not retry, where it is the database that is in doubt."""
+    store = open_store(mysql_url, str(tmp_path))
+    try:
+        store.responsive.TRIAL_S = 0.5
+        store.responsive._down_until = time.monotonic() - 1
+        with pytest.raises(errors.FaceServiceError) as e, store._tx(write=False) as q:
+            q("SELECT 1")
+            time.sleep(0.6)
+            q("SELECT 1")
+        assert reason(e) == errors.STORE_UNAVAILABLE and "nothing was written" in str(e.value)
+    finally:
+        store.close()

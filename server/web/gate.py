@@ -154,7 +154,8 @@ class HeaderGate:
             return
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
         owner, held, refusal = None, [0], None
-        deadline = _deadline(headers)  # from the request's arrival: the key lookup and the body's upload count
+        deadlines = _deadlines(headers)  # from the request's arrival: the key lookup and the body's upload count
+        deadline = min(deadlines.values(), default=None)
         try:
             refused = self._refuse(scope["method"], kind, scope["path"])
             if refused is not None:  # not the method's content type: answered in plain HTTP
@@ -173,8 +174,8 @@ class HeaderGate:
             if refusal is None:
                 # the body once, as read (handed over, not kept here); then the connection's own events
                 watch()
-                if deadline is not None:  # the handler's deadline is what is left of the request's
-                    scope = {**scope, "headers": _time_left_headers(scope["headers"], deadline)}
+                if deadlines:  # the handler's deadline is what is left of the request's
+                    scope = {**scope, "headers": _time_left_headers(scope["headers"], deadlines)}
                 await self._wsgi(scope, partial(_replay, parts, receive), send, spawn, call_soon)
         finally:
             self.bytes.give(owner, held[0])
@@ -290,30 +291,40 @@ async def _replay(parts: list, receive):
 _GRPC_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 
-def _deadline(headers: dict) -> float | None:
-    """The monotonic time a request's deadline (connect-timeout-ms, or gRPC-Web's grpc-timeout) ends
-    at, counted from now, its arrival; None without one (or one that does not parse: the protocol
-    layer refuses it)."""
+def _deadlines(headers: dict) -> dict[str, float]:
+    """{timeout header: the monotonic time it ends at, counted from now, the request's arrival}, of
+    connect-timeout-ms (Connect) and grpc-timeout (gRPC-Web); one that does not parse is left to the
+    protocol layer to refuse."""
+    out = {}
+    now = time.monotonic()
     ms = headers.get("connect-timeout-ms", "")
     if ms.isascii() and ms.isdigit() and len(ms) <= 10:
-        return time.monotonic() + int(ms) / 1000
+        out["connect-timeout-ms"] = now + int(ms) / 1000
     grpc_timeout = headers.get("grpc-timeout", "")
     digits, unit = grpc_timeout[:-1], grpc_timeout[-1:]
     if digits.isascii() and digits.isdigit() and len(digits) <= 8 and unit in _GRPC_UNITS:
-        return time.monotonic() + int(digits) * _GRPC_UNITS[unit]
-    return None
+        out["grpc-timeout"] = now + int(digits) * _GRPC_UNITS[unit]
+    return out
 
 
-def _time_left_headers(raw: list, deadline: float) -> list:
-    """The request's headers with its timeout set to what is left of it now."""
-    left_ms = str(max(1, int((deadline - time.monotonic()) * 1000)))
-    out = []
+def _grpc_timeout(seconds: float) -> str:
+    """A grpc-timeout value for `seconds` (at most 8 digits: the smallest unit they fit in)."""
+    for unit in ("m", "S", "M", "H"):
+        n = max(1, int(seconds / _GRPC_UNITS[unit]))
+        if n < 10**8:
+            return f"{n}{unit}"
+    return "99999999H"
+
+
+def _time_left_headers(raw: list, deadlines: dict[str, float]) -> list:
+    """The request's headers with each timeout set to what is left of it now."""
+    now, out = time.monotonic(), []
     for k, v in raw:
         name = k.decode("latin-1").lower()
-        if name == "connect-timeout-ms":
-            v = left_ms.encode()
-        elif name == "grpc-timeout":
-            v = f"{left_ms}m".encode()
+        if name == "connect-timeout-ms" and name in deadlines:
+            v = str(max(1, int((deadlines[name] - now) * 1000))).encode()
+        elif name == "grpc-timeout" and name in deadlines:
+            v = _grpc_timeout(max(0.001, deadlines[name] - now)).encode()
         out.append((k, v))
     return out
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import queue
 import threading
 import time
@@ -198,7 +197,8 @@ class _Eraser:
     thread; deletions that come together are erased together."""
 
     GATHER_S = 0.2  # deletions that come together (a retention sweep, DeleteSubject) share one pass
-    RETRY_S = 1.0  # readers kept the log from being truncated: again
+    RETRY_S = 0.5  # a reader or writer held the log: again, waiting twice as long each time...
+    MAX_RETRY_S = 30.0  # ...up to this
 
     def __init__(self, dialect):
         self.d = dialect
@@ -215,36 +215,52 @@ class _Eraser:
         self._thread.join(5)
 
     def _run(self) -> None:
+        wait = self.RETRY_S
         while True:
             self._due.wait()
-            if self._stopping.is_set():
-                return
-            time.sleep(self.GATHER_S)
             self._due.clear()
+            if self._stopping.wait(self.GATHER_S):
+                return
             try:
-                if not self.d.erase_freed():
-                    time.sleep(self.RETRY_S)
-                    self._due.set()
-            except Exception:  # noqa: BLE001 - the thread must survive; the next deletion tries again
+                done = self.d.erase_freed()
+            except Exception:  # noqa: BLE001 - the thread must survive; it tries again
                 log.exception("erasing deleted rows from the database's files failed")
-                self._stopping.wait(self.RETRY_S)
-                self._due.set()
+                done = False
+            if done:
+                wait = self.RETRY_S
+                continue
+            if wait >= self.MAX_RETRY_S / 2:
+                log.warning("deleted rows wait to be erased from the database's write-ahead log: a reader holds it")
+            if self._stopping.wait(wait):
+                return
+            wait = min(wait * 2, self.MAX_RETRY_S)
+            self._due.set()
 
 
 ANSWER_MARGIN_S = 0.5  # of a call's time left, kept to answer it in
 
 
-def _left(deadline: float, grace: float = 0.0) -> float:
+def _call_out_of_time() -> errors.FaceServiceError:
+    return errors.FaceServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        errors.CALL_ENDED,
+        "the call's time ran out before the database answered; nothing was written",
+    )
+
+
+def _trial_out_of_time() -> errors.FaceServiceError:
+    return errors.unavailable(
+        errors.STORE_UNAVAILABLE, "the database is being tried again after it did not answer; nothing was written; retry"
+    )
+
+
+def _left(deadline: float, out_of_time, grace: float = 0.0) -> float:
     """How long a statement may wait, up to `deadline` (+ grace). None left: the transaction ends
-    here, rolled back, so the caller learns for certain that nothing was written (a statement sent
-    with no time to wait would time out, and a commit's outcome would be unknown)."""
+    here, rolled back, with out_of_time(), so the caller learns for certain that nothing was written
+    (a statement sent with no time to wait would time out, and a commit's outcome would be unknown)."""
     left = deadline + grace - time.monotonic()
     if left <= 0:
-        raise errors.FaceServiceError(
-            grpc.StatusCode.DEADLINE_EXCEEDED,
-            errors.CALL_ENDED,
-            "the time allowed ran out before the database answered; nothing was written",
-        )
+        raise out_of_time()
     return left
 
 
@@ -299,13 +315,16 @@ class SqlDatabase:
         committing, answer, reached = False, None, False
         self._tls.erasing = False
         deadline = _deadline() if self.d.probe is not None else None  # a file (SQLite) does not hang
+        out_of_time = _call_out_of_time
         trial = self.responsive.check()
         if trial:  # a database that did not answer: the one call trying it does not wait it out for long
-            deadline = min(deadline or math.inf, time.monotonic() + self.responsive.TRIAL_S)
+            trial_end = time.monotonic() + self.responsive.TRIAL_S
+            if deadline is None or trial_end < deadline:
+                deadline, out_of_time = trial_end, _trial_out_of_time
 
         def q(sql, *params):
             if deadline is not None:  # what is left of the call's time, statement by statement
-                self.d.bound(conn, _left(deadline))
+                self.d.bound(conn, _left(deadline, out_of_time))
             return self.d.execute(conn, sql, params)
 
         try:
@@ -315,7 +334,7 @@ class SqlDatabase:
                 try:
                     yield q
                     if deadline is not None:  # the commit may use the margin kept to answer in, but for a moment
-                        self.d.bound(conn, _left(deadline, ANSWER_MARGIN_S - 0.1))
+                        self.d.bound(conn, _left(deadline, out_of_time, ANSWER_MARGIN_S - 0.1))
                     committing = True
                     conn.commit()
                 except (errors.FaceServiceError, _Retry, _Duplicate) as exc:

@@ -189,11 +189,16 @@ class SqliteDialect:
 
     def erase_freed(self) -> bool:
         """Checkpoints the write-ahead log into the database and truncates it, so that no frame keeps
-        a deleted row's old page; False when readers held it back (try again)."""
-        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        a deleted row's old page; False when a reader or writer held it back (try again later). It
+        does not wait for them (no busy timeout): waiting, it held every writer back meanwhile."""
+        conn = sqlite3.connect(self.path, timeout=0, isolation_level=None)
         try:
             busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             return busy == 0
+        except sqlite3.OperationalError as exc:  # locked or busy right now
+            if "locked" in str(exc).lower() or "busy" in str(exc).lower():
+                return False
+            raise
         finally:
             conn.close()
 

@@ -43,7 +43,16 @@ return n
 # are bugs, not outages, and are not answered as "retry".
 _AWAY = tuple(
     getattr(redis.exceptions, name)
-    for name in ("ConnectionError", "TimeoutError", "ReadOnlyError", "OutOfMemoryError", "BusyLoadingError", "MasterDownError")
+    for name in (
+        "ConnectionError",
+        "TimeoutError",
+        "ReadOnlyError",
+        "OutOfMemoryError",
+        "BusyLoadingError",
+        "MasterDownError",
+        "TryAgainError",
+        "ClusterDownError",
+    )
     if hasattr(redis.exceptions, name)
 )
 _AWAY_CODES = {"READONLY", "OOM", "LOADING", "MASTERDOWN", "MISCONF", "NOREPLICAS", "BUSY", "TRYAGAIN", "CLUSTERDOWN"}
