@@ -1017,3 +1017,27 @@ def test_a_trial_that_runs_out_of_its_own_time_is_unavailable_not_the_calls_end(
         assert reason(e) == errors.STORE_UNAVAILABLE and "nothing was written" in str(e.value)
     finally:
         store.close()
+
+
+def test_a_retried_registration_is_not_told_its_token_expired_while_the_database_is_away(store, monkeypatch):
+    """A Register retried after its staged face left the cache asks the database whether the face
+    was committed; with the database away it was told STAGING_EXPIRED, and a client that then ran
+    Process again could enrol the face a second time. It is told the database is unavailable."""
+    from server.domain.identity import IdentityService
+    from server.storage.staging import MemoryStagingCache
+    from server.storage.staging.base import new_token
+
+    identity = IdentityService(None, store, MemoryStagingCache())
+    cid = coll(store)
+
+    def away(*args):
+        raise errors.unavailable(errors.STORE_UNAVAILABLE, "the database is unavailable; retry")
+
+    monkeypatch.setattr(store, "get_face", away)
+    with pytest.raises(errors.FaceServiceError) as e:
+        identity.register_staged(cid, "s1", new_token(), {})
+    assert reason(e) == errors.STORE_UNAVAILABLE
+    monkeypatch.undo()
+    with pytest.raises(errors.FaceServiceError) as e:
+        identity.register_staged(cid, "s1", new_token(), {})
+    assert reason(e) == errors.STAGING_EXPIRED

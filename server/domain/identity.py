@@ -304,7 +304,9 @@ class IdentityService:
             # Already committed (a retry after a lost response)? Then answer as the first call did.
             try:
                 done = self.store.get_face(collection, face_id)
-            except errors.FaceServiceError:
+            except errors.FaceServiceError as exc:
+                if exc.code != grpc.StatusCode.NOT_FOUND:
+                    raise  # the database away, or the call's time up: whether it was committed is unknown
                 done = None
             if done is None or done.subject_id != subject_id:
                 raise errors.not_found(errors.STAGING_EXPIRED, "staging token is unknown or expired; call Process again")
