@@ -135,10 +135,6 @@ class SearchService:
 
     def stats(self, collection: str) -> dict:
         """The collection's index statistics (COLLECTION_NOT_FOUND first: nothing is loaded for a missing one)."""
-        created = self.store.collection_created_ms(collection)
-        if created is None:
-            raise errors.not_found(
-                errors.COLLECTION_NOT_FOUND, f"collection {collection!r} does not exist", collection=collection
-            )
+        created = self.store.get_collection_settings(collection).created_ms  # COLLECTION_NOT_FOUND
         # never an earlier collection's index of this id (created anew on another replica)
         return self.indexes.get(collection, created).stats()
