@@ -88,8 +88,10 @@ class ConnectionPool:
                 conn = self.d.connect(left)
             yield conn
             self._idle.put(conn)
-        except BaseException:
+        except BaseException as exc:
             if conn is not None:
+                if isinstance(exc, Exception) and self.d.is_timeout(exc):  # the server may be at work for it still
+                    self.d.abandon(conn)
                 with contextlib.suppress(Exception):
                     conn.close()
             raise
