@@ -184,7 +184,7 @@ def test_search_by_embedding_and_its_validation(gallery, engine_stub):
     )
 
 
-def test_all_faces_and_spoofs(gallery, engine_stub):
+def test_all_faces_spoofs_and_faces_liveness_cannot_judge(gallery, engine_stub):
     stub = engine_stub
     group = stub.Search(
         pb.SearchRequest(collection=COLL, image=image("dev/group_t1.jpg"), all_faces=True, skip_liveness=True), timeout=60
@@ -196,6 +196,22 @@ def test_all_faces_and_spoofs(gallery, engine_stub):
     )
     many = stub.Search(pb.SearchRequest(collection=COLL, image=image(spoof), all_faces=True), timeout=60)
     assert not many.results[0].liveness.is_live and not many.results[0].matches
+    # a face crop: liveness cannot judge it, and the one-face Search says so as Verify does, rather
+    # than calling the person a spoof; with all_faces the reason comes back with the face
+    import cv2
+
+    from scripts.bench_inputs import centre_crop
+
+    photo = cv2.imread(str(FACES / "dev/img1.jpg"))
+    box = stub.Detect(pb.DetectRequest(image=image("dev/img1.jpg")), timeout=60).faces[0].box
+    crop = centre_crop(photo, np.array([box.x, box.y, box.x + box.width, box.y + box.height]), 1.0)
+    close = pb.Image(encoded=cv2.imencode(".jpg", crop)[1].tobytes())
+    info = expect_error(
+        stub.Search, pb.SearchRequest(collection=COLL, image=close), grpc.StatusCode.INVALID_ARGUMENT, "FACE_TOO_CLOSE"
+    )
+    assert info.metadata["hint"]
+    many = stub.Search(pb.SearchRequest(collection=COLL, image=close, all_faces=True), timeout=60)
+    assert many.results[0].liveness.reason == "FACE_TOO_CLOSE" and not many.results[0].matches
 
 
 def test_concurrent_search_and_register_lose_nothing(gallery):

@@ -66,9 +66,12 @@ class SearchService:
             faces = faces[:1]
         results = []
         for face in faces:
-            live = None if skip_liveness else self.pipeline.check_liveness(img, face, liveness_threshold)
-            if live is not None and not live.is_live and not all_faces:
-                raise errors.spoof(live.score, live.threshold)
+            if skip_liveness:
+                live = None
+            elif all_faces:  # each face's verdict, or why it cannot be judged, comes back with it
+                live = self.pipeline.check_liveness(img, face, liveness_threshold)
+            else:  # one face: refused as Verify refuses it (a spoof, or a photo liveness cannot judge)
+                live = self.pipeline.require_live(img, face, liveness_threshold)
             results.append(ProbeMatches(face, live, []))
         searchable = [r for r in results if r.liveness is None or r.liveness.is_live]
         if searchable:
