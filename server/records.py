@@ -19,7 +19,6 @@ MAX_METADATA_ENTRIES, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 256
 DUPLICATE_REJECT = "reject"  # an enrolment face matching another subject is refused (DUPLICATE_FACE)
 DUPLICATE_WARN = "warn"  # registered, and the match reported in the response
 DUPLICATE_OFF = "off"  # no duplicate check
-DUPLICATE_POLICIES = (DUPLICATE_REJECT, DUPLICATE_WARN, DUPLICATE_OFF)
 
 
 @dataclass(frozen=True)

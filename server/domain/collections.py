@@ -100,10 +100,6 @@ class CollectionService:
     def get(self, collection_id: str) -> Collection:
         return self.store.get_collection(collection_id)
 
-    def policy(self, collection_id: str) -> str:
-        """The liveness policy; COLLECTION_NOT_FOUND when there is no such collection."""
-        return self.store.get_collection_policy(collection_id)
-
     def created_ms(self, collection_id: str) -> int | None:
         """When the collection was created (None: it does not exist): one id, deleted and
         created again, is two collections."""

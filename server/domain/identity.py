@@ -376,7 +376,7 @@ class IdentityService:
             raise errors.precondition(
                 errors.NO_COMPARABLE_FACES,
                 f"subject {subject_id!r} has no face embedded by {model} ({len(subject.faces)} faces by other models or none); "
-                "register a face or run scripts/reembed.py",
+                "register a face or run facesvc-reembed",
                 faces=len(subject.faces),
                 model=model,
             )

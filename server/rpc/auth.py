@@ -8,7 +8,8 @@
 Keys are stored as SHA-256 hashes (they are 256-bit random secrets, so a
 slow hash adds nothing). Lookups are cached for `cache_s` seconds; a key
 revoked on another replica stops working within that time (open streams
-re-check their key with the database every second: `KeyWatch`).
+re-check their key with the database every second: `Recheck` in
+server/domain/streaming.py).
 
 A flood of made-up keys must not become a flood of database queries: a
 string that is not shaped like a collection key is refused without a
@@ -256,7 +257,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
     def _check(self, rpc: str, request, context) -> contextvars.Token:
         """Unary calls: the key and what it may do with this request. Streaming calls (request None):
-        the key only; the servicer authorizes each message of the stream (StreamRpcs._authorize).
+        the key only; the servicer authorizes each message of the stream (StreamHandlers._authorize).
         Returns the token that resets current_principal when the call ends."""
         sent = [value for key, value in context.invocation_metadata() if key == HEADER]
         try:

@@ -1,4 +1,5 @@
-"""Collections and API keys (admin key only: enforced by server/rpc/auth.py), over CollectionService."""
+"""Collections, API keys and the audit log, over CollectionService: the admin key's, except GetCollection,
+which a collection's own key may call too (the scopes are SCOPES in server/rpc/auth.py)."""
 
 from __future__ import annotations
 

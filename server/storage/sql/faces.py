@@ -312,7 +312,7 @@ class SqlFaces(SqlDatabase):
             ).fetchall()
         return [self._face(r, False) for r in rows]
 
-    # -- re-embedding (scripts/reembed.py) -----------------------------------
+    # -- re-embedding (facesvc-reembed) --------------------------------------
     def faces_with_crops(self, after_face_id: str, limit: int, collection_id: str = "") -> list[FaceRecord]:
         """Faces that have a stored crop, in face id order (all collections when collection_id is empty)."""
         where = "crop IS NOT NULL AND face_id > ?" + (" AND collection_id = ?" if collection_id else "")

@@ -37,7 +37,7 @@ class ArcFaceRecognizer:
         self.flip = flip
         self.input_name = session.get_inputs()[0].name
         self.output_name = session.get_outputs()[0].name
-        # concurrent requests' faces share one session.run (see server/models/batching.py)
+        # concurrent requests' faces share one session.run (see server/vision/models/batching.py)
         self.batcher = MicroBatcher(self._run, max_batch) if micro_batch and max_batch > 1 else None
 
     @property
