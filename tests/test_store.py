@@ -130,6 +130,30 @@ def test_a_migration_cut_short_is_finished_by_the_next_start(empty_db_url, tmp_p
         new.close()
 
 
+def test_a_first_migration_cut_short_is_finished_by_the_next_start(empty_db_url, tmp_path):
+    """A kill during the first step on a new database left MySQL with some of its tables and no
+    version row, and every later start refused them as someone else's ("Table 'collections' already
+    exists"). The step's begun marker tells the next start they are its own."""
+    old = SqlFaceStore(dialect_for(empty_db_url, str(tmp_path)))
+    full = old.d.schema
+    old.d.schema = [[*full[0][:1], "THIS IS NOT SQL"], *full[1:]]  # cut short after its first table
+    try:
+        with pytest.raises(RuntimeError, match="to version 1 failed"):
+            old.migrate()
+    finally:
+        old.close()
+    new = open_store(empty_db_url, str(tmp_path))
+    try:
+        assert new.migrate() == len(full)
+        new.create_collection("after", "", LIVENESS_REQUIRED)
+        with new._tx() as q:
+            assert [r[0] for r in q("SELECT version FROM schema_version ORDER BY version").fetchall()] == list(
+                range(1, len(full) + 1)
+            )
+    finally:
+        new.close()
+
+
 def test_a_table_of_the_same_name_stops_a_first_migration(empty_db_url, tmp_path):
     """Passing over what is in place is for a step cut short only: a table of ours that someone else
     already has in the database must stop the migration, not be taken for ours."""
@@ -143,6 +167,29 @@ def test_a_table_of_the_same_name_stops_a_first_migration(empty_db_url, tmp_path
             other.migrate()
     finally:
         other.close()
+
+
+def test_a_table_of_the_same_name_stops_every_start_on_a_new_database(empty_db_url, tmp_path):
+    """Someone else's table met by the first step is not taken for one a killed start left behind,
+    at the first start or at any after it."""
+    for _ in range(2):
+        other = SqlFaceStore(dialect_for(empty_db_url, str(tmp_path)))
+        try:
+            with other.pool.connection() as conn:
+                other.d.execute(
+                    conn,
+                    "CREATE TABLE IF NOT EXISTS collections (collection_id VARCHAR(64) PRIMARY KEY) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                    if empty_db_url.startswith("mysql")
+                    else "CREATE TABLE IF NOT EXISTS collections (collection_id TEXT PRIMARY KEY)",
+                )  # step 1 makes one
+                if not empty_db_url.startswith("mysql"):
+                    conn.commit()
+            with pytest.raises(RuntimeError, match="to version 1 failed"):
+                other.migrate()
+            with other.pool.connection() as conn, pytest.raises(Exception):  # noqa: B017 - the driver's "no such table"
+                other.d.execute(conn, "SELECT COUNT(*) FROM subjects")  # nothing of step 1's went on after it
+        finally:
+            other.close()
 
 
 def test_collections(store):

@@ -400,14 +400,15 @@ class SqlDatabase:
                 self.d.create_version_table(conn)
                 with self.d.migration_lock(conn):
                     row = self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()
-                    current = row[0] or 0
+                    current = max(0, row[0] or 0)  # a step's begun marker is its version, negated
                     if current > target:
                         raise RuntimeError(
                             f"database schema version {current} is newer than this server understands ({target}); upgrade the server"
                         )
                     for version in range(current + 1, target + 1):
                         step = version
-                        # only the first step this start runs on a schema in use may have been cut short
+                        # the first step this start runs on a schema in use may have been cut short
+                        # (so may one whose begun marker is there: _migrate_step)
                         self._migrate_step(conn, version, resumed=bool(current) and version == current + 1)
         except RuntimeError:
             raise
@@ -428,22 +429,38 @@ class SqlDatabase:
         the step, passing over what is there already (the dialect's `exists_errors`). Only that step
         (`resumed`: the first this start runs on a schema in use): elsewhere a table of the same name
         is someone else's, and the migration stops. This holds for additive steps (tables, columns,
-        indexes); a step that drops, renames or moves data must be made safe to run twice by itself."""
+        indexes); a step that drops, renames or moves data must be made safe to run twice by itself.
+
+        A step writes a begun marker (its version, negated) before its first statement, so that one cut
+        short is known as ours also when no version row says the schema is in use: the first step on a
+        new database, which a kill left with some of its tables and no version at all. When a step
+        that was not resumed meets a table already there, that table is someone else's: the marker
+        goes, and every start stops there until the operator has seen to it."""
         sqlite = self.d.name == "sqlite"
         if sqlite:
             self.d.execute(conn, "BEGIN IMMEDIATE")
         try:
-            done = self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
+            done = max(0, self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
             if done < version:
                 log.info("migrating %s schema to version %d", self.d.name, version)
+                marker = ("DELETE FROM schema_version WHERE version = ?", (-version,))
+                begun = self.d.execute(conn, "SELECT COUNT(*) FROM schema_version WHERE version = ?", (-version,)).fetchone()[0]
+                resumed = resumed or bool(begun)
+                if not begun:
+                    self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (-version, now_ms()))
                 for stmt in self.d.schema[version - 1]:
                     try:
                         self.d.execute(conn, stmt)
                     except Exception as exc:
-                        if not resumed or self.d.error_code(exc) not in self.d.exists_errors:
+                        exists = self.d.error_code(exc) in self.d.exists_errors
+                        if not resumed or not exists:
+                            if exists and not sqlite:  # not ours: the next start must not take it for ours
+                                with contextlib.suppress(Exception):
+                                    self.d.execute(conn, *marker)
                             raise
                         log.info("schema version %d: %s is in place already", version, stmt.split("(")[0].strip())
                 self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
+                self.d.execute(conn, *marker)
         except BaseException:
             if sqlite:
                 with contextlib.suppress(Exception):  # SQLite may have rolled back by itself (a full disk)
