@@ -394,12 +394,84 @@ def test_milvus_a_lost_collection_is_rebuilt_from_the_database_in_pages(store, t
     assert "building from the database: 50 of 120 faces" in caplog.text and "built from the database with 120" in caplog.text
     f, v = next(iter(faces.items()))
     assert idx.search(v, 1, 0.9, 1)[0].face_id == f
-    # Milvus holding other faces than the database (a count that does not match): refused and rebuilt
-    idx.add(["f" * 32], ["intruder"], [unit(np.random.default_rng(3))])
+    # Milvus holding a face the database does not: put right at the load
+    intruder = unit(np.random.default_rng(3))
+    idx.add(["f" * 32], ["intruder"], [intruder])
     c = registry(store, tmp_path, engine="milvus")
     with caplog.at_level("WARNING", logger="facesvc.index"):
-        assert c.get(cid).loaded_from == "database" and len(c.get(cid)) == 120
-    assert "milvus index refused" in caplog.text
+        assert c.get(cid).loaded_from == "milvus" and len(c.get(cid)) == 120
+    assert "Milvus held 1 faces the database does not and lacked 0" in caplog.text
+    assert "f" * 32 not in {h.face_id for h in c.get(cid).search(intruder, 5, -1.0, 1)}
+
+
+def test_milvus_changes_no_replica_wrote_are_put_right_at_the_next_load(store, tmp_path, monkeypatch):
+    """A face replaced (deleted, and a new one added) while no replica could write to Milvus, and the
+    replicas restarted meanwhile: the change log's last rows, which a load replays, were other
+    collections' by then, and the count matched. The deleted face was served, the new one never
+    found. A load now compares face ids with the database (in pages: ID_PAGE)."""
+    from server.index import milvus as milvus_module
+
+    monkeypatch.setattr(milvus_module, "ID_PAGE", 7)
+    cid = new_collection(store)
+    faces = enrol(store, cid, 20)
+    a = registry(store, tmp_path, engine="milvus")
+    assert len(a.get(cid)) == 20
+    old = next(iter(faces))
+    store.delete_face(cid, old)  # neither reached Milvus: no replica ran
+    new = NewFace(uuid.uuid4().hex, MODEL, unit(np.random.default_rng(99)), 0.9, None)
+    store.add_face(cid, "s0-0", new, allow_existing=True, max_faces=10)
+    enrol(store, new_collection(store), registry_module.LOOKBACK + 5, seed=5)  # other tenants' traffic
+    b = registry(store, tmp_path, engine="milvus")
+    idx = b.get(cid)
+    assert idx.loaded_from == "milvus" and len(idx) == 20
+    assert old not in {h.face_id for h in idx.search(faces[old], 5, -1.0, 1)}
+    assert idx.search(new.embedding, 1, 0.9, 1)[0].face_id == new.face_id
+
+
+def test_milvus_a_released_collection_is_loaded_again(store, tmp_path):
+    """A restarted Milvus holds its collections released: every search and write answered UNAVAILABLE
+    until facesvc was restarted. The call that meets it loads it and goes on."""
+    cid = new_collection(store)
+    faces = enrol(store, cid, 5)
+    a = registry(store, tmp_path, engine="milvus")
+    idx = a.get(cid)
+    idx.engine.client.release_collection(idx.name)
+    f, v = next(iter(faces.items()))
+    assert idx.search(v, 1, 0.9, 1)[0].face_id == f
+
+
+def test_milvus_a_collection_lost_while_replicas_run_is_rebuilt_on_each(store, tmp_path, monkeypatch):
+    """Milvus lost its collection (a wiped volume, a new Milvus) under running replicas: they answered
+    UNAVAILABLE until restarted, and their change-log followers stood still. The replica that meets
+    the loss rebuilds on the next use; one that only searched learns of the collection created anew
+    from its watch (IndexSync's thread) instead of finding nothing for good."""
+    from server.index import milvus as milvus_module
+
+    monkeypatch.setattr(milvus_module, "WATCH_S", 0.0)
+    cid, other = new_collection(store), new_collection(store)
+    faces, others = enrol(store, cid, 10), enrol(store, other, 3, seed=4)
+    a = registry(store, tmp_path, engine="milvus")
+    b = registry(store, tmp_path, engine="milvus")
+    f, v = next(iter(faces.items()))
+    assert a.get(cid).search(v, 1, 0.9, 1)[0].face_id == f and b.get(cid).search(v, 1, 0.9, 1)[0].face_id == f
+    g, w = next(iter(others.items()))
+    assert b.get(other).search(w, 1, 0.9, 1)[0].face_id == g  # a collection only B uses
+    a.engine.client.drop_collection(a.get(cid).name)
+    with pytest.raises(errors.FaceServiceError) as e:
+        a.get(cid).search(v, 1, 0.9, 1)
+    assert e.value.reason == errors.STORE_UNAVAILABLE
+    added = enrol(store, cid, 1, seed=7)
+    a.local_change(cid, list(added))  # a change meeting the stale index: it goes, no error
+    rebuilt = a.get(cid)
+    assert rebuilt.loaded_from == "database" and len(rebuilt) == 11
+    assert rebuilt.search(v, 1, 0.9, 1)[0].face_id == f
+    # B never met the loss, and A's rebuild of its own collection created the Milvus collection anew,
+    # without the one only B uses: the collection's mark tells B
+    b.engine.watch()
+    again = b.get(other)
+    assert len(again) == 3 and again.search(w, 1, 0.9, 1)[0].face_id == g
+    assert b.get(cid).search(v, 1, 0.9, 1)[0].face_id == f
+    b.apply_changes([(10**9, cid, next(iter(added)), "add")])  # the follower goes on
 
 
 def test_milvus_a_stale_write_is_undone_by_the_writer_that_made_it(store, tmp_path):

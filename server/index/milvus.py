@@ -37,6 +37,7 @@ import logging
 import re
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +52,11 @@ MAX_LIMIT = 16384  # Milvus's largest topk
 WRITE_BATCH = 1000  # rows per upsert: 1000 x 512 floats is a 2 MB message
 VERIFY_ROUNDS = 5
 LITE_FLUSH_ROWS = 1000
+# Milvus's error codes for a collection that does not exist, and for one that is not loaded (a
+# restarted Milvus holds its collections released until someone loads them)
+NOT_FOUND, NOT_LOADED = 100, 101
+ID_PAGE = MAX_LIMIT  # face ids read per query when a load compares them with the database
+WATCH_S = 5.0  # how often IndexSync's thread asks Milvus whether a collection is still the one loaded
 
 
 @dataclass(frozen=True)
@@ -99,6 +105,13 @@ class MilvusIndex:
         self.built_at = time.time()
         self.loaded_from = "database"  # or "milvus": found there, checked against the database
         self.snapshot_at = 0.0
+        self.generation = engine.generation(name)
+
+    @property
+    def stale(self) -> bool:
+        """Milvus lost the collection this index writes to (or it was created anew) since the index was
+        made: what it held is gone, and the registry loads the index anew (from the database)."""
+        return self.engine.generation(self.name) != self.generation
 
     def __len__(self) -> int:
         return self.engine.count(self.name, self.filter)
@@ -145,6 +158,30 @@ class MilvusIndex:
         log.warning(
             "index %s: %d faces kept changing while being written; the change log applies them again", self.name, len(ids)
         )
+
+    def reconcile(self, page: int = 10_000) -> None:
+        """Make what Milvus holds for the collection the faces the database holds, compared by face id.
+        The change log is replayed into a loaded index only as far back as LOOKBACK rows, and the count
+        check after it passes changes that cancel out (a face replaced: one deletion, one addition), so
+        changes that no replica could write (Milvus away, the replicas restarted meanwhile) would
+        otherwise leave a deleted face searchable for good."""
+        held = self.engine.face_ids(self.name, self.filter)
+        listed, after = set(), ""
+        while ids := self.engine.store.collection_face_ids(self.collection, self.model_id, after, page):
+            listed.update(ids)
+            after = ids[-1]
+        missing, extra = sorted(listed - held), sorted(held - listed)
+        if not missing and not extra:
+            return
+        log.warning(
+            "index %s: Milvus held %d faces the database does not and lacked %d that it holds; put right",
+            self.collection,
+            len(extra),
+            len(missing),
+        )
+        for s in range(0, max(len(missing), len(extra)), WRITE_BATCH):
+            adding = missing[s : s + WRITE_BATCH]
+            self.apply(self.engine.faces(self.collection, self.model_id, adding), extra[s : s + WRITE_BATCH])
 
     def search(self, vector: np.ndarray, top_k: int, min_similarity: float, max_faces_per_subject: int) -> list[Hit]:
         """One hit per subject (Milvus groups by subject_id: its best face), best first."""
@@ -203,6 +240,11 @@ class MilvusEngine:
         self._lock = threading.Lock()
         self._ready: set[str] = set()
         self._unflushed = 0  # Lite: rows written since its last flush
+        # per Milvus collection: how many times it was found lost (MilvusIndex.stale), the mark it was
+        # created with (its schema's description: another one means it was created anew), when last asked
+        self._generation: dict[str, int] = {}
+        self._mark: dict[str, str] = {}
+        self._watched: dict[str, float] = {}
 
     # -- the connection and the Milvus collection ---------------------------------------
     @property
@@ -244,7 +286,9 @@ class MilvusEngine:
         c, p = self.client, self.params
         try:
             if not c.has_collection(name):
-                schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+                # a mark of this creation: a collection lost and created anew has another (watch)
+                mark = f"facesvc faces {uuid.uuid4().hex}"
+                schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=mark)
                 schema.add_field("face_id", DataType.VARCHAR, max_length=64, is_primary=True)
                 schema.add_field("collection", DataType.VARCHAR, max_length=64, is_partition_key=True)
                 schema.add_field("subject_id", DataType.VARCHAR, max_length=128)
@@ -266,19 +310,69 @@ class MilvusEngine:
                     if not c.has_collection(name):
                         raise
             c.load_collection(name)
+            mark = c.describe_collection(name).get("description", "")
         except errors.FaceServiceError:
             raise
         except Exception as exc:  # noqa: BLE001
             raise _unavailable(f"cannot prepare collection {name}", exc) from None
-        self._ready.add(name)
+        with self._lock:
+            self._mark[name], self._watched[name] = mark, time.monotonic()
+            self._ready.add(name)
         return name
 
+    def generation(self, name: str) -> int:
+        return self._generation.get(name, 0)
+
+    def _lost(self, name: str) -> None:
+        """Milvus no longer holds the collection that was loaded as `name` (dropped, a wiped volume, a
+        new Milvus; or created anew since): the next use creates it again, and every index made on
+        the one lost is stale, loaded anew (from the database) on its next use."""
+        with self._lock:
+            if name not in self._ready:  # once per loss, not once per call that meets it
+                return
+            self._ready.discard(name)
+            self._generation[name] = self._generation.get(name, 0) + 1
+        log.warning(
+            "milvus: collection %s was lost; its facesvc collections are rebuilt from the database on their next use", name
+        )
+
+    def watch(self) -> None:
+        """Called by IndexSync's thread: every WATCH_S, whether each collection in use is still the one
+        loaded. A replica that only searches would otherwise never learn that another replica, meeting
+        the collection lost, created it anew: its searches would find nothing, with no error."""
+        now = time.monotonic()
+        for name in list(self._ready):
+            if now - self._watched.get(name, 0.0) < WATCH_S:
+                continue
+            self._watched[name] = now
+            try:
+                mark = self.client.describe_collection(name).get("description", "")
+            except Exception as exc:  # noqa: BLE001 - away: the calls that need it say so
+                if getattr(exc, "code", None) == NOT_FOUND:
+                    self._lost(name)
+                continue
+            if mark != self._mark.get(name):
+                self._lost(name)
+
     # -- calls, each turning a Milvus failure into UNAVAILABLE / STORE_UNAVAILABLE ----------
-    def _call(self, what: str, fn, *args, **kw):
-        try:
-            return fn(*args, **kw)
-        except Exception as exc:  # noqa: BLE001 - pymilvus raises MilvusException and gRPC errors
-            raise _unavailable(what, exc) from None
+    def _call(self, what: str, fn, name: str, *args, **kw):
+        """fn(name, ...). A collection found released (a restarted Milvus) is loaded and the call tried
+        once more; one found gone marks the indexes in it stale (_lost)."""
+        for attempt in range(2):
+            try:
+                return fn(name, *args, **kw)
+            except Exception as exc:  # noqa: BLE001 - pymilvus raises MilvusException and gRPC errors
+                code = getattr(exc, "code", None)
+                if code == NOT_LOADED and attempt == 0:
+                    try:
+                        self.client.load_collection(name)
+                    except Exception as again:  # noqa: BLE001
+                        raise _unavailable(f"load {name}", again) from None
+                    log.info("milvus: collection %s was released (a restarted Milvus?); loaded it again", name)
+                    continue
+                if code == NOT_FOUND:
+                    self._lost(name)
+                raise _unavailable(what, exc) from None
 
     def count(self, name: str, where: str) -> int:
         rows = self._call("count", self.client.query, name, filter=where, output_fields=["count(*)"], consistency_level="Strong")
@@ -303,6 +397,28 @@ class MilvusEngine:
 
     def delete_where(self, name: str, where: str) -> None:
         self._call("delete", self.client.delete, name, filter=where)
+
+    def face_ids(self, name: str, where: str) -> set[str]:
+        """The face ids of the rows matching `where` (Strong), read in pages after the last id seen: a
+        query with a limit answers in primary key order (what pymilvus's query_iterator relies on too,
+        whose timestamp call Milvus Lite does not implement)."""
+        out, after = set(), None
+        while True:
+            page = where if after is None else f"{where} and face_id > {_quoted(after)}"
+            rows = self._call(
+                "query",
+                self.client.query,
+                name,
+                filter=page,
+                output_fields=["face_id"],
+                limit=ID_PAGE,
+                consistency_level="Strong",
+            )
+            ids = [r["face_id"] for r in rows]
+            out.update(ids)
+            if len(ids) < ID_PAGE:
+                return out
+            after = max(ids)
 
     def fetch(self, name: str, face_ids: list[str]) -> dict[str, tuple[str, int, np.ndarray]]:
         """{face_id: (subject_id, created_ms, embedding)} of those faces Milvus holds now (Strong: the
@@ -367,14 +483,16 @@ class MilvusEngine:
         return batch
 
     def load(self, collection: str, expect: dict):
-        """What Milvus holds for the collection (the registry replays the recent change log into it and
-        checks its count against the database); None when it holds nothing: a lost or new one is built."""
+        """What Milvus holds for the collection, put right by face id against the database (reconcile;
+        the registry then replays the recent change log into it, for writes in flight, and checks its
+        count); None when it holds nothing: a lost or new one is built."""
         idx = self._index(collection, expect["dimension"], expect["model"])
         if idx is None:
             return None
         self._remove_older(idx.name, collection, idx.created_ms)
         if len(idx) == 0:
             return None
+        idx.reconcile()
         idx.loaded_from = "milvus"
         return idx, {"change_seq": None}
 

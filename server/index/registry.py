@@ -40,6 +40,11 @@ def _earlier(idx: FaceIndex, created_ms: int | None) -> bool:
     return created_ms is not None and loaded_for is not None and loaded_for != created_ms
 
 
+def _stale(idx: FaceIndex) -> bool:
+    """Whether the engine lost what `idx` held (Milvus lost its collection): it is loaded anew."""
+    return getattr(idx, "stale", False)
+
+
 def _takes_out(rows) -> bool:
     """Whether change-log rows take a vector out of an index: a deletion, a re-embedding, a drop."""
     return any(op != "add" for _, _, _, op in rows)
@@ -120,10 +125,14 @@ class IndexRegistry:
         collection of the same id (deleted and created anew by another replica, whose drop this one
         has not applied yet) is never served for it: it is dropped and the new one loaded."""
         idx = self._indexes.get(collection)
-        if idx is not None and not _earlier(idx, created_ms):
+        if idx is not None and not _earlier(idx, created_ms) and not _stale(idx):
             return idx
         with self._lock(collection):
             idx = self._indexes.get(collection)
+            if idx is not None and _stale(idx):
+                log.info("index %s: the engine lost what it held; loading it anew", collection)
+                self._indexes.pop(collection, None)
+                idx = None
             if idx is not None and _earlier(idx, created_ms) and _earlier(idx, self.store.collection_created_ms(collection)):
                 # (the store's word too: a caller's read may be older than the index loaded since)
                 log.info("index %s: the collection was created anew; loading the new one", collection)
@@ -250,6 +259,9 @@ class IndexRegistry:
             return
         with self._lock(collection):
             idx = self._indexes.get(collection)
+            if idx is not None and _stale(idx):  # its next use loads it anew, with this change
+                self._indexes.pop(collection, None)
+                return
             if idx is None:  # not loaded: the load will read the committed state
                 return
             self._apply(collection, idx, [(0, collection, f, "update" if replace else "sync") for f in face_ids])
@@ -405,6 +417,9 @@ class IndexRegistry:
             if not crows:
                 return False
         idx = self._indexes.get(collection)
+        if idx is not None and _stale(idx):  # its next use loads it anew, with these rows
+            self._indexes.pop(collection, None)
+            return False
         if idx is None:
             if self.engine.saves_indexes and _takes_out(crows) and not self._saved_with(collection, crows):
                 # a snapshot no one loads here would keep what these rows took out: the next load

@@ -218,6 +218,9 @@ class IndexSync:
     def step(self) -> None:
         """One poll of the change log (repeated while batches come back full), then housekeeping."""
         try:
+            watch = getattr(self.registry.engine, "watch", None)  # Milvus: is its collection still the one loaded
+            if watch is not None:
+                watch()
             while True:
                 batch = self.feed.poll()
                 if self.on_drop is not None and any(op == "drop" for _, _, _, op in batch.rows):

@@ -54,6 +54,20 @@ class SqlChangeFeed(SqlDatabase):
             ).fetchall()
         return [(r[0], r[1], _emb_array(r[2])) for r in rows]
 
+    def collection_face_ids(self, collection_id: str, model_id: str, after_face_id: str, limit: int) -> list[str]:
+        """The face ids of one model, in order after `after_face_id` (collection_embeddings without the vectors)."""
+        with self._tx(write=False) as q:
+            return [
+                r[0]
+                for r in q(
+                    "SELECT face_id FROM faces WHERE collection_id = ? AND model_id = ? AND face_id > ? ORDER BY face_id LIMIT ?",
+                    collection_id,
+                    model_id,
+                    after_face_id,
+                    limit,
+                ).fetchall()
+            ]
+
     def faces_by_id(self, collection_id: str, model_id: str, face_ids: list[str]):
         """{face_id: (subject_id, embedding)} of those faces that exist with embeddings of `model_id`."""
         out = {}
