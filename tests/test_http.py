@@ -650,3 +650,96 @@ def test_a_long_grpc_timeout_is_passed_on_in_a_unit_it_fits_in():
     assert _grpc_timeout(108000) == "108000S" and _grpc_timeout(30 * 3600) == "108000S"
     assert _grpc_timeout(10**9) == "16666666M" and _grpc_timeout(10**12) == "99999999H"
     assert all(len(_grpc_timeout(s)) <= 9 for s in (0.0005, 1, 99999.999, 1e7, 1e9))
+
+
+def h2_client(url: str, window: int):
+    """An h2c connection whose streams give their answers `window` bytes of flow-control room."""
+    import h2.config
+    import h2.connection
+    import h2.settings
+
+    host, port = url.split("//")[1].rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)), timeout=5)
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: window})
+    sock.sendall(conn.data_to_send())
+    return sock, conn, [(":scheme", "http"), (":authority", host)]
+
+
+def test_a_client_that_takes_no_answer_holds_no_worker_and_loses_its_connection(tmp_path):
+    """A client that never opened its streams' flow-control window kept their answers, and the worker
+    threads sending them, for good: a few streams asking for the console's files (no key needed) held
+    every HTTP worker, and a key's calls stopped counting against its limit once their handlers had
+    returned, while their answers waited. Files and preflights are now made on the event loop, a
+    key's call counts until its answer is sent, and a connection that takes nothing of its answers
+    for the stream idle time is ended."""
+    idle = 2
+    s = ServerProcess(
+        "--http-port",
+        "0",
+        log_path=tmp_path / "server.log",
+        env={"FACESVC_STREAM_IDLE_SECONDS": str(idle), "FACESVC_MAX_CALLS_PER_KEY": "1"},
+    )
+    try:
+        admin = pb_grpc.FaceServiceStub(s.channel)
+        admin.CreateCollection(pb.CreateCollectionRequest(collection="http-stall"), timeout=10)
+        key = admin.CreateApiKey(pb.CreateApiKeyRequest(collection="http-stall"), timeout=10).secret
+        sock, conn, common = h2_client(s.http_url, 0)
+        for _ in range(12):  # more than the server's worker threads
+            conn.send_headers(conn.get_next_available_stream_id(), [(":method", "GET"), (":path", "/"), *common], end_stream=True)
+        body = b'{"collection":"http-stall"}'
+        rpc = [(":method", "POST"), (":path", "/facesvc.v1.FaceService/GetCollection"), *common]
+        rpc += [("content-type", "application/json"), ("content-length", str(len(body))), ("x-api-key", key)]
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, rpc)
+        conn.send_data(sid, body, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        with urllib.request.urlopen(s.http_url + "/", timeout=5) as r:  # the console, to someone else
+            assert r.status == 200
+        assert post(s, "GetCollection", {"collection": "none"})[0] == 404  # an RPC: a worker is free
+        assert time.monotonic() - t0 < 1.5
+        status, _, doc = post(s, "GetCollection", {"collection": "http-stall"}, key=key)
+        assert (status, reason(doc)) == (429, "CALL_LIMIT_REACHED")  # its call holds the key's one slot
+        sock.settimeout(idle + 3)
+        ended = False
+        try:
+            while sock.recv(65536):  # settings and headers, no bodies; then the connection ends
+                pass
+            ended = True
+        except ConnectionResetError:
+            ended = True
+        assert ended and time.monotonic() - t0 < idle + 3
+        sock.close()
+        assert post(s, "GetCollection", {"collection": "http-stall"}, key=key)[0] == 200  # the slot was given back
+    finally:
+        s.stop()
+    assert (tmp_path / "server.log").read_text().count("HTTP connection ended: its client took") == 1
+
+
+def test_a_bodiless_request_left_unended_is_answered_after_the_idle_time(tmp_path):
+    """Over HTTP/2 a GET whose stream never ends (no END_STREAM, no body) waited for its end for good,
+    without a key: tens of thousands of them held hundreds of megabytes."""
+    import h2.events
+
+    idle = 2
+    s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
+    try:
+        sock, conn, common = h2_client(s.http_url, 65535)
+        conn.send_headers(conn.get_next_available_stream_id(), [(":method", "GET"), (":path", "/"), *common])
+        sock.sendall(conn.data_to_send())
+        t0, status = time.monotonic(), None
+        sock.settimeout(idle + 3)
+        while status is None:
+            data = sock.recv(65536)
+            assert data, "the connection closed without an answer"
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"]
+            sock.sendall(conn.data_to_send())
+        assert status == b"408" and idle - 0.5 < time.monotonic() - t0 < idle + 3
+        sock.close()
+    finally:
+        s.stop()

@@ -189,12 +189,17 @@ class LimitInterceptor(grpc.ServerInterceptor):
 
         def enter(request, context, kind):
             owner = call_owner(context, self.by_key)
-            return owner, self._enter(rpc, owner, self._limiters(kind.startswith("stream")), context)
+            return owner, self._enter(rpc, owner, self._limiters(kind.startswith("stream")), context), context
 
         def leave(state):
-            owner, taken = state
-            for limiter in taken:
-                limiter.release(owner)
+            owner, taken, context = state
+
+            def release():
+                for limiter in taken:
+                    limiter.release(owner)
+
+            # over HTTP a worker thread sends the answer after the handler: the slots count it too
+            getattr(context, "when_answered", lambda fn: fn())(release)
 
         limited = around(handler, enter, leave)
         return self._sends_watched(limited) if handler.response_streaming else limited

@@ -28,17 +28,27 @@ from pathlib import Path
 from urllib.parse import unquote
 
 import grpc
+import hypercorn.asyncio.run as hypercorn_run
 from connectrpc.code import Code
 from google.protobuf import json_format
 from google.rpc import error_details_pb2
 from hypercorn.asyncio import serve
+from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
+from hypercorn.events import RawData
 
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, AuthInterceptor
 from server.rpc.servicer import SERVICE
-from server.web.calls import STATUS_BY_NUMBER, STATUS_DETAILS_KEY, connect_app, connect_code, grpc_code, library_refusal
-from server.web.gate import ERROR_INFO, BodyBytes, HeaderGate, info_detail, web_status
+from server.web.calls import (
+    STATUS_BY_NUMBER,
+    STATUS_DETAILS_KEY,
+    connect_app,
+    connect_code,
+    grpc_code,
+    library_refusal,
+)
+from server.web.gate import CONNECTION, ERROR_INFO, BodyBytes, HeaderGate, info_detail, web_status
 
 log = logging.getLogger("facesvc.http")
 
@@ -244,6 +254,32 @@ class HttpApp:
         return [b"" if environ["REQUEST_METHOD"] == "HEAD" else data]
 
 
+class _Connection(TCPServer):
+    """hypercorn's connection, made in the task that serves it: it goes into CONNECTION there, so the
+    request tasks it starts (which inherit the task's context) can see how much of their answers
+    the client has taken, and end the connection (gate._Answer)."""
+
+    def __init__(self, app, loop, config, context, state, reader, writer):
+        super().__init__(app, loop, config, context, state, reader, writer)
+        self.written = 0
+        CONNECTION.set(self)
+
+    async def protocol_send(self, event) -> None:
+        if isinstance(event, RawData):
+            self.written += len(event.data)
+        await super().protocol_send(event)
+
+    def taken(self) -> int:
+        """Bytes written to the connection that have left this process (the socket took them)."""
+        return self.written - self.writer.transport.get_write_buffer_size()
+
+    def end(self, why: str) -> None:
+        """Drops the connection (at once: what it still held to send goes too), once."""
+        if not self.writer.transport.is_closing():
+            log.info("HTTP connection ended: %s", why)
+            self.writer.transport.abort()
+
+
 class HttpServer:
     """Hypercorn on its own thread and event loop, beside the gRPC server, until stop()."""
 
@@ -255,7 +291,8 @@ class HttpServer:
         # request bodies held at once: a message's worth per worker in all, two per key (a key's two streams)
         held = BodyBytes(total=max(2, s.workers) * max_bytes, per_owner=2 * max_bytes)
         cors = lambda origin: self.app._cors({"HTTP_ORIGIN": origin})  # noqa: E731
-        self.gate = HeaderGate(self.app, max_bytes, auth, held, not_taken, cors, s.stream_idle_seconds)
+        answers = BodyBytes(total=max(2, s.workers) * max_bytes, per_owner=0)  # answers not yet taken: in all
+        self.gate = HeaderGate(self.app, max_bytes, auth, held, not_taken, cors, s.stream_idle_seconds, answers)
         host = s.http_host or s.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM)
@@ -297,6 +334,7 @@ class HttpServer:
         loop.set_default_executor(ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="http"))
         self._stop = asyncio.Event()
         self._started.set()
+        hypercorn_run.TCPServer = _Connection  # the name serve() makes each connection with
         try:
             loop.run_until_complete(serve(self.gate, self.config, shutdown_trigger=self._stop.wait, mode="asgi"))
         except Exception:  # noqa: BLE001 - logged: the gRPC side goes on serving

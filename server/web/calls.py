@@ -10,6 +10,7 @@ abort, callbacks), and an abort becomes a `ConnectError` carrying the same
 
 from __future__ import annotations
 
+import contextvars
 import re
 import threading
 import time
@@ -30,6 +31,12 @@ from server.rpc.servicer import SERVICE
 from server.rpc.status import refuse, to_status
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
+
+
+# What waits for the request's answer to be sent, all of it (the gate sets a list for each request
+# and runs what is in it then; the worker thread sees it because the gate starts it in the request's
+# context): HttpCall.when_answered.
+ANSWERED: contextvars.ContextVar[list | None] = contextvars.ContextVar("facesvc_http_answered", default=None)
 
 
 class HttpAbort(Exception):
@@ -98,6 +105,18 @@ class HttpCall:
 
     def code(self) -> grpc.StatusCode | None:
         return self._code
+
+    def when_answered(self, fn) -> None:
+        """fn() once the call's answer has been sent, all of it: its handler has returned by then, but
+        the worker thread may still be sending, and the answer is the server's to hold until the
+        client takes it. The key's call slot is given back so (LimitInterceptor): else a client that
+        took none of its answers held a worker and an answer per call, however many calls its key
+        may make at once."""
+        later = ANSWERED.get()
+        if later is None:
+            fn()
+        else:
+            later.append(fn)
 
     def abort_with_status(self, status: grpc.Status):
         self._code, self.aborted = status.code, status

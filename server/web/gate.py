@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextvars
 import json
 import threading
 import time
@@ -22,13 +23,13 @@ from urllib.parse import quote
 
 import grpc
 from google.rpc import error_details_pb2
-from hypercorn.app_wrappers import WSGIWrapper
+from hypercorn.app_wrappers import WSGIWrapper, _build_environ
 
 from server import errors
 from server.context import current_call
 from server.rpc.auth import HEADER, SERVICE_PREFIX
 from server.rpc.status import to_status
-from server.web.calls import STATUS_DETAILS_KEY, connect_code
+from server.web.calls import ANSWERED, STATUS_DETAILS_KEY, connect_code
 
 # Connect's HTTP statuses for the codes answered here (https://connectrpc.com/docs/protocol/#error-codes)
 _HTTP = {
@@ -40,6 +41,16 @@ _HTTP = {
     grpc.StatusCode.INTERNAL: "500 Internal Server Error",
 }
 ERROR_INFO = error_details_pb2.ErrorInfo.DESCRIPTOR.full_name
+
+# The connection a request came on (app.py's _Connection: `taken()`, the bytes its client has taken
+# so far, and `end()`), set by the server for each connection; hypercorn's tasks for the connection
+# inherit it. hypercorn has no send timeout, and the ASGI interface no way to drop a connection.
+CONNECTION: contextvars.ContextVar = contextvars.ContextVar("facesvc_http_connection", default=None)
+# Past idle_s, an answer's connection must have taken at least this many bytes a second since the
+# answer began, or it is ended: a slow but steady reader gets its answer however long it takes, one
+# that takes nothing (or a trickle) does not hold a thread and the answer's memory for good.
+MIN_SEND_RATE = 4096
+CHECK_S = 1.0  # how often a send that waits looks at the connection's progress
 
 
 def info_detail(reason: str, metadata: dict[str, str]) -> dict:
@@ -97,12 +108,25 @@ class HeaderGate:
     """The HTTP port's ASGI app: the checks of the module doc, then `app` (WSGI) as hypercorn runs it.
     `refuse(method, content_type, path)` gives (HTTP status, headers, FaceServiceError) for a request no
     RPC takes; `cors(origin)` the CORS headers of an answer; `authenticator` is None with auth off;
-    `idle_s` is the longest wait for the next part of a body."""
+    `idle_s` is the longest wait for the next part of a body, and (with MIN_SEND_RATE) for a client to
+    take its answer; `answer_bytes` bounds the bytes of answers handed to the connections and not yet
+    taken by their clients (BodyBytes with no owner: in all)."""
 
-    def __init__(self, app, max_body: int, authenticator, body_bytes: BodyBytes, refuse, cors, idle_s: float = 30.0):
+    def __init__(
+        self,
+        app,
+        max_body: int,
+        authenticator,
+        body_bytes: BodyBytes,
+        refuse,
+        cors,
+        idle_s: float = 30.0,
+        answer_bytes: BodyBytes | None = None,
+    ):
         self._wsgi = WSGIWrapper(app, max_body)
         self._bodiless = WSGIWrapper(app, 0)  # the console's files and preflights take no body
         self.max_body, self.auth, self.bytes, self.idle_s = max_body, authenticator, body_bytes, idle_s
+        self.answers = answer_bytes if answer_bytes is not None else BodyBytes(total=8 * max_body, per_owner=8 * max_body)
         self._refuse, self._cors = refuse, cors
 
     async def __call__(self, scope, receive, send) -> None:
@@ -121,11 +145,13 @@ class HeaderGate:
             if not watcher:
                 watcher.append(asyncio.ensure_future(_until_gone(receive, gone)))
 
+        answering = _Answer(send, gone, CONNECTION.get(), self.idle_s, self.answers)
         try:
-            await self._http(scope, receive, _unless_gone(send, gone), watch)
+            await self._http(scope, receive, answering.send, watch)
         except _Gone:
             pass  # the client went away: nothing to answer, and nothing left waiting for it
         finally:
+            answering.done()
             for task in watcher:
                 task.cancel()
 
@@ -135,7 +161,9 @@ class HeaderGate:
         def call_soon(func, *args):  # from the WSGI thread: run on the loop, wait for it (as hypercorn does)
             return asyncio.run_coroutine_threadsafe(func(*args), loop).result()
 
-        spawn = partial(loop.run_in_executor, None)
+        def spawn(fn, *args):  # a worker thread, in the request's context (ANSWERED)
+            return loop.run_in_executor(None, contextvars.copy_context().run, fn, *args)
+
         headers: dict[str, str] = {}
         for k, v in scope["headers"]:  # a header sent twice counts as its values joined (RFC 9110 5.3): two keys are no key
             name = k.decode("latin-1").lower()
@@ -147,10 +175,21 @@ class HeaderGate:
                 watch()
                 await _reply(send, "", "413 Content Too Large", cors, refusal)
                 return
-            if (await receive())["type"] == "http.disconnect":  # the request's (empty) body, read here
+            try:  # the request's (empty) body, read here: over HTTP/2 a stream can leave it unended for good
+                if (await asyncio.wait_for(receive(), self.idle_s))["type"] == "http.disconnect":
+                    return
+            except TimeoutError:
+                watch()
+                await _reply(send, "", "408 Request Timeout", cors, _idle(self.idle_s, "the end of the request"))
                 return
             watch()
-            await self._bodiless(scope, partial(_replay, [b""], receive), send, spawn, call_soon)
+            # on the loop, no worker thread: a file or a preflight is quick to make, and a client that
+            # does not take it holds no thread while the send waits (a worker's send holds its thread)
+            messages = []
+            self._bodiless.run_app(_build_environ(scope, b""), messages.append)
+            for message in messages:
+                await send(message)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
         owner, held, refusal = None, [0], None
@@ -176,7 +215,13 @@ class HeaderGate:
                 watch()
                 if deadlines:  # the handler's deadline is what is left of the request's
                     scope = {**scope, "headers": _time_left_headers(scope["headers"], deadlines)}
-                await self._wsgi(scope, partial(_replay, parts, receive), send, spawn, call_soon)
+                answered = []
+                ANSWERED.set(answered)
+                try:
+                    await self._wsgi(scope, partial(_replay, parts, receive), send, spawn, call_soon)
+                finally:  # sent, all of it, or given up
+                    for fn in answered:
+                        fn()
         finally:
             self.bytes.give(owner, held[0])
         if refusal is not None:  # after the bytes are given back: the caller may retry at once
@@ -208,13 +253,7 @@ class HeaderGate:
             try:
                 message = await asyncio.wait_for(receive(), self.idle_s)
             except TimeoutError:
-                error = errors.FaceServiceError(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    errors.STREAM_IDLE,
-                    f"no part of the body for {self.idle_s:g} s",
-                    idle_seconds=f"{self.idle_s:g}",
-                )
-                raise _Refusal("408 Request Timeout", error) from None
+                raise _Refusal("408 Request Timeout", _idle(self.idle_s, "part of the body")) from None
             if message["type"] == "http.disconnect":
                 raise _Gone
             chunk = message.get("body", b"")
@@ -226,6 +265,12 @@ class HeaderGate:
                 body += chunk
             if not message.get("more_body"):
                 return body
+
+
+def _idle(idle_s: float, what: str) -> errors.FaceServiceError:
+    return errors.FaceServiceError(
+        grpc.StatusCode.DEADLINE_EXCEEDED, errors.STREAM_IDLE, f"no {what} for {idle_s:g} s", idle_seconds=f"{idle_s:g}"
+    )
 
 
 DRAIN_BYTES, DRAIN_S = 1 << 20, 2.0
@@ -259,19 +304,46 @@ async def _until_gone(receive, gone: asyncio.Event) -> None:
     gone.set()
 
 
-def _unless_gone(send, gone: asyncio.Event):
-    """`send`, given up when the client has gone. hypercorn waits for an HTTP/2 stream's flow-control
-    room without end, also once its connection has closed, so an answer a client gave no room before
-    it left stayed in the server for good (about 47 KB a connection, with or without a key), and the
-    shutdown waited for it. A client that reads slowly is never cut off: only its leaving ends a send."""
+class _Answer:
+    """A request's `send`, given up when the client has gone or takes nothing of its answer in time.
 
-    async def send_unless_gone(message) -> None:
-        if gone.is_set():
+    hypercorn waits for an HTTP/2 stream's flow-control room without end, also once its connection
+    has closed, and for an HTTP/1.1 client to read without end: an answer a client gave no room stayed
+    in the server, and a worker thread sending it waited with it, so that a few streams that never
+    opened their window (no key needed: the console's files) held every HTTP worker and any amount of
+    memory. Past idle_s from the answer's start, a connection that has taken less than MIN_SEND_RATE
+    bytes a second since is ended (`connection`, CONNECTION). The answer's bytes count against
+    `answers` until it is sent: past their bound the connection is ended at once."""
+
+    def __init__(self, send, gone: asyncio.Event, connection, idle_s: float, answers: BodyBytes):
+        self._send, self._gone, self._connection, self._idle_s, self._answers = send, gone, connection, idle_s, answers
+        self._bytes = 0
+        self._began: tuple[float, int] | None = None  # when the answer began, and what the connection had taken then
+
+    async def send(self, message) -> None:
+        if self._gone.is_set():
             raise _Gone
-        sending = asyncio.ensure_future(send(message))
-        leaving = asyncio.ensure_future(gone.wait())
+        body = message.get("body", b"") if message["type"] == "http.response.body" else b""
+        if body:
+            try:
+                self._answers.take(None, len(body))
+            except errors.FaceServiceError:
+                self._end("the server holds its most answers not yet taken")
+                raise _Gone from None
+            self._bytes += len(body)
+        conn = self._connection
+        if self._began is None and conn is not None:
+            self._began = (time.monotonic(), conn.taken())
+        sending = asyncio.ensure_future(self._send(message))
+        leaving = asyncio.ensure_future(self._gone.wait())
         try:
-            await asyncio.wait((sending, leaving), return_when=asyncio.FIRST_COMPLETED)
+            while not sending.done() and not self._gone.is_set():
+                await asyncio.wait((sending, leaving), timeout=CHECK_S, return_when=asyncio.FIRST_COMPLETED)
+                if sending.done() or self._began is None:
+                    continue
+                since = time.monotonic() - self._began[0]
+                if since >= self._idle_s and conn.taken() - self._began[1] < MIN_SEND_RATE * since:
+                    self._end(f"its client took {conn.taken() - self._began[1]} bytes of answers in {since:.0f} s")
         finally:
             leaving.cancel()
         if not sending.done():
@@ -279,7 +351,15 @@ def _unless_gone(send, gone: asyncio.Event):
             raise _Gone
         sending.result()
 
-    return send_unless_gone
+    def _end(self, why: str) -> None:
+        self._gone.set()
+        if self._connection is not None:
+            self._connection.end(why)
+
+    def done(self) -> None:
+        """The request is over: its answer's bytes are no longer held."""
+        self._answers.give(None, self._bytes)
+        self._bytes = 0
 
 
 async def _replay(parts: list, receive):
