@@ -221,6 +221,13 @@ class MilvusIndex:
         )
 
 
+MARK = "facesvc.mark"  # a collection property: which creation of the Milvus collection this is
+
+
+def _mark(client, name: str) -> str:
+    return (client.describe_collection(name).get("properties") or {}).get(MARK, "")
+
+
 def _state(face) -> tuple | None:
     return None if face is None else (face[0], np.asarray(face[1], np.float32).tobytes())
 
@@ -241,7 +248,7 @@ class MilvusEngine:
         self._ready: set[str] = set()
         self._unflushed = 0  # Lite: rows written since its last flush
         # per Milvus collection: how many times it was found lost (MilvusIndex.stale), the mark it was
-        # created with (its schema's description: another one means it was created anew), when last asked
+        # created with (its `facesvc.mark` property: another one means it was created anew), when last asked
         self._generation: dict[str, int] = {}
         self._mark: dict[str, str] = {}
         self._watched: dict[str, float] = {}
@@ -288,7 +295,7 @@ class MilvusEngine:
             if not c.has_collection(name):
                 # a mark of this creation: a collection lost and created anew has another (watch)
                 mark = f"facesvc faces {uuid.uuid4().hex}"
-                schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False, description=mark)
+                schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
                 schema.add_field("face_id", DataType.VARCHAR, max_length=64, is_primary=True)
                 schema.add_field("collection", DataType.VARCHAR, max_length=64, is_partition_key=True)
                 schema.add_field("subject_id", DataType.VARCHAR, max_length=128)
@@ -303,14 +310,19 @@ class MilvusEngine:
                 )
                 try:
                     c.create_collection(
-                        name, schema=schema, index_params=index, consistency_level=p.consistency, num_partitions=p.partitions
+                        name,
+                        schema=schema,
+                        index_params=index,
+                        consistency_level=p.consistency,
+                        num_partitions=p.partitions,
+                        properties={MARK: mark},
                     )
                     log.info("milvus: created collection %s (%d dimensions, HNSW M=%d, COSINE)", name, dim, p.m)
                 except Exception:  # noqa: BLE001 - another replica created it first
                     if not c.has_collection(name):
                         raise
             c.load_collection(name)
-            mark = c.describe_collection(name).get("description", "")
+            mark = _mark(c, name)
         except errors.FaceServiceError:
             raise
         except Exception as exc:  # noqa: BLE001
@@ -346,7 +358,7 @@ class MilvusEngine:
                 continue
             self._watched[name] = now
             try:
-                mark = self.client.describe_collection(name).get("description", "")
+                mark = _mark(self.client, name)
             except Exception as exc:  # noqa: BLE001 - away: the calls that need it say so
                 if getattr(exc, "code", None) == NOT_FOUND:
                     self._lost(name)
@@ -399,9 +411,10 @@ class MilvusEngine:
         self._call("delete", self.client.delete, name, filter=where)
 
     def face_ids(self, name: str, where: str) -> set[str]:
-        """The face ids of the rows matching `where` (Strong), read in pages after the last id seen: a
-        query with a limit answers in primary key order (what pymilvus's query_iterator relies on too,
-        whose timestamp call Milvus Lite does not implement)."""
+        """The face ids of the rows matching `where` (Strong), read in pages after the last id seen. A
+        query answers in primary key order only when it says it is an iterator's (else segment by
+        segment, in storage order): the flags pymilvus's query_iterator sends, which is not used
+        itself as Milvus Lite does not implement the timestamp call it makes first."""
         out, after = set(), None
         while True:
             page = where if after is None else f"{where} and face_id > {_quoted(after)}"
@@ -413,6 +426,8 @@ class MilvusEngine:
                 output_fields=["face_id"],
                 limit=ID_PAGE,
                 consistency_level="Strong",
+                iterator="True",
+                reduce_stop_for_best="True",
             )
             ids = [r["face_id"] for r in rows]
             out.update(ids)
