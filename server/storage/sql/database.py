@@ -88,10 +88,8 @@ class ConnectionPool:
                 conn = self.d.connect(left)
             yield conn
             self._idle.put(conn)
-        except BaseException as exc:
+        except BaseException:
             if conn is not None:
-                if isinstance(exc, Exception) and self.d.is_timeout(exc):  # the server may be at work for it still
-                    self.d.abandon(conn)
                 with contextlib.suppress(Exception):
                     conn.close()
             raise
@@ -325,8 +323,11 @@ class SqlDatabase:
                 deadline, out_of_time = trial_end, _trial_out_of_time
 
         def q(sql, *params):
+            left = None
             if deadline is not None:  # what is left of the call's time, statement by statement
-                self.d.bound(conn, _left(deadline, out_of_time))
+                left = _left(deadline, out_of_time)
+                self.d.bound(conn, left)
+            self.d.lock_wait(conn, left)
             return self.d.execute(conn, sql, params)
 
         try:

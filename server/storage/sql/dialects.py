@@ -8,15 +8,13 @@ queries, the transactions, the migrations) lives in `sql_store.py` once.
 from __future__ import annotations
 
 import contextlib
-import logging
+import math
 import sqlite3
 import threading
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pymysql
-
-log = logging.getLogger(__name__)
 
 # Schema migrations, in order; the index + 1 is the version recorded in
 # schema_version. Never edit a released step: append a new one.
@@ -216,8 +214,8 @@ class SqliteDialect:
     probe = None  # nothing to ask: the file answers or raises
 
     @staticmethod
-    def abandon(conn) -> None:
-        pass  # the connection is the file: closing it ends its transaction
+    def lock_wait(conn, wait_s: float | None) -> None:
+        pass  # the busy timeout: a file has no one else's session to leave waiting
 
     @staticmethod
     def execute(conn, sql: str, params: tuple = ()):
@@ -250,52 +248,6 @@ class _MySqlLock:
         self.d.execute(self.conn, "SELECT RELEASE_LOCK(?)", ("facesvc_migrate",))
 
 
-class _Reaper:
-    """Kills the server-side sessions of connections given up on, a batch at a time on one thread and
-    one new connection, so that a burst of timed-out calls costs one connect, not one each. A server
-    that does not answer the reaper either (a hung one) gets nothing: its sessions wait as they are."""
-
-    MAX_PENDING = 64  # beyond this the sessions are left to end by themselves (LOCK_WAIT_S)
-    WAIT_S = 2.0
-
-    def __init__(self, dialect: "MySqlDialect"):
-        self.d = dialect
-        self._lock = threading.Lock()
-        self._pending: list[int] = []
-        self._running = False
-
-    def kill(self, thread_id: int) -> None:
-        with self._lock:
-            if len(self._pending) < self.MAX_PENDING:
-                self._pending.append(thread_id)
-            if self._running:
-                return
-            self._running = True
-        threading.Thread(target=self._run, name="mysql-reaper", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            with self._lock:
-                batch, self._pending = self._pending, []
-                if not batch:
-                    self._running = False
-                    return
-            try:
-                conn = pymysql.connect(
-                    **self.d.params, connect_timeout=self.WAIT_S, read_timeout=self.WAIT_S, write_timeout=self.WAIT_S
-                )
-            except Exception as exc:  # noqa: BLE001 - unreachable or hung: nothing to do for these sessions
-                log.debug("could not end %d abandoned database sessions: %s", len(batch), exc)
-                continue
-            try:
-                for thread_id in batch:
-                    with contextlib.suppress(pymysql.err.MySQLError):  # 1094: it had ended by itself
-                        conn.kill(thread_id)
-            finally:
-                with contextlib.suppress(Exception):
-                    conn.close()
-
-
 class MySqlDialect:
     name = "mysql"
     schema = _MYSQL_SCHEMA
@@ -322,7 +274,6 @@ class MySqlDialect:
             database=u.path.strip("/"),
         )
         self.connect_timeout = connect_timeout
-        self._reaper = _Reaper(self)
 
     def describe(self) -> str:
         p = self.params
@@ -378,15 +329,16 @@ class MySqlDialect:
                 raise  # no answer (not a closed connection): a new one would wait as long again
             return self.connect(wait_s)
 
-    def abandon(self, conn) -> None:
-        """`conn` was given up on while the server may still be at work for it: a statement that
-        outlasted its call (a lock wait, a slow query). Closing our end does not stop the server: the
-        session runs the statement to its end (a lock wait: up to LOCK_WAIT_S) holding the locks its
-        transaction took, and the calls after it queue behind them, their own callers gone too. The
-        session is killed instead, which rolls its transaction back at once."""
-        thread_id = getattr(conn, "server_thread_id", None)
-        if thread_id:
-            self._reaper.kill(thread_id[0])
+    def lock_wait(self, conn, wait_s: float | None) -> None:
+        """The server ends a lock wait of the next statement before the caller would give it up: a
+        statement cut short on our side (the socket's timeout, then closed) left its session waiting
+        for the lock on the server, its transaction's locks held, for LOCK_WAIT_S or, on MariaDB,
+        until the lock came free, however long; and a KILL from another connection did not always
+        reach it. Whole seconds, below wait_s (0 on MariaDB: no wait); set only when it changes."""
+        want = self.LOCK_WAIT_S if wait_s is None else max(0, min(self.LOCK_WAIT_S, math.ceil(wait_s) - 1))
+        if getattr(conn, "facesvc_lock_wait", self.LOCK_WAIT_S) != want:
+            conn.cursor().execute(f"SET SESSION innodb_lock_wait_timeout = {int(want)}")
+            conn.facesvc_lock_wait = want
 
     def probe(self, wait_s: float, conn=None) -> None:
         """Raises unless the server answers within about wait_s: a ping on `conn` (an idle pooled
