@@ -401,7 +401,7 @@ class SqlDatabase:
                 self.d.create_version_table(conn)
                 with self.d.migration_lock(conn):
                     row = self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()
-                    current = max(0, row[0] or 0)  # a step's begun marker is its version, negated
+                    current = row[0] or 0
                     if current > target:
                         raise RuntimeError(
                             f"database schema version {current} is newer than this server understands ({target}); upgrade the server"
@@ -432,7 +432,7 @@ class SqlDatabase:
         is someone else's, and the migration stops. This holds for additive steps (tables, columns,
         indexes); a step that drops, renames or moves data must be made safe to run twice by itself.
 
-        A step writes a begun marker (its version, negated) before its first statement, so that one cut
+        A step writes a begun marker (its version in schema_begun) before its first statement, so that one cut
         short is known as ours also when no version row says the schema is in use: the first step on a
         new database, which a kill left with some of its tables and no version at all. When a step
         that was not resumed meets a table already there, that table is someone else's: the marker
@@ -441,14 +441,14 @@ class SqlDatabase:
         if sqlite:
             self.d.execute(conn, "BEGIN IMMEDIATE")
         try:
-            done = max(0, self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()[0] or 0)
+            done = self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()[0] or 0
             if done < version:
                 log.info("migrating %s schema to version %d", self.d.name, version)
-                marker = ("DELETE FROM schema_version WHERE version = ?", (-version,))
-                begun = self.d.execute(conn, "SELECT COUNT(*) FROM schema_version WHERE version = ?", (-version,)).fetchone()[0]
+                marker = ("DELETE FROM schema_begun WHERE version = ?", (version,))
+                begun = self.d.execute(conn, "SELECT COUNT(*) FROM schema_begun WHERE version = ?", (version,)).fetchone()[0]
                 resumed = resumed or bool(begun)
                 if not begun:
-                    self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (-version, now_ms()))
+                    self.d.execute(conn, "INSERT INTO schema_begun (version) VALUES (?)", (version,))
                 for stmt in self.d.schema[version - 1]:
                     try:
                         self.d.execute(conn, stmt)

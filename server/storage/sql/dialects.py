@@ -231,6 +231,7 @@ class SqliteDialect:
     @staticmethod
     def create_version_table(conn) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_ms INTEGER NOT NULL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS schema_begun (version INTEGER NOT NULL)")
 
 
 class _MySqlLock:
@@ -380,6 +381,9 @@ class MySqlDialect:
         self.execute(
             conn, f"CREATE TABLE IF NOT EXISTS schema_version (version INT NOT NULL, applied_ms BIGINT NOT NULL) {_MYSQL_TABLE}"
         )
+        # the steps begun and not done (database.py, _migrate_step); a table of its own, which the
+        # servers before it do not read: a marker among the versions would read as one to them
+        self.execute(conn, f"CREATE TABLE IF NOT EXISTS schema_begun (version INT NOT NULL) {_MYSQL_TABLE}")
 
     @staticmethod
     def error_code(exc: Exception) -> int | None:
