@@ -534,7 +534,8 @@ def slow_read(url: str, path: str, body: bytes, step: int, every: float, within:
 def test_a_slow_steady_reader_gets_its_whole_answer(tmp_path):
     """The HTTP port gave up a send after the stream idle time, and hypercorn hands an answer's body
     over in one send: an answer that took longer than the idle time to reach a client that read it
-    slowly but steadily was cut off, without an error. Only the client's leaving ends a send now."""
+    slowly but steadily was cut off, without an error. A send now ends when the client leaves, or
+    takes too little while it waits (test_a_client_that_takes_no_answer_...)."""
     idle = 2
     s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
     try:
@@ -716,7 +717,7 @@ def test_a_client_that_takes_no_answer_holds_no_worker_and_loses_its_connection(
         assert post(s, "GetCollection", {"collection": "http-stall"}, key=key)[0] == 200  # the slot was given back
     finally:
         s.stop()
-    assert (tmp_path / "server.log").read_text().count("HTTP connection ended: its client took") == 1
+    assert (tmp_path / "server.log").read_text().count("HTTP connection ended: a client took 0 bytes of its answer") == 1
 
 
 def test_a_bodiless_request_left_unended_is_answered_after_the_idle_time(tmp_path):
@@ -740,6 +741,83 @@ def test_a_bodiless_request_left_unended_is_answered_after_the_idle_time(tmp_pat
                     status = dict(ev.headers)[b":status"]
             sock.sendall(conn.data_to_send())
         assert status == b"408" and idle - 0.5 < time.monotonic() - t0 < idle + 3
+        sock.close()
+    finally:
+        s.stop()
+
+
+def test_answers_not_taken_are_bounded_in_all(tmp_path):
+    """Each stream of a client that never opens its window holds its answer until the connection is
+    ended; many such connections held any amount of memory meanwhile. Past a message's worth per
+    worker in all, the connection holding the most is ended at once (not the one about to send)."""
+    idle = 20
+    s = ServerProcess(
+        "--http-port",
+        "0",
+        log_path=tmp_path / "server.log",
+        env={"FACESVC_STREAM_IDLE_SECONDS": str(idle), "FACESVC_MAX_MESSAGE_MB": "1", "FACESVC_WORKERS": "2"},
+    )
+    (bundle,) = (ROOT / "web" / "dist" / "assets").glob("*.js")  # the console's script, 138 KB
+    get = [(":method", "GET"), (":path", "/assets/" + bundle.name)]
+    try:
+        holding, conn, common = h2_client(s.http_url, 0)
+        for _ in range(2 * 2**20 // bundle.stat().st_size):  # 2 MiB of them, less one
+            conn.send_headers(conn.get_next_available_stream_id(), [*get, *common], end_stream=True)
+        holding.sendall(conn.data_to_send())
+        time.sleep(1)
+        t0 = time.monotonic()
+        with urllib.request.urlopen(s.http_url + "/assets/" + bundle.name, timeout=5) as r:  # goes over the bound
+            assert r.status == 200 and len(r.read()) == bundle.stat().st_size
+        holding.settimeout(5)
+        ended = False
+        try:
+            while holding.recv(65536):
+                pass
+            ended = True
+        except ConnectionResetError:
+            ended = True
+        assert ended and time.monotonic() - t0 < 5  # at once, not after the idle time
+        holding.close()
+    finally:
+        s.stop()
+    assert "HTTP connection ended: the server holds its most answers not yet taken" in (tmp_path / "server.log").read_text()
+
+
+def test_one_stream_read_steadily_does_not_keep_the_others(tmp_path):
+    """How much a connection took was counted for the whole connection: an HTTP/2 client opening one
+    stream's window at 8 KB a second kept its other streams' answers, stuck, for as long as it liked.
+    Each stream's answer counts for itself."""
+    import h2.events
+
+    idle = 2
+    s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
+    (bundle,) = (ROOT / "web" / "dist" / "assets").glob("*.js")
+    try:
+        sock, conn, common = h2_client(s.http_url, 0)
+        get = [(":method", "GET"), (":path", "/assets/" + bundle.name), *common]
+        for _ in range(4):
+            conn.send_headers(conn.get_next_available_stream_id(), get, end_stream=True)
+        pump = conn.get_next_available_stream_id()
+        conn.send_headers(pump, get, end_stream=True)
+        sock.sendall(conn.data_to_send())
+        sock.settimeout(0.2)
+        t0, last, pumped, ended = time.monotonic(), 0.0, 0, False
+        while not ended and time.monotonic() - t0 < 4 * idle:
+            if time.monotonic() - last >= 1:
+                last = time.monotonic()
+                conn.increment_flow_control_window(8192)
+                conn.increment_flow_control_window(8192, stream_id=pump)
+                sock.sendall(conn.data_to_send())
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                data = b""
+            ended = not data
+            for ev in conn.receive_data(data):
+                pumped += len(ev.data) if isinstance(ev, h2.events.DataReceived) and ev.stream_id == pump else 0
+        assert pumped and ended and time.monotonic() - t0 < idle + 3
         sock.close()
     finally:
         s.stop()

@@ -35,7 +35,6 @@ from google.rpc import error_details_pb2
 from hypercorn.asyncio import serve
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
-from hypercorn.events import RawData
 
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, AuthInterceptor
@@ -48,7 +47,7 @@ from server.web.calls import (
     grpc_code,
     library_refusal,
 )
-from server.web.gate import CONNECTION, ERROR_INFO, BodyBytes, HeaderGate, info_detail, web_status
+from server.web.gate import CONNECTION, ERROR_INFO, AnswerBytes, BodyBytes, HeaderGate, info_detail, web_status
 
 log = logging.getLogger("facesvc.http")
 
@@ -257,25 +256,29 @@ class HttpApp:
 class _Connection(TCPServer):
     """hypercorn's connection, made in the task that serves it: it goes into CONNECTION there, so the
     request tasks it starts (which inherit the task's context) can see how much of their answers
-    the client has taken, and end the connection (gate._Answer)."""
+    has left, and end the connection (gate._Answer)."""
 
     def __init__(self, app, loop, config, context, state, reader, writer):
         super().__init__(app, loop, config, context, state, reader, writer)
-        self.written = 0
         CONNECTION.set(self)
 
-    async def protocol_send(self, event) -> None:
-        if isinstance(event, RawData):
-            self.written += len(event.data)
-        await super().protocol_send(event)
+    def unsent(self, stream_id: int | None) -> int:
+        """Bytes still in the server's buffers for the connection (HTTP/1.1: one answer at a time), or
+        for one HTTP/2 stream, where hypercorn holds each stream's answer until its window opens."""
+        inner = getattr(getattr(self, "protocol", None), "protocol", None)  # the ProtocolWrapper's H11/H2 protocol
+        buffers = getattr(inner, "stream_buffers", None)
+        if buffers is not None and stream_id is not None:
+            buffer = buffers.get(stream_id)
+            return 0 if buffer is None else len(buffer.buffer)
+        return self.writer.transport.get_write_buffer_size()
 
-    def taken(self) -> int:
-        """Bytes written to the connection that have left this process (the socket took them)."""
-        return self.written - self.writer.transport.get_write_buffer_size()
+    @property
+    def ended(self) -> bool:
+        return self.writer.transport.is_closing()
 
     def end(self, why: str) -> None:
         """Drops the connection (at once: what it still held to send goes too), once."""
-        if not self.writer.transport.is_closing():
+        if not self.ended:
             log.info("HTTP connection ended: %s", why)
             self.writer.transport.abort()
 
@@ -291,7 +294,7 @@ class HttpServer:
         # request bodies held at once: a message's worth per worker in all, two per key (a key's two streams)
         held = BodyBytes(total=max(2, s.workers) * max_bytes, per_owner=2 * max_bytes)
         cors = lambda origin: self.app._cors({"HTTP_ORIGIN": origin})  # noqa: E731
-        answers = BodyBytes(total=max(2, s.workers) * max_bytes, per_owner=0)  # answers not yet taken: in all
+        answers = AnswerBytes(max(2, s.workers) * max_bytes)  # answers not yet taken: a message per worker
         self.gate = HeaderGate(self.app, max_bytes, auth, held, not_taken, cors, s.stream_idle_seconds, answers)
         host = s.http_host or s.host
         family = socket.AF_INET6 if ":" in host else socket.AF_INET

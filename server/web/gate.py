@@ -42,13 +42,14 @@ _HTTP = {
 }
 ERROR_INFO = error_details_pb2.ErrorInfo.DESCRIPTOR.full_name
 
-# The connection a request came on (app.py's _Connection: `taken()`, the bytes its client has taken
-# so far, and `end()`), set by the server for each connection; hypercorn's tasks for the connection
-# inherit it. hypercorn has no send timeout, and the ASGI interface no way to drop a connection.
+# The connection a request came on (app.py's _Connection: `unsent(stream)`, the bytes of an answer
+# still in its buffers, and `end(why)`), set by the server for each connection; hypercorn's tasks for
+# the connection inherit it. hypercorn has no send timeout, and the ASGI interface no way to drop a connection.
 CONNECTION: contextvars.ContextVar = contextvars.ContextVar("facesvc_http_connection", default=None)
-# Past idle_s, an answer's connection must have taken at least this many bytes a second since the
-# answer began, or it is ended: a slow but steady reader gets its answer however long it takes, one
-# that takes nothing (or a trickle) does not hold a thread and the answer's memory for good.
+# A send that waits longer than idle_s must see at least this many bytes a second of its answer leave
+# meanwhile, or the connection is ended: a slow but steady reader gets its answer however
+# long it takes, one that takes nothing (or a trickle) does not hold a thread and the answer's
+# memory for good.
 MIN_SEND_RATE = 4096
 CHECK_S = 1.0  # how often a send that waits looks at the connection's progress
 
@@ -110,7 +111,7 @@ class HeaderGate:
     RPC takes; `cors(origin)` the CORS headers of an answer; `authenticator` is None with auth off;
     `idle_s` is the longest wait for the next part of a body, and (with MIN_SEND_RATE) for a client to
     take its answer; `answer_bytes` bounds the bytes of answers handed to the connections and not yet
-    taken by their clients (BodyBytes with no owner: in all)."""
+    taken by their clients."""
 
     def __init__(
         self,
@@ -121,12 +122,12 @@ class HeaderGate:
         refuse,
         cors,
         idle_s: float = 30.0,
-        answer_bytes: BodyBytes | None = None,
+        answer_bytes: AnswerBytes | None = None,
     ):
         self._wsgi = WSGIWrapper(app, max_body)
         self._bodiless = WSGIWrapper(app, 0)  # the console's files and preflights take no body
         self.max_body, self.auth, self.bytes, self.idle_s = max_body, authenticator, body_bytes, idle_s
-        self.answers = answer_bytes if answer_bytes is not None else BodyBytes(total=8 * max_body, per_owner=8 * max_body)
+        self.answers = answer_bytes if answer_bytes is not None else AnswerBytes(8 * max_body)
         self._refuse, self._cors = refuse, cors
 
     async def __call__(self, scope, receive, send) -> None:
@@ -304,46 +305,77 @@ async def _until_gone(receive, gone: asyncio.Event) -> None:
     gone.set()
 
 
+class AnswerBytes:
+    """Bytes of answers handed to the connections and not yet taken by their clients, in all. Past
+    `total`, the connection holding the most is ended and its answers go with it: the connection
+    about to send is rarely the one that holds them."""
+
+    def __init__(self, total: int):
+        self.total, self._sum = total, 0
+        self._by: dict[object, int] = {}  # connection -> its bytes (None: a request without one, never ended)
+
+    def take(self, connection, n: int) -> None:
+        self._sum += n
+        self._by[connection] = self._by.get(connection, 0) + n
+        if self._sum > self.total:
+            hog = max((c for c in self._by if c is not None), key=self._by.__getitem__, default=None)
+            if hog is not None:
+                hog.end(f"the server holds its most answers not yet taken, {self._by[hog]} bytes of them for this connection")
+
+    def give(self, connection, n: int) -> None:
+        self._sum -= n
+        left = self._by.get(connection, 0) - n
+        if left > 0:
+            self._by[connection] = left
+        else:
+            self._by.pop(connection, None)
+
+
 class _Answer:
-    """A request's `send`, given up when the client has gone or takes nothing of its answer in time.
+    """A request's `send`, given up when the client has gone or takes too little of its answer.
 
     hypercorn waits for an HTTP/2 stream's flow-control room without end, also once its connection
     has closed, and for an HTTP/1.1 client to read without end: an answer a client gave no room stayed
     in the server, and a worker thread sending it waited with it, so that a few streams that never
     opened their window (no key needed: the console's files) held every HTTP worker and any amount of
-    memory. Past idle_s from the answer's start, a connection that has taken less than MIN_SEND_RATE
-    bytes a second since is ended (`connection`, CONNECTION). The answer's bytes count against
-    `answers` until it is sent: past their bound the connection is ended at once."""
+    memory. A send that waits longer than idle_s, while less than MIN_SEND_RATE bytes a second of
+    this answer left the server, ends the connection (`connection`, CONNECTION: over HTTP/2 each
+    stream's own answer counts, so that one stream read steadily does not keep the others). The
+    answer's bytes count against `answers` until the request is over."""
 
-    def __init__(self, send, gone: asyncio.Event, connection, idle_s: float, answers: BodyBytes):
+    def __init__(self, send, gone: asyncio.Event, connection, idle_s: float, answers: AnswerBytes):
         self._send, self._gone, self._connection, self._idle_s, self._answers = send, gone, connection, idle_s, answers
+        self._stream = getattr(getattr(send, "__self__", None), "stream_id", None)  # hypercorn's HTTPStream.app_send
         self._bytes = 0
-        self._began: tuple[float, int] | None = None  # when the answer began, and what the connection had taken then
+
+    def _taken(self) -> int:
+        """Bytes of this answer that have left the server (what is not in its connection's buffers)."""
+        return self._bytes - self._connection.unsent(self._stream)
 
     async def send(self, message) -> None:
         if self._gone.is_set():
             raise _Gone
         body = message.get("body", b"") if message["type"] == "http.response.body" else b""
         if body:
-            try:
-                self._answers.take(None, len(body))
-            except errors.FaceServiceError:
-                self._end("the server holds its most answers not yet taken")
-                raise _Gone from None
             self._bytes += len(body)
-        conn = self._connection
-        if self._began is None and conn is not None:
-            self._began = (time.monotonic(), conn.taken())
+            self._answers.take(self._connection, len(body))
+            if self._connection is not None and self._connection.ended:  # this connection held the most
+                self._gone.set()
+                raise _Gone
+        # when this send began, and how much of the answer had left then: the time a stream's handler
+        # spends making its next answer is not the client's
+        began = None if self._connection is None else (time.monotonic(), self._taken())
         sending = asyncio.ensure_future(self._send(message))
         leaving = asyncio.ensure_future(self._gone.wait())
         try:
             while not sending.done() and not self._gone.is_set():
                 await asyncio.wait((sending, leaving), timeout=CHECK_S, return_when=asyncio.FIRST_COMPLETED)
-                if sending.done() or self._began is None:
+                if sending.done() or began is None:
                     continue
-                since = time.monotonic() - self._began[0]
-                if since >= self._idle_s and conn.taken() - self._began[1] < MIN_SEND_RATE * since:
-                    self._end(f"its client took {conn.taken() - self._began[1]} bytes of answers in {since:.0f} s")
+                since, moved = time.monotonic() - began[0], self._taken() - began[1]
+                if since >= self._idle_s and moved < MIN_SEND_RATE * since:
+                    self._connection.end(f"a client took {moved} bytes of its answer in {since:.0f} s")
+                    self._gone.set()
         finally:
             leaving.cancel()
         if not sending.done():
@@ -351,14 +383,9 @@ class _Answer:
             raise _Gone
         sending.result()
 
-    def _end(self, why: str) -> None:
-        self._gone.set()
-        if self._connection is not None:
-            self._connection.end(why)
-
     def done(self) -> None:
         """The request is over: its answer's bytes are no longer held."""
-        self._answers.give(None, self._bytes)
+        self._answers.give(self._connection, self._bytes)
         self._bytes = 0
 
 
