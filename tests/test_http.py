@@ -821,3 +821,22 @@ def test_one_stream_read_steadily_does_not_keep_the_others(tmp_path):
         sock.close()
     finally:
         s.stop()
+
+
+def test_a_stop_does_not_wait_for_clients_that_are_not_reading(tmp_path):
+    """A client holding an answer it gave no room held the stop for its whole grace period, whose end
+    cancelled the send inside hypercorn and logged a traceback ("the HTTP server failed")."""
+    s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": "30"})
+    sock, conn, common = h2_client(s.http_url, 0)
+    try:
+        for _ in range(3):
+            conn.send_headers(conn.get_next_available_stream_id(), [(":method", "GET"), (":path", "/"), *common], end_stream=True)
+        sock.sendall(conn.data_to_send())
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        assert s.stop() == 0
+        assert time.monotonic() - t0 < 5
+    finally:
+        sock.close()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and "the server is stopping and its client was not reading" in log

@@ -354,5 +354,6 @@ class HttpServer:
         """Stop accepting, let calls in flight finish within `grace` seconds."""
         if self._thread.is_alive() and self._stop is not None:
             self.config.graceful_timeout = grace
+            self._loop.call_soon_threadsafe(self.gate.ending)
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(grace + 5)

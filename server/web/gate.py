@@ -128,6 +128,7 @@ class HeaderGate:
         self._bodiless = WSGIWrapper(app, 0)  # the console's files and preflights take no body
         self.max_body, self.auth, self.bytes, self.idle_s = max_body, authenticator, body_bytes, idle_s
         self.answers = answer_bytes if answer_bytes is not None else AnswerBytes(8 * max_body)
+        self._sending: set[_Answer] = set()  # answers waiting for their clients now (ending)
         self._refuse, self._cors = refuse, cors
 
     async def __call__(self, scope, receive, send) -> None:
@@ -146,7 +147,7 @@ class HeaderGate:
             if not watcher:
                 watcher.append(asyncio.ensure_future(_until_gone(receive, gone)))
 
-        answering = _Answer(send, gone, CONNECTION.get(), self.idle_s, self.answers)
+        answering = _Answer(send, gone, CONNECTION.get(), self.idle_s, self.answers, self._sending)
         try:
             await self._http(scope, receive, answering.send, watch)
         except _Gone:
@@ -155,6 +156,14 @@ class HeaderGate:
             answering.done()
             for task in watcher:
                 task.cancel()
+
+    def ending(self) -> None:
+        """On the loop, as the server stops: the connections of answers waiting for clients that have
+        taken nothing of them since their last send began are ended. Their clients were not reading; waiting for them held the stop for its whole grace,
+        whose end then cancelled them inside hypercorn (a traceback in the log)."""
+        for answer in list(self._sending):
+            if answer.stalled():
+                answer.end("the server is stopping and its client was not reading")
 
     async def _http(self, scope, receive, send, watch) -> None:
         loop = asyncio.get_running_loop()
@@ -343,8 +352,10 @@ class _Answer:
     stream's own answer counts, so that one stream read steadily does not keep the others). The
     answer's bytes count against `answers` until the request is over."""
 
-    def __init__(self, send, gone: asyncio.Event, connection, idle_s: float, answers: AnswerBytes):
+    def __init__(self, send, gone: asyncio.Event, connection, idle_s: float, answers: AnswerBytes, waiting: set):
         self._send, self._gone, self._connection, self._idle_s, self._answers = send, gone, connection, idle_s, answers
+        self._waiting = waiting  # the gate's set of answers waiting now
+        self._began: tuple[float, int] | None = None
         self._stream = getattr(getattr(send, "__self__", None), "stream_id", None)  # hypercorn's HTTPStream.app_send
         self._bytes = 0
 
@@ -364,7 +375,7 @@ class _Answer:
                 raise _Gone
         # when this send began, and how much of the answer had left then: the time a stream's handler
         # spends making its next answer is not the client's
-        began = None if self._connection is None else (time.monotonic(), self._taken())
+        began = self._began = None if self._connection is None else (time.monotonic(), self._taken())
         sending = asyncio.ensure_future(self._send(message))
         leaving = asyncio.ensure_future(self._gone.wait())
         try:
@@ -372,16 +383,24 @@ class _Answer:
                 await asyncio.wait((sending, leaving), timeout=CHECK_S, return_when=asyncio.FIRST_COMPLETED)
                 if sending.done() or began is None:
                     continue
+                self._waiting.add(self)
                 since, moved = time.monotonic() - began[0], self._taken() - began[1]
                 if since >= self._idle_s and moved < MIN_SEND_RATE * since:
-                    self._connection.end(f"a client took {moved} bytes of its answer in {since:.0f} s")
-                    self._gone.set()
+                    self.end(f"a client took {moved} bytes of its answer in {since:.0f} s")
         finally:
+            self._waiting.discard(self)
             leaving.cancel()
         if not sending.done():
             sending.cancel()
             raise _Gone
         sending.result()
+
+    def stalled(self) -> bool:
+        return self._began is not None and self._taken() == self._began[1]
+
+    def end(self, why: str) -> None:
+        self._connection.end(why)
+        self._gone.set()
 
     def done(self) -> None:
         """The request is over: its answer's bytes are no longer held."""
