@@ -1102,3 +1102,33 @@ def test_a_retried_registration_is_not_told_its_token_expired_while_the_database
     with pytest.raises(errors.FaceServiceError) as e:
         identity.register_staged(cid, "s1", new_token(), {})
     assert reason(e) == errors.STAGING_EXPIRED
+
+
+def test_a_call_waits_for_a_database_connection_no_longer_than_its_deadline(store):
+    """With every pooled connection busy, a call on the embedded SQLite store waited 10 s for one
+    whatever its deadline (MySQL's wait was already the call's): a worker thread held long after
+    its caller had gone."""
+    from server import context
+
+    cid = coll(store)
+
+    class Call:  # the part of a servicer context the store reads: a call with 1.5 s left
+        end = time.monotonic() + 1.5
+
+        def time_remaining(self):
+            return self.end - time.monotonic()
+
+    taken = 0
+    while store.pool._slots.acquire(blocking=False):  # every connection busy
+        taken += 1
+    token = context.current_call.set(Call())
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(errors.FaceServiceError) as e:
+            store.get_collection(cid)
+        assert reason(e) == errors.STORE_UNAVAILABLE and time.monotonic() - t0 < 1.5
+    finally:
+        context.current_call.reset(token)
+        for _ in range(taken):
+            store.pool._slots.release()
+    assert store.get_collection(cid).collection_id == cid

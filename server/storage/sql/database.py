@@ -314,7 +314,9 @@ class SqlDatabase:
         """One transaction; `q(sql, *params)` runs a statement in it. DB outages become UNAVAILABLE."""
         committing, answer, reached = False, None, False
         self._tls.erasing = False
-        deadline = _deadline() if self.d.probe is not None else None  # a file (SQLite) does not hang
+        # a file (SQLite) does not hang: its statements take no deadline, its wait for a connection does
+        slot_deadline = _deadline()
+        deadline = slot_deadline if self.d.probe is not None else None
         out_of_time = _call_out_of_time
         trial = self.responsive.check()
         if trial:  # a database that did not answer: the one call trying it does not wait it out for long
@@ -331,7 +333,7 @@ class SqlDatabase:
             return self.d.execute(conn, sql, params)
 
         try:
-            with self.pool.connection(deadline) as conn:
+            with self.pool.connection(deadline if deadline is not None else slot_deadline) as conn:
                 self.d.begin(conn, write)
                 reached = True
                 try:
