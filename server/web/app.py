@@ -35,6 +35,7 @@ from google.rpc import error_details_pb2
 from hypercorn.asyncio import serve
 from hypercorn.asyncio.tcp_server import TCPServer
 from hypercorn.config import Config
+from hypercorn.events import RawData
 
 from server import errors
 from server.rpc.auth import HEADER, SERVICE_PREFIX, AuthInterceptor
@@ -164,6 +165,7 @@ class HttpApp:
         self.any_origin = "*" in origins
         self.origins = origins - {"*"}
         self.console_dir = console_dir.resolve() if console_dir is not None and console_dir.is_dir() else None
+        self._files: dict[Path, tuple[tuple[int, int], bytes]] = {}
 
     def _cors(self, environ) -> list[tuple[str, str]]:
         origin = environ.get("HTTP_ORIGIN", "")
@@ -222,6 +224,16 @@ class HttpApp:
         start_response(held["status"], headers + [("content-length", str(len(data)))])
         return [data]
 
+    def _file(self, target: Path) -> bytes:
+        """A console file's bytes, one copy for every request while it is unchanged: each request read
+        its own, and answers waiting for their clients held a copy each beside the server's."""
+        st = target.stat()
+        stamp = (st.st_mtime_ns, st.st_size)
+        cached = self._files.get(target)
+        if cached is None or cached[0] != stamp:
+            cached = self._files[target] = (stamp, target.read_bytes())
+        return cached[1]
+
     def _static(self, path: str, environ, start_response):
         if self.console_dir is None:
             start_response("404 Not Found", [("content-type", "text/plain")])
@@ -235,7 +247,7 @@ class HttpApp:
         if not found:
             start_response("404 Not Found", [("content-type", "text/plain")])
             return [b"not found\n"]
-        data = target.read_bytes()
+        data = self._file(target)
         kind = mimetypes.guess_type(target.name)[0] or "application/octet-stream"
         # vite names its bundles by content hash: they never change; index.html must be re-read
         cache = "public, max-age=31536000, immutable" if rel.startswith("assets/") else "no-cache"
@@ -253,6 +265,20 @@ class HttpApp:
         return [b"" if environ["REQUEST_METHOD"] == "HEAD" else data]
 
 
+def _connection_failed(loop, context: dict) -> None:
+    """What escapes a client's connection task: hypercorn lets some of a client's protocol errors
+    through (data on a stream it has answered, too many streams in its priority tree), which asyncio
+    logged as a traceback of some 2 KB each, a log anyone without a key could fill. One line each."""
+    exc = context.get("exception")
+    if exc is None:
+        what = context.get("message", "")
+    else:
+        inner = getattr(exc, "exceptions", None) or [exc]  # an ExceptionGroup: its parts
+        what = "; ".join(f"{type(e).__name__}: {e}" for e in inner)
+    log.warning("HTTP connection failed: %s", what)
+    log.debug("HTTP connection failed", exc_info=exc)
+
+
 class _Connection(TCPServer):
     """hypercorn's connection, made in the task that serves it: it goes into CONNECTION there, so the
     request tasks it starts (which inherit the task's context) can see how much of their answers
@@ -260,7 +286,25 @@ class _Connection(TCPServer):
 
     def __init__(self, app, loop, config, context, state, reader, writer):
         super().__init__(app, loop, config, context, state, reader, writer)
+        self.waiting = 0  # its answers whose sends wait for the client now (gate._Answer)
+        self.written = 0
         CONNECTION.set(self)
+
+    async def protocol_send(self, event) -> None:
+        if isinstance(event, RawData):
+            self.written += len(event.data)
+        await super().protocol_send(event)
+
+    def taken(self) -> int:
+        """Bytes written to the connection that have left this process, all its answers together."""
+        return self.written - self.writer.transport.get_write_buffer_size()
+
+    def shut(self, stream_id: int | None) -> bool:
+        """Whether an HTTP/2 stream's own flow-control window is shut: the client holds this answer
+        back itself, rather than the connection's window or the link holding every answer."""
+        h2 = getattr(getattr(getattr(self, "protocol", None), "protocol", None), "connection", None)
+        stream = getattr(h2, "streams", {}).get(stream_id)
+        return stream is not None and stream.outbound_flow_control_window <= 0
 
     def unsent(self, stream_id: int | None) -> int:
         """Bytes still in the server's buffers for the connection (HTTP/1.1: one answer at a time), or
@@ -335,6 +379,7 @@ class HttpServer:
         asyncio.set_event_loop(loop)
         # hypercorn runs WSGI apps on the loop's default executor: as many threads as the gRPC side's
         loop.set_default_executor(ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="http"))
+        loop.set_exception_handler(_connection_failed)
         self._stop = asyncio.Event()
         self._started.set()
         hypercorn_run.TCPServer = _Connection  # the name serve() makes each connection with
@@ -355,5 +400,8 @@ class HttpServer:
         if self._thread.is_alive() and self._stop is not None:
             self.config.graceful_timeout = grace
             self._loop.call_soon_threadsafe(self.gate.ending)
+            # what still waits for its client as the grace ends goes too, rather than being cancelled
+            # inside hypercorn
+            self._loop.call_soon_threadsafe(self._loop.call_later, max(0.0, grace - 0.5), self.gate.ending, True)
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(grace + 5)

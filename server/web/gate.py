@@ -157,13 +157,14 @@ class HeaderGate:
             for task in watcher:
                 task.cancel()
 
-    def ending(self) -> None:
+    def ending(self, every: bool = False) -> None:
         """On the loop, as the server stops: the connections of answers waiting for clients that have
-        taken nothing of them since their last send began are ended. Their clients were not reading; waiting for them held the stop for its whole grace,
-        whose end then cancelled them inside hypercorn (a traceback in the log)."""
+        taken nothing of them since their last send began are ended (`every`: of all answers still
+        waiting, as the grace ends). Waiting for them held the stop for its whole grace, whose end then
+        cancelled them inside hypercorn (a traceback in the log)."""
         for answer in list(self._sending):
-            if answer.stalled():
-                answer.end("the server is stopping and its client was not reading")
+            if every or answer.stalled():
+                answer.end("the server is stopping and its client had not taken its answer")
 
     async def _http(self, scope, receive, send, watch) -> None:
         loop = asyncio.get_running_loop()
@@ -186,19 +187,26 @@ class HeaderGate:
                 await _reply(send, "", "413 Content Too Large", cors, refusal)
                 return
             try:  # the request's (empty) body, read here: over HTTP/2 a stream can leave it unended for good
-                if (await asyncio.wait_for(receive(), self.idle_s))["type"] == "http.disconnect":
-                    return
+                first = await asyncio.wait_for(receive(), self.idle_s)
             except TimeoutError:
                 watch()
                 await _reply(send, "", "408 Request Timeout", cors, _idle(self.idle_s, "the end of the request"))
+                return
+            if first["type"] == "http.disconnect":
+                return
+            if first.get("body") or first.get("more_body"):  # HTTP/2 needs no header to send a body
+                await _reply(
+                    send, "", "413 Content Too Large", cors, errors.validation("body", "only FaceService calls take a body")
+                )
+                await _drain(receive)
                 return
             watch()
             # on the loop, no worker thread: a file or a preflight is quick to make, and a client that
             # does not take it holds no thread while the send waits (a worker's send holds its thread)
             messages = []
             self._bodiless.run_app(_build_environ(scope, b""), messages.append)
-            for message in messages:
-                await send(message)
+            while messages:  # each given up once sent: hypercorn holds its own copy until it is taken
+                await send(messages.pop(0))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         kind = headers.get("content-type", "").split(";")[0].strip().lower()
@@ -315,29 +323,37 @@ async def _until_gone(receive, gone: asyncio.Event) -> None:
 
 
 class AnswerBytes:
-    """Bytes of answers handed to the connections and not yet taken by their clients, in all. Past
-    `total`, the connection holding the most is ended and its answers go with it: the connection
-    about to send is rarely the one that holds them."""
+    """Bytes of answers handed to the connections and not yet taken by their clients, in all. Each
+    answer is counted whole as it is handed over; past `total` the count is made again from what
+    each answer still has in the server, and if that is past it too, the connection holding the most
+    is ended and its answers go with it (the connection about to send is rarely the one that holds
+    them, and a long stream read as it comes holds almost nothing)."""
 
     def __init__(self, total: int):
         self.total, self._sum = total, 0
-        self._by: dict[object, int] = {}  # connection -> its bytes (None: a request without one, never ended)
+        self._held: dict[_Answer, int] = {}
 
-    def take(self, connection, n: int) -> None:
+    def take(self, answer: "_Answer", n: int) -> None:
+        self._held[answer] = self._held.get(answer, 0) + n
         self._sum += n
-        self._by[connection] = self._by.get(connection, 0) + n
-        if self._sum > self.total:
-            hog = max((c for c in self._by if c is not None), key=self._by.__getitem__, default=None)
-            if hog is not None:
-                hog.end(f"the server holds its most answers not yet taken, {self._by[hog]} bytes of them for this connection")
+        if self._sum <= self.total:
+            return
+        self._sum = 0
+        for a in self._held:
+            self._held[a] = a.unsent()
+            self._sum += self._held[a]
+        if self._sum <= self.total:
+            return
+        by_connection: dict[object, int] = {}
+        for a, held in self._held.items():
+            if a.connection is not None:
+                by_connection[a.connection] = by_connection.get(a.connection, 0) + held
+        if by_connection:
+            hog = max(by_connection, key=by_connection.__getitem__)
+            hog.end(f"the server holds its most answers not yet taken, {by_connection[hog]} bytes of them for this connection")
 
-    def give(self, connection, n: int) -> None:
-        self._sum -= n
-        left = self._by.get(connection, 0) - n
-        if left > 0:
-            self._by[connection] = left
-        else:
-            self._by.pop(connection, None)
+    def give(self, answer: "_Answer") -> None:
+        self._sum -= self._held.pop(answer, 0)
 
 
 class _Answer:
@@ -347,9 +363,11 @@ class _Answer:
     has closed, and for an HTTP/1.1 client to read without end: an answer a client gave no room stayed
     in the server, and a worker thread sending it waited with it, so that a few streams that never
     opened their window (no key needed: the console's files) held every HTTP worker and any amount of
-    memory. A send that waits longer than idle_s, while less than MIN_SEND_RATE bytes a second of
-    this answer left the server, ends the connection (`connection`, CONNECTION: over HTTP/2 each
-    stream's own answer counts, so that one stream read steadily does not keep the others). The
+    memory. A send that waits longer than idle_s, while less than MIN_SEND_RATE bytes a second left
+    the server, ends the connection (`connection`, CONNECTION). What counts is what the connection
+    takes, all its answers together (they share its link and its HTTP/2 window), unless the client
+    holds this HTTP/2 stream back itself (its own window shut): then this answer's own bytes count,
+    against its share of the rate, so that one stream read steadily does not keep the others. The
     answer's bytes count against `answers` until the request is over."""
 
     def __init__(self, send, gone: asyncio.Event, connection, idle_s: float, answers: AnswerBytes, waiting: set):
@@ -357,11 +375,24 @@ class _Answer:
         self._waiting = waiting  # the gate's set of answers waiting now
         self._began: tuple[float, int] | None = None
         self._stream = getattr(getattr(send, "__self__", None), "stream_id", None)  # hypercorn's HTTPStream.app_send
-        self._bytes = 0
+        self._bytes = self._unhanded = 0
+
+    @property
+    def connection(self):
+        return self._connection
+
+    def unsent(self) -> int:
+        """Bytes of this answer still in the server: in its connection's buffers, or in a send that has
+        not begun (whose first step puts them there)."""
+        return self._bytes if self._connection is None else self._unhanded + self._connection.unsent(self._stream)
 
     def _taken(self) -> int:
-        """Bytes of this answer that have left the server (what is not in its connection's buffers)."""
-        return self._bytes - self._connection.unsent(self._stream)
+        """Bytes of this answer that have left the server."""
+        return self._bytes - self.unsent()
+
+    async def _hand(self, message) -> None:
+        self._unhanded = 0  # hypercorn's send puts them in its buffers before it first waits
+        await self._send(message)
 
     async def send(self, message) -> None:
         if self._gone.is_set():
@@ -369,26 +400,38 @@ class _Answer:
         body = message.get("body", b"") if message["type"] == "http.response.body" else b""
         if body:
             self._bytes += len(body)
-            self._answers.take(self._connection, len(body))
+            self._unhanded = len(body)
+            self._answers.take(self, len(body))
             if self._connection is not None and self._connection.ended:  # this connection held the most
                 self._gone.set()
                 raise _Gone
         # when this send began, and how much of the answer had left then: the time a stream's handler
         # spends making its next answer is not the client's
-        began = self._began = None if self._connection is None else (time.monotonic(), self._taken())
-        sending = asyncio.ensure_future(self._send(message))
+        conn = self._connection
+        began = self._began = None if conn is None else (time.monotonic(), self._taken(), conn.taken())
+        sending = asyncio.ensure_future(self._hand(message))
         leaving = asyncio.ensure_future(self._gone.wait())
         try:
             while not sending.done() and not self._gone.is_set():
                 await asyncio.wait((sending, leaving), timeout=CHECK_S, return_when=asyncio.FIRST_COMPLETED)
                 if sending.done() or began is None:
                     continue
-                self._waiting.add(self)
-                since, moved = time.monotonic() - began[0], self._taken() - began[1]
-                if since >= self._idle_s and moved < MIN_SEND_RATE * since:
-                    self.end(f"a client took {moved} bytes of its answer in {since:.0f} s")
+                if self not in self._waiting:
+                    self._waiting.add(self)
+                    self._connection.waiting += 1
+                since = time.monotonic() - began[0]
+                if since < self._idle_s:
+                    continue
+                if conn.shut(self._stream):  # the client holds this answer back: its own share counts
+                    moved, need = self._taken() - began[1], MIN_SEND_RATE / conn.waiting * since
+                else:  # the connection or the link holds it, and every answer on it: what it takes counts
+                    moved, need = conn.taken() - began[2], MIN_SEND_RATE * since
+                if moved < need:
+                    self.end(f"a client took {moved} bytes of its answers in {since:.0f} s")
         finally:
-            self._waiting.discard(self)
+            if self in self._waiting:
+                self._waiting.discard(self)
+                self._connection.waiting -= 1
             leaving.cancel()
         if not sending.done():
             sending.cancel()
@@ -396,7 +439,7 @@ class _Answer:
         sending.result()
 
     def stalled(self) -> bool:
-        return self._began is not None and self._taken() == self._began[1]
+        return self._began is not None and self._taken() == self._began[1] and self._connection.taken() == self._began[2]
 
     def end(self, why: str) -> None:
         self._connection.end(why)
@@ -404,7 +447,7 @@ class _Answer:
 
     def done(self) -> None:
         """The request is over: its answer's bytes are no longer held."""
-        self._answers.give(self._connection, self._bytes)
+        self._answers.give(self)
         self._bytes = 0
 
 
