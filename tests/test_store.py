@@ -150,6 +150,7 @@ def test_a_first_migration_cut_short_is_finished_by_the_next_start(empty_db_url,
             assert [r[0] for r in q("SELECT version FROM schema_version ORDER BY version").fetchall()] == list(
                 range(1, len(full) + 1)
             )
+            assert q("SELECT COUNT(*) FROM schema_begun").fetchone()[0] == 0  # every step's marker went with its version
     finally:
         new.close()
 
@@ -163,31 +164,34 @@ def test_a_table_of_the_same_name_stops_a_first_migration(empty_db_url, tmp_path
             other.d.execute(conn, "CREATE TABLE audit_log (x INT)")  # step 3 makes one
             if not empty_db_url.startswith("mysql"):
                 conn.commit()
-        with pytest.raises(RuntimeError, match="to version 3 failed"):
+        with pytest.raises(RuntimeError, match="already holds a table 'audit_log' that facesvc did not make"):
             other.migrate()
     finally:
         other.close()
 
 
 def test_a_table_of_the_same_name_stops_every_start_on_a_new_database(empty_db_url, tmp_path):
-    """Someone else's table met by the first step is not taken for one a killed start left behind,
-    at the first start or at any after it."""
+    """Someone else's table met by the first step is named, at the first start and at every one after
+    it, and nothing is made beside it: the step made its first tables before it met the third, every
+    later start was refused naming one of ours, and a start killed after the step's begun marker
+    let the next take the other's table for one of its own (and come up serving on it)."""
     for _ in range(2):
         other = SqlFaceStore(dialect_for(empty_db_url, str(tmp_path)))
         try:
             with other.pool.connection() as conn:
                 other.d.execute(
                     conn,
-                    "CREATE TABLE IF NOT EXISTS collections (collection_id VARCHAR(64) PRIMARY KEY) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+                    "CREATE TABLE IF NOT EXISTS faces (face_id VARCHAR(64) PRIMARY KEY) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
                     if empty_db_url.startswith("mysql")
-                    else "CREATE TABLE IF NOT EXISTS collections (collection_id TEXT PRIMARY KEY)",
-                )  # step 1 makes one
+                    else "CREATE TABLE IF NOT EXISTS faces (face_id TEXT PRIMARY KEY)",
+                )  # step 1 makes one, after two others
                 if not empty_db_url.startswith("mysql"):
                     conn.commit()
-            with pytest.raises(RuntimeError, match="to version 1 failed"):
+            with pytest.raises(RuntimeError, match="already holds a table 'faces' that facesvc did not make"):
                 other.migrate()
-            with other.pool.connection() as conn, pytest.raises(Exception):  # noqa: B017 - the driver's "no such table"
-                other.d.execute(conn, "SELECT COUNT(*) FROM subjects")  # nothing of step 1's went on after it
+            with other.pool.connection() as conn:
+                assert not other.d.table_exists(conn, "collections") and not other.d.table_exists(conn, "subjects")
+                assert other.d.execute(conn, "SELECT COUNT(*) FROM schema_begun").fetchone()[0] == 0
         finally:
             other.close()
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
+import re
 import threading
 import time
 
@@ -26,6 +27,7 @@ import numpy as np
 from server import context, errors
 
 log = logging.getLogger("facesvc.store")
+_CREATES_TABLE = re.compile(r"\s*CREATE TABLE (?:IF NOT EXISTS )?(\w+)", re.IGNORECASE)
 
 
 def now_ms() -> int:
@@ -434,11 +436,11 @@ class SqlDatabase:
         is someone else's, and the migration stops. This holds for additive steps (tables, columns,
         indexes); a step that drops, renames or moves data must be made safe to run twice by itself.
 
-        A step writes a begun marker (its version in schema_begun) before its first statement, so that one cut
-        short is known as ours also when no version row says the schema is in use: the first step on a
-        new database, which a kill left with some of its tables and no version at all. When a step
-        that was not resumed meets a table already there, that table is someone else's: the marker
-        goes, and every start stops there until the operator has seen to it."""
+        A step writes a begun marker (its version in schema_begun) before its first statement, so that
+        one cut short is known as ours also when no version row says the schema is in use: the first
+        step on a new database, which a kill left with some of its tables and no version at all. Before
+        the marker, a step not resumed looks for the tables it makes: one already there is someone
+        else's, and every start stops there, naming it, with nothing made."""
         sqlite = self.d.name == "sqlite"
         if sqlite:
             self.d.execute(conn, "BEGIN IMMEDIATE")
@@ -448,6 +450,16 @@ class SqlDatabase:
                 log.info("migrating %s schema to version %d", self.d.name, version)
                 marker = ("DELETE FROM schema_begun WHERE version = ?", (version,))
                 begun = self.d.execute(conn, "SELECT COUNT(*) FROM schema_begun WHERE version = ?", (version,)).fetchone()[0]
+                if not begun and not resumed:
+                    # a table the step makes that is there before it began is someone else's: refused
+                    # before anything is made, so that a kill after the marker cannot make it pass for ours
+                    for stmt in self.d.schema[version - 1]:
+                        made = _CREATES_TABLE.match(stmt)
+                        if made and self.d.table_exists(conn, made.group(1)):
+                            raise RuntimeError(
+                                f"the database already holds a table {made.group(1)!r} that facesvc did not make: "
+                                "give facesvc a database of its own"
+                            )
                 resumed = resumed or bool(begun)
                 if not begun:
                     self.d.execute(conn, "INSERT INTO schema_begun (version) VALUES (?)", (version,))
@@ -455,15 +467,15 @@ class SqlDatabase:
                     try:
                         self.d.execute(conn, stmt)
                     except Exception as exc:
-                        exists = self.d.error_code(exc) in self.d.exists_errors
-                        if not resumed or not exists:
-                            if exists and not sqlite:  # not ours: the next start must not take it for ours
-                                with contextlib.suppress(Exception):
-                                    self.d.execute(conn, *marker)
+                        if not resumed or self.d.error_code(exc) not in self.d.exists_errors:
                             raise
                         log.info("schema version %d: %s is in place already", version, stmt.split("(")[0].strip())
+                if not sqlite:  # the version and the marker's removal together (a kill between left the marker)
+                    conn.begin()
                 self.d.execute(conn, "INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
                 self.d.execute(conn, *marker)
+                if not sqlite:
+                    conn.commit()
         except BaseException:
             if sqlite:
                 with contextlib.suppress(Exception):  # SQLite may have rolled back by itself (a full disk)

@@ -229,6 +229,10 @@ class SqliteDialect:
         return self._migrate_lock
 
     @staticmethod
+    def table_exists(conn, name: str) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (name,)).fetchone() is not None
+
+    @staticmethod
     def create_version_table(conn) -> None:
         conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, applied_ms INTEGER NOT NULL)")
         conn.execute("CREATE TABLE IF NOT EXISTS schema_begun (version INTEGER NOT NULL)")
@@ -376,6 +380,10 @@ class MySqlDialect:
 
     def migration_lock(self, conn):
         return _MySqlLock(self, conn)
+
+    def table_exists(self, conn, name: str) -> bool:
+        sql = "SELECT 1 FROM information_schema.TABLES WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ?"
+        return self.execute(conn, sql, (name,)).fetchone() is not None
 
     def create_version_table(self, conn) -> None:
         self.execute(
