@@ -243,6 +243,9 @@ class MilvusEngine:
 
     def __init__(self, params: MilvusParams, store):
         self.params, self.store = params, store
+        # pymilvus logs each failed call with its traceback, every second while Milvus is away; the
+        # calls' failures are this module's to say (one line each, _unavailable)
+        logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
         self._client = None
         self._lock = threading.Lock()
         self._ready: set[str] = set()

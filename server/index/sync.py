@@ -76,6 +76,9 @@ class ChangeNotifier:
         self.client.close()
 
 
+_PAUSED: set[str] = set()  # background jobs whose last run met an outage: said once, not every second
+
+
 def _background(running: threading.Thread | None, name: str, what: str, job, *args) -> threading.Thread:
     """`job(*args)` on a thread of its own, unless the last one (`running`) is still at it; the thread
     that now runs the job (or still does)."""
@@ -86,9 +89,18 @@ def _background(running: threading.Thread | None, name: str, what: str, job, *ar
         try:
             job(*args)
         except errors.FaceServiceError as exc:
-            log.warning("index %s paused (%s)", what, exc)
+            if what in _PAUSED:
+                log.debug("index %s paused (%s)", what, exc)
+            else:
+                _PAUSED.add(what)
+                log.warning("index %s paused (%s); it runs again when that is back", what, exc)
+            return
         except Exception:  # noqa: BLE001 - the thread must say what failed
             log.exception("index %s failed", what)
+            return
+        if what in _PAUSED:
+            _PAUSED.discard(what)
+            log.info("index %s runs again", what)
 
     thread = threading.Thread(target=run, name=name, daemon=True)
     thread.start()
