@@ -402,6 +402,7 @@ class SqlDatabase:
         step = 0
         try:
             with self.pool.connection() as conn:
+                had_markers = self.d.table_exists(conn, "schema_begun")
                 self.d.create_version_table(conn)
                 with self.d.migration_lock(conn):
                     row = self.d.execute(conn, "SELECT MAX(version) FROM schema_version").fetchone()
@@ -410,11 +411,16 @@ class SqlDatabase:
                         raise RuntimeError(
                             f"database schema version {current} is newer than this server understands ({target}); upgrade the server"
                         )
+                    # a schema migrated by servers that wrote no begun markers: the first step this
+                    # start runs may have been cut short by one of them
+                    legacy = bool(current) and not had_markers
+                    begun = {r[0] for r in self.d.execute(conn, "SELECT version FROM schema_begun").fetchall()}
+                    for version in range(current + 1, target + 1):  # nothing is made beside a table not ours
+                        if version not in begun and not (legacy and version == current + 1):
+                            self._refuse_tables_not_ours(conn, version)
                     for version in range(current + 1, target + 1):
                         step = version
-                        # the first step this start runs on a schema in use may have been cut short
-                        # (so may one whose begun marker is there: _migrate_step)
-                        self._migrate_step(conn, version, resumed=bool(current) and version == current + 1)
+                        self._migrate_step(conn, version, resumed=legacy and version == current + 1)
         except RuntimeError:
             raise
         except Exception as exc:  # noqa: BLE001 - unreachable, refused login, unknown database: one line, no traceback
@@ -425,22 +431,31 @@ class SqlDatabase:
             raise RuntimeError(f"cannot reach the database {self.describe()}: {type(exc).__name__}: {exc}") from exc
         return target
 
+    def _refuse_tables_not_ours(self, conn, version: int) -> None:
+        """A table a step not begun makes that is there already is someone else's: every start stops,
+        naming it, before any step runs (else the steps before it were made, and a later start, taking
+        the first step it runs for one cut short, passed over the table as its own)."""
+        for stmt in self.d.schema[version - 1]:
+            made = _CREATES_TABLE.match(stmt)
+            if made and self.d.table_exists(conn, made.group(1)):
+                raise RuntimeError(
+                    f"the database already holds a table {made.group(1)!r} that facesvc did not make: "
+                    "give facesvc a database of its own"
+                )
+
     def _migrate_step(self, conn, version: int, resumed: bool = False) -> None:
         """One schema version's statements and its version row. On SQLite in one transaction (its DDL is
         transactional): a step cut short by a crash leaves the version before it, which the next start
         redoes whole, and a second process starting on the same file waits and finds it done. MySQL
         commits each DDL statement by itself; its replicas migrate one at a time (migration_lock), and
         a step cut short leaves some of its tables, columns or indexes behind: the next start redoes
-        the step, passing over what is there already (the dialect's `exists_errors`). Only that step
-        (`resumed`: the first this start runs on a schema in use): elsewhere a table of the same name
-        is someone else's, and the migration stops. This holds for additive steps (tables, columns,
-        indexes); a step that drops, renames or moves data must be made safe to run twice by itself.
-
-        A step writes a begun marker (its version in schema_begun) before its first statement, so that
-        one cut short is known as ours also when no version row says the schema is in use: the first
-        step on a new database, which a kill left with some of its tables and no version at all. Before
-        the marker, a step not resumed looks for the tables it makes: one already there is someone
-        else's, and every start stops there, naming it, with nothing made."""
+        the step, passing over what is there already (the dialect's `exists_errors`). Only that step:
+        one whose begun marker (its version in schema_begun, written before its first statement) is
+        there, or (`resumed`) the first this start runs on a schema migrated by servers that wrote no
+        markers; elsewhere a table of the same name is someone else's, and the migration stops (before
+        any step runs, migrate() looks for the tables of the steps not begun: _refuse_tables_not_ours).
+        This holds for additive steps (tables, columns, indexes); a step that drops, renames or moves
+        data must be made safe to run twice by itself."""
         sqlite = self.d.name == "sqlite"
         if sqlite:
             self.d.execute(conn, "BEGIN IMMEDIATE")
@@ -450,16 +465,6 @@ class SqlDatabase:
                 log.info("migrating %s schema to version %d", self.d.name, version)
                 marker = ("DELETE FROM schema_begun WHERE version = ?", (version,))
                 begun = self.d.execute(conn, "SELECT COUNT(*) FROM schema_begun WHERE version = ?", (version,)).fetchone()[0]
-                if not begun and not resumed:
-                    # a table the step makes that is there before it began is someone else's: refused
-                    # before anything is made, so that a kill after the marker cannot make it pass for ours
-                    for stmt in self.d.schema[version - 1]:
-                        made = _CREATES_TABLE.match(stmt)
-                        if made and self.d.table_exists(conn, made.group(1)):
-                            raise RuntimeError(
-                                f"the database already holds a table {made.group(1)!r} that facesvc did not make: "
-                                "give facesvc a database of its own"
-                            )
                 resumed = resumed or bool(begun)
                 if not begun:
                     self.d.execute(conn, "INSERT INTO schema_begun (version) VALUES (?)", (version,))
@@ -467,7 +472,11 @@ class SqlDatabase:
                     try:
                         self.d.execute(conn, stmt)
                     except Exception as exc:
-                        if not resumed or self.d.error_code(exc) not in self.d.exists_errors:
+                        exists = self.d.error_code(exc) in self.d.exists_errors
+                        if not resumed or not exists:
+                            if exists and not sqlite:  # made by someone else since the check: not ours at the next start either
+                                with contextlib.suppress(Exception):
+                                    self.d.execute(conn, *marker)
                             raise
                         log.info("schema version %d: %s is in place already", version, stmt.split("(")[0].strip())
                 if not sqlite:  # the version and the marker's removal together (a kill between left the marker)
