@@ -832,7 +832,7 @@ def test_a_stop_does_not_wait_for_clients_that_are_not_reading(tmp_path):
         for _ in range(3):
             conn.send_headers(conn.get_next_available_stream_id(), [(":method", "GET"), (":path", "/"), *common], end_stream=True)
         sock.sendall(conn.data_to_send())
-        time.sleep(1.5)
+        time.sleep(2.5)  # served, and their sends waiting a check or more
         t0 = time.monotonic()
         assert s.stop() == 0
         assert time.monotonic() - t0 < 5
@@ -904,7 +904,10 @@ def test_the_bound_on_answers_ends_who_holds_most_not_a_slow_reader(tmp_path):
         for sock in idle:
             sock.close()
         s.stop()
-    assert "the server holds its most answers not yet taken, 137908 bytes of them" in (tmp_path / "server.log").read_text()
+    assert (
+        f"the server holds its most answers not yet taken, {bundle.stat().st_size} bytes of them"
+        in (tmp_path / "server.log").read_text()
+    )
 
 
 def test_answers_sharing_a_connection_share_its_rate(tmp_path):
@@ -958,10 +961,26 @@ def test_a_body_on_a_path_that_takes_none_is_refused_over_http2_too(tmp_path):
                 pass
             time.sleep(0.3)
             sock.close()
+        # an empty DATA frame that ends the stream is no body (some clients and proxies end a GET so)
+        sock, conn, common = h2_client(s.http_url, 65535)
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "GET"), (":path", "/"), *common])
+        conn.send_data(sid, b"", end_stream=True)
+        sock.sendall(conn.data_to_send())
+        status = None
+        while status is None:
+            data = sock.recv(65536)
+            assert data
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived):
+                    status = dict(ev.headers)[b":status"]
+        assert status == b"200"
+        sock.close()
         assert post(s, "GetCollection", {"collection": "none"})[0] == 404
     finally:
         s.stop()
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log  # hypercorn's KeyError for data after an answer: one line each
 
 
 def test_a_stop_ends_what_still_waits_for_a_trickling_client_before_its_grace_ends(tmp_path):
@@ -988,4 +1007,5 @@ def test_a_stop_ends_what_still_waits_for_a_trickling_client_before_its_grace_en
     finally:
         sock.close()
     assert len(stop) == 2 and stop[1] - stop[0] < 5
-    assert "Traceback" not in (tmp_path / "server.log").read_text()
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and "HTTP connection failed" not in log and "had not taken its answer" in log

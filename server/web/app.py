@@ -268,14 +268,14 @@ class HttpApp:
 def _connection_failed(loop, context: dict) -> None:
     """What escapes a client's connection task: hypercorn lets some of a client's protocol errors
     through (data on a stream it has answered, too many streams in its priority tree), which asyncio
-    logged as a traceback of some 2 KB each, a log anyone without a key could fill. One line each."""
+    logged as a traceback of some 2 KB each, a log anyone without a key could fill: one line each.
+    Anything else on the loop is asyncio's to report, as it would."""
     exc = context.get("exception")
-    if exc is None:
-        what = context.get("message", "")
-    else:
-        inner = getattr(exc, "exceptions", None) or [exc]  # an ExceptionGroup: its parts
-        what = "; ".join(f"{type(e).__name__}: {e}" for e in inner)
-    log.warning("HTTP connection failed: %s", what)
+    if exc is None or "client_connected_cb" not in context.get("message", ""):
+        loop.default_exception_handler(context)
+        return
+    inner = getattr(exc, "exceptions", None) or [exc]  # an ExceptionGroup: its parts
+    log.warning("HTTP connection failed: %s", "; ".join(f"{type(e).__name__}: {e}" for e in inner))
     log.debug("HTTP connection failed", exc_info=exc)
 
 
@@ -295,9 +295,16 @@ class _Connection(TCPServer):
             self.written += len(event.data)
         await super().protocol_send(event)
 
+    def buffered(self) -> int:
+        """Bytes written to the connection and still in this process: over TLS, in the TLS layer and
+        in the socket's transport beneath it, whose buffer the TLS transport does not count."""
+        transport = self.writer.transport
+        inner = getattr(getattr(transport, "_ssl_protocol", None), "_transport", None)
+        return transport.get_write_buffer_size() + (inner.get_write_buffer_size() if inner is not None else 0)
+
     def taken(self) -> int:
         """Bytes written to the connection that have left this process, all its answers together."""
-        return self.written - self.writer.transport.get_write_buffer_size()
+        return self.written - self.buffered()
 
     def shut(self, stream_id: int | None) -> bool:
         """Whether an HTTP/2 stream's own flow-control window is shut: the client holds this answer
@@ -314,7 +321,7 @@ class _Connection(TCPServer):
         if buffers is not None and stream_id is not None:
             buffer = buffers.get(stream_id)
             return 0 if buffer is None else len(buffer.buffer)
-        return self.writer.transport.get_write_buffer_size()
+        return self.buffered()
 
     @property
     def ended(self) -> bool:
@@ -399,9 +406,12 @@ class HttpServer:
         """Stop accepting, let calls in flight finish within `grace` seconds."""
         if self._thread.is_alive() and self._stop is not None:
             self.config.graceful_timeout = grace
-            self._loop.call_soon_threadsafe(self.gate.ending)
-            # what still waits for its client as the grace ends goes too, rather than being cancelled
-            # inside hypercorn
-            self._loop.call_soon_threadsafe(self._loop.call_later, max(0.0, grace - 0.5), self.gate.ending, True)
-            self._loop.call_soon_threadsafe(self._stop.set)
+            try:
+                self._loop.call_soon_threadsafe(self.gate.ending)
+                # what still waits for its client as the grace ends goes too, rather than being
+                # cancelled inside hypercorn
+                self._loop.call_soon_threadsafe(self._loop.call_later, max(grace / 2, grace - 0.5), self.gate.ending, True)
+                self._loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:  # the loop closed meanwhile: the server has stopped by itself
+                pass
             self._thread.join(grace + 5)

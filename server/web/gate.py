@@ -186,19 +186,23 @@ class HeaderGate:
                 watch()
                 await _reply(send, "", "413 Content Too Large", cors, refusal)
                 return
+            end = loop.time() + self.idle_s
             try:  # the request's (empty) body, read here: over HTTP/2 a stream can leave it unended for good
                 first = await asyncio.wait_for(receive(), self.idle_s)
+                while first["type"] == "http.request" and not first.get("body") and first.get("more_body"):
+                    first = await asyncio.wait_for(receive(), max(0.0, end - loop.time()))  # an empty DATA frame
             except TimeoutError:
                 watch()
                 await _reply(send, "", "408 Request Timeout", cors, _idle(self.idle_s, "the end of the request"))
                 return
             if first["type"] == "http.disconnect":
                 return
-            if first.get("body") or first.get("more_body"):  # HTTP/2 needs no header to send a body
-                await _reply(
-                    send, "", "413 Content Too Large", cors, errors.validation("body", "only FaceService calls take a body")
-                )
-                await _drain(receive)
+            if first.get("body"):  # over HTTP/2 a body needs no header to announce it
+                if first.get("more_body") and await _drain(receive):  # read first: answered, its stream is gone
+                    return
+                watch()
+                refusal = errors.validation("body", "only FaceService calls take a body")
+                await _reply(send, "", "413 Content Too Large", cors, refusal)
                 return
             watch()
             # on the loop, no worker thread: a file or a preflight is quick to make, and a client that
@@ -330,23 +334,26 @@ class AnswerBytes:
     them, and a long stream read as it comes holds almost nothing)."""
 
     def __init__(self, total: int):
-        self.total, self._sum = total, 0
+        self.total, self._sum, self._next_count = total, 0, 0
         self._held: dict[_Answer, int] = {}
 
     def take(self, answer: "_Answer", n: int) -> None:
         self._held[answer] = self._held.get(answer, 0) + n
         self._sum += n
-        if self._sum <= self.total:
+        if self._sum <= max(self.total, self._next_count):
             return
         self._sum = 0
         for a in self._held:
             self._held[a] = a.unsent()
             self._sum += self._held[a]
+        # not again until a sixteenth of the bound more has been handed over: a count per send, near
+        # the bound, went over every answer in the server each time
+        self._next_count = self._sum + self.total // 16
         if self._sum <= self.total:
             return
         by_connection: dict[object, int] = {}
         for a, held in self._held.items():
-            if a.connection is not None:
+            if a.connection is not None and not a.connection.ended:  # one ended holds its answers until they unwind
                 by_connection[a.connection] = by_connection.get(a.connection, 0) + held
         if by_connection:
             hog = max(by_connection, key=by_connection.__getitem__)
@@ -433,6 +440,8 @@ class _Answer:
                 self._waiting.discard(self)
                 self._connection.waiting -= 1
             leaving.cancel()
+            if not sending.done():  # given up (or this task cancelled): hypercorn's send must not wait on alone
+                sending.cancel()
         if not sending.done():
             sending.cancel()
             raise _Gone
