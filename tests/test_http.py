@@ -668,6 +668,20 @@ def h2_client(url: str, window: int):
     return sock, conn, [(":scheme", "http"), (":authority", host)]
 
 
+def h2_status(sock, conn, timeout: float = 5) -> bytes:
+    """The HTTP status of the first answer that comes on an h2c connection."""
+    import h2.events
+
+    sock.settimeout(timeout)
+    while True:
+        data = sock.recv(65536)
+        assert data, "the connection closed without an answer"
+        for ev in conn.receive_data(data):
+            if isinstance(ev, h2.events.ResponseReceived):
+                return dict(ev.headers)[b":status"]
+        sock.sendall(conn.data_to_send())
+
+
 def test_a_client_that_takes_no_answer_holds_no_worker_and_loses_its_connection(tmp_path):
     """A client that never opened its streams' flow-control window kept their answers, and the worker
     threads sending them, for good: a few streams asking for the console's files (no key needed) held
@@ -723,7 +737,6 @@ def test_a_client_that_takes_no_answer_holds_no_worker_and_loses_its_connection(
 def test_a_bodiless_request_left_unended_is_answered_after_the_idle_time(tmp_path):
     """Over HTTP/2 a GET whose stream never ends (no END_STREAM, no body) waited for its end for good,
     without a key: tens of thousands of them held hundreds of megabytes."""
-    import h2.events
 
     idle = 2
     s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
@@ -731,16 +744,8 @@ def test_a_bodiless_request_left_unended_is_answered_after_the_idle_time(tmp_pat
         sock, conn, common = h2_client(s.http_url, 65535)
         conn.send_headers(conn.get_next_available_stream_id(), [(":method", "GET"), (":path", "/"), *common])
         sock.sendall(conn.data_to_send())
-        t0, status = time.monotonic(), None
-        sock.settimeout(idle + 3)
-        while status is None:
-            data = sock.recv(65536)
-            assert data, "the connection closed without an answer"
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ResponseReceived):
-                    status = dict(ev.headers)[b":status"]
-            sock.sendall(conn.data_to_send())
-        assert status == b"408" and idle - 0.5 < time.monotonic() - t0 < idle + 3
+        t0 = time.monotonic()
+        assert h2_status(sock, conn, idle + 3) == b"408" and idle - 0.5 < time.monotonic() - t0 < idle + 3
         sock.close()
     finally:
         s.stop()
@@ -787,7 +792,6 @@ def test_one_stream_read_steadily_does_not_keep_the_others(tmp_path):
     """How much a connection took was counted for the whole connection: an HTTP/2 client opening one
     stream's window at 8 KB a second kept its other streams' answers, stuck, for as long as it liked.
     An answer whose own window the client keeps shut counts for itself."""
-    import h2.events
 
     idle = 2
     s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log", env={"FACESVC_STREAM_IDLE_SECONDS": str(idle)})
@@ -800,24 +804,9 @@ def test_one_stream_read_steadily_does_not_keep_the_others(tmp_path):
         pump = conn.get_next_available_stream_id()
         conn.send_headers(pump, get, end_stream=True)
         sock.sendall(conn.data_to_send())
-        sock.settimeout(0.2)
-        t0, last, pumped, ended = time.monotonic(), 0.0, 0, False
-        while not ended and time.monotonic() - t0 < 4 * idle:
-            if time.monotonic() - last >= 1:
-                last = time.monotonic()
-                conn.increment_flow_control_window(32768)
-                conn.increment_flow_control_window(32768, stream_id=pump)
-                sock.sendall(conn.data_to_send())
-            try:
-                data = sock.recv(65536)
-            except TimeoutError:
-                continue
-            except ConnectionResetError:
-                data = b""
-            ended = not data
-            for ev in conn.receive_data(data):
-                pumped += len(ev.data) if isinstance(ev, h2.events.DataReceived) and ev.stream_id == pump else 0
-        assert pumped and ended and time.monotonic() - t0 < idle + 3
+        t0 = time.monotonic()
+        got, ended = h2_read(sock, conn, 4 * idle, {None: 32768, pump: 32768})
+        assert got.get(pump) and ended and time.monotonic() - t0 < idle + 3
         sock.close()
     finally:
         s.stop()
@@ -935,7 +924,6 @@ def test_answers_sharing_a_connection_share_its_rate(tmp_path):
 def test_a_body_on_a_path_that_takes_none_is_refused_over_http2_too(tmp_path):
     """Over HTTP/2 a body needs no header to announce it: a GET of the console with a body was served,
     and data sent after its answer left a hypercorn traceback in the log per connection."""
-    import h2.events
 
     s = ServerProcess("--http-port", "0", log_path=tmp_path / "server.log")
     try:
@@ -945,15 +933,7 @@ def test_a_body_on_a_path_that_takes_none_is_refused_over_http2_too(tmp_path):
             conn.send_headers(sid, [(":method", "GET"), (":path", "/"), *common])
             conn.send_data(sid, b"x" * 100)
             sock.sendall(conn.data_to_send())
-            status = None
-            sock.settimeout(5)
-            while status is None:
-                data = sock.recv(65536)
-                assert data
-                for ev in conn.receive_data(data):
-                    if isinstance(ev, h2.events.ResponseReceived):
-                        status = dict(ev.headers)[b":status"]
-            assert status == b"413"
+            assert h2_status(sock, conn) == b"413"
             try:
                 conn.send_data(sid, b"y" * 100, end_stream=True)  # after the answer
                 sock.sendall(conn.data_to_send())
@@ -967,14 +947,7 @@ def test_a_body_on_a_path_that_takes_none_is_refused_over_http2_too(tmp_path):
         conn.send_headers(sid, [(":method", "GET"), (":path", "/"), *common])
         conn.send_data(sid, b"", end_stream=True)
         sock.sendall(conn.data_to_send())
-        status = None
-        while status is None:
-            data = sock.recv(65536)
-            assert data
-            for ev in conn.receive_data(data):
-                if isinstance(ev, h2.events.ResponseReceived):
-                    status = dict(ev.headers)[b":status"]
-        assert status == b"200"
+        assert h2_status(sock, conn) == b"200"
         sock.close()
         assert post(s, "GetCollection", {"collection": "none"})[0] == 404
     finally:

@@ -380,7 +380,7 @@ class _Answer:
     def __init__(self, send, gone: asyncio.Event, connection, idle_s: float, answers: AnswerBytes, waiting: set):
         self._send, self._gone, self._connection, self._idle_s, self._answers = send, gone, connection, idle_s, answers
         self._waiting = waiting  # the gate's set of answers waiting now
-        self._began: tuple[float, int] | None = None
+        self._began: tuple[float, int, int] | None = None
         self._stream = getattr(getattr(send, "__self__", None), "stream_id", None)  # hypercorn's HTTPStream.app_send
         self._bytes = self._unhanded = 0
 
