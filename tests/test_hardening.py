@@ -576,7 +576,7 @@ def test_scans_hidden_from_the_marker_walk_are_still_counted(srv, admin):
 def test_each_batch_item_is_bounded_like_a_request(srv, admin):
     """A batch item is a request of its own: 36 Mpix in 64 KB each (a blank lossy WebP, which passes the
     pixels-per-byte limit) is decoded once and detected within the item's own budget (no many-pass
-    rescue of a blank frame), under a second of CPU each."""
+    rescue of a blank frame, whose passes would cost seconds more each), under 1.5 s of CPU each."""
     cid, key = tenant(admin)
     bomb = cv2.imencode(".webp", np.zeros((6000, 6000, 3), np.uint8), [cv2.IMWRITE_WEBP_QUALITY, 50])[1].tobytes()
     assert len(bomb) < 100 * 1024
@@ -590,7 +590,7 @@ def test_each_batch_item_is_bounded_like_a_request(srv, admin):
     answers = list(srv.stub(key).ProcessBatch(iter(items), timeout=60))
     spent = cpu_seconds(srv.proc.pid) - before
     assert [a.error.reason for a in answers] == ["NO_FACE_DETECTED"] * 4
-    assert spent < 4 * 1.0, spent
+    assert spent < 4 * 1.5, spent  # a decode is most of it: 0.6-0.75 s an item alone on a 2-core Xeon, 1.0 with company
 
 
 def test_search_by_embedding_quotes_its_model_and_keeps_the_liveness_policy(srv, admin):
