@@ -306,18 +306,21 @@ class _Connection(TCPServer):
         """Bytes written to the connection that have left this process, all its answers together."""
         return self.written - self.buffered()
 
+    @property
+    def _speaking(self):
+        """hypercorn's H11Protocol or H2Protocol for the connection (its ProtocolWrapper's), None before it has one."""
+        return getattr(getattr(self, "protocol", None), "protocol", None)
+
     def shut(self, stream_id: int | None) -> bool:
         """Whether an HTTP/2 stream's own flow-control window is shut: the client holds this answer
         back itself, rather than the connection's window or the link holding every answer."""
-        h2 = getattr(getattr(getattr(self, "protocol", None), "protocol", None), "connection", None)
-        stream = getattr(h2, "streams", {}).get(stream_id)
+        stream = getattr(getattr(self._speaking, "connection", None), "streams", {}).get(stream_id)
         return stream is not None and stream.outbound_flow_control_window <= 0
 
     def unsent(self, stream_id: int | None) -> int:
         """Bytes still in the server's buffers for the connection (HTTP/1.1: one answer at a time), or
         for one HTTP/2 stream, where hypercorn holds each stream's answer until its window opens."""
-        inner = getattr(getattr(self, "protocol", None), "protocol", None)  # the ProtocolWrapper's H11/H2 protocol
-        buffers = getattr(inner, "stream_buffers", None)
+        buffers = getattr(self._speaking, "stream_buffers", None)
         if buffers is not None and stream_id is not None:
             buffer = buffers.get(stream_id)
             return 0 if buffer is None else len(buffer.buffer)

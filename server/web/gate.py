@@ -125,7 +125,6 @@ class HeaderGate:
         answer_bytes: AnswerBytes | None = None,
     ):
         self._wsgi = WSGIWrapper(app, max_body)
-        self._bodiless = WSGIWrapper(app, 0)  # the console's files and preflights take no body
         self.max_body, self.auth, self.bytes, self.idle_s = max_body, authenticator, body_bytes, idle_s
         self.answers = answer_bytes if answer_bytes is not None else AnswerBytes(8 * max_body)
         self._sending: set[_Answer] = set()  # answers waiting for their clients now (ending)
@@ -208,7 +207,7 @@ class HeaderGate:
             # on the loop, no worker thread: a file or a preflight is quick to make, and a client that
             # does not take it holds no thread while the send waits (a worker's send holds its thread)
             messages = []
-            self._bodiless.run_app(_build_environ(scope, b""), messages.append)
+            self._wsgi.run_app(_build_environ(scope, b""), messages.append)
             while messages:  # each given up once sent: hypercorn holds its own copy until it is taken
                 await send(messages.pop(0))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -443,7 +442,6 @@ class _Answer:
             if not sending.done():  # given up (or this task cancelled): hypercorn's send must not wait on alone
                 sending.cancel()
         if not sending.done():
-            sending.cancel()
             raise _Gone
         sending.result()
 
